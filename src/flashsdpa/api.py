@@ -1,0 +1,100 @@
+"""The public functions: torch's SDPA signature, and flashsdpa's own keyword API."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flashsdpa import dispatch, ops
+from flashsdpa.descriptor import Fp32Precision
+from flashsdpa.dropout import draw_seed
+from flashsdpa.validation import canonicalize, check_options
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention` (torch >= 2.5 semantics).
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
+    Computes softmax(query @ key^T * scale + mask) @ value, `scale` defaulting
+    to 1/sqrt(E). A bool `attn_mask` marks keys that may be attended (True), a
+    float one is added to the scaled scores; both broadcast to (..., L, S).
+    `is_causal` is aligned top-left: query i sees keys j <= i, also when L != S::
+
+        L=3, S=5     keys 0 1 2 3 4
+        query 0           x . . . .
+        query 1           x x . . .
+        query 2           x x x . .
+
+    Unlike torch's math backend (which raises), `attn_mask` together with
+    `is_causal` applies both, as torch's CPU flash kernel does. A row with no
+    key it may attend to gives zeros. `enable_gqa` lets Hq be a multiple of Hkv.
+    """
+    return attention(
+        query,
+        key,
+        value,
+        causal=is_causal,
+        scale=scale,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        enable_gqa=enable_gqa,
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    backend: str | None = None,
+    fp32_precision: str = "ieee",
+):
+    """flashsdpa's keyword API over the same machinery as `scaled_dot_product_attention`.
+
+    return_lse: also return the natural-log log-sum-exp of each row of the
+        scaled, masked scores, float32, shape (..., L); -inf for a row with no
+        visible key.
+    backend: "triton", "tiled" or "reference" pins a backend (raising if it
+        cannot take the problem); None chooses automatically, falling back with
+        a recorded reason (see `flashsdpa.stats()`).
+    fp32_precision: "ieee" (default, float32 accuracy) or "tf32" (opt-in,
+        faster tensor-core products with ~1e-3 relative error) for float32 inputs.
+    """
+    check_options(dropout_p, causal, scale)
+    if backend is not None:
+        dispatch.get_backend(backend)
+    precision = Fp32Precision(fp32_precision)
+    canon = canonicalize(q, k, v, attn_mask, enable_gqa)
+    head_dim = canon.query.shape[-1]
+    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
+    dropout_seed = draw_seed() if dropout_p > 0.0 else None
+    out, lse = ops.attention_forward(
+        canon.query,
+        canon.key,
+        canon.value,
+        canon.mask,
+        dropout_seed,
+        float(dropout_p),
+        causal,
+        resolved_scale,
+        backend or dispatch.pinned_backend() or "",
+        precision.value,
+    )
+    out = out.reshape(canon.output_shape)
+    return (out, lse.reshape(canon.lse_shape)) if return_lse else out

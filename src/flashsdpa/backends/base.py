@@ -1,0 +1,70 @@
+"""The contract every backend implements.
+
+Backends see problems in canonical form only (see `AttentionDescriptor`):
+query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev), any strides;
+the mask, if any, is a (B, Hq, L, S) view whose broadcast dims have stride 0
+(never materialised). Degenerate problems (L, S, B*H or Ev equal to 0) are
+handled before a backend is called, so backends may assume L, S >= 1.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from flashsdpa.descriptor import AttentionDescriptor
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None = None
+    dropout_seed: tuple[int, int] | None = None  # see flashsdpa.dropout
+
+
+@dataclass(frozen=True)
+class GradientsNeeded:
+    query: bool = True
+    key: bool = True
+    value: bool = True
+    mask: bool = False
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        """Empty if this backend computes `desc` exactly; else one short sentence per reason."""
+
+    @abc.abstractmethod
+    def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32.
+
+        lse is the natural-log log-sum-exp of each row of the scaled, masked
+        scores (before dropout); -inf for a row with no key it may attend to,
+        whose output row is zeros.
+        """
+
+    @abc.abstractmethod
+    def backward(
+        self,
+        desc: AttentionDescriptor,
+        inputs: AttentionInputs,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        grad_out: torch.Tensor,
+        needed: GradientsNeeded,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (dq, dk, dv, dmask); None for a gradient not needed.
+
+        dq/dk/dv have the shapes of query/key/value (GQA: dk, dv summed over
+        each group's query heads) in desc.dtype. dmask is the full
+        (B, Hq, L, S) gradient of the additive mask (the score gradient), in
+        float32; the caller reduces it over broadcast dims.
+        """

@@ -1,0 +1,174 @@
+"""The flash algorithm in PyTorch tensor ops, tile by tile, on any device.
+
+Extra memory is O(L*E) for the accumulators plus one bounded tile of scores
+(BLOCK_M x BLOCK_N per batch*head); the L x S matrix of the whole problem is
+never formed. Accumulates in float32 (float64 for float64 inputs) and rounds
+once at the end, so its bf16/fp16 error is at or below torch's own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashsdpa import dropout
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+
+# Tiles large enough that Python overhead stays small next to the matmuls on a
+# CPU, small enough that one score tile per batch*head stays in cache-sized
+# memory (measured on the 2-core CPU machine: 256 x 512 was within 10% of the
+# best tile for L = 1024-4096).
+BLOCK_M = 256
+BLOCK_N = 512
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Tiles:
+    """Group-shaped views and per-tile score computation shared by forward and backward."""
+
+    def __init__(self, desc: AttentionDescriptor, inputs: AttentionInputs):
+        self.desc = desc
+        self.acc = accumulator_dtype(desc.dtype)
+        b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
+        # Split the query heads into (kv head, group member): always a view.
+        self.q = inputs.query.unflatten(1, (hkv, g))  # (B, Hkv, G, L, E)
+        self.k = inputs.key.unsqueeze(2)  # (B, Hkv, 1, S, E)
+        self.v = inputs.value.unsqueeze(2)
+        self.mask = None if inputs.mask is None else inputs.mask.unflatten(1, (hkv, g))
+        self.seed = inputs.dropout_seed
+        self.bh = torch.arange(b * hkv * g, device=inputs.query.device).view(b, hkv, g, 1, 1)
+
+    def key_blocks(self, m0: int, m1: int):
+        """Key block starts a query block [m0, m1) may see (causal skips the rest)."""
+        stop = self.desc.seq_kv
+        if self.desc.causal:
+            stop = min(stop, m1)  # row m1-1 sees keys <= m1-1
+        return range(0, stop, BLOCK_N)
+
+    def query_blocks(self, n0: int):
+        start = (n0 // BLOCK_M) * BLOCK_M if self.desc.causal else 0
+        return range(start, self.desc.seq_q, BLOCK_M)
+
+    def scores(self, m0, m1, n0, n1, q_tile, k_tile):
+        """Scaled, masked scores of one tile, in the accumulator dtype."""
+        s = (q_tile @ k_tile.transpose(-1, -2)) * self.desc.scale
+        if self.mask is not None:
+            m = self.mask[..., m0:m1, n0:n1]
+            if self.desc.mask is MaskKind.BOOL:
+                s = s.masked_fill(~m, float("-inf"))
+            else:
+                s = s + m.to(self.acc)
+        if self.desc.causal and n1 - 1 > m0:
+            rows = torch.arange(m0, m1, device=s.device).view(-1, 1)
+            cols = torch.arange(n0, n1, device=s.device).view(1, -1)
+            s = s.masked_fill(cols > rows, float("-inf"))
+        return s
+
+    def keep(self, m0, m1, n0, n1):
+        rows = torch.arange(m0, m1, device=self.bh.device).view(-1, 1)
+        cols = torch.arange(n0, n1, device=self.bh.device).view(1, -1)
+        return dropout.keep_mask(self.seed, self.desc.dropout_p, self.bh, rows, cols)
+
+    def tile(self, t, start, stop):
+        return t[..., start:stop, :].to(self.acc)
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows with no visible key) replaced by +inf, so exp(s - lse) is 0 there, not NaN."""
+    return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+
+
+class TiledBackend(Backend):
+    name = "tiled"
+
+    def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        return []
+
+    def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
+        t = _Tiles(desc, inputs)
+        b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
+        out = torch.empty(b, hkv, g, desc.seq_q, desc.head_dim_v, dtype=desc.dtype, device=inputs.query.device)
+        lse = torch.empty(b, hkv, g, desc.seq_q, dtype=torch.float32, device=inputs.query.device)
+        keep_scale = 1.0 / (1.0 - desc.dropout_p)
+        for m0 in range(0, desc.seq_q, BLOCK_M):
+            m1 = min(m0 + BLOCK_M, desc.seq_q)
+            q_tile = t.tile(t.q, m0, m1)
+            row_max = torch.full((b, hkv, g, m1 - m0, 1), float("-inf"), dtype=t.acc, device=q_tile.device)
+            row_sum = torch.zeros_like(row_max)
+            acc = torch.zeros(b, hkv, g, m1 - m0, desc.head_dim_v, dtype=t.acc, device=q_tile.device)
+            for n0 in t.key_blocks(m0, m1):
+                n1 = min(n0 + BLOCK_N, desc.seq_kv)
+                s = t.scores(m0, m1, n0, n1, q_tile, t.tile(t.k, n0, n1))
+                new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))
+                # Rows that have seen no visible key yet keep max -inf; shift by 0 there.
+                shift = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
+                p = torch.exp(s - shift)
+                correction = torch.exp(row_max - shift)
+                row_sum = row_sum * correction + p.sum(dim=-1, keepdim=True)
+                if desc.dropout_p > 0.0:
+                    p = p * t.keep(m0, m1, n0, n1) * keep_scale
+                acc = acc * correction + p @ t.tile(t.v, n0, n1)
+                row_max = new_max
+            empty = row_sum == 0  # no visible key: output zeros, lse -inf
+            out[..., m0:m1, :] = torch.where(empty, torch.zeros_like(acc), acc / row_sum)
+            lse[..., m0:m1] = (row_max + torch.log(row_sum)).squeeze(-1)
+        return out.flatten(1, 2), lse.flatten(1, 2)
+
+    def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
+        t = _Tiles(desc, inputs)
+        b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
+        device = inputs.query.device
+        d_out = grad_out.unflatten(1, (hkv, g))
+        o = out.unflatten(1, (hkv, g))
+        lse_g = _finite(lse.unflatten(1, (hkv, g))).to(t.acc).unsqueeze(-1)
+        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), one row at a time per tile.
+        delta = torch.empty(b, hkv, g, desc.seq_q, 1, dtype=t.acc, device=device)
+        for m0 in range(0, desc.seq_q, BLOCK_M):
+            m1 = min(m0 + BLOCK_M, desc.seq_q)
+            delta[..., m0:m1, :] = (t.tile(d_out, m0, m1) * t.tile(o, m0, m1)).sum(-1, keepdim=True)
+
+        dq = torch.zeros(b, hkv, g, desc.seq_q, desc.head_dim, dtype=t.acc, device=device) if needed.query else None
+        dk = torch.empty(b, hkv, 1, desc.seq_kv, desc.head_dim, dtype=desc.dtype, device=device) if needed.key else None
+        dv = torch.empty(b, hkv, 1, desc.seq_kv, desc.head_dim_v, dtype=desc.dtype, device=device) if needed.value else None
+        dmask = None
+        if needed.mask:
+            dmask = torch.zeros(b, hkv, g, desc.seq_q, desc.seq_kv, dtype=torch.float32, device=device)
+        keep_scale = 1.0 / (1.0 - desc.dropout_p)
+        # Key blocks outer so dK/dV accumulate in one tile; dQ accumulates in O(L*E).
+        for n0 in range(0, desc.seq_kv, BLOCK_N):
+            n1 = min(n0 + BLOCK_N, desc.seq_kv)
+            k_tile, v_tile = t.tile(t.k, n0, n1), t.tile(t.v, n0, n1)
+            dk_acc = torch.zeros(b, hkv, 1, n1 - n0, desc.head_dim, dtype=t.acc, device=device)
+            dv_acc = torch.zeros(b, hkv, 1, n1 - n0, desc.head_dim_v, dtype=t.acc, device=device)
+            for m0 in t.query_blocks(n0):
+                m1 = min(m0 + BLOCK_M, desc.seq_q)
+                q_tile, do_tile = t.tile(t.q, m0, m1), t.tile(d_out, m0, m1)
+                p = torch.exp(t.scores(m0, m1, n0, n1, q_tile, k_tile) - lse_g[..., m0:m1, :])
+                dp = do_tile @ v_tile.transpose(-1, -2)
+                p_dropped = p
+                if desc.dropout_p > 0.0:
+                    keep = t.keep(m0, m1, n0, n1) * keep_scale
+                    p_dropped = p * keep
+                    dp = dp * keep
+                ds = p * (dp - delta[..., m0:m1, :])
+                # Sum over the group's query heads (dim 2) for the shared K/V head.
+                dv_acc += (p_dropped.transpose(-1, -2) @ do_tile).sum(2, keepdim=True)
+                dk_acc += (ds.transpose(-1, -2) @ q_tile).sum(2, keepdim=True) * desc.scale
+                if dq is not None:
+                    dq[..., m0:m1, :] += (ds @ k_tile) * desc.scale
+                if dmask is not None:
+                    dmask[..., m0:m1, n0:n1] = ds
+            if dk is not None:
+                dk[..., n0:n1, :] = dk_acc
+            if dv is not None:
+                dv[..., n0:n1, :] = dv_acc
+        flat = lambda x: None if x is None else x.flatten(1, 2)  # noqa: E731
+        return (
+            None if dq is None else dq.to(desc.dtype).flatten(1, 2),
+            flat(dk),
+            flat(dv),
+            flat(dmask),
+        )

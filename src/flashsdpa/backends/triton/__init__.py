@@ -1,0 +1,62 @@
+"""The Triton backend: flash-attention kernels for CUDA tensors.
+
+Kernels (`*_kernels.py`) are kept apart from their launchers (`launch_*.py`)
+and from the block-shape tables (`configs.py`). The same kernels run on CPU
+tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests
+them; the automatic dispatcher only picks this backend for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        reasons = []
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:  # pragma: no cover - triton is a dependency
+            return [f"triton is not importable ({error})"]
+        if device.type == "cpu":
+            if not interpreter_enabled():
+                reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1")
+        elif device.type != "cuda":
+            reasons.append(f"triton does not run on device type {device.type}")
+        if desc.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"triton kernels take float16, bfloat16 and float32, not {desc.dtype}")
+        if desc.dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            reasons.append("bfloat16 needs a GPU of compute capability 8.0 or newer")
+        if max(desc.head_dim, desc.head_dim_v) > MAX_HEAD_DIM:
+            reasons.append(
+                f"head dim {desc.head_dim}/{desc.head_dim_v} is over the triton kernels' maximum of {MAX_HEAD_DIM}"
+            )
+        if min(desc.head_dim, desc.head_dim_v) == 0:
+            reasons.append("head dim 0 is not supported by the triton kernels")
+        if desc.mask is MaskKind.FLOAT and desc.mask_dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"attn_mask dtype {desc.mask_dtype} is not supported by triton")
+        return reasons
+
+    def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
+        from flashsdpa.backends.triton.launch_forward import attention_forward
+
+        return attention_forward(desc, inputs)
+
+    def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
+        from flashsdpa.backends.triton.launch_backward import attention_backward
+
+        return attention_backward(desc, inputs, out, lse, grad_out, needed)

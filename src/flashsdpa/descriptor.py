@@ -1,0 +1,141 @@
+"""What one attention problem is, and which part of it is compiled into a kernel.
+
+`AttentionDescriptor` describes a whole call (shapes, dtypes, options and the
+resolved softmax scale). `KernelKey` keeps only the fields that shape generated
+code; run-time values (the scale, sequence lengths, batch and head counts,
+strides, pointers, the dropout probability and seed) never enter it, so a
+kernel compiled for one scale serves every scale and can never be reused for a
+problem it was not built for.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class MaskKind(str, enum.Enum):
+    NONE = "none"
+    BOOL = "bool"  # True = may attend
+    FLOAT = "float"  # added to the scaled scores
+
+
+class Fp32Precision(str, enum.Enum):
+    """How float32 matrix products are computed on tensor-core backends."""
+
+    IEEE = "ieee"  # full float32 accuracy (split-precision tf32 on tensor cores)
+    TF32 = "tf32"  # one tf32 product: faster, ~1e-3 relative error; opt-in only
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """Everything a compiled kernel variant depends on, and nothing else."""
+
+    device_type: str
+    dtype: torch.dtype
+    block_head_dim: int  # head_dim padded to a power of two (>= 16)
+    block_head_dim_v: int
+    causal: bool
+    mask: MaskKind
+    mask_rows_broadcast: bool  # mask rows identical for every query (key padding)
+    dropout: bool
+    gqa: bool
+    fp32_precision: Fp32Precision
+
+
+@dataclass(frozen=True)
+class AttentionDescriptor:
+    """One attention problem in canonical form.
+
+    Tensors are viewed as query (batch, heads_q, seq_q, head_dim), key
+    (batch, heads_kv, seq_kv, head_dim), value (batch, heads_kv, seq_kv,
+    head_dim_v); `batch` is the product of the caller's leading dims
+    (`batch_shape`). The mask, if any, broadcasts to (batch, heads_q, seq_q,
+    seq_kv); `mask_broadcast` says which of those four dims it repeats.
+    """
+
+    batch_shape: tuple[int, ...]
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    device_type: str
+    causal: bool = False
+    mask: MaskKind = MaskKind.NONE
+    mask_dtype: torch.dtype | None = None
+    mask_broadcast: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    dropout_p: float = 0.0
+    scale: float | None = None  # None: 1/sqrt(head_dim)
+    fp32_precision: Fp32Precision = Fp32Precision.IEEE
+
+    def __post_init__(self) -> None:
+        for name in ("heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "head_dim_v"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"AttentionDescriptor.{name} must be a non-negative int, got {value!r}")
+        if self.heads_kv == 0 or self.heads_q % self.heads_kv:
+            raise ValueError(
+                f"AttentionDescriptor: heads_q={self.heads_q} must be a multiple of heads_kv={self.heads_kv}"
+            )
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"AttentionDescriptor.dropout_p must be in [0, 1), got {self.dropout_p}")
+        if (self.mask is MaskKind.NONE) != (self.mask_dtype is None):
+            raise ValueError("AttentionDescriptor: mask_dtype must be given exactly when a mask is")
+        if self.scale is None:
+            # The caller's head_dim, never a kernel's padded one.
+            object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim) if self.head_dim else 1.0)
+        if not math.isfinite(self.scale):
+            raise ValueError(f"AttentionDescriptor.scale must be finite, got {self.scale}")
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def gqa_group(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def is_empty(self) -> bool:
+        return self.batch * self.heads_q * self.seq_q == 0 or self.head_dim_v == 0
+
+    @property
+    def kernel_key(self) -> KernelKey:
+        return KernelKey(
+            device_type=self.device_type,
+            dtype=self.dtype,
+            block_head_dim=max(16, next_power_of_two(self.head_dim)),
+            block_head_dim_v=max(16, next_power_of_two(self.head_dim_v)),
+            causal=self.causal,
+            mask=self.mask,
+            mask_rows_broadcast=self.mask is not MaskKind.NONE and self.mask_broadcast[2],
+            dropout=self.dropout_p > 0.0,
+            gqa=self.heads_q != self.heads_kv,
+            fp32_precision=self.fp32_precision,
+        )
+
+    def flops(self, backward: bool = False) -> float:
+        """Matrix-product FLOPs of the forward (or backward, counted as 2.5x)."""
+        pairs = self.batch * self.heads_q * self.seq_q * self.seq_kv
+        if self.causal:
+            pairs = self.batch * self.heads_q * causal_pairs(self.seq_q, self.seq_kv)
+        forward = 2.0 * pairs * (self.head_dim + self.head_dim_v)
+        return 2.5 * forward if backward else forward
+
+
+def causal_pairs(seq_q: int, seq_kv: int) -> int:
+    """(i, j) pairs with j <= i, i < seq_q, j < seq_kv (top-left aligned causal)."""
+    full_rows = max(0, seq_q - seq_kv)  # rows i >= seq_kv see every key
+    tri = min(seq_q, seq_kv)
+    return tri * (tri + 1) // 2 + full_rows * seq_kv

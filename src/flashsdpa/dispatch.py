@@ -1,0 +1,114 @@
+"""Choosing a backend: each one is asked whether it can take a problem, and why not.
+
+The automatic choice tries the backends in order of speed for the device and
+records every fallback's reason in `stats()`. A backend pinned by the caller
+(`backend=` or `use_backend(...)`) either takes the problem or raises with its
+reasons: only the automatic choice falls back.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from flashsdpa.backends.base import Backend
+from flashsdpa.backends.reference import ReferenceBackend
+from flashsdpa.backends.tiled import TiledBackend
+from flashsdpa.backends.triton import TritonBackend
+from flashsdpa.descriptor import AttentionDescriptor
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), TiledBackend(), ReferenceBackend())}
+AUTOMATIC_ORDER = {"cuda": ("triton", "tiled")}
+DEFAULT_ORDER = ("tiled",)
+
+_pinned_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("flashsdpa_backend", default=None)
+
+
+class UnsupportedError(ValueError):
+    """No backend (or not the requested one) can compute this problem; `.reasons` says why."""
+
+    def __init__(self, message: str, reasons: list[str]):
+        super().__init__(message)
+        self.reasons = reasons
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}") from None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Pin every flashsdpa call inside the block (this thread / task) to backend `name`."""
+    get_backend(name)
+    token = _pinned_backend.set(name)
+    try:
+        yield
+    finally:
+        _pinned_backend.reset(token)
+
+
+def pinned_backend() -> str | None:
+    return _pinned_backend.get()
+
+
+@dataclass
+class _Stats:
+    calls: collections.Counter = field(default_factory=collections.Counter)
+    fallbacks: collections.Counter = field(default_factory=collections.Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_stats = _Stats()
+
+
+def record_call(backend: str) -> None:
+    with _stats.lock:
+        _stats.calls[backend] += 1
+
+
+def record_fallback(reason: str) -> None:
+    with _stats.lock:
+        _stats.fallbacks[reason] += 1
+
+
+def stats() -> dict:
+    """{'calls': {backend: count}, 'fallbacks': {reason: count}} since the last reset."""
+    with _stats.lock:
+        return {"calls": dict(_stats.calls), "fallbacks": dict(_stats.fallbacks)}
+
+
+def reset_stats() -> None:
+    with _stats.lock:
+        _stats.calls.clear()
+        _stats.fallbacks.clear()
+
+
+def choose_backend(desc: AttentionDescriptor, device: torch.device, requested: str | None = None) -> str:
+    """Name of the backend that will run `desc`; records fallbacks; raises UnsupportedError."""
+    requested = requested or pinned_backend()
+    if requested is not None:
+        reasons = get_backend(requested).unsupported_reasons(desc, device)
+        if reasons:
+            raise UnsupportedError(f"backend {requested!r} cannot run this problem: " + "; ".join(reasons), reasons)
+        return requested
+    all_reasons = []
+    for name in AUTOMATIC_ORDER.get(device.type, DEFAULT_ORDER):
+        reasons = BACKENDS[name].unsupported_reasons(desc, device)
+        if not reasons:
+            for reason in all_reasons:
+                record_fallback(reason)
+            return name
+        all_reasons.extend(f"{name}: {r}" for r in reasons)
+    raise UnsupportedError("no flashsdpa backend can run this problem: " + "; ".join(all_reasons), all_reasons)

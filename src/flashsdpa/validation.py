@@ -1,0 +1,188 @@
+"""Argument checks and the canonical (B, H, L, E) form, before any kernel runs.
+
+`canonicalize` checks what `torch.nn.functional.scaled_dot_product_attention`
+accepts and turns the caller's tensors into canonical 4D views with
+differentiable view ops (unsqueeze, expand, reshape): autograd then reduces
+gradients over broadcast dims by itself, and nothing is copied except where
+several broadcast batch dims cannot be merged into one by a view.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, MaskKind
+
+
+@dataclass(frozen=True)
+class Canonical:
+    query: torch.Tensor  # (B, Hq, L, E)
+    key: torch.Tensor  # (B, Hkv, S, E)
+    value: torch.Tensor  # (B, Hkv, S, Ev)
+    mask: torch.Tensor | None  # (B, Hq, L, S) view, stride 0 on broadcast dims
+    output_shape: tuple[int, ...]  # the caller's (..., L, Ev)
+    lse_shape: tuple[int, ...]  # the caller's (..., L)
+
+
+def _shapes(**tensors) -> str:
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., seq, head_dim), got shape {tuple(t.shape)}")
+
+
+def _flatten_batch(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Merge the leading `batch_dims` dims into one (a view when strides allow, else a copy)."""
+    if batch_dims == 1:
+        return t
+    if batch_dims == 0:
+        return t.unsqueeze(0)
+    # reshape copies only when broadcast (stride-0) batch dims cannot merge as a view.
+    return t.reshape(-1, *t.shape[batch_dims:])
+
+
+def check_options(dropout_p, is_causal, scale) -> None:
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if scale is not None and (
+        not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+
+
+def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) -> Canonical:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    shapes = _shapes(query=query, key=key, value=value, attn_mask=attn_mask)
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(
+            f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype} ({shapes})"
+        )
+    if not query.device == key.device == value.device:
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same head dim (last dim), got {shapes}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must have the same sequence length (dim -2), got {shapes}")
+
+    ndim = max(query.dim(), key.dim(), value.dim(), 3)
+    q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    heads_q, heads_k, heads_v = q.shape[-3], k.shape[-3], v.shape[-3]
+    if heads_k != heads_v:
+        if heads_k != 1 and heads_v != 1:
+            raise ValueError(f"key and value must have the same number of heads (dim -3), got {shapes}")
+        heads_k = max(heads_k, heads_v)
+    if heads_q == heads_k or heads_k == 1 and not enable_gqa:
+        heads_kv = heads_q = max(heads_q, heads_k)  # plain broadcasting of a single head
+    elif heads_q == 1 and not enable_gqa:
+        heads_kv = heads_q = heads_k
+    elif enable_gqa and heads_q % heads_k == 0:
+        heads_kv = heads_k
+    elif enable_gqa:
+        raise ValueError(
+            f"enable_gqa=True needs the query heads ({heads_q}) to be a multiple of the key/value heads "
+            f"({heads_k}); got {shapes}"
+        )
+    else:
+        raise ValueError(
+            f"query heads ({heads_q}) and key/value heads ({heads_k}) differ (dim -3): pass enable_gqa=True "
+            f"for grouped-query attention; got {shapes}"
+        )
+    try:
+        batch_shape = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"the leading (batch) dims of query, key and value do not broadcast: {shapes}") from None
+
+    seq_q, seq_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    q = q.expand(*batch_shape, heads_q, seq_q, head_dim)
+    k = k.expand(*batch_shape, heads_kv, seq_kv, head_dim)
+    v = v.expand(*batch_shape, heads_kv, seq_kv, v.shape[-1])
+    nb = len(batch_shape)
+
+    mask = None
+    if attn_mask is not None:
+        mask = _canonical_mask(attn_mask, query, batch_shape, heads_q, seq_q, seq_kv, shapes)
+        mask = _flatten_batch(mask, nb)
+
+    out_lead = tuple(batch_shape) + (heads_q,) if max(query.dim(), key.dim(), value.dim()) >= 3 else ()
+    return Canonical(
+        query=_flatten_batch(q, nb),
+        key=_flatten_batch(k, nb),
+        value=_flatten_batch(v, nb),
+        mask=mask,
+        output_shape=out_lead + (seq_q, value.shape[-1]),
+        lse_shape=out_lead + (seq_q,),
+    )
+
+
+def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes) -> torch.Tensor:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise TypeError(
+            f"attn_mask dtype {attn_mask.dtype} is not supported: use bool (True = may attend), float32 or the "
+            f"query's dtype {query.dtype}"
+        )
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    score_shape = (*batch_shape, heads, seq_q, seq_kv)
+    try:
+        broadcast = torch.broadcast_shapes(attn_mask.shape, score_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(score_shape):
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' shape "
+                         f"{score_shape} (L = query dim -2, S = key dim -2); got {shapes}")
+    return attn_mask.expand(score_shape)
+
+
+def describe(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    fp32_precision: Fp32Precision | str = Fp32Precision.IEEE,
+) -> AttentionDescriptor:
+    """The descriptor of a problem given in canonical form."""
+    b, hq, l, e = query.shape
+    mask_kind = MaskKind.NONE
+    if mask is not None:
+        mask_kind = MaskKind.BOOL if mask.dtype == torch.bool else MaskKind.FLOAT
+    return AttentionDescriptor(
+        batch_shape=(b,),
+        heads_q=hq,
+        heads_kv=key.shape[1],
+        seq_q=l,
+        seq_kv=key.shape[2],
+        head_dim=e,
+        head_dim_v=value.shape[3],
+        dtype=query.dtype,
+        device_type=query.device.type,
+        causal=causal,
+        mask=mask_kind,
+        mask_dtype=None if mask is None else mask.dtype,
+        mask_broadcast=(
+            (False,) * 4 if mask is None else tuple(st == 0 or n == 1 for st, n in zip(mask.stride(), mask.shape))
+        ),
+        dropout_p=float(dropout_p),
+        scale=scale,
+        fp32_precision=Fp32Precision(fp32_precision),
+    )
