@@ -10,12 +10,37 @@ handled before a backend is called, so backends may assume L, S >= 1.
 from __future__ import annotations
 
 import abc
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from flashsdpa.descriptor import AttentionDescriptor
+
+
+_poison = threading.local()
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within the block, `new_output` fills with NaN (ints with -1) so that an
+    element a kernel forgot to write fails the test that reads it."""
+    previous = getattr(_poison, "on", False)
+    _poison.on = True
+    try:
+        yield
+    finally:
+        _poison.on = previous
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every backend allocates its outputs (out, lse, gradients) through here."""
+    if getattr(_poison, "on", False):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from flashsdpa import dropout
-from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, new_output
 from flashsdpa.descriptor import AttentionDescriptor, MaskKind
 
 # Tiles large enough that Python overhead stays small next to the matmuls on a
@@ -90,8 +90,8 @@ class TiledBackend(Backend):
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         t = _Tiles(desc, inputs)
         b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
-        out = torch.empty(b, hkv, g, desc.seq_q, desc.head_dim_v, dtype=desc.dtype, device=inputs.query.device)
-        lse = torch.empty(b, hkv, g, desc.seq_q, dtype=torch.float32, device=inputs.query.device)
+        out = new_output((b, hkv, g, desc.seq_q, desc.head_dim_v), desc.dtype, inputs.query.device)
+        lse = new_output((b, hkv, g, desc.seq_q), torch.float32, inputs.query.device)
         keep_scale = 1.0 / (1.0 - desc.dropout_p)
         for m0 in range(0, desc.seq_q, BLOCK_M):
             m1 = min(m0 + BLOCK_M, desc.seq_q)
@@ -131,8 +131,8 @@ class TiledBackend(Backend):
             delta[..., m0:m1, :] = (t.tile(d_out, m0, m1) * t.tile(o, m0, m1)).sum(-1, keepdim=True)
 
         dq = torch.zeros(b, hkv, g, desc.seq_q, desc.head_dim, dtype=t.acc, device=device) if needed.query else None
-        dk = torch.empty(b, hkv, 1, desc.seq_kv, desc.head_dim, dtype=desc.dtype, device=device) if needed.key else None
-        dv = torch.empty(b, hkv, 1, desc.seq_kv, desc.head_dim_v, dtype=desc.dtype, device=device) if needed.value else None
+        dk = new_output((b, hkv, 1, desc.seq_kv, desc.head_dim), desc.dtype, device) if needed.key else None
+        dv = new_output((b, hkv, 1, desc.seq_kv, desc.head_dim_v), desc.dtype, device) if needed.value else None
         dmask = None
         if needed.mask:
             dmask = torch.zeros(b, hkv, g, desc.seq_q, desc.seq_kv, dtype=torch.float32, device=device)

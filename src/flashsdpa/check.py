@@ -1,0 +1,217 @@
+"""`flashsdpa check`: the validation matrix, against float64 and next to torch's own error.
+
+Each row runs one problem through one backend on fresh random inputs (outputs
+poisoned first), and compares the output (and, for gradient rows, dq/dk/dv)
+with float64 math by relative Frobenius error, next to the error of torch's
+own scaled_dot_product_attention on the same inputs at the same dtype. A row
+passes when its error is within the dtype's bound and at most 1.5x torch's
+(plus a rounding-level floor for float32, where both are at a few ulps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import flashsdpa
+from flashsdpa.backends.base import poisoned_outputs
+
+FORWARD_BOUND = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+GRADIENT_BOUND = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+# Below this, two float32 results differ only by summation order.
+ROUNDING_FLOOR = {torch.float32: 5e-7, torch.float64: 1e-14}
+TORCH_ERROR_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, int, int, int, int, int]  # B, Hq, Hkv, L, S, E
+    head_dim_v: int | None = None
+    scale: float | None = None
+    causal: bool = False
+    mask: str | None = None  # "bool-keypad", "float-bias", "bool-empty-rows"
+    layout: str = "contiguous"  # or "bshd" (transposed views) or "sliced"
+
+    def make(self, dtype, device, generator):
+        b, hq, hkv, l, s, e = self.shape
+        ev = self.head_dim_v or e
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+        if self.layout == "bshd":
+            q, k, v = (rand(b, n, h, d).transpose(1, 2) for n, h, d in ((l, hq, e), (s, hkv, e), (s, hkv, ev)))
+        elif self.layout == "sliced":
+            q, k, v = (rand(b, h, 2 * n, d + 3)[:, :, ::2, 1 : d + 1] for h, n, d in ((hq, l, e), (hkv, s, e), (hkv, s, ev)))
+        else:
+            q, k, v = rand(b, hq, l, e), rand(b, hkv, s, e), rand(b, hkv, s, ev)
+        mask = None
+        if self.mask == "bool-keypad":
+            mask = torch.ones(b, 1, 1, s, dtype=torch.bool, device=device)
+            mask[0, ..., s // 2 :] = False
+        elif self.mask == "float-bias":
+            mask = rand(1, hq, l, s)
+        elif self.mask == "bool-empty-rows":
+            mask = torch.rand(l, s, generator=generator).to(device) > 0.5
+            mask[: max(1, l // 4)] = False  # rows with no visible key: zeros, not NaN
+        return q, k, v, mask
+
+
+@dataclass
+class Row:
+    case: str
+    backend: str
+    dtype: str
+    what: str
+    max_abs: float
+    rel: float
+    torch_rel: float
+    bound: float
+    ok: bool
+    seconds: float = 0.0
+    note: str = field(default="")
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(x).all():
+        return math.inf
+    denom = ref.norm().item()
+    diff = (x - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def _float64_reference(case: Case, q, k, v, mask, scale, want_grad, grad_out):
+    """Float64 math (torch's math path on float64 copies), with causal merged into the mask."""
+    q64, k64, v64 = (t.detach().double().requires_grad_(want_grad) for t in (q, k, v))
+    if mask is not None and mask.is_floating_point():
+        mask = mask.double()
+    merged = _merged_mask(case, mask, q.shape[-2], k.shape[-2], q.device)
+    out = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=merged, scale=scale, enable_gqa=True)
+    out = torch.nan_to_num(out)  # torch's math path gives zeros for empty rows already; belt and braces
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double()) if want_grad else None
+    return out.detach(), grads
+
+
+def _merged_mask(case, mask, l, s, device):
+    if not case.causal:
+        return mask
+    causal = torch.ones(l, s, dtype=torch.bool, device=device).tril()
+    if mask is None:
+        return causal
+    return mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+
+
+def _torch_run(case, q, k, v, mask, scale, want_grad, grad_out):
+    qt, kt, vt = (t.detach().clone().requires_grad_(want_grad) for t in (q, k, v))
+    merged = _merged_mask(case, mask, q.shape[-2], k.shape[-2], q.device)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=merged, scale=scale, enable_gqa=True)
+    grads = torch.autograd.grad(out, (qt, kt, vt), grad_out) if want_grad else None
+    return out.detach(), grads
+
+
+def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device, gradients: bool, seed: int) -> list[Row]:
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v, mask = case.make(dtype, device, generator)
+    q, k, v = (t.requires_grad_(gradients) for t in (q, k, v))
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=generator).to(device=device, dtype=dtype)
+    start = time.perf_counter()
+    with poisoned_outputs():
+        out = flashsdpa.attention(
+            q, k, v, causal=case.causal, scale=case.scale, attn_mask=mask, enable_gqa=True, backend=backend
+        )
+        grads = torch.autograd.grad(out, (q, k, v), grad_out) if gradients else None
+    seconds = time.perf_counter() - start
+    ref_out, ref_grads = _float64_reference(case, q, k, v, mask, case.scale, gradients, grad_out)
+    torch_out, torch_grads = _torch_run(case, q, k, v, mask, case.scale, gradients, grad_out)
+
+    pairs = [("out", out, ref_out, torch_out, FORWARD_BOUND[dtype])]
+    if gradients:
+        for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, torch_grads):
+            pairs.append((name, g, rg, tg, GRADIENT_BOUND[dtype]))
+    rows = []
+    for what, ours, ref, theirs, bound in pairs:
+        rel, torch_rel = relative_error(ours, ref), relative_error(theirs, ref)
+        limit = min(bound, max(TORCH_ERROR_FACTOR * torch_rel, ROUNDING_FLOOR.get(dtype, 0.0)))
+        max_abs = (ours.double().cpu() - ref.cpu()).abs().max().item() if ours.numel() else 0.0
+        rows.append(
+            Row(case.name, backend, str(dtype).removeprefix("torch."), what, max_abs, rel, torch_rel, limit,
+                rel <= limit, seconds)
+        )
+    return rows
+
+
+def default_cases(device: torch.device, quick: bool) -> list[Case]:
+    """Scales x sizes, layouts, and edge cases. Smaller on the CPU interpreter."""
+    scales = [None, 0.1, 0.25, 1 / math.sqrt(8), 0.5, 1.0, 1e-3, 10.0]
+    sizes = [(4, 4), (16, 16), (32, 32), (100, 77)] + ([] if quick else [(256, 384)])
+    cases = [Case(f"scale={s if s is None else round(s, 4)} {l}x{n}", (1, 2, 2, l, n, 8), scale=s)
+             for s in scales for l, n in sizes]
+    cases += [
+        Case("bshd views d=64", (2, 4, 4, 33, 47, 64), layout="bshd"),
+        Case("sliced views d=40", (1, 2, 2, 29, 31, 40), layout="sliced"),
+        Case("causal L<S", (1, 2, 2, 20, 45, 32), causal=True),
+        Case("causal L>S", (1, 2, 2, 45, 20, 32), causal=True),
+        Case("bool key padding", (2, 2, 2, 24, 40, 32), mask="bool-keypad"),
+        Case("float bias + causal", (1, 2, 2, 24, 24, 32), mask="float-bias", causal=True),
+        Case("empty rows (all masked)", (1, 2, 2, 16, 24, 16), mask="bool-empty-rows"),
+        Case("GQA 4:1, Ev=24", (1, 8, 2, 17, 33, 72), head_dim_v=24),
+        Case("decode L=1", (2, 8, 2, 1, 100, 128)),
+        Case("d=256", (1, 1, 1, 16, 20, 256)),
+    ]
+    return cases
+
+
+def gradient_cases() -> list[Case]:
+    return [
+        Case("grad scale=0.5", (1, 2, 2, 24, 40, 32), scale=0.5),
+        Case("grad causal GQA", (1, 4, 2, 33, 33, 40), causal=True),
+        Case("grad float bias bshd", (2, 2, 2, 19, 29, 64), mask="float-bias", layout="bshd"),
+    ]
+
+
+def available_backends(device: torch.device) -> list[str]:
+    names = ["tiled"] if device.type == "cpu" else ["triton", "tiled"]
+    if device.type == "cpu" and flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(_probe(), device) == []:
+        names.insert(0, "triton")  # only under TRITON_INTERPRET=1
+    return names
+
+
+def _probe():
+    return flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu")
+
+
+def run_check(device: torch.device, quick: bool = False, dtypes=None) -> list[Row]:
+    dtypes = dtypes or [torch.float32, torch.float16, torch.bfloat16]
+    rows: list[Row] = []
+    seed = 0
+    for backend in available_backends(device):
+        interpreted = backend == "triton" and device.type == "cpu"
+        cases = default_cases(device, quick or interpreted)
+        if interpreted:
+            cases = [c for c in cases if c.shape[3] * c.shape[4] <= 64 * 64 and max(c.shape[5], c.head_dim_v or 0) <= 64]
+        for case in cases:
+            for dtype in dtypes:
+                seed += 1
+                rows += run_case(case, backend, dtype, device, gradients=False, seed=seed)
+        for case in gradient_cases():
+            for dtype in dtypes:
+                seed += 1
+                rows += run_case(case, backend, dtype, device, gradients=True, seed=seed)
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    header = f"{'case':28} {'backend':8} {'dtype':9} {'what':4} {'max abs':>9} {'rel err':>9} {'torch rel':>9} {'bound':>9}  ok"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.case[:28]:28} {r.backend:8} {r.dtype:9} {r.what:4} {r.max_abs:9.2e} {r.rel:9.2e} "
+            f"{r.torch_rel:9.2e} {r.bound:9.2e}  {'ok' if r.ok else 'FAIL'}"
+        )
+    return "\n".join(lines)
