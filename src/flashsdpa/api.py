@@ -8,8 +8,18 @@ import torch
 
 from flashsdpa import dispatch, ops
 from flashsdpa.descriptor import Fp32Precision
-from flashsdpa.dropout import draw_seed
 from flashsdpa.validation import canonicalize, check_options
+
+
+def _pinned_backend_outside_compile() -> str:
+    """The `use_backend` pin, captured at the call so the backward uses it too.
+
+    Under torch.compile the pin is not read here (dynamo cannot trace a
+    ContextVar); the op reads it itself when it runs ("" = automatic or pinned).
+    """
+    if torch.compiler.is_compiling():
+        return ""
+    return dispatch.pinned_backend() or ""
 
 
 def scaled_dot_product_attention(
@@ -83,17 +93,15 @@ def attention(
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
     resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
-    dropout_seed = draw_seed() if dropout_p > 0.0 else None
-    out, lse = ops.attention_forward(
+    out, lse, _ = ops.attention_forward(
         canon.query,
         canon.key,
         canon.value,
         canon.mask,
-        dropout_seed,
         float(dropout_p),
         causal,
         resolved_scale,
-        backend or dispatch.pinned_backend() or "",
+        backend or _pinned_backend_outside_compile(),
         precision.value,
     )
     out = out.reshape(canon.output_shape)

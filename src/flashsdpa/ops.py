@@ -14,7 +14,7 @@ import torch
 
 from flashsdpa import dispatch
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded
-from flashsdpa.dropout import split_seed
+from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.validation import describe
 
 Tensor = torch.Tensor
@@ -25,7 +25,7 @@ def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision):
 
 
 def _inputs(q, k, v, mask, dropout_seed) -> AttentionInputs:
-    return AttentionInputs(q, k, v, mask, None if dropout_seed is None else split_seed(dropout_seed))
+    return AttentionInputs(q, k, v, mask, split_seed(dropout_seed) if dropout_seed.numel() else None)
 
 
 def _is_degenerate(desc) -> bool:
@@ -46,26 +46,38 @@ def attention_forward(
     key: Tensor,
     value: Tensor,
     mask: Tensor | None,
-    dropout_seed: Tensor | None,
     dropout_p: float,
     causal: bool,
     scale: float,
     backend: str,
     fp32_precision: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, lse, dropout_seed); the seed (int64 (2,), empty without
+    dropout) is drawn here, at run time, from torch's default generator, so
+    eager and compiled runs draw the same pattern after torch.manual_seed."""
     desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision)
     name = dispatch.choose_backend(desc, query.device, backend or None)
     dispatch.record_call(name)
+    dropout_seed = draw_seed() if dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
     if _is_degenerate(desc):
-        return _empty_forward(desc, query)
-    return dispatch.BACKENDS[name].forward(desc, _inputs(query, key, value, mask, dropout_seed))
+        return (*_empty_forward(desc, query), dropout_seed)
+    out, lse = dispatch.BACKENDS[name].forward(desc, _inputs(query, key, value, mask, dropout_seed))
+    return _as_declared(out), _as_declared(lse), dropout_seed
+
+
+def _as_declared(t: Tensor) -> Tensor:
+    """The fake implementations declare contiguous outputs and compiled graphs
+    assert that; every backend allocates them so, and this copy (needed because
+    an op's outputs must match its declaration) never runs in practice."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 @attention_forward.register_fake
-def _(query, key, value, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision):
+def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision):
     b, h, l, _ = query.shape
     out = query.new_empty(b, h, l, value.shape[-1])
-    return out, query.new_empty(b, h, l, dtype=torch.float32)
+    seed = torch.empty(2 if dropout_p > 0.0 else 0, dtype=torch.int64)
+    return out, query.new_empty(b, h, l, dtype=torch.float32), seed
 
 
 @torch.library.custom_op("flashsdpa::attention_backward", mutates_args=())
@@ -77,7 +89,7 @@ def attention_backward(
     out: Tensor,
     lse: Tensor,
     mask: Tensor | None,
-    dropout_seed: Tensor | None,
+    dropout_seed: Tensor,
     dropout_p: float,
     causal: bool,
     scale: float,
@@ -90,9 +102,9 @@ def attention_backward(
     need = GradientsNeeded(*needed)
     if _is_degenerate(desc):
         grads = (
-            torch.zeros_like(query) if need.query else None,
-            torch.zeros_like(key) if need.key else None,
-            torch.zeros_like(value) if need.value else None,
+            query.new_zeros(query.shape) if need.query else None,
+            key.new_zeros(key.shape) if need.key else None,
+            value.new_zeros(value.shape) if need.value else None,
             query.new_zeros(desc.batch, desc.heads_q, desc.seq_q, desc.seq_kv, dtype=torch.float32)
             if need.mask
             else None,
@@ -102,7 +114,7 @@ def attention_backward(
         grads = dispatch.BACKENDS[name].backward(
             desc, _inputs(query, key, value, mask, dropout_seed), out, lse, grad_out, need
         )
-    return tuple(g if g is not None else query.new_empty(0) for g in grads)
+    return tuple(_as_declared(g) if g is not None else query.new_empty(0) for g in grads)
 
 
 @attention_backward.register_fake
@@ -110,22 +122,22 @@ def _(grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, caus
     b, h, l, _ = query.shape
     dmask_shape = (b, h, l, key.shape[2])
     return (
-        torch.empty_like(query) if needed[0] else query.new_empty(0),
-        torch.empty_like(key) if needed[1] else query.new_empty(0),
-        torch.empty_like(value) if needed[2] else query.new_empty(0),
+        query.new_empty(query.shape) if needed[0] else query.new_empty(0),
+        key.new_empty(key.shape) if needed[1] else query.new_empty(0),
+        value.new_empty(value.shape) if needed[2] else query.new_empty(0),
         query.new_empty(dmask_shape, dtype=torch.float32) if needed[3] else query.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision = inputs
-    out, lse = output
+    query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision = inputs
+    out, lse, dropout_seed = output
     ctx.save_for_backward(query, key, value, mask, dropout_seed, out, lse)
     ctx.options = (dropout_p, causal, scale, backend, fp32_precision)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, dropout_seed)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, _grad_lse, _grad_seed):
     if torch.is_grad_enabled():
         raise RuntimeError(
             "flashsdpa does not support double backward (create_graph=True through attention); "
@@ -141,7 +153,7 @@ def _backward(ctx, grad_out, _grad_lse):
     grads = [g if n else None for g, n in zip((dq, dk, dv, dmask), needed)]
     if grads[3] is not None:
         grads[3] = grads[3].to(mask.dtype)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
