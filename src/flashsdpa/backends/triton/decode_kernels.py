@@ -1,0 +1,158 @@
+"""Flash decoding (split-KV) for a handful of query rows: a split kernel and a merge kernel.
+
+With few query rows the main kernel has too few programs (one per query
+head) to fill the GPU, and each reads all of its head's keys. Here the keys
+are split across programs instead, and a GQA group's query heads share one
+program, so K and V are read once per group. The online softmax itself is the
+main kernel's (`attend_keys`, `finish_rows`).
+"""
+
+import triton
+import triton.language as tl
+
+from flashsdpa.backends.triton.forward_kernels import MASK_NONE, attend_keys, finish_rows
+
+
+@triton.jit
+def attention_decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qk,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    heads_q,
+    heads_kv,
+    gqa_group,
+    seq_q,
+    seq_kv,
+    head_dim,
+    head_dim_v,
+    row_chunks,
+    num_splits,
+    split_len,
+    softmax_scale,
+    MASK_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+):
+    """Flash decoding, stage 1: one key range of one (batch, kv head) against its query rows.
+
+    The gqa_group * seq_q query rows that read this kv head are packed into the
+    M dimension (row r is query head kv_head * gqa_group + r // seq_q, query
+    row r % seq_q), in chunks of BLOCK_M, so K/V are read once per group rather
+    than once per query head. Grid: (batch * heads_kv * row_chunks, num_splits).
+    Writes each row's normalised partial output and natural lse to
+    partial_out (rows, num_splits, head_dim_v) and partial_lse (rows, num_splits),
+    rows ordered (batch, query head, query row).
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    batch_kv = pid // row_chunks
+    chunk = pid % row_chunks
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv % heads_kv
+
+    rows_per_group = gqa_group * seq_q
+    packed = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = packed < rows_per_group
+    # Padding rows repeat the group's last row: loads stay in bounds, stores are masked.
+    packed = tl.minimum(packed, rows_per_group - 1)
+    head = kv_head * gqa_group + packed // seq_q
+    query_row = packed % seq_q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_row_ptrs = (
+        q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query_row.to(tl.int64) * stride_qm
+    )
+    q = tl.load(q_row_ptrs[:, None] + offs_d[None, :] * stride_qk, mask=offs_d[None, :] < head_dim, other=0.0)
+    k_head_ptr = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    mask_row_ptrs = mask_ptr
+    if MASK_KIND != MASK_NONE:
+        mask_row_ptrs = (
+            mask_ptr
+            + batch.to(tl.int64) * stride_mb
+            + head.to(tl.int64) * stride_mh
+            + query_row.to(tl.int64) * stride_mm
+        )
+    # split_len is a multiple of BLOCK_N, so only the last split has a partial block.
+    key_start = split * split_len
+    key_end = tl.minimum(key_start + split_len, seq_kv)
+    unmasked_end = key_start + ((key_end - key_start) // BLOCK_N) * BLOCK_N
+    acc, row_sum, row_max = attend_keys(
+        q, None, None, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        key_start, unmasked_end, key_end, query_row, seq_kv, head_dim, head_dim_v,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        softmax_scale, 0, 0,
+        False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, False, False,
+    )
+    out, lse = finish_rows(acc, row_sum, row_max, 1.0, MASK_KIND)
+    row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
+    partial_index = row * num_splits + split
+    tl.store(
+        partial_out_ptr + partial_index[:, None] * head_dim_v + offs_dv[None, :],
+        out,
+        mask=row_valid[:, None] & (offs_dv[None, :] < head_dim_v),
+    )
+    tl.store(partial_lse_ptr + partial_index, lse, mask=row_valid)
+
+
+@triton.jit
+def merge_decode_splits_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    num_splits,
+    head_dim_v,
+    stride_out_row,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Flash decoding, stage 2: one output row from its splits, each weighted by exp(lse_split - lse).
+
+    Grid: (rows,), rows ordered (batch, query head, query row); out rows are
+    stride_out_row apart, lse is contiguous. BLOCK_SPLITS >= num_splits.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_lse = tl.load(partial_lse_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    lse_max = tl.max(split_lse, 0)
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.sum(tl.exp(split_lse - shift), 0)
+    lse = shift + tl.log(total)  # -inf when every split was empty
+    inv_total = 1.0 / tl.where(total == 0.0, 1.0, total)
+
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for split in range(0, num_splits):
+        weight = tl.exp(tl.load(partial_lse_ptr + row * num_splits + split) - shift) * inv_total
+        part = tl.load(
+            partial_out_ptr + (row * num_splits + split) * head_dim_v + offs_dv, mask=offs_dv < head_dim_v, other=0.0
+        )
+        acc += weight * part
+    tl.store(out_ptr + row * stride_out_row + offs_dv, acc.to(out_ptr.dtype.element_ty), mask=offs_dv < head_dim_v)
+    tl.store(lse_ptr + row, lse)

@@ -1,0 +1,389 @@
+"""Forward flash-attention kernels: the main kernel, and the online-softmax pieces flash decoding shares.
+
+Online softmax with float32 accumulators. Scores live in base-2 units
+(scale * log2(e) folded into one multiply, then exp2), except with a float
+mask, where they stay in natural units until exponentiated: a mask of
+finfo(float32).min times log2(e) would overflow to -inf and turn a row whose
+every key carries that mask into an empty row, while plain softmax gives it
+uniform weights.
+
+Tensors arrive as (batch, heads, rows, head_dim) views with arbitrary strides.
+Per-head base offsets are int64 (batch * stride can pass 2**31), offsets inside
+a tile stay int32, and the key position of each loop step is added as an int64
+scalar, so no index product overflows however long the sequence.
+
+A row that may attend to no key (fully masked, or causal with nothing visible)
+keeps a running max of -inf; it is exponentiated against 0 instead, so it
+yields output 0 and lse -inf rather than NaN.
+"""
+
+import triton
+import triton.language as tl
+
+from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)  # uint8 view of a bool mask: nonzero = may attend
+MASK_FLOAT = tl.constexpr(2)  # added to the scaled scores
+
+
+@triton.jit
+def load_rows(
+    desc,
+    head_ptr,
+    start,
+    offs_rows,
+    offs_cols,
+    n_rows,
+    n_cols,
+    stride_row,
+    stride_col,
+    CHECK_ROWS: tl.constexpr,
+    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+):
+    """Rows [start, start + len(offs_rows)) of one head's (n_rows, n_cols) matrix, zero-padded to the block."""
+    if USE_TENSOR_DESCRIPTORS:
+        return desc.load([start, 0])
+    else:
+        tile_offsets = offs_rows[:, None] * stride_row + offs_cols[None, :] * stride_col
+        ptrs = head_ptr + tl.cast(start, tl.int64) * stride_row + tile_offsets
+        in_bounds = offs_cols[None, :] < n_cols
+        if CHECK_ROWS:
+            in_bounds = in_bounds & (start + offs_rows[:, None] < n_rows)
+        return tl.load(ptrs, mask=in_bounds, other=0.0)
+
+
+@triton.jit
+def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
+    """tl.dot with a float32 accumulator; WIDEN_DOT_OPERANDS multiplies in float32 instead.
+
+    Widening exists for the Triton interpreter, whose tl.dot multiplies the raw
+    bit patterns of bfloat16 (triton#11584). It changes no result: a product of
+    two bfloat16 values is exact in float32, as in the tensor cores.
+    """
+    if WIDEN_DOT_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def attend_key_blocks(
+    acc,
+    row_sum,
+    row_max,
+    q,
+    k_desc,
+    v_desc,
+    k_head_ptr,
+    v_head_ptr,
+    mask_row_ptrs,
+    key_start,
+    key_end,
+    offs_m,
+    seq_kv,
+    head_dim,
+    head_dim_v,
+    stride_kn,
+    stride_kk,
+    stride_vn,
+    stride_vk,
+    stride_mn,
+    score_scale,
+    dropout_key,
+    dropout_threshold,
+    BOUNDARY: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """Fold keys [key_start, key_end) into the running (acc, row_sum, row_max) of the rows `offs_m`.
+
+    BOUNDARY blocks may reach past seq_kv or cross the causal diagonal and are
+    masked element by element; the others skip that work. `mask_row_ptrs`
+    points at each row's mask entries for key 0 ([BLOCK_M] pointers), or at the
+    one shared row when MASK_ROWS_BROADCAST.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(key_start, key_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        cols = start_n + offs_n
+        k = load_rows(
+            k_desc, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim, stride_kn, stride_kk,
+            BOUNDARY, USE_TENSOR_DESCRIPTORS,
+        )
+        scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale
+
+        if MASK_KIND != MASK_NONE:
+            col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
+            if MASK_ROWS_BROADCAST:
+                mask_tile = tl.load(mask_row_ptrs + col_offsets, mask=cols < seq_kv, other=0)[None, :]
+            elif BOUNDARY:
+                mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :], mask=cols[None, :] < seq_kv, other=0)
+            else:
+                mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
+            if MASK_KIND == MASK_BOOL:
+                scores = tl.where(mask_tile != 0, scores, float("-inf"))
+            else:
+                scores = scores + mask_tile.to(tl.float32)
+        if BOUNDARY:
+            visible = cols[None, :] < seq_kv
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        if MASK_KIND == MASK_FLOAT:
+            p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
+            alpha = tl.math.exp2((row_max - shift) * LOG2E)
+        else:
+            p = tl.math.exp2(scores - shift[:, None])
+            alpha = tl.math.exp2(row_max - shift)
+        # The row sum (and so lse) counts every weight; dropout only thins P@V.
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(dropout_keep(dropout_key, offs_m, cols, dropout_threshold), p, 0.0)
+
+        v = load_rows(
+            v_desc, v_head_ptr, start_n, offs_n, offs_dv, seq_kv, head_dim_v, stride_vn, stride_vk,
+            BOUNDARY, USE_TENSOR_DESCRIPTORS,
+        )
+        acc = matmul(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def attend_keys(
+    q,
+    k_desc,
+    v_desc,
+    k_head_ptr,
+    v_head_ptr,
+    mask_row_ptrs,
+    key_start,
+    unmasked_end,
+    key_end,
+    offs_m,
+    seq_kv,
+    head_dim,
+    head_dim_v,
+    stride_kn,
+    stride_kk,
+    stride_vn,
+    stride_vk,
+    stride_mn,
+    softmax_scale,
+    dropout_key,
+    dropout_threshold,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """Online softmax of rows `offs_m` over keys [key_start, key_end): returns (acc, row_sum, row_max).
+
+    Keys [key_start, unmasked_end) are whole blocks every row may see; the
+    rest (a partial last block, blocks crossing the causal diagonal) take the
+    element-masked BOUNDARY pass. row_max is in score units (see the module doc).
+    """
+    if MASK_KIND == MASK_FLOAT:
+        score_scale = softmax_scale
+    else:
+        score_scale = softmax_scale * LOG2E
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, row_sum, row_max = attend_key_blocks(
+        acc, row_sum, row_max, q, k_desc, v_desc, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        key_start, unmasked_end, offs_m, seq_kv, head_dim, head_dim_v,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        score_scale, dropout_key, dropout_threshold,
+        False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, USE_TENSOR_DESCRIPTORS, WARP_SPECIALIZE,
+    )
+    acc, row_sum, row_max = attend_key_blocks(
+        acc, row_sum, row_max, q, k_desc, v_desc, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        score_scale, dropout_key, dropout_threshold,
+        True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, USE_TENSOR_DESCRIPTORS, False,
+    )
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def finish_rows(acc, row_sum, row_max, output_scale, MASK_KIND: tl.constexpr):
+    """(output rows in float32, natural-log lse) from the online-softmax state.
+
+    An empty row has row_sum 0 and acc 0: it is divided by 1, giving output 0,
+    and its lse is -inf + log(0) = -inf. `output_scale` multiplies every row
+    (dropout's 1/(1-p), the same for every kept weight, is applied here once).
+    """
+    out = acc * (output_scale / tl.where(row_sum == 0.0, 1.0, row_sum))[:, None]
+    if MASK_KIND == MASK_FLOAT:
+        lse = row_max + tl.log(row_sum)
+    else:
+        lse = (row_max + tl.math.log2(row_sum)) * LN2
+    return out, lse
+
+
+# The seed changes every call and the threshold with p: specialising on their
+# values (divisibility by 16, equality to 1) would compile new variants at random.
+@triton.jit(do_not_specialize=["dropout_threshold", "dropout_seed_lo", "dropout_seed_hi"])
+def attention_forward_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qk,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kk,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vk,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_ok,
+    heads_q,
+    gqa_group,
+    seq_q,
+    seq_kv,
+    head_dim,
+    head_dim_v,
+    num_m_blocks,
+    softmax_scale,
+    dropout_threshold,
+    dropout_seed_lo,
+    dropout_seed_hi,
+    dropout_output_scale,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, query head); writes out rows and lse.
+
+    Grid: (num_m_blocks * batch * heads_q,), the m-block varying fastest, so
+    programs running together share one head's K/V in L2 (and a GQA group's
+    heads are neighbours). lse is a contiguous (batch * heads_q, seq_q) buffer.
+    """
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks  # batch * heads_q + query head, the dropout stream index
+    m_block = pid % num_m_blocks
+    if CAUSAL:
+        # Causal row blocks grow with m: start each head's longest ones first
+        # so the short ones fill the last wave.
+        m_block = num_m_blocks - 1 - m_block
+    batch = bh // heads_q
+    head = bh % heads_q
+    kv_head = head // gqa_group
+    m_start = m_block * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_head_ptr = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_head_ptr = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    out_head_ptr = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    if USE_TENSOR_DESCRIPTORS:
+        # One 2-D descriptor per head: zero-fill stops at this head's last row,
+        # and batch/head strides of 0 (expanded views) need no TMA support.
+        q_desc = tl.make_tensor_descriptor(q_head_ptr, [seq_q, head_dim], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(k_head_ptr, [seq_kv, head_dim], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_head_ptr, [seq_kv, head_dim_v], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
+        out_desc = tl.make_tensor_descriptor(out_head_ptr, [seq_q, head_dim_v], [stride_om, 1], [BLOCK_M, BLOCK_DV])
+    else:
+        q_desc = None
+        k_desc = None
+        v_desc = None
+        out_desc = None
+
+    q = load_rows(
+        q_desc, q_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim, stride_qm, stride_qk,
+        True, USE_TENSOR_DESCRIPTORS,
+    )
+
+    mask_row_ptrs = mask_ptr
+    if MASK_KIND != MASK_NONE:
+        mask_head_ptr = mask_ptr + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+        if MASK_ROWS_BROADCAST:
+            mask_row_ptrs = mask_head_ptr
+        else:
+            # Rows past seq_q read the last row instead: in bounds, and discarded.
+            mask_rows = tl.minimum(offs_m, seq_q - 1)
+            mask_row_ptrs = mask_head_ptr + mask_rows.to(tl.int64) * stride_mm
+
+    dropout_key = 0
+    if DROPOUT:
+        dropout_key = dropout_stream(dropout_seed_lo, dropout_seed_hi, bh)
+
+    # Keys every row of the block may see: whole blocks below the causal diagonal.
+    if CAUSAL:
+        key_end = tl.minimum(m_start + BLOCK_M, seq_kv)
+        unmasked_end = (tl.minimum(m_start, seq_kv) // BLOCK_N) * BLOCK_N
+    else:
+        key_end = seq_kv
+        unmasked_end = (seq_kv // BLOCK_N) * BLOCK_N
+
+    acc, row_sum, row_max = attend_keys(
+        q, k_desc, v_desc, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        0, unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+        softmax_scale, dropout_key, dropout_threshold,
+        CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, USE_TENSOR_DESCRIPTORS, WARP_SPECIALIZE,
+    )
+    out, lse = finish_rows(acc, row_sum, row_max, dropout_output_scale, MASK_KIND)
+    out = out.to(out_ptr.dtype.element_ty)
+    if USE_TENSOR_DESCRIPTORS:
+        out_desc.store([m_start, 0], out)
+    else:
+        out_ptrs = out_head_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_ok
+        tl.store(out_ptrs, out, mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < head_dim_v))
+    tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)

@@ -1,0 +1,243 @@
+"""Launchers of the forward kernels: argument plumbing, path choice, no computation of their own.
+
+`attention_forward(desc, inputs)` is what `TritonBackend.forward` calls. It
+takes the compiled-variant config from `kernel_cache` (keyed on
+`desc.kernel_key`), then runs either the main kernel or, for a handful of query
+rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
+explicit config (and split count) so tests and benchmarks can pin a path.
+Inputs are read through their strides as they are; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+import triton
+
+from flashsdpa.backends.base import AttentionInputs
+from flashsdpa.backends.triton import decode_kernels, forward_kernels
+from flashsdpa.backends.triton.forward_configs import (
+    DECODE_MAX_SPLITS,
+    ForwardConfig,
+    choose_forward_config,
+    decode_split_count,
+    uses_decode_kernel,
+)
+from flashsdpa.cache import kernel_cache
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.dropout import drop_threshold
+
+KERNEL_MASK_KIND = {
+    MaskKind.NONE: forward_kernels.MASK_NONE,
+    MaskKind.BOOL: forward_kernels.MASK_BOOL,
+    MaskKind.FLOAT: forward_kernels.MASK_FLOAT,
+}
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
+TMA_ALIGNMENT_BYTES = 16
+
+
+def attention_forward(
+    desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32 (natural log); see `Backend.forward`."""
+    if config is None:
+        device = inputs.query.device
+        config = kernel_cache.get(desc.kernel_key, lambda key: choose_forward_config(key, device_capability(device)))
+    if uses_decode_kernel(desc):
+        return launch_decode_kernels(desc, inputs, config)
+    return launch_main_kernel(desc, inputs, config)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability, or None for CPU tensors (the Triton interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device, not the arguments': make them the same."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads_q, seq_q, _ = query.shape
+    out = torch.empty((batch, heads_q, seq_q, desc.head_dim_v), dtype=desc.dtype, device=query.device)
+    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=query.device)
+    return out, lse
+
+
+def mask_argument(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The mask as the kernel reads it (bool viewed as uint8, no copy) and its four strides.
+
+    Without a mask the query stands in as a never-read pointer.
+    """
+    mask = inputs.mask
+    if desc.mask is MaskKind.NONE or mask is None:
+        return inputs.query, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, tuple(mask.stride())
+
+
+def tensor_descriptor_compatible(tensor: torch.Tensor) -> bool:
+    """Whether every (batch, head) matrix of a 4-D view can be read through a TMA descriptor.
+
+    The kernel builds one (rows, head_dim) descriptor per head at
+    base + b * stride_b + h * stride_h: that base and the row stride must be
+    16-byte aligned (batch/head strides of 0 are fine), and the last dim contiguous.
+    """
+    itemsize = tensor.element_size()
+    stride_b, stride_h, stride_row, stride_col = tensor.stride()
+    return (
+        stride_col == 1
+        and stride_row > 0
+        and tensor.data_ptr() % TMA_ALIGNMENT_BYTES == 0
+        and all(stride * itemsize % TMA_ALIGNMENT_BYTES == 0 for stride in (stride_b, stride_h, stride_row))
+    )
+
+
+def torch_scratch_allocator(device: torch.device):
+    def allocate(size: int, alignment: int, stream) -> torch.Tensor:
+        # torch's allocators hand out blocks aligned far beyond the 128 bytes TMA descriptors need.
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    return allocate
+
+
+def run_with_scratch_allocator(device: torch.device, launch) -> None:
+    """Run `launch()` with a torch allocator for in-kernel tensor descriptors.
+
+    Triton keeps its allocator in a ContextVar; setting it inside a copy of the
+    current context leaves the caller's own allocator setting untouched.
+    """
+
+    def launch_in_context() -> None:
+        triton.set_allocator(torch_scratch_allocator(device))
+        launch()
+
+    contextvars.copy_context().run(launch_in_context)
+
+
+def launch_main_kernel(
+    desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = inputs.query, inputs.key, inputs.value
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    key = desc.kernel_key
+    out, lse = allocate_outputs(desc, q)
+    mask, mask_strides = mask_argument(desc, inputs)
+
+    num_m_blocks = triton.cdiv(seq_q, config.block_m)
+    programs = num_m_blocks * batch * heads_q
+    if programs > MAX_GRID_X:
+        raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
+    use_tensor_descriptors = config.tensor_descriptors and all(
+        tensor_descriptor_compatible(t) for t in (q, k, v, out)
+    )
+    dropout = desc.dropout_p > 0.0
+    if dropout:
+        seed_lo, seed_hi = inputs.dropout_seed
+        threshold, output_scale = drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p)
+    else:
+        seed_lo, seed_hi, threshold, output_scale = 0, 0, 0, 1.0
+
+    def launch() -> None:
+        forward_kernels.attention_forward_kernel[(programs,)](
+            q, k, v, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            heads_q, heads_q // heads_kv, seq_q, seq_kv, head_dim, head_dim_v, num_m_blocks,
+            float(desc.scale), threshold, seed_lo, seed_hi, float(output_scale),
+            CAUSAL=desc.causal,
+            MASK_KIND=KERNEL_MASK_KIND[desc.mask],
+            MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
+            DROPOUT=dropout,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_D=key.block_head_dim,
+            BLOCK_DV=key.block_head_dim_v,
+            DOT_PRECISION=config.dot_precision,
+            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+            USE_TENSOR_DESCRIPTORS=use_tensor_descriptors,
+            WARP_SPECIALIZE=config.warp_specialize and use_tensor_descriptors,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+
+    with on_device(q.device):
+        if use_tensor_descriptors:
+            run_with_scratch_allocator(q.device, launch)
+        else:
+            launch()
+    return out, lse
+
+
+def launch_decode_kernels(
+    desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig, num_splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash decoding: split the keys across programs, then merge the splits by their lse.
+
+    Supports masks; not causal or dropout (see `uses_decode_kernel`).
+    `num_splits` (default: `decode_split_count`) is rounded so every split
+    holds whole key blocks.
+    """
+    if desc.causal or desc.dropout_p > 0.0:
+        raise ValueError("triton flash decoding does not apply causal masks or dropout")
+    q, k, v = inputs.query, inputs.key, inputs.value
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    key = desc.kernel_key
+    decode = config.decode
+    out, lse = allocate_outputs(desc, q)
+    mask, mask_strides = mask_argument(desc, inputs)
+
+    gqa_group = heads_q // heads_kv
+    row_chunks = triton.cdiv(gqa_group * seq_q, decode.block_m)
+    programs_per_split = batch * heads_kv * row_chunks
+    if num_splits is None:
+        num_splits = decode_split_count(programs_per_split, seq_kv, sm_count(q.device))
+    num_splits = max(1, min(num_splits, DECODE_MAX_SPLITS, MAX_GRID_YZ))
+    split_len = triton.cdiv(triton.cdiv(seq_kv, num_splits), decode.block_n) * decode.block_n
+    num_splits = triton.cdiv(seq_kv, split_len)
+    if programs_per_split > MAX_GRID_X:
+        raise ValueError(f"triton decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
+
+    rows = batch * heads_q * seq_q
+    partial_out = torch.empty((rows, num_splits, head_dim_v), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
+    with on_device(q.device):
+        decode_kernels.attention_decode_split_kernel[(programs_per_split, num_splits)](
+            q, k, v, mask, partial_out, partial_lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            heads_q, heads_kv, gqa_group, seq_q, seq_kv, head_dim, head_dim_v,
+            row_chunks, num_splits, split_len, float(desc.scale),
+            MASK_KIND=KERNEL_MASK_KIND[desc.mask],
+            BLOCK_M=decode.block_m,
+            BLOCK_N=decode.block_n,
+            BLOCK_D=key.block_head_dim,
+            BLOCK_DV=key.block_head_dim_v,
+            DOT_PRECISION=config.dot_precision,
+            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+            num_warps=decode.num_warps,
+            num_stages=decode.num_stages,
+        )
+        # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
+        decode_kernels.merge_decode_splits_kernel[(rows,)](
+            partial_out, partial_lse, out, lse, num_splits, head_dim_v, out.stride(2),
+            BLOCK_SPLITS=DECODE_MAX_SPLITS,
+            BLOCK_DV=key.block_head_dim_v,
+            num_warps=4,
+        )
+    return out, lse
