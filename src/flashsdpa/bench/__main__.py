@@ -1,0 +1,5 @@
+import sys
+
+from flashsdpa.bench import main
+
+sys.exit(main())

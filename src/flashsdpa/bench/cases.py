@@ -1,0 +1,317 @@
+"""The benchmark matrix: which attention problems `flashsdpa bench` times, and their inputs.
+
+Four groups, in the order they run (the most quoted first, so that a run cut
+short by its time budget still has them):
+
+- main: d in {64, 128, 256}, L = S from 512 to 16384 at 16384 tokens per
+  batch (batch = 16384 // L) and a model width of 2048 (heads = 2048 // d),
+  causal and not, bf16 then fp16; forward and backward.
+- mask: d=128, B=4, H=16, L=S=4096, bf16, with a bool key-padding mask
+  (B, 1, 1, S) whose last 512 keys are masked, or a float bias (1, H, L, S).
+- fp32: the same shape with float32 inputs (flashsdpa precise and tf32).
+- decode: one query row, q (16, 32, 1, 128) against K/V (16, 8, S, 128) with
+  enable_gqa; forward only, reported as bytes of K+V read per second too.
+
+On CPU a tiny matrix with one case of each kind exercises the same code paths.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+
+TOKENS_PER_BATCH = 16384
+MODEL_WIDTH = 2048  # heads * head_dim in the main group
+MAIN_HEAD_DIMS = (64, 128, 256)
+MAIN_SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+MAIN_DTYPES = (torch.bfloat16, torch.float16)
+# The headline rows of `--quick`: (head_dim, seq_len, causal), bf16.
+QUICK_ROWS = ((128, 4096, False), (128, 16384, True), (64, 4096, False), (128, 1024, False))
+DECODE_SEQ_LENS = (4096, 8192, 16384, 32768)
+PADDED_KEYS = 512  # keys masked out at the end of each row in the key-padding case
+
+# Peers per group, flashsdpa first (the one every ratio is taken against).
+# flash refuses masks and fp32, cuDNN refuses fp32: they are kept in those
+# groups so that the refusal and torch's reason are recorded.
+MAIN_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math", "flex")
+MASK_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
+FP32_PEERS = ("flashsdpa", "flashsdpa-tf32", "cudnn", "flash", "efficient", "math")
+DECODE_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem: query (batch, heads_q, seq_q, head_dim), key/value
+    (batch, heads_kv, seq_kv, head_dim), timed forward (and backward if asked)."""
+
+    group: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    dtype: torch.dtype
+    peers: tuple[str, ...]
+    causal: bool = False
+    mask: str = "none"  # "none", "key_padding" (bool, (B, 1, 1, S)) or "bias" (float, (1, Hq, L, S))
+    padded_keys: int = 0  # key_padding only: keys masked at the end of each row
+    backward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mask not in ("none", "key_padding", "bias"):
+            raise ValueError(f"Case.mask must be 'none', 'key_padding' or 'bias', got {self.mask!r}")
+        if self.heads_q % self.heads_kv:
+            raise ValueError(f"Case: heads_q={self.heads_q} is not a multiple of heads_kv={self.heads_kv}")
+        if self.mask == "key_padding" and not 0 < self.padded_keys < self.seq_kv:
+            raise ValueError(f"Case: padded_keys={self.padded_keys} must be in (0, seq_kv={self.seq_kv})")
+
+    @property
+    def name(self) -> str:
+        """Unique, filterable: 'main/bf16-d128-L4096-causal', 'mask/bias-bf16-d128-L4096', ..."""
+        dtype = DTYPE_NAMES.get(self.dtype, str(self.dtype))
+        if self.group == "decode":
+            return f"decode/{dtype}-d{self.head_dim}-S{self.seq_kv}"
+        stem = f"{dtype}-d{self.head_dim}-L{self.seq_q}" + ("-causal" if self.causal else "")
+        if self.mask != "none":
+            stem = f"{self.mask.replace('_', '-')}-{stem}"
+        return f"{self.group}/{stem}"
+
+    @property
+    def gqa(self) -> bool:
+        return self.heads_q != self.heads_kv
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return ("fwd", "bwd") if self.backward else ("fwd",)
+
+    @property
+    def descriptor(self) -> AttentionDescriptor:
+        mask_kind = {"none": MaskKind.NONE, "key_padding": MaskKind.BOOL, "bias": MaskKind.FLOAT}[self.mask]
+        return AttentionDescriptor(
+            batch_shape=(self.batch,),
+            heads_q=self.heads_q,
+            heads_kv=self.heads_kv,
+            seq_q=self.seq_q,
+            seq_kv=self.seq_kv,
+            head_dim=self.head_dim,
+            head_dim_v=self.head_dim,
+            dtype=self.dtype,
+            device_type="cuda",
+            causal=self.causal,
+            mask=mask_kind,
+            mask_dtype={"none": None, "key_padding": torch.bool, "bias": self.dtype}[self.mask],
+        )
+
+    def flops(self, mode: str) -> float:
+        """4*B*H*L*S*d for the forward (causal counts only the visible pairs, about
+        half), 2.5x that for the backward: `AttentionDescriptor.flops`."""
+        return self.descriptor.flops(backward=(mode == "bwd"))
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V, each read once by an ideal kernel."""
+        return 2 * self.batch * self.heads_kv * self.seq_kv * self.head_dim * self.element_size
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of one input set: q, k, v, the mask and (for the backward) grad_out."""
+        q = self.batch * self.heads_q * self.seq_q * self.head_dim * self.element_size
+        mask = {
+            "none": 0,
+            "key_padding": self.batch * self.seq_kv,
+            "bias": self.heads_q * self.seq_q * self.seq_kv * self.element_size,
+        }[self.mask]
+        return q * (2 if self.backward else 1) + self.kv_bytes + mask
+
+    @property
+    def score_bytes(self) -> int:
+        """Bytes of one materialised (B, Hq, L, S) score matrix, as torch's math backend makes."""
+        return self.batch * self.heads_q * self.seq_q * self.seq_kv * self.element_size
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "group": self.group,
+            "batch": self.batch,
+            "heads_q": self.heads_q,
+            "heads_kv": self.heads_kv,
+            "seq_q": self.seq_q,
+            "seq_kv": self.seq_kv,
+            "head_dim": self.head_dim,
+            "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
+            "causal": self.causal,
+            "mask": self.mask,
+            "padded_keys": self.padded_keys,
+            "enable_gqa": self.gqa,
+            "modes": list(self.modes),
+            "flops": {mode: self.flops(mode) for mode in self.modes},
+            "kv_bytes": self.kv_bytes,
+        }
+
+
+def main_case(dtype: torch.dtype, head_dim: int, seq_len: int, causal: bool) -> Case:
+    return Case(
+        group="main",
+        batch=TOKENS_PER_BATCH // seq_len,
+        heads_q=MODEL_WIDTH // head_dim,
+        heads_kv=MODEL_WIDTH // head_dim,
+        seq_q=seq_len,
+        seq_kv=seq_len,
+        head_dim=head_dim,
+        dtype=dtype,
+        causal=causal,
+        peers=MAIN_PEERS,
+    )
+
+
+def quick_cases() -> list[Case]:
+    return [main_case(torch.bfloat16, d, length, causal) for d, length, causal in QUICK_ROWS]
+
+
+def full_cases() -> list[Case]:
+    """Every case, in running order: bf16 main, the other groups, fp16 main.
+
+    Within a dtype, cases of one head dim and causality are adjacent so that
+    compiled kernels are reused while they are warm.
+    """
+
+    def main_group(dtype):
+        return [
+            main_case(dtype, d, length, causal)
+            for d in MAIN_HEAD_DIMS
+            for causal in (False, True)
+            for length in MAIN_SEQ_LENS
+        ]
+
+    side = dict(batch=4, heads_q=16, heads_kv=16, seq_q=4096, seq_kv=4096, head_dim=128)
+    mask = [
+        Case(group="mask", dtype=torch.bfloat16, mask="key_padding", padded_keys=PADDED_KEYS, peers=MASK_PEERS, **side),
+        Case(group="mask", dtype=torch.bfloat16, mask="bias", peers=MASK_PEERS, **side),
+    ]
+    fp32 = [Case(group="fp32", dtype=torch.float32, peers=FP32_PEERS, **side)]
+    decode = [
+        Case(
+            group="decode",
+            batch=16,
+            heads_q=32,
+            heads_kv=8,
+            seq_q=1,
+            seq_kv=length,
+            head_dim=128,
+            dtype=torch.bfloat16,
+            backward=False,
+            peers=DECODE_PEERS,
+        )
+        for length in DECODE_SEQ_LENS
+    ]
+    return main_group(torch.bfloat16) + mask + fp32 + decode + main_group(torch.float16)
+
+
+def cpu_smoke_cases(quick: bool) -> list[Case]:
+    """A tiny matrix with the structure of the real one, for CPU smoke tests (seconds)."""
+    small = dict(batch=1, heads_q=2, heads_kv=2, seq_q=64, seq_kv=64, head_dim=16)
+    main = [
+        Case(group="main", dtype=torch.bfloat16, causal=causal, peers=MAIN_PEERS, **small) for causal in (False, True)
+    ]
+    if quick:
+        return main
+    return main + [
+        Case(group="mask", dtype=torch.bfloat16, mask="key_padding", padded_keys=8, peers=MASK_PEERS, **small),
+        Case(group="mask", dtype=torch.bfloat16, mask="bias", peers=MASK_PEERS, **small),
+        Case(group="fp32", dtype=torch.float32, peers=FP32_PEERS, **small),
+        Case(
+            group="decode",
+            batch=2,
+            heads_q=4,
+            heads_kv=2,
+            seq_q=1,
+            seq_kv=128,
+            head_dim=16,
+            dtype=torch.bfloat16,
+            backward=False,
+            peers=DECODE_PEERS,
+        ),
+    ]
+
+
+def matrix(device_type: str, quick: bool) -> list[Case]:
+    if device_type == "cuda":
+        return quick_cases() if quick else full_cases()
+    return cpu_smoke_cases(quick)
+
+
+def select(cases: list[Case], patterns: str | None) -> list[Case]:
+    """Keep the cases matching any comma-separated pattern: a glob over the case
+    name ('main/bf16-d128-*'), else a substring ('decode', 'd64', '-causal').
+    'none' selects nothing (e.g. `--model` alone); None or '' keeps all."""
+    if not patterns:
+        return list(cases)
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    if wanted == ["none"]:
+        return []
+
+    def matches(case: Case, pattern: str) -> bool:
+        if any(ch in pattern for ch in "*?["):
+            return fnmatch.fnmatchcase(case.name, pattern)
+        return pattern in case.name
+
+    return [case for case in cases if any(matches(case, p) for p in wanted)]
+
+
+@dataclass
+class InputSet:
+    """Inputs for one timed call. grad_out is None for forward-only cases."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    grad_out: torch.Tensor | None
+
+    @property
+    def differentiable(self) -> tuple[torch.Tensor, ...]:
+        return (self.query, self.key, self.value)
+
+
+def make_input_sets(case: Case, device: torch.device, count: int, seed: int) -> list[InputSet]:
+    """`count` independent sets of standard-normal inputs (never zeros or constants)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+
+    def randn(*shape, dtype=case.dtype, grad=False):
+        tensor = torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+        return tensor.requires_grad_(grad)
+
+    sets = []
+    for _ in range(count):
+        q_shape = (case.batch, case.heads_q, case.seq_q, case.head_dim)
+        kv_shape = (case.batch, case.heads_kv, case.seq_kv, case.head_dim)
+        if case.mask == "key_padding":
+            mask = torch.ones(case.batch, 1, 1, case.seq_kv, dtype=torch.bool, device=device)
+            mask[..., case.seq_kv - case.padded_keys :] = False
+        elif case.mask == "bias":
+            mask = randn(1, case.heads_q, case.seq_q, case.seq_kv)
+        else:
+            mask = None
+        sets.append(
+            InputSet(
+                query=randn(*q_shape, grad=case.backward),
+                key=randn(*kv_shape, grad=case.backward),
+                value=randn(*kv_shape, grad=case.backward),
+                mask=mask,
+                grad_out=randn(*q_shape) if case.backward else None,
+            )
+        )
+    return sets

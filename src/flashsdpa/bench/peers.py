@@ -1,0 +1,221 @@
+"""How each implementation is run on a case: flashsdpa and its peers.
+
+- flashsdpa: `flashsdpa.attention`, backend chosen automatically (Triton on
+  CUDA, tiled on CPU); which one ran is recorded from `flashsdpa.stats()`.
+  flashsdpa-tf32 is the same with `fp32_precision="tf32"` (fp32 group only).
+- cudnn, flash, efficient, math: `torch.nn.functional.scaled_dot_product_attention`
+  with one backend pinned through `torch.nn.attention.sdpa_kernel`. A backend
+  that refuses a case ("No available kernel") is recorded as n/a with torch's
+  reason. math materialises the (B, H, L, S) scores, so it is skipped, with
+  the reason, when they would take more than MATH_SCORE_LIMIT_BYTES.
+- flex: FlexAttention through `torch.compile(flex_attention)`, causal through a
+  block mask made once per shape outside the timed region. "static" compiles
+  every shape (dynamic=False: the fastest kernels, a compile per shape);
+  "dynamic" compiles once per dtype/head dim/causality with symbolic sizes.
+
+Every peer's `prepare` does its per-shape set-up (outside the timed region) and
+returns the forward to time; `context` is entered around every call of it.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flashsdpa.bench.cases import Case, InputSet
+
+MATH_SCORE_LIMIT_BYTES = 8 * 10**9  # ~8 GB of scores: past this, math is skipped
+FLEX_MODES = ("static", "dynamic", "off")
+
+Forward = Callable[[InputSet], torch.Tensor]
+
+
+class Peer(abc.ABC):
+    name: str
+
+    def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
+        """Reasons to skip this peer on this case without trying it (empty: try it)."""
+        return []
+
+    @abc.abstractmethod
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        """Per-shape set-up (untimed); returns the forward to time."""
+
+    def context(self):
+        """Entered around every call of the forward and its backward."""
+        return contextlib.nullcontext()
+
+    def notes(self) -> dict:
+        """Anything to record about the last case this peer ran."""
+        return {}
+
+
+class FlashSdpaPeer(Peer):
+    def __init__(self, name: str = "flashsdpa", fp32_precision: str = "ieee"):
+        self.name = name
+        self.fp32_precision = fp32_precision
+
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        import flashsdpa
+
+        flashsdpa.reset_stats()
+
+        def forward(inputs: InputSet) -> torch.Tensor:
+            return flashsdpa.attention(
+                inputs.query,
+                inputs.key,
+                inputs.value,
+                causal=case.causal,
+                attn_mask=inputs.mask,
+                enable_gqa=case.gqa,
+                fp32_precision=self.fp32_precision,
+            )
+
+        return forward
+
+    def notes(self) -> dict:
+        import flashsdpa
+
+        stats = flashsdpa.stats()
+        calls = stats.get("calls", {})
+        backend = max(calls, key=calls.get) if calls else None
+        note = {"backend": backend, "backend_calls": calls}
+        if stats.get("fallbacks"):
+            note["fallbacks"] = stats["fallbacks"]
+        return note
+
+
+class TorchSdpaPeer(Peer):
+    def __init__(self, name: str, backend_name: str):
+        self.name = name
+        self.backend_name = backend_name  # an attribute of torch.nn.attention.SDPBackend
+
+    def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
+        if self.backend_name == "MATH" and case.score_bytes > MATH_SCORE_LIMIT_BYTES:
+            return [
+                f"math would materialise {case.score_bytes / 1e9:.1f} GB of (B, H, L, S) scores "
+                f"(limit {MATH_SCORE_LIMIT_BYTES / 1e9:.0f} GB)"
+            ]
+        return []
+
+    def context(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, self.backend_name))
+
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        def forward(inputs: InputSet) -> torch.Tensor:
+            return F.scaled_dot_product_attention(
+                inputs.query,
+                inputs.key,
+                inputs.value,
+                attn_mask=inputs.mask,
+                is_causal=case.causal,
+                enable_gqa=case.gqa,
+            )
+
+        return forward
+
+
+def causal_mask_mod(batch, head, query_index, key_index):
+    """Top-left aligned causal visibility, as FlexAttention mask_mod."""
+    return query_index >= key_index
+
+
+def raise_recompile_limit(limit: int = 100_000) -> None:
+    """Let every shape compile (dynamo falls back to eager past its limit)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+
+
+class FlexPeer(Peer):
+    name = "flex"
+
+    def __init__(self, mode: str = "static"):
+        if mode not in FLEX_MODES:
+            raise ValueError(f"flex mode must be one of {FLEX_MODES}, got {mode!r}")
+        self.mode = mode
+        self._compiled = None
+
+    def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
+        reasons = []
+        if self.mode == "off":
+            reasons.append("FlexAttention turned off (--flex off)")
+        if device.type != "cuda":
+            reasons.append("FlexAttention is benchmarked compiled on CUDA only")
+        if case.mask != "none":
+            reasons.append("FlexAttention is benchmarked without attn_mask only")
+        return reasons
+
+    def compiled(self):
+        if self._compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            raise_recompile_limit()
+            self._compiled = torch.compile(flex_attention, dynamic=(self.mode == "dynamic"))
+        return self._compiled
+
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        flex = self.compiled()
+        block_mask = None
+        if case.causal:
+            block_mask = create_block_mask(
+                causal_mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
+            )
+        extra = {"enable_gqa": True} if case.gqa else {}
+
+        def forward(inputs: InputSet) -> torch.Tensor:
+            return flex(inputs.query, inputs.key, inputs.value, block_mask=block_mask, **extra)
+
+        return forward
+
+    def notes(self) -> dict:
+        return {"compile": self.mode}
+
+
+def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
+    peers: list[Peer] = [
+        FlashSdpaPeer(),
+        FlashSdpaPeer("flashsdpa-tf32", fp32_precision="tf32"),
+        TorchSdpaPeer("cudnn", "CUDNN_ATTENTION"),
+        TorchSdpaPeer("flash", "FLASH_ATTENTION"),
+        TorchSdpaPeer("efficient", "EFFICIENT_ATTENTION"),
+        TorchSdpaPeer("math", "MATH"),
+        FlexPeer(flex_mode),
+    ]
+    return {peer.name: peer for peer in peers}
+
+
+@contextlib.contextmanager
+def recording_warnings():
+    """Collects the warnings raised inside (torch explains a refused backend in them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def failure_reason(error: BaseException, caught: list | None = None, limit: int = 400) -> str:
+    """One readable line: the error's first line, then torch's warnings about it."""
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
+    seen = []
+    for record in caught or []:
+        if issubclass(record.category, (DeprecationWarning, FutureWarning)) or "deprecated" in str(record.message):
+            continue  # unrelated noise, not why a kernel was refused
+        text = " ".join(str(record.message).split())
+        if text and text not in seen:
+            seen.append(text)
+    if seen:
+        reason += " | " + " | ".join(seen)
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."

@@ -1,0 +1,258 @@
+"""`flashsdpa bench` on CPU: the tiny smoke matrix runs every code path in seconds."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from flashsdpa.bench import cases as case_matrix
+from flashsdpa.bench import main, report
+from flashsdpa.bench.estimate import Estimator
+from flashsdpa.bench.peers import Peer
+from flashsdpa.bench.runner import run_peer
+from flashsdpa.bench.timing import CPU_SETTINGS, CUDA_SETTINGS, Timer, quantile
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny problems on a shared 2-core machine: several threads per op only contend.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def has_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def load(out) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def check_outputs(out, document):
+    assert (out / "results.md").read_text().startswith("# flashsdpa bench")
+    if has_matplotlib():
+        assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC
+    meta = document["meta"]
+    for key in ("date", "torch", "device", "device_name", "timing", "conventions"):
+        assert meta.get(key) is not None, key
+
+
+def test_quick_cpu_run_writes_rows_for_flashsdpa_and_math(tmp_path, one_thread):
+    assert main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    document = load(tmp_path)
+    check_outputs(tmp_path, document)
+    cases = document["cases"]
+    assert [c["group"] for c in cases] == ["main", "main"]
+    assert {c["causal"] for c in cases} == {False, True}
+    for case in cases:
+        assert case["status"] == "ran"
+        for mode in ("fwd", "bwd"):
+            for peer in ("flashsdpa", "math"):
+                entry = case["peers"][peer][mode]
+                assert entry["status"] == "ok", (peer, mode, entry)
+                assert entry["ms"] > 0 and entry["tflops"] > 0
+            assert case["ratios"]["math"][mode] > 0
+        assert case["peers"]["flashsdpa"]["notes"]["backend"] == "tiled"
+        assert case["peers"]["flashsdpa"]["first_call_s"]["fwd"] > 0
+        verdict = case["check"]["flashsdpa"]
+        assert verdict["ok"] and verdict["reference"] in ("flash", "math")
+        assert set(verdict["rel_err_vs"]["math"]) == {"out", "dq", "dk", "dv"}
+        # CUDA-only peers are recorded as n/a with a reason, never a crash.
+        for peer in ("cudnn", "efficient", "flex"):
+            assert case["peers"][peer]["fwd"]["status"] == "n/a"
+            assert case["peers"][peer]["fwd"]["reason"]
+
+
+def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
+    assert main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    document = load(tmp_path)
+    check_outputs(tmp_path, document)
+    by_group = {}
+    for case in document["cases"]:
+        by_group.setdefault(case["group"], []).append(case)
+    assert set(by_group) == {"main", "mask", "fp32", "decode"}
+    assert {c["mask"] for c in by_group["mask"]} == {"key_padding", "bias"}
+    fp32 = by_group["fp32"][0]
+    assert fp32["peers"]["flashsdpa-tf32"]["fwd"]["status"] == "ok"
+    assert fp32["check"]["flashsdpa"]["max_rel_err"] < 1e-4
+    decode = by_group["decode"][0]
+    assert decode["modes"] == ["fwd"] and decode["enable_gqa"]
+    assert decode["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0
+    assert decode["ratios"]["math"]["fwd"] > 0
+    for case in document["cases"]:
+        assert case["check"]["flashsdpa"]["ok"], case["name"]
+    markdown = (tmp_path / "results.md").read_text()
+    for group in ("## main", "## mask", "## fp32", "## decode", "n/a:", "geometric mean"):
+        assert group in markdown
+
+
+def test_time_budget_skips_cases_with_a_reason(tmp_path, one_thread, capsys):
+    assert main(["--device", "cpu", "--quick", "--budget-s", "1e-6", "--out", str(tmp_path)]) == 0
+    document = load(tmp_path)
+    assert [c["status"] for c in document["cases"]] == ["skipped", "skipped"]
+    assert "time budget" in document["cases"][0]["reason"]
+    assert "--cases main/bf16-" in capsys.readouterr().out
+
+
+def test_from_json_merges_runs(tmp_path, one_thread):
+    first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert main(["--device", "cpu", "--quick", "--cases", "causal", "--out", str(first)]) == 0
+    assert main(["--device", "cpu", "--cases", "decode", "--out", str(second)]) == 0
+    arguments = ["--from-json", str(first / "results.json"), str(second / "results.json"), "--out", str(merged)]
+    assert main(arguments) == 0
+    document = load(merged)
+    assert [c["group"] for c in document["cases"]] == ["main", "decode"]
+    assert len(document["meta"]["merged_from"]) == 2
+    check_outputs(merged, document)
+
+
+def test_model_benchmark_is_reported(tmp_path, monkeypatch):
+    calls = []
+
+    def run_model_bench(device, dtype):
+        calls.append((device, dtype))
+        return {"torch_sdpa_step_ms": 2.0, "flashsdpa_step_ms": 1.0, "ratio": 2.0}
+
+    try:
+        importlib.import_module("flashsdpa.integrations")
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "flashsdpa.integrations", types.ModuleType("flashsdpa.integrations"))
+    fake = types.ModuleType("flashsdpa.integrations.model_bench")
+    fake.run_model_bench = run_model_bench
+    monkeypatch.setitem(sys.modules, "flashsdpa.integrations.model_bench", fake)
+    assert main(["--device", "cpu", "--cases", "none", "--model", "--out", str(tmp_path)]) == 0
+    document = load(tmp_path)
+    assert calls == [(torch.device("cpu"), torch.bfloat16)]
+    assert document["model"]["status"] == "ok" and document["model"]["ratio"] == 2.0
+    assert document["cases"] == []
+
+
+def test_plan_needs_no_gpu(capsys):
+    assert main(["--plan", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "4 case(s) on cuda, flex static" in out
+    assert "main/bf16-d128-L16384-causal" in out
+
+
+def test_matrix_shapes_and_selection():
+    full = case_matrix.full_cases()
+    names = [c.name for c in full]
+    assert len(names) == len(set(names)) == 72 + 2 + 1 + 4
+    assert [c.name for c in case_matrix.quick_cases()] == [
+        "main/bf16-d128-L4096",
+        "main/bf16-d128-L16384-causal",
+        "main/bf16-d64-L4096",
+        "main/bf16-d128-L1024",
+    ]
+    for case in full:
+        if case.group == "main":
+            assert case.batch * case.seq_q == 16384 and case.heads_q * case.head_dim == 2048
+    causal = next(c for c in full if c.name == "main/bf16-d128-L4096-causal")
+    dense = next(c for c in full if c.name == "main/bf16-d128-L4096")
+    assert dense.flops("fwd") == 4 * 4 * 16 * 4096 * 4096 * 128
+    assert dense.flops("bwd") == 2.5 * dense.flops("fwd")
+    assert causal.flops("fwd") == pytest.approx(dense.flops("fwd") / 2, rel=1e-3)
+    decode = [c for c in full if c.group == "decode"]
+    assert decode[0].kv_bytes == 2 * 16 * 8 * 4096 * 128 * 2
+    assert [c.name for c in case_matrix.select(full, "main/fp16-d256-*-causal")] == [
+        f"main/fp16-d256-L{n}-causal" for n in case_matrix.MAIN_SEQ_LENS
+    ]
+    assert len(case_matrix.select(full, "decode,mask")) == 6
+    assert case_matrix.select(full, "none") == []
+
+
+def test_estimates_fit_the_lent_gpu_call():
+    quick = Estimator(CUDA_SETTINGS, "cuda", "static")
+    assert sum(quick.estimate(c) for c in case_matrix.quick_cases()) < 180
+    full = Estimator(CUDA_SETTINGS, "cuda", "dynamic")
+    assert sum(full.estimate(c) for c in case_matrix.full_cases()) < 660
+
+
+def test_timer_on_cpu():
+    timer = Timer(torch.device("cpu"), CPU_SETTINGS)
+    counter = []
+    measurement = timer.measure([lambda: counter.append(0), lambda: counter.append(1)])
+    assert CPU_SETTINGS.min_reps <= measurement.reps <= CPU_SETTINGS.max_reps
+    assert 0 <= measurement.min_ms <= measurement.median_ms
+    assert set(counter) == {0, 1}  # both input sets were used
+    assert quantile([1.0, 2.0, 3.0], 0.5) == 2.0
+
+
+def test_report_of_a_full_matrix_document():
+    """The tables and summary over every case name of the real matrix (synthetic numbers)."""
+    cases = []
+    for index, case in enumerate(case_matrix.full_cases()):
+        entry = case.describe()
+        if index % 10 == 9:
+            entry.update(status="skipped", reason="time budget", peers={}, ratios={}, check={})
+        else:
+            peers = {
+                name: {mode: {"status": "ok", "ms": 1.0 + i, "tflops": 100.0 / (1 + i), "kv_tbps": 1.0}
+                       for mode in case.modes}
+                for i, name in enumerate(case.peers)
+            }
+            peers["flash"] = {mode: {"status": "n/a", "reason": "No available kernel"} for mode in case.modes}
+            ratios = {name: {mode: 1.0 + i for mode in case.modes} for i, name in enumerate(case.peers) if i}
+            check = {"flashsdpa": {"reference": "cudnn", "tolerance": 2e-2, "max_rel_err": 3e-3, "ok": True,
+                                   "rel_err_vs": {"cudnn": {"out": 3e-3}}}}
+            entry.update(status="ran", peers=peers, ratios=ratios, check=check)
+        cases.append(entry)
+    document = {"schema": 1, "meta": {"date": "2026-11-25T00:00:00+00:00", "device": "cuda", "device_name": "H100",
+                                      "torch": "2.11", "flashsdpa": "0.1.0"}, "cases": cases, "model": None}
+    markdown = report.markdown(document)
+    assert markdown.count("| bf16 d=128 L=4096 |") == 2  # fwd and bwd rows
+    assert "flash: No available kernel" in markdown
+    assert "skipped: time budget" in markdown
+    assert report.failures(document) == []
+    assert any("cudnn 2.00x" in line for line in report.summary_lines(document))
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query):
+        return query.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+
+class _ForwardOnlyPeer(Peer):
+    name = "forward-only"
+
+    def prepare(self, case, device):
+        return lambda inputs: _NoBackward.apply(inputs.query)
+
+
+class _RefusingPeer(Peer):
+    name = "refusing"
+
+    def prepare(self, case, device):
+        def forward(inputs):
+            warnings.warn("Flash attention does not support this input")
+            raise RuntimeError("No available kernel. Aborting execution.")
+
+        return forward
+
+
+def test_a_refusing_peer_is_recorded_with_its_reason():
+    case = case_matrix.cpu_smoke_cases(quick=True)[0]
+    sets = case_matrix.make_input_sets(case, torch.device("cpu"), 1, seed=0)
+    timer = Timer(torch.device("cpu"), CPU_SETTINGS)
+    half = run_peer(_ForwardOnlyPeer(), case, sets, timer, torch.device("cpu"))
+    assert half.modes["fwd"]["status"] == "ok" and half.modes["fwd"]["tflops"] > 0
+    assert half.modes["bwd"] == {"status": "n/a", "reason": "RuntimeError: No available kernel. Aborting execution."}
+    refused = run_peer(_RefusingPeer(), case, sets, timer, torch.device("cpu"))
+    for mode in ("fwd", "bwd"):
+        assert refused.modes[mode]["status"] == "n/a"
+        assert "does not support this input" in refused.modes[mode]["reason"]
