@@ -4,6 +4,7 @@ from flashsdpa.api import attention, scaled_dot_product_attention
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dispatch import UnsupportedError, reset_stats, stats, use_backend
+from flashsdpa.integrations.sdpa import disable, enable, sdpa
 
 __version__ = "0.1.0"
 
@@ -20,8 +21,11 @@ __all__ = [
     "UnsupportedError",
     "attention",
     "cache_info",
+    "disable",
+    "enable",
     "reset_stats",
     "scaled_dot_product_attention",
+    "sdpa",
     "stats",
     "use_backend",
 ]

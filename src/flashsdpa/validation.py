@@ -29,7 +29,11 @@ class Canonical:
 
 
 def _shapes(**tensors) -> str:
-    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
+    return ", ".join(
+        f"{name} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+        for name, t in tensors.items()
+        if t is not None
+    )
 
 
 def _check_tensor(name: str, t) -> None:
@@ -65,26 +69,28 @@ def check_options(dropout_p, is_causal, scale) -> None:
 def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) -> Canonical:
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
-    shapes = _shapes(query=query, key=key, value=value, attn_mask=attn_mask)
+    def shapes() -> str:  # built only when raising: dynamo cannot trace it with dynamic shapes
+        return _shapes(query=query, key=key, value=value, attn_mask=attn_mask)
+
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(
-            f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype} ({shapes})"
+            f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype} ({shapes()})"
         )
     if not query.device == key.device == value.device:
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must have the same head dim (last dim), got {shapes}")
+        raise ValueError(f"query and key must have the same head dim (last dim), got {shapes()}")
     if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must have the same sequence length (dim -2), got {shapes}")
+        raise ValueError(f"key and value must have the same sequence length (dim -2), got {shapes()}")
 
     ndim = max(query.dim(), key.dim(), value.dim(), 3)
     q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
     heads_q, heads_k, heads_v = q.shape[-3], k.shape[-3], v.shape[-3]
     if heads_k != heads_v:
         if heads_k != 1 and heads_v != 1:
-            raise ValueError(f"key and value must have the same number of heads (dim -3), got {shapes}")
+            raise ValueError(f"key and value must have the same number of heads (dim -3), got {shapes()}")
         heads_k = max(heads_k, heads_v)
     if heads_q == heads_k or heads_k == 1 and not enable_gqa:
         heads_kv = heads_q = max(heads_q, heads_k)  # plain broadcasting of a single head
@@ -95,17 +101,17 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
     elif enable_gqa:
         raise ValueError(
             f"enable_gqa=True needs the query heads ({heads_q}) to be a multiple of the key/value heads "
-            f"({heads_k}); got {shapes}"
+            f"({heads_k}); got {shapes()}"
         )
     else:
         raise ValueError(
             f"query heads ({heads_q}) and key/value heads ({heads_k}) differ (dim -3): pass enable_gqa=True "
-            f"for grouped-query attention; got {shapes}"
+            f"for grouped-query attention; got {shapes()}"
         )
     try:
         batch_shape = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     except RuntimeError:
-        raise ValueError(f"the leading (batch) dims of query, key and value do not broadcast: {shapes}") from None
+        raise ValueError(f"the leading (batch) dims of query, key and value do not broadcast: {shapes()}") from None
 
     seq_q, seq_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     q = q.expand(*batch_shape, heads_q, seq_q, head_dim)
@@ -146,7 +152,7 @@ def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes)
         broadcast = None
     if broadcast != torch.Size(score_shape):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' shape "
-                         f"{score_shape} (L = query dim -2, S = key dim -2); got {shapes}")
+                         f"{score_shape} (L = query dim -2, S = key dim -2); got {shapes()}")
     return attn_mask.expand(score_shape)
 
 

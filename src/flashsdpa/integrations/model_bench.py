@@ -1,0 +1,155 @@
+"""A whole-model benchmark: one training step of a Llama-like model, torch SDPA vs flashsdpa.
+
+The model is built from a `LlamaConfig` with random weights (nothing is
+downloaded): `layers` decoder layers of width `width`, head dim 128, grouped-
+query attention with 4 query heads per key/value head, SwiGLU MLP of width
+8/3 x `width` rounded up to a multiple of 256, a 32000-token vocabulary. One
+step is forward + causal-LM loss + backward on `batch` sequences of `seq`
+tokens. Both runs use the same model and inputs and transformers' "sdpa"
+attention; only the `F.scaled_dot_product_attention` call differs (torch's,
+or flashsdpa's through `flashsdpa.sdpa()`).
+
+Timing: on CUDA, CUDA events around each step, the median of `steps` steps
+after `warmup` steps; elsewhere, wall-clock time of the same steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+import flashsdpa
+
+HEAD_DIM = 128
+QUERY_HEADS_PER_KV_HEAD = 4
+VOCAB_SIZE = 32000
+
+
+def llama_config(layers: int, width: int, seq: int, vocab_size: int = VOCAB_SIZE):
+    """A Llama-like config of the given depth and width (width a multiple of 128)."""
+    from transformers import LlamaConfig
+
+    if width % HEAD_DIM:
+        raise ValueError(f"width must be a multiple of the head dim {HEAD_DIM}, got {width}")
+    heads = width // HEAD_DIM
+    kv_heads = max(1, heads // QUERY_HEADS_PER_KV_HEAD)
+    while heads % kv_heads:
+        kv_heads -= 1
+    intermediate = -(-(width * 8 // 3) // 256) * 256
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=max(seq, 128),
+    )
+
+
+def _time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Milliseconds of each of `steps` calls of `step()` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def run_model_bench(
+    device,
+    dtype,
+    layers: int = 8,
+    width: int = 2048,
+    seq: int = 4096,
+    batch: int = 1,
+    *,
+    warmup: int = 3,
+    steps: int = 10,
+    vocab_size: int = VOCAB_SIZE,
+    seed: int = 0,
+) -> dict:
+    """Time one forward+backward step with torch's SDPA and with flashsdpa.
+
+    Returns a dict: the problem (device, gpu name, dtype, layers, width, heads,
+    kv_heads, seq, batch), `torch_ms` and `flashsdpa_ms` (median step times),
+    their spreads (`*_min_ms`, `*_max_ms`), `speedup` = torch_ms / flashsdpa_ms,
+    `loss_rel_diff` (the two first-step losses' relative difference, a sanity
+    check), and `flashsdpa_stats` (flashsdpa's call and fallback counts over
+    its steps; every attention call should have run on a flashsdpa backend).
+    """
+    from transformers import LlamaForCausalLM
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    config = llama_config(layers, width, seq, vocab_size)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    if model.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"expected transformers' sdpa attention, got {model.config._attn_implementation!r}")
+    model.train()  # attention dropout is 0 in LlamaConfig: the step is deterministic
+    input_ids = torch.randint(0, vocab_size, (batch, seq), device=device)
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss.detach()
+
+    torch_loss = step()
+    torch_times = _time_steps(step, device, warmup, steps)
+
+    stats_before = flashsdpa.stats()
+    with flashsdpa.sdpa():
+        flashsdpa_loss = step()
+        flashsdpa_times = _time_steps(step, device, warmup, steps)
+    flashsdpa_stats = _stats_since(stats_before)
+
+    torch_ms = statistics.median(torch_times)
+    flashsdpa_ms = statistics.median(flashsdpa_times)
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers": layers,
+        "width": width,
+        "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "seq": seq,
+        "batch": batch,
+        "steps": steps,
+        "torch_ms": torch_ms,
+        "torch_min_ms": min(torch_times),
+        "torch_max_ms": max(torch_times),
+        "flashsdpa_ms": flashsdpa_ms,
+        "flashsdpa_min_ms": min(flashsdpa_times),
+        "flashsdpa_max_ms": max(flashsdpa_times),
+        "speedup": torch_ms / flashsdpa_ms,
+        "loss_rel_diff": abs(float(flashsdpa_loss) - float(torch_loss)) / abs(float(torch_loss)),
+        "flashsdpa_stats": flashsdpa_stats,
+    }
+
+
+def _stats_since(before: dict) -> dict:
+    """flashsdpa.stats() counts added since `before` (the caller's counts are left as they are)."""
+    after = flashsdpa.stats()
+    return {
+        kind: {key: n - before[kind].get(key, 0) for key, n in counts.items() if n != before[kind].get(key, 0)}
+        for kind, counts in after.items()
+    }

@@ -1,0 +1,353 @@
+"""Route `torch.nn.functional.scaled_dot_product_attention` through flashsdpa.
+
+    flashsdpa.enable()              # process-wide, until flashsdpa.disable()
+    with flashsdpa.sdpa():          # this thread, for the block
+        model(x)
+
+What is patched: the attribute `torch.nn.functional.scaled_dot_product_attention`.
+Every caller that looks it up when it calls is covered: `F.scaled_dot_product_attention(...)`
+in user code, transformers and diffusers, and `F.multi_head_attention_forward`
+(used by `nn.MultiheadAttention`, hence `nn.TransformerEncoderLayer` and
+`nn.TransformerDecoderLayer`), which calls the name `scaled_dot_product_attention`
+from torch.nn.functional's module globals, the same attribute. Not covered:
+`torch._C._nn.scaled_dot_product_attention` called directly, a reference taken
+before the patch (`from torch.nn.functional import scaled_dot_product_attention`
+at import time), `nn.MultiheadAttention` with `need_weights=True` (it does not
+call SDPA) and the fused inference fast path of `nn.MultiheadAttention` /
+`nn.TransformerEncoderLayer` (eval mode without grad: a native kernel, no SDPA call).
+
+Which calls run on flashsdpa: a call whose arguments flashsdpa supports. Any
+other call goes to the function the patch replaced (torch's own) with the same
+arguments, so it gives torch's result or raises torch's error, and the reason
+is counted in `flashsdpa.stats()["fallbacks"]`; `stats()["calls"]["torch"]`
+counts those calls, next to the flashsdpa backends' counts. In strict mode
+(`enable(strict=True)`, `sdpa(strict=True)`, or `FLASHSDPA_STRICT=1` in the
+environment when they are called) such a call raises `flashsdpa.UnsupportedError`
+with the reasons instead. Differences that remain on calls flashsdpa runs:
+dropout draws a different (equally distributed) random pattern than torch, and
+double backward (`create_graph=True` through attention) is not supported.
+`torch.nn.attention.sdpa_kernel(...)` chooses among torch's own kernels and
+does not turn flashsdpa off: use `sdpa(enabled=False)` for that.
+
+On/off semantics:
+* `enable(strict=None)` / `disable()` set the process-wide default. They are
+  idempotent switches, not counted: enabling twice is enabling once, and one
+  `disable()` turns the default off.
+* `with sdpa(enabled=True, strict=None):` overrides the default in the current
+  thread only, for the duration of the block, and restores what the thread had
+  before in `finally` (also on an exception). Blocks nest; the innermost wins.
+  Inside a block, `disable()` changes the default (for other threads, and for
+  this one once its blocks have exited) but not the block: to switch flashsdpa
+  off within a block, nest `with sdpa(enabled=False):`.
+* The attribute is patched while the default is on or any thread is inside a
+  block, and restored to the original when neither holds (under a lock, so
+  concurrent enable/disable/blocks from several threads are safe). The per-call
+  decision reads a `threading.local` (not a ContextVar, which dynamo cannot
+  trace), so a thread without a block follows the default and does not see
+  another thread's block, with one exception: a backward pass. On CUDA,
+  autograd runs backward passes in threads of its own, and activation
+  checkpointing recomputes the forward there; the recomputation must take the
+  same path as the forward (torch.utils.checkpoint raises otherwise). So a
+  thread running a backward pass, with no block of its own, follows the most
+  recently entered block still open in any thread. Keep the backward of a
+  checkpointed model inside the block (or between enable() and disable()) that
+  its forward ran in.
+
+torch.compile: the patched function and the support check are traceable, so a
+model compiled under `enable()` or called inside a block traces flashsdpa's
+custom ops with `fullgraph=True` (enter blocks outside compiled code: their
+lock is not traceable). Dynamo guards on the patched attribute and on the
+switch, so enabling or disabling later recompiles rather than reusing a stale
+graph. In compiled code the decision is made once, at trace time: calls that
+run on flashsdpa are still counted per run (inside the op), fallbacks are not
+counted, and a strict-mode refusal is raised while tracing (with
+`fullgraph=True` dynamo reports it as its own error, pointing at the raise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashsdpa import api, dispatch
+from flashsdpa.dispatch import UnsupportedError
+from flashsdpa.validation import canonicalize, check_options, describe
+
+STRICT_ENV = "FLASHSDPA_STRICT"
+TORCH = "torch"  # the name fallbacks are counted under in stats()["calls"]
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def strict_from_env() -> bool:
+    """True when FLASHSDPA_STRICT is set to anything but "" or "0"."""
+    return os.environ.get(STRICT_ENV, "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Whether SDPA calls go through flashsdpa, and whether an unsupported one raises instead of falling back."""
+
+    enabled: bool
+    strict: bool
+
+
+_OFF = Mode(enabled=False, strict=False)
+_process_mode = _OFF  # set by enable()/disable(), replaced whole (never mutated)
+_thread = threading.local()  # .mode: the innermost sdpa() block's Mode in this thread
+
+
+def current_mode() -> Mode:
+    """The Mode in force for a call made now from this thread."""
+    mode = getattr(_thread, "mode", None)
+    if mode is not None:
+        return mode
+    if not torch.compiler.is_compiling() and _patch.open_blocks and torch._C._current_graph_task_id() != -1:
+        return _patch.open_blocks[-1][1]  # a backward pass, maybe in autograd's own thread: see above
+    return _process_mode
+
+
+# ---- the support check ------------------------------------------------------
+
+
+def _tensor_reasons(name: str, t) -> list[str]:
+    if t is None and name == "attn_mask":
+        return []
+    if not isinstance(t, torch.Tensor):
+        return [f"{name} is a {type(t).__name__}, not a tensor"]
+    if type(t) not in _PLAIN_TENSOR_TYPES:
+        return [f"{name} is a {type(t).__name__} (tensor subclasses are left to torch)"]
+    if t.is_nested:
+        return [f"{name} is a nested tensor"]
+    if t.layout != torch.strided:
+        return [f"{name} has layout {t.layout}"]
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return [f"{name} is under a torch.func transform (vmap, grad, jvp)"]
+    return []
+
+
+def _option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> list[str]:
+    """Arguments torch accepts (or rejects with its own error) that flashsdpa does not take."""
+    reasons = []
+    if not isinstance(enable_gqa, bool):
+        reasons.append(f"enable_gqa {enable_gqa!r} is not a bool")
+    if attn_mask is not None and is_causal is True:
+        # torch's math/CUDA kernels raise, its CPU flash kernel applies both: leave it to torch.
+        reasons.append("attn_mask together with is_causal=True is left to torch")
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() < 2:
+        reasons.append(f"attn_mask with {attn_mask.dim()} dims is not supported (needs (..., L, S))")
+    if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and dropout_p >= 1.0:
+        reasons.append(f"dropout_p {dropout_p} is not supported (must be below 1)")
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool) and not math.isfinite(scale):
+        reasons.append(f"scale {scale} is not supported (must be finite)")
+    return reasons
+
+
+def _backend_reasons(desc, device: torch.device) -> list[str]:
+    """What `dispatch.choose_backend` would decide, without recording fallbacks (the op records them
+    when it runs). A `use_backend` pin is an explicit request: it is left to fail loudly in the op."""
+    if not torch.compiler.is_compiling() and dispatch.pinned_backend() is not None:
+        return []
+    reasons = []
+    for name in dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER):
+        backend_reasons = dispatch.BACKENDS[name].unsupported_reasons(desc, device)
+        if not backend_reasons:
+            return []
+        reasons.extend(f"{name}: {reason}" for reason in backend_reasons)
+    return reasons
+
+
+def unsupported_reasons(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> list[str]:
+    """Why flashsdpa would not run this `scaled_dot_product_attention` call; empty if it would.
+
+    Runs no kernel. Invalid arguments (for flashsdpa, and mostly for torch too)
+    give the validation message as the reason.
+    """
+    reasons = []
+    for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
+        reasons.extend(_tensor_reasons(name, t))
+    reasons.extend(_option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa))
+    if reasons:
+        return reasons
+    if isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor):
+        allowed = (torch.bool, torch.float32, query.dtype)
+        if attn_mask.dtype not in allowed:
+            return [f"attn_mask dtype {str(attn_mask.dtype).removeprefix('torch.')} is not supported"]
+    try:
+        check_options(dropout_p, is_causal, scale)
+        canon = canonicalize(query, key, value, attn_mask, enable_gqa)
+    except Exception as error:  # noqa: BLE001 - whatever flashsdpa rejects goes to torch, which decides
+        return [f"invalid arguments: {error}"]
+    desc = describe(canon.query, canon.key, canon.value, canon.mask, causal=is_causal, dropout_p=dropout_p, scale=scale)
+    return _backend_reasons(desc, canon.query.device)
+
+
+# ---- one call -----------------------------------------------------------------
+
+
+def _fall_back(reasons: list[str], strict: bool) -> None:
+    if strict:
+        raise UnsupportedError(
+            "flashsdpa cannot run this scaled_dot_product_attention call (strict mode, no fallback to torch): "
+            + "; ".join(reasons),
+            reasons,
+        )
+    if not torch.compiler.is_compiling():  # the stats lock cannot be traced
+        dispatch.record_call(TORCH)
+        for reason in reasons:
+            dispatch.record_fallback(reason)
+
+
+def torch_sdpa():
+    """The SDPA function flashsdpa falls back to: the one the patch replaced, else the current one."""
+    return _patch.original if _patch.original is not None else F.scaled_dot_product_attention
+
+
+def _route(arguments: tuple, strict: bool, torch_call):
+    """Run `arguments` (torch's SDPA arguments, in order) on flashsdpa, else `torch_call()`."""
+    reasons = unsupported_reasons(*arguments)
+    if reasons:
+        _fall_back(reasons, strict)
+        return torch_call()
+    return api.scaled_dot_product_attention(*arguments)
+
+
+def route(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    strict: bool = False,
+):
+    """One SDPA call: on flashsdpa if it supports the arguments, else on torch (or raise if `strict`)."""
+    arguments = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _route(
+        arguments,
+        strict,
+        lambda: torch_sdpa()(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa),
+    )
+
+
+def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    """torch's signature (scale and enable_gqa keyword-only), as a tuple."""
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+def scaled_dot_product_attention(*args, **kwargs):
+    mode = current_mode()
+    if not mode.enabled:
+        return torch_sdpa()(*args, **kwargs)
+    try:
+        arguments = _sdpa_arguments(*args, **kwargs)
+    except TypeError:  # a call torch rejects by its signature: let torch raise its own error
+        return torch_sdpa()(*args, **kwargs)
+    # A fallback passes torch the caller's own arguments, so its errors read exactly as without flashsdpa.
+    return _route(arguments, mode.strict, lambda: torch_sdpa()(*args, **kwargs))
+
+
+scaled_dot_product_attention.__doc__ = (
+    "torch.nn.functional.scaled_dot_product_attention, patched by flashsdpa (see flashsdpa.integrations.sdpa).\n\n"
+    + (F.scaled_dot_product_attention.__doc__ or "")
+)
+
+
+# ---- the patch ----------------------------------------------------------------
+
+
+class _Patch:
+    """The patched attribute, held while the default is on or any thread is in a block."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open_blocks: list[tuple[object, Mode]] = []  # (token, mode) of every thread's open blocks, by entry
+        self.original = None  # what the patch replaced, while patched
+
+    def update(self) -> None:
+        """(Un)patch to match the current holders; call with the lock held."""
+        wanted = _process_mode.enabled or bool(self.open_blocks)
+        installed = F.scaled_dot_product_attention is scaled_dot_product_attention
+        if wanted and not installed:
+            self.original = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+        elif not wanted and self.original is not None:
+            if installed:
+                F.scaled_dot_product_attention = self.original
+            else:
+                warnings.warn(
+                    "torch.nn.functional.scaled_dot_product_attention was replaced after flashsdpa patched it; "
+                    "flashsdpa leaves it as it is (its wrapper now passes every call to torch)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return  # keep `original`: a later wrapper may still call ours
+            self.original = None
+
+
+_patch = _Patch()
+
+
+def is_patched() -> bool:
+    return F.scaled_dot_product_attention is scaled_dot_product_attention
+
+
+def enable(strict: bool | None = None) -> None:
+    """Route every `F.scaled_dot_product_attention` call in the process through flashsdpa.
+
+    strict: raise `flashsdpa.UnsupportedError` for a call flashsdpa cannot run
+        instead of falling back to torch; None reads FLASHSDPA_STRICT now.
+    Idempotent; undone by `disable()`. See this module's docstring for threads and blocks.
+    """
+    global _process_mode
+    mode = Mode(enabled=True, strict=strict_from_env() if strict is None else bool(strict))
+    with _patch.lock:
+        _process_mode = mode
+        _patch.update()
+
+
+def disable() -> None:
+    """Turn the process-wide default off; the original function is restored once no block is open."""
+    global _process_mode
+    with _patch.lock:
+        _process_mode = _OFF
+        _patch.update()
+
+
+def is_enabled() -> bool:
+    """Whether a call made now from this thread would be routed through flashsdpa."""
+    return current_mode().enabled
+
+
+@contextlib.contextmanager
+def sdpa(enabled: bool = True, *, strict: bool | None = None):
+    """Within the block, this thread's SDPA calls go through flashsdpa (or, enabled=False, to torch).
+
+    strict: as in `enable`; None reads FLASHSDPA_STRICT on entry.
+    """
+    mode = Mode(enabled=bool(enabled), strict=strict_from_env() if strict is None else bool(strict))
+    entry = (object(), mode)
+    with _patch.lock:
+        _patch.open_blocks.append(entry)
+        _patch.update()
+    previous = getattr(_thread, "mode", None)
+    _thread.mode = mode
+    try:
+        yield
+    finally:
+        _thread.mode = previous
+        with _patch.lock:
+            _patch.open_blocks = [block for block in _patch.open_blocks if block is not entry]
+            _patch.update()
