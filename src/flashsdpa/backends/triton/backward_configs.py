@@ -1,0 +1,188 @@
+"""Block shapes of the backward kernels, per kernel variant.
+
+Only `KernelKey` fields (and the GPU's compute capability) choose a shape, so
+one choice serves every sequence length, batch, head count and scale. The
+launcher asks for it once per key through `kernel_cache`.
+
+The sm90 tables are NOT yet timed. They were chosen by compiling every
+variant offline for sm_90 with Triton 3.6.0 (ptxas register and spill counts,
+Triton's shared-memory figure; no GPU involved) and keeping shapes that fit
+Hopper's shared memory with no or few register spills. Time them on the H100
+and record the measurements here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from flashsdpa.backends.triton.forward_configs import dot_precision, padded_head_dim, shared_memory_limit
+from flashsdpa.descriptor import KernelKey, MaskKind
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """One kernel's tile: `block_m` query rows by `block_n` key rows."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    preprocess_block_m: int  # rows of O and dO reduced by one preprocess program
+    dkdv: TileShape  # block_n keys owned by a program; block_m query rows per loop step
+    dq: TileShape  # block_m queries owned by a program; block_n keys per loop step
+    # tl.dot input_precision for float32 inputs (None for 16-bit inputs).
+    dot_precision: str | None
+    # bfloat16 under the Triton interpreter only: dots multiply float32
+    # operands (the interpreter cannot multiply bfloat16, triton#11584) and
+    # P / dS are rounded to bfloat16 by hand, to nearest even like the GPU
+    # (the interpreter's own float32 -> bfloat16 cast truncates).
+    widen_dot_operands: bool
+    # Rescale each row of P to sum to 1 and take delta = sum(P * dP) from the
+    # same arithmetic (an extra Q K^T and dO V^T pass in the dQ kernel):
+    # float32 inputs only, where the rounding of a float32 lse, |lse| * 6e-8,
+    # would otherwise dominate the gradients' error. 16-bit inputs round P
+    # and dS to 16 bits for the tensor cores, an error far larger, so they
+    # skip the pass (+2 GEMMs on 7).
+    renormalize_rows: bool
+
+
+# (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
+# E and Ev), for sm90. Figures per thread, over the variants (causal or not,
+# no mask / bool / float mask, dropout), from the offline sm_90 compiles.
+#
+# dK/dV program: K and V tiles stay in shared memory for the program's life
+# and Q/dO tiles stream through num_stages buffers; the two fp32
+# accumulators (block_n x d each) set the register budget, so block_n * d
+# shrinks as d grows. block_m 16 at d=128: 32 spills (24-280 bytes of stack
+# with causal, float mask or dropout).
+SM90_16BIT_DKDV = {
+    64: (32, 128, 8, 2),  # 48-52 KB smem, 185-255 registers; spills 16 B only with causal dropout
+    128: (16, 128, 8, 2),  # 80-84 KB, 218-255 registers; spills 8 B only with causal float mask
+    256: (16, 64, 8, 2),  # 96-98 KB; spills 0-24 B, 128-144 B with causal and a mask or dropout
+}
+# dQ program: Q, dO and one fp32 accumulator (block_m x d) stay; K/V stream.
+SM90_16BIT_DQ = {
+    64: (128, 64, 8, 2),  # 64-96 KB, 127-255 registers, no spill
+    128: (128, 32, 8, 2),  # 96-112 KB, 140-254 registers, no spill
+    256: (64, 32, 8, 2),  # 128-136 KB; spills 40 B only with causal and a mask
+}
+# float32 (tf32x3: three tensor-core products per dot, with split operands
+# held twice in shared memory and registers) is the accuracy path, not the
+# fast one: small tiles, and spills remain at d >= 128 with any dK/dV shape
+# tried. The dQ kernel's extra row pass (renormalize_rows) holds two more
+# score-sized tiles, hence its smaller tiles than the 16-bit ones.
+SM90_FP32_DKDV = {
+    64: (32, 64, 8, 2),  # 96-104 KB; spills 0-16 B, 120-384 B with causal and a mask or dropout
+    128: (16, 32, 4, 1),  # 80 KB; spills 240-376 B
+    256: (16, 16, 4, 1),  # 96 KB; spills 448-840 B
+}
+SM90_FP32_DQ = {
+    64: (64, 32, 4, 2),  # 96-104 KB; no spill (float mask 48-72 B)
+    128: (16, 32, 4, 1),  # 48 KB; no spill (32 x 32 spilled 1.2 KB)
+    256: (16, 16, 8, 1),  # 80 KB; spills 650-850 B (4 warps: 1.6-2.4 KB)
+}
+
+# Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
+SHARED_MEMORY_HEADROOM = 16 * 1024
+
+
+def backward_config(key: KernelKey, capability: tuple[int, int] | None) -> BackwardConfig:
+    """The shapes for `key` on a GPU of `capability` (None: the CPU interpreter)."""
+    if capability is None:
+        return interpreter_config(key)
+    return cuda_config(key, capability)
+
+
+def interpreter_config(key: KernelKey) -> BackwardConfig:
+    # Every program is run by numpy, so small tiles keep tests fast, and they
+    # make the short sequences used in tests span several blocks. block_m !=
+    # block_n in each kernel on purpose: the causal block arithmetic must not
+    # assume square tiles. 16 is tl.dot's minimum.
+    return BackwardConfig(
+        preprocess_block_m=16,
+        dkdv=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1),
+        dq=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1),
+        dot_precision=dot_precision(key),
+        widen_dot_operands=key.dtype == torch.bfloat16,
+        renormalize_rows=key.dtype == torch.float32,
+    )
+
+
+def cuda_config(key: KernelKey, capability: tuple[int, int]) -> BackwardConfig:
+    fp32 = key.dtype == torch.float32
+    table_key = max(64, padded_head_dim(key))
+    dkdv = TileShape(*(SM90_FP32_DKDV if fp32 else SM90_16BIT_DKDV)[table_key])
+    dq = TileShape(*(SM90_FP32_DQ if fp32 else SM90_16BIT_DQ)[table_key])
+    budget = shared_memory_limit(capability) - SHARED_MEMORY_HEADROOM
+    return BackwardConfig(
+        preprocess_block_m=preprocess_block_m(key),
+        dkdv=fit_shared_memory(dkdv, lambda tile: dkdv_shared_memory(key, tile), budget),
+        dq=fit_shared_memory(dq, lambda tile: dq_shared_memory(key, tile), budget),
+        dot_precision=dot_precision(key),
+        widen_dot_operands=False,
+        renormalize_rows=fp32,
+    )
+
+
+def preprocess_block_m(key: KernelKey) -> int:
+    # delta = rowsum(dO * O) is bandwidth bound: about 8K elements of each
+    # tensor per program keeps both tiles in registers at 4 warps (64 fp32
+    # values per thread per tensor) even at head dim 256.
+    return max(16, min(128, 8192 // key.block_head_dim_v))
+
+
+def dkdv_shared_memory(key: KernelKey, tile: TileShape) -> int:
+    """Bytes of the dK/dV kernel's operand tiles: K and V resident, Q and dO (and mask) per stage.
+
+    Without a mask this matches Triton's own figure for sm_90 compiles within
+    1 KB (masks are over-counted); float32 (tf32x3) keeps the resident tiles
+    twice (split operands).
+    """
+    width = key.block_head_dim + key.block_head_dim_v
+    resident = tile.block_n * width * _element_bytes(key) * (2 if key.dtype == torch.float32 else 1)
+    per_stage = tile.block_m * width * _element_bytes(key) + _mask_tile_bytes(key, tile)
+    return resident + tile.num_stages * per_stage
+
+
+def dq_shared_memory(key: KernelKey, tile: TileShape) -> int:
+    """Bytes of the dQ kernel's operand tiles: Q and dO resident, K and V (and mask) per stage."""
+    width = key.block_head_dim + key.block_head_dim_v
+    resident = tile.block_m * width * _element_bytes(key) * (2 if key.dtype == torch.float32 else 1)
+    per_stage = tile.block_n * width * _element_bytes(key) + _mask_tile_bytes(key, tile)
+    return resident + tile.num_stages * per_stage
+
+
+def fit_shared_memory(tile: TileShape, shared_memory, budget: int) -> TileShape:
+    """`tile`, with fewer stages, then smaller blocks, until shared_memory(tile) <= budget.
+
+    A no-op on sm90 for the tables above; it matters on GPUs with less
+    shared memory (sm86/sm89: 99 KB).
+    """
+    while shared_memory(tile) > budget:
+        if tile.num_stages > 1:
+            tile = replace(tile, num_stages=tile.num_stages - 1)
+        elif tile.block_m >= tile.block_n and tile.block_m > 16:
+            tile = replace(tile, block_m=tile.block_m // 2)
+        elif tile.block_n > 16:
+            tile = replace(tile, block_n=tile.block_n // 2)
+        else:
+            break  # the smallest tile; let Triton report it if even that does not fit
+    return tile
+
+
+def _element_bytes(key: KernelKey) -> int:
+    return 4 if key.dtype == torch.float32 else 2
+
+
+def _mask_tile_bytes(key: KernelKey, tile: TileShape) -> int:
+    # A mask with distinct rows streams one (block_m x block_n) tile per
+    # step. A float mask's dtype is not in the key: count float32, the widest.
+    if key.mask is MaskKind.NONE or key.mask_rows_broadcast:
+        return 0
+    return tile.block_m * tile.block_n * (4 if key.mask is MaskKind.FLOAT else 1)

@@ -1,0 +1,150 @@
+"""Launches the backward kernels (`backward_kernels.py`) for one attention problem.
+
+`attention_backward(...)` is what `TritonBackend.backward` calls. Inputs keep
+their strides (nothing is made contiguous); gradients are contiguous tensors
+from `new_output` (the kernels write them through their strides), dmask a
+(B, Hq, L, S) float32 one. Up to three launches, in this order: the
+preprocess (delta = rowsum(dO * O), lse in base 2); the dQ kernel if dQ or
+dmask is needed, or for float32 inputs (it computes the row scales of P);
+the dK/dV kernel if dK or dV is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
+from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config
+from flashsdpa.backends.triton.backward_kernels import (
+    attention_backward_dkdv_kernel,
+    attention_backward_dq_kernel,
+    attention_backward_preprocess_kernel,
+)
+from flashsdpa.backends.triton.launch_forward import device_capability, mask_argument, on_device
+from flashsdpa.cache import kernel_cache
+from flashsdpa.descriptor import AttentionDescriptor
+from flashsdpa.dropout import drop_threshold
+
+
+def attention_backward(
+    desc: AttentionDescriptor,
+    inputs: AttentionInputs,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    needed: GradientsNeeded,
+    config: BackwardConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk, dv, dmask) for `desc`; see `Backend.backward`. Requires seq_q, seq_kv >= 1.
+
+    `config` pins the block shapes (tests, benchmarks); by default they come
+    from `kernel_cache`, keyed on the descriptor's `KernelKey`.
+    """
+    if not (needed.query or needed.key or needed.value or needed.mask):
+        return None, None, None, None
+    query, key, value = inputs.query, inputs.key, inputs.value
+    device = query.device
+    if config is None:
+        config = kernel_cache.get(
+            ("backward", desc.kernel_key), lambda cache_key: backward_config(cache_key[1], device_capability(device))
+        )
+    batch, heads_q, seq_q, head_dim = query.shape
+    heads_kv, seq_kv, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
+    dq = new_output(query.shape, desc.dtype, device) if needed.query else None
+    dk = new_output(key.shape, desc.dtype, device) if needed.key else None
+    dv = new_output(value.shape, desc.dtype, device) if needed.value else None
+    dmask = new_output((batch, heads_q, seq_q, seq_kv), torch.float32, device) if needed.mask else None
+
+    computed = needed
+    if seq_kv == 1:
+        # One key: each row's softmax is a constant (1, or 0 where the key is
+        # hidden), so dS, and with it dq, dk and dmask, is exactly 0; the
+        # kernels would return rounding noise (dP - delta) in its place.
+        for gradient in (dq, dk, dmask):
+            if gradient is not None:
+                gradient.zero_()
+        computed = GradientsNeeded(query=False, key=False, value=needed.value, mask=False)
+        if dv is None:
+            return dq, dk, dv, dmask
+    run_dkdv = computed.key or computed.value
+    # The dQ kernel runs for dq or dmask, and (float32) for the row scales and delta the dK/dV kernel reads.
+    run_dq = computed.query or computed.mask or (config.renormalize_rows and run_dkdv)
+
+    # Scratch, not outputs: every element is written before it is read.
+    row_count = batch * heads_q * seq_q
+    delta = torch.empty(row_count, dtype=torch.float32, device=device)
+    lse_log2 = torch.empty(row_count, dtype=torch.float32, device=device)
+    row_scale = torch.empty(row_count, dtype=torch.float32, device=device) if config.renormalize_rows else delta
+    # An output that is not computed gets a stand-in pointer; its COMPUTE_*/WRITE_* flag keeps it untouched.
+    stand_in = delta
+
+    # Run-time arguments shared by both main kernels; none of them is compiled in.
+    mask, mask_strides = mask_argument(desc, inputs)
+    if desc.dropout_p > 0.0:
+        if inputs.dropout_seed is None:
+            raise ValueError("attention_backward: dropout_p > 0 needs inputs.dropout_seed")
+        seed_lo, seed_hi = inputs.dropout_seed
+        dropout_args = (seed_lo, seed_hi, drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p))
+    else:
+        dropout_args = (0, 0, 0, 1.0)
+    kernel_key = desc.kernel_key
+    variant = dict(
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK_D=kernel_key.block_head_dim,
+        BLOCK_DV=kernel_key.block_head_dim_v,
+        CAUSAL=desc.causal,
+        MASK_KIND=desc.mask.value,
+        MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
+        DROPOUT=kernel_key.dropout,
+        RENORMALIZE=config.renormalize_rows,
+        DOT_PRECISION=config.dot_precision,
+        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+    )
+
+    with on_device(device):
+        attention_backward_preprocess_kernel[(triton.cdiv(seq_q, config.preprocess_block_m) * batch * heads_q,)](
+            out, grad_out, lse, delta, lse_log2,
+            *out.stride(), *grad_out.stride(), *lse.stride(),
+            seq_q, heads_q,
+            HEAD_DIM_V=head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
+            # delta is for whatever is built from dS; with renormalized rows the dQ kernel computes it
+            COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
+        )  # fmt: skip
+
+        if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
+            tile = config.dq
+            attention_backward_dq_kernel[(triton.cdiv(seq_q, tile.block_m) * batch * heads_q,)](
+                query, key, value, mask, grad_out,
+                stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
+                *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
+                *_strides_or_zeros(dq),
+                float(desc.scale), seq_q, seq_kv, heads_q, heads_q // heads_kv,
+                *dropout_args,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                COMPUTE_DQ=computed.query, WRITE_DMASK=computed.mask,
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
+                **variant,
+            )  # fmt: skip
+
+        if run_dkdv:
+            tile = config.dkdv
+            attention_backward_dkdv_kernel[(triton.cdiv(seq_kv, tile.block_n) * batch * heads_kv,)](
+                query, key, value, mask, grad_out,
+                stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
+                *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
+                *_strides_or_zeros(dk), *_strides_or_zeros(dv),
+                float(desc.scale), seq_q, seq_kv, heads_kv, heads_q // heads_kv,
+                *dropout_args,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                COMPUTE_DK=computed.key, COMPUTE_DV=computed.value,
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
+                **variant,
+            )  # fmt: skip
+
+    return dq, dk, dv, dmask
+
+
+def _strides_or_zeros(tensor: torch.Tensor | None) -> tuple[int, ...]:
+    return tuple(tensor.stride()) if tensor is not None else (0, 0, 0, 0)
