@@ -186,9 +186,9 @@ def _probe():
     return flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu")
 
 
-def run_check(device: torch.device, quick: bool = False, dtypes=None) -> list[Row]:
+def run_check(device: torch.device, quick: bool = False, dtypes=None):
+    """Yields rows as they are computed (the first call of each kernel variant compiles it)."""
     dtypes = dtypes or [torch.float32, torch.float16, torch.bfloat16]
-    rows: list[Row] = []
     seed = 0
     for backend in available_backends(device):
         interpreted = backend == "triton" and device.type == "cpu"
@@ -198,20 +198,18 @@ def run_check(device: torch.device, quick: bool = False, dtypes=None) -> list[Ro
         for case in cases:
             for dtype in dtypes:
                 seed += 1
-                rows += run_case(case, backend, dtype, device, gradients=False, seed=seed)
+                yield from run_case(case, backend, dtype, device, gradients=False, seed=seed)
         for case in gradient_cases():
             for dtype in dtypes:
                 seed += 1
-                rows += run_case(case, backend, dtype, device, gradients=True, seed=seed)
-    return rows
+                yield from run_case(case, backend, dtype, device, gradients=True, seed=seed)
 
 
-def format_rows(rows: list[Row]) -> str:
-    header = f"{'case':28} {'backend':8} {'dtype':9} {'what':4} {'max abs':>9} {'rel err':>9} {'torch rel':>9} {'bound':>9}  ok"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r.case[:28]:28} {r.backend:8} {r.dtype:9} {r.what:4} {r.max_abs:9.2e} {r.rel:9.2e} "
-            f"{r.torch_rel:9.2e} {r.bound:9.2e}  {'ok' if r.ok else 'FAIL'}"
-        )
-    return "\n".join(lines)
+HEADER = f"{'case':28} {'backend':8} {'dtype':9} {'what':4} {'max abs':>9} {'rel err':>9} {'torch rel':>9} {'bound':>9}  ok"
+
+
+def format_row(r: Row) -> str:
+    return (
+        f"{r.case[:28]:28} {r.backend:8} {r.dtype:9} {r.what:4} {r.max_abs:9.2e} {r.rel:9.2e} "
+        f"{r.torch_rel:9.2e} {r.bound:9.2e}  {'ok' if r.ok else 'FAIL'}"
+    )

@@ -21,14 +21,17 @@ def cmd_check(args) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
 
-    from flashsdpa.check import format_rows, run_check
+    from flashsdpa.check import HEADER, format_row, run_check
 
     device = _device(args.device)
     print(f"flashsdpa check on {device} ({_device_name(device)}), torch {torch.__version__}", flush=True)
-    rows = run_check(device, quick=args.quick)
-    print(format_rows(rows))
-    failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    print(HEADER + "\n" + "-" * len(HEADER), flush=True)
+    passed = failed = 0
+    for row in run_check(device, quick=args.quick):
+        print(format_row(row), flush=True)
+        passed += row.ok
+        failed += not row.ok
+    print(f"\n{passed} passed, {failed} failed")
     return 1 if failed else 0
 
 
