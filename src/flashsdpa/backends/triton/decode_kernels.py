@@ -10,10 +10,19 @@ main kernel's (`attend_keys`, `finish_rows`).
 import triton
 import triton.language as tl
 
-from flashsdpa.backends.triton.forward_kernels import MASK_NONE, attend_keys, finish_rows
+from flashsdpa.backends.triton.forward_kernels import (
+    LOAD_POINTERS,
+    MASK_NONE,
+    attend_keys,
+    finish_rows,
+    split_tf32,
+    to_dtype,
+)
 
 
-@triton.jit
+# Lengths and counts only enter divisions and bounds: specialising on them
+# would only recompile whenever a shape changes class.
+@triton.jit(do_not_specialize=["heads_q", "heads_kv", "gqa_group", "seq_q", "seq_kv", "row_chunks", "split_len"])
 def attention_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -21,6 +30,8 @@ def attention_decode_split_kernel(
     mask_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    out_ptr,
+    lse_ptr,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -37,6 +48,7 @@ def attention_decode_split_kernel(
     stride_mh,
     stride_mm,
     stride_mn,
+    stride_out_row,
     heads_q,
     heads_kv,
     gqa_group,
@@ -55,6 +67,7 @@ def attention_decode_split_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
+    SPLIT_TF32: tl.constexpr,
 ):
     """Flash decoding, stage 1: one key range of one (batch, kv head) against its query rows.
 
@@ -64,7 +77,9 @@ def attention_decode_split_kernel(
     than once per query head. Grid: (batch * heads_kv * row_chunks, num_splits).
     Writes each row's normalised partial output and natural lse to
     partial_out (rows, num_splits, head_dim_v) and partial_lse (rows, num_splits),
-    rows ordered (batch, query head, query row).
+    rows ordered (batch, query head, query row); with one split, the output
+    and lse themselves (rows stride_out_row apart in out, lse contiguous)
+    and no merge follows.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,23 +116,35 @@ def attention_decode_split_kernel(
     key_start = split * split_len
     key_end = tl.minimum(key_start + split_len, seq_kv)
     unmasked_end = key_start + ((key_end - key_start) // BLOCK_N) * BLOCK_N
+    q_lo = q
+    if SPLIT_TF32:
+        q, q_lo = split_tf32(q)  # 16 rows: small enough for registers
     acc, row_sum, row_max = attend_keys(
-        q, None, None, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        q, q_lo, None, None, batch, kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
         key_start, unmasked_end, key_end, query_row, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, 0, 0,
         False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, False, False,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, LOAD_POINTERS, False,
     )
     out, lse = finish_rows(acc, row_sum, row_max, 1.0, MASK_KIND)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
-    partial_index = row * num_splits + split
-    tl.store(
-        partial_out_ptr + partial_index[:, None] * head_dim_v + offs_dv[None, :],
-        out,
-        mask=row_valid[:, None] & (offs_dv[None, :] < head_dim_v),
-    )
-    tl.store(partial_lse_ptr + partial_index, lse, mask=row_valid)
+    if num_splits == 1:
+        # One split is the whole answer: write it where the merge would.
+        tl.store(
+            out_ptr + row[:, None] * stride_out_row + offs_dv[None, :],
+            to_dtype(out, out_ptr.dtype.element_ty, WIDEN_DOT_OPERANDS),
+            mask=row_valid[:, None] & (offs_dv[None, :] < head_dim_v),
+        )
+        tl.store(lse_ptr + row, lse, mask=row_valid)
+    else:
+        partial_index = row * num_splits + split
+        tl.store(
+            partial_out_ptr + partial_index[:, None] * head_dim_v + offs_dv[None, :],
+            out,
+            mask=row_valid[:, None] & (offs_dv[None, :] < head_dim_v),
+        )
+        tl.store(partial_lse_ptr + partial_index, lse, mask=row_valid)
 
 
 @triton.jit
@@ -131,11 +158,13 @@ def merge_decode_splits_kernel(
     stride_out_row,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    ROUND_BFLOAT16: tl.constexpr,
 ):
     """Flash decoding, stage 2: one output row from its splits, each weighted by exp(lse_split - lse).
 
     Grid: (rows,), rows ordered (batch, query head, query row); out rows are
     stride_out_row apart, lse is contiguous. BLOCK_SPLITS >= num_splits.
+    ROUND_BFLOAT16: bfloat16 output under the interpreter (see to_dtype).
     """
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_SPLITS)
@@ -154,5 +183,6 @@ def merge_decode_splits_kernel(
             partial_out_ptr + (row * num_splits + split) * head_dim_v + offs_dv, mask=offs_dv < head_dim_v, other=0.0
         )
         acc += weight * part
-    tl.store(out_ptr + row * stride_out_row + offs_dv, acc.to(out_ptr.dtype.element_ty), mask=offs_dv < head_dim_v)
+    out = to_dtype(acc, out_ptr.dtype.element_ty, ROUND_BFLOAT16)
+    tl.store(out_ptr + row * stride_out_row + offs_dv, out, mask=offs_dv < head_dim_v)
     tl.store(lse_ptr + row, lse)

@@ -6,8 +6,9 @@ batch, heads or the softmax scale, so one compiled variant serves every problem
 with the same key. Run-time choices that do not recompile anything (which
 kernel serves a problem, how many key splits flash decoding uses) are here too.
 
-The tables are first guesses for an H100 (sm90, 227 KB of shared memory per
-block), written before any measurement on it: every entry is a place to tune.
+The 16-bit and float32 tables were chosen by timing on an H100 (sm90, 227 KB
+of shared memory per block; see the comments at each table); the decode
+settings and the entries marked "not measured" are still first guesses.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ DECODE_BLOCK_M = 16
 DECODE_MAX_SPLITS = 128
 # A split shorter than this reads too little to pay for its share of the merge.
 DECODE_MIN_KEYS_PER_SPLIT = 256
+# Not yet tuned: on the H100 these settings read K+V at 2.38 TB/s (S=4096) and
+# 2.93 TB/s (S=32768) for q (16, 32, 1, 128) against K/V (16, 8, S, 128) bf16,
+# against torch flash's 2.47 / 3.03 (bench_forward_gpu.py --decode-sweep times
+# block shapes and split counts, including one split, which skips the merge).
 # Programs per SM the split count aims for: a memory-bound program of 4 warps
 # does not saturate an SM's share of HBM bandwidth alone.
 DECODE_PROGRAMS_PER_SM = 4
@@ -48,54 +53,97 @@ class ForwardConfig:
     block_n: int  # keys per loop step
     num_warps: int
     num_stages: int
+    # Register cap a thread (None: the compiler's choice). Lower caps let more
+    # programs share an SM, whose softmax then overlaps the others' products.
+    max_registers: int | None
     # tl.dot input_precision for float32 inputs; None for 16-bit inputs (the
     # tensor-core product of fp16/bf16 is exact, with float32 accumulation).
     dot_precision: str | None
+    # float32 in IEEE precision: each product as three tf32 tensor-core
+    # products of explicitly split operands (forward_kernels.split_tf32)
+    # instead of Triton's tf32x3, whose rounding code spills registers on
+    # sm90. Experimental, off by default: see SM90_FP32_SPLIT_BLOCKS.
+    split_tf32: bool
     # Multiply dot operands as float32: only for bfloat16 under the Triton
     # interpreter, which cannot multiply bfloat16 (triton#11584).
     widen_dot_operands: bool
-    # Load Q/K/V and store O through device-side tensor descriptors (TMA on
-    # sm90+) when the tensors qualify; the launcher falls back to pointers otherwise.
-    tensor_descriptors: bool
+    # How the main kernel moves Q/K/V/O tiles: "host" (TMA through 4-D
+    # descriptors built once per launch), "device" (TMA through per-head
+    # descriptors each program builds) or "pointers". The launcher falls back
+    # host -> device -> pointers for tensors TMA cannot read.
+    tile_loads: str
     # Warp-specialise the unmasked key loop (needs tensor descriptors on Hopper).
     warp_specialize: bool
     decode: DecodeConfig
 
 
-# (block_m, block_n, num_warps, num_stages) for 16-bit inputs, by padded head
-# dim (the larger of E and Ev). Not yet measured. Why these: 128 query rows
-# amortise each K/V tile over enough MMA work to stay compute-bound on H100
-# (~295 FLOP/byte ridge, with L2 reuse across the m-blocks of a head).
-# d<=64: one warpgroup, a 128x64 fp32 score tile is 64 registers a thread
-# (block_n stays <= head dim, as Triton's Hopper tutorial asserts). d=128:
-# 8 warps (two wgmma warpgroups) halve the per-thread score and accumulator
-# registers; block_n 64 lets 3 stages of K and V fit beside Q in shared memory.
-# d=256 halves block_m to keep the fp32 accumulator at 128 registers a thread.
+# (block_m, block_n, num_warps, num_stages, max_registers) by padded head dim
+# (the larger of E and Ev), for non-causal and causal problems.
+#
+# Chosen by a sweep on one H100 80GB HBM3 (bf16, 16k tokens a batch, heads =
+# 2048/d, Triton 3.6, medians; same-config repeats in one run differ by up to
+# 5%). TFLOP/s per L (causal L marked c):
+#   d=128: 128x64 w8 s2 maxnreg 128 (two programs an SM, so one's softmax
+#          overlaps the other's products): L1024 430, L4096 511, L1024c 325,
+#          L4096c 440, L16384c 495. Beaten only at short causal L by 64x64 w4 s3
+#          (L1024c 351, L4096c 450, but L16384c 466); 128x128 w8 s3 (one
+#          program an SM): L1024 400, L4096 500, L1024c 290, L16384c 501.
+#   d=64:  non-causal 128x64 w4 s3 maxnreg 168 (three programs an SM): L1024
+#          396, L4096 423 (128x128 w8 s2 maxnreg 128: 379, 433); causal 64x64
+#          w4 s3: L4096c 399 (128x64 w4 s3: 365).
+#   d<=32 take d=64's shapes and d=256 its first guess: not measured.
 SM90_16BIT_BLOCKS = {
-    16: (128, 64, 4, 3),
-    32: (128, 64, 4, 3),
-    64: (128, 64, 4, 3),
-    128: (128, 64, 8, 3),
-    256: (64, 64, 4, 2),
+    16: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
+    32: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
+    64: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
+    128: {False: (128, 64, 8, 2, 128), True: (128, 64, 8, 2, 128)},
+    256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
 }
 
-# float32 inputs: tiles take twice the bytes and tf32x3 triples the MMA work
-# (this path is for accuracy, not speed), so blocks shrink to keep the operands
-# in shared memory and the accumulators out of spills. Not yet measured.
+# float32, IEEE precision: Triton's tf32x3 (three tf32 products per product).
+# 31 TFLOP/s at d=128, L=4096 on the H100 (torch's mem-efficient: 47); its
+# rounding code spills registers at every block shape tried with ptxas, and
+# blocks shrink to keep fp32 operands in shared memory.
 SM90_FP32_BLOCKS = {
-    16: (64, 64, 4, 3),
-    32: (64, 64, 4, 3),
-    64: (64, 64, 4, 3),
-    128: (64, 32, 4, 3),
-    256: (64, 16, 4, 2),
+    16: (64, 64, 4, 3, None),
+    32: (64, 64, 4, 3, None),
+    64: (64, 64, 4, 3, None),
+    128: (64, 32, 4, 3, None),
+    256: (64, 16, 4, 2, None),
+}
+# float32 with ForwardConfig.split_tf32 (off by default): the same three tf32
+# products from operands split by the kernel (q by the launcher). 45 TFLOP/s at
+# d=128, L=4096 (128x32 w8 s2, H100), but that run accumulated P@V into acc on
+# the tensor cores and measured 3e-6 to 2e-5 relative error; the kernel now adds
+# each block's product with an IEEE FFMA instead, which is not yet measured on
+# a GPU. Turn it on by default only once it meets the float32 bar there.
+SM90_FP32_SPLIT_BLOCKS = {
+    16: (128, 32, 8, 2, None),
+    32: (128, 32, 8, 2, None),
+    64: (128, 32, 8, 2, None),
+    128: (128, 32, 8, 2, None),
+    256: (64, 16, 4, 2, None),
+}
+SPLIT_TF32_BY_DEFAULT = False
+# float32 with the opt-in tf32 precision (one tf32 product): 112 TFLOP/s at
+# d=128, L=4096 with 128x64 w8 s2 on the H100, relative error 1.1e-3 to 1.8e-3.
+SM90_TF32_BLOCKS = {
+    16: (128, 64, 8, 2, None),
+    32: (128, 64, 8, 2, None),
+    64: (128, 64, 8, 2, None),
+    128: (128, 64, 8, 2, None),
+    256: (64, 16, 4, 2, None),
 }
 
 # Shared memory a block may use, by compute capability (CUDA's documented
 # maxima for opt-in dynamic shared memory).
 SHARED_MEMORY_BYTES = {(9, 0): 227 * 1024, (8, 0): 163 * 1024, (8, 7): 163 * 1024}
 SHARED_MEMORY_BYTES_DEFAULT = 99 * 1024  # sm86, sm89 and others
-# Left for Triton's own scratch (layout conversions, reductions, barriers).
-SHARED_MEMORY_HEADROOM = 16 * 1024
+# Left for Triton's own scratch (barriers, reductions). Triton's own count
+# for 128x128 tiles, 3 stages, d=128 bf16 is 225 KB against this estimate's
+# 224 KB, so the sm90 tables (checked against Triton's count by compiling
+# for sm90) pass untouched; the fit is a guard for smaller GPUs.
+SHARED_MEMORY_HEADROOM = 2 * 1024
 
 # Under the interpreter the block shapes are the sm90 ones divided by this (at
 # least 16), so small test problems still cross several blocks and every
@@ -124,16 +172,16 @@ def shared_memory_limit(capability: tuple[int, int]) -> int:
 
 
 def forward_shared_memory(key: KernelKey, block_m: int, block_n: int, num_stages: int) -> int:
-    """Bytes of Q plus num_stages buffered K and V tiles (the main kernel's shared-memory bulk)."""
+    """Bytes of Q (twice when split into tf32 halves) plus num_stages buffered K and V tiles."""
     itemsize = key.dtype.itemsize
-    q_tile = block_m * key.block_head_dim
+    q_tiles = block_m * key.block_head_dim * (2 if uses_split_tf32(key) else 1)
     kv_tiles = num_stages * block_n * (key.block_head_dim + key.block_head_dim_v)
-    return itemsize * (q_tile + kv_tiles)
+    return itemsize * (q_tiles + kv_tiles)
 
 
-def fit_shared_memory(key: KernelKey, blocks: tuple[int, int, int, int], limit: int) -> tuple[int, int, int, int]:
+def fit_shared_memory(key: KernelKey, blocks: tuple, limit: int) -> tuple:
     """Drop pipeline stages (down to 2), then halve block_n, then block_m (down to 16), until the tiles fit."""
-    block_m, block_n, num_warps, num_stages = blocks
+    block_m, block_n, num_warps, num_stages, max_registers = blocks
     budget = limit - SHARED_MEMORY_HEADROOM
     while forward_shared_memory(key, block_m, block_n, num_stages) > budget:
         if num_stages > 2:
@@ -144,7 +192,11 @@ def fit_shared_memory(key: KernelKey, blocks: tuple[int, int, int, int], limit: 
             block_m //= 2
         else:
             break
-    return block_m, block_n, num_warps, num_stages
+    return block_m, block_n, num_warps, num_stages, max_registers
+
+
+def uses_split_tf32(key: KernelKey) -> bool:
+    return SPLIT_TF32_BY_DEFAULT and key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.IEEE
 
 
 def choose_decode_config(key: KernelKey, interpreted: bool) -> DecodeConfig:
@@ -160,26 +212,34 @@ def choose_decode_config(key: KernelKey, interpreted: bool) -> DecodeConfig:
 
 def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None) -> ForwardConfig:
     """The forward config for `key` on a GPU of `capability` (None: the CPU interpreter)."""
-    table = SM90_FP32_BLOCKS if key.dtype == torch.float32 else SM90_16BIT_BLOCKS
-    blocks = table[padded_head_dim(key)]
+    if uses_split_tf32(key):
+        blocks = SM90_FP32_SPLIT_BLOCKS[padded_head_dim(key)]
+    elif key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.TF32:
+        blocks = SM90_TF32_BLOCKS[padded_head_dim(key)]
+    elif key.dtype == torch.float32:
+        blocks = SM90_FP32_BLOCKS[padded_head_dim(key)]
+    else:
+        blocks = SM90_16BIT_BLOCKS[padded_head_dim(key)][key.causal]
     interpreted = capability is None
     if interpreted:
-        block_m, block_n, num_warps, num_stages = blocks
+        block_m, block_n, num_warps, num_stages, max_registers = blocks
         divided = (max(16, block_m // INTERPRETER_BLOCK_DIVISOR), max(16, block_n // INTERPRETER_BLOCK_DIVISOR))
-        blocks = (*divided, num_warps, num_stages)
+        blocks = (*divided, num_warps, num_stages, None)
     else:
         blocks = fit_shared_memory(key, blocks, shared_memory_limit(capability))
-    block_m, block_n, num_warps, num_stages = blocks
+    block_m, block_n, num_warps, num_stages, max_registers = blocks
     # TMA exists from sm90 on; the interpreter runs the descriptor path too so CI covers it.
-    tensor_descriptors = interpreted or capability >= (9, 0)
+    tile_loads = "host" if interpreted or capability >= (9, 0) else "pointers"
     return ForwardConfig(
         block_m=block_m,
         block_n=block_n,
         num_warps=num_warps,
         num_stages=num_stages,
+        max_registers=max_registers,
         dot_precision=dot_precision(key),
         widen_dot_operands=interpreted and key.dtype == torch.bfloat16,
-        tensor_descriptors=tensor_descriptors,
+        split_tf32=uses_split_tf32(key),
+        tile_loads=tile_loads,
         # Off until measured: Triton 3.6's Hopper auto-WS has known failures
         # (triton#8260, #9728); benchmarks turn it on with dataclasses.replace.
         warp_specialize=False,

@@ -14,7 +14,15 @@ scalar, so no index product overflows however long the sequence.
 
 A row that may attend to no key (fully masked, or causal with nothing visible)
 keeps a running max of -inf; it is exponentiated against 0 instead, so it
-yields output 0 and lse -inf rather than NaN.
+yields output 0 and lse -inf rather than NaN. Without a mask no row can be
+empty, and whole unmasked blocks take a cheaper softmax (FAST_SOFTMAX: the max
+of the raw products times the scale, one FFMA per score); it needs a
+non-negative scale, so the launchers pass -q and -scale for a negative one.
+
+On an H100 (Triton 3.6) Q/K/V/O tiles move by TMA through 4-D descriptors the
+launcher builds once per call; descriptors built by each program cost 6-26%
+at L=1024-4096 (d=128, bf16), and pointer loads are the fallback for any
+layout TMA cannot read.
 """
 
 import triton
@@ -30,10 +38,22 @@ MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)  # uint8 view of a bool mask: nonzero = may attend
 MASK_FLOAT = tl.constexpr(2)  # added to the scaled scores
 
+# TILE_LOADS values: how Q/K/V tiles are read and output tiles written.
+LOAD_POINTERS = tl.constexpr(0)  # masked pointer loads: any strides, any GPU
+# TMA (sm90+) through one 2-D (rows, head_dim) descriptor per head, built by
+# each program in global scratch (costs every program a few microseconds of
+# serial prologue on an H100; works with batch/head strides of 0).
+LOAD_DEVICE_DESCRIPTORS = tl.constexpr(1)
+# TMA through 4-D (batch, heads, rows, head_dim) descriptors the launcher
+# builds once per call and passes as kernel arguments.
+LOAD_HOST_DESCRIPTORS = tl.constexpr(2)
+
 
 @triton.jit
 def load_rows(
     desc,
+    desc_batch,
+    desc_head,
     head_ptr,
     start,
     offs_rows,
@@ -43,10 +63,17 @@ def load_rows(
     stride_row,
     stride_col,
     CHECK_ROWS: tl.constexpr,
-    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    TILE_LOADS: tl.constexpr,
 ):
-    """Rows [start, start + len(offs_rows)) of one head's (n_rows, n_cols) matrix, zero-padded to the block."""
-    if USE_TENSOR_DESCRIPTORS:
+    """Rows [start, start + len(offs_rows)) of one head's (n_rows, n_cols) matrix, zero-padded to the block.
+
+    The head is (desc_batch, desc_head) of a 4-D host descriptor, the 2-D
+    device descriptor `desc` itself, or the matrix at `head_ptr`.
+    """
+    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
+        tile = desc.load([desc_batch, desc_head, start, 0])
+        return tile.reshape([offs_rows.shape[0], offs_cols.shape[0]])
+    elif TILE_LOADS == LOAD_DEVICE_DESCRIPTORS:
         return desc.load([start, 0])
     else:
         tile_offsets = offs_rows[:, None] * stride_row + offs_cols[None, :] * stride_col
@@ -72,13 +99,60 @@ def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.conste
 
 
 @triton.jit
+def round_to_bfloat16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32; NaN stays NaN.
+
+    For the Triton interpreter only, whose float32 -> bfloat16 cast truncates
+    (the GPU's rounds to nearest), doubling bfloat16 errors on the CPU.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
+    """x.to(dtype), rounding to nearest under the interpreter too (WIDEN_DOT_OPERANDS marks interpreted bfloat16)."""
+    if WIDEN_DOT_OPERANDS:
+        x = round_to_bfloat16(x)
+    return x.to(dtype)
+
+
+@triton.jit
+def split_tf32(x):
+    """(hi, lo) with hi = x rounded to tf32 (10 mantissa bits, kept in float32) and lo = x - hi, exact.
+
+    hi is an exact tf32 MMA operand; lo is read by the tensor cores to tf32
+    precision, which leaves an error of at most 2**-21 |x|.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def matmul_split_tf32(a_hi, a_lo, b_hi, b_lo, acc):
+    """a @ b + acc (acc may be None) to about float32 accuracy from three tf32 tensor-core products.
+
+    a_lo @ b_lo (under 2**-22 of the product) is dropped; the small terms are
+    accumulated first.
+    """
+    acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+
+
+@triton.jit
 def attend_key_blocks(
     acc,
     row_sum,
     row_max,
     q,
+    q_lo,
     k_desc,
     v_desc,
+    desc_batch,
+    desc_kv_head,
     k_head_ptr,
     v_head_ptr,
     mask_row_ptrs,
@@ -97,6 +171,7 @@ def attend_key_blocks(
     dropout_key,
     dropout_threshold,
     BOUNDARY: tl.constexpr,
+    FAST_SOFTMAX: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
@@ -106,15 +181,19 @@ def attend_key_blocks(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    SPLIT_TF32: tl.constexpr,
+    TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     """Fold keys [key_start, key_end) into the running (acc, row_sum, row_max) of the rows `offs_m`.
 
     BOUNDARY blocks may reach past seq_kv or cross the causal diagonal and are
-    masked element by element; the others skip that work. `mask_row_ptrs`
-    points at each row's mask entries for key 0 ([BLOCK_M] pointers), or at the
-    one shared row when MASK_ROWS_BROADCAST.
+    masked element by element; the others skip that work. FAST_SOFTMAX (only
+    for unmasked whole blocks with a non-negative scale) also drops what
+    masking needs from the softmax. `mask_row_ptrs` points at each row's mask
+    entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
+    MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
+    (q_lo holds the rest of q; otherwise q_lo is unused).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -122,47 +201,74 @@ def attend_key_blocks(
     for start_n in tl.range(key_start, key_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         k = load_rows(
-            k_desc, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim, stride_kn, stride_kk,
-            BOUNDARY, USE_TENSOR_DESCRIPTORS,
+            k_desc, desc_batch, desc_kv_head, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim,
+            stride_kn, stride_kk, BOUNDARY, TILE_LOADS,
         )
-        scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale
-
-        if MASK_KIND != MASK_NONE:
-            col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
-            if MASK_ROWS_BROADCAST:
-                mask_tile = tl.load(mask_row_ptrs + col_offsets, mask=cols < seq_kv, other=0)[None, :]
-            elif BOUNDARY:
-                mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :], mask=cols[None, :] < seq_kv, other=0)
-            else:
-                mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
-            if MASK_KIND == MASK_BOOL:
-                scores = tl.where(mask_tile != 0, scores, float("-inf"))
-            else:
-                scores = scores + mask_tile.to(tl.float32)
-        if BOUNDARY:
-            visible = cols[None, :] < seq_kv
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        if MASK_KIND == MASK_FLOAT:
-            p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
-            alpha = tl.math.exp2((row_max - shift) * LOG2E)
+        if SPLIT_TF32:
+            k_hi, k_lo = split_tf32(tl.trans(k))
+            qk = matmul_split_tf32(q, q_lo, k_hi, k_lo, None)
         else:
-            p = tl.math.exp2(scores - shift[:, None])
-            alpha = tl.math.exp2(row_max - shift)
+            qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        if not FAST_SOFTMAX:
+            # Scores may be masked to -inf: scale before masking (0 * -inf would
+            # be NaN at scale 0), and guard rows that have seen no key yet.
+            scores = qk * score_scale
+            if MASK_KIND != MASK_NONE:
+                col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
+                if MASK_ROWS_BROADCAST:
+                    mask_tile = tl.load(mask_row_ptrs + col_offsets, mask=cols < seq_kv, other=0)[None, :]
+                elif BOUNDARY:
+                    mask_tile = tl.load(
+                        mask_row_ptrs[:, None] + col_offsets[None, :], mask=cols[None, :] < seq_kv, other=0
+                    )
+                else:
+                    mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
+                if MASK_KIND == MASK_BOOL:
+                    scores = tl.where(mask_tile != 0, scores, float("-inf"))
+                else:
+                    scores = scores + mask_tile.to(tl.float32)
+            if BOUNDARY:
+                visible = cols[None, :] < seq_kv
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= offs_m[:, None])
+                scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            if MASK_KIND == MASK_FLOAT:
+                p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
+                alpha = tl.math.exp2((row_max - shift) * LOG2E)
+            else:
+                p = tl.math.exp2(scores - shift[:, None])
+                alpha = tl.math.exp2(row_max - shift)
+        else:
+            # FAST_SOFTMAX: no mask, whole blocks, score_scale >= 0. Every
+            # score is visible and finite, so the running max is finite from
+            # the first block on (no -inf guard), max(qk) * scale is the max of
+            # the scaled scores, and each score costs one FFMA (qk * scale - max)
+            # before its exp2 instead of a multiply and a subtract.
+            new_max = tl.maximum(row_max, tl.max(qk, 1) * score_scale)
+            p = tl.math.exp2(qk * score_scale - new_max[:, None])
+            alpha = tl.math.exp2(row_max - new_max)
         # The row sum (and so lse) counts every weight; dropout only thins P@V.
         row_sum = row_sum * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(dropout_keep(dropout_key, offs_m, cols, dropout_threshold), p, 0.0)
 
         v = load_rows(
-            v_desc, v_head_ptr, start_n, offs_n, offs_dv, seq_kv, head_dim_v, stride_vn, stride_vk,
-            BOUNDARY, USE_TENSOR_DESCRIPTORS,
+            v_desc, desc_batch, desc_kv_head, v_head_ptr, start_n, offs_n, offs_dv, seq_kv, head_dim_v,
+            stride_vn, stride_vk, BOUNDARY, TILE_LOADS,
         )
-        acc = matmul(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        if SPLIT_TF32:
+            # A fresh accumulator per block, added to acc by an IEEE FFMA: the
+            # tensor cores' float32 accumulation rounds toward zero, and fed
+            # acc itself the bias grew with every block (H100: 7e-6 relative
+            # error at 1024 keys, 2e-5 at 3001; a model of it gives 1e-7 this way).
+            p_hi, p_lo = split_tf32(p)
+            v_hi, v_lo = split_tf32(v)
+            acc = acc * alpha[:, None] + matmul_split_tf32(p_hi, p_lo, v_hi, v_lo, None)
+        else:
+            p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
+            acc = matmul(p, v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -170,8 +276,11 @@ def attend_key_blocks(
 @triton.jit
 def attend_keys(
     q,
+    q_lo,
     k_desc,
     v_desc,
+    desc_batch,
+    desc_kv_head,
     k_head_ptr,
     v_head_ptr,
     mask_row_ptrs,
@@ -200,7 +309,8 @@ def attend_keys(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    SPLIT_TF32: tl.constexpr,
+    TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     """Online softmax of rows `offs_m` over keys [key_start, key_end): returns (acc, row_sum, row_max).
@@ -216,21 +326,24 @@ def attend_keys(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # The unmasked blocks take the fast softmax when no mask applies; it needs
+    # softmax_scale >= 0, which the launchers guarantee (they pass -q and
+    # -scale for a negative scale).
     acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, k_desc, v_desc, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
         key_start, unmasked_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         score_scale, dropout_key, dropout_threshold,
-        False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, USE_TENSOR_DESCRIPTORS, WARP_SPECIALIZE,
+        False, MASK_KIND == MASK_NONE, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE,
     )
     acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, k_desc, v_desc, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
         unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         score_scale, dropout_key, dropout_threshold,
-        True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, USE_TENSOR_DESCRIPTORS, False,
+        True, False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, False,
     )
     return acc, row_sum, row_max
 
@@ -253,9 +366,17 @@ def finish_rows(acc, row_sum, row_max, output_scale, MASK_KIND: tl.constexpr):
 
 # The seed changes every call and the threshold with p: specialising on their
 # values (divisibility by 16, equality to 1) would compile new variants at random.
-@triton.jit(do_not_specialize=["dropout_threshold", "dropout_seed_lo", "dropout_seed_hi"])
+# Head counts and lengths only enter divisions and bounds, where specialising
+# buys nothing but a recompilation whenever a shape changes class.
+@triton.jit(
+    do_not_specialize=[
+        "dropout_threshold", "dropout_seed_lo", "dropout_seed_hi",
+        "heads_q", "gqa_group", "seq_q", "seq_kv", "num_m_blocks",
+    ]
+)
 def attention_forward_kernel(
     q_ptr,
+    q_lo_ptr,
     k_ptr,
     v_ptr,
     mask_ptr,
@@ -303,7 +424,8 @@ def attention_forward_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    USE_TENSOR_DESCRIPTORS: tl.constexpr,
+    SPLIT_TF32: tl.constexpr,
+    TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); writes out rows and lse.
@@ -327,27 +449,51 @@ def attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_head_ptr = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_head_ptr = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_head_ptr = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    out_head_ptr = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    if USE_TENSOR_DESCRIPTORS:
-        # One 2-D descriptor per head: zero-fill stops at this head's last row,
-        # and batch/head strides of 0 (expanded views) need no TMA support.
-        q_desc = tl.make_tensor_descriptor(q_head_ptr, [seq_q, head_dim], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-        k_desc = tl.make_tensor_descriptor(k_head_ptr, [seq_kv, head_dim], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_head_ptr, [seq_kv, head_dim_v], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
-        out_desc = tl.make_tensor_descriptor(out_head_ptr, [seq_q, head_dim_v], [stride_om, 1], [BLOCK_M, BLOCK_DV])
+    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
+        # q_ptr, k_ptr, v_ptr and out_ptr are 4-D tensor descriptors.
+        q_desc, q_lo_desc, k_desc, v_desc, out_desc = q_ptr, q_lo_ptr, k_ptr, v_ptr, out_ptr
+        q_head_ptr, q_lo_head_ptr, k_head_ptr, v_head_ptr, out_head_ptr = q_ptr, q_lo_ptr, k_ptr, v_ptr, out_ptr
     else:
-        q_desc = None
-        k_desc = None
-        v_desc = None
-        out_desc = None
+        q_head_ptr = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        q_lo_head_ptr = q_lo_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        k_head_ptr = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_head_ptr = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+        out_head_ptr = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        if TILE_LOADS == LOAD_DEVICE_DESCRIPTORS:
+            # One 2-D descriptor per head: zero-fill stops at this head's last
+            # row, and batch/head strides of 0 (expanded views) need no TMA support.
+            q_desc = tl.make_tensor_descriptor(q_head_ptr, [seq_q, head_dim], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+            q_lo_desc = q_desc
+            if SPLIT_TF32:
+                q_lo_desc = tl.make_tensor_descriptor(
+                    q_lo_head_ptr, [seq_q, head_dim], [stride_qm, 1], [BLOCK_M, BLOCK_D]
+                )
+            k_desc = tl.make_tensor_descriptor(k_head_ptr, [seq_kv, head_dim], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_head_ptr, [seq_kv, head_dim_v], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
+            out_desc = tl.make_tensor_descriptor(
+                out_head_ptr, [seq_q, head_dim_v], [stride_om, 1], [BLOCK_M, BLOCK_DV]
+            )
+        else:
+            q_desc = None
+            q_lo_desc = None
+            k_desc = None
+            v_desc = None
+            out_desc = None
 
     q = load_rows(
-        q_desc, q_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim, stride_qm, stride_qk,
-        True, USE_TENSOR_DESCRIPTORS,
+        q_desc, batch, head, q_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim,
+        stride_qm, stride_qk, True, TILE_LOADS,
     )
+    if SPLIT_TF32:
+        # The launcher split q (q_ptr holds its tf32 part, q_lo_ptr the rest,
+        # both laid out alike), so both halves reach the tensor cores from
+        # shared memory; splitting here would hold them in registers and spill.
+        q_lo = load_rows(
+            q_lo_desc, batch, head, q_lo_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim,
+            stride_qm, stride_qk, True, TILE_LOADS,
+        )
+    else:
+        q_lo = q
 
     mask_row_ptrs = mask_ptr
     if MASK_KIND != MASK_NONE:
@@ -372,18 +518,21 @@ def attention_forward_kernel(
         unmasked_end = (seq_kv // BLOCK_N) * BLOCK_N
 
     acc, row_sum, row_max = attend_keys(
-        q, k_desc, v_desc, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        q, q_lo, k_desc, v_desc, batch, kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
         0, unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, dropout_key, dropout_threshold,
         CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, USE_TENSOR_DESCRIPTORS, WARP_SPECIALIZE,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE,
     )
     out, lse = finish_rows(acc, row_sum, row_max, dropout_output_scale, MASK_KIND)
-    out = out.to(out_ptr.dtype.element_ty)
-    if USE_TENSOR_DESCRIPTORS:
-        out_desc.store([m_start, 0], out)
+    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
+        out = to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS)
+        out_desc.store([batch, head, m_start, 0], out.reshape([1, 1, BLOCK_M, BLOCK_DV]))
+    elif TILE_LOADS == LOAD_DEVICE_DESCRIPTORS:
+        out_desc.store([m_start, 0], to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS))
     else:
+        out = to_dtype(out, out_ptr.dtype.element_ty, WIDEN_DOT_OPERANDS)
         out_ptrs = out_head_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_ok
         tl.store(out_ptrs, out, mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < head_dim_v))
     tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)

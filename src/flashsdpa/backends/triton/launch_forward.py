@@ -5,7 +5,10 @@ takes the compiled-variant config from `kernel_cache` (keyed on
 `desc.kernel_key`), then runs either the main kernel or, for a handful of query
 rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
 explicit config (and split count) so tests and benchmarks can pin a path.
-Inputs are read through their strides as they are; nothing is copied.
+Inputs are read through their strides as they are; the query alone is copied,
+negated for a negative softmax scale and split in two for the experimental
+split-tf32 float32 path. On sm90 the main kernel reads Q/K/V and writes O by
+TMA through 4-D descriptors built here once per launch (`host_descriptor`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import functools
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from flashsdpa.backends.base import AttentionInputs
+from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.triton import decode_kernels, forward_kernels
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
@@ -73,9 +77,21 @@ def sm_count(device: torch.device) -> int:
 
 def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads_q, seq_q, _ = query.shape
-    out = torch.empty((batch, heads_q, seq_q, desc.head_dim_v), dtype=desc.dtype, device=query.device)
-    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=query.device)
+    out = new_output((batch, heads_q, seq_q, desc.head_dim_v), desc.dtype, query.device)
+    lse = new_output((batch, heads_q, seq_q), torch.float32, query.device)
     return out, lse
+
+
+def query_and_scale(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, float]:
+    """The query and softmax scale the kernels get: the scale is never negative.
+
+    The kernels' unmasked loop takes max(q.k) * scale as the row max, which
+    needs scale >= 0. A negative scale is rare, so it is served by one copy of
+    the query, negated (exact), rather than by a slower loop for every call.
+    """
+    if desc.scale < 0:
+        return -inputs.query, -float(desc.scale)
+    return inputs.query, float(desc.scale)
 
 
 def mask_argument(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -108,6 +124,34 @@ def tensor_descriptor_compatible(tensor: torch.Tensor) -> bool:
     )
 
 
+def host_descriptor_strides(tensor: torch.Tensor) -> list[int] | None:
+    """Strides for a 4-D (batch, heads, rows, head_dim) TMA descriptor of `tensor`, or None if TMA cannot read it.
+
+    TMA needs a 16-byte aligned base, a contiguous last dim, and the other
+    strides positive multiples of 16 bytes. A dim of size 1 is never stepped
+    along, so its stride is replaced by a valid one (torch leaves any value
+    there); a stride of 0 on a longer dim (an expanded view) disqualifies.
+    """
+    itemsize = tensor.element_size()
+    if tensor.stride(3) != 1 and tensor.shape[3] > 1:
+        return None
+    if tensor.data_ptr() % TMA_ALIGNMENT_BYTES:
+        return None
+    strides = [*tensor.stride()[:3], 1]
+    inner_bytes = TMA_ALIGNMENT_BYTES
+    for dim in (2, 1, 0):
+        if tensor.shape[dim] == 1:
+            strides[dim] = inner_bytes // itemsize
+        elif strides[dim] <= 0 or strides[dim] * itemsize % TMA_ALIGNMENT_BYTES:
+            return None
+        inner_bytes = strides[dim] * itemsize * tensor.shape[dim]
+    return strides
+
+
+def host_descriptor(tensor: torch.Tensor, strides: list[int], block_rows: int, block_cols: int):
+    return TensorDescriptor(tensor, list(tensor.shape), strides, [1, 1, block_rows, block_cols])
+
+
 def torch_scratch_allocator(device: torch.device):
     def allocate(size: int, alignment: int, stream) -> torch.Tensor:
         # torch's allocators hand out blocks aligned far beyond the 128 bytes TMA descriptors need.
@@ -133,7 +177,8 @@ def run_with_scratch_allocator(device: torch.device, launch) -> None:
 def launch_main_kernel(
     desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = inputs.query, inputs.key, inputs.value
+    q, scale = query_and_scale(desc, inputs)
+    k, v = inputs.key, inputs.value
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     key = desc.kernel_key
@@ -144,9 +189,19 @@ def launch_main_kernel(
     programs = num_m_blocks * batch * heads_q
     if programs > MAX_GRID_X:
         raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
-    use_tensor_descriptors = config.tensor_descriptors and all(
-        tensor_descriptor_compatible(t) for t in (q, k, v, out)
-    )
+    q_lo = q  # never read unless config.split_tf32
+    if config.split_tf32:
+        q, q_lo = split_tf32(q)
+    tile_loads = choose_tile_loads(config, (q, k, v, out))
+    if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
+        block_d, block_dv = key.block_head_dim, key.block_head_dim_v
+        q_arg = host_descriptor(q, host_descriptor_strides(q), config.block_m, block_d)
+        q_lo_arg = host_descriptor(q_lo, host_descriptor_strides(q_lo), config.block_m, block_d)
+        k_arg = host_descriptor(k, host_descriptor_strides(k), config.block_n, block_d)
+        v_arg = host_descriptor(v, host_descriptor_strides(v), config.block_n, block_dv)
+        out_arg = host_descriptor(out, host_descriptor_strides(out), config.block_m, block_dv)
+    else:
+        q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
     dropout = desc.dropout_p > 0.0
     if dropout:
         seed_lo, seed_hi = inputs.dropout_seed
@@ -156,10 +211,10 @@ def launch_main_kernel(
 
     def launch() -> None:
         forward_kernels.attention_forward_kernel[(programs,)](
-            q, k, v, mask, out, lse,
+            q_arg, q_lo_arg, k_arg, v_arg, mask, out_arg, lse,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
             heads_q, heads_q // heads_kv, seq_q, seq_kv, head_dim, head_dim_v, num_m_blocks,
-            float(desc.scale), threshold, seed_lo, seed_hi, float(output_scale),
+            scale, threshold, seed_lo, seed_hi, float(output_scale),
             CAUSAL=desc.causal,
             MASK_KIND=KERNEL_MASK_KIND[desc.mask],
             MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
@@ -170,24 +225,46 @@ def launch_main_kernel(
             BLOCK_DV=key.block_head_dim_v,
             DOT_PRECISION=config.dot_precision,
             WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-            USE_TENSOR_DESCRIPTORS=use_tensor_descriptors,
-            WARP_SPECIALIZE=config.warp_specialize and use_tensor_descriptors,
+            SPLIT_TF32=config.split_tf32,
+            TILE_LOADS=tile_loads,
+            WARP_SPECIALIZE=config.warp_specialize and tile_loads != forward_kernels.LOAD_POINTERS,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
+            maxnreg=config.max_registers,
         )
 
     with on_device(q.device):
-        if use_tensor_descriptors:
+        if tile_loads == forward_kernels.LOAD_DEVICE_DESCRIPTORS:
             run_with_scratch_allocator(q.device, launch)
         else:
             launch()
     return out, lse
 
 
+def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x as (hi, lo): hi = x rounded to tf32, lo = x - hi; both contiguous, so they share strides.
+
+    The same split as forward_kernels.split_tf32, done once per call for the
+    query so that both halves reach the kernel's tensor cores from shared memory.
+    """
+    x = x.contiguous()
+    hi = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    return hi, x - hi
+
+
+def choose_tile_loads(config: ForwardConfig, tensors) -> int:
+    """The kernel's TILE_LOADS: the config's TMA descriptors where every tensor qualifies, else the next best."""
+    if config.tile_loads == "host" and all(host_descriptor_strides(t) is not None for t in tensors):
+        return forward_kernels.LOAD_HOST_DESCRIPTORS
+    if config.tile_loads in ("host", "device") and all(tensor_descriptor_compatible(t) for t in tensors):
+        return forward_kernels.LOAD_DEVICE_DESCRIPTORS
+    return forward_kernels.LOAD_POINTERS
+
+
 def launch_decode_kernels(
     desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig, num_splits: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash decoding: split the keys across programs, then merge the splits by their lse.
+    """Flash decoding: split the keys across programs, then merge the splits by their lse (one split: no merge).
 
     Supports masks; not causal or dropout (see `uses_decode_kernel`).
     `num_splits` (default: `decode_split_count`) is rounded so every split
@@ -195,7 +272,8 @@ def launch_decode_kernels(
     """
     if desc.causal or desc.dropout_p > 0.0:
         raise ValueError("triton flash decoding does not apply causal masks or dropout")
-    q, k, v = inputs.query, inputs.key, inputs.value
+    q, scale = query_and_scale(desc, inputs)
+    k, v = inputs.key, inputs.value
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     key = desc.kernel_key
@@ -215,14 +293,18 @@ def launch_decode_kernels(
         raise ValueError(f"triton decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
 
     rows = batch * heads_q * seq_q
-    partial_out = torch.empty((rows, num_splits, head_dim_v), dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        partial_out = partial_lse = lse  # not written: the split kernel writes out and lse itself
+    else:
+        partial_out = torch.empty((rows, num_splits, head_dim_v), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
     with on_device(q.device):
+        # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
         decode_kernels.attention_decode_split_kernel[(programs_per_split, num_splits)](
-            q, k, v, mask, partial_out, partial_lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            q, k, v, mask, partial_out, partial_lse, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, out.stride(2),
             heads_q, heads_kv, gqa_group, seq_q, seq_kv, head_dim, head_dim_v,
-            row_chunks, num_splits, split_len, float(desc.scale),
+            row_chunks, num_splits, split_len, scale,
             MASK_KIND=KERNEL_MASK_KIND[desc.mask],
             BLOCK_M=decode.block_m,
             BLOCK_N=decode.block_n,
@@ -230,14 +312,16 @@ def launch_decode_kernels(
             BLOCK_DV=key.block_head_dim_v,
             DOT_PRECISION=config.dot_precision,
             WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+            SPLIT_TF32=config.split_tf32,
             num_warps=decode.num_warps,
             num_stages=decode.num_stages,
         )
-        # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
-        decode_kernels.merge_decode_splits_kernel[(rows,)](
-            partial_out, partial_lse, out, lse, num_splits, head_dim_v, out.stride(2),
-            BLOCK_SPLITS=DECODE_MAX_SPLITS,
-            BLOCK_DV=key.block_head_dim_v,
-            num_warps=4,
-        )
+        if num_splits > 1:
+            decode_kernels.merge_decode_splits_kernel[(rows,)](
+                partial_out, partial_lse, out, lse, num_splits, head_dim_v, out.stride(2),
+                BLOCK_SPLITS=DECODE_MAX_SPLITS,
+                BLOCK_DV=key.block_head_dim_v,
+                ROUND_BFLOAT16=config.widen_dot_operands,
+                num_warps=4,
+            )
     return out, lse
