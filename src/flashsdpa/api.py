@@ -89,7 +89,11 @@ def attention(
     check_options(dropout_p, causal, scale)
     if backend is not None:
         dispatch.get_backend(backend)
-    precision = Fp32Precision(fp32_precision)
+    try:
+        precision = Fp32Precision(fp32_precision)
+    except ValueError:
+        choices = [p.value for p in Fp32Precision]
+        raise ValueError(f"fp32_precision must be one of {choices}, got {fp32_precision!r}") from None
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
     resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)

@@ -30,6 +30,12 @@ class Fp32Precision(str, enum.Enum):
     TF32 = "tf32"  # one tf32 product: faster, ~1e-3 relative error; opt-in only
 
 
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the row log-sum-exp and the mask gradient: float32, or float64
+    for float64 inputs (whose gradients would otherwise be float32-accurate)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -14,6 +14,7 @@ import torch
 
 from flashsdpa import dispatch
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded
+from flashsdpa.descriptor import statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.validation import describe
 
@@ -37,7 +38,7 @@ def _empty_forward(desc, q):
     """Every row sees no key: out = 0 and lse = -inf, as torch gives."""
     shape = (desc.batch, desc.heads_q, desc.seq_q)
     out = q.new_zeros(*shape, desc.head_dim_v)
-    return out, torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
+    return out, torch.full(shape, float("-inf"), dtype=statistics_dtype(q.dtype), device=q.device)
 
 
 @torch.library.custom_op("flashsdpa::attention_forward", mutates_args=())
@@ -77,7 +78,7 @@ def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision
     b, h, l, _ = query.shape
     out = query.new_empty(b, h, l, value.shape[-1])
     seed = torch.empty(2 if dropout_p > 0.0 else 0, dtype=torch.int64)
-    return out, query.new_empty(b, h, l, dtype=torch.float32), seed
+    return out, query.new_empty(b, h, l, dtype=statistics_dtype(query.dtype)), seed
 
 
 @torch.library.custom_op("flashsdpa::attention_backward", mutates_args=())
@@ -105,7 +106,7 @@ def attention_backward(
             query.new_zeros(query.shape) if need.query else None,
             key.new_zeros(key.shape) if need.key else None,
             value.new_zeros(value.shape) if need.value else None,
-            query.new_zeros(desc.batch, desc.heads_q, desc.seq_q, desc.seq_kv, dtype=torch.float32)
+            query.new_zeros(desc.batch, desc.heads_q, desc.seq_q, desc.seq_kv, dtype=statistics_dtype(query.dtype))
             if need.mask
             else None,
         )
@@ -125,7 +126,7 @@ def _(grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, caus
         query.new_empty(query.shape) if needed[0] else query.new_empty(0),
         key.new_empty(key.shape) if needed[1] else query.new_empty(0),
         value.new_empty(value.shape) if needed[2] else query.new_empty(0),
-        query.new_empty(dmask_shape, dtype=torch.float32) if needed[3] else query.new_empty(0),
+        query.new_empty(dmask_shape, dtype=statistics_dtype(query.dtype)) if needed[3] else query.new_empty(0),
     )
 
 

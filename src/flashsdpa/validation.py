@@ -153,6 +153,10 @@ def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes)
     if broadcast != torch.Size(score_shape):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' shape "
                          f"{score_shape} (L = query dim -2, S = key dim -2); got {shapes()}")
+    if attn_mask.requires_grad and attn_mask.dtype in (torch.float16, torch.bfloat16):
+        # Its gradient is summed over the broadcast dims by autograd: let that
+        # sum run in float32 and round once (the kernels read float32 masks).
+        attn_mask = attn_mask.float()
     return attn_mask.expand(score_shape)
 
 

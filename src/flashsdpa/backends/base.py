@@ -20,24 +20,29 @@ import torch
 from flashsdpa.descriptor import AttentionDescriptor
 
 
-_poison = threading.local()
+# Process-wide, not per thread: autograd runs CUDA backward passes on its own
+# threads, which must see the test's setting too.
+_poison_depth = 0
+_poison_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def poisoned_outputs():
     """Within the block, `new_output` fills with NaN (ints with -1) so that an
     element a kernel forgot to write fails the test that reads it."""
-    previous = getattr(_poison, "on", False)
-    _poison.on = True
+    global _poison_depth
+    with _poison_lock:
+        _poison_depth += 1
     try:
         yield
     finally:
-        _poison.on = previous
+        with _poison_lock:
+            _poison_depth -= 1
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every backend allocates its outputs (out, lse, gradients) through here."""
-    if getattr(_poison, "on", False):
+    if _poison_depth:
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -69,7 +74,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32.
+        """Returns out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) in statistics_dtype(desc.dtype).
 
         lse is the natural-log log-sum-exp of each row of the scaled, masked
         scores (before dropout); -inf for a row with no key it may attend to,
@@ -91,5 +96,5 @@ class Backend(abc.ABC):
         dq/dk/dv have the shapes of query/key/value (GQA: dk, dv summed over
         each group's query heads) in desc.dtype. dmask is the full
         (B, Hq, L, S) gradient of the additive mask (the score gradient), in
-        float32; the caller reduces it over broadcast dims.
+        statistics_dtype(desc.dtype); the caller reduces it over broadcast dims.
         """

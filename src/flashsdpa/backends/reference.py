@@ -10,7 +10,7 @@ import torch
 
 from flashsdpa import dropout
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind, statistics_dtype
 
 
 def masked_scores(desc: AttentionDescriptor, q, k, mask) -> torch.Tensor:
@@ -32,9 +32,13 @@ def attention_math(desc: AttentionDescriptor, q, k, v, mask, dropout_seed):
     """Attention in the inputs' dtype; returns (out, lse, probs, dropped_probs)."""
     scores = masked_scores(desc, q, k, mask)
     lse = torch.logsumexp(scores, dim=-1)
-    # A row with no visible key has lse = -inf: give it zero weights, not NaN.
-    finite_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - finite_lse.unsqueeze(-1))
+    # Normalise by the row sum, not exp(-lse): with scores near finfo.min,
+    # lse = max + log(S) rounds to max and would lose the 1/S.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # A row with no visible key has max -inf: give it zero weights, not NaN.
+    unnormalised = torch.exp(scores - torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max))
+    row_sum = unnormalised.sum(dim=-1, keepdim=True)
+    probs = unnormalised / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
     dropped = probs * dropout_factor(desc, dropout_seed, q.device) if desc.dropout_p > 0.0 else probs
     out = dropped @ v.repeat_interleave(desc.gqa_group, dim=1)
     return out, lse, probs, dropped
@@ -43,7 +47,8 @@ def attention_math(desc: AttentionDescriptor, q, k, v, mask, dropout_seed):
 def dropout_factor(desc: AttentionDescriptor, dropout_seed, device) -> torch.Tensor:
     """keep / (1 - p) for every (B, Hq, L, S) weight."""
     keep = dropout.full_keep_mask(dropout_seed, desc.dropout_p, desc.batch * desc.heads_q, desc.seq_q, desc.seq_kv, device)
-    return keep.view(desc.batch, desc.heads_q, desc.seq_q, desc.seq_kv) / (1.0 - desc.dropout_p)
+    keep = keep.view(desc.batch, desc.heads_q, desc.seq_q, desc.seq_kv).to(torch.float64)
+    return keep / (1.0 - desc.dropout_p)
 
 
 def sum_over_group(desc: AttentionDescriptor, grad: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,7 @@ class ReferenceBackend(Backend):
     def forward(self, desc, inputs):
         q, k, v, mask = (_float64(t) for t in (inputs.query, inputs.key, inputs.value, inputs.mask))
         out, lse, _, _ = attention_math(desc, q, k, v, mask, inputs.dropout_seed)
-        return out.to(desc.dtype), lse.to(torch.float32)
+        return out.to(desc.dtype), lse.to(statistics_dtype(desc.dtype))
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         # The textbook gradient of softmax attention, dense, in float64.
@@ -76,7 +81,7 @@ class ReferenceBackend(Backend):
         dv = sum_over_group(desc, dropped.transpose(-1, -2) @ d_out) if needed.value else None
         cast = lambda t, dtype: None if t is None else t.to(dtype)  # noqa: E731
         return cast(dq, desc.dtype), cast(dk, desc.dtype), cast(dv, desc.dtype), cast(
-            d_scores if needed.mask else None, torch.float32
+            d_scores if needed.mask else None, statistics_dtype(desc.dtype)
         )
 
 

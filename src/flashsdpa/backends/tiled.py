@@ -12,7 +12,7 @@ import torch
 
 from flashsdpa import dropout
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, new_output
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind, statistics_dtype
 
 # Tiles large enough that Python overhead stays small next to the matmuls on a
 # CPU, small enough that one score tile per batch*head stays in cache-sized
@@ -91,7 +91,7 @@ class TiledBackend(Backend):
         t = _Tiles(desc, inputs)
         b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
         out = new_output((b, hkv, g, desc.seq_q, desc.head_dim_v), desc.dtype, inputs.query.device)
-        lse = new_output((b, hkv, g, desc.seq_q), torch.float32, inputs.query.device)
+        lse = new_output((b, hkv, g, desc.seq_q), statistics_dtype(desc.dtype), inputs.query.device)
         keep_scale = 1.0 / (1.0 - desc.dropout_p)
         for m0 in range(0, desc.seq_q, BLOCK_M):
             m1 = min(m0 + BLOCK_M, desc.seq_q)
@@ -124,19 +124,38 @@ class TiledBackend(Backend):
         d_out = grad_out.unflatten(1, (hkv, g))
         o = out.unflatten(1, (hkv, g))
         lse_g = _finite(lse.unflatten(1, (hkv, g))).to(t.acc).unsqueeze(-1)
-        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), one row at a time per tile.
-        delta = torch.empty(b, hkv, g, desc.seq_q, 1, dtype=t.acc, device=device)
+        keep_scale = 1.0 / (1.0 - desc.dropout_p)
+
+        def probs_and_grad(m0, m1, n0, n1, q_tile, do_tile, k_tile, v_tile):
+            """P, dP of one tile (dP with dropout's keep/(1-p) applied), and that factor."""
+            p = torch.exp(t.scores(m0, m1, n0, n1, q_tile, k_tile) - lse_g[..., m0:m1, :])
+            dp = do_tile @ v_tile.transpose(-1, -2)
+            keep = t.keep(m0, m1, n0, n1) * keep_scale if desc.dropout_p > 0.0 else None
+            return p, dp if keep is None else dp * keep, keep
+
+        # delta_i = sum_j P_ij dP_ij. rowsum(dO * O) equals it, but O was rounded
+        # to float16/bfloat16 by the forward, which put half-precision gradients
+        # at up to 3x torch's error: there, sum P * dP tile by tile instead.
+        delta = torch.zeros(b, hkv, g, desc.seq_q, 1, dtype=t.acc, device=device)
+        exact_delta = desc.dtype in (torch.float16, torch.bfloat16)
         for m0 in range(0, desc.seq_q, BLOCK_M):
             m1 = min(m0 + BLOCK_M, desc.seq_q)
-            delta[..., m0:m1, :] = (t.tile(d_out, m0, m1) * t.tile(o, m0, m1)).sum(-1, keepdim=True)
+            do_tile = t.tile(d_out, m0, m1)
+            if not exact_delta:
+                delta[..., m0:m1, :] = (do_tile * t.tile(o, m0, m1)).sum(-1, keepdim=True)
+                continue
+            q_tile = t.tile(t.q, m0, m1)
+            for n0 in t.key_blocks(m0, m1):
+                n1 = min(n0 + BLOCK_N, desc.seq_kv)
+                p, dp, _ = probs_and_grad(m0, m1, n0, n1, q_tile, do_tile, t.tile(t.k, n0, n1), t.tile(t.v, n0, n1))
+                delta[..., m0:m1, :] += (p * dp).sum(-1, keepdim=True)
 
         dq = torch.zeros(b, hkv, g, desc.seq_q, desc.head_dim, dtype=t.acc, device=device) if needed.query else None
         dk = new_output((b, hkv, 1, desc.seq_kv, desc.head_dim), desc.dtype, device) if needed.key else None
         dv = new_output((b, hkv, 1, desc.seq_kv, desc.head_dim_v), desc.dtype, device) if needed.value else None
         dmask = None
         if needed.mask:
-            dmask = torch.zeros(b, hkv, g, desc.seq_q, desc.seq_kv, dtype=torch.float32, device=device)
-        keep_scale = 1.0 / (1.0 - desc.dropout_p)
+            dmask = torch.zeros(b, hkv, g, desc.seq_q, desc.seq_kv, dtype=statistics_dtype(desc.dtype), device=device)
         # Key blocks outer so dK/dV accumulate in one tile; dQ accumulates in O(L*E).
         for n0 in range(0, desc.seq_kv, BLOCK_N):
             n1 = min(n0 + BLOCK_N, desc.seq_kv)
@@ -146,13 +165,8 @@ class TiledBackend(Backend):
             for m0 in t.query_blocks(n0):
                 m1 = min(m0 + BLOCK_M, desc.seq_q)
                 q_tile, do_tile = t.tile(t.q, m0, m1), t.tile(d_out, m0, m1)
-                p = torch.exp(t.scores(m0, m1, n0, n1, q_tile, k_tile) - lse_g[..., m0:m1, :])
-                dp = do_tile @ v_tile.transpose(-1, -2)
-                p_dropped = p
-                if desc.dropout_p > 0.0:
-                    keep = t.keep(m0, m1, n0, n1) * keep_scale
-                    p_dropped = p * keep
-                    dp = dp * keep
+                p, dp, keep = probs_and_grad(m0, m1, n0, n1, q_tile, do_tile, k_tile, v_tile)
+                p_dropped = p if keep is None else p * keep
                 ds = p * (dp - delta[..., m0:m1, :])
                 # Sum over the group's query heads (dim 2) for the shared K/V head.
                 dv_acc += (p_dropped.transpose(-1, -2) @ do_tile).sum(2, keepdim=True)

@@ -11,6 +11,8 @@ the dK/dV kernel if dK or dV is needed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 
@@ -49,6 +51,10 @@ def attention_backward(
         config = kernel_cache.get(
             ("backward", desc.kernel_key), lambda cache_key: backward_config(cache_key[1], device_capability(device))
         )
+    if needed.mask and not config.renormalize_rows:
+        # The mask gradient is dS itself: the exact row pass keeps delta from
+        # the half-precision output's rounding (it put dmask at 2x torch's error).
+        config = dataclasses.replace(config, renormalize_rows=True)
     batch, heads_q, seq_q, head_dim = query.shape
     heads_kv, seq_kv, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
     dq = new_output(query.shape, desc.dtype, device) if needed.query else None

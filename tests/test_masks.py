@@ -1,0 +1,164 @@
+"""attn_mask: every broadcast pattern, bool and float (float32 and the query's dtype), with causal, GQA,
+odd layouts, and extreme additive values. Gradients of float masks are in test_backward.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import (
+    BACKENDS,
+    Case,
+    check_forward,
+    generator,
+    qkv,
+    randn,
+    random_bool_mask,
+    random_float_mask,
+    run,
+    seq,
+    oracle,
+    assert_forward_close,
+)
+
+B, H = 2, 3
+# mask shapes as functions of (L, S), all broadcastable to (B, H, L, S)
+PATTERNS = {
+    "LS": lambda L, S: (L, S),
+    "11LS": lambda L, S: (1, 1, L, S),
+    "B11S": lambda L, S: (B, 1, 1, S),
+    "BH1S": lambda L, S: (B, H, 1, S),
+    "1HLS": lambda L, S: (1, H, L, S),
+    "BHLS": lambda L, S: (B, H, L, S),
+    "S": lambda L, S: (S,),
+    "1S": lambda L, S: (1, S),
+    "H1S": lambda L, S: (H, 1, S),
+    "B1LS": lambda L, S: (B, 1, L, S),
+    "1111": lambda L, S: (1, 1, 1, 1),
+    "L1": lambda L, S: (L, 1),
+}
+MASK_DTYPES = ["bool", "float32", "query_dtype"]
+
+
+def make_mask(kind, shape, query_dtype, gen, device):
+    if kind == "bool":
+        # a (.., 1) pattern cannot keep "key 0" without keeping everything: let whole rows be masked then
+        return random_bool_mask(shape, gen, device, ensure_first_key=shape[-1] != 1 or len(shape) == 1)
+    dtype = torch.float32 if kind == "float32" else query_dtype
+    return random_float_mask(shape, gen, dtype, device, with_neg_inf=shape[-1] != 1)
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_broadcast_patterns(backend, pattern, mask_dtype, device):
+    gen = generator(list(PATTERNS).index(pattern) * 10 + MASK_DTYPES.index(mask_dtype))
+    if backend == "triton":
+        # float16 queries (so "query_dtype" is a float16 mask); decode-sized and causal main-kernel problems
+        dtype, problems = torch.float16, [(seq(5), seq(21), False), (seq(19), seq(21), True)]
+    else:
+        dtype, problems = torch.bfloat16, [(70, 600, False), (300, 290, True)]
+    for seq_q, seq_kv, causal in problems:
+        q, k, v = qkv((B, H), (B, H), seq_q, seq_kv, 16, gen, dtype, device)
+        mask = make_mask(mask_dtype, PATTERNS[pattern](seq_q, seq_kv), dtype, gen, device)
+        # fully masked rows (possible for the L1 bool pattern) make torch's own result differ: oracle only then
+        has_empty_rows = mask.dtype == torch.bool and not bool(mask.any(-1).all())
+        check_forward(
+            backend, Case(q, k, v, attn_mask=mask, causal=causal), f"{pattern} {mask_dtype} causal={causal}",
+            check_torch=not has_empty_rows,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("lengths", [(19, 37), (37, 19)], ids=["L<S", "L>S"])
+@pytest.mark.parametrize("backend", BACKENDS + ("reference",))
+def test_causal_and_mask_apply_both(backend, lengths, mask_kind, device):
+    """attn_mask with is_causal applies both (torch's math backend would raise; the oracle composes them)."""
+    gen = generator(31)
+    seq_q, seq_kv = (seq(lengths[0]), seq(lengths[1])) if backend != "tiled" else (lengths[0] * 11, lengths[1] * 11)
+    q, k, v = qkv((1, 2), (1, 2), seq_q, seq_kv, 16, gen, torch.float32, device)
+    if mask_kind == "bool":
+        mask = random_bool_mask((1, 2, seq_q, seq_kv), gen, device)
+    else:
+        mask = random_float_mask((seq_q, seq_kv), gen, torch.float32, device)
+    out, _ = check_forward(backend, Case(q, k, v, attn_mask=mask, causal=True), f"causal+{mask_kind}")
+    # and it is neither the mask alone nor causal alone
+    assert not torch.allclose(out, run(backend, q, k, v, attn_mask=mask), atol=1e-3)
+    assert not torch.allclose(out, run(backend, q, k, v, causal=True), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_with_gqa(backend, device):
+    gen = generator(32)
+    seq_q, seq_kv = (seq(18), seq(20)) if backend == "triton" else (200, 333)
+    q, k, v = qkv((2, 4), (2, 2), seq_q, seq_kv, 16, gen, torch.float16, device)
+    per_head = random_float_mask((2, 4, seq_q, seq_kv), gen, torch.float32, device)
+    check_forward(backend, Case(q, k, v, attn_mask=per_head, enable_gqa=True), "per-query-head float mask")
+    padding = random_bool_mask((2, 1, 1, seq_kv), gen, device)
+    check_forward(backend, Case(q, k, v, attn_mask=padding, enable_gqa=True, causal=True), "key padding")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded_rows", "expanded_keys"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_layouts(backend, layout, device):
+    """Masks that are views: transposed storage, strided slices, and user-expanded (stride-0) tensors."""
+    gen = generator(33)
+    seq_q, seq_kv = (seq(18), seq(21)) if backend == "triton" else (260, 530)
+    q, k, v = qkv((2, 2), (2, 2), seq_q, seq_kv, 16, gen, torch.float32, device)
+    if layout == "transposed":
+        mask = random_bool_mask((2, 2, seq_kv, seq_q), gen, device, ensure_first_key=False).transpose(-1, -2)
+        mask[..., 0] = True
+    elif layout == "sliced":
+        mask = random_float_mask((2, 4, seq_q, 2 * seq_kv), gen, torch.float32, device)[:, ::2, :, ::2]
+    elif layout == "expanded_rows":
+        mask = random_float_mask((2, 1, 1, seq_kv), gen, torch.float32, device).expand(2, 2, seq_q, seq_kv)
+    else:
+        mask = random_bool_mask((seq_q, 1), gen, device, ensure_first_key=False).expand(seq_q, seq_kv).clone()
+        mask[:, : seq_kv // 2] = True
+        mask = mask[:, :1].expand(seq_q, seq_kv) | random_bool_mask((1, seq_kv), gen, device)
+    check_forward(backend, Case(q, k, v, attn_mask=mask, causal=True), layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ("reference",))
+def test_float_mask_extreme_values(backend, device):
+    """float32 masks at finfo.min: a row that is all finfo.min has uniform weights (plain softmax), it is not empty;
+    finfo.min on some keys hides them like -inf."""
+    gen = generator(34)
+    seq_q, seq_kv = seq(18), seq(21)
+    q, k, v = qkv((1, 2), (1, 2), seq_q, seq_kv, 16, gen, torch.float32, device)
+    lowest = torch.finfo(torch.float32).min
+    mask = randn((seq_q, seq_kv), gen, torch.float32, device)
+    mask[2] = lowest  # whole row
+    mask[5, 1::2] = lowest  # every other key
+    out, _ = check_forward(backend, Case(q, k, v, attn_mask=mask), "finfo.min")
+    assert torch.isfinite(out).all()
+    uniform = v.double().mean(dim=-2)
+    assert torch.allclose(out[:, :, 2].double(), uniform, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_on_2d_and_5d_inputs(backend, device):
+    gen = generator(35)
+    seq_q, seq_kv = seq(18), seq(21)
+    q, k, v = (randn((n, 16), gen, torch.float16, device) for n in (seq_q, seq_kv, seq_kv))
+    check_forward(backend, Case(q, k, v, attn_mask=random_bool_mask((seq_q, seq_kv), gen, device)), "2d")
+    q = randn((2, 2, 1, seq_q, 16), gen, torch.float16, device)
+    k, v = (randn((2, 2, 1, seq_kv, 16), gen, torch.float16, device) for _ in range(2))
+    mask = random_float_mask((2, 1, 1, 1, seq_kv), gen, torch.float16, device)
+    check_forward(backend, Case(q, k, v, attn_mask=mask, causal=True), "5d")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_is_applied_per_batch_and_head(backend, device):
+    """A mask that differs per (batch, head) item: each item matches its own oracle slice."""
+    gen = generator(36)
+    seq_q, seq_kv = seq(17), seq(20)
+    q, k, v = qkv((2, 2), (2, 2), seq_q, seq_kv, 16, gen, torch.float32, device)
+    mask = torch.ones(2, 2, seq_q, seq_kv, dtype=torch.bool, device=device)
+    mask[0, 1, :, seq_kv // 2 :] = False
+    mask[1, 0, :, : seq_kv // 2] = False
+    out = run(backend, q, k, v, attn_mask=mask)
+    for b in range(2):
+        for h in range(2):
+            ref, _ = oracle(q[b, h], k[b, h], v[b, h], mask[b, h])
+            assert_forward_close(f"{backend} item {b},{h}", out[b, h], ref, None, torch.float32)
