@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the test suite and `flashsdpa check` on CUDA, then the quick
-# bench. Run from the repo root on the GPU machine; logs go to $OUT.
+# One device call: the test suite and `flashsdpa check` on CUDA.
+# Run from the repo root on the GPU machine; logs go to $OUT.
 # Usage: bash scripts/device_validate.sh [pytest args...]
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1

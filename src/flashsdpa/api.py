@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from flashsdpa import dispatch, ops
-from flashsdpa.descriptor import Fp32Precision
-from flashsdpa.validation import canonicalize, check_options
+from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision
+from flashsdpa.validation import Canonical, canonicalize, check_options, describe
 
 
 def _pinned_backend_outside_compile() -> str:
@@ -86,6 +87,31 @@ def attention(
     fp32_precision: "ieee" (default, float32 accuracy) or "tf32" (opt-in,
         faster tensor-core products with ~1e-3 relative error) for float32 inputs.
     """
+    call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision)
+    return run(call, return_lse)
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """A validated call in canonical form, ready for `run` (the drop-in layer checks it first)."""
+
+    canon: Canonical
+    causal: bool
+    scale: float  # resolved: 1/sqrt(the caller's head dim) when None was given
+    dropout_p: float
+    backend: str | None
+    precision: Fp32Precision
+
+    def describe(self) -> AttentionDescriptor:
+        c = self.canon
+        return describe(
+            c.query, c.key, c.value, c.mask, causal=self.causal, dropout_p=self.dropout_p, scale=self.scale,
+            fp32_precision=self.precision,
+        )
+
+
+def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision) -> PreparedCall:
+    """Validate every argument (raising with the argument's name and the shapes) before anything runs."""
     check_options(dropout_p, causal, scale)
     if backend is not None:
         dispatch.get_backend(backend)
@@ -97,16 +123,21 @@ def attention(
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
     resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
+    return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision)
+
+
+def run(call: PreparedCall, return_lse: bool = False):
+    c = call.canon
     out, lse, _ = ops.attention_forward(
-        canon.query,
-        canon.key,
-        canon.value,
-        canon.mask,
-        float(dropout_p),
-        causal,
-        resolved_scale,
-        backend or _pinned_backend_outside_compile(),
-        precision.value,
+        c.query,
+        c.key,
+        c.value,
+        c.mask,
+        call.dropout_p,
+        call.causal,
+        call.scale,
+        call.backend or _pinned_backend_outside_compile(),
+        call.precision.value,
     )
-    out = out.reshape(canon.output_shape)
-    return (out, lse.reshape(canon.lse_shape)) if return_lse else out
+    out = out.reshape(c.output_shape)
+    return (out, lse.reshape(c.lse_shape)) if return_lse else out

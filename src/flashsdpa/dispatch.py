@@ -103,12 +103,20 @@ def choose_backend(desc: AttentionDescriptor, device: torch.device, requested: s
         if reasons:
             raise UnsupportedError(f"backend {requested!r} cannot run this problem: " + "; ".join(reasons), reasons)
         return requested
-    all_reasons = []
+    name, skipped = automatic_choice(desc, device)
+    if name is None:
+        raise UnsupportedError("no flashsdpa backend can run this problem: " + "; ".join(skipped), skipped)
+    for reason in skipped:
+        record_fallback(reason)
+    return name
+
+
+def automatic_choice(desc: AttentionDescriptor, device: torch.device) -> tuple[str | None, list[str]]:
+    """(the first backend in speed order that takes `desc` or None, the reasons of those skipped); records nothing."""
+    skipped = []
     for name in AUTOMATIC_ORDER.get(device.type, DEFAULT_ORDER):
         reasons = BACKENDS[name].unsupported_reasons(desc, device)
         if not reasons:
-            for reason in all_reasons:
-                record_fallback(reason)
-            return name
-        all_reasons.extend(f"{name}: {r}" for r in reasons)
-    raise UnsupportedError("no flashsdpa backend can run this problem: " + "; ".join(all_reasons), all_reasons)
+            return name, skipped
+        skipped.extend(f"{name}: {r}" for r in reasons)
+    return None, skipped

@@ -45,6 +45,16 @@ def _check_tensor(name: str, t) -> None:
         raise ValueError(f"{name} must have at least 2 dims (..., seq, head_dim), got shape {tuple(t.shape)}")
 
 
+# The two helpers below skip the view op when it would change nothing: each
+# costs a few microseconds of host time on every attention call.
+def _with_leading_ones(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t if t.dim() == ndim else t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape))
+
+
+def _expand(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t if t.shape == shape else t.expand(shape)
+
+
 def _flatten_batch(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
     """Merge the leading `batch_dims` dims into one (a view when strides allow, else a copy)."""
     if batch_dims == 1:
@@ -86,7 +96,7 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
         raise ValueError(f"key and value must have the same sequence length (dim -2), got {shapes()}")
 
     ndim = max(query.dim(), key.dim(), value.dim(), 3)
-    q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    q, k, v = (_with_leading_ones(t, ndim) for t in (query, key, value))
     heads_q, heads_k, heads_v = q.shape[-3], k.shape[-3], v.shape[-3]
     if heads_k != heads_v:
         if heads_k != 1 and heads_v != 1:
@@ -114,9 +124,9 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
         raise ValueError(f"the leading (batch) dims of query, key and value do not broadcast: {shapes()}") from None
 
     seq_q, seq_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    q = q.expand(*batch_shape, heads_q, seq_q, head_dim)
-    k = k.expand(*batch_shape, heads_kv, seq_kv, head_dim)
-    v = v.expand(*batch_shape, heads_kv, seq_kv, v.shape[-1])
+    q = _expand(q, (*batch_shape, heads_q, seq_q, head_dim))
+    k = _expand(k, (*batch_shape, heads_kv, seq_kv, head_dim))
+    v = _expand(v, (*batch_shape, heads_kv, seq_kv, v.shape[-1]))
     nb = len(batch_shape)
 
     mask = None

@@ -79,7 +79,6 @@ import torch.nn.functional as F
 
 from flashsdpa import api, dispatch
 from flashsdpa.dispatch import UnsupportedError
-from flashsdpa.validation import canonicalize, check_options, describe
 
 STRICT_ENV = "FLASHSDPA_STRICT"
 TORCH = "torch"  # the name fallbacks are counted under in stats()["calls"]
@@ -155,13 +154,8 @@ def _backend_reasons(desc, device: torch.device) -> list[str]:
     when it runs). A `use_backend` pin is an explicit request: it is left to fail loudly in the op."""
     if not torch.compiler.is_compiling() and dispatch.pinned_backend() is not None:
         return []
-    reasons = []
-    for name in dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER):
-        backend_reasons = dispatch.BACKENDS[name].unsupported_reasons(desc, device)
-        if not backend_reasons:
-            return []
-        reasons.extend(f"{name}: {reason}" for reason in backend_reasons)
-    return reasons
+    name, skipped = dispatch.automatic_choice(desc, device)
+    return [] if name is not None else skipped
 
 
 def unsupported_reasons(
@@ -172,23 +166,26 @@ def unsupported_reasons(
     Runs no kernel. Invalid arguments (for flashsdpa, and mostly for torch too)
     give the validation message as the reason.
     """
+    return _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """(reasons, the validated call when there are none)."""
     reasons = []
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         reasons.extend(_tensor_reasons(name, t))
     reasons.extend(_option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa))
     if reasons:
-        return reasons
+        return reasons, None
     if isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor):
         allowed = (torch.bool, torch.float32, query.dtype)
         if attn_mask.dtype not in allowed:
-            return [f"attn_mask dtype {str(attn_mask.dtype).removeprefix('torch.')} is not supported"]
+            return [f"attn_mask dtype {str(attn_mask.dtype).removeprefix('torch.')} is not supported"], None
     try:
-        check_options(dropout_p, is_causal, scale)
-        canon = canonicalize(query, key, value, attn_mask, enable_gqa)
+        call = api.prepare(query, key, value, is_causal, scale, attn_mask, dropout_p, enable_gqa, None, "ieee")
     except Exception as error:  # noqa: BLE001 - whatever flashsdpa rejects goes to torch, which decides
-        return [f"invalid arguments: {error}"]
-    desc = describe(canon.query, canon.key, canon.value, canon.mask, causal=is_causal, dropout_p=dropout_p, scale=scale)
-    return _backend_reasons(desc, canon.query.device)
+        return [f"invalid arguments: {error}"], None
+    return _backend_reasons(call.describe(), call.canon.query.device), call
 
 
 # ---- one call -----------------------------------------------------------------
@@ -214,11 +211,11 @@ def torch_sdpa():
 
 def _route(arguments: tuple, strict: bool, torch_call):
     """Run `arguments` (torch's SDPA arguments, in order) on flashsdpa, else `torch_call()`."""
-    reasons = unsupported_reasons(*arguments)
+    reasons, call = _check(*arguments)
     if reasons:
         _fall_back(reasons, strict)
         return torch_call()
-    return api.scaled_dot_product_attention(*arguments)
+    return api.run(call)
 
 
 def route(
