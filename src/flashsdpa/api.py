@@ -79,8 +79,8 @@ def attention(
     """flashsdpa's keyword API over the same machinery as `scaled_dot_product_attention`.
 
     return_lse: also return the natural-log log-sum-exp of each row of the
-        scaled, masked scores, float32, shape (..., L); -inf for a row with no
-        visible key.
+        scaled, masked scores, shape (..., L), float32 (float64 for float64
+        inputs); -inf for a row with no visible key.
     backend: "triton", "tiled" or "reference" pins a backend (raising if it
         cannot take the problem); None chooses automatically, falling back with
         a recorded reason (see `flashsdpa.stats()`).
