@@ -113,10 +113,6 @@ class AttentionDescriptor:
         return self.heads_q // self.heads_kv
 
     @property
-    def is_empty(self) -> bool:
-        return self.batch * self.heads_q * self.seq_q == 0 or self.head_dim_v == 0
-
-    @property
     def kernel_key(self) -> KernelKey:
         return KernelKey(
             device_type=self.device_type,

@@ -132,7 +132,6 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
     mask = None
     if attn_mask is not None:
         mask = _canonical_mask(attn_mask, query, batch_shape, heads_q, seq_q, seq_kv, shapes)
-        mask = _flatten_batch(mask, nb)
 
     out_lead = tuple(batch_shape) + (heads_q,) if max(query.dim(), key.dim(), value.dim()) >= 3 else ()
     return Canonical(
@@ -167,7 +166,14 @@ def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes)
         # Its gradient is summed over the broadcast dims by autograd: let that
         # sum run in float32 and round once (the kernels read float32 masks).
         attn_mask = attn_mask.float()
-    return attn_mask.expand(score_shape)
+    # Merge the batch dims while only they are expanded, then broadcast over
+    # heads and rows: a merge that needs a copy then copies the mask's own
+    # (H, L, S) extent per batch item, never the whole score shape, and a
+    # key-padding mask keeps its stride-0 rows.
+    nb = len(batch_shape)
+    mask = _with_leading_ones(attn_mask, len(score_shape))
+    mask = _flatten_batch(_expand(mask, (*batch_shape, *mask.shape[nb:])), nb)
+    return _expand(mask, (mask.shape[0], heads, seq_q, seq_kv))
 
 
 def describe(

@@ -3,7 +3,7 @@
 Backends see problems in canonical form only (see `AttentionDescriptor`):
 query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev), any strides;
 the mask, if any, is a (B, Hq, L, S) view whose broadcast dims have stride 0
-(never materialised). Degenerate problems (L, S, B*H or Ev equal to 0) are
+(never materialised). Degenerate problems (L, S or B*H equal to 0) are
 handled before a backend is called, so backends may assume L, S >= 1.
 """
 

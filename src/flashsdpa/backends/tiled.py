@@ -22,16 +22,12 @@ BLOCK_M = 256
 BLOCK_N = 512
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _Tiles:
     """Group-shaped views and per-tile score computation shared by forward and backward."""
 
     def __init__(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         self.desc = desc
-        self.acc = accumulator_dtype(desc.dtype)
+        self.acc = statistics_dtype(desc.dtype)  # accumulate in float32, or float64 for float64
         b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
         # Split the query heads into (kv head, group member): always a view.
         self.q = inputs.query.unflatten(1, (hkv, g))  # (B, Hkv, G, L, E)

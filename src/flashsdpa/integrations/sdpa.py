@@ -108,8 +108,9 @@ def current_mode() -> Mode:
     mode = getattr(_thread, "mode", None)
     if mode is not None:
         return mode
-    if not torch.compiler.is_compiling() and _patch.open_blocks and torch._C._current_graph_task_id() != -1:
-        return _patch.open_blocks[-1][1]  # a backward pass, maybe in autograd's own thread: see above
+    blocks = _patch.open_blocks  # one read: another thread's block may replace the list
+    if not torch.compiler.is_compiling() and blocks and torch._C._current_graph_task_id() != -1:
+        return blocks[-1][1]  # a backward pass, maybe in autograd's own thread: see above
     return _process_mode
 
 

@@ -1,7 +1,7 @@
 """The Triton backend: flash-attention kernels for CUDA tensors.
 
 Kernels (`*_kernels.py`) are kept apart from their launchers (`launch_*.py`)
-and from the block-shape tables (`configs.py`). The same kernels run on CPU
+and from the block-shape tables (`forward_configs.py`, `backward_configs.py`). The same kernels run on CPU
 tensors under Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests
 them; the automatic dispatcher only picks this backend for CUDA tensors.
 """

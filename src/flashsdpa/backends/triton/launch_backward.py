@@ -48,8 +48,9 @@ def attention_backward(
     query, key, value = inputs.query, inputs.key, inputs.value
     device = query.device
     if config is None:
+        capability = device_capability(device)  # tiles differ per GPU generation
         config = kernel_cache.get(
-            ("backward", desc.kernel_key), lambda cache_key: backward_config(cache_key[1], device_capability(device))
+            ("backward", desc.kernel_key, capability), lambda cache_key: backward_config(cache_key[1], capability)
         )
     if needed.mask and not config.renormalize_rows:
         # The mask gradient is dS itself: the exact row pass keeps delta from

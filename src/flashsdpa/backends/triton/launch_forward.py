@@ -50,7 +50,11 @@ def attention_forward(
     """out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32 (natural log); see `Backend.forward`."""
     if config is None:
         device = inputs.query.device
-        config = kernel_cache.get(desc.kernel_key, lambda key: choose_forward_config(key, device_capability(device)))
+        # The capability is part of the key: tiles and TMA use differ per GPU generation.
+        capability = device_capability(device)
+        config = kernel_cache.get(
+            ("forward", desc.kernel_key, capability), lambda cache_key: choose_forward_config(cache_key[1], capability)
+        )
     if uses_decode_kernel(desc):
         return launch_decode_kernels(desc, inputs, config)
     return launch_main_kernel(desc, inputs, config)
