@@ -251,7 +251,7 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The same split as forward_kernels.split_tf32, done once per call for the
     query so that both halves reach the kernel's tensor cores from shared memory.
     """
-    x = x.contiguous()  # copy needed because hi/lo are built by an int32 view, which needs dense storage
+    x = x.contiguous()  # copy needed because the kernel reads hi and lo through one set of strides
     hi = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
     return hi, x - hi
 
