@@ -99,9 +99,8 @@ def attention_forward(
         is_causal = False
     strict = strict or drop_in.current_mode().strict
     out = drop_in.route(query, key, value, attention_mask, dropout, is_causal, scaling, enable_gqa, strict=strict)
-    # (B, L, H, Ev) contiguous: the copy is needed because the models' o_proj
-    # reshapes it with .view, exactly as transformers' own "sdpa" returns it.
-    return out.transpose(1, 2).contiguous(), None
+    # (B, L, H, Ev), as transformers' own "sdpa" returns it:
+    return out.transpose(1, 2).contiguous(), None  # copy needed because the models' o_proj reshapes it with .view
 
 
 @dataclass
