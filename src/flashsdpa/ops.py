@@ -68,9 +68,8 @@ def attention_forward(
 
 def _as_declared(t: Tensor) -> Tensor:
     """The fake implementations declare contiguous outputs and compiled graphs
-    assert that; every backend allocates them so, and this copy (needed because
-    an op's outputs must match its declaration) never runs in practice."""
-    return t if t.is_contiguous() else t.contiguous()
+    assert that; every backend allocates them so, and this never copies in practice."""
+    return t if t.is_contiguous() else t.contiguous()  # copy needed because outputs must match the fake's layout
 
 
 @attention_forward.register_fake
