@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 import flashsdpa
 from flashsdpa.integrations import transformers as fs_transformers
+from flashsdpa.integrations.model_bench import stats_since, time_steps
 
 SIZES = {
     # LM: layers, hidden, heads, kv heads, seq, batch; DiT: layers, single layers, heads, head dim, image side
@@ -44,21 +44,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_ms(fn, device: torch.device, repeats: int = 5) -> float:
-    fn()  # warm-up (Triton compiles its kernel variants on first use)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of `repeats` calls after one warm-up (Triton compiles its variants on first use)."""
+    return statistics.median(time_steps(fn, device, warmup=1, steps=repeats))
 
 
 def report(title: str, rows: list[tuple]) -> None:
@@ -119,7 +106,7 @@ def causal_lm(device: torch.device, dtype: torch.dtype, seq: int | None) -> None
             if name == "torch sdpa":
                 torch_out = out
             errors = relative_error(out, ref64), relative_error(out, torch_out)
-            rows.append((name, *errors, fwd, train_step, _since(before)))
+            rows.append((name, *errors, fwd, train_step, stats_since(before)))
     finally:
         registration.remove()
     report(
@@ -178,20 +165,12 @@ def diffusion_transformer(device: torch.device, dtype: torch.dtype) -> None:
             fwd = time_ms(lambda: forward(model, dtype), device)
         if not drop_in:
             torch_out = out
-        rows.append((name, relative_error(out, ref64), relative_error(out, torch_out), fwd, None, _since(before)))
+        rows.append((name, relative_error(out, ref64), relative_error(out, torch_out), fwd, None, stats_since(before)))
     report(
         f"diffusion transformer (Flux: {layers} double + {single_layers} single blocks, {heads} heads x {head_dim}, "
         f"{image_tokens} image + {text_tokens} text tokens, batch {batch}) on {device.type}, {str(dtype)[6:]}",
         rows,
     )
-
-
-def _since(before: dict) -> dict:
-    after = flashsdpa.stats()
-    return {
-        kind: {key: n - before[kind].get(key, 0) for key, n in counts.items() if n != before[kind].get(key, 0)}
-        for kind, counts in after.items()
-    }
 
 
 def main() -> None:

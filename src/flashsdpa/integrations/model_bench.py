@@ -50,7 +50,7 @@ def llama_config(layers: int, width: int, seq: int, vocab_size: int = VOCAB_SIZE
     )
 
 
-def _time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
     """Milliseconds of each of `steps` calls of `step()` after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
@@ -113,13 +113,13 @@ def run_model_bench(
         return loss.detach()
 
     torch_loss = step()
-    torch_times = _time_steps(step, device, warmup, steps)
+    torch_times = time_steps(step, device, warmup, steps)
 
     stats_before = flashsdpa.stats()
     with flashsdpa.sdpa():
         flashsdpa_loss = step()
-        flashsdpa_times = _time_steps(step, device, warmup, steps)
-    flashsdpa_stats = _stats_since(stats_before)
+        flashsdpa_times = time_steps(step, device, warmup, steps)
+    flashsdpa_stats = stats_since(stats_before)
 
     torch_ms = statistics.median(torch_times)
     flashsdpa_ms = statistics.median(flashsdpa_times)
@@ -146,7 +146,7 @@ def run_model_bench(
     }
 
 
-def _stats_since(before: dict) -> dict:
+def stats_since(before: dict) -> dict:
     """flashsdpa.stats() counts added since `before` (the caller's counts are left as they are)."""
     after = flashsdpa.stats()
     return {
