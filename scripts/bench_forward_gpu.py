@@ -387,12 +387,21 @@ if args.sweep and not args.table_only:
 if args.fp32_sweep and not args.table_only:
     B, H, L, d = (4, 16, 4096, 128) if not SMOKE else (1, 2, 64, 128)
     q, k, v = (torch.randn(B, H, L, d, device=dev, dtype=torch.float32) for _ in range(3))
-    for precision, specs in ((Fp32Precision.IEEE, ["128x32w8s2", "64x32w4s2", "128x32w8s1"]),
-                             (Fp32Precision.TF32, ["128x64w8s2", "64x64w4s3"])):
+    # Errors on two heads, at the default scale and at scale 10 (where float32 rounding of the scores shows).
+    sq, sk, sv = q[:1, :2], k[:1, :2], v[:1, :2]
+    refs = {sc: reference(sq, sk, sv, None, False, sc)[0] for sc in (d ** -0.5, 10.0)}
+    torch_errs = {sc: rel(torch_own(sq, sk, sv, None, False, sc), r) for sc, r in refs.items()}
+    line = "fp32 torch's own error: " + ", ".join(f"scale {sc:.3g} {e:.1e}" for sc, e in torch_errs.items())
+    print(line, flush=True)
+    summary.append(line)
+    for precision, specs in ((Fp32Precision.IEEE, ["128x32w8s2", "64x32w4s2"]),
+                             (Fp32Precision.TF32, ["128x64w8s2"])):
         base = choose_forward_config(describe(q, k, v, precision=precision).kernel_key, cap)
-        if precision is Fp32Precision.IEEE:  # the experimental explicit split (see forward_configs)
+        if precision is Fp32Precision.IEEE:
             variants = {f"split {spec}": dataclasses.replace(variant(base, spec), split_tf32=True) for spec in specs}
-            variants["tf32x3 64x32w4s3"] = variant(base, "64x32w4s3")
+            variants.update({f"tf32x3 {spec}": variant(base, spec) for spec in ["64x32w4s3", "128x32w8s2"]})
+            variants.update({f"ieee {spec}": dataclasses.replace(variant(base, spec), dot_precision="ieee")
+                             for spec in ["64x32w4s2", "64x64w4s2"]})
         else:
             variants = {spec: variant(base, spec) for spec in specs}
         cells = []
@@ -400,9 +409,11 @@ if args.fp32_sweep and not args.table_only:
             try:
                 ms = timed(lambda: ours(q, k, v, config=cfg, path="main", precision=precision))
                 if ms is not None:
-                    out, _ = ours(q[:1, :2], k[:1, :2], v[:1, :2], config=cfg, path="main", precision=precision)
-                    err = rel(out, reference(q[:1, :2], k[:1, :2], v[:1, :2], None, False, d ** -0.5)[0])
-                    cells.append(f"{name} {tflops(ms, B, H, L, L, d, False):.0f} (err {err:.1e})")
+                    errs = []
+                    for sc, r in refs.items():
+                        out, _ = ours(sq, sk, sv, config=cfg, path="main", precision=precision, scale=sc)
+                        errs.append(f"{rel(out, r):.1e}")
+                    cells.append(f"{name} {tflops(ms, B, H, L, L, d, False):.0f} (err {'/'.join(errs)})")
             except Exception as e:
                 cells.append(f"{name} FAILED {type(e).__name__}: {str(e)[:60]}")
         if WARM is None:

@@ -15,9 +15,11 @@ scalar, so no index product overflows however long the sequence.
 A row that may attend to no key (fully masked, or causal with nothing visible)
 keeps a running max of -inf; it is exponentiated against 0 instead, so it
 yields output 0 and lse -inf rather than NaN. Without a mask no row can be
-empty, and whole unmasked blocks take a cheaper softmax (FAST_SOFTMAX: the max
-of the raw products times the scale, one FFMA per score); it needs a
-non-negative scale, so the launchers pass -q and -scale for a negative one.
+empty, and whole unmasked blocks take a cheaper softmax (FAST_SOFTMAX: no
+masking at all). Outside float masks every score costs one FFMA before its
+exp2 (q.k * scale - row max, with the max taken over the raw products and
+then scaled), which needs a positive scale: the launchers pass -q and -scale
+for a negative one, and q * 0 with scale 1 for zero.
 
 On an H100 (Triton 3.6) Q/K/V/O tiles move by TMA through 4-D descriptors the
 launcher builds once per call; descriptors built by each program cost 6-26%
@@ -86,15 +88,23 @@ def load_rows(
 
 @triton.jit
 def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
-    """tl.dot with a float32 accumulator; WIDEN_DOT_OPERANDS multiplies in float32 instead.
+    """a @ b + acc (acc may be None) with a float32 accumulator; WIDEN_DOT_OPERANDS multiplies in float32.
 
     Widening exists for the Triton interpreter, whose tl.dot multiplies the raw
     bit patterns of bfloat16 (triton#11584). It changes no result: a product of
     two bfloat16 values is exact in float32, as in the tensor cores.
+
+    float32 at full precision (tf32x3 on a GPU, ieee under the interpreter)
+    adds each product to acc with IEEE adds:
+    the tensor cores' float32 accumulation truncates, and with acc fed to them
+    the bias grows with every block of a long loop (H100: 7e-6 relative error
+    at 1024 keys, 2e-5 at 3001).
     """
     if WIDEN_DOT_OPERANDS:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    if (DOT_PRECISION == "tf32x3" or DOT_PRECISION == "ieee") and acc is not None:
+        return acc + tl.dot(a, b, input_precision=DOT_PRECISION)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -189,8 +199,7 @@ def attend_key_blocks(
 
     BOUNDARY blocks may reach past seq_kv or cross the causal diagonal and are
     masked element by element; the others skip that work. FAST_SOFTMAX (only
-    for unmasked whole blocks with a non-negative scale) also drops what
-    masking needs from the softmax. `mask_row_ptrs` points at each row's mask
+    for unmasked whole blocks) also drops what masking needs from the softmax. `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
     MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
     (q_lo holds the rest of q; otherwise q_lo is unused).
@@ -210,9 +219,6 @@ def attend_key_blocks(
         else:
             qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if not FAST_SOFTMAX:
-            # Scores may be masked to -inf: scale before masking (0 * -inf would
-            # be NaN at scale 0), and guard rows that have seen no key yet.
-            scores = qk * score_scale
             if MASK_KIND != MASK_NONE:
                 col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
                 if MASK_ROWS_BROADCAST:
@@ -223,25 +229,38 @@ def attend_key_blocks(
                     )
                 else:
                     mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
+            if MASK_KIND == MASK_FLOAT:
+                # Natural units: the mask is added to the scaled scores.
+                scores = qk * score_scale + mask_tile.to(tl.float32)
+            else:
+                # Raw products: the scale enters with the max in one FFMA per
+                # score (qk * scale - max), as on the fast path. Scaling first
+                # would round large scores (1e-3 of an exponent at |s| ~ 1e4)
+                # before the max is taken off.
+                scores = qk
                 if MASK_KIND == MASK_BOOL:
                     scores = tl.where(mask_tile != 0, scores, float("-inf"))
-                else:
-                    scores = scores + mask_tile.to(tl.float32)
             if BOUNDARY:
                 visible = cols[None, :] < seq_kv
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= offs_m[:, None])
                 scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            # Rows that have seen no visible key yet keep a max of -inf and are
+            # shifted by 0 instead (see the module doc).
             if MASK_KIND == MASK_FLOAT:
+                new_max = tl.maximum(row_max, tl.max(scores, 1))
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
                 p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
                 alpha = tl.math.exp2((row_max - shift) * LOG2E)
             else:
-                p = tl.math.exp2(scores - shift[:, None])
+                # score_scale > 0 (the launchers guarantee it), so a hidden
+                # score stays -inf once scaled and its weight is exactly 0.
+                new_max = tl.maximum(row_max, tl.max(scores, 1) * score_scale)
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                p = tl.math.exp2(scores * score_scale - shift[:, None])
                 alpha = tl.math.exp2(row_max - shift)
         else:
-            # FAST_SOFTMAX: no mask, whole blocks, score_scale >= 0. Every
+            # FAST_SOFTMAX: no mask, whole blocks. Every
             # score is visible and finite, so the running max is finite from
             # the first block on (no -inf guard), max(qk) * scale is the max of
             # the scaled scores, and each score costs one FFMA (qk * scale - max)
@@ -259,10 +278,7 @@ def attend_key_blocks(
             stride_vn, stride_vk, BOUNDARY, TILE_LOADS,
         )
         if SPLIT_TF32:
-            # A fresh accumulator per block, added to acc by an IEEE FFMA: the
-            # tensor cores' float32 accumulation rounds toward zero, and fed
-            # acc itself the bias grew with every block (H100: 7e-6 relative
-            # error at 1024 keys, 2e-5 at 3001; a model of it gives 1e-7 this way).
+            # A fresh accumulator per block, added to acc by IEEE adds (see matmul).
             p_hi, p_lo = split_tf32(p)
             v_hi, v_lo = split_tf32(v)
             acc = acc * alpha[:, None] + matmul_split_tf32(p_hi, p_lo, v_hi, v_lo, None)
@@ -326,9 +342,7 @@ def attend_keys(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # The unmasked blocks take the fast softmax when no mask applies; it needs
-    # softmax_scale >= 0, which the launchers guarantee (they pass -q and
-    # -scale for a negative scale).
+    # The unmasked blocks take the fast softmax when no mask applies.
     acc, row_sum, row_max = attend_key_blocks(
         acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
         key_start, unmasked_end, offs_m, seq_kv, head_dim, head_dim_v,

@@ -1,0 +1,181 @@
+"""Compile flashsdpa's Triton kernels for an H100 (sm_90) on a machine without a GPU.
+
+GPU time is scarce, and some errors only show when Triton compiles for a real
+GPU: the CPU interpreter runs the kernels as Python (it accepted annotated
+module-level constexprs that the GPU compiler rejects), and it says nothing of
+register spills or shared memory. This script drives the real launchers
+(`flashsdpa.attention` forward and backward) on small CPU tensors, with
+`JITFunction.run` replaced by a compile-only stand-in: each kernel variant the
+launchers would launch is compiled for sm_90 with Triton's bundled ptxas, and
+nothing runs. It prints one row per variant (registers, spills from `ptxas -v`,
+shared memory) and exits 1 if any compile failed or overflowed shared memory.
+
+    python scripts/compile_sm90.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+import flashsdpa
+from flashsdpa import ops
+from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
+
+TARGET = GPUTarget("cuda", 90, 32)
+TARGET_BACKEND = make_backend(TARGET)
+SM90_SHARED_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block
+compiled: dict[tuple, dict] = {}  # (kernel, specialization key) -> row
+
+
+def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
+    """Stand-in for JITFunction.run (triton/runtime/jit.py): bind and specialize as run does, compile, never launch."""
+    kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if "_sm90_binder" not in self.__dict__:
+        self._sm90_binder = create_function_from_signature(self.signature, self.params, TARGET_BACKEND)
+    bound_args, specialization, options = self._sm90_binder(*args, **kwargs)
+    key = (self.fn.__qualname__, compute_cache_key({}, specialization, options))
+    if key not in compiled:
+        options, signature, constexprs, attrs = self._pack_args(TARGET_BACKEND, kwargs, bound_args, specialization, options)
+        names = {p.num: p.name for p in self.params if p.is_constexpr}
+        row = dict(kernel=self.fn.__name__, options=options,
+                   constexprs={names[path[0]]: value for path, value in constexprs.items() if path[0] in names})
+        try:
+            kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+            row.update(ptxas_usage(kernel.asm["ptx"]), shared=kernel.metadata.shared, error=None)
+            if kernel.metadata.shared > SM90_SHARED_LIMIT:
+                row["error"] = f"shared memory {kernel.metadata.shared} B > sm90's {SM90_SHARED_LIMIT} B"
+        except Exception as error:  # noqa: BLE001 - every compile error is a finding to report
+            row.update(error=f"{type(error).__name__}: {error}")
+        compiled[key] = row
+    return None
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers, spill bytes and stack frame from the bundled ptxas -v (Triton deletes its own log)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp, "kernel.ptx")
+        source.write_text(ptx)
+        command = [get_ptxas(TARGET.arch).path, "-v", f"--gpu-name={sm_arch_from_capability(TARGET.arch)}",
+                   str(source), "-o", str(Path(tmp, "kernel.cubin"))]
+        log = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+
+    def number(pattern: str) -> int:
+        return sum(int(found) for found in re.findall(pattern, log))
+
+    return dict(registers=number(r"Used (\d+) registers"), stack=number(r"(\d+) bytes stack frame"),
+                spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"))
+
+
+def patch_for_sm90() -> None:
+    """Make the CPU-tensor calls take the CUDA paths (sm90 configs, TMA descriptors, tf32x3) without launching."""
+    describe = ops.describe
+    ops.describe = lambda *a, **kw: dataclasses.replace(describe(*a, **kw), device_type="cuda")
+    accepts = TritonBackend.unsupported_reasons
+    TritonBackend.unsupported_reasons = lambda self, desc, device: [
+        reason for reason in accepts(self, desc, device) if "TRITON_INTERPRET" not in reason]
+    launch_forward.device_capability = launch_backward.device_capability = lambda device: (9, 0)
+    launch_forward.sm_count = lambda device: 132
+    JITFunction.run = compile_only_run
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int | None = None
+    causal: bool = False
+    mask: str = ""  # "", "pad" (bool, B,1,1,S), "bool" (B,H,L,S), "float" (B,H,L,S, with its gradient)
+    dropout: float = 0.0
+    heads: tuple[int, int] = (2, 2)  # (Hq, Hkv)
+    seq: tuple[int, int] = (300, 300)  # (L, S)
+    precision: str = "ieee"
+    backward: bool = True
+
+    def run(self) -> None:
+        (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
+        grad = self.backward
+        q = torch.randn(batch, hq, seq_q, self.head_dim, dtype=self.dtype, requires_grad=grad)
+        k = torch.randn(batch, hkv, seq_kv, self.head_dim, dtype=self.dtype, requires_grad=grad)
+        v = torch.randn(batch, hkv, seq_kv, self.head_dim_v or self.head_dim, dtype=self.dtype, requires_grad=grad)
+        mask = {"": None, "pad": torch.rand(batch, 1, 1, seq_kv) > 0.2, "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2,
+                "float": torch.randn(batch, hq, seq_q, seq_kv, dtype=self.dtype, requires_grad=grad)}[self.mask]
+        out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
+                                  enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision)
+        if grad:
+            out.backward(torch.ones_like(out))
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+QUICK = [
+    Problem(BF16, 128), Problem(BF16, 128, causal=True), Problem(BF16, 64, mask="pad", dropout=0.1),
+    Problem(FP32, 64), Problem(FP32, 128, precision="tf32"),
+    Problem(BF16, 128, heads=(8, 2), seq=(1, 4099), backward=False),
+]
+FULL = QUICK + [
+    *(Problem(dtype, d, causal=c, precision=p) for dtype, p in ((BF16, "ieee"), (FP32, "ieee"), (FP32, "tf32"))
+      for d in (64, 128, 256) for c in (False, True)),
+    Problem(FP16, 64), Problem(FP16, 128, causal=True), Problem(FP16, 256),
+    Problem(BF16, 80), Problem(BF16, 40, 72, causal=True), Problem(FP32, 40, 72),
+    *(Problem(BF16, d, mask=m, causal=c) for d in (64, 128, 256) for m in ("pad", "bool", "float") for c in (False, True)),
+    Problem(FP32, 64, mask="float"), Problem(FP32, 128, mask="bool", causal=True),
+    *(Problem(BF16, d, dropout=0.1, causal=c) for d in (64, 128, 256) for c in (False, True)),
+    Problem(FP32, 64, dropout=0.1), Problem(BF16, 128, heads=(8, 2), causal=True), Problem(FP32, 64, heads=(4, 1)),
+    Problem(BF16, 64, heads=(8, 2), seq=(1, 4099), backward=False),
+    Problem(BF16, 256, heads=(8, 2), seq=(4, 4099), mask="pad", backward=False),
+    Problem(FP32, 128, heads=(8, 2), seq=(1, 4099), backward=False),
+    Problem(FP16, 128, mask="float", seq=(1, 4099), backward=False),
+]
+
+
+def describe_row(row: dict) -> str:
+    opts = row["options"]
+    values = {name: getattr(v, "value", v) for name, v in row["constexprs"].items()}  # unwrap tl.constexpr globals
+    flags = " ".join(f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in values.items())
+    launch = f"w{opts.num_warps} s{opts.num_stages}" + (f" maxnreg {opts.maxnreg}" if opts.maxnreg else "")
+    if row.get("registers") is None:
+        return f"{row['kernel']:<36} {launch:<18} {'':>4} {'':>11} {'':>7}  FAIL  {flags}"
+    spills = f"{row['spill_stores']}/{row['spill_loads']}"
+    status = "OK" if row["error"] is None else "FAIL"
+    return f"{row['kernel']:<36} {launch:<18} {row['registers']:>4} {spills:>11} {row['shared']:>7}  {status:<4}  {flags}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
+    problems = list(dict.fromkeys(QUICK if parser.parse_args().quick else FULL))
+    patch_for_sm90()
+    start = time.time()
+    for number, problem in enumerate(problems, 1):
+        print(f"[{number}/{len(problems)}] {problem}", file=sys.stderr, flush=True)
+        problem.run()
+    rows = sorted(compiled.values(), key=lambda row: (row["kernel"], str(row["constexprs"])))
+    print(f"{'kernel':<36} {'launch':<18} {'regs':>4} {'spill st/ld':>11} {'smem':>7}  status  constexprs")
+    for row in rows:
+        print(describe_row(row))
+    failures = [row for row in rows if row["error"]]
+    spilled = [row for row in rows if row.get("spill_stores")]
+    print(f"\n{len(rows)} variants from {len(problems)} problems in {time.time() - start:.0f}s: "
+          f"{len(failures)} failed, {len(spilled)} spill registers")
+    for row in failures:
+        print(f"\nFAILED {row['kernel']} {row['constexprs']}:\n  " + "\n  ".join(row["error"].splitlines()[:12]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
