@@ -16,7 +16,9 @@ shared memory) and exits 1 if any compile failed or overflowed shared memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import re
 import subprocess
 import sys
@@ -43,7 +45,7 @@ compiled: dict[tuple, dict] = {}  # (kernel, specialization key) -> row
 
 
 def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
-    """Stand-in for JITFunction.run (triton/runtime/jit.py): bind and specialize as run does, compile, never launch."""
+    """JITFunction.run (triton/runtime/jit.py) minus the launch: bind and specialize as it does, compile for sm_90."""
     kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     if "_sm90_binder" not in self.__dict__:
@@ -51,12 +53,18 @@ def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
     bound_args, specialization, options = self._sm90_binder(*args, **kwargs)
     key = (self.fn.__qualname__, compute_cache_key({}, specialization, options))
     if key not in compiled:
-        options, signature, constexprs, attrs = self._pack_args(TARGET_BACKEND, kwargs, bound_args, specialization, options)
+        options, signature, constexprs, attrs = self._pack_args(
+            TARGET_BACKEND, kwargs, bound_args, specialization, options)
         names = {p.num: p.name for p in self.params if p.is_constexpr}
-        row = dict(kernel=self.fn.__name__, options=options,
-                   constexprs={names[path[0]]: value for path, value in constexprs.items() if path[0] in names})
-        try:
-            kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+        types = " ".join(map(str, signature.values()))
+        dtype = next((name for name in ("bf16", "fp16", "fp32") if name in types), "?")  # the inputs' dtype
+        row = dict(kernel=self.fn.__name__, options=options, dtype=dtype,
+                   constexprs={names[path[0]]: getattr(value, "value", value)  # unwrap tl.constexpr globals
+                               for path, value in sorted(constexprs.items()) if path[0] in names})
+        source = ASTSource(self, signature, constexprs, attrs)
+        try:  # (a ptxas failure also prints the whole PTX to stdout: keep that out of the table)
+            with contextlib.redirect_stdout(io.StringIO()):
+                kernel = triton.compile(source, target=TARGET, options=options.__dict__)
             row.update(ptxas_usage(kernel.asm["ptx"]), shared=kernel.metadata.shared, error=None)
             if kernel.metadata.shared > SM90_SHARED_LIMIT:
                 row["error"] = f"shared memory {kernel.metadata.shared} B > sm90's {SM90_SHARED_LIMIT} B"
@@ -67,7 +75,7 @@ def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
 
 
 def ptxas_usage(ptx: str) -> dict:
-    """Registers, spill bytes and stack frame from the bundled ptxas -v (Triton deletes its own log)."""
+    """Registers and spill bytes from the bundled ptxas -v (Triton deletes its own log)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp, "kernel.ptx")
         source.write_text(ptx)
@@ -75,11 +83,9 @@ def ptxas_usage(ptx: str) -> dict:
                    str(source), "-o", str(Path(tmp, "kernel.cubin"))]
         log = subprocess.run(command, check=True, capture_output=True, text=True).stderr
 
-    def number(pattern: str) -> int:
-        return sum(int(found) for found in re.findall(pattern, log))
-
-    return dict(registers=number(r"Used (\d+) registers"), stack=number(r"(\d+) bytes stack frame"),
-                spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"))
+    number = lambda pattern: sum(int(found) for found in re.findall(pattern, log))  # noqa: E731
+    return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"))
 
 
 def patch_for_sm90() -> None:
@@ -109,15 +115,14 @@ class Problem:
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
-        grad = self.backward
-        q = torch.randn(batch, hq, seq_q, self.head_dim, dtype=self.dtype, requires_grad=grad)
-        k = torch.randn(batch, hkv, seq_kv, self.head_dim, dtype=self.dtype, requires_grad=grad)
-        v = torch.randn(batch, hkv, seq_kv, self.head_dim_v or self.head_dim, dtype=self.dtype, requires_grad=grad)
-        mask = {"": None, "pad": torch.rand(batch, 1, 1, seq_kv) > 0.2, "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2,
-                "float": torch.randn(batch, hq, seq_q, seq_kv, dtype=self.dtype, requires_grad=grad)}[self.mask]
+        new = lambda *shape: torch.randn(*shape, dtype=self.dtype, requires_grad=self.backward)  # noqa: E731
+        q, k, v = new(batch, hq, seq_q, self.head_dim), new(batch, hkv, seq_kv, self.head_dim), new(
+            batch, hkv, seq_kv, self.head_dim_v or self.head_dim)
+        mask = {"": None, "pad": torch.rand(batch, 1, 1, seq_kv) > 0.2,
+                "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv)}[self.mask]
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
                                   enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision)
-        if grad:
+        if self.backward:
             out.backward(torch.ones_like(out))
 
 
@@ -132,7 +137,8 @@ FULL = QUICK + [
       for d in (64, 128, 256) for c in (False, True)),
     Problem(FP16, 64), Problem(FP16, 128, causal=True), Problem(FP16, 256),
     Problem(BF16, 80), Problem(BF16, 40, 72, causal=True), Problem(FP32, 40, 72),
-    *(Problem(BF16, d, mask=m, causal=c) for d in (64, 128, 256) for m in ("pad", "bool", "float") for c in (False, True)),
+    *(Problem(BF16, d, mask=m, causal=c)
+      for d in (64, 128, 256) for m in ("pad", "bool", "float") for c in (False, True)),
     Problem(FP32, 64, mask="float"), Problem(FP32, 128, mask="bool", causal=True),
     *(Problem(BF16, d, dropout=0.1, causal=c) for d in (64, 128, 256) for c in (False, True)),
     Problem(FP32, 64, dropout=0.1), Problem(BF16, 128, heads=(8, 2), causal=True), Problem(FP32, 64, heads=(4, 1)),
@@ -143,16 +149,31 @@ FULL = QUICK + [
 ]
 
 
-def describe_row(row: dict) -> str:
+def describe_row(row: dict, fixed: dict) -> str:
     opts = row["options"]
-    values = {name: getattr(v, "value", v) for name, v in row["constexprs"].items()}  # unwrap tl.constexpr globals
-    flags = " ".join(f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in values.items())
     launch = f"w{opts.num_warps} s{opts.num_stages}" + (f" maxnreg {opts.maxnreg}" if opts.maxnreg else "")
-    if row.get("registers") is None:
-        return f"{row['kernel']:<36} {launch:<18} {'':>4} {'':>11} {'':>7}  FAIL  {flags}"
-    spills = f"{row['spill_stores']}/{row['spill_loads']}"
+    flags = format_constexprs({name: v for name, v in row["constexprs"].items() if name not in fixed})
+    spills = f"{row['spill_stores']}/{row['spill_loads']}" if "spill_stores" in row else ""
     status = "OK" if row["error"] is None else "FAIL"
-    return f"{row['kernel']:<36} {launch:<18} {row['registers']:>4} {spills:>11} {row['shared']:>7}  {status:<4}  {flags}"
+    registers, shared = row.get("registers", ""), row.get("shared", "")
+    return f"  {row['dtype']:<5} {launch:<17} {registers:>4} {spills:>11} {shared:>7}  {status:<4}  {flags}"
+
+
+def format_constexprs(constexprs: dict) -> str:
+    return " ".join(f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in constexprs.items())
+
+
+def report(rows: list[dict]) -> None:
+    """One table per kernel; constexprs equal in all of a kernel's variants are printed once, above it."""
+    for kernel in sorted({row["kernel"] for row in rows}):
+        group = sorted((row for row in rows if row["kernel"] == kernel),
+                       key=lambda row: (row["dtype"], [str(v) for v in row["constexprs"].values()]))
+        first = group[0]["constexprs"]
+        fixed = {name: v for name, v in first.items() if all(r["constexprs"][name] == v for r in group)}
+        print(f"\n{kernel} ({len(group)} variants; in all: {format_constexprs(fixed) or '-'})")
+        print(f"  {'dtype':<5} {'launch':<17} {'regs':>4} {'spill st/ld':>11} {'smem':>7}  status  constexprs")
+        for row in group:
+            print(describe_row(row, fixed))
 
 
 def main() -> int:
@@ -160,21 +181,27 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
     problems = list(dict.fromkeys(QUICK if parser.parse_args().quick else FULL))
     patch_for_sm90()
-    start = time.time()
+    start, launcher_errors = time.time(), []
     for number, problem in enumerate(problems, 1):
         print(f"[{number}/{len(problems)}] {problem}", file=sys.stderr, flush=True)
-        problem.run()
-    rows = sorted(compiled.values(), key=lambda row: (row["kernel"], str(row["constexprs"])))
-    print(f"{'kernel':<36} {'launch':<18} {'regs':>4} {'spill st/ld':>11} {'smem':>7}  status  constexprs")
-    for row in rows:
-        print(describe_row(row))
+        try:
+            problem.run()
+        except Exception as error:  # noqa: BLE001 - a launcher that fails before compiling is a finding too
+            launcher_errors.append(f"{problem}: {type(error).__name__}: {error}")
+    rows = list(compiled.values())
+    report(rows)
     failures = [row for row in rows if row["error"]]
     spilled = [row for row in rows if row.get("spill_stores")]
     print(f"\n{len(rows)} variants from {len(problems)} problems in {time.time() - start:.0f}s: "
-          f"{len(failures)} failed, {len(spilled)} spill registers")
-    for row in failures:
-        print(f"\nFAILED {row['kernel']} {row['constexprs']}:\n  " + "\n  ".join(row["error"].splitlines()[:12]))
-    return 1 if failures else 0
+          f"{len(failures)} failed, {len(spilled)} spill registers, {len(launcher_errors)} launcher errors")
+    for row in failures:  # Triton's errors open with the location and end with the source line and message
+        lines = row["error"].splitlines()
+        shown = lines if len(lines) <= 10 else [*lines[:2], "...", *lines[-7:]]
+        print(f"\nFAILED {row['kernel']} {row['dtype']} {format_constexprs(row['constexprs'])}:")
+        print("  " + "\n  ".join(shown))
+    for error in launcher_errors:
+        print(f"\nLAUNCHER FAILED {error}")
+    return 1 if failures or launcher_errors else 0
 
 
 if __name__ == "__main__":

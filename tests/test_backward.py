@@ -238,22 +238,7 @@ def test_grad_head_dim_v_differs(backend, head_dim, head_dim_v, device):
     check_backward(backend, Case(q, k, v), f"E={head_dim} Ev={head_dim_v}", gen=gen)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            b,
-            marks=pytest.mark.xfail(
-                condition=b == "triton" and not torch.cuda.is_available(),
-                strict=True,
-                reason="known gap (issue 3): the triton kernels round dS to float16 for the tensor-core dQ "
-                "product, as FA2/cuDNN do; torch's CPU peer here is its float32-internal math path. "
-                "Measured dq error 4.2e-4 = 1.9x torch's 2.2e-4 (bar 5e-3). Runs as a plain test on CUDA.",
-            ),
-        )
-        for b in BACKENDS
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_half_precision_head_dim_v_differs(backend, device):
     """float16, E=8 != Ev=16, scale 2 (a peaked softmax): torch runs its math path here (float32 inside)."""
     gen = generator(66)

@@ -44,12 +44,17 @@ class BackwardConfig:
     # (the interpreter's own float32 -> bfloat16 cast truncates).
     widen_dot_operands: bool
     # Rescale each row of P to sum to 1 and take delta = sum(P * dP) from the
-    # same arithmetic (an extra Q K^T and dO V^T pass in the dQ kernel):
-    # float32 inputs only, where the rounding of a float32 lse, |lse| * 6e-8,
-    # would otherwise dominate the gradients' error. 16-bit inputs round P
-    # and dS to 16 bits for the tensor cores, an error far larger, so they
-    # skip the pass (+2 GEMMs on 7).
+    # same arithmetic (an extra Q K^T and dO V^T pass in the dQ kernel) rather
+    # than rowsum(dO * O): for float32, the rounding of a float32 lse
+    # (|lse| * 6e-8) would otherwise dominate the gradients' error; for 16-bit
+    # inputs, O rounded to 16 bits would. With split_grad_scores this puts
+    # float16 dQ/dK at torch's float32-internal math error (CPU interpreter:
+    # 2.2e-4 vs 2.2e-4; FA2-style, without either, 6.8e-4), for 4 more GEMMs on 7.
     renormalize_rows: bool
+    # 16-bit inputs: dS reaches the tensor cores as hi + lo halves (two
+    # products for dQ and for dK) rather than rounded once, as FA2 rounds it;
+    # see backward_kernels._grad_scores_product.
+    split_grad_scores: bool
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -110,7 +115,8 @@ def interpreter_config(key: KernelKey) -> BackwardConfig:
         dq=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1),
         dot_precision=dot_precision(key),
         widen_dot_operands=key.dtype == torch.bfloat16,
-        renormalize_rows=key.dtype == torch.float32,
+        renormalize_rows=True,
+        split_grad_scores=key.dtype != torch.float32,
     )
 
 
@@ -126,7 +132,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int]) -> BackwardConfig:
         dq=fit_shared_memory(dq, lambda tile: dq_shared_memory(key, tile), budget),
         dot_precision=dot_precision(key),
         widen_dot_operands=False,
-        renormalize_rows=fp32,
+        renormalize_rows=True,
+        split_grad_scores=not fp32,
     )
 
 

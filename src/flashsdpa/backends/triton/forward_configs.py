@@ -62,7 +62,7 @@ class ForwardConfig:
     # float32 in IEEE precision: each product as three tf32 tensor-core
     # products of explicitly split operands (forward_kernels.split_tf32)
     # instead of Triton's tf32x3, whose rounding code spills registers on
-    # sm90. Experimental, off by default: see SM90_FP32_SPLIT_BLOCKS.
+    # sm90; see SM90_FP32_SPLIT_BLOCKS.
     split_tf32: bool
     # Multiply dot operands as float32: only for bfloat16 under the Triton
     # interpreter, which cannot multiply bfloat16 (triton#11584).
@@ -100,23 +100,12 @@ SM90_16BIT_BLOCKS = {
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
 }
 
-# float32, IEEE precision: Triton's tf32x3 (three tf32 products per product).
-# 31 TFLOP/s at d=128, L=4096 on the H100 (torch's mem-efficient: 47); its
-# rounding code spills registers at every block shape tried with ptxas, and
-# blocks shrink to keep fp32 operands in shared memory.
-SM90_FP32_BLOCKS = {
-    16: (64, 64, 4, 3, None),
-    32: (64, 64, 4, 3, None),
-    64: (64, 64, 4, 3, None),
-    128: (64, 32, 4, 3, None),
-    256: (64, 16, 4, 2, None),
-}
-# float32 with ForwardConfig.split_tf32 (off by default): the same three tf32
-# products from operands split by the kernel (q by the launcher). 45 TFLOP/s at
-# d=128, L=4096 (128x32 w8 s2, H100), but that run accumulated P@V into acc on
-# the tensor cores and measured 3e-6 to 2e-5 relative error; the kernel now adds
-# each block's product with an IEEE FFMA instead, which is not yet measured on
-# a GPU. Turn it on by default only once it meets the float32 bar there.
+# float32 at full precision (the default): ForwardConfig.split_tf32, three
+# tf32 products from operands split by the kernel (q by the launcher), each
+# block's product added to acc with IEEE adds. H100, d=128, L=4096: 45 TFLOP/s
+# at 128x32 w8 s2 (Triton's tf32x3: 38 at the same shape, 31 at 64x32; IEEE
+# FMA products: 11), relative error 6.0e-7 at the default scale and 4.0e-6 at
+# scale 10, against torch's own float32 7.3e-7 and 3.9e-6 on the same inputs.
 SM90_FP32_SPLIT_BLOCKS = {
     16: (128, 32, 8, 2, None),
     32: (128, 32, 8, 2, None),
@@ -124,7 +113,6 @@ SM90_FP32_SPLIT_BLOCKS = {
     128: (128, 32, 8, 2, None),
     256: (64, 16, 4, 2, None),
 }
-SPLIT_TF32_BY_DEFAULT = False
 # float32 with the opt-in tf32 precision (one tf32 product): 112 TFLOP/s at
 # d=128, L=4096 with 128x64 w8 s2 on the H100, relative error 1.1e-3 to 1.8e-3.
 SM90_TF32_BLOCKS = {
@@ -196,7 +184,7 @@ def fit_shared_memory(key: KernelKey, blocks: tuple, limit: int) -> tuple:
 
 
 def uses_split_tf32(key: KernelKey) -> bool:
-    return SPLIT_TF32_BY_DEFAULT and key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.IEEE
+    return key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.IEEE
 
 
 def choose_decode_config(key: KernelKey, interpreted: bool) -> DecodeConfig:
@@ -216,8 +204,6 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None) ->
         blocks = SM90_FP32_SPLIT_BLOCKS[padded_head_dim(key)]
     elif key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.TF32:
         blocks = SM90_TF32_BLOCKS[padded_head_dim(key)]
-    elif key.dtype == torch.float32:
-        blocks = SM90_FP32_BLOCKS[padded_head_dim(key)]
     else:
         blocks = SM90_16BIT_BLOCKS[padded_head_dim(key)][key.causal]
     interpreted = capability is None
