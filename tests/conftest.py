@@ -59,6 +59,8 @@ def _cuda_faults_stay_in_their_test():
         try:
             torch.cuda.synchronize()
         except RuntimeError as fault:  # torch.AcceleratorError derives from RuntimeError
+            if "PYTEST_XDIST_WORKER" not in os.environ:
+                pytest.exit(f"CUDA fault in this test: {fault}", returncode=3)
             print(f"\nCUDA fault in this test; ending the process: {fault}", flush=True)
             os._exit(3)
 

@@ -47,14 +47,14 @@ class BackwardConfig:
     # same arithmetic (an extra Q K^T and dO V^T pass in the dQ kernel) rather
     # than rowsum(dO * O): for float32, the rounding of a float32 lse
     # (|lse| * 6e-8) would otherwise dominate the gradients' error; for 16-bit
-    # inputs, O rounded to 16 bits would. With split_grad_scores this puts
+    # inputs, O rounded to 16 bits would. With split_operands this puts
     # float16 dQ/dK at torch's float32-internal math error (CPU interpreter:
-    # 2.2e-4 vs 2.2e-4; FA2-style, without either, 6.8e-4), for 4 more GEMMs on 7.
+    # 2.2e-4 vs 2.2e-4; FA2-style, without either, 6.8e-4), for 5 more GEMMs on 7.
     renormalize_rows: bool
-    # 16-bit inputs: dS reaches the tensor cores as hi + lo halves (two
-    # products for dQ and for dK) rather than rounded once, as FA2 rounds it;
-    # see backward_kernels._grad_scores_product.
-    split_grad_scores: bool
+    # 16-bit inputs: P and dS reach the tensor cores as hi + lo halves (two
+    # products each for dV, dK and dQ) rather than rounded once, as FA2 rounds
+    # them; see backward_kernels._accumulate_product.
+    split_operands: bool
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -116,7 +116,7 @@ def interpreter_config(key: KernelKey) -> BackwardConfig:
         dot_precision=dot_precision(key),
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=True,
-        split_grad_scores=key.dtype != torch.float32,
+        split_operands=key.dtype != torch.float32,
     )
 
 
@@ -133,7 +133,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int]) -> BackwardConfig:
         dot_precision=dot_precision(key),
         widen_dot_operands=False,
         renormalize_rows=True,
-        split_grad_scores=not fp32,
+        split_operands=not fp32,
     )
 
 

@@ -90,19 +90,19 @@ def _dot_operand(x, like, WIDEN_DOT_OPERANDS: tl.constexpr):
 
 
 @triton.jit
-def _grad_scores_product(grad_scores, other, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
-                         SPLIT_GRAD_SCORES: tl.constexpr):
-    """acc + dS @ other, dS float32 and rounded to other's dtype for the tensor cores.
+def _accumulate_product(x, other, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
+                        SPLIT_OPERANDS: tl.constexpr):
+    """acc + x @ other: x (P or dS, float32) rounded to other's dtype for the tensor cores.
 
-    SPLIT_GRAD_SCORES (16-bit inputs): dS as hi + lo, two 16-bit products.
-    Rounding dS once (as FA2 does) put dQ and dK at 1.6x the error of torch's
-    float32-internal math on the H100 (float16: 3.4e-4 against 2.1e-4); the
-    second product takes that rounding out for one more MMA per block.
+    SPLIT_OPERANDS (16-bit inputs): x as hi + lo, two 16-bit products.
+    Rounding P and dS once (as FA2 does) put dV, dQ and dK at 1.6-1.7x the
+    error of torch's float32-internal math on the H100 (float16, E=1: dV
+    4.3e-4 against 2.5e-4); the second product takes that rounding out.
     """
-    hi = _dot_operand(grad_scores, other, WIDEN_DOT_OPERANDS)
+    hi = _dot_operand(x, other, WIDEN_DOT_OPERANDS)
     acc = matmul(hi, other, acc, DOT_PRECISION, WIDEN_DOT_OPERANDS)
-    if SPLIT_GRAD_SCORES:
-        lo = _dot_operand(grad_scores - hi.to(tl.float32), other, WIDEN_DOT_OPERANDS)
+    if SPLIT_OPERANDS:
+        lo = _dot_operand(x - hi.to(tl.float32), other, WIDEN_DOT_OPERANDS)
         acc = matmul(lo, other, acc, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     return acc
 
@@ -165,7 +165,7 @@ def _dkdv_query_block(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     APPLY_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_GRAD_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
 ):
     """Adds one query block's contribution to a key block's dK and dV accumulators.
 
@@ -206,15 +206,15 @@ def _dkdv_query_block(
             dropped_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
         else:
             dropped_probs_t = probs_t
-        dv_acc = matmul(_dot_operand(dropped_probs_t, grad_out, WIDEN_DOT_OPERANDS), grad_out, dv_acc,
-                        DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        dv_acc = _accumulate_product(dropped_probs_t, grad_out, dv_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                                     SPLIT_OPERANDS)
     if COMPUTE_DK:
         delta = tl.load(DELTA + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)
         grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if DROPOUT:
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-        dk_acc = _grad_scores_product(grad_scores_t, q, dk_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_GRAD_SCORES)
+        dk_acc = _accumulate_product(grad_scores_t, q, dk_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
     return dk_acc, dv_acc
 
 
@@ -234,7 +234,7 @@ def attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_GRAD_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
 ):
     """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group.
 
@@ -298,7 +298,7 @@ def attention_backward_dkdv_kernel(
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                 True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_GRAD_SCORES,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
             )
         for start_m in range(unmasked_m, rows_end, BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
@@ -308,7 +308,7 @@ def attention_backward_dkdv_kernel(
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                 False, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_GRAD_SCORES,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
             )
 
     if COMPUTE_DK:
@@ -390,7 +390,7 @@ def _dq_key_block(
     APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_GRAD_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
 ):
     """Adds one key block's contribution to a query block's dQ; writes its dS into dmask.
 
@@ -415,7 +415,7 @@ def _dq_key_block(
     if WRITE_DMASK:
         _store_tile(dmask_base, grad_scores, tl.arange(0, BLOCK_M), offs_n, seq_kv, 1, rows_left, seq_kv)
     if COMPUTE_DQ:
-        dq_acc = _grad_scores_product(grad_scores, k, dq_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_GRAD_SCORES)
+        dq_acc = _accumulate_product(grad_scores, k, dq_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
     return dq_acc
 
 
@@ -434,7 +434,7 @@ def attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_GRAD_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -539,7 +539,7 @@ def attention_backward_dq_kernel(
                 score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                 False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_GRAD_SCORES,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
             )
         for start_n in range(unmasked_n, visible_n, BLOCK_N):
             dq_acc = _dq_key_block(
@@ -549,7 +549,7 @@ def attention_backward_dq_kernel(
                 score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                 True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_GRAD_SCORES,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
             )
         if WRITE_DMASK and CAUSAL:
             # Keys past the diagonal were skipped; their score gradient is 0.

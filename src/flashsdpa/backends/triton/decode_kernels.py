@@ -127,7 +127,7 @@ def attention_decode_split_kernel(
         False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, LOAD_POINTERS, False,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, 1.0, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, 1.0, MASK_KIND)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
     if num_splits == 1:
         # One split is the whole answer: write it where the merge would.

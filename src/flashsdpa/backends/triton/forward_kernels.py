@@ -1,11 +1,18 @@
 """Forward flash-attention kernels: the main kernel, and the online-softmax pieces flash decoding shares.
 
-Online softmax with float32 accumulators. Scores live in base-2 units
-(scale * log2(e) folded into one multiply, then exp2), except with a float
-mask, where they stay in natural units until exponentiated: a mask of
-finfo(float32).min times log2(e) would overflow to -inf and turn a row whose
-every key carries that mask into an empty row, while plain softmax gives it
-uniform weights.
+Online softmax with float32 accumulators. The running row max is kept over
+the raw products q.k, and for 16-bit inputs each weight is
+exp2((q.k - max) * scale * log2(e)): the subtraction is exact near the max, so
+the largest weight of a row is exactly 1. Taking the max of scaled scores, or
+folding the scale into one FFMA (q.k * c - max * c), leaves the largest weight
+at exp2(rounding residual), up to 1 +- 3.5e-4 for scores near 1e4; rounded to
+float16 for P @ V, that put a near-one-hot row's output at 12x torch's error
+on the H100. float32 inputs take the FFMA (see exponent_below_max). Needs a positive
+scale: the launchers pass -q and -scale for a negative one, and q * 0 with
+scale 1 for zero. With a float mask the scores stay in natural units
+(q.k * scale + mask) until exponentiated: a mask of finfo(float32).min times
+log2(e) would overflow to -inf and turn a row whose every key carries that
+mask into an empty row, while plain softmax gives it uniform weights.
 
 Tensors arrive as (batch, heads, rows, head_dim) views with arbitrary strides.
 Per-head base offsets are int64 (batch * stride can pass 2**31), offsets inside
@@ -16,10 +23,7 @@ A row that may attend to no key (fully masked, or causal with nothing visible)
 keeps a running max of -inf; it is exponentiated against 0 instead, so it
 yields output 0 and lse -inf rather than NaN. Without a mask no row can be
 empty, and whole unmasked blocks take a cheaper softmax (FAST_SOFTMAX: no
-masking at all). Outside float masks every score costs one FFMA before its
-exp2 (q.k * scale - row max, with the max taken over the raw products and
-then scaled), which needs a positive scale: the launchers pass -q and -scale
-for a negative one, and q * 0 with scale 1 for zero.
+masking at all).
 
 On an H100 (Triton 3.6) Q/K/V/O tiles move by TMA through 4-D descriptors the
 launcher builds once per call; descriptors built by each program cost 6-26%
@@ -33,7 +37,6 @@ import triton.language as tl
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 # MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
 MASK_NONE = tl.constexpr(0)
@@ -153,6 +156,22 @@ def matmul_split_tf32(a_hi, a_lo, b_hi, b_lo, acc):
 
 
 @triton.jit
+def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
+    """(qk - row_max) * score_scale per score: the base-2 exponent of its weight.
+
+    16-bit inputs subtract first, so the largest weight of a row is exactly 1
+    before P is rounded to 16 bits (see the module doc). float32 inputs take
+    one FFMA (qk * c - row_max * c) instead: their P is split, not rounded,
+    for the tensor cores, and one rounding of the exponent is the more
+    accurate (at scale 10, subtracting first put the output at 1.7x torch's
+    own float32 error).
+    """
+    if FUSED:
+        return qk * score_scale - (row_max * score_scale)[:, None]
+    return (qk - row_max[:, None]) * score_scale
+
+
+@triton.jit
 def attend_key_blocks(
     acc,
     row_sum,
@@ -233,10 +252,8 @@ def attend_key_blocks(
                 # Natural units: the mask is added to the scaled scores.
                 scores = qk * score_scale + mask_tile.to(tl.float32)
             else:
-                # Raw products: the scale enters with the max in one FFMA per
-                # score (qk * scale - max), as on the fast path. Scaling first
-                # would round large scores (1e-3 of an exponent at |s| ~ 1e4)
-                # before the max is taken off.
+                # Raw products; the scale is applied after the max comes off
+                # (see the module doc).
                 scores = qk
                 if MASK_KIND == MASK_BOOL:
                     scores = tl.where(mask_tile != 0, scores, float("-inf"))
@@ -255,19 +272,17 @@ def attend_key_blocks(
             else:
                 # score_scale > 0 (the launchers guarantee it), so a hidden
                 # score stays -inf once scaled and its weight is exactly 0.
-                new_max = tl.maximum(row_max, tl.max(scores, 1) * score_scale)
+                new_max = tl.maximum(row_max, tl.max(scores, 1))
                 shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-                p = tl.math.exp2(scores * score_scale - shift[:, None])
-                alpha = tl.math.exp2(row_max - shift)
+                p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
+                alpha = tl.math.exp2((row_max - shift) * score_scale)
         else:
-            # FAST_SOFTMAX: no mask, whole blocks. Every
-            # score is visible and finite, so the running max is finite from
-            # the first block on (no -inf guard), max(qk) * scale is the max of
-            # the scaled scores, and each score costs one FFMA (qk * scale - max)
-            # before its exp2 instead of a multiply and a subtract.
-            new_max = tl.maximum(row_max, tl.max(qk, 1) * score_scale)
-            p = tl.math.exp2(qk * score_scale - new_max[:, None])
-            alpha = tl.math.exp2(row_max - new_max)
+            # FAST_SOFTMAX: no mask, whole blocks. Every score is visible and
+            # finite, so the running max is finite from the first block on
+            # and needs no -inf guard.
+            new_max = tl.maximum(row_max, tl.max(qk, 1))
+            p = tl.math.exp2(exponent_below_max(qk, new_max, score_scale, q.dtype == tl.float32))
+            alpha = tl.math.exp2((row_max - new_max) * score_scale)
         # The row sum (and so lse) counts every weight; dropout only thins P@V.
         row_sum = row_sum * alpha + tl.sum(p, 1)
         if DROPOUT:
@@ -333,12 +348,13 @@ def attend_keys(
 
     Keys [key_start, unmasked_end) are whole blocks every row may see; the
     rest (a partial last block, blocks crossing the causal diagonal) take the
-    element-masked BOUNDARY pass. row_max is in score units (see the module doc).
+    element-masked BOUNDARY pass. row_max is over raw q.k products, or over
+    natural-unit scores with a float mask (see the module doc).
     """
     if MASK_KIND == MASK_FLOAT:
-        score_scale = softmax_scale
+        score_scale = softmax_scale  # scores in natural units; exp2 gets * LOG2E
     else:
-        score_scale = softmax_scale * LOG2E
+        score_scale = softmax_scale * LOG2E  # (q.k - max) * score_scale is a base-2 exponent
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -363,7 +379,7 @@ def attend_keys(
 
 
 @triton.jit
-def finish_rows(acc, row_sum, row_max, output_scale, MASK_KIND: tl.constexpr):
+def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: tl.constexpr):
     """(output rows in float32, natural-log lse) from the online-softmax state.
 
     An empty row has row_sum 0 and acc 0: it is divided by 1, giving output 0,
@@ -374,7 +390,7 @@ def finish_rows(acc, row_sum, row_max, output_scale, MASK_KIND: tl.constexpr):
     if MASK_KIND == MASK_FLOAT:
         lse = row_max + tl.log(row_sum)
     else:
-        lse = (row_max + tl.math.log2(row_sum)) * LN2
+        lse = row_max * softmax_scale + tl.log(row_sum)
     return out, lse
 
 
@@ -539,7 +555,7 @@ def attention_forward_kernel(
         CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, dropout_output_scale, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
         out = to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS)
         out_desc.store([batch, head, m_start, 0], out.reshape([1, 1, BLOCK_M, BLOCK_DV]))

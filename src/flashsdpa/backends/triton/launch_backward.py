@@ -108,7 +108,7 @@ def attention_backward(
         RENORMALIZE=config.renormalize_rows,
         DOT_PRECISION=config.dot_precision,
         WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        SPLIT_GRAD_SCORES=config.split_grad_scores,
+        SPLIT_OPERANDS=config.split_operands,
     )
 
     with on_device(device):

@@ -89,8 +89,8 @@ def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[to
 def query_and_scale(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, float]:
     """The query and softmax scale the kernels get: the scale is always positive.
 
-    The kernels take the row max over raw q.k products and scale it (one FFMA
-    per score), which needs scale > 0. The other scales are rare, so each is
+    The kernels take the row max over raw q.k products and scale the
+    difference to it, which needs scale > 0. The other scales are rare, so each is
     served by one copy of the query rather than a slower loop for every call:
     a negative scale by -q (exact); scale 0 by q * 0 with scale 1 (every score
     0, and NaN where q or k holds inf or NaN, as in torch's math).
