@@ -1,9 +1,9 @@
 """flashsdpa triton backward on a CUDA GPU: correctness at real sizes, speed, and a tile sweep.
 
 Usage (from the repo root, PYTHONPATH=src):
-    python bwd_gpu_check.py correct          # float64 references, awkward sizes, all features
-    python bwd_gpu_check.py bench            # TFLOP/s vs torch flash / cuDNN backward, PEERS.md shapes
-    python bwd_gpu_check.py sweep d=128 causal=1 [dtype=bf16] [L=4096]   # time candidate tiles
+    python scripts/bench_backward_gpu.py correct          # float64 references, awkward sizes, all features
+    python scripts/bench_backward_gpu.py bench            # TFLOP/s vs torch flash / cuDNN backward, PEERS.md shapes
+    python scripts/bench_backward_gpu.py sweep d=128 causal=1 [dtype=bf16] [L=4096] [kernel=dkdv|dq] [precision=fa2] [quick=1]
 out/lse for the benchmarks come from torch's flash forward (natural-log lse, float32).
 """
 import itertools
@@ -143,6 +143,11 @@ def bench():
         flops = desc.flops(backward=True)
         ours = time_ours(desc, inputs, out, lse, grad_out)
         row = f"d={d} L={L} causal={causal:d}: triton bwd {flops / ours * 1e-9:6.1f} TFLOP/s ({ours:.3f} ms)"
+        # FA2-style precision: delta from rowsum(dO * O), P and dS rounded once to 16 bits
+        fa2 = replace(backward_config(desc.kernel_key, torch.cuda.get_device_capability()),
+                      renormalize_rows=False, split_operands=False)
+        fast = time_ours(desc, inputs, out, lse, grad_out, fa2)
+        row += f" | fa2-style {flops / fast * 1e-9:6.1f}"
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
                 t = time_torch(inputs, grad_out, causal, backend)
@@ -161,11 +166,16 @@ def sweep(options):
     desc, inputs, out, lse, grad_out = bench_inputs(dtype, B, H, L, d, causal)
     flops = desc.flops(backward=True)
     default = backward_config(desc.kernel_key, torch.cuda.get_device_capability())
+    if options.get("precision") == "fa2":  # delta from rowsum(dO * O), P and dS rounded once
+        default = replace(default, renormalize_rows=False, split_operands=False)
     print(f"default: {default}")
     which = options.get("kernel", "dkdv")
     blocks = [(16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128)] if which == "dkdv" else \
              [(64, 32), (64, 64), (128, 32), (128, 64)]
-    for (bm, bn), warps, stages in itertools.product(blocks, (4, 8), (1, 2, 3)):
+    stages = (1, 2, 3)
+    if options.get("quick") == "1":
+        blocks, stages = (blocks[2:4] + blocks[5:]) if which == "dkdv" else blocks[1:], (2,)
+    for (bm, bn), warps, stages in itertools.product(blocks, (4, 8), stages):
         tile = TileShape(bm, bn, warps, stages)
         config = replace(default, dkdv=tile) if which == "dkdv" else replace(default, dq=tile)
         try:

@@ -26,12 +26,13 @@ def cmd_check(args) -> int:
     device = _device(args.device)
     print(f"flashsdpa check on {device} ({_device_name(device)}), torch {torch.__version__}", flush=True)
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
-    passed = failed = 0
+    passed = failed = declined = 0
     for row in run_check(device, quick=args.quick):
         print(format_row(row), flush=True)
-        passed += row.ok
+        declined += bool(row.note)
+        passed += row.ok and not row.note
         failed += not row.ok
-    print(f"\n{passed} passed, {failed} failed")
+    print(f"\n{passed} passed, {failed} failed, {declined} declined (served by another backend)")
     return 1 if failed else 0
 
 

@@ -137,6 +137,19 @@ def cuda_config(key: KernelKey, capability: tuple[int, int]) -> BackwardConfig:
     )
 
 
+def block_widths(key: KernelKey) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DV): the padded head dims the main backward kernels tile with.
+
+    float32 pads both to the wider one: Triton 3.6's tf32x3 dK/dV kernel made
+    an illegal address on the H100 with widths 16 and 64 (E=64/Ev=8 and
+    E=16/Ev=40), while equal widths, and tf32 products, ran.
+    """
+    if key.dtype == torch.float32:
+        width = max(key.block_head_dim, key.block_head_dim_v)
+        return width, width
+    return key.block_head_dim, key.block_head_dim_v
+
+
 def preprocess_block_m(key: KernelKey) -> int:
     # delta = rowsum(dO * O) is bandwidth bound: about 8K elements of each
     # tensor per program keeps both tiles in registers at 4 warps (64 fp32
@@ -151,7 +164,7 @@ def dkdv_shared_memory(key: KernelKey, tile: TileShape) -> int:
     1 KB (masks are over-counted); float32 (tf32x3) keeps the resident tiles
     twice (split operands).
     """
-    width = key.block_head_dim + key.block_head_dim_v
+    width = sum(block_widths(key))
     resident = tile.block_n * width * _element_bytes(key) * (2 if key.dtype == torch.float32 else 1)
     per_stage = tile.block_m * width * _element_bytes(key) + _mask_tile_bytes(key, tile)
     return resident + tile.num_stages * per_stage
@@ -159,7 +172,7 @@ def dkdv_shared_memory(key: KernelKey, tile: TileShape) -> int:
 
 def dq_shared_memory(key: KernelKey, tile: TileShape) -> int:
     """Bytes of the dQ kernel's operand tiles: Q and dO resident, K and V (and mask) per stage."""
-    width = key.block_head_dim + key.block_head_dim_v
+    width = sum(block_widths(key))
     resident = tile.block_m * width * _element_bytes(key) * (2 if key.dtype == torch.float32 else 1)
     per_stage = tile.block_n * width * _element_bytes(key) + _mask_tile_bytes(key, tile)
     return resident + tile.num_stages * per_stage

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
-from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config
+from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
@@ -96,11 +96,12 @@ def attention_backward(
     else:
         dropout_args = (0, 0, 0, 1.0)
     kernel_key = desc.kernel_key
+    block_d, block_dv = block_widths(kernel_key)
     variant = dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
-        BLOCK_D=kernel_key.block_head_dim,
-        BLOCK_DV=kernel_key.block_head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
         CAUSAL=desc.causal,
         MASK_KIND=desc.mask.value,
         MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
