@@ -129,22 +129,25 @@ class TiledBackend(Backend):
             keep = t.keep(m0, m1, n0, n1) * keep_scale if desc.dropout_p > 0.0 else None
             return p, dp if keep is None else dp * keep, keep
 
-        # delta_i = sum_j P_ij dP_ij. rowsum(dO * O) equals it, but O was rounded
-        # to float16/bfloat16 by the forward, which put half-precision gradients
-        # at up to 3x torch's error: there, sum P * dP tile by tile instead.
+        # delta_i = sum_j P_ij dP_ij, summed tile by tile from the very P used
+        # below, which is rescaled to sum to 1 per row. rowsum(dO * O) equals
+        # delta in exact math, but O was rounded to the output dtype (float16:
+        # up to 3x torch's gradient error), and P = exp(s - lse) inherits the
+        # rounding of a float32 lse, |lse| * 6e-8 (float32 at scale 4: dq 2e-5
+        # on the H100, over the 1e-5 bar). As the triton backward does.
         delta = torch.zeros(b, hkv, g, desc.seq_q, 1, dtype=t.acc, device=device)
-        exact_delta = desc.dtype in (torch.float16, torch.bfloat16)
+        row_scale = torch.zeros(b, hkv, g, desc.seq_q, 1, dtype=t.acc, device=device)
         for m0 in range(0, desc.seq_q, BLOCK_M):
             m1 = min(m0 + BLOCK_M, desc.seq_q)
-            do_tile = t.tile(d_out, m0, m1)
-            if not exact_delta:
-                delta[..., m0:m1, :] = (do_tile * t.tile(o, m0, m1)).sum(-1, keepdim=True)
-                continue
-            q_tile = t.tile(t.q, m0, m1)
+            do_tile, q_tile = t.tile(d_out, m0, m1), t.tile(t.q, m0, m1)
             for n0 in t.key_blocks(m0, m1):
                 n1 = min(n0 + BLOCK_N, desc.seq_kv)
                 p, dp, _ = probs_and_grad(m0, m1, n0, n1, q_tile, do_tile, t.tile(t.k, n0, n1), t.tile(t.v, n0, n1))
                 delta[..., m0:m1, :] += (p * dp).sum(-1, keepdim=True)
+                row_scale[..., m0:m1, :] += p.sum(-1, keepdim=True)
+        # A row that sees no key sums to 0: its P, scale and delta stay 0.
+        row_scale = torch.where(row_scale > 0, 1.0 / torch.where(row_scale > 0, row_scale, 1.0), 0.0)
+        delta *= row_scale
 
         dq = torch.zeros(b, hkv, g, desc.seq_q, desc.head_dim, dtype=t.acc, device=device) if needed.query else None
         dk = new_output((b, hkv, 1, desc.seq_kv, desc.head_dim), desc.dtype, device) if needed.key else None
@@ -162,6 +165,7 @@ class TiledBackend(Backend):
                 m1 = min(m0 + BLOCK_M, desc.seq_q)
                 q_tile, do_tile = t.tile(t.q, m0, m1), t.tile(d_out, m0, m1)
                 p, dp, keep = probs_and_grad(m0, m1, n0, n1, q_tile, do_tile, k_tile, v_tile)
+                p = p * row_scale[..., m0:m1, :]
                 p_dropped = p if keep is None else p * keep
                 ds = p * (dp - delta[..., m0:m1, :])
                 # Sum over the group's query heads (dim 2) for the shared K/V head.
