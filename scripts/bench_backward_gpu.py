@@ -3,6 +3,7 @@
 Usage (from the repo root, PYTHONPATH=src):
     python scripts/bench_backward_gpu.py correct          # float64 references, awkward sizes, all features
     python scripts/bench_backward_gpu.py bench            # TFLOP/s vs torch flash / cuDNN backward, PEERS.md shapes
+    python scripts/bench_backward_gpu.py breakdown        # GPU time per backward kernel
     python scripts/bench_backward_gpu.py sweep d=128 causal=1 [dtype=bf16] [L=4096] [kernel=dkdv|dq] [precision=fa2] [quick=1]
 out/lse for the benchmarks come from torch's flash forward (natural-log lse, float32).
 """
@@ -157,6 +158,26 @@ def bench():
         print(row, flush=True)
 
 
+def breakdown():
+    """GPU time of each backward kernel (torch profiler), default and FA2-style precision, bf16 d=128 L=4096."""
+    from torch.profiler import ProfilerActivity, profile
+
+    desc, inputs, out, lse, grad_out = bench_inputs(torch.bfloat16, 4, 16, 4096, 128, False)
+    default = backward_config(desc.kernel_key, torch.cuda.get_device_capability())
+    for name, config in (("default", default),
+                         ("fa2-style", replace(default, renormalize_rows=False, split_operands=False))):
+        time_ours(desc, inputs, out, lse, grad_out, config)  # compile and warm up
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                launch_backward.attention_backward(desc, inputs, out, lse, grad_out, GradientsNeeded(), config=config)
+            torch.cuda.synchronize()
+        times = {}
+        for event in prof.key_averages():
+            if event.key.startswith("attention_backward"):
+                times[event.key] = event.device_time_total / 20 / 1000  # ms per backward
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(times.items())), flush=True)
+
+
 def sweep(options):
     d = int(options.get("d", 128))
     causal = options.get("causal", "0") == "1"
@@ -191,5 +212,7 @@ if __name__ == "__main__":
         correct()
     elif mode == "bench":
         bench()
+    elif mode == "breakdown":
+        breakdown()
     else:
         sweep(dict(arg.split("=") for arg in sys.argv[2:]))
