@@ -58,8 +58,10 @@ class BackwardConfig:
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
-# E and Ev), for sm90. Figures per thread, over the variants (causal or not,
-# no mask / bool / float mask, dropout), from the offline sm_90 compiles.
+# E and Ev), for sm90. d=64 and d=128 16-bit shapes are the fastest of a
+# quick sweep on the H100 (bf16, L=4096, non-causal, default precision; whole
+# backward TFLOP/s, one kernel's tile varied at a time, the other at its old
+# shape); the rest come from offline sm_90 compiles (registers, spills).
 #
 # dK/dV program: K and V tiles stay in shared memory for the program's life
 # and Q/dO tiles stream through num_stages buffers; the two fp32
@@ -67,14 +69,14 @@ class BackwardConfig:
 # shrinks as d grows. block_m 16 at d=128: 32 spills (24-280 bytes of stack
 # with causal, float mask or dropout).
 SM90_16BIT_DKDV = {
-    64: (32, 128, 8, 2),  # 48-52 KB smem, 185-255 registers; spills 16 B only with causal dropout
-    128: (16, 128, 8, 2),  # 80-84 KB, 218-255 registers; spills 8 B only with causal float mask
+    64: (32, 128, 4, 2),  # 159 TFLOP/s (32x128 w8: 132, 64x128 w8: 143, 32x64 w4: 139)
+    128: (64, 128, 8, 2),  # 175 (16x128 w8: 141, 32x64 w4: 174, 32x128 w8: 164)
     256: (16, 64, 8, 2),  # 96-98 KB; spills 0-24 B, 128-144 B with causal and a mask or dropout
 }
 # dQ program: Q, dO and one fp32 accumulator (block_m x d) stay; K/V stream.
 SM90_16BIT_DQ = {
-    64: (128, 64, 8, 2),  # 64-96 KB, 127-255 registers, no spill
-    128: (128, 32, 8, 2),  # 96-112 KB, 140-254 registers, no spill
+    64: (128, 64, 4, 2),  # 138 (128x64 w8: 134; 64x64 w4, 128x32: 135-136)
+    128: (64, 64, 4, 2),  # 163 (128x32 w8: 144, 128x64 w8: 164, 128x64 w4: 107)
     256: (64, 32, 8, 2),  # 128-136 KB; spills 40 B only with causal and a mask
 }
 # float32 (tf32x3: three tensor-core products per dot, with split operands
