@@ -51,6 +51,9 @@ FP32_FLOOR_FORWARD = 5e-7  # ~4 float32 ulps (eps = 1.19e-7); 4x under the 2e-6 
 # Gradients pass one more cancellation (dS = P * (dP - rowsum(dO * O))), so their rounding level is higher.
 FP32_FLOOR_GRAD = 1e-6  # ~8 float32 ulps; 10x under the 1e-5 bar
 TORCH_ERROR_FACTOR = 1.5
+# On problems of a handful of scores one backend's error is up to 1.9x another's
+# by rounding noise alone (tests/test_properties.py, `build`).
+SMALL_PROBLEM_TORCH_FACTOR = 2.0
 # lse is float32 from float32 accumulators: absolute + relative bar on it.
 LSE_ATOL = 1e-5
 LSE_RTOL = 1e-5
@@ -240,11 +243,21 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
-def _assert_within(what, got, ref, torch_result, dtype, tol, floor):
+def _assert_within(what, got, ref, torch_result, dtype, tol, floor, torch_ratio=True):
+    """err <= the dtype's bar, and (torch_ratio) <= 1.5x torch's own error (with the float32 floor).
+
+    A problem so ill-conditioned that torch's own result misses the bar (a near
+    one-hot float32 softmax at scale 4: torch's dq 6.7e-5 against the 1e-5 bar)
+    is held to torch's error instead: 1.5x it, or SMALL_PROBLEM_TORCH_FACTOR x
+    where the ratio of two rounding noises is not a measurement (torch_ratio=False).
+    """
     err = rel_err(got, ref)
-    assert err <= tol[dtype], f"{what}: relative error {err:.3g} over the {dtype} bar {tol[dtype]:g}"
-    if torch_result is not None and dtype != torch.float64:
-        torch_err = rel_err(torch_result, ref)
+    torch_err = rel_err(torch_result, ref) if torch_result is not None and dtype != torch.float64 else None
+    bar = tol[dtype]
+    if torch_err is not None and torch_err > bar:
+        bar = (TORCH_ERROR_FACTOR if torch_ratio else SMALL_PROBLEM_TORCH_FACTOR) * torch_err
+    assert err <= bar, f"{what}: relative error {err:.3g} over the {dtype} bar {bar:g} (torch's own: {torch_err})"
+    if torch_ratio and torch_err is not None:
         bound = max(TORCH_ERROR_FACTOR * torch_err, floor if dtype == torch.float32 else 0.0)
         assert err <= bound, (
             f"{what}: relative error {err:.3g} over {TORCH_ERROR_FACTOR}x torch's own {torch_err:.3g} "
@@ -253,12 +266,12 @@ def _assert_within(what, got, ref, torch_result, dtype, tol, floor):
     return err
 
 
-def assert_forward_close(what, got, ref, torch_out, dtype):
-    return _assert_within(what, got, ref, torch_out, dtype, FORWARD_TOL, FP32_FLOOR_FORWARD)
+def assert_forward_close(what, got, ref, torch_out, dtype, torch_ratio=True):
+    return _assert_within(what, got, ref, torch_out, dtype, FORWARD_TOL, FP32_FLOOR_FORWARD, torch_ratio)
 
 
-def assert_grad_close(what, got, ref, torch_grad, dtype):
-    return _assert_within(what, got, ref, torch_grad, dtype, GRAD_TOL, FP32_FLOOR_GRAD)
+def assert_grad_close(what, got, ref, torch_grad, dtype, torch_ratio=True):
+    return _assert_within(what, got, ref, torch_grad, dtype, GRAD_TOL, FP32_FLOOR_GRAD, torch_ratio)
 
 
 def assert_lse_close(lse, ref_lse, input_dtype=torch.float32):
@@ -309,8 +322,12 @@ class Case:
         return torch_sdpa(self.q, self.k, self.v, self.attn_mask, self.causal, self.scale, self.enable_gqa, **extra)
 
 
-def check_forward(backend: str, case: Case, what: str = "", check_torch: bool = True):
-    """Run `case` on `backend` (poisoned), compare out and lse with the oracle and torch; returns (out, lse)."""
+def check_forward(backend: str, case: Case, what: str = "", check_torch: bool | str = True):
+    """Run `case` on `backend` (poisoned), compare out and lse with the oracle and torch; returns (out, lse).
+
+    check_torch: True (the 1.5x-torch rule), "conditioning" (torch's error only
+    recognises an ill-conditioned problem, see _assert_within) or False.
+    """
     what = f"{backend} forward {what}".strip()
     out, lse = run(backend, case.q, case.k, case.v, return_lse=True, **case.options())
     ref_out, ref_lse = case.oracle()
@@ -318,7 +335,7 @@ def check_forward(backend: str, case: Case, what: str = "", check_torch: bool = 
     assert out.shape == ref_out.shape, f"{what}: output shape {tuple(out.shape)} != {tuple(ref_out.shape)}"
     assert out.device == case.q.device
     torch_out = case.torch() if check_torch and case.dtype != torch.float64 else None
-    assert_forward_close(what, out, ref_out, torch_out, case.dtype)
+    assert_forward_close(what, out, ref_out, torch_out, case.dtype, torch_ratio=check_torch is True)
     assert_lse_close(lse, ref_lse, case.dtype)
     return out, lse
 
@@ -362,12 +379,13 @@ def check_backward(
     dropout_p: float = 0.0,
     torch_seed: int = 1234,
     gen: torch.Generator | None = None,
-    check_torch: bool = True,
+    check_torch: bool | str = True,
     prepare=None,
 ):
     """Gradients of `case` on `backend` (poisoned) against float64 autograd of the oracle and torch's own.
 
     needs: which of q, k, v require grad; mask_grad: the float mask requires grad.
+    check_torch: as in check_forward.
     prepare: (q, k, v) -> (q, k, v) views taken inside the graph (strided/expanded layouts), applied to
     leaves shaped like case.q, case.k, case.v; gradients then arrive through the views.
     Returns the backend's gradients (q, k, v, mask; None where not required).
@@ -432,6 +450,6 @@ def check_backward(
             grads.append(mine.grad)
             continue
         # The bar follows the precision of the computation (the query dtype), also for a float32 mask's grad.
-        assert_grad_close(f"{what} {name}", mine.grad, reference.grad, torch_grad, dtype)
+        assert_grad_close(f"{what} {name}", mine.grad, reference.grad, torch_grad, dtype, check_torch is True)
         grads.append(mine.grad)
     return grads

@@ -96,7 +96,7 @@ def mask_needs_grad(case) -> bool:
                   max_batch_heads=6))  # fmt: skip
 def test_tiled_forward_property(p, device):
     case, comparable = build(p, device)
-    check_forward("tiled", case, str(p), check_torch=comparable)
+    check_forward("tiled", case, str(p), check_torch=True if comparable else "conditioning")
 
 
 @settings(max_examples=25, **COMMON)
@@ -104,7 +104,7 @@ def test_tiled_forward_property(p, device):
 def test_tiled_backward_property(p, device):
     case, comparable = build(p, device)
     mask_grad = mask_needs_grad(case)
-    check_backward("tiled", case, str(p), mask_grad=mask_grad, check_torch=comparable)
+    check_backward("tiled", case, str(p), mask_grad=mask_grad, check_torch=True if comparable else "conditioning")
 
 
 @settings(max_examples=20, **COMMON)
@@ -112,7 +112,7 @@ def test_tiled_backward_property(p, device):
                   max_batch_heads=4))  # fmt: skip
 def test_triton_forward_property(p, device):
     case, comparable = build(p, device)
-    check_forward("triton", case, str(p), check_torch=comparable)
+    check_forward("triton", case, str(p), check_torch=True if comparable else "conditioning")
 
 
 @settings(max_examples=10, **COMMON)
@@ -120,7 +120,7 @@ def test_triton_forward_property(p, device):
 def test_triton_backward_property(p, device):
     case, comparable = build(p, device)
     mask_grad = mask_needs_grad(case)
-    check_backward("triton", case, str(p), mask_grad=mask_grad, check_torch=comparable)
+    check_backward("triton", case, str(p), mask_grad=mask_grad, check_torch=True if comparable else "conditioning")
 
 
 def test_property_strategy_covers_features():
