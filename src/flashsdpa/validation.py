@@ -118,10 +118,14 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
             f"query heads ({heads_q}) and key/value heads ({heads_k}) differ (dim -3): pass enable_gqa=True "
             f"for grouped-query attention; got {shapes()}"
         )
-    try:
-        batch_shape = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    except RuntimeError:
-        raise ValueError(f"the leading (batch) dims of query, key and value do not broadcast: {shapes()}") from None
+    batch_shape = q.shape[:-3]
+    if not batch_shape == k.shape[:-3] == v.shape[:-3]:  # equal is the common case; broadcast_shapes costs ~40 us
+        try:
+            batch_shape = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        except RuntimeError:
+            raise ValueError(
+                f"the leading (batch) dims of query, key and value do not broadcast: {shapes()}"
+            ) from None
 
     seq_q, seq_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     q = _expand(q, (*batch_shape, heads_q, seq_q, head_dim))

@@ -200,14 +200,14 @@ def launch_main_kernel(
     q_lo = q  # never read unless config.split_tf32
     if config.split_tf32:
         q, q_lo = split_tf32(q)
-    tile_loads = choose_tile_loads(config, (q, k, v, out))
+    tile_loads, strides = choose_tile_loads(config, (q, q_lo, k, v, out))
     if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
         block_d, block_dv = key.block_head_dim, key.block_head_dim_v
-        q_arg = host_descriptor(q, host_descriptor_strides(q), config.block_m, block_d)
-        q_lo_arg = host_descriptor(q_lo, host_descriptor_strides(q_lo), config.block_m, block_d)
-        k_arg = host_descriptor(k, host_descriptor_strides(k), config.block_n, block_d)
-        v_arg = host_descriptor(v, host_descriptor_strides(v), config.block_n, block_dv)
-        out_arg = host_descriptor(out, host_descriptor_strides(out), config.block_m, block_dv)
+        q_arg = host_descriptor(q, strides[0], config.block_m, block_d)
+        q_lo_arg = host_descriptor(q_lo, strides[1], config.block_m, block_d)
+        k_arg = host_descriptor(k, strides[2], config.block_n, block_d)
+        v_arg = host_descriptor(v, strides[3], config.block_n, block_dv)
+        out_arg = host_descriptor(out, strides[4], config.block_m, block_dv)
     else:
         q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
     dropout = desc.dropout_p > 0.0
@@ -260,13 +260,16 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, x - hi
 
 
-def choose_tile_loads(config: ForwardConfig, tensors) -> int:
-    """The kernel's TILE_LOADS: the config's TMA descriptors where every tensor qualifies, else the next best."""
-    if config.tile_loads == "host" and all(host_descriptor_strides(t) is not None for t in tensors):
-        return forward_kernels.LOAD_HOST_DESCRIPTORS
+def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]:
+    """The kernel's TILE_LOADS (the config's TMA descriptors where every tensor qualifies, else the next
+    best) and, for host descriptors, each tensor's descriptor strides."""
+    if config.tile_loads == "host":
+        strides = [host_descriptor_strides(t) for t in tensors]
+        if all(s is not None for s in strides):
+            return forward_kernels.LOAD_HOST_DESCRIPTORS, strides
     if config.tile_loads in ("host", "device") and all(tensor_descriptor_compatible(t) for t in tensors):
-        return forward_kernels.LOAD_DEVICE_DESCRIPTORS
-    return forward_kernels.LOAD_POINTERS
+        return forward_kernels.LOAD_DEVICE_DESCRIPTORS, None
+    return forward_kernels.LOAD_POINTERS, None
 
 
 def launch_decode_kernels(
