@@ -118,7 +118,6 @@ class TiledBackend(Backend):
         b, hkv, g = desc.batch, desc.heads_kv, desc.gqa_group
         device = inputs.query.device
         d_out = grad_out.unflatten(1, (hkv, g))
-        o = out.unflatten(1, (hkv, g))
         lse_g = _finite(lse.unflatten(1, (hkv, g))).to(t.acc).unsqueeze(-1)
         keep_scale = 1.0 / (1.0 - desc.dropout_p)
 

@@ -15,9 +15,10 @@ Three kernels: `attention_backward_preprocess_kernel` (delta, and lse in
 base 2 with empty rows made harmless), `attention_backward_dq_kernel` (one
 program per query block and query head, looping over keys) and
 `attention_backward_dkdv_kernel` (one program per key block and kv head,
-looping over queries). For float32 inputs the dQ kernel also rescales each
-row of P to sum to 1 and the dK/dV kernel, launched after it, reuses that
-scale (see RENORMALIZE there). Every output element is written by exactly
+looping over queries). With RENORMALIZE (the default for every dtype; see
+BackwardConfig.renormalize_rows) the dQ kernel also rescales each row of P to
+sum to 1 and takes delta from that P, and the dK/dV kernel, launched after
+it, reuses both. Every output element is written by exactly
 one program and summed in a fixed order, so results are bitwise
 reproducible.
 

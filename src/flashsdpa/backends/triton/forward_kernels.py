@@ -7,9 +7,9 @@ the largest weight of a row is exactly 1. Taking the max of scaled scores, or
 folding the scale into one FFMA (q.k * c - max * c), leaves the largest weight
 at exp2(rounding residual), up to 1 +- 3.5e-4 for scores near 1e4; rounded to
 float16 for P @ V, that put a near-one-hot row's output at 12x torch's error
-on the H100. float32 inputs take the FFMA (see exponent_below_max). Needs a positive
-scale: the launchers pass -q and -scale for a negative one, and q * 0 with
-scale 1 for zero. With a float mask the scores stay in natural units
+on the H100. float32 inputs take the FFMA (see exponent_below_max). Needs a
+positive scale: the launchers pass -q and -scale for a negative one, and q * 0
+with scale 1 for zero. With a float mask the scores stay in natural units
 (q.k * scale + mask) until exponentiated: a mask of finfo(float32).min times
 log2(e) would overflow to -inf and turn a row whose every key carries that
 mask into an empty row, while plain softmax gives it uniform weights.
@@ -98,10 +98,9 @@ def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.conste
     two bfloat16 values is exact in float32, as in the tensor cores.
 
     float32 at full precision (tf32x3 on a GPU, ieee under the interpreter)
-    adds each product to acc with IEEE adds:
-    the tensor cores' float32 accumulation truncates, and with acc fed to them
-    the bias grows with every block of a long loop (H100: 7e-6 relative error
-    at 1024 keys, 2e-5 at 3001).
+    adds each product to acc with IEEE adds: the tensor cores' float32
+    accumulation truncates, and with acc fed to them the bias grows with every
+    block of a long loop (H100: 7e-6 relative error at 1024 keys, 2e-5 at 3001).
     """
     if WIDEN_DOT_OPERANDS:
         a = a.to(tl.float32)
@@ -218,7 +217,8 @@ def attend_key_blocks(
 
     BOUNDARY blocks may reach past seq_kv or cross the causal diagonal and are
     masked element by element; the others skip that work. FAST_SOFTMAX (only
-    for unmasked whole blocks) also drops what masking needs from the softmax. `mask_row_ptrs` points at each row's mask
+    for unmasked whole blocks) also drops what masking needs from the softmax.
+    `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
     MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
     (q_lo holds the rest of q; otherwise q_lo is unused).
@@ -264,16 +264,14 @@ def attend_key_blocks(
                 scores = tl.where(visible, scores, float("-inf"))
             # Rows that have seen no visible key yet keep a max of -inf and are
             # shifted by 0 instead (see the module doc).
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             if MASK_KIND == MASK_FLOAT:
-                new_max = tl.maximum(row_max, tl.max(scores, 1))
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
                 p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
                 alpha = tl.math.exp2((row_max - shift) * LOG2E)
             else:
                 # score_scale > 0 (the launchers guarantee it), so a hidden
                 # score stays -inf once scaled and its weight is exactly 0.
-                new_max = tl.maximum(row_max, tl.max(scores, 1))
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
                 p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
                 alpha = tl.math.exp2((row_max - shift) * score_scale)
         else:

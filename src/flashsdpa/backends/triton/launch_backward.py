@@ -4,8 +4,9 @@
 their strides (nothing is made contiguous); gradients are contiguous tensors
 from `new_output` (the kernels write them through their strides), dmask a
 (B, Hq, L, S) float32 one. Up to three launches, in this order: the
-preprocess (delta = rowsum(dO * O), lse in base 2); the dQ kernel if dQ or
-dmask is needed, or for float32 inputs (it computes the row scales of P);
+preprocess (lse in base 2, and delta = rowsum(dO * O) without the row pass);
+the dQ kernel if dQ or dmask is needed, or with the row pass (it computes the
+row scales of P and delta);
 the dK/dV kernel if dK or dV is needed.
 """
 
@@ -75,7 +76,7 @@ def attention_backward(
         if dv is None:
             return dq, dk, dv, dmask
     run_dkdv = computed.key or computed.value
-    # The dQ kernel runs for dq or dmask, and (float32) for the row scales and delta the dK/dV kernel reads.
+    # The dQ kernel runs for dq or dmask, and (row pass) for the row scales and delta the dK/dV kernel reads.
     run_dq = computed.query or computed.mask or (config.renormalize_rows and run_dkdv)
 
     # Scratch, not outputs: every element is written before it is read.
