@@ -37,6 +37,7 @@ from triton.runtime.jit import JITFunction, compute_cache_key, create_function_f
 import flashsdpa
 from flashsdpa import ops
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
+from flashsdpa.dispatch import UnsupportedError
 
 TARGET = GPUTarget("cuda", 90, 32)
 TARGET_BACKEND = make_backend(TARGET)
@@ -181,11 +182,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
     problems = list(dict.fromkeys(QUICK if parser.parse_args().quick else FULL))
     patch_for_sm90()
-    start, launcher_errors = time.time(), []
+    start, launcher_errors, declined = time.time(), [], []
     for number, problem in enumerate(problems, 1):
         print(f"[{number}/{len(problems)}] {problem}", file=sys.stderr, flush=True)
         try:
             problem.run()
+        except UnsupportedError as reason:  # the triton backend declines it (another backend serves it)
+            declined.append(f"{problem}: {reason}")
         except Exception as error:  # noqa: BLE001 - a launcher that fails before compiling is a finding too
             launcher_errors.append(f"{problem}: {type(error).__name__}: {error}")
     rows = list(compiled.values())
@@ -193,7 +196,8 @@ def main() -> int:
     failures = [row for row in rows if row["error"]]
     spilled = [row for row in rows if row.get("spill_stores")]
     print(f"\n{len(rows)} variants from {len(problems)} problems in {time.time() - start:.0f}s: "
-          f"{len(failures)} failed, {len(spilled)} spill registers, {len(launcher_errors)} launcher errors")
+          f"{len(failures)} failed, {len(spilled)} spill registers, {len(launcher_errors)} launcher errors, "
+          f"{len(declined)} declined by triton")
     for row in failures:  # Triton's errors open with the location and end with the source line and message
         lines = row["error"].splitlines()
         shown = lines if len(lines) <= 10 else [*lines[:2], "...", *lines[-7:]]
@@ -201,6 +205,8 @@ def main() -> int:
         print("  " + "\n  ".join(shown))
     for error in launcher_errors:
         print(f"\nLAUNCHER FAILED {error}")
+    for reason in declined:
+        print(f"\ndeclined {reason}")
     return 1 if failures or launcher_errors else 0
 
 
