@@ -383,6 +383,30 @@ def test_non_finite_batch_item_does_not_poison_others(backend, device):
     assert torch.isnan(out[0, 1, 4]).all()
 
 
+@pytest.mark.parametrize("where", ["k", "v", "v_max"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_infinite_inputs_as_float64_math(backend, where, device):
+    """inf in K or V (and V's largest finite value) gives float64 math's inf/NaN pattern, not NaN rows.
+
+    The triton float32 path splits operands into tf32 halves; an infinite
+    operand's low half is NaN, which must not reach the result.
+    """
+    gen = generator(12)
+    q, k, v = qkv((1, 2), (1, 2), seq(6), seq(9), 16, gen, torch.float32, device)
+    if where == "k":
+        k[0, 1, 3, 2] = float("inf")
+    elif where == "v":
+        v[0, 1, 4, 1] = float("inf")
+    else:
+        v[0, 0, 2, 3] = torch.finfo(torch.float32).max
+    out = run(backend, q, k, v)
+    ref, _ = oracle(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan()), f"{backend}: NaN pattern differs from float64 math"
+    assert torch.equal(out.isinf(), ref.isinf()), f"{backend}: inf pattern differs from float64 math"
+    finite = ref.isfinite()
+    assert_forward_close(f"{backend} finite entries", out[finite], ref[finite], None, torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_public_sdpa_matches_attention(backend, device):
     """scaled_dot_product_attention is attention() with torch's argument names."""

@@ -3,7 +3,9 @@
 * every scale on small and larger sizes matches float64 math;
 * scale=0.5 and the default give different results, each right (fails if any layer drops `scale`);
 * switching scales between calls of one shape is right each time and compiles nothing new;
-* scale=None is 1/sqrt(E) of the caller's head dim, not the kernel's padded one.
+* scale=None is 1/sqrt(E) of the caller's head dim, not the kernel's padded one;
+* a zero or negative scale (which the triton launcher serves with q * 0 or -q)
+  matches float64 math, forward and backward, with masks, empty rows and decode sizes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,18 @@ import torch
 
 import flashsdpa
 from flashsdpa.backends.base import poisoned_outputs
-from helpers import BACKENDS, Case, check_backward, check_forward, generator, qkv, rel_err, run, seq
+from helpers import (
+    BACKENDS,
+    Case,
+    check_backward,
+    check_forward,
+    generator,
+    qkv,
+    random_bool_mask,
+    rel_err,
+    run,
+    seq,
+)
 
 SCALES = [0.1, 0.25, 1 / math.sqrt(8), 0.5, 1.0, 1e-3, 10.0]
 TRITON_SIZES = [(4, 4), (8, 8), (16, 16), (32, 32)]
@@ -114,3 +127,26 @@ def test_default_scale_uses_callers_head_dim(backend, device):
         assert torch.equal(out_none, out_explicit) and torch.equal(lse_none, lse_explicit)
         out_padded = run(backend, q, k, v, scale=1 / math.sqrt(64), causal=causal)
         assert rel_err(out_none, out_padded) > 1e-2
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0, -0.7, -3.0], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_positive_scales(backend, scale, device):
+    gen = generator(31)
+    for dtype in (torch.float32, torch.float16):
+        # decode-sized (triton's split-KV kernel) and main-kernel sizes
+        for seq_q, seq_kv in ((seq(3), seq(19)), (seq(18), seq(21))):
+            q, k, v = qkv((1, 2), (1, 2), seq_q, seq_kv, 16, gen, dtype, device)
+            # A few dozen scores per head: the ratio to torch's error is rounding noise (see test_properties).
+            versus_torch = True if seq_q * seq_kv >= 128 else "conditioning"
+            check_forward(backend, Case(q, k, v, scale=scale), f"scale={scale:g} {dtype}", check_torch=versus_torch)
+            # torch 2.13's CPU SDPA returns NaN for is_causal with a scale <= 0: no torch peer there
+            check_forward(backend, Case(q, k, v, scale=scale, causal=True), f"scale={scale:g} causal", check_torch=False)
+            mask = random_bool_mask((1, 2, seq_q, seq_kv), gen, device)
+            mask[:, :, 1] = False  # an empty row: output 0, lse -inf, whatever the scale
+            out, lse = check_forward(backend, Case(q, k, v, attn_mask=mask, scale=scale), "empty row", check_torch=False)
+            assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])) and torch.isneginf(lse[:, :, 1]).all()
+    q, k, v = qkv((1, 2), (1, 2), seq(18), seq(21), 16, gen, torch.float32, device)
+    check_backward(backend, Case(q, k, v, scale=scale), f"scale={scale:g}", gen=gen)
+    check_backward(backend, Case(q, k, v, scale=scale, causal=True), f"scale={scale:g} causal", gen=gen,
+                   check_torch=False)

@@ -29,7 +29,7 @@ def cmd_check(args) -> int:
     passed = failed = declined = 0
     for row in run_check(device, quick=args.quick):
         print(format_row(row), flush=True)
-        declined += bool(row.note)
+        declined += bool(row.note) and row.ok
         passed += row.ok and not row.note
         failed += not row.ok
     print(f"\n{passed} passed, {failed} failed, {declined} declined (served by another backend)")

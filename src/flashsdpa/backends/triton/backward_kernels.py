@@ -8,7 +8,7 @@ Notation (one batch b, one query head h, kv head h // group):
 Given dO:
     dV   = Pd^T dO                       (summed over the query heads of a GQA group)
     dPd  = dO v^T,  dP = dPd * keep / (1 - p)
-    dS   = P * (dP - delta),  delta = rowsum(dO * out)
+    dS   = P * (dP - delta),  delta = rowsum(P * dP) = rowsum(dO * out)
     dQ   = dS k * scale,  dK = dS^T q * scale,  dmask = dS
 
 Three kernels: `attention_backward_preprocess_kernel` (delta, and lse in
@@ -445,16 +445,16 @@ def attention_backward_dq_kernel(
     visit, so the long programs do not trail at the end of the grid.
     DMASK is a contiguous (B, Hq, seq_q, seq_kv) float32 tensor.
 
-    RENORMALIZE (float32 inputs): a first pass over the keys sums each row's
+    RENORMALIZE (the default for every dtype): a first pass over the keys sums each row's
     P = exp(s - lse) and P * dP, and writes 1 / sum(P) into ROW_SCALE and
     sum(P * dP) / sum(P) into DELTA (both (B * Hq, seq_q) float32): P is
     scaled by the former here and in the dK/dV kernel (launched after this
     one), and the latter replaces rowsum(dO * O). A float32 lse cannot hold
     the row normalisation closer than its own rounding, |lse| * 6e-8 (8e-6
-    at lse = 130), and the forward's O carries its own normalisation error;
-    with P and delta from the same arithmetic, the gradients' error drops
-    to about torch's own (that error was up to 17x it). The pass costs two
-    more GEMMs (Q K^T, dO V^T) per tile. With only RENORMALIZE set (no dQ,
+    at lse = 130), the forward's O carries its own normalisation error, and a
+    16-bit O its rounding; with P and delta from the same arithmetic, the
+    gradients' error drops to about torch's own (float32: it was up to 17x
+    it). The pass costs two more GEMMs (Q K^T, dO V^T) per tile. With only RENORMALIZE set (no dQ,
     no dmask), that first pass is all.
     """
     pid = tl.program_id(0)

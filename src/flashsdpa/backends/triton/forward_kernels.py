@@ -37,6 +37,7 @@ import triton.language as tl
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 
 LOG2E = tl.constexpr(1.4426950408889634)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 # MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
 MASK_NONE = tl.constexpr(0)
@@ -135,23 +136,33 @@ def split_tf32(x):
     """(hi, lo) with hi = x rounded to tf32 (10 mantissa bits, kept in float32) and lo = x - hi, exact.
 
     hi is an exact tf32 MMA operand; lo is read by the tensor cores to tf32
-    precision, which leaves an error of at most 2**-21 |x|.
+    precision, which leaves an error of at most 2**-21 |x|. A finite x that
+    rounding would carry past the largest float32 (|x| > ~3.4012e38) is
+    truncated instead, so hi stays finite; an infinite x gives hi = x and a
+    NaN lo, which matmul_split_tf32 drops; a NaN x keeps hi = x (rounding its
+    bits could make an infinity of a NaN).
     """
     bits = x.to(tl.uint32, bitcast=True)
     hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    overflowed = (tl.abs(hi) > FLOAT32_MAX) & (tl.abs(x) <= FLOAT32_MAX)
+    hi = tl.where(overflowed, (bits & 0xFFFFE000).to(tl.float32, bitcast=True), hi)
+    hi = tl.where(x != x, x, hi)
     return hi, x - hi
 
 
 @triton.jit
-def matmul_split_tf32(a_hi, a_lo, b_hi, b_lo, acc):
-    """a @ b + acc (acc may be None) to about float32 accuracy from three tf32 tensor-core products.
+def matmul_split_tf32(a_hi, a_lo, b_hi, b_lo):
+    """a @ b to about float32 accuracy from three tf32 tensor-core products.
 
     a_lo @ b_lo (under 2**-22 of the product) is dropped; the small terms are
-    accumulated first.
+    accumulated first. As in Triton's tf32x3, NaN small terms are dropped: an
+    infinite operand has a NaN lo part, and the main product alone then gives
+    IEEE's inf (or NaN, where the inputs make one).
     """
-    acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
-    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
-    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    small = tl.dot(a_lo, b_hi, input_precision="tf32")
+    small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
+    small = tl.where(small == small, small, 0.0)
+    return tl.dot(a_hi, b_hi, small, input_precision="tf32")
 
 
 @triton.jit
@@ -234,7 +245,7 @@ def attend_key_blocks(
         )
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
-            qk = matmul_split_tf32(q, q_lo, k_hi, k_lo, None)
+            qk = matmul_split_tf32(q, q_lo, k_hi, k_lo)
         else:
             qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if not FAST_SOFTMAX:
@@ -294,7 +305,7 @@ def attend_key_blocks(
             # A fresh accumulator per block, added to acc by IEEE adds (see matmul).
             p_hi, p_lo = split_tf32(p)
             v_hi, v_lo = split_tf32(v)
-            acc = acc * alpha[:, None] + matmul_split_tf32(p_hi, p_lo, v_hi, v_lo, None)
+            acc = acc * alpha[:, None] + matmul_split_tf32(p_hi, p_lo, v_hi, v_lo)
         else:
             p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
             acc = matmul(p, v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)

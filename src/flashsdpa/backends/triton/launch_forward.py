@@ -5,9 +5,9 @@ takes the compiled-variant config from `kernel_cache` (keyed on
 `desc.kernel_key`), then runs either the main kernel or, for a handful of query
 rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
 explicit config (and split count) so tests and benchmarks can pin a path.
-Inputs are read through their strides as they are; the query alone is copied,
-negated for a negative softmax scale and split in two for the experimental
-split-tf32 float32 path. On sm90 the main kernel reads Q/K/V and writes O by
+Inputs are read through their strides as they are; the query alone is copied:
+negated for a negative softmax scale, zeroed for scale 0 (`query_and_scale`),
+and split in two for the split-tf32 float32 path (the float32 default). On sm90 the main kernel reads Q/K/V and writes O by
 TMA through 4-D descriptors built here once per launch (`host_descriptor`).
 """
 
@@ -256,7 +256,10 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     query so that both halves reach the kernel's tensor cores from shared memory.
     """
     x = x.contiguous()  # copy needed because the kernel reads hi and lo through one set of strides
-    hi = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    bits = x.view(torch.int32)
+    hi = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    hi = torch.where(hi.isinf() & x.isfinite(), (bits & ~0x1FFF).view(torch.float32), hi)
+    hi = torch.where(x.isnan(), x, hi)
     return hi, x - hi
 
 
