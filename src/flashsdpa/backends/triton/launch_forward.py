@@ -199,15 +199,15 @@ def launch_main_kernel(
         raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
     q_lo = q  # never read unless config.split_tf32
     if config.split_tf32:
-        q, q_lo = split_tf32(q)
-    tile_loads, strides = choose_tile_loads(config, (q, q_lo, k, v, out))
+        q, q_lo = split_tf32(q)  # both contiguous: q's strides and alignment are q_lo's
+    tile_loads, strides = choose_tile_loads(config, (q, k, v, out))
     if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
         block_d, block_dv = key.block_head_dim, key.block_head_dim_v
         q_arg = host_descriptor(q, strides[0], config.block_m, block_d)
-        q_lo_arg = host_descriptor(q_lo, strides[1], config.block_m, block_d)
-        k_arg = host_descriptor(k, strides[2], config.block_n, block_d)
-        v_arg = host_descriptor(v, strides[3], config.block_n, block_dv)
-        out_arg = host_descriptor(out, strides[4], config.block_m, block_dv)
+        q_lo_arg = host_descriptor(q_lo, strides[0], config.block_m, block_d) if config.split_tf32 else q_arg
+        k_arg = host_descriptor(k, strides[1], config.block_n, block_d)
+        v_arg = host_descriptor(v, strides[2], config.block_n, block_dv)
+        out_arg = host_descriptor(out, strides[3], config.block_m, block_dv)
     else:
         q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
     dropout = desc.dropout_p > 0.0
