@@ -39,8 +39,8 @@ def run_one(dtype: str, E: int, Ev: int, L: int, S: int, causal: bool, dot_preci
     jit.JITFunction.run = announced
     chosen = backward_configs.backward_config
     if dot_precision != "default":
-        launch_backward.backward_config = lambda key, cap: dataclasses.replace(chosen(key, cap),
-                                                                              dot_precision=dot_precision)
+        launch_backward.backward_config = lambda key, cap, precision: dataclasses.replace(
+            chosen(key, cap, precision), dot_precision=dot_precision)
     gen = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
     q, k = (torch.randn(1, 2, n, E, generator=gen).to(dt).cuda().requires_grad_() for n in (L, S))

@@ -253,6 +253,10 @@ def _assert_within(what, got, ref, torch_result, dtype, tol, floor, torch_ratio=
     """
     err = rel_err(got, ref)
     torch_err = rel_err(torch_result, ref) if torch_result is not None and dtype != torch.float64 else None
+    if torch_err is not None and not math.isfinite(torch_err):
+        # torch has no result to compare with: on the H100 (torch 2.11) its fused float16 kernels
+        # return NaN for scale <= 0, where flashsdpa gives the float64 answer. The dtype's bar stays.
+        torch_err = None
     bar = tol[dtype]
     if torch_err is not None and torch_err > bar:
         bar = (TORCH_ERROR_FACTOR if torch_ratio else SMALL_PROBLEM_TORCH_FACTOR) * torch_err

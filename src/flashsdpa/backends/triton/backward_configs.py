@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashsdpa.backends.triton.forward_configs import dot_precision, padded_head_dim, shared_memory_limit
+from flashsdpa.backends.triton.gradient_precision import GradientPrecision
 from flashsdpa.descriptor import KernelKey, MaskKind
 
 
@@ -43,6 +44,7 @@ class BackwardConfig:
     # P / dS are rounded to bfloat16 by hand, to nearest even like the GPU
     # (the interpreter's own float32 -> bfloat16 cast truncates).
     widen_dot_operands: bool
+    # EXACT (see gradient_precision.py): the next two flags are set; ROUNDED: neither.
     # Rescale each row of P to sum to 1 and take delta = sum(P * dP) from the
     # same arithmetic (an extra Q K^T and dO V^T pass in the dQ kernel) rather
     # than rowsum(dO * O): for float32, the rounding of a float32 lse
@@ -79,6 +81,20 @@ SM90_16BIT_DQ = {
     128: (64, 64, 4, 2),  # 163 (128x32 w8: 144, 128x64 w8: 164, 128x64 w4: 107)
     256: (64, 32, 8, 2),  # 128-136 KB; spills 40 B only with causal and a mask
 }
+# ROUNDED precision (16-bit inputs where torch would run a fused kernel):
+# fewer products and no row pass, so the tiles differ. d=64 and d=128 from a
+# sweep on the H100 (session 3: bf16, L=4096, non-causal, whole backward
+# TFLOP/s with one kernel's tile varied, the other at the EXACT table's shape).
+SM90_16BIT_ROUNDED_DKDV = {
+    64: (128, 64, 4, 2),  # 333 (32x128 w4 s3: 311, 64x64 w4: 275, 64x128 w8: 253)
+    128: (64, 128, 8, 2),  # 354 (64x64 w4: 336, 32x64 w4 s3: 336, 128x64 w8: 204)
+    256: SM90_16BIT_DKDV[256],
+}
+SM90_16BIT_ROUNDED_DQ = {
+    64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
+    128: (128, 64, 8, 3),  # 375 (128x128 w8: 363, 128x32 w4 s3: 353, 64x64 w4: 352)
+    256: SM90_16BIT_DQ[256],
+}
 # float32 (tf32x3: three tensor-core products per dot, with split operands
 # held twice in shared memory and registers) is the accuracy path, not the
 # fast one: small tiles, and spills remain at d >= 128 with any dK/dV shape
@@ -99,14 +115,20 @@ SM90_FP32_DQ = {
 SHARED_MEMORY_HEADROOM = 16 * 1024
 
 
-def backward_config(key: KernelKey, capability: tuple[int, int] | None) -> BackwardConfig:
-    """The shapes for `key` on a GPU of `capability` (None: the CPU interpreter)."""
+def backward_config(
+    key: KernelKey, capability: tuple[int, int] | None, precision: GradientPrecision = GradientPrecision.EXACT
+) -> BackwardConfig:
+    """The shapes for `key` on a GPU of `capability` (None: the CPU interpreter), at `precision`.
+
+    float32 is computed EXACT whatever `precision` says (gradient_precision.py).
+    """
+    exact = precision is GradientPrecision.EXACT or key.dtype == torch.float32
     if capability is None:
-        return interpreter_config(key)
-    return cuda_config(key, capability)
+        return interpreter_config(key, exact)
+    return cuda_config(key, capability, exact)
 
 
-def interpreter_config(key: KernelKey) -> BackwardConfig:
+def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
     # Every program is run by numpy, so small tiles keep tests fast, and they
     # make the short sequences used in tests span several blocks. block_m !=
     # block_n in each kernel on purpose: the causal block arithmetic must not
@@ -117,16 +139,22 @@ def interpreter_config(key: KernelKey) -> BackwardConfig:
         dq=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1),
         dot_precision=dot_precision(key),
         widen_dot_operands=key.dtype == torch.bfloat16,
-        renormalize_rows=True,
-        split_operands=key.dtype != torch.float32,
+        renormalize_rows=exact,
+        split_operands=exact and key.dtype != torch.float32,
     )
 
 
-def cuda_config(key: KernelKey, capability: tuple[int, int]) -> BackwardConfig:
+def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> BackwardConfig:
     fp32 = key.dtype == torch.float32
     table_key = max(64, padded_head_dim(key))
-    dkdv = TileShape(*(SM90_FP32_DKDV if fp32 else SM90_16BIT_DKDV)[table_key])
-    dq = TileShape(*(SM90_FP32_DQ if fp32 else SM90_16BIT_DQ)[table_key])
+    if fp32:
+        dkdv_table, dq_table = SM90_FP32_DKDV, SM90_FP32_DQ
+    elif exact:
+        dkdv_table, dq_table = SM90_16BIT_DKDV, SM90_16BIT_DQ
+    else:
+        dkdv_table, dq_table = SM90_16BIT_ROUNDED_DKDV, SM90_16BIT_ROUNDED_DQ
+    dkdv = TileShape(*dkdv_table[table_key])
+    dq = TileShape(*dq_table[table_key])
     budget = shared_memory_limit(capability) - SHARED_MEMORY_HEADROOM
     return BackwardConfig(
         preprocess_block_m=preprocess_block_m(key),
@@ -134,8 +162,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int]) -> BackwardConfig:
         dq=fit_shared_memory(dq, lambda tile: dq_shared_memory(key, tile), budget),
         dot_precision=dot_precision(key),
         widen_dot_operands=False,
-        renormalize_rows=True,
-        split_operands=not fp32,
+        renormalize_rows=exact,
+        split_operands=exact and not fp32,
     )
 
 

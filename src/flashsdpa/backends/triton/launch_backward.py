@@ -19,6 +19,7 @@ import triton
 
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
 from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
+from flashsdpa.backends.triton import gradient_precision
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
@@ -41,8 +42,10 @@ def attention_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv, dmask) for `desc`; see `Backend.backward`. Requires seq_q, seq_kv >= 1.
 
-    `config` pins the block shapes (tests, benchmarks); by default they come
-    from `kernel_cache`, keyed on the descriptor's `KernelKey`.
+    `config` pins the block shapes and precision (tests, benchmarks); by
+    default they come from `kernel_cache`, keyed on the descriptor's
+    `KernelKey` and the precision torch itself would compute this problem's
+    gradients at (`gradient_precision.matching_torch`).
     """
     if not (needed.query or needed.key or needed.value or needed.mask):
         return None, None, None, None
@@ -50,8 +53,9 @@ def attention_backward(
     device = query.device
     if config is None:
         capability = device_capability(device)  # tiles differ per GPU generation
+        precision = gradient_precision.matching_torch(desc, inputs)
         config = kernel_cache.get(
-            ("backward", desc.kernel_key, capability), lambda cache_key: backward_config(cache_key[1], capability)
+            ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
         )
     if needed.mask and not config.renormalize_rows:
         # The mask gradient is dS itself: the exact row pass keeps delta from
