@@ -94,14 +94,36 @@ def test_cpu_tensors_are_exact():
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="asks torch's CUDA SDPA dispatch")
-def test_torch_is_asked_on_cuda():
+def test_choice_agrees_with_torchs_own_dispatch():
+    """ROUNDED exactly where torch's SDPA would pick its flash or mem-efficient kernel
+    (torch._fused_sdp_choice, the function its dispatch calls), EXACT where it would pick math."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = generator(72)
-    fused = qkv((2, 4), (2, 4), 64, 64, 64, gen, torch.bfloat16, "cuda")
-    assert gradient_precision.torch_runs_fused_kernel(*_descriptor_and_inputs(Case(*fused)))
-    # Head dim 12 is not a multiple of 8: torch runs its math backend.
-    odd = qkv((2, 4), (2, 4), 64, 64, 12, gen, torch.float16, "cuda")
-    assert not gradient_precision.torch_runs_fused_kernel(*_descriptor_and_inputs(Case(*odd)))
-    with sdpa_kernel([SDPBackend.MATH]):
-        assert not gradient_precision.torch_runs_fused_kernel(*_descriptor_and_inputs(Case(*fused)))
+    new = lambda *shape, dtype=torch.bfloat16: torch.randn(*shape, generator=gen).to("cuda", dtype)  # noqa: E731
+    problems = {
+        "bf16 d=64": (new(2, 4, 64, 64), new(2, 4, 64, 64), new(2, 4, 64, 64), {}),
+        "fp16 E=12 Ev=20": tuple(new(2, 4, 64, e, dtype=torch.float16) for e in (12, 12, 20)) + ({},),
+        "bf16 GQA causal": (new(1, 8, 33, 128), new(1, 2, 33, 128), new(1, 2, 33, 128), {"causal": True}),
+        "bf16 bool mask": (new(1, 2, 40, 64), new(1, 2, 48, 64), new(1, 2, 48, 64),
+                           {"attn_mask": torch.ones(1, 1, 40, 48, dtype=torch.bool, device="cuda")}),
+    }
+    seen = set()
+    for contexts in ([], [SDPBackend.MATH], [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        for name, (q, k, v, options) in problems.items():
+            case = Case(q, k, v, enable_gqa=q.shape[1] != k.shape[1], causal=options.get("causal", False),
+                        attn_mask=options.get("attn_mask"))
+            # torch's SDPA turns a bool mask into an additive one of q's dtype before it chooses
+            mask = case.attn_mask
+            if mask is not None and mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device="cuda").masked_fill(~mask, float("-inf"))
+            with sdpa_kernel(contexts) if contexts else torch.enable_grad():
+                choice = SDPBackend(torch._fused_sdp_choice(
+                    q, k, v, attn_mask=mask, is_causal=case.causal, enable_gqa=case.enable_gqa))
+                precision = gradient_precision.matching_torch(*_descriptor_and_inputs(case))
+            if choice is SDPBackend.CUDNN_ATTENTION:
+                continue  # left out on purpose (see torch_runs_fused_kernel)
+            fused = choice in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+            assert precision is (GradientPrecision.ROUNDED if fused else GradientPrecision.EXACT), (name, contexts, choice)
+            seen.add(fused)
+    assert seen == {True, False}, "both precisions should occur among these problems"
