@@ -10,7 +10,12 @@ launchers would launch is compiled for sm_90 with Triton's bundled ptxas, and
 nothing runs. It prints one row per variant (registers, spills from `ptxas -v`,
 shared memory) and exits 1 if any compile failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick]
+    python scripts/compile_sm90.py [--quick | --masks | --no-masks] [--match TEXT] [--dump DIR]
+
+--masks compiles only the problems with an attention mask (--no-masks the
+others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
+named by kernel and a hash of its specialization), to find what spills or to
+check that a change leaves a variant's code as it was.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 TARGET_BACKEND = make_backend(TARGET)
 SM90_SHARED_LIMIT = 227 * 1024  # opt-in dynamic shared memory per block
 compiled: dict[tuple, dict] = {}  # (kernel, specialization key) -> row
+dump_dir: Path | None = None  # --dump
 
 
 def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
@@ -67,12 +73,31 @@ def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
             with contextlib.redirect_stdout(io.StringIO()):
                 kernel = triton.compile(source, target=TARGET, options=options.__dict__)
             row.update(ptxas_usage(kernel.asm["ptx"]), shared=kernel.metadata.shared, error=None)
+            if dump_dir is not None:
+                row["dump"] = dump_kernel(kernel, row, key)
             if kernel.metadata.shared > SM90_SHARED_LIMIT:
                 row["error"] = f"shared memory {kernel.metadata.shared} B > sm90's {SM90_SHARED_LIMIT} B"
         except Exception as error:  # noqa: BLE001 - every compile error is a finding to report
             row.update(error=f"{type(error).__name__}: {error}")
         compiled[key] = row
     return None
+
+
+def dump_kernel(kernel, row: dict, key: tuple) -> str:
+    """Writes the variant's TTGIR, PTX and SASS (nvdisasm of the cubin) into dump_dir; returns the file stem."""
+    import hashlib
+
+    flags = format_constexprs(row["constexprs"]) + f" {row['dtype']} {row['options']}"
+    stem = f"{row['kernel']}-{hashlib.sha1(str(key).encode()).hexdigest()[:10]}"  # the key holds the specialization
+    Path(dump_dir, f"{stem}.txt").write_text(flags + "\n")
+    Path(dump_dir, f"{stem}.ttgir").write_text(kernel.asm["ttgir"])
+    Path(dump_dir, f"{stem}.ptx").write_text(kernel.asm["ptx"])
+    cubin = Path(dump_dir, f"{stem}.cubin")
+    cubin.write_bytes(kernel.asm["cubin"])
+    nvdisasm = Path(get_ptxas(TARGET.arch).path).with_name("nvdisasm")
+    sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
+    Path(dump_dir, f"{stem}.sass").write_text(sass)
+    return stem
 
 
 def ptxas_usage(ptx: str) -> dict:
@@ -107,7 +132,8 @@ class Problem:
     head_dim: int
     head_dim_v: int | None = None
     causal: bool = False
-    mask: str = ""  # "", "pad" (bool, B,1,1,S), "bool" (B,H,L,S), "float" (B,H,L,S, with its gradient)
+    mask: str = ""  # "", "pad" (bool, B,1,1,S), "bool" (B,H,L,S), "float" (B,H,L,S, with its gradient),
+    # "bias" (float, 1,H,L,S, no gradient: the bench's float-bias case)
     dropout: float = 0.0
     heads: tuple[int, int] = (2, 2)  # (Hq, Hkv)
     seq: tuple[int, int] = (300, 300)  # (L, S)
@@ -123,7 +149,8 @@ class Problem:
         q, k, v = new(batch, hq, seq_q, self.head_dim), new(batch, hkv, seq_kv, self.head_dim), new(
             batch, hkv, seq_kv, self.head_dim_v or self.head_dim)
         mask = {"": None, "pad": torch.rand(batch, 1, 1, seq_kv) > 0.2,
-                "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv)}[self.mask]
+                "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv),
+                "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
         gradient_precision.pinned = gradient_precision.GradientPrecision(self.gradients)
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
                                   enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision)
@@ -153,6 +180,9 @@ FULL = QUICK + [
     Problem(BF16, 256, heads=(8, 2), seq=(4, 4099), mask="pad", backward=False),
     Problem(FP32, 128, heads=(8, 2), seq=(1, 4099), backward=False),
     Problem(FP16, 128, mask="float", seq=(1, 4099), backward=False),
+    # The bench's mask cases: lengths a multiple of 16 (mask rows 16-byte aligned, which sets the load layout).
+    *(Problem(BF16, d, mask=m, causal=c, seq=(512, 512)) for d in (64, 128) for m in ("pad", "bool", "bias")
+      for c in (False, True)),
 ]
 
 
@@ -163,7 +193,8 @@ def describe_row(row: dict, fixed: dict) -> str:
     spills = f"{row['spill_stores']}/{row['spill_loads']}" if "spill_stores" in row else ""
     status = "OK" if row["error"] is None else "FAIL"
     registers, shared = row.get("registers", ""), row.get("shared", "")
-    return f"  {row['dtype']:<5} {launch:<17} {registers:>4} {spills:>11} {shared:>7}  {status:<4}  {flags}"
+    dump = f"  [{row['dump']}]" if "dump" in row else ""
+    return f"  {row['dtype']:<5} {launch:<17} {registers:>4} {spills:>11} {shared:>7}  {status:<4}  {flags}{dump}"
 
 
 def format_constexprs(constexprs: dict) -> str:
@@ -186,7 +217,20 @@ def report(rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
-    problems = list(dict.fromkeys(QUICK if parser.parse_args().quick else FULL))
+    parser.add_argument("--masks", action="store_true", help="only the problems with a mask")
+    parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
+    parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
+    parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
+    args = parser.parse_args()
+    problems = list(dict.fromkeys(QUICK if args.quick else FULL))
+    if args.masks or args.no_masks:
+        problems = [problem for problem in problems if bool(problem.mask) == args.masks]
+    if args.match:
+        problems = [problem for problem in problems if args.match in repr(problem)]
+    if args.dump is not None:
+        global dump_dir
+        dump_dir = args.dump
+        dump_dir.mkdir(parents=True, exist_ok=True)
     patch_for_sm90()
     start, launcher_errors, declined = time.time(), [], []
     for number, problem in enumerate(problems, 1):

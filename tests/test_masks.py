@@ -162,3 +162,31 @@ def test_mask_is_applied_per_batch_and_head(backend, device):
         for h in range(2):
             ref, _ = oracle(q[b, h], k[b, h], v[b, h], mask[b, h])
             assert_forward_close(f"{backend} item {b},{h}", out[b, h], ref, None, torch.float32)
+
+
+@pytest.mark.parametrize("pattern", ["BHLS", "B11S"])
+def test_hidden_keys_with_inf_stay_hidden(pattern, device):
+    """Keys a bool mask hides whose K rows hold inf add nothing: the output and dV equal those with the rows
+    zeroed, bit for bit. The triton kernels feed the mask to q @ k^T as its accumulator (a layout choice, see
+    forward_kernels.mask_seed) and must still hide the -inf + inf = NaN it makes there. (dQ = dS K is NaN either
+    way, as in torch's math; so is any output under a float -inf mask, inf + -inf.)"""
+    gen = generator(36 + ["BHLS", "B11S"].index(pattern))
+    seq_q, seq_kv = seq(18), seq(21)
+    q, k, v = qkv((B, H), (B, H), seq_q, seq_kv, 16, gen, torch.float16, device)
+    mask = random_bool_mask(PATTERNS[pattern](seq_q, seq_kv), gen, device)
+    mask[..., 1] = False
+    mask[..., 7] = False
+    finite_k = k.clone()
+    finite_k[..., [1, 7], :] = 0
+    inf_k = finite_k.clone()
+    inf_k[..., 1, :] = float("inf")
+    inf_k[..., 7, :] = float("-inf")
+    results = []
+    for keys in (finite_k, inf_k):
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, keys, v))
+        out = run("triton", q_, k_, v_, attn_mask=mask)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), v_.grad))
+    for name, expected, got in zip(("out", "dv"), *results):
+        assert torch.isfinite(expected).all(), name
+        assert torch.equal(expected, got), name

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
-from flashsdpa.backends.triton.forward_kernels import matmul
+from flashsdpa.backends.triton.forward_kernels import mask_seed, matmul
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -189,7 +189,12 @@ def _dkdv_query_block(
             mask_t = _load_tile(mask_block, offs_n, tl.arange(0, BLOCK_M), stride_maskn, stride_maskm,
                                 seq_kv, seq_q - start_m)
 
-    scores_t = matmul(k, tl.trans(q), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+    if MASK_KIND != "none":
+        # The mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed).
+        seed_t = mask_seed(mask_t, MASK_KIND == "bool", offs_n.shape[0], BLOCK_M)
+        scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+    else:
+        scores_t = matmul(k, tl.trans(q), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     if MASK_KIND == "float":
         scores_t += mask_t.to(tl.float32) * LOG2E
     probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
@@ -334,13 +339,17 @@ def _dq_probabilities(
     the diagonal, so P is zeroed there (zero-padded keys past seq_kv would
     otherwise get P = exp(-lse)).
     """
-    scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     if MASK_KIND != "none":
         if MASK_ROWS_BROADCAST:
             mask_tile = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0)[None, :]
         else:
             mask_tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn,
                                    rows_left, seq_kv)
+        # The mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed).
+        seed = mask_seed(mask_tile, MASK_KIND == "bool", BLOCK_M, offs_n.shape[0])
+        scores = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+    else:
+        scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     if MASK_KIND == "float":
         scores += mask_tile.to(tl.float32) * LOG2E
     probs = tl.math.exp2(scores - lse_log2[:, None])

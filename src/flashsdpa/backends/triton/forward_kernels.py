@@ -182,6 +182,28 @@ def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
 
 
 @triton.jit
+def mask_seed(mask_tile, IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] accumulator for q @ k^T made from the mask tile: 0 or -inf (bool), +-0 (float).
+
+    It changes no score (0 + x = x; a hidden score becomes -inf, and the
+    caller still applies the mask itself, so an inf or NaN product stays
+    hidden exactly as before). It is there for Triton's layout choice
+    (sm_90, Triton 3.6): a mask tile loaded into registers keeps the load's
+    coalesced layout, and the remove-layout-conversions pass then computed
+    the whole softmax a second time in that layout (row max, exp2, row sum),
+    up to 64 rows per thread with 1-byte loads; compile_sm90 showed 3-6 KB of
+    spills. Fed to the dot as its accumulator, the mask is converted to the
+    MMA layout at once and the softmax stays there (d=64 bool, L=S=300:
+    6172 -> 1204 spill bytes; S=512: 496 -> 168).
+    """
+    if IS_BOOL:
+        seed = tl.where(mask_tile != 0, 0.0, float("-inf"))
+    else:
+        seed = tl.where(mask_tile.to(tl.float32) > 0, 0.0, -0.0)
+    return tl.broadcast_to(seed, [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
 def attend_key_blocks(
     acc,
     row_sum,
@@ -243,11 +265,6 @@ def attend_key_blocks(
             k_desc, desc_batch, desc_kv_head, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim,
             stride_kn, stride_kk, BOUNDARY, TILE_LOADS,
         )
-        if SPLIT_TF32:
-            k_hi, k_lo = split_tf32(tl.trans(k))
-            qk = matmul_split_tf32(q, q_lo, k_hi, k_lo)
-        else:
-            qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if not FAST_SOFTMAX:
             if MASK_KIND != MASK_NONE:
                 col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
@@ -259,6 +276,16 @@ def attend_key_blocks(
                     )
                 else:
                     mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
+        if SPLIT_TF32:
+            k_hi, k_lo = split_tf32(tl.trans(k))
+            qk = matmul_split_tf32(q, q_lo, k_hi, k_lo)
+        elif MASK_KIND != MASK_NONE and not FAST_SOFTMAX:
+            # The mask enters the product's accumulator for the layout's sake (see mask_seed).
+            qk = matmul(q, tl.trans(k), mask_seed(mask_tile, MASK_KIND == MASK_BOOL, q.shape[0], BLOCK_N),
+                        DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        else:
+            qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        if not FAST_SOFTMAX:
             if MASK_KIND == MASK_FLOAT:
                 # Natural units: the mask is added to the scaled scores.
                 scores = qk * score_scale + mask_tile.to(tl.float32)
