@@ -128,7 +128,7 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
 
 def run(call: PreparedCall, return_lse: bool = False):
     c = call.canon
-    out, lse, _ = ops.attention_forward(
+    out, lse, _ = ops.forward(
         c.query,
         c.key,
         c.value,
