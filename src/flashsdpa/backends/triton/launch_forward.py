@@ -23,7 +23,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs, new_output
-from flashsdpa.backends.triton import decode_kernels, forward_kernels
+from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_kernels
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
     ForwardConfig,
@@ -65,7 +65,7 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     """The CUDA compute capability, or None for CPU tensors (the Triton interpreter)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.get_device_capability(device)
+    return cuda_capability(device)
 
 
 def on_device(device: torch.device):
