@@ -246,7 +246,8 @@ def forward(query, key, value, mask, dropout_p, causal, scale, backend, fp32_pre
         return attention_forward(*arguments)
     needs_graph = (
         torch.is_grad_enabled()
-        and (query.requires_grad or key.requires_grad or value.requires_grad or (mask is not None and mask.requires_grad))
+        and (query.requires_grad or key.requires_grad or value.requires_grad
+             or (mask is not None and mask.requires_grad))
         # below autograd (inside another op's implementation) the op records no graph either
         and not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
     )

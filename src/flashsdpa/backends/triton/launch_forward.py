@@ -43,6 +43,8 @@ KERNEL_MASK_KIND = {
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
 TMA_ALIGNMENT_BYTES = 16
+# As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
+DEVICE_DESCRIPTORS = int(forward_kernels.LOAD_DEVICE_DESCRIPTORS)
 
 
 def attention_forward(
@@ -190,7 +192,9 @@ class MainLaunchPlan:
     programs: int
     num_m_blocks: int
     tile_loads: int
-    descriptor_strides: list | None  # per tensor (q, k, v, out), for host TMA descriptors
+    # per tensor (q, k, v, out) with host TMA descriptors: the fields of a
+    # descriptor Triton validated for this plan's shapes, strides and alignment
+    descriptor_fields: tuple[dict, ...] | None
     constexprs: dict  # the launch's compile-time keyword arguments
 
 
@@ -220,6 +224,14 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
     if programs > MAX_GRID_X:
         raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
     tile_loads, strides = choose_tile_loads(config, tensors)
+    descriptor_fields = None
+    if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
+        blocks = [(config.block_m, key.block_head_dim), (config.block_n, key.block_head_dim),
+                  (config.block_n, key.block_head_dim_v), (config.block_m, key.block_head_dim_v)]
+        descriptor_fields = tuple(
+            _fields_without_base(host_descriptor(tensor, tensor_strides, *block))
+            for tensor, tensor_strides, block in zip(tensors, strides, blocks)
+        )
     constexprs = dict(
         CAUSAL=desc.causal,
         MASK_KIND=KERNEL_MASK_KIND[desc.mask],
@@ -238,7 +250,23 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         num_stages=config.num_stages,
         maxnreg=config.max_registers,
     )
-    return MainLaunchPlan(programs, num_m_blocks, tile_loads, strides, constexprs)
+    return MainLaunchPlan(programs, num_m_blocks, int(tile_loads), descriptor_fields, constexprs)
+
+
+def _fields_without_base(descriptor: TensorDescriptor) -> dict:
+    fields = dict(vars(descriptor))
+    del fields["base"]  # a plan must not keep its first call's tensor alive
+    return fields
+
+
+def host_descriptor_like(fields: dict, tensor: torch.Tensor) -> TensorDescriptor:
+    """A TensorDescriptor of `tensor` with the other fields of one that Triton validated for a tensor
+    of the same shape, strides and 16-byte alignment (a launch plan's key): skips the dataclass's
+    checks, ~2 us for each of the four descriptors of a launch."""
+    descriptor = TensorDescriptor.__new__(TensorDescriptor)
+    descriptor.__dict__.update(fields)
+    descriptor.base = tensor
+    return descriptor
 
 
 def cdiv(a: int, b: int) -> int:
@@ -260,14 +288,14 @@ def launch_main_kernel(
     if config.split_tf32:
         q, q_lo = split_tf32(q)  # both contiguous: q's strides and alignment are q_lo's
     plan = main_launch_plan(desc, config, (q, k, v, out))
-    if plan.tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
-        block_d, block_dv = plan.constexprs["BLOCK_D"], plan.constexprs["BLOCK_DV"]
-        strides = plan.descriptor_strides
-        q_arg = host_descriptor(q, strides[0], config.block_m, block_d)
-        q_lo_arg = host_descriptor(q_lo, strides[0], config.block_m, block_d) if config.split_tf32 else q_arg
-        k_arg = host_descriptor(k, strides[1], config.block_n, block_d)
-        v_arg = host_descriptor(v, strides[2], config.block_n, block_dv)
-        out_arg = host_descriptor(out, strides[3], config.block_m, block_dv)
+    if plan.descriptor_fields is not None:
+        q_fields, k_fields, v_fields, out_fields = plan.descriptor_fields
+        q_arg = q_lo_arg = host_descriptor_like(q_fields, q)
+        if config.split_tf32:  # q_lo's alignment is not in the plan's key: Triton checks its descriptor in full
+            q_lo_arg = host_descriptor(q_lo, q_fields["strides"], *q_fields["block_shape"][2:])
+        k_arg = host_descriptor_like(k_fields, k)
+        v_arg = host_descriptor_like(v_fields, v)
+        out_arg = host_descriptor_like(out_fields, out)
     else:
         q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
     if desc.dropout_p > 0.0:
@@ -286,7 +314,7 @@ def launch_main_kernel(
         )  # fmt: skip
 
     with on_device(q.device):
-        if plan.tile_loads == forward_kernels.LOAD_DEVICE_DESCRIPTORS:
+        if plan.tile_loads == DEVICE_DESCRIPTORS:
             run_with_scratch_allocator(q.device, launch)
         else:
             launch()
