@@ -17,6 +17,10 @@ own dispatch overhead only. Not measured here (no GPU): `torch.cuda.device`
 switches, CUDA allocations and the driver's launch.
 
     PYTHONPATH=src python scripts/host_overhead.py [--launch none|bind] [--calls N] [--profile CASE]
+
+With `--device cuda` (on a GPU machine) nothing is patched: the same calls
+run for real and the script prints the host time per call (enqueue time: the
+GPU is synchronised between batches, outside the timing), beside torch's SDPA.
 """
 
 from __future__ import annotations
@@ -69,16 +73,18 @@ def pretend_sm90(launch: str) -> None:
     JITFunction.run = {"none": no_launch, "bind": bind_only}[launch]
 
 
-def per_call_us(fn, calls: int, warmup: int, batch: int = 10) -> tuple[float, float]:
+def per_call_us(fn, calls: int, warmup: int, batch: int = 10, sync=lambda: None) -> tuple[float, float]:
     """(median, minimum) over batches of `batch` calls of the mean microseconds per call.
 
     On a shared machine the median follows the load; the best batch is the
-    quiet-machine cost. Compare runs by both.
+    quiet-machine cost. Compare runs by both. `sync` runs between batches,
+    untimed (on a GPU: so the launch queue never fills and blocks a call).
     """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(max(1, calls // batch)):
+        sync()
         start = time.perf_counter_ns()
         for _ in range(batch):
             fn()
@@ -86,29 +92,36 @@ def per_call_us(fn, calls: int, warmup: int, batch: int = 10) -> tuple[float, fl
     return statistics.median(times) / 1000, min(times) / 1000
 
 
-def cases() -> dict:
+def cases(device: str) -> dict:
     torch.manual_seed(0)
-    bf16 = torch.bfloat16
-    q, k, v = (torch.randn(4, 16, 1024, 128, dtype=bf16) for _ in range(3))
+    new = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16, device=device)  # noqa: E731
+    q, k, v = (new(4, 16, 1024, 128) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
-    dq, dk, dv = torch.randn(16, 32, 1, 128, dtype=bf16), *(torch.randn(16, 8, 4096, 128, dtype=bf16) for _ in range(2))
+    dq, dk, dv = new(16, 32, 1, 128), new(16, 8, 4096, 128), new(16, 8, 4096, 128)
     meta = [t.to("meta") for t in (q, k, v)]
     tiny = [torch.randn(1, 1, 1, 8) for _ in range(3)]
 
     def fwd_bwd():  # autograd.grad: accumulating into .grad would be real CPU work
         torch.autograd.grad(flashsdpa.attention(qg, kg, vg), (qg, kg, vg), grad)
 
+    on_cpu = {
+        "torch sdpa decode, CPU (computes)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            dq, dk, dv, enable_gqa=True),
+        "torch sdpa forward, meta tensors": lambda: torch.nn.functional.scaled_dot_product_attention(*meta),
+        "torch sdpa, tiny CPU tensors (1,1,1,8)": lambda: torch.nn.functional.scaled_dot_product_attention(*tiny),
+    }
+    on_gpu = {  # the host time torch's SDPA takes to enqueue the same problems
+        "torch sdpa forward": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "torch sdpa decode": lambda: torch.nn.functional.scaled_dot_product_attention(dq, dk, dv, enable_gqa=True),
+    }
     return {
         "forward (4,16,1024,128) no grad": lambda: flashsdpa.attention(q, k, v),
         "forward, inputs require grad": lambda: flashsdpa.attention(qg, kg, vg),
         "forward + backward": fwd_bwd,
         "decode (16,32,1,128) x (16,8,4096,128) gqa": lambda: flashsdpa.attention(dq, dk, dv, enable_gqa=True),
         "decode via drop-in sdpa": lambda: flashsdpa.scaled_dot_product_attention(dq, dk, dv, enable_gqa=True),
-        "torch sdpa decode, CPU (computes)": lambda: torch.nn.functional.scaled_dot_product_attention(
-            dq, dk, dv, enable_gqa=True),
-        "torch sdpa forward, meta tensors": lambda: torch.nn.functional.scaled_dot_product_attention(*meta),
-        "torch sdpa, tiny CPU tensors (1,1,1,8)": lambda: torch.nn.functional.scaled_dot_product_attention(*tiny),
+        **(on_cpu if device == "cpu" else on_gpu),
     }
 
 
@@ -118,11 +131,18 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--profile", metavar="CASE", help="cProfile the case whose name starts with CASE")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: real tensors and launches on a GPU (--launch is ignored), host time per call")
     args = parser.parse_args()
-    pretend_sm90(args.launch)
-    print(f"flashsdpa from {flashsdpa.__file__}, torch {torch.__version__}, launch={args.launch}")
+    sync = lambda: None  # noqa: E731
+    if args.device == "cpu":
+        pretend_sm90(args.launch)
+    else:
+        sync = torch.cuda.synchronize
+    launch = args.launch if args.device == "cpu" else "real"
+    print(f"flashsdpa from {flashsdpa.__file__}, torch {torch.__version__}, {args.device}, launch={launch}")
     dispatch.reset_stats()
-    for name, fn in cases().items():
+    for name, fn in cases(args.device).items():
         if args.profile:
             if not name.startswith(args.profile):
                 continue
@@ -133,7 +153,7 @@ def main() -> None:
             pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative").print_stats(45)
             return
         calls, batch = (args.calls, 10) if "CPU (computes)" not in name else (3, 1)
-        median, best = per_call_us(fn, calls, min(args.warmup, calls), batch)
+        median, best = per_call_us(fn, calls, min(args.warmup, calls), batch, sync)
         print(f"{name:45s} {median:9.1f} us   (best batch {best:.1f})")
     print("dispatch:", flashsdpa.stats())
 
