@@ -66,14 +66,17 @@ def _flatten_batch(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return t.reshape(-1, *t.shape[batch_dims:])
 
 
+def _is_real(x) -> bool:
+    """A real number and not a bool; a float is answered first (the numbers.Real ABC check costs ~0.4 us)."""
+    return type(x) is float or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+
 def check_options(dropout_p, is_causal, scale) -> None:
-    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    if scale is not None and (
-        not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale)
-    ):
+    if scale is not None and (not _is_real(scale) or not math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
 
 
