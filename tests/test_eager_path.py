@@ -8,6 +8,8 @@ Both must give bit-identical outputs and gradients and count the same stats.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -70,6 +72,22 @@ def test_fake_tensors_take_the_op_path(device):
         out = flashsdpa.attention(q, q, q)
     assert out.shape == (2, 3, 5, 16)
     assert flashsdpa.stats()["calls"] == {}, "nothing ran: the op's fake implementation answered"
+
+
+def test_meta_tensors_take_the_op_path():
+    q = torch.empty(1, 2, 5, 8, device="meta")
+    assert flashsdpa.attention(q, q, q, backend="tiled").shape == (1, 2, 5, 8)
+    assert flashsdpa.stats()["calls"] == {}, "the op's fake implementation answered"
+
+
+def test_jit_trace_records_the_op(device):
+    x = torch.randn(1, 2, 5, 8, device=device)
+    f = lambda t: flashsdpa.attention(t, t, t, backend="tiled")  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes read as Python ints
+        traced = torch.jit.trace(f, (x,))
+    assert "flashsdpa::attention_forward" in str(traced.graph)
+    assert torch.equal(traced(x * 2), f(x * 2))
 
 
 def test_profiler_still_sees_the_op(device):

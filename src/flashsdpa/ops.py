@@ -218,7 +218,9 @@ def _plain_eager(tensors) -> bool:
         or torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad, functionalize
         or torch._C._autograd._profiler_enabled()  # the profiler records the op by name
         or forward_ad._current_level >= 0  # forward-mode AD
-        or any(type(t) is not Tensor for t in tensors if t is not None)  # subclasses: FakeTensor, DTensor, ...
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
+        # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
+        or any(type(t) is not Tensor or t.is_meta for t in tensors if t is not None)
     )
 
 
