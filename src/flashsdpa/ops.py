@@ -6,6 +6,10 @@ a backend inside the op (so `stats()` counts real runs, compiled or not), and
 have fake implementations so `torch.compile(fullgraph=True)` traces them
 without graph breaks. The forward saves only its inputs, the output and the
 row log-sum-exp; the backward recomputes the scores tile by tile.
+
+`forward` is what the public API calls: in plain eager mode it runs the ops'
+implementations (`forward_impl`, `backward_impl`) without the ops' dispatcher
+layers, which cost more host time than a small GPU kernel (see `_plain_eager`).
 """
 
 from __future__ import annotations
