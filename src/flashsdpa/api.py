@@ -128,7 +128,7 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
 
 def run(call: PreparedCall, return_lse: bool = False):
     c = call.canon
-    out, lse, _ = ops.attention_forward(
+    out, lse, _ = ops.forward(
         c.query,
         c.key,
         c.value,
@@ -139,5 +139,8 @@ def run(call: PreparedCall, return_lse: bool = False):
         call.backend or _pinned_backend_outside_compile(),
         call.precision.value,
     )
-    out = out.reshape(c.output_shape)
-    return (out, lse.reshape(c.lse_shape)) if return_lse else out
+    # The caller's shape is often the canonical one already: skip the view (and its autograd node) then.
+    out = out if out.shape == c.output_shape else out.reshape(c.output_shape)
+    if not return_lse:
+        return out
+    return out, lse if lse.shape == c.lse_shape else lse.reshape(c.lse_shape)

@@ -11,6 +11,7 @@ problem it was not built for.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ class AttentionDescriptor:
         """Query heads that share one key/value head."""
         return self.heads_q // self.heads_kv
 
-    @property
+    @functools.cached_property  # read several times per call; computed once per descriptor
     def kernel_key(self) -> KernelKey:
         return KernelKey(
             device_type=self.device_type,

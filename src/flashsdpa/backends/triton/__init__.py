@@ -8,6 +8,7 @@ them; the automatic dispatcher only picks this backend for CUDA tensors.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -20,6 +21,20 @@ MAX_HEAD_DIM = 256
 # float32 at full precision: over this head dim the split-tf32 products lose
 # to torch's own float32 (H100, E=256: 6.4e-7 relative error against 3.9e-7).
 MAX_FP32_HEAD_DIM = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _indexed_device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, asked once per device (it costs microseconds a call).
+
+    A device without an index means the current one, which can change: not cached."""
+    if device.index is None:
+        return torch.cuda.get_device_capability(device)
+    return _indexed_device_capability(device)
 
 
 def interpreter_enabled() -> bool:
@@ -42,7 +57,7 @@ class TritonBackend(Backend):
             reasons.append(f"triton does not run on device type {device.type}")
         if desc.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"triton kernels take float16, bfloat16 and float32, not {desc.dtype}")
-        if desc.dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        if desc.dtype == torch.bfloat16 and device.type == "cuda" and cuda_capability(device)[0] < 8:
             reasons.append("bfloat16 needs a GPU of compute capability 8.0 or newer")
         if max(desc.head_dim, desc.head_dim_v) > MAX_HEAD_DIM:
             reasons.append(

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs, new_output
-from flashsdpa.backends.triton import decode_kernels, forward_kernels
+from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_kernels
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
     ForwardConfig,
@@ -42,6 +43,8 @@ KERNEL_MASK_KIND = {
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
 TMA_ALIGNMENT_BYTES = 16
+# As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
+DEVICE_DESCRIPTORS = int(forward_kernels.LOAD_DEVICE_DESCRIPTORS)
 
 
 def attention_forward(
@@ -64,7 +67,7 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     """The CUDA compute capability, or None for CPU tensors (the Triton interpreter)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.get_device_capability(device)
+    return cuda_capability(device)
 
 
 def on_device(device: torch.device):
@@ -182,6 +185,95 @@ def run_with_scratch_allocator(device: torch.device, launch) -> None:
     contextvars.copy_context().run(launch_in_context)
 
 
+@dataclass(frozen=True)
+class MainLaunchPlan:
+    """What a main-kernel launch takes besides the tensors and run-time scalars (see `main_launch_plan`)."""
+
+    programs: int
+    num_m_blocks: int
+    tile_loads: int
+    # per tensor (q, k, v, out) with host TMA descriptors: the fields of a
+    # descriptor Triton validated for this plan's shapes, strides and alignment
+    descriptor_fields: tuple[dict, ...] | None
+    constexprs: dict  # the launch's compile-time keyword arguments
+
+
+# Plans of recent launches. A plan follows from the descriptor (shapes, dtype,
+# options), the config and the strides and 16-byte alignment of q, k, v and
+# out, which is its key: a repeated call shape is a dict lookup. Bounded.
+_main_plans: dict[tuple, MainLaunchPlan] = {}
+MAX_CACHED_PLANS = 1024
+
+
+def main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tensors) -> MainLaunchPlan:
+    """The grid, tile-load path and constexprs for `tensors` = (q, k, v, out) as the kernel gets them."""
+    plan_key = (desc, config, *(t.stride() for t in tensors), *(t.data_ptr() % TMA_ALIGNMENT_BYTES for t in tensors))
+    plan = _main_plans.get(plan_key)
+    if plan is None:
+        plan = _new_main_launch_plan(desc, config, tensors)
+        if len(_main_plans) >= MAX_CACHED_PLANS:
+            _main_plans.clear()
+        _main_plans[plan_key] = plan
+    return plan
+
+
+def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tensors) -> MainLaunchPlan:
+    key = desc.kernel_key
+    num_m_blocks = cdiv(desc.seq_q, config.block_m)
+    programs = num_m_blocks * desc.batch * desc.heads_q
+    if programs > MAX_GRID_X:
+        raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
+    tile_loads, strides = choose_tile_loads(config, tensors)
+    descriptor_fields = None
+    if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
+        blocks = [(config.block_m, key.block_head_dim), (config.block_n, key.block_head_dim),
+                  (config.block_n, key.block_head_dim_v), (config.block_m, key.block_head_dim_v)]
+        descriptor_fields = tuple(
+            _fields_without_base(host_descriptor(tensor, tensor_strides, *block))
+            for tensor, tensor_strides, block in zip(tensors, strides, blocks)
+        )
+    constexprs = dict(
+        CAUSAL=desc.causal,
+        MASK_KIND=KERNEL_MASK_KIND[desc.mask],
+        MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
+        DROPOUT=desc.dropout_p > 0.0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_D=key.block_head_dim,
+        BLOCK_DV=key.block_head_dim_v,
+        DOT_PRECISION=config.dot_precision,
+        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+        SPLIT_TF32=config.split_tf32,
+        TILE_LOADS=tile_loads,
+        WARP_SPECIALIZE=config.warp_specialize and tile_loads != forward_kernels.LOAD_POINTERS,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        maxnreg=config.max_registers,
+    )
+    return MainLaunchPlan(programs, num_m_blocks, int(tile_loads), descriptor_fields, constexprs)
+
+
+def _fields_without_base(descriptor: TensorDescriptor) -> dict:
+    fields = dict(vars(descriptor))
+    del fields["base"]  # a plan must not keep its first call's tensor alive
+    return fields
+
+
+def host_descriptor_like(fields: dict, tensor: torch.Tensor) -> TensorDescriptor:
+    """A TensorDescriptor of `tensor` with the other fields of one that Triton validated for a tensor
+    of the same shape, strides and 16-byte alignment (a launch plan's key): skips the dataclass's
+    checks, ~2 us for each of the four descriptors of a launch."""
+    descriptor = TensorDescriptor.__new__(TensorDescriptor)
+    descriptor.__dict__.update(fields)
+    descriptor.base = tensor
+    return descriptor
+
+
+def cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` without its constexpr-function wrapper (~2 us a call from host code)."""
+    return -(-a // b)
+
+
 def launch_main_kernel(
     desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,60 +281,40 @@ def launch_main_kernel(
     k, v = inputs.key, inputs.value
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    key = desc.kernel_key
     out, lse = allocate_outputs(desc, q)
     mask, mask_strides = mask_argument(desc, inputs)
 
-    num_m_blocks = triton.cdiv(seq_q, config.block_m)
-    programs = num_m_blocks * batch * heads_q
-    if programs > MAX_GRID_X:
-        raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
     q_lo = q  # never read unless config.split_tf32
     if config.split_tf32:
         q, q_lo = split_tf32(q)  # both contiguous: q's strides and alignment are q_lo's
-    tile_loads, strides = choose_tile_loads(config, (q, k, v, out))
-    if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
-        block_d, block_dv = key.block_head_dim, key.block_head_dim_v
-        q_arg = host_descriptor(q, strides[0], config.block_m, block_d)
-        q_lo_arg = host_descriptor(q_lo, strides[0], config.block_m, block_d) if config.split_tf32 else q_arg
-        k_arg = host_descriptor(k, strides[1], config.block_n, block_d)
-        v_arg = host_descriptor(v, strides[2], config.block_n, block_dv)
-        out_arg = host_descriptor(out, strides[3], config.block_m, block_dv)
+    plan = main_launch_plan(desc, config, (q, k, v, out))
+    if plan.descriptor_fields is not None:
+        q_fields, k_fields, v_fields, out_fields = plan.descriptor_fields
+        q_arg = q_lo_arg = host_descriptor_like(q_fields, q)
+        if config.split_tf32:  # q_lo's alignment is not in the plan's key: Triton checks its descriptor in full
+            q_lo_arg = host_descriptor(q_lo, q_fields["strides"], *q_fields["block_shape"][2:])
+        k_arg = host_descriptor_like(k_fields, k)
+        v_arg = host_descriptor_like(v_fields, v)
+        out_arg = host_descriptor_like(out_fields, out)
     else:
         q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
-    dropout = desc.dropout_p > 0.0
-    if dropout:
+    if desc.dropout_p > 0.0:
         seed_lo, seed_hi = inputs.dropout_seed
         threshold, output_scale = drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p)
     else:
         seed_lo, seed_hi, threshold, output_scale = 0, 0, 0, 1.0
 
     def launch() -> None:
-        forward_kernels.attention_forward_kernel[(programs,)](
+        forward_kernels.attention_forward_kernel[(plan.programs,)](
             q_arg, q_lo_arg, k_arg, v_arg, mask, out_arg, lse,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            heads_q, heads_q // heads_kv, seq_q, seq_kv, head_dim, head_dim_v, num_m_blocks,
+            heads_q, heads_q // heads_kv, seq_q, seq_kv, head_dim, head_dim_v, plan.num_m_blocks,
             scale, threshold, seed_lo, seed_hi, float(output_scale),
-            CAUSAL=desc.causal,
-            MASK_KIND=KERNEL_MASK_KIND[desc.mask],
-            MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
-            DROPOUT=dropout,
-            BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n,
-            BLOCK_D=key.block_head_dim,
-            BLOCK_DV=key.block_head_dim_v,
-            DOT_PRECISION=config.dot_precision,
-            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-            SPLIT_TF32=config.split_tf32,
-            TILE_LOADS=tile_loads,
-            WARP_SPECIALIZE=config.warp_specialize and tile_loads != forward_kernels.LOAD_POINTERS,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            maxnreg=config.max_registers,
-        )
+            **plan.constexprs,
+        )  # fmt: skip
 
     with on_device(q.device):
-        if tile_loads == forward_kernels.LOAD_DEVICE_DESCRIPTORS:
+        if plan.tile_loads == DEVICE_DESCRIPTORS:
             run_with_scratch_allocator(q.device, launch)
         else:
             launch()
@@ -296,13 +368,13 @@ def launch_decode_kernels(
     mask, mask_strides = mask_argument(desc, inputs)
 
     gqa_group = heads_q // heads_kv
-    row_chunks = triton.cdiv(gqa_group * seq_q, decode.block_m)
+    row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
     if num_splits is None:
         num_splits = decode_split_count(programs_per_split, seq_kv, sm_count(q.device))
     num_splits = max(1, min(num_splits, DECODE_MAX_SPLITS, MAX_GRID_YZ))
-    split_len = triton.cdiv(triton.cdiv(seq_kv, num_splits), decode.block_n) * decode.block_n
-    num_splits = triton.cdiv(seq_kv, split_len)
+    split_len = cdiv(cdiv(seq_kv, num_splits), decode.block_n) * decode.block_n
+    num_splits = cdiv(seq_kv, split_len)
     if programs_per_split > MAX_GRID_X:
         raise ValueError(f"triton decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
 

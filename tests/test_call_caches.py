@@ -1,0 +1,109 @@
+"""The per-call caches (descriptors, launch plans) never serve one call's result to another.
+
+flashsdpa memoises per-call work on cheap facts of a call (shapes, strides,
+dtypes, options). A key that forgot an argument would hand the second of two
+calls differing only in that argument the first one's setup: here calls that
+differ in exactly one argument run back to back on one set of tensors, and
+each must match its own float64 reference (outputs and, for the scale, the
+gradients: the backward reads the cached descriptor too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashsdpa
+from helpers import BACKENDS, generator, keep_mask_for, oracle, predict_seed, randn, rel_err
+
+BAR = 1e-5  # float32 inputs; the variants differ from one another by O(1)
+
+
+def _tensors(device, heads_kv=4):
+    gen = generator(11)
+    q = randn((2, 4, 13, 16), gen, torch.float32, device)
+    k, v = (randn((2, heads_kv, 11, 16), gen, torch.float32, device) for _ in range(2))
+    return q, k, v
+
+
+VARIANTS = {
+    "defaults": {},
+    "scale 0.3": {"scale": 0.3},
+    "scale -0.3": {"scale": -0.3},
+    "scale 0": {"scale": 0.0},
+    "scale -0": {"scale": -0.0},
+    "causal": {"causal": True},
+    "bool mask": {"attn_mask": "bool"},
+    "key padding mask": {"attn_mask": "pad"},
+    "float mask": {"attn_mask": "float"},
+    "float mask, causal": {"attn_mask": "float", "causal": True},
+}
+
+
+def _mask(kind, device):
+    gen = generator(12)
+    if kind == "bool":
+        return randn((2, 4, 13, 11), gen, torch.float32, device) > -0.5
+    if kind == "pad":
+        return randn((2, 1, 1, 11), gen, torch.float32, device) > -0.5
+    return randn((2, 4, 13, 11), gen, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_differing_in_one_argument(backend, device):
+    q, k, v = _tensors(device)
+    results = {}
+    for _ in range(2):  # the second round runs every variant from warm caches
+        for name, options in VARIANTS.items():
+            options = dict(options)
+            if isinstance(options.get("attn_mask"), str):
+                options["attn_mask"] = _mask(options["attn_mask"], device)
+            out = flashsdpa.attention(q, k, v, backend=backend, **options)
+            ref, _ = oracle(q, k, v, options.get("attn_mask"), options.get("causal", False), options.get("scale"))
+            assert rel_err(out, ref) <= BAR, name
+            results.setdefault(name, out)
+            assert torch.equal(out, results[name]), f"{name}: the warm call differs from the cold one"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_follow_the_scale(backend, device):
+    q, k, v = (t.requires_grad_() for t in _tensors(device))
+    for scale in (0.3, 0.7, -0.3, 0.3):
+        out = flashsdpa.attention(q, k, v, scale=scale, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        ref = oracle(q, k, v, scale=scale)[0]
+        ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+        for name, got, want in zip("qkv", grads, ref_grads):
+            assert rel_err(got, want) <= 10 * BAR, f"d{name} at scale {scale}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_gqa_and_precision_are_in_the_key(backend, device):
+    q, k, v = _tensors(device)
+    plain = flashsdpa.attention(q, k, v, backend=backend)
+    assert rel_err(plain, oracle(q, k, v)[0]) <= BAR
+    seed_pair = predict_seed(5)
+    torch.manual_seed(5)
+    dropped = flashsdpa.attention(q, k, v, dropout_p=0.3, backend=backend)
+    keep = keep_mask_for(seed_pair, 0.3, (2, 4), 13, 11, device)
+    assert rel_err(dropped, oracle(q, k, v, dropout_p=0.3, keep=keep)[0]) <= BAR
+    # float32 at tf32 precision: a different kernel variant, ~1e-3 off (triton; tiled computes in float32 anyway)
+    tf32 = flashsdpa.attention(q, k, v, backend=backend, fp32_precision="tf32")
+    assert rel_err(tf32, oracle(q, k, v)[0]) <= 1e-2
+    assert rel_err(flashsdpa.attention(q, k, v, backend=backend), oracle(q, k, v)[0]) <= BAR
+    # grouped-query heads: same query, keys with fewer heads
+    qg, kg, vg = _tensors(device, heads_kv=2)
+    gqa = flashsdpa.attention(qg, kg, vg, enable_gqa=True, backend=backend)
+    assert rel_err(gqa, oracle(qg, kg, vg, enable_gqa=True)[0]) <= BAR
+
+
+def test_strided_inputs_after_contiguous_ones(device):
+    """Same shapes, other strides (the triton launch plan is keyed on them): each matches its reference."""
+    q, k, v = _tensors(device)
+    for layout in ("contiguous", "transposed", "contiguous"):
+        if layout == "transposed":
+            q2, k2, v2 = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        else:
+            q2, k2, v2 = q, k, v
+        out = flashsdpa.attention(q2, k2, v2, backend="triton")
+        assert rel_err(out, oracle(q, k, v)[0]) <= BAR, layout
