@@ -72,7 +72,12 @@ def torch_runs_fused_kernel(desc: AttentionDescriptor, inputs: AttentionInputs) 
                             desc.heads_q != desc.heads_kv)  # fmt: skip
     except TypeError:  # pragma: no cover - a torch whose SDPAParams takes other arguments
         return False
-    return bool(can_use_flash_attention(params) or can_use_efficient_attention(params))
+    # The enable flags are what `sdpa_kernel(...)` sets; checked here explicitly, not left to can_use_*.
+    backends = torch.backends.cuda
+    return bool(
+        (backends.flash_sdp_enabled() and can_use_flash_attention(params))
+        or (backends.mem_efficient_sdp_enabled() and can_use_efficient_attention(params))
+    )
 
 
 _mask_stand_ins: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
