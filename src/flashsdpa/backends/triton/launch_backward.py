@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
 from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
@@ -25,7 +24,7 @@ from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
 )
-from flashsdpa.backends.triton.launch_forward import device_capability, mask_argument, on_device
+from flashsdpa.backends.triton.launch_forward import cdiv, device_capability, mask_argument, on_device
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.dropout import drop_threshold
@@ -118,7 +117,7 @@ def attention_backward(
     )
 
     with on_device(device):
-        attention_backward_preprocess_kernel[(triton.cdiv(seq_q, config.preprocess_block_m) * batch * heads_q,)](
+        attention_backward_preprocess_kernel[(cdiv(seq_q, config.preprocess_block_m) * batch * heads_q,)](
             out, grad_out, lse, delta, lse_log2,
             *out.stride(), *grad_out.stride(), *lse.stride(),
             seq_q, heads_q,
@@ -129,7 +128,7 @@ def attention_backward(
 
         if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
             tile = config.dq
-            attention_backward_dq_kernel[(triton.cdiv(seq_q, tile.block_m) * batch * heads_q,)](
+            attention_backward_dq_kernel[(cdiv(seq_q, tile.block_m) * batch * heads_q,)](
                 query, key, value, mask, grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
                 *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
@@ -144,7 +143,7 @@ def attention_backward(
 
         if run_dkdv:
             tile = config.dkdv
-            attention_backward_dkdv_kernel[(triton.cdiv(seq_kv, tile.block_n) * batch * heads_kv,)](
+            attention_backward_dkdv_kernel[(cdiv(seq_kv, tile.block_n) * batch * heads_kv,)](
                 query, key, value, mask, grad_out,
                 stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
                 *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
