@@ -194,6 +194,9 @@ def sweep(options):
     blocks = [(32, 64), (32, 128), (64, 64), (64, 128), (128, 64)] if which == "dkdv" else \
              [(64, 64), (128, 32), (128, 64), (128, 128)]
     stages = (2, 3)
+    if d == 256:  # twice the operand bytes per row: smaller tiles, fewer stages
+        blocks = [(16, 64), (16, 128), (32, 64), (64, 64)] if which == "dkdv" else [(32, 64), (64, 32), (64, 64), (128, 32)]
+        stages = (1, 2)
     if options.get("quick") == "1":
         blocks, stages = blocks[1:4], (2,)
     for (bm, bn), warps, stages in itertools.product(blocks, (4, 8), stages):

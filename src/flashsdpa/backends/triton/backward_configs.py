@@ -82,18 +82,18 @@ SM90_16BIT_DQ = {
     256: (64, 32, 8, 2),  # 128-136 KB; spills 40 B only with causal and a mask
 }
 # ROUNDED precision (16-bit inputs where torch would run a fused kernel):
-# fewer products and no row pass, so the tiles differ. d=64 and d=128 from a
-# sweep on the H100 (session 3: bf16, L=4096, non-causal, whole backward
-# TFLOP/s with one kernel's tile varied, the other at the EXACT table's shape).
+# fewer products and no row pass, so the tiles differ. From a sweep on the
+# H100 (session 3: bf16, L=4096, non-causal, whole backward TFLOP/s with one
+# kernel's tile varied, the other at the EXACT table's shape; d=256 at B=4 H=8).
 SM90_16BIT_ROUNDED_DKDV = {
     64: (128, 64, 4, 2),  # 333 (32x128 w4 s3: 311, 64x64 w4: 275, 64x128 w8: 253)
     128: (64, 128, 8, 2),  # 354 (64x64 w4: 336, 32x64 w4 s3: 336, 128x64 w8: 204)
-    256: SM90_16BIT_DKDV[256],
+    256: (64, 64, 8, 2),  # 161 (32x64 w8: 139, 64x64 w8 s1: 131, the EXACT table's 16x64 w8: 107)
 }
 SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
     128: (128, 64, 8, 3),  # 375 (128x128 w8: 363, 128x32 w4 s3: 353, 64x64 w4: 352)
-    256: SM90_16BIT_DQ[256],
+    256: (64, 64, 4, 2),  # 133 (128x32 w8: 132, 64x32 w4 s1: 130, the EXACT table's 64x32 w8: 108)
 }
 # float32 (tf32x3: three tensor-core products per dot, with split operands
 # held twice in shared memory and registers) is the accuracy path, not the
