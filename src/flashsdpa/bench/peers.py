@@ -161,6 +161,13 @@ class FlexPeer(Peer):
             from torch.nn.attention.flex_attention import flex_attention
 
             raise_recompile_limit()
+            if self.mode == "dynamic":
+                # The backward is timed by repeated autograd.grad(..., retain_graph=True) over one graph;
+                # with symbolic sizes torch 2.11 compiled Flex's backward with donated buffers, which
+                # refuse that (H100 run, session 3: every Flex backward failed). Donation only saves memory.
+                import torch._functorch.config as functorch_config
+
+                functorch_config.donated_buffer = False
             self._compiled = torch.compile(flex_attention, dynamic=(self.mode == "dynamic"))
         return self._compiled
 
