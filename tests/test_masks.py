@@ -170,6 +170,7 @@ def test_hidden_keys_with_inf_stay_hidden(pattern, device):
     zeroed, bit for bit. The triton kernels feed the mask to q @ k^T as its accumulator (a layout choice, see
     forward_kernels.mask_seed) and must still hide the -inf + inf = NaN it makes there. (dQ = dS K is NaN either
     way, as in torch's math; so is any output under a float -inf mask, inf + -inf.)"""
+    # BHLS at these lengths has unaligned rows, so the triton kernels take the mask-seeded path there.
     gen = generator(36 + ["BHLS", "B11S"].index(pattern))
     seq_q, seq_kv = seq(18), seq(21)
     q, k, v = qkv((B, H), (B, H), seq_q, seq_kv, 16, gen, torch.float16, device)
@@ -190,3 +191,39 @@ def test_hidden_keys_with_inf_stay_hidden(pattern, device):
     for name, expected, got in zip(("out", "dv"), *results):
         assert torch.isfinite(expected).all(), name
         assert torch.equal(expected, got), name
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_seed_path_matches_plain_path(kind, device, monkeypatch):
+    """The triton kernels seed q @ k^T with mask rows that are not 16-byte aligned (MASK_SEED, a layout
+    choice) and not with aligned ones; both paths give the same bits, forward and backward."""
+    from flashsdpa.backends.triton import launch_backward, launch_forward
+
+    chosen = []
+    decide = launch_forward.seeds_with_mask
+
+    def spy(*args):
+        chosen.append(decide(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(launch_forward, "seeds_with_mask", spy)
+    monkeypatch.setattr(launch_backward, "seeds_with_mask", spy)
+    gen = generator(38)
+    seq_q, seq_kv = seq(18), 32  # 32 keys: rows of a contiguous mask are 16-element aligned
+    q, k, v = qkv((B, H), (B, H), seq_q, seq_kv, 16, gen, torch.float16, device)
+    if kind == "bool":
+        values = random_bool_mask((B, H, seq_q, seq_kv), gen, device)
+    else:
+        values = random_float_mask((B, H, seq_q, seq_kv), gen, torch.float16, device)
+    unaligned = torch.zeros((B, H, seq_q, seq_kv + 1), dtype=values.dtype, device=device)[..., :seq_kv]
+    unaligned.copy_(values)  # the same values, rows 33 elements apart
+    results = []
+    for mask in (values, unaligned):
+        chosen.clear()
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+        out = run("triton", q_, k_, v_, attn_mask=mask)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), q_.grad, k_.grad, v_.grad))
+        assert chosen == [mask is unaligned] * 2, chosen  # forward and backward launches
+    for name, plain, seeded in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(plain, seeded), name

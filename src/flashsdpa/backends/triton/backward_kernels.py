@@ -22,6 +22,10 @@ it, reuses both. Every output element is written by exactly
 one program and summed in a fixed order, so results are bitwise
 reproducible.
 
+MASK_SEED (unaligned mask rows, see launch_forward.seeds_with_mask) feeds
+the mask tile to the score product as its accumulator, which keeps Triton
+from computing the scores' elementwise work in a second layout.
+
 Softmax is evaluated in base 2 (exp2 is one instruction): scores are scaled
 by log2(e) and lse is stored as lse * log2(e). A row with lse = -inf (no key
 visible) gets lse_log2 = +inf, so every P in it is exp2(finite - inf) = 0 and
@@ -167,6 +171,7 @@ def _dkdv_query_block(
     APPLY_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """Adds one query block's contribution to a key block's dK and dV accumulators.
 
@@ -189,7 +194,7 @@ def _dkdv_query_block(
             mask_t = _load_tile(mask_block, offs_n, tl.arange(0, BLOCK_M), stride_maskn, stride_maskm,
                                 seq_kv, seq_q - start_m)
 
-    if MASK_KIND != "none":
+    if MASK_SEED:
         # The mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed).
         seed_t = mask_seed(mask_t, MASK_KIND == "bool", offs_n.shape[0], BLOCK_M)
         scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
@@ -241,6 +246,7 @@ def attention_backward_dkdv_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group.
 
@@ -304,7 +310,7 @@ def attention_backward_dkdv_kernel(
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                 True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
             )
         for start_m in range(unmasked_m, rows_end, BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
@@ -314,7 +320,7 @@ def attention_backward_dkdv_kernel(
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                 False, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
             )
 
     if COMPUTE_DK:
@@ -330,6 +336,7 @@ def _dq_probabilities(
     q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
     BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """P = exp(s - lse) of the query rows offs_m against the keys offs_n (float32), 0 where hidden.
 
@@ -339,17 +346,19 @@ def _dq_probabilities(
     the diagonal, so P is zeroed there (zero-padded keys past seq_kv would
     otherwise get P = exp(-lse)).
     """
-    if MASK_KIND != "none":
-        if MASK_ROWS_BROADCAST:
-            mask_tile = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0)[None, :]
-        else:
-            mask_tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn,
-                                   rows_left, seq_kv)
+    if MASK_SEED:
+        mask_tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn, rows_left, seq_kv)
         # The mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed).
         seed = mask_seed(mask_tile, MASK_KIND == "bool", BLOCK_M, offs_n.shape[0])
         scores = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     else:
         scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+        if MASK_KIND != "none":
+            if MASK_ROWS_BROADCAST:
+                mask_tile = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0)[None, :]
+            else:
+                mask_tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn,
+                                       rows_left, seq_kv)
     if MASK_KIND == "float":
         scores += mask_tile.to(tl.float32) * LOG2E
     probs = tl.math.exp2(scores - lse_log2[:, None])
@@ -372,7 +381,7 @@ def _dq_row_stats(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
     """(sum_j P[i, j], sum_j P[i, j] * dP[i, j]) over one key block, for each query row i of the block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -381,6 +390,7 @@ def _dq_row_stats(
     probs = _dq_probabilities(
         q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
         BLOCK_M, APPLY_EDGE_MASK, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+        MASK_SEED,
     )
     grad_probs = matmul(grad_out, tl.trans(v), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     if DROPOUT:
@@ -401,6 +411,7 @@ def _dq_key_block(
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """Adds one key block's contribution to a query block's dQ; writes its dS into dmask.
 
@@ -413,6 +424,7 @@ def _dq_key_block(
     probs = _dq_probabilities(
         q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
         BLOCK_M, APPLY_EDGE_MASK, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+        MASK_SEED,
     )
     if RENORMALIZE:
         probs = probs * row_scale[:, None]
@@ -445,6 +457,7 @@ def attention_backward_dq_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -516,6 +529,7 @@ def attention_backward_dq_kernel(
                 score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                 False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                MASK_SEED,
             )
             row_sums += block_sums
             weighted_sums += block_weighted
@@ -526,6 +540,7 @@ def attention_backward_dq_kernel(
                 score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                 True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                MASK_SEED,
             )
             row_sums += block_sums
             weighted_sums += block_weighted
@@ -549,7 +564,7 @@ def attention_backward_dq_kernel(
                 score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                 False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
             )
         for start_n in range(unmasked_n, visible_n, BLOCK_N):
             dq_acc = _dq_key_block(
@@ -559,7 +574,7 @@ def attention_backward_dq_kernel(
                 score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                 True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
             )
         if WRITE_DMASK and CAUSAL:
             # Keys past the diagonal were skipped; their score gradient is 0.

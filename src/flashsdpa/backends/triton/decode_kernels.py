@@ -125,7 +125,7 @@ def attention_decode_split_kernel(
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, 0, 0,
         False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, LOAD_POINTERS, False,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, LOAD_POINTERS, False, False,
     )
     out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, 1.0, MASK_KIND)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row

@@ -194,13 +194,28 @@ def mask_seed(mask_tile, IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
     up to 64 rows per thread with 1-byte loads; compile_sm90 showed 3-6 KB of
     spills. Fed to the dot as its accumulator, the mask is converted to the
     MMA layout at once and the softmax stays there (d=64 bool, L=S=300:
-    6172 -> 1204 spill bytes; S=512: 496 -> 168).
+    6172 -> 1204 spill bytes; S=512: 496 -> 168). The launchers use it only
+    for unaligned mask rows (MASK_SEED, see launch_forward.seeds_with_mask):
+    with aligned rows it measured slower on the H100.
     """
     if IS_BOOL:
         seed = tl.where(mask_tile != 0, 0.0, float("-inf"))
     else:
         seed = tl.where(mask_tile.to(tl.float32) > 0, 0.0, -0.0)
     return tl.broadcast_to(seed, [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST: tl.constexpr,
+                   BOUNDARY: tl.constexpr):
+    """The mask entries of keys start_n + offs_n for each row of `mask_row_ptrs` ([1, BLOCK_N] if broadcast)."""
+    cols = start_n + offs_n
+    col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
+    if MASK_ROWS_BROADCAST:
+        return tl.load(mask_row_ptrs + col_offsets, mask=cols < seq_kv, other=0)[None, :]
+    if BOUNDARY:
+        return tl.load(mask_row_ptrs[:, None] + col_offsets[None, :], mask=cols[None, :] < seq_kv, other=0)
+    return tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
 
 
 @triton.jit
@@ -245,6 +260,7 @@ def attend_key_blocks(
     SPLIT_TF32: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """Fold keys [key_start, key_end) into the running (acc, row_sum, row_max) of the rows `offs_m`.
 
@@ -254,7 +270,8 @@ def attend_key_blocks(
     `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
     MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
-    (q_lo holds the rest of q; otherwise q_lo is unused).
+    (q_lo holds the rest of q; otherwise q_lo is unused). MASK_SEED: the mask
+    tile seeds q @ k^T's accumulator (see `mask_seed`; 16-bit products only).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -265,26 +282,20 @@ def attend_key_blocks(
             k_desc, desc_batch, desc_kv_head, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim,
             stride_kn, stride_kk, BOUNDARY, TILE_LOADS,
         )
-        if not FAST_SOFTMAX:
-            if MASK_KIND != MASK_NONE:
-                col_offsets = tl.cast(start_n, tl.int64) * stride_mn + offs_n * stride_mn
-                if MASK_ROWS_BROADCAST:
-                    mask_tile = tl.load(mask_row_ptrs + col_offsets, mask=cols < seq_kv, other=0)[None, :]
-                elif BOUNDARY:
-                    mask_tile = tl.load(
-                        mask_row_ptrs[:, None] + col_offsets[None, :], mask=cols[None, :] < seq_kv, other=0
-                    )
-                else:
-                    mask_tile = tl.load(mask_row_ptrs[:, None] + col_offsets[None, :])
-        if SPLIT_TF32:
-            k_hi, k_lo = split_tf32(tl.trans(k))
-            qk = matmul_split_tf32(q, q_lo, k_hi, k_lo)
-        elif MASK_KIND != MASK_NONE and not FAST_SOFTMAX:
+        if MASK_SEED and not FAST_SOFTMAX and not SPLIT_TF32:
             # The mask enters the product's accumulator for the layout's sake (see mask_seed).
+            mask_tile = load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST, BOUNDARY)
             qk = matmul(q, tl.trans(k), mask_seed(mask_tile, MASK_KIND == MASK_BOOL, q.shape[0], BLOCK_N),
                         DOT_PRECISION, WIDEN_DOT_OPERANDS)
         else:
-            qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+            if SPLIT_TF32:
+                k_hi, k_lo = split_tf32(tl.trans(k))
+                qk = matmul_split_tf32(q, q_lo, k_hi, k_lo)
+            else:
+                qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+            if MASK_KIND != MASK_NONE and not FAST_SOFTMAX:
+                mask_tile = load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST,
+                                           BOUNDARY)
         if not FAST_SOFTMAX:
             if MASK_KIND == MASK_FLOAT:
                 # Natural units: the mask is added to the scaled scores.
@@ -379,6 +390,7 @@ def attend_keys(
     SPLIT_TF32: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    MASK_SEED: tl.constexpr,
 ):
     """Online softmax of rows `offs_m` over keys [key_start, key_end): returns (acc, row_sum, row_max).
 
@@ -401,7 +413,7 @@ def attend_keys(
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         score_scale, dropout_key, dropout_threshold,
         False, MASK_KIND == MASK_NONE, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
     )
     acc, row_sum, row_max = attend_key_blocks(
         acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
@@ -409,7 +421,7 @@ def attend_keys(
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         score_scale, dropout_key, dropout_threshold,
         True, False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, False,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, False, MASK_SEED,
     )
     return acc, row_sum, row_max
 
@@ -493,6 +505,7 @@ def attention_forward_kernel(
     SPLIT_TF32: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    MASK_SEED: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); writes out rows and lse.
 
@@ -589,7 +602,7 @@ def attention_forward_kernel(
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, dropout_key, dropout_threshold,
         CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
     )
     out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:

@@ -24,7 +24,13 @@ from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
 )
-from flashsdpa.backends.triton.launch_forward import cdiv, device_capability, mask_argument, on_device
+from flashsdpa.backends.triton.launch_forward import (
+    cdiv,
+    device_capability,
+    mask_argument,
+    on_device,
+    seeds_with_mask,
+)
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.dropout import drop_threshold
@@ -114,6 +120,7 @@ def attention_backward(
         DOT_PRECISION=config.dot_precision,
         WIDEN_DOT_OPERANDS=config.widen_dot_operands,
         SPLIT_OPERANDS=config.split_operands,
+        MASK_SEED=seeds_with_mask(desc, mask, mask_strides),
     )
 
     with on_device(device):
