@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
-from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
 from flashsdpa.backends.triton import gradient_precision
+from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
