@@ -107,3 +107,41 @@ def test_strided_inputs_after_contiguous_ones(device):
             q2, k2, v2 = q, k, v
         out = flashsdpa.attention(q2, k2, v2, backend="triton")
         assert rel_err(out, oracle(q, k, v)[0]) <= BAR, layout
+
+
+def _shape_variants(device):
+    """(name, q, k, v): one shape fact changed at a time from the first, then the first again.
+
+    40 queries: over the decode kernel's limit, so the main kernel and its launch plan run.
+    """
+    gen = generator(13)
+    new = lambda *shape: randn(shape, gen, torch.float32, device)  # noqa: E731
+    base = (new(2, 4, 40, 16), new(2, 4, 11, 16), new(2, 4, 11, 16))
+    wide = new(2, 4, 11, 24)
+    return [
+        ("base", *base),
+        # the batch and head count are in no stride of a contiguous tensor's last dims
+        ("batch 3", new(3, 4, 40, 16), new(3, 4, 11, 16), new(3, 4, 11, 16)),
+        ("heads 2", new(2, 2, 40, 16), new(2, 2, 11, 16), new(2, 2, 11, 16)),
+        ("queries 35", new(2, 4, 35, 16), base[1], base[2]),
+        ("queries 9 (the decode kernel)", new(2, 4, 9, 16), base[1], base[2]),
+        ("keys 7", base[0], new(2, 4, 7, 16), new(2, 4, 7, 16)),
+        ("value head dim 8", *base[:2], new(2, 4, 11, 8)),
+        ("value one element into its storage", *base[:2], wide[..., 1:17]),
+        ("base again", *base),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_differing_in_one_shape(backend, device):
+    """Calls that differ in one shape fact (or a view's offset) back to back: each matches its reference.
+
+    A cache keyed on a kernel key, or on strides alone, would reuse the first call's grid or sizes.
+    """
+    from flashsdpa.backends.base import poisoned_outputs
+
+    for _ in range(2):
+        for name, q, k, v in _shape_variants(device):
+            with poisoned_outputs():
+                out = flashsdpa.attention(q, k, v, backend=backend)
+            assert rel_err(out, oracle(q, k, v)[0]) <= BAR, name
