@@ -271,7 +271,7 @@ def attend_key_blocks(
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
     MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
     (q_lo holds the rest of q; otherwise q_lo is unused). MASK_SEED: the mask
-    tile seeds q @ k^T's accumulator (see `mask_seed`; 16-bit products only).
+    tile seeds q @ k^T's accumulator (see `mask_seed`; not with SPLIT_TF32).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

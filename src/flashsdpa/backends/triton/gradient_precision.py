@@ -4,8 +4,9 @@ torch's own SDPA backward on a GPU has two precision classes. Its fused 16-bit
 kernels (flash, mem-efficient) round P and dS to 16 bits once before the
 tensor cores and take delta = rowsum(dO * O) from the rounded output. Its math
 backend, which torch falls back to for problems the fused kernels refuse
-(head dims that are not a multiple of 8, a mask gradient, ...), works in float32
-internally and is 1.6-2.6x more accurate on float16 gradients (H100).
+(inputs that are not 4-D, batch or head dims that only broadcast, backends
+disabled by `sdpa_kernel`, ...), works in float32 internally and is 1.6-2.6x
+more accurate on float16 gradients (H100).
 
 flashsdpa matches whichever torch would run for the same call:
 
@@ -16,7 +17,12 @@ flashsdpa matches whichever torch would run for the same call:
   about 1.8x the time of ROUNDED, at torch's float32-internal error.
 
 float32 is always EXACT (see BackwardConfig.renormalize_rows): a float32 lse
-rounding would otherwise put the gradients at many times torch's error.
+rounding would otherwise put the gradients at many times torch's error. A
+mask gradient always takes the exact row pass (launch_backward).
+
+The choice is made when the backward runs, with the backend flags in force
+then; torch makes it at the forward. Code that wraps only the forward in
+`sdpa_kernel(...)` gets the precision of the flags around its backward.
 """
 
 from __future__ import annotations
@@ -57,6 +63,16 @@ def torch_runs_fused_kernel(desc: AttentionDescriptor, inputs: AttentionInputs) 
     builds without this API, get False.
     """
     query = inputs.query
+    # torch's fused kernels take 4-D inputs with equal batch and (without GQA)
+    # head counts only. flashsdpa's canonical views hide a caller's other rank
+    # (desc.batch_shape keeps it) and broadcast dims (stride 0 here); torch
+    # would have run math on those. (An input that was itself an expanded view
+    # lands here too: EXACT, the safe side.)
+    if len(desc.batch_shape) != 1:
+        return False
+    for tensor in (query, inputs.key, inputs.value):
+        if any(tensor.shape[d] > 1 and tensor.stride(d) == 0 for d in (0, 1)):
+            return False
     if query.device.type != "cuda":
         return False
     try:

@@ -121,8 +121,9 @@ def mask_argument(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[t
 def seeds_with_mask(desc: AttentionDescriptor, mask: torch.Tensor, mask_strides: tuple[int, ...]) -> bool:
     """MASK_SEED: whether the kernels feed the mask tile to q @ k^T as its accumulator (forward_kernels.mask_seed).
 
-    Only for masks with distinct rows that are not 16-byte aligned (row
-    stride not a multiple of 16 elements, or an unaligned base), which Triton
+    Only for masks with distinct rows whose row stride is not a multiple of
+    16 elements or whose base is not 16-byte aligned (Triton's own
+    divisibility specialisations, which decide its vector loads), which Triton
     loads element by element in a layout that made it compute the softmax
     twice (3-6 KB of spills at L=S=300). Aligned rows load through shared
     memory and spill little without it; the seed measured 6-8% slower there
