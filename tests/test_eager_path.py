@@ -31,8 +31,11 @@ class _SeesOps(TorchFunctionMode):
 
 
 def _problem(device, requires_grad, mask_grad=False):
+    """requires_grad: a bool for q, k and v together, or a string of the ones that require it ("k", "qv")."""
     gen = generator(7)
-    q, k, v = (randn((2, 4, 9, 16), gen, torch.float32, device).requires_grad_(requires_grad) for _ in range(3))
+    q, k, v = (randn((2, 4, 9, 16), gen, torch.float32, device) for _ in range(3))
+    for name, t in zip("qkv", (q, k, v)):
+        t.requires_grad_(requires_grad if isinstance(requires_grad, bool) else name in requires_grad)
     mask = randn((2, 1, 9, 9), gen, torch.float32, device).requires_grad_(mask_grad)
     return q, k, v, mask
 
@@ -46,9 +49,11 @@ def _run(q, k, v, mask, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_fast_path_matches_the_op_path(backend, requires_grad, device):
-    q, k, v, mask = _problem(device, requires_grad, mask_grad=requires_grad)
+@pytest.mark.parametrize(
+    "requires_grad, mask_grad", [(False, False), (True, True), ("k", False), ("qv", False), (False, True)]
+)
+def test_fast_path_matches_the_op_path(backend, requires_grad, mask_grad, device):
+    q, k, v, mask = _problem(device, requires_grad, mask_grad=mask_grad)
     fast = _run(q, k, v, mask, backend)
     fast_stats = flashsdpa.stats()
     flashsdpa.reset_stats()
@@ -59,7 +64,9 @@ def test_fast_path_matches_the_op_path(backend, requires_grad, device):
     assert flashsdpa.stats() == fast_stats
     for a, b in zip(fast[:2], through_op[:2]):
         assert torch.equal(a, b)
-    if requires_grad:
+    assert (fast[2] is None) == (through_op[2] is None) == (not (requires_grad or mask_grad))
+    if fast[2] is not None:
+        assert len(fast[2]) == len(through_op[2])
         for a, b in zip(fast[2], through_op[2]):
             assert torch.equal(a, b)
 
@@ -118,3 +125,14 @@ def test_vmap_takes_the_op_path(device):
     out = torch.vmap(lambda x: flashsdpa.attention(x, x, x, backend="tiled"))(q)
     for i in range(3):
         assert torch.equal(out[i], flashsdpa.attention(q[i], q[i], q[i], backend="tiled"))
+
+
+def test_inference_mode_and_double_backward(device):
+    """inference_mode records no graph on the fast path either; create_graph raises the op's clear error."""
+    q, k, v, mask = _problem(device, True)
+    with torch.inference_mode():
+        out = flashsdpa.attention(q, k, v, attn_mask=mask)
+    assert out.grad_fn is None and not out.requires_grad
+    out = flashsdpa.attention(q, k, v, attn_mask=mask)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out), create_graph=True)
