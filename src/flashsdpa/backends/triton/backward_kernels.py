@@ -194,12 +194,10 @@ def _dkdv_query_block(
             mask_t = _load_tile(mask_block, offs_n, tl.arange(0, BLOCK_M), stride_maskn, stride_maskm,
                                 seq_kv, seq_q - start_m)
 
-    if MASK_SEED:
-        # The mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed).
+    seed_t = None
+    if MASK_SEED:  # the mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed)
         seed_t = mask_seed(mask_t, MASK_KIND == "bool", offs_n.shape[0], BLOCK_M)
-        scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
-    else:
-        scores_t = matmul(k, tl.trans(q), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+    scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     if MASK_KIND == "float":
         scores_t += mask_t.to(tl.float32) * LOG2E
     probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
@@ -332,6 +330,17 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
+def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M: tl.constexpr,
+                  MASK_ROWS_BROADCAST: tl.constexpr):
+    """The mask entries of the block's BLOCK_M query rows for keys offs_n ([1, len(offs_n)] if broadcast)."""
+    if MASK_ROWS_BROADCAST:
+        tile = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0)[None, :]
+    else:
+        tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn, rows_left, seq_kv)
+    return tile
+
+
+@triton.jit
 def _dq_probabilities(
     q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
     BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -346,19 +355,16 @@ def _dq_probabilities(
     the diagonal, so P is zeroed there (zero-padded keys past seq_kv would
     otherwise get P = exp(-lse)).
     """
-    if MASK_SEED:
-        mask_tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn, rows_left, seq_kv)
-        # The mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed).
+    if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see forward_kernels.mask_seed)
+        mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
+                                  MASK_ROWS_BROADCAST)
         seed = mask_seed(mask_tile, MASK_KIND == "bool", BLOCK_M, offs_n.shape[0])
         scores = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     else:
         scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
         if MASK_KIND != "none":
-            if MASK_ROWS_BROADCAST:
-                mask_tile = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0)[None, :]
-            else:
-                mask_tile = _load_tile(mask_base, tl.arange(0, BLOCK_M), offs_n, stride_maskm, stride_maskn,
-                                       rows_left, seq_kv)
+            mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
+                                      MASK_ROWS_BROADCAST)
     if MASK_KIND == "float":
         scores += mask_tile.to(tl.float32) * LOG2E
     probs = tl.math.exp2(scores - lse_log2[:, None])
