@@ -7,8 +7,10 @@ rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
 explicit config (and split count) so tests and benchmarks can pin a path.
 Inputs are read through their strides as they are; the query alone is copied:
 negated for a negative softmax scale, zeroed for scale 0 (`query_and_scale`),
-and split in two for the split-tf32 float32 path (the float32 default). On sm90 the main kernel reads Q/K/V and writes O by
-TMA through 4-D descriptors built here once per launch (`host_descriptor`).
+and split in two for the split-tf32 float32 path (the float32 default). On
+sm90 the main kernel reads Q/K/V and writes O by TMA through 4-D descriptors
+(`host_descriptor`), whose validated fields a launch plan keeps per call
+shape (`main_launch_plan`).
 """
 
 from __future__ import annotations
