@@ -8,17 +8,20 @@ import torch
 
 from helpers import (
     BACKENDS,
+    ON_CUDA,
     Case,
+    assert_forward_close,
+    assert_grad_close,
     check_forward,
     generator,
+    oracle,
     qkv,
     randn,
     random_bool_mask,
     random_float_mask,
+    rel_err,
     run,
     seq,
-    oracle,
-    assert_forward_close,
 )
 
 B, H = 2, 3
@@ -196,7 +199,10 @@ def test_hidden_keys_with_inf_stay_hidden(pattern, device):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_seed_path_matches_plain_path(kind, device, monkeypatch):
     """The triton kernels seed q @ k^T with mask rows that are not 16-byte aligned (MASK_SEED, a layout
-    choice) and not with aligned ones; both paths give the same bits, forward and backward."""
+    choice) and not with aligned ones. Under the interpreter both paths run the same arithmetic and
+    give the same bits. On a GPU the seed changes the register layout the softmax runs in (that is
+    its purpose), and with it the order of the row reductions: there each path must meet the
+    float64 bar, and the two may differ by rounding (the H100 gave different bits for bool masks)."""
     from flashsdpa.backends.triton import launch_backward, launch_forward
 
     chosen = []
@@ -225,5 +231,17 @@ def test_mask_seed_path_matches_plain_path(kind, device, monkeypatch):
         out.backward(torch.ones_like(out))
         results.append((out.detach(), q_.grad, k_.grad, v_.grad))
         assert chosen == [mask is unaligned] * 2, chosen  # forward and backward launches
-    for name, plain, seeded in zip(("out", "dq", "dk", "dv"), *results):
-        assert torch.equal(plain, seeded), name
+    if not ON_CUDA:
+        for name, plain, seeded in zip(("out", "dq", "dk", "dv"), *results):
+            assert torch.equal(plain, seeded), name
+        return
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = oracle(*leaves, values)
+    ref.backward(torch.ones_like(ref))
+    expected = (ref, *(leaf.grad for leaf in leaves))
+    for name, plain, seeded, ref in zip(("out", "dq", "dk", "dv"), *results, expected):
+        close = assert_forward_close if name == "out" else assert_grad_close
+        for path, got in (("plain", plain), ("seeded", seeded)):
+            close(f"{name} ({path})", got, ref, None, torch.float16)
+        # Reordered float32 sums round to the same float16 value almost everywhere: one float16 ulp (2**-10) at most.
+        assert rel_err(seeded, plain) <= 2.0**-10, name
