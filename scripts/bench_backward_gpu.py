@@ -5,6 +5,7 @@ Usage (from the repo root, PYTHONPATH=src):
     python scripts/bench_backward_gpu.py bench            # TFLOP/s vs torch flash / cuDNN backward, PEERS.md shapes
     python scripts/bench_backward_gpu.py breakdown        # GPU time per backward kernel
     python scripts/bench_backward_gpu.py sweep d=128 causal=1 [dtype=bf16] [L=4096] [kernel=dkdv|dq] [precision=exact|rounded] [quick=1]
+        [tiles=64x128x8x2,...] [loads=pointers,host] [early=0,1]
 out/lse for the benchmarks come from torch's flash forward (natural-log lse, float32).
 """
 import itertools
@@ -199,9 +200,17 @@ def sweep(options):
         stages = (1, 2)
     if options.get("quick") == "1":
         blocks, stages = blocks[1:4], (2,)
-    for (bm, bn), warps, stages in itertools.product(blocks, (4, 8), stages):
-        tile = TileShape(bm, bn, warps, stages)
+    tiles = [TileShape(bm, bn, warps, st) for (bm, bn), warps, st in itertools.product(blocks, (4, 8), stages)]
+    if "tiles" in options:  # e.g. tiles=64x128x8x2,64x128x8x3
+        tiles = [TileShape(*map(int, text.split("x"))) for text in options["tiles"].split(",")]
+    # loads=pointers,host: the dK/dV kernel's Q/dO tile loads (BackwardConfig.dkdv_tile_loads)
+    # early=0,1: BackwardConfig.dkdv_early_dp
+    early_flags = [bool(int(f)) for f in options.get("early", str(int(default.dkdv_early_dp))).split(",")]
+    for tile, loads, early in itertools.product(
+            tiles, options.get("loads", default.dkdv_tile_loads).split(","), early_flags):
         config = replace(default, dkdv=tile) if which == "dkdv" else replace(default, dq=tile)
+        config = replace(config, dkdv_tile_loads=loads, dkdv_early_dp=early)
+        tile = f"{tile} loads={loads} early={int(early)}"
         try:
             ms = time_ours(desc, inputs, out, lse, grad_out, config)
             print(f"{which} {tile}: {flops / ms * 1e-9:6.1f} TFLOP/s ({ms:.3f} ms, whole backward)", flush=True)

@@ -57,6 +57,15 @@ class BackwardConfig:
     # products each for dV, dK and dQ) rather than rounded once, as FA2 rounds
     # them; see backward_kernels._accumulate_product.
     split_operands: bool
+    # How the dK/dV kernel reads the Q and dO tiles it streams: "pointers"
+    # (masked loads) or "host" (TMA through 4-D descriptors the launcher
+    # builds, where both tensors qualify; sm90+).
+    dkdv_tile_loads: str = "pointers"
+    # The dK/dV kernel issues dP^T = V dO^T right after S^T = K Q^T, before the
+    # softmax needs S^T: the tensor cores run it while exp2 runs (Triton waits
+    # for every pending product before elementwise work otherwise). Costs the
+    # registers of dP^T during the softmax.
+    dkdv_early_dp: bool = False
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -133,6 +142,9 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
     # make the short sequences used in tests span several blocks. block_m !=
     # block_n in each kernel on purpose: the causal block arithmetic must not
     # assume square tiles. 16 is tl.dot's minimum.
+    # 16-bit problems take the dK/dV kernel's TMA loads and early dP (the H100's
+    # d=128 path), float32 the plain ones, so the tests run both.
+    sixteen_bit = key.dtype != torch.float32
     return BackwardConfig(
         preprocess_block_m=16,
         dkdv=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1),
@@ -140,7 +152,9 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
         dot_precision=dot_precision(key),
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=exact,
-        split_operands=exact and key.dtype != torch.float32,
+        split_operands=exact and sixteen_bit,
+        dkdv_tile_loads="host" if sixteen_bit else "pointers",
+        dkdv_early_dp=sixteen_bit,
     )
 
 
@@ -156,6 +170,11 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
     budget = shared_memory_limit(capability) - SHARED_MEMORY_HEADROOM
+    # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
+    # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
+    # (377 -> 386), d=256 from 230 to 252; each alone gave -2..+2%. At d=64
+    # both cost 1-3%. EXACT d=128: early dP 202 -> 208 (TMA not timed).
+    wide_16bit = not fp32 and table_key >= 128
     return BackwardConfig(
         preprocess_block_m=preprocess_block_m(key),
         dkdv=fit_shared_memory(dkdv, lambda tile: dkdv_shared_memory(key, tile), budget),
@@ -164,6 +183,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         widen_dot_operands=False,
         renormalize_rows=exact,
         split_operands=exact and not fp32,
+        dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
+        dkdv_early_dp=wide_16bit,
     )
 
 

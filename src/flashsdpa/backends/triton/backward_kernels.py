@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
-from flashsdpa.backends.triton.forward_kernels import mask_seed, matmul
+from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, mask_seed, matmul
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -162,7 +162,7 @@ def attention_backward_preprocess_kernel(
 @triton.jit
 def _dkdv_query_block(
     dk_acc, dv_acc, k, v, start_m, offs_n,
-    q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
+    Q, DO, batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
     mask_row_t,
     score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
@@ -171,7 +171,7 @@ def _dkdv_query_block(
     APPLY_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr,
+    MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
 ):
     """Adds one query block's contribution to a key block's dK and dV accumulators.
 
@@ -182,8 +182,12 @@ def _dkdv_query_block(
     never stored, so neither needs a bounds mask on the scores.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
-    grad_out = _load_rows(do_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
+    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:  # TMA zero-fills rows past seq_q and columns past the head dim
+        q = Q.load([batch, head, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+        grad_out = DO.load([batch, head, start_m, 0]).reshape([BLOCK_M, BLOCK_DV])
+    else:
+        q = _load_rows(q_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
+        grad_out = _load_rows(do_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
     lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
     if MASK_KIND != "none":
         if MASK_ROWS_BROADCAST:
@@ -198,6 +202,9 @@ def _dkdv_query_block(
     if MASK_SEED:  # the mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed)
         seed_t = mask_seed(mask_t, MASK_KIND == "bool", offs_n.shape[0], BLOCK_M)
     scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+    if COMPUTE_DK and EARLY_DP:
+        # Issued before the softmax needs scores_t, so the tensor cores run it while exp2 runs.
+        grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     if MASK_KIND == "float":
         scores_t += mask_t.to(tl.float32) * LOG2E
     probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
@@ -219,7 +226,8 @@ def _dkdv_query_block(
                                      SPLIT_OPERANDS)
     if COMPUTE_DK:
         delta = tl.load(DELTA + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)
-        grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        if not EARLY_DP:
+            grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if DROPOUT:
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
@@ -244,13 +252,16 @@ def attention_backward_dkdv_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr,
+    MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
 ):
     """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group.
 
     1-D grid of cdiv(seq_kv, BLOCK_N) * B * Hkv programs, key blocks fastest
     so that programs running together share one head's Q and dO in L2.
     RENORMALIZE: P is scaled by the ROW_SCALE the dQ kernel wrote (see there).
+    TILE_LOADS == LOAD_HOST_DESCRIPTORS: Q and DO are 4-D TMA descriptors
+    (BLOCK_M rows per tile), else tensors read through pointers. EARLY_DP: see
+    BackwardConfig.dkdv_early_dp.
     """
     pid = tl.program_id(0)
     key_blocks = tl.cdiv(seq_kv, BLOCK_N)
@@ -284,8 +295,11 @@ def attention_backward_dkdv_kernel(
     for group_member in range(gqa_group):
         head = head_kv * gqa_group + group_member
         bh = batch * heads_q + head
-        q_base = Q + batch * stride_qb + head * stride_qh
-        do_base = DO + batch * stride_dob + head * stride_doh
+        q_base = Q  # (a 4-D tensor descriptor under LOAD_HOST_DESCRIPTORS)
+        do_base = DO
+        if TILE_LOADS != LOAD_HOST_DESCRIPTORS:
+            q_base = Q + batch * stride_qb + head * stride_qh
+            do_base = DO + batch * stride_dob + head * stride_doh
         mask_base = MASK + batch * stride_maskb + head * stride_maskh
         row_stats_base = bh * seq_q
         rows_end = seq_q
@@ -303,22 +317,24 @@ def attention_backward_dkdv_kernel(
         for start_m in range(first_m, tl.minimum(unmasked_m, rows_end), BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
                 dk_acc, dv_acc, k, v, start_m, offs_n,
-                q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
+                Q, DO, batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                LSE_LOG2, ROW_SCALE,
                 stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                 True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
             )
         for start_m in range(unmasked_m, rows_end, BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
                 dk_acc, dv_acc, k, v, start_m, offs_n,
-                q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
+                Q, DO, batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                LSE_LOG2, ROW_SCALE,
                 stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                 False, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
             )
 
     if COMPUTE_DK:

@@ -24,9 +24,12 @@ from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
 )
+from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
 from flashsdpa.backends.triton.launch_forward import (
     cdiv,
     device_capability,
+    host_descriptor,
+    host_descriptor_strides,
     mask_argument,
     on_device,
     seeds_with_mask,
@@ -150,8 +153,9 @@ def attention_backward(
 
         if run_dkdv:
             tile = config.dkdv
+            q_source, do_source, tile_loads = _streamed_tiles(config, query, grad_out, block_d, block_dv)
             attention_backward_dkdv_kernel[(cdiv(seq_kv, tile.block_n) * batch * heads_kv,)](
-                query, key, value, mask, grad_out,
+                q_source, key, value, mask, do_source,
                 stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
                 *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
                 *_strides_or_zeros(dk), *_strides_or_zeros(dv),
@@ -159,11 +163,25 @@ def attention_backward(
                 *dropout_args,
                 BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                 COMPUTE_DK=computed.key, COMPUTE_DV=computed.value,
+                TILE_LOADS=tile_loads, EARLY_DP=config.dkdv_early_dp,
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
                 **variant,
             )  # fmt: skip
 
     return dq, dk, dv, dmask
+
+
+def _streamed_tiles(config: BackwardConfig, query: torch.Tensor, grad_out: torch.Tensor, block_d: int,
+                    block_dv: int) -> tuple:
+    """(q, dO, TILE_LOADS) as the dK/dV kernel reads them: 4-D TMA descriptors where the config asks for them
+    and both tensors qualify, else the tensors themselves (pointer loads)."""
+    if config.dkdv_tile_loads == "host":
+        strides = [host_descriptor_strides(t) for t in (query, grad_out)]
+        if all(s is not None for s in strides):
+            block_m = config.dkdv.block_m
+            return (host_descriptor(query, strides[0], block_m, block_d),
+                    host_descriptor(grad_out, strides[1], block_m, block_dv), int(LOAD_HOST_DESCRIPTORS))
+    return query, grad_out, int(LOAD_POINTERS)
 
 
 def _strides_or_zeros(tensor: torch.Tensor | None) -> tuple[int, ...]:
