@@ -20,8 +20,7 @@ import triton
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded
 from flashsdpa.backends.triton import launch_backward
 from flashsdpa.backends.triton.backward_configs import TileShape, backward_config
-from flashsdpa.backends.triton.gradient_precision import GradientPrecision
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dropout import full_keep_mask
 
 DEV = os.environ.get("BWD_CHECK_DEVICE", "cuda")  # "cpu" (with TRITON_INTERPRET=1) shrinks the cases: a smoke test

@@ -40,8 +40,9 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import flashsdpa
-from flashsdpa import ops
-from flashsdpa.backends.triton import TritonBackend, gradient_precision, launch_backward, launch_forward
+from flashsdpa import gradient_precision, ops
+from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
+from flashsdpa.descriptor import GradientPrecision
 from flashsdpa.dispatch import UnsupportedError
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -151,7 +152,7 @@ class Problem:
         mask = {"": None, "pad": torch.rand(batch, 1, 1, seq_kv) > 0.2,
                 "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv),
                 "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
-        gradient_precision.pinned = gradient_precision.GradientPrecision(self.gradients)
+        gradient_precision.pinned = GradientPrecision(self.gradients)
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
                                   enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision)
         if self.backward:

@@ -300,6 +300,23 @@ def run(backend, q, k, v, **options):
         return flashsdpa.attention(q, k, v, backend=backend, **options)
 
 
+def record_backward_precisions(monkeypatch) -> list:
+    """The gradient precision of each triton backward from now on, as it keys its config (`launch_backward`)."""
+    from flashsdpa.backends.triton import launch_backward
+
+    seen = []
+    cache = launch_backward.kernel_cache
+
+    class Recorder:
+        def get(self, key, build):
+            if key[0] == "backward":
+                seen.append(key[-1])
+            return cache.get(key, build)
+
+    monkeypatch.setattr(launch_backward, "kernel_cache", Recorder())
+    return seen
+
+
 @dataclass
 class Case:
     """One attention problem at its input dtype (tensors) with its options."""

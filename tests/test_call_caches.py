@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import flashsdpa
-from helpers import BACKENDS, generator, keep_mask_for, oracle, predict_seed, randn, rel_err
+from flashsdpa import gradient_precision
+from flashsdpa.descriptor import GradientPrecision
+from helpers import BACKENDS, generator, keep_mask_for, oracle, predict_seed, randn, record_backward_precisions, rel_err
 
 BAR = 1e-5  # float32 inputs; the variants differ from one another by O(1)
 
@@ -95,6 +97,24 @@ def test_dropout_gqa_and_precision_are_in_the_key(backend, device):
     qg, kg, vg = _tensors(device, heads_kv=2)
     gqa = flashsdpa.attention(qg, kg, vg, enable_gqa=True, backend=backend)
     assert rel_err(gqa, oracle(qg, kg, vg, enable_gqa=True)[0]) <= BAR
+
+
+def test_calls_differing_in_gradient_precision(device, monkeypatch):
+    """Same tensors, other backward precisions (chosen at the forward, cached with the descriptor):
+    each backward gets its own call's. torch's answer is stood in for ("fused": ROUNDED)."""
+    fused = {"answer": True}
+    monkeypatch.setattr(gradient_precision, "torch_runs_fused_kernel", lambda *arguments: fused["answer"])
+    precisions = record_backward_precisions(monkeypatch)
+    q, k, v = (t.to(torch.bfloat16) for t in _tensors(device))
+    expected = []
+    for requires_grad, answer in ((False, True), (True, True), (True, False), (True, True)):
+        fused["answer"] = answer
+        leaves = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
+        out = flashsdpa.attention(*leaves, backend="triton")  # no grad: EXACT, and no backward
+        if requires_grad:
+            out.backward(torch.ones_like(out))
+            expected.append(GradientPrecision.ROUNDED if answer else GradientPrecision.EXACT)
+    assert precisions == expected
 
 
 def test_strided_inputs_after_contiguous_ones(device):

@@ -13,7 +13,7 @@ import torch
 import flashsdpa
 from flashsdpa import dispatch
 from flashsdpa.cache import KernelCache
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind
 from helpers import Case, assert_forward_close, check_forward, generator, oracle, qkv, run, seq
 
 
@@ -204,7 +204,8 @@ def test_kernel_key_holds_only_compiled_fields():
                 dtype=torch.float16, device_type="cuda")  # fmt: skip
     key = AttentionDescriptor(**base).kernel_key
     for same in [dict(scale=0.1), dict(scale=10.0), dict(seq_q=1000, seq_kv=3), dict(batch_shape=(7,)),
-                 dict(heads_q=8, heads_kv=4), dict(dropout_p=0.1, scale=2.0), dict(head_dim=33, head_dim_v=64)]:
+                 dict(heads_q=8, heads_kv=4), dict(dropout_p=0.1, scale=2.0), dict(head_dim=33, head_dim_v=64),
+                 dict(gradients=GradientPrecision.ROUNDED)]:  # the backward's precision keys its own config
         other = AttentionDescriptor(**{**base, **same}).kernel_key
         if "dropout_p" in same:
             assert other != key and other.dropout and not key.dropout

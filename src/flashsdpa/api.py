@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flashsdpa import dispatch, ops
-from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision
+from flashsdpa import dispatch, gradient_precision, ops
+from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision
 from flashsdpa.validation import Canonical, canonicalize, check_options, describe
 
 
@@ -101,12 +101,13 @@ class PreparedCall:
     dropout_p: float
     backend: str | None
     precision: Fp32Precision
+    gradients: GradientPrecision  # the 16-bit backward's, chosen here as torch chooses at its forward
 
     def describe(self) -> AttentionDescriptor:
         c = self.canon
         return describe(
             c.query, c.key, c.value, c.mask, causal=self.causal, dropout_p=self.dropout_p, scale=self.scale,
-            fp32_precision=self.precision,
+            fp32_precision=self.precision, gradients=self.gradients,
         )
 
 
@@ -123,7 +124,9 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
     resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
-    return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision)
+    # From the caller's tensors: the canonical views hide their rank and broadcast dims.
+    gradients = gradient_precision.at_forward(q, k, v, attn_mask, dropout_p, causal, enable_gqa)
+    return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision, gradients)
 
 
 def run(call: PreparedCall, return_lse: bool = False):
@@ -138,6 +141,7 @@ def run(call: PreparedCall, return_lse: bool = False):
         call.scale,
         call.backend or _pinned_backend_outside_compile(),
         call.precision.value,
+        call.gradients.value,
     )
     # The caller's shape is often the canonical one already: skip the view (and its autograd node) then.
     out = out if out.shape == c.output_shape else out.reshape(c.output_shape)

@@ -31,6 +31,16 @@ class Fp32Precision(str, enum.Enum):
     TF32 = "tf32"  # one tf32 product: faster, ~1e-3 relative error; opt-in only
 
 
+class GradientPrecision(str, enum.Enum):
+    """How the triton backward computes 16-bit gradients (policy: flashsdpa/gradient_precision.py)."""
+
+    EXACT = "exact"  # within 1.5x of torch's float32-internal math backend
+    ROUNDED = "rounded"  # P and dS rounded once to 16 bits, as torch's flash and mem-efficient kernels do
+    # Left to the backward (under torch.compile, whose trace asks torch nothing,
+    # or a descriptor built by hand): it asks torch's enable flags when it runs.
+    AUTO = "auto"
+
+
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the row log-sum-exp and the mask gradient: float32, or float64
     for float64 inputs (whose gradients would otherwise be float32-accurate)."""
@@ -84,6 +94,8 @@ class AttentionDescriptor:
     dropout_p: float = 0.0
     scale: float | None = None  # None: 1/sqrt(head_dim)
     fp32_precision: Fp32Precision = Fp32Precision.IEEE
+    # Chosen at the forward; only the backward reads it, so it is not in the KernelKey.
+    gradients: GradientPrecision = GradientPrecision.AUTO
 
     def __post_init__(self) -> None:
         for name in ("heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "head_dim_v"):

@@ -35,15 +35,16 @@ _descriptors: dict[tuple, object] = {}
 MAX_CACHED_DESCRIPTORS = 1024
 
 
-def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision):
+def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision, gradients):
     facts = (
         q.shape, k.shape, v.shape, q.dtype, q.device.type,
         None if mask is None else (mask.dtype, mask.shape, mask.stride()),
-        dropout_p, causal, scale, math.copysign(1.0, scale), fp32_precision,  # the sign: -0.0 == 0.0 as keys
+        dropout_p, causal, scale, math.copysign(1.0, scale), fp32_precision, gradients,  # the sign: -0.0 == 0.0 as keys
     )  # fmt: skip
     desc = _descriptors.get(facts)
     if desc is None:
-        desc = describe(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, fp32_precision=fp32_precision)
+        desc = describe(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, fp32_precision=fp32_precision,
+                        gradients=gradients)  # fmt: skip
         if len(_descriptors) >= MAX_CACHED_DESCRIPTORS:
             _descriptors.clear()
         _descriptors[facts] = desc
@@ -66,9 +67,9 @@ def _empty_forward(desc, q):
     return out, torch.full(shape, float("-inf"), dtype=statistics_dtype(q.dtype), device=q.device)
 
 
-def forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision):
+def forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
     """The body of `attention_forward` (see there), callable without the op's dispatcher layers."""
-    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision)
+    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision, gradients)
     name = dispatch.choose_backend(desc, query.device, backend or None)
     dispatch.record_call(name)
     dropout_seed = draw_seed() if dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
@@ -89,11 +90,14 @@ def attention_forward(
     scale: float,
     backend: str,
     fp32_precision: str,
+    gradients: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, lse, dropout_seed); the seed (int64 (2,), empty without
     dropout) is drawn here, at run time, from torch's default generator, so
-    eager and compiled runs draw the same pattern after torch.manual_seed."""
-    return forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision)
+    eager and compiled runs draw the same pattern after torch.manual_seed.
+    `gradients` is the backward's 16-bit precision, chosen with the call
+    (`gradient_precision.at_forward`); the forward only carries it."""
+    return forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
 
 
 def _as_declared(t: Tensor) -> Tensor:
@@ -103,7 +107,7 @@ def _as_declared(t: Tensor) -> Tensor:
 
 
 @attention_forward.register_fake
-def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision):
+def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
     b, h, l, _ = query.shape
     out = query.new_empty(b, h, l, value.shape[-1])
     seed = torch.empty(2 if dropout_p > 0.0 else 0, dtype=torch.int64)
@@ -112,10 +116,10 @@ def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision
 
 def backward_impl(
     grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-    needed,
+    gradients, needed,
 ):
     """The body of `attention_backward` (see there), callable without the op's dispatcher layers."""
-    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision)
+    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision, gradients)
     need = GradientsNeeded(*needed)
     if _is_degenerate(desc):
         grads = (
@@ -149,17 +153,21 @@ def attention_backward(
     scale: float,
     backend: str,
     fp32_precision: str,
+    gradients: str,
     needed: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmask); a gradient not `needed` comes back as an empty tensor."""
     return backward_impl(
         grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-        needed,
+        gradients, needed,
     )
 
 
 @attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision, needed):
+def _(
+    grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
+    gradients, needed,
+):
     b, h, l, _ = query.shape
     dmask_shape = (b, h, l, key.shape[2])
     return (
@@ -171,10 +179,10 @@ def _(grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, caus
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision = inputs
+    query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients = inputs
     out, lse, dropout_seed = output
     ctx.save_for_backward(query, key, value, mask, dropout_seed, out, lse)
-    ctx.options = (dropout_p, causal, scale, backend, fp32_precision)
+    ctx.options = (dropout_p, causal, scale, backend, fp32_precision, gradients)
     ctx.mark_non_differentiable(lse, dropout_seed)
     # lse and the seed never get a gradient: without this autograd would fill
     # a zero tensor for each on every backward (a fill kernel, and host time).
@@ -198,7 +206,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
     grads = [g if n else None for g, n in zip((dq, dk, dv, dmask), needed)]
     if grads[3] is not None:
         grads[3] = grads[3].to(mask.dtype)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -245,9 +253,9 @@ class _EagerAttention(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_lse, grad_seed)
 
 
-def forward(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision):
+def forward(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
     """`attention_forward(...)`, skipping the op's layers where nothing can observe them (see `_plain_eager`)."""
-    arguments = (query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision)
+    arguments = (query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
     if not _plain_eager((query, key, value, mask)):
         return attention_forward(*arguments)
     needs_graph = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision, MaskKind
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,7 @@ def describe(
     dropout_p: float,
     scale: float | None,
     fp32_precision: Fp32Precision | str = Fp32Precision.IEEE,
+    gradients: GradientPrecision | str = GradientPrecision.AUTO,
 ) -> AttentionDescriptor:
     """The descriptor of a problem given in canonical form."""
     b, hq, l, e = query.shape
@@ -226,4 +227,5 @@ def describe(
         dropout_p=float(dropout_p),
         scale=scale,
         fp32_precision=Fp32Precision(fp32_precision),
+        gradients=GradientPrecision(gradients),
     )

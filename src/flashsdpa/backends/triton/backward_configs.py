@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashsdpa.backends.triton.forward_configs import dot_precision, padded_head_dim, shared_memory_limit
-from flashsdpa.backends.triton.gradient_precision import GradientPrecision
-from flashsdpa.descriptor import KernelKey, MaskKind
+from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
 
 
 @dataclass(frozen=True)
@@ -131,6 +130,8 @@ def backward_config(
 
     float32 is computed EXACT whatever `precision` says (gradient_precision.py).
     """
+    if precision is GradientPrecision.AUTO:
+        raise ValueError("backward_config: resolve GradientPrecision.AUTO first (gradient_precision.at_backward)")
     exact = precision is GradientPrecision.EXACT or key.dtype == torch.float32
     if capability is None:
         return interpreter_config(key, exact)

@@ -16,8 +16,8 @@ import dataclasses
 
 import torch
 
+from flashsdpa import gradient_precision
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
-from flashsdpa.backends.triton import gradient_precision
 from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
@@ -52,8 +52,9 @@ def attention_backward(
 
     `config` pins the block shapes and precision (tests, benchmarks); by
     default they come from `kernel_cache`, keyed on the descriptor's
-    `KernelKey` and the precision torch itself would compute this problem's
-    gradients at (`gradient_precision.matching_torch`).
+    `KernelKey` and `desc.gradients`, the precision torch itself would
+    compute this call's gradients at, chosen at the forward (AUTO resolved
+    here: `gradient_precision.at_backward`).
     """
     if not (needed.query or needed.key or needed.value or needed.mask):
         return None, None, None, None
@@ -61,7 +62,7 @@ def attention_backward(
     device = query.device
     if config is None:
         capability = device_capability(device)  # tiles differ per GPU generation
-        precision = gradient_precision.matching_torch(desc, inputs)
+        precision = gradient_precision.at_backward(desc, inputs)
         config = kernel_cache.get(
             ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
         )
