@@ -422,16 +422,16 @@ if args.fp32_sweep and not args.table_only:
             summary.append(line)
 
 if args.decode_sweep and not args.table_only:
-    for S in (4096, 32768):
+    for S in (4096, 16384, 32768):
         q = torch.randn(16, 32, 1, 128, device=dev, dtype=torch.bfloat16)
         k, v = (torch.randn(16, 8, size(S), 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
         kv_bytes = 2 * k.numel() * k.element_size()
         base = choose_forward_config(describe(q, k, v).kernel_key, cap)
         cells = []
-        for bn, w, st in ((64, 4, 3), (64, 4, 2)):
+        for bn, w, st in ((64, 4, 3), (64, 4, 4), (32, 4, 4), (128, 4, 2), (128, 8, 3)):
             cfg = dataclasses.replace(base, decode=dataclasses.replace(base.decode, block_n=bn, num_warps=w,
                                                                        num_stages=st))
-            for splits in (1, 2, 4, 8):
+            for splits in (1, 2, 3, 4, 5, 6, 8, 12, 16):
                 ms = timed(lambda: ours(q, k, v, config=cfg, path="decode", splits=splits))
                 if ms is not None:
                     cells.append((kv_bytes / ms * 1e-9, f"n{bn}w{w}s{st}x{splits}"))
