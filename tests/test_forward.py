@@ -107,6 +107,34 @@ def test_triton_block_boundaries(seq_q, seq_kv, device):
     check_forward("triton", Case(q, k, v))
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "bool mask"])
+def test_triton_decode_split_counts(splits, masked, device, monkeypatch):
+    """Flash decoding with the keys split 1-5 ways (the merge kernel from 2 on), whatever the GPU's SM
+    count would choose: uneven last splits, GQA rows packed into one program, a mask hiding whole splits."""
+    from flashsdpa.backends.triton import decode_kernels, launch_forward
+
+    merges = []
+    merge_kernel = decode_kernels.merge_decode_splits_kernel
+
+    class CountedMerge:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge_kernel[grid]
+
+    monkeypatch.setattr(launch_forward, "decode_split_count", lambda *args: splits)
+    monkeypatch.setattr(decode_kernels, "merge_decode_splits_kernel", CountedMerge())
+    gen = generator(90 + splits)
+    seq_kv = seq(150)
+    q, k, v = qkv((2, 4), (2, 2), 3, seq_kv, 16, gen, torch.float16, device)
+    mask = None
+    if masked:
+        mask = random_bool_mask((2, 1, 1, seq_kv), gen, device)
+        mask[0, ..., seq_kv // 3:] = False  # batch 0 sees only its first keys: later splits are empty
+    check_forward("triton", Case(q, k, v, enable_gqa=True, attn_mask=mask))
+    assert bool(merges) == (splits > 1), merges
+
+
 # --------------------------------------------------------------------------- layouts
 
 

@@ -28,13 +28,14 @@ DECODE_BLOCK_M = 16
 DECODE_MAX_SPLITS = 128
 # A split shorter than this reads too little to pay for its share of the merge.
 DECODE_MIN_KEYS_PER_SPLIT = 256
-# Not yet tuned: on the H100 these settings read K+V at 2.38 TB/s (S=4096) and
-# 2.93 TB/s (S=32768) for q (16, 32, 1, 128) against K/V (16, 8, S, 128) bf16,
-# against torch flash's 2.47 / 3.03 (bench_forward_gpu.py --decode-sweep times
-# block shapes and split counts, including one split, which skips the merge).
-# Programs per SM the split count aims for: a memory-bound program of 4 warps
-# does not saturate an SM's share of HBM bandwidth alone.
-DECODE_PROGRAMS_PER_SM = 4
+# Splits aim at about one program per SM: on the H100 one 4-warp program
+# (64-key blocks, 3 stages) per SM already reads at full bandwidth, and every
+# extra split adds partial outputs and a merge launch. q (16, 32, 1, 128)
+# against K/V (16, 8, S, 128) bf16, 128 programs per split (bench_forward_gpu.py
+# --decode-sweep): one split read K+V at 2.59 / 2.99 / 3.09 TB/s for S = 4096
+# / 16384 / 32768, two at 2.48 / 2.92 / 3.02; five (the old rule of 4
+# programs per SM) read 2.38 and 2.93 at S = 4096 and 32768 in session 3.
+DECODE_PROGRAMS_PER_SM = 1
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ def decode_split_count(programs_per_split: int, seq_kv: int, sm_count: int) -> i
     A run-time choice (the split range is a kernel argument), so it may follow
     the sequence length without compiling anything.
     """
-    wanted = -(-DECODE_PROGRAMS_PER_SM * sm_count // programs_per_split)
+    # Rounded to nearest: 128 programs on 132 SMs is one split, not two.
+    wanted = (2 * DECODE_PROGRAMS_PER_SM * sm_count + programs_per_split) // (2 * programs_per_split)
     longest_useful = -(-seq_kv // DECODE_MIN_KEYS_PER_SPLIT)
     return max(1, min(wanted, longest_useful, DECODE_MAX_SPLITS))
