@@ -92,13 +92,12 @@ def attention_backward(
     # The dQ kernel runs for dq or dmask, and (row pass) for the row scales and delta the dK/dV kernel reads.
     run_dq = computed.query or computed.mask or (config.renormalize_rows and run_dkdv)
 
-    # Scratch, not outputs: every element is written before it is read. One allocation,
-    # each part starting on 16 bytes: delta, lse in base 2 and, with renormalized rows, the row scales.
-    row_count = batch * heads_q * seq_q
-    part = cdiv(row_count, 4) * 4
-    scratch = torch.empty(part * (3 if config.renormalize_rows else 2), dtype=torch.float32, device=device)
-    delta, lse_log2 = scratch[:row_count], scratch[part:part + row_count]
-    row_scale = scratch[2 * part:2 * part + row_count] if config.renormalize_rows else delta
+    # Scratch, not outputs: every element is written before it is read. One allocation, its rows
+    # 16-byte aligned: delta, lse in base 2 and, with renormalized rows, the row scales.
+    row_count = cdiv(batch * heads_q * seq_q, 4) * 4
+    scratch = torch.empty((3 if config.renormalize_rows else 2, row_count), dtype=torch.float32, device=device)
+    parts = scratch.unbind(0)
+    delta, lse_log2, row_scale = parts[0], parts[1], parts[-1] if config.renormalize_rows else parts[0]
     # An output that is not computed gets a stand-in pointer; its COMPUTE_*/WRITE_* flag keeps it untouched.
     stand_in = delta
 
@@ -117,13 +116,13 @@ def attention_backward(
             out, grad_out, lse, delta, lse_log2, *out.stride(), *grad_out.stride(), *lse.stride(),
         )  # fmt: skip
 
+        input_strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride())
         if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
             plan.dq(
                 plan.dq_grid,
                 query, key, value, mask, grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
-                *_strides_or_zeros(dq), *plan.dq_sizes, *run_time,
+                *input_strides, *_strides_or_zeros(dq), *plan.dq_sizes, *run_time,
             )  # fmt: skip
 
         if run_dkdv:
@@ -131,8 +130,7 @@ def attention_backward(
                 plan.dkdv_grid,
                 query, key, value, mask, grad_out,
                 stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
-                *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
-                *_strides_or_zeros(dk), *_strides_or_zeros(dv), *plan.dkdv_sizes, *run_time,
+                *input_strides, *_strides_or_zeros(dk), *_strides_or_zeros(dv), *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
 
     return dq, dk, dv, dmask
