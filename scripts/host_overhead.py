@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import os
 import pstats
 import statistics
@@ -152,6 +153,14 @@ def cases(device: str) -> dict:
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
     dq, dk, dv = new(16, 32, 1, 128), new(16, 8, 4096, 128), new(16, 8, 4096, 128)
+    # A KV cache that grows by one key per step: every call a new length (views of one buffer), so
+    # no per-shape cache (descriptor, launch plan) ever hits, as in a real decode loop.
+    cache_k, cache_v = new(16, 8, 8192, 128), new(16, 8, 8192, 128)
+    lengths = itertools.cycle(range(4096, 8192))
+
+    def growing_decode():
+        length = next(lengths)
+        flashsdpa.attention(dq, cache_k[:, :, :length], cache_v[:, :, :length], enable_gqa=True)
     meta = [t.to("meta") for t in (q, k, v)]
     tiny = [torch.randn(1, 1, 1, 8) for _ in range(3)]
 
@@ -174,6 +183,7 @@ def cases(device: str) -> dict:
         "forward + backward": fwd_bwd,
         "decode (16,32,1,128) x (16,8,4096,128) gqa": lambda: flashsdpa.attention(dq, dk, dv, enable_gqa=True),
         "decode via drop-in sdpa": lambda: flashsdpa.scaled_dot_product_attention(dq, dk, dv, enable_gqa=True),
+        "decode, KV cache one key longer each call": growing_decode,
         **(on_cpu if device == "cpu" else on_gpu),
     }
 

@@ -396,10 +396,14 @@ def test_unhandled_arguments_always_go_through_run(toy):
 
 
 def test_variants_share_one_launcher():
+    """One launcher per call site's variant (keywords in the site's order); values Triton keys apart
+    (True and 1, 0.0 and -0.0) get launchers of their own."""
     fn = as_jit(decode_kernels.merge_decode_splits_kernel)
     first = launcher(fn, BLOCK_SPLITS=128, BLOCK_DV=64, ROUND_BFLOAT16=False, num_warps=4)
-    assert launcher(fn, num_warps=4, BLOCK_DV=64, ROUND_BFLOAT16=False, BLOCK_SPLITS=128) is first
-    assert launcher(fn, BLOCK_SPLITS=128, BLOCK_DV=64, ROUND_BFLOAT16=0, num_warps=4) is not first  # 0 is not False
+    assert launcher(fn, BLOCK_SPLITS=128, BLOCK_DV=64, ROUND_BFLOAT16=False, num_warps=4) is first
+    assert launcher(fn, BLOCK_SPLITS=128, BLOCK_DV=64, ROUND_BFLOAT16=0, num_warps=4) is not first
+    signed = launcher(TOY, BLOCK=16, MODE=0.0)
+    assert launcher(TOY, BLOCK=16, MODE=-0.0) is not signed and launcher(TOY, BLOCK=16, MODE=0.0) is signed
 
 
 def test_interpreted_kernels_launch_through_run():

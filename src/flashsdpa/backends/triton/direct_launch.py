@@ -147,8 +147,10 @@ def launcher(kernel, **constexprs) -> DirectLaunch:
     call shape (a decode step whose key cache grew by one) finds the
     compiled kernels the earlier shapes' launches kept.
     """
-    # The type and repr too: True == 1 and 0.0 == -0.0, yet Triton keys them apart.
-    variant = (id(kernel), *sorted((name, type(value), repr(value), value) for name, value in constexprs.items()))
+    # The types too: True == 1, yet Triton keys them apart (and floats by repr: 0.0 == -0.0).
+    values = tuple(constexprs.values())
+    types = tuple(map(type, values))
+    variant = (id(kernel), tuple(constexprs), values, types, float in types and tuple(map(repr, values)))
     found = _launchers.get(variant)
     if found is None or found.kernel is not kernel:
         if len(_launchers) >= MAX_LAUNCHERS:
@@ -176,6 +178,21 @@ class DirectLaunch:
             and all(hasattr(kernel, name) for name in ("params", "device_caches", "pre_run_hooks", "used_global_vals"))
         )
         self.layouts: dict[tuple[type, ...], ArgumentLayout | object] = {}
+        self.trailing_terms: dict[tuple, Callable | object] = {}  # by (leading count, trailing types)
+        # Run-time parameters, then constexprs with a value among the keywords or a default (as every
+        # flashsdpa kernel has them): the run-time count and the constexpr values; else every launch
+        # goes through `run`.
+        self.runtime_count, self.constexpr_values = -1, ()
+        if self.enabled:
+            params = kernel.params
+            runtime = next((p.num for p in params if p.is_constexpr), len(params))
+            values = tuple(self.constexprs.get(p.name, p.default) for p in params[runtime:])
+            if (
+                all(p.is_constexpr for p in params[runtime:])
+                and not any(p.name in self.constexprs for p in params[:runtime])
+                and not any(value is inspect.Parameter.empty for value in values)
+            ):
+                self.runtime_count, self.constexpr_values = runtime, values
         self._unbound = self.bind()
 
     def __call__(self, grid: tuple[int, ...], *args) -> None:
@@ -209,27 +226,21 @@ class BoundLaunch:
     def __init__(self, launch: DirectLaunch, trailing: tuple) -> None:
         self.launch = launch
         self.trailing = trailing
-        # Run-time parameters, then constexprs (as every flashsdpa kernel has them); anything else,
-        # or constexprs without a value, leaves leading_count at -1: every launch goes through `run`.
+        # -1 where the direct path does not take this launch: every call goes through `run`.
         self.leading_count, self.tail, self.trailing_key = -1, (), None
-        if not launch.enabled:
-            return
-        params, constexprs = launch.kernel.params, launch.constexprs
-        runtime = next((p.num for p in params if p.is_constexpr), len(params))
-        if any(p.is_constexpr for p in params[:runtime]) or not all(p.is_constexpr for p in params[runtime:]):
-            return
-        if any(p.name in constexprs and not p.is_constexpr for p in params):
-            return
-        values = [constexprs.get(p.name, p.default) for p in params[runtime:]]
-        leading_count = runtime - len(trailing)
-        if leading_count < 0 or any(value is inspect.Parameter.empty for value in values):
+        leading_count = launch.runtime_count - len(trailing)
+        if launch.runtime_count < 0 or leading_count < 0:
             return
         trailing_types = tuple(map(type, trailing))
-        terms = specialization_terms(params[leading_count:runtime], trailing_types)
-        if terms is None:
+        terms = launch.trailing_terms.get((leading_count, trailing_types))
+        if terms is None:  # one function per layout of trailing arguments: plans are made per call shape
+            params = launch.kernel.params[leading_count:launch.runtime_count]
+            terms = specialization_terms(params, trailing_types) or UNSUPPORTED
+            launch.trailing_terms[leading_count, trailing_types] = terms
+        if terms is UNSUPPORTED:
             return
         self.leading_count = leading_count
-        self.tail = (*trailing, *values)  # the launcher takes every argument, constexprs included
+        self.tail = (*trailing, *launch.constexpr_values)  # the launcher takes every argument, constexprs too
         self.trailing_key = (trailing_types, terms(trailing))
 
     def __call__(self, grid: tuple[int, ...], *args) -> None:

@@ -30,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_kernels
-from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
+from flashsdpa.backends.triton.direct_launch import BoundLaunch, DirectLaunch, launcher
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
     ForwardConfig,
@@ -39,7 +39,7 @@ from flashsdpa.backends.triton.forward_configs import (
     uses_decode_kernel,
 )
 from flashsdpa.cache import kernel_cache
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dropout import drop_threshold
 
 KERNEL_MASK_KIND = {
@@ -454,35 +454,54 @@ def _new_decode_launch_plan(
     if num_splits > 1:
         partial_lse_offset = cdiv(rows * num_splits * desc.head_dim_v, 4) * 4  # 16 bytes of float32
         scratch_size = partial_lse_offset + rows * num_splits
-    split_kernel = launcher(
-        decode_kernels.attention_decode_split_kernel,
-        MASK_KIND=KERNEL_MASK_KIND[desc.mask],
-        BLOCK_M=decode.block_m,
-        BLOCK_N=decode.block_n,
-        BLOCK_D=key.block_head_dim,
-        BLOCK_DV=key.block_head_dim_v,
-        DOT_PRECISION=config.dot_precision,
-        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        SPLIT_TF32=config.split_tf32,
-        num_warps=decode.num_warps,
-        num_stages=decode.num_stages,
-    ).bind(
+    split_kernel, merge_kernel = decode_launchers(key, config)
+    split_kernel = split_kernel.bind(
         # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
         desc.head_dim_v,
         desc.heads_q, desc.heads_kv, gqa_group, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
         row_chunks, num_splits, split_len, kernel_scale(desc),
     )  # fmt: skip
-    merge_kernel = None
-    if num_splits > 1:
-        merge_kernel = launcher(
+    # The last: out's row stride.
+    merge_kernel = merge_kernel.bind(num_splits, desc.head_dim_v, desc.head_dim_v) if num_splits > 1 else None
+    return DecodeLaunchPlan((programs_per_split, num_splits), (rows,), scratch_size, partial_lse_offset,
+                            split_kernel, merge_kernel)
+
+
+def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunch, DirectLaunch]:
+    """The split and merge kernels with the constexprs of `key` and `config`, asked once per variant
+    (plans are made per call shape: a decode loop whose cache grows makes one per step)."""
+    found = _decode_launchers.get((key, config))
+    if (
+        found is None
+        or found[0].kernel is not decode_kernels.attention_decode_split_kernel
+        or found[1].kernel is not decode_kernels.merge_decode_splits_kernel
+    ):
+        decode = config.decode
+        split = launcher(
+            decode_kernels.attention_decode_split_kernel,
+            MASK_KIND=KERNEL_MASK_KIND[key.mask],
+            BLOCK_M=decode.block_m,
+            BLOCK_N=decode.block_n,
+            BLOCK_D=key.block_head_dim,
+            BLOCK_DV=key.block_head_dim_v,
+            DOT_PRECISION=config.dot_precision,
+            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+            SPLIT_TF32=config.split_tf32,
+            num_warps=decode.num_warps,
+            num_stages=decode.num_stages,
+        )
+        merge = launcher(
             decode_kernels.merge_decode_splits_kernel,
             BLOCK_SPLITS=DECODE_MAX_SPLITS,
             BLOCK_DV=key.block_head_dim_v,
             ROUND_BFLOAT16=config.widen_dot_operands,
             num_warps=4,
-        ).bind(num_splits, desc.head_dim_v, desc.head_dim_v)  # the last: out's row stride
-    return DecodeLaunchPlan((programs_per_split, num_splits), (rows,), scratch_size, partial_lse_offset,
-                            split_kernel, merge_kernel)
+        )
+        found = _decode_launchers[key, config] = (split, merge)
+    return found
+
+
+_decode_launchers: dict[tuple, tuple[DirectLaunch, DirectLaunch]] = {}
 
 
 def launch_decode_kernels(
