@@ -46,6 +46,14 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_forward():
+    """The forward launchers, imported on the first call (an import statement costs ~1 us every call)."""
+    from flashsdpa.backends.triton import launch_forward
+
+    return launch_forward
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -103,9 +111,7 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
-        from flashsdpa.backends.triton.launch_forward import attention_forward
-
-        return attention_forward(desc, inputs)
+        return _launch_forward().attention_forward(desc, inputs)
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         from flashsdpa.backends.triton.launch_backward import attention_backward
