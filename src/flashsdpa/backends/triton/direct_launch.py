@@ -3,33 +3,39 @@
 `kernel[grid](*args, **constexprs)` binds every argument, asks Triton's
 specializer about each one, builds a string key from the result and the
 options and looks the compiled kernel up: about half of a decode call's host
-time on the H100's host, twice per call. A `DirectLaunch` is one kernel with
-one fixed set of constexprs and options (a launch plan's). Its first call for
-each argument specialization goes through `kernel[grid]` as usual and keeps
-the `CompiledKernel` that returns; later calls with the same specialization
-call that kernel's launcher directly, as `run` itself would.
+time on the H100's host, twice per call. A `DirectLaunch` (from `launcher`,
+one per kernel and set of constexprs and options) launches like that call.
+Its first call for each argument specialization goes through `kernel[grid]`
+as usual and keeps the `CompiledKernel` that `run` returned; later calls with
+the same specialization call that kernel's launcher directly, with the
+arguments `run` would pass. `DirectLaunch.bind(*trailing)` fixes the last
+run-time arguments (a launch plan's sizes and scale): their part of the key
+is computed once, and the kept kernels are shared by every binding.
 
 Reuse is exactly as safe as `run`'s own cache because the key holds everything
 Triton 3.6 specializes a kernel on (`specialization_terms` generates the code
-that computes it; `tests/test_direct_launch.py` checks it against Triton's
-binder): the current device, the `debug` and `instrumentation_mode` options,
-each argument's Python type, and per argument
+that computes it; `tests/test_direct_launch.py` checks that it splits argument
+tuples exactly as Triton's binder and key do): the current device, the
+`debug` and `instrumentation_mode` options, each argument's Python type, and
+per argument
 
     torch.Tensor     its dtype; whether data_ptr() % 16 == 0 (unless the
                      parameter is in do_not_specialize or
                      do_not_specialize_on_alignment)
-    int              == 1 and % 16 == 0 (the first unless do_not_specialize,
-                     the second unless either list names it); for every int,
-                     whether all of them fit int32 (else each one's width)
+    int              whether == 1 (unless do_not_specialize), and otherwise
+                     whether % 16 == 0 (unless either list names it); for
+                     every int, whether all of them fit int32 (else each
+                     one's width: i32, i64 or u64)
     TensorDescriptor its base's dtype and its block shape
     float, bool, None  nothing but the type (fp32, u1, constexpr None)
 
 Anything else (another argument type, annotated parameters, a callable grid,
 pre-run hooks, a Triton other than 3.6, a backend without native tensor
-specialization, the interpreter) takes `kernel[grid]` every time. A cached
-kernel is also dropped when it is no longer the one in Triton's own cache for
-its key (the cache was cleared), and calls still read the current stream,
-check the kernel's global constants and call the launch hooks as `run` does.
+specialization, the interpreter, `ENABLED = False`) takes `kernel[grid]` every
+time. A kept kernel is used only while it is still the one in Triton's own
+cache under its key (a cleared cache sends the call back through `run`), and
+calls still read the current device and stream, check the kernel's global
+constants and pass the launch hooks as `run` does.
 """
 
 from __future__ import annotations
