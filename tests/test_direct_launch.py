@@ -9,7 +9,8 @@ split argument tuples exactly as that key does: never one term for two keys
 one is a needless trip through `run`). A run that does what Triton's does on
 a cache hit, with stand-in kernels that record their launches, checks the
 whole path: which kernel launches, with which arguments, and when `run` is
-asked instead.
+asked instead; with JITFunction twins of flashsdpa's kernels it checks the
+launch plans' direct launches against run's for the same calls.
 """
 
 from __future__ import annotations
@@ -418,3 +419,62 @@ def test_domains_reach_every_case():
     assert {t.data_ptr() % 16 == 0 for t in TENSORS} == {True, False}
     assert len({(d.base.dtype, tuple(d.block_shape)) for d in DESCRIPTORS}) == 4
     assert list(itertools.islice(DOMAINS, 3)) == ["x_ptr", "y_ptr", "z_ptr"]
+
+
+def normalized(value):
+    """A launch argument as what the launch depends on: tensors by dtype, shape, strides and alignment."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), value.stride(), value.data_ptr() % 16)
+    if isinstance(value, TensorDescriptor):
+        return ("descriptor", normalized(value.base), tuple(value.shape), tuple(value.strides),
+                tuple(value.block_shape), value.padding)
+    return (type(value), value)
+
+
+def test_flashsdpa_launches_match_run(monkeypatch, device):
+    """flashsdpa's own launchers (decode split and merge, the main forward with TMA descriptors, the
+    three backward kernels), each call made three times: the first through run, the others direct.
+    Every launch runs the kernel Triton's key picks for its arguments, with all of them in the
+    signature's order, and a direct launch passes what run passed for the same call."""
+    import flashsdpa
+    from flashsdpa.backends.triton import launch_backward, launch_forward
+
+    if device != "cpu":
+        pytest.skip("stand-in kernels replace the interpreted ones on the CPU")
+    recorder = Recorder()
+    kernels = [(forward_kernels, "attention_forward_kernel"), (decode_kernels, "attention_decode_split_kernel"),
+               (decode_kernels, "merge_decode_splits_kernel"), (launch_backward, "attention_backward_preprocess_kernel"),
+               (launch_backward, "attention_backward_dq_kernel"), (launch_backward, "attention_backward_dkdv_kernel")]
+    by_name = {}
+    for module, name in kernels:
+        fn = as_jit(getattr(module, name))
+        install_run(fn, recorder)
+        monkeypatch.setattr(module, name, fn)
+        by_name[fn.fn.__name__] = fn
+    monkeypatch.setattr(driver, "_active", Driver())
+    monkeypatch.setattr(launch_forward, "sm_count", lambda device: 132)  # 3 decode splits: the merge runs
+    gen = torch.Generator().manual_seed(0)
+    new = lambda *shape: torch.randn(*shape, generator=gen).to(torch.bfloat16)  # noqa: E731
+    q, k, v = (new(1, 2, 33, 16).requires_grad_() for _ in range(3))
+    dq, dk, dv = new(1, 4, 1, 16), new(1, 2, 600, 16), new(1, 2, 600, 16)
+    grad = new(1, 2, 33, 16)
+
+    calls = []
+    for _ in range(3):
+        start = len(recorder.launches)
+        flashsdpa.attention(dq, dk, dv, enable_gqa=True, backend="triton")
+        torch.autograd.grad(flashsdpa.attention(q, k, v, causal=True, backend="triton"), (q, k, v), grad)
+        calls.append(recorder.launches[start:])
+    assert recorder.runs == 6  # each kernel once, on the first call
+    assert [len(c) for c in calls] == [6, 6, 6]
+    for launch in (entry for call in calls for entry in call):
+        fn = by_name[next(name for name, f in by_name.items() if launch["key"] in
+                          {k for caches in f.device_caches.values() for k in caches[0]})]
+        runtime = sum(not p.is_constexpr for p in fn.params)
+        assert len(launch["args"]) == len(fn.params)
+        constexprs = {p.name: value for p, value in zip(fn.params[runtime:], launch["args"][runtime:])}
+        _, specialization, _ = binder_of(fn)(*launch["args"][:runtime], **constexprs)
+        assert launch["key"].startswith(str(specialization) + "{")  # the key: specialization, then options
+    for first, direct in zip(calls[0], calls[2]):
+        assert first["key"] == direct["key"] and first["grid"] == direct["grid"]
+        assert list(map(normalized, first["args"])) == list(map(normalized, direct["args"]))

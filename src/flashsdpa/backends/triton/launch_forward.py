@@ -497,6 +497,8 @@ def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunc
             ROUND_BFLOAT16=config.widen_dot_operands,
             num_warps=4,
         )
+        if len(_decode_launchers) >= MAX_CACHED_PLANS:
+            _decode_launchers.clear()
         found = _decode_launchers[key, config] = (split, merge)
     return found
 
