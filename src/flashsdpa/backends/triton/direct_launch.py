@@ -61,9 +61,13 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 # reproduces. Another version launches through `run` until checked against it.
 SUPPORTED_TRITON = ((3, 6),)
 # False: every kernel launches through `run` (scripts/host_overhead.py --no-direct, for comparisons).
+# Read when a launcher is made: set it before the first call.
 ENABLED = True
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 UNSUPPORTED = object()  # an argument layout the direct path does not handle
+# What the direct path reads of each of a JITFunction's KernelParams.
+PARAM_FIELDS = ("num", "name", "default", "is_constexpr", "annotation", "do_not_specialize",
+                "do_not_specialize_on_alignment")
 # Kernels kept per argument layout; the terms take few values, so this bound is only a guard.
 MAX_KERNELS_PER_LAYOUT = 64
 MAX_LAUNCHERS = 4096
@@ -189,16 +193,18 @@ class DirectLaunch:
         # flashsdpa kernel has them): the run-time count and the constexpr values; else every launch
         # goes through `run`.
         self.runtime_count, self.constexpr_values = -1, ()
-        if self.enabled:
-            params = kernel.params
-            runtime = next((p.num for p in params if p.is_constexpr), len(params))
-            values = tuple(self.constexprs.get(p.name, p.default) for p in params[runtime:])
-            if (
-                all(p.is_constexpr for p in params[runtime:])
-                and not any(p.name in self.constexprs for p in params[:runtime])
-                and not any(value is inspect.Parameter.empty for value in values)
-            ):
-                self.runtime_count, self.constexpr_values = runtime, values
+        params = kernel.params if self.enabled else []
+        if not all(hasattr(p, name) for p in params for name in PARAM_FIELDS):
+            params = []  # not Triton 3.6's KernelParam: launches go through `run`
+        runtime = next((p.num for p in params if p.is_constexpr), len(params))
+        values = tuple(self.constexprs.get(p.name, p.default) for p in params[runtime:])
+        if (
+            params
+            and all(p.is_constexpr for p in params[runtime:])
+            and not any(p.name in self.constexprs for p in params[:runtime])
+            and not any(value is inspect.Parameter.empty for value in values)
+        ):
+            self.runtime_count, self.constexpr_values = runtime, values
         self._unbound = self.bind()
 
     def __call__(self, grid: tuple[int, ...], *args) -> None:
@@ -306,8 +312,10 @@ class BoundLaunch:
         launch = self.launch
         fn = launch.kernel
         kernel = fn[grid](*args, *self.trailing, **launch.constexprs)
-        launcher = getattr(kernel, "_run", None)  # set once `run` has launched it
-        if not isinstance(kernel, CompiledKernel) or launcher is None:  # None (a hook declined), a future
+        # Set once `run` has launched it (Triton 3.6's names; a kernel without them is not kept).
+        launcher, function = getattr(kernel, "_run", None), getattr(kernel, "function", None)
+        packed_metadata = getattr(kernel, "packed_metadata", None)
+        if not isinstance(kernel, CompiledKernel) or launcher is None or function is None:  # None, a future
             return
         device = driver.active.get_current_device()
         caches = fn.device_caches.get(device)
@@ -321,7 +329,7 @@ class BoundLaunch:
             key = layout.terms(args, device, debug, knobs.compilation.instrumentation_mode, self.trailing_key)
         if len(layout.kernels) >= MAX_KERNELS_PER_LAYOUT:
             layout.kernels.clear()
-        layout.kernels[key] = (kernel, launcher, kernel.function, kernel.packed_metadata, triton_key)
+        layout.kernels[key] = (kernel, launcher, function, packed_metadata, triton_key)
 
 
 _launchers: dict[tuple, DirectLaunch] = {}
