@@ -443,8 +443,8 @@ def test_flashsdpa_launches_match_run(monkeypatch, device):
         pytest.skip("stand-in kernels replace the interpreted ones on the CPU")
     recorder = Recorder()
     kernels = [(forward_kernels, "attention_forward_kernel"), (decode_kernels, "attention_decode_split_kernel"),
-               (decode_kernels, "merge_decode_splits_kernel"), (launch_backward, "attention_backward_preprocess_kernel"),
-               (launch_backward, "attention_backward_dq_kernel"), (launch_backward, "attention_backward_dkdv_kernel")]
+               (decode_kernels, "merge_decode_splits_kernel")]
+    kernels += [(launch_backward, f"attention_backward_{name}_kernel") for name in ("preprocess", "dq", "dkdv")]
     by_name = {}
     for module, name in kernels:
         fn = as_jit(getattr(module, name))
