@@ -5,10 +5,16 @@ tensors stay on the CPU (capability (9, 0), 132 SMs, the automatic dispatch
 order of CUDA), and Triton's `JITFunction.run` is replaced, so no kernel is
 compiled or run:
 
-    --launch none   run is a no-op: only flashsdpa's own layers are timed
-    --launch bind   run binds and specializes the arguments and computes the
-                    kernel cache key as Triton's real run does, then returns:
-                    Triton's own per-launch host work is counted too
+    --launch none   run only returns a stand-in compiled kernel: only
+                    flashsdpa's own layers are timed
+    --launch bind   run does what Triton 3.6's real run does on a cache hit
+                    (binding, specialization, cache key, global check, launch
+                    metadata) with a stand-in kernel whose launcher launches
+                    nothing: Triton's own per-launch host work is counted too
+
+flashsdpa launches a kernel through run once per specialization and then
+calls the kernel it kept directly (`direct_launch.py`), as it would the real
+one; `--no-direct` sends every launch through run, for comparisons.
 
 Each case prints the median per-call microseconds over many calls (in
 batches of 10) after a warm-up, and the best batch. torch's SDPA on the same CPU tensors is printed for scale: for the
@@ -16,7 +22,7 @@ decode case that is a real CPU computation; on `meta` tensors it is torch's
 own dispatch overhead only. Not measured here (no GPU): `torch.cuda.device`
 switches, CUDA allocations and the driver's launch.
 
-    PYTHONPATH=src python scripts/host_overhead.py [--launch none|bind] [--calls N] [--profile CASE]
+    PYTHONPATH=src python scripts/host_overhead.py [--launch none|bind] [--no-direct] [--calls N] [--profile CASE]
 
 With `--device cuda` (on a GPU machine) nothing is patched: the same calls
 run for real and the script prints the host time per call (enqueue time: the
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import os
 import pstats
 import statistics
@@ -34,32 +41,77 @@ import sys
 import time
 
 import torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import CompiledKernel, make_backend
+from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import flashsdpa
 from flashsdpa import dispatch
-from flashsdpa.backends.triton import launch_backward, launch_forward
+from flashsdpa.backends.triton import direct_launch, launch_backward, launch_forward
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+
+class StandInDriver:
+    """Triton's active driver as the launch path reads it: device 0 and its null stream."""
+
+    @staticmethod
+    def get_current_device() -> int:
+        return 0
+
+    @staticmethod
+    def get_current_stream(device: int) -> int:
+        return 0
+
+
+def stand_in_kernel() -> CompiledKernel:
+    """A CompiledKernel as Triton keeps it after a launch, whose launcher launches nothing."""
+    kernel = CompiledKernel.__new__(CompiledKernel)
+    kernel.module, kernel.function, kernel.packed_metadata = object(), 0, (4, 1, 0)
+    kernel.name, kernel.src = "stand-in", None
+    kernel._run = lambda *args: None
+    return kernel
+
+
+def device_caches(self: JITFunction) -> tuple:
+    """The JITFunction's (kernel cache, key cache, target, backend, binder) for device 0, for sm_90."""
+    if 0 not in self.device_caches:
+        backend = make_backend(SM90)
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        self.device_caches[0] = ({}, {}, SM90, backend, binder)
+    return self.device_caches[0]
 
 
 def no_launch(self, *args, grid, warmup, **kwargs):
-    return None
+    """Only a stand-in kernel, kept in the JITFunction's cache as run keeps the kernels it launched."""
+    kernel_cache = device_caches(self)[0]
+    return kernel_cache.setdefault("stand-in", stand_in_kernel())
 
 
 def bind_only(self, *args, grid, warmup, **kwargs):
-    """Triton 3.6's JITFunction.run up to the kernel lookup (binding, specialization, cache key)."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
+    """Triton 3.6's JITFunction.run with a stand-in for the compiled kernel: binding, specialization,
+    cache key, global check and launch metadata, then the stand-in's launcher, which launches nothing."""
     kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    if "_sm90_binder" not in self.__dict__:
-        self._sm90_binder = create_function_from_signature(
-            self.signature, self.params, make_backend(GPUTarget("cuda", 90, 32)))
-        self._sm90_key_cache = {}  # as run's kernel_key_cache: a repeated specialization is a dict hit
-    bound_args, specialization, options = self._sm90_binder(*args, **kwargs)
-    compute_cache_key(self._sm90_key_cache, specialization, options)
-    return None
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    kernel_cache, kernel_key_cache, _, _, binder = device_caches(self)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    key = compute_cache_key(kernel_key_cache, specialization, options)
+    kernel = kernel_cache.get(key)
+    if kernel is None:
+        kernel = kernel_cache[key] = stand_in_kernel()
+    for (name, _), (val, globals_dict) in self.used_global_vals.items():
+        if globals_dict.get(name) != val:
+            raise RuntimeError(f"global {name} changed")
+    grid_size = len(grid)
+    launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())
+    kernel.run(grid[0], grid[1] if grid_size > 1 else 1, grid[2] if grid_size > 2 else 1, stream, kernel.function,
+               kernel.packed_metadata, launch_metadata, knobs.runtime.launch_enter_hook,
+               knobs.runtime.launch_exit_hook, *bound_args.values())
+    return kernel
 
 
 def pretend_sm90(launch: str) -> None:
@@ -71,6 +123,7 @@ def pretend_sm90(launch: str) -> None:
     for module in (launch_forward, launch_backward):
         module.device_capability = lambda device: (9, 0)
     launch_forward.sm_count = lambda device: 132
+    driver.set_active(StandInDriver())
     JITFunction.run = {"none": no_launch, "bind": bind_only}[launch]
 
 
@@ -100,6 +153,14 @@ def cases(device: str) -> dict:
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     grad = torch.randn_like(q)
     dq, dk, dv = new(16, 32, 1, 128), new(16, 8, 4096, 128), new(16, 8, 4096, 128)
+    # A KV cache that grows by one key per step: every call a new length (views of one buffer), so
+    # no per-shape cache (descriptor, launch plan) ever hits, as in a real decode loop.
+    cache_k, cache_v = new(16, 8, 8192, 128), new(16, 8, 8192, 128)
+    lengths = itertools.cycle(range(4096, 8192))
+
+    def growing_decode():
+        length = next(lengths)
+        flashsdpa.attention(dq, cache_k[:, :, :length], cache_v[:, :, :length], enable_gqa=True)
     meta = [t.to("meta") for t in (q, k, v)]
     tiny = [torch.randn(1, 1, 1, 8) for _ in range(3)]
 
@@ -122,6 +183,7 @@ def cases(device: str) -> dict:
         "forward + backward": fwd_bwd,
         "decode (16,32,1,128) x (16,8,4096,128) gqa": lambda: flashsdpa.attention(dq, dk, dv, enable_gqa=True),
         "decode via drop-in sdpa": lambda: flashsdpa.scaled_dot_product_attention(dq, dk, dv, enable_gqa=True),
+        "decode, KV cache one key longer each call": growing_decode,
         **(on_cpu if device == "cpu" else on_gpu),
     }
 
@@ -132,6 +194,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--profile", metavar="CASE", help="cProfile the case whose name starts with CASE")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="launch every kernel through JITFunction.run (flashsdpa's direct launches off)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: real tensors and launches on a GPU (--launch is ignored), host time per call")
     args = parser.parse_args()
@@ -140,8 +204,10 @@ def main() -> None:
         pretend_sm90(args.launch)
     else:
         sync = torch.cuda.synchronize
+    direct_launch.ENABLED = not args.no_direct
     launch = args.launch if args.device == "cpu" else "real"
-    print(f"flashsdpa from {flashsdpa.__file__}, torch {torch.__version__}, {args.device}, launch={launch}")
+    print(f"flashsdpa from {flashsdpa.__file__}, torch {torch.__version__}, {args.device}, launch={launch}, "
+          f"direct launches {'off' if args.no_direct else 'on'}")
     dispatch.reset_stats()
     for name, fn in cases(args.device).items():
         if args.profile:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision, MaskKind
 
 
-@dataclass(frozen=True)
-class Canonical:
+class Canonical(NamedTuple):  # a NamedTuple: built on every call, in a third of a frozen dataclass's time
     query: torch.Tensor  # (B, Hq, L, E)
     key: torch.Tensor  # (B, Hkv, S, E)
     value: torch.Tensor  # (B, Hkv, S, Ev)
@@ -105,8 +104,9 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
 
     given_ndim = max(len(q_shape), len(k_shape), len(v_shape))
     ndim = max(given_ndim, 3)
-    q, k, v = _with_leading_ones(query, ndim), _with_leading_ones(key, ndim), _with_leading_ones(value, ndim)
+    q, k, v = query, key, value
     if ndim != given_ndim or len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
+        q, k, v = _with_leading_ones(query, ndim), _with_leading_ones(key, ndim), _with_leading_ones(value, ndim)
         q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
     heads_q, heads_k, heads_v = q_shape[-3], k_shape[-3], v_shape[-3]
     if heads_k != heads_v:
@@ -130,7 +130,8 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
             f"for grouped-query attention; got {shapes()}"
         )
     batch_shape = q_shape[:-3]
-    if not batch_shape == k_shape[:-3] == v_shape[:-3]:  # equal is the common case; broadcast_shapes costs ~40 us
+    broadcast_batch = not batch_shape == k_shape[:-3] == v_shape[:-3]
+    if broadcast_batch:  # equal is the common case; broadcast_shapes costs ~40 us
         try:
             batch_shape = torch.broadcast_shapes(q_shape[:-3], k_shape[:-3], v_shape[:-3])
         except RuntimeError:
@@ -139,9 +140,13 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
             ) from None
 
     seq_q, seq_kv, head_dim, head_dim_v = q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
-    q = _expand(q, (*batch_shape, heads_q, seq_q, head_dim), q_shape)
-    k = _expand(k, (*batch_shape, heads_kv, seq_kv, head_dim), k_shape)
-    v = _expand(v, (*batch_shape, heads_kv, seq_kv, head_dim_v), v_shape)
+    # With the batch dims equal, a tensor is already its target shape unless its head count differs.
+    if broadcast_batch or q_shape[-3] != heads_q:
+        q = _expand(q, (*batch_shape, heads_q, seq_q, head_dim), q_shape)
+    if broadcast_batch or k_shape[-3] != heads_kv:
+        k = _expand(k, (*batch_shape, heads_kv, seq_kv, head_dim), k_shape)
+    if broadcast_batch or v_shape[-3] != heads_kv:
+        v = _expand(v, (*batch_shape, heads_kv, seq_kv, head_dim_v), v_shape)
     nb = len(batch_shape)
 
     mask = None
@@ -149,14 +154,9 @@ def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) ->
         mask = _canonical_mask(attn_mask, query, batch_shape, heads_q, seq_q, seq_kv, shapes)
 
     out_lead = (*batch_shape, heads_q) if given_ndim >= 3 else ()
-    return Canonical(
-        query=_flatten_batch(q, nb),
-        key=_flatten_batch(k, nb),
-        value=_flatten_batch(v, nb),
-        mask=mask,
-        output_shape=(*out_lead, seq_q, head_dim_v),
-        lse_shape=(*out_lead, seq_q),
-    )
+    if nb != 1:
+        q, k, v = _flatten_batch(q, nb), _flatten_batch(k, nb), _flatten_batch(v, nb)
+    return Canonical(q, k, v, mask, (*out_lead, seq_q, head_dim_v), (*out_lead, seq_q))
 
 
 def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes) -> torch.Tensor:

@@ -37,14 +37,46 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return _indexed_device_capability(device)
 
 
+# Answers of `TritonBackend.unsupported_reasons` by descriptor and device. Bounded.
+_reasons: dict[tuple, tuple[str, ...]] = {}
+MAX_CACHED_REASONS = 1024
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_forward():
+    """The forward launchers, imported on the first call (an import statement costs ~1 us every call)."""
+    from flashsdpa.backends.triton import launch_forward
+
+    return launch_forward
 
 
 class TritonBackend(Backend):
     name = "triton"
 
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        # Asked on every call: the answer follows from the descriptor, the
+        # device (its capability) and, for CPU tensors, TRITON_INTERPRET, so
+        # it is kept per such key (a device without an index means whichever
+        # is current: not kept).
+        if device.type == "cpu":
+            key = (desc, device, interpreter_enabled())
+        elif device.index is not None:
+            key = (desc, device)
+        else:
+            return self._reasons(desc, device)
+        reasons = _reasons.get(key)
+        if reasons is None:
+            reasons = tuple(self._reasons(desc, device))
+            if len(_reasons) >= MAX_CACHED_REASONS:
+                _reasons.clear()
+            _reasons[key] = reasons
+        return list(reasons)
+
+    def _reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
         reasons = []
         try:
             import triton  # noqa: F401
@@ -79,9 +111,7 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
-        from flashsdpa.backends.triton.launch_forward import attention_forward
-
-        return attention_forward(desc, inputs)
+        return _launch_forward().attention_forward(desc, inputs)
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         from flashsdpa.backends.triton.launch_backward import attention_backward

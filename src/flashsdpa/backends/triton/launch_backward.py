@@ -7,12 +7,15 @@ from `new_output` (the kernels write them through their strides), dmask a
 preprocess (lse in base 2, and delta = rowsum(dO * O) without the row pass);
 the dQ kernel if dQ or dmask is needed, or with the row pass (it computes the
 row scales of P and delta);
-the dK/dV kernel if dK or dV is needed.
+the dK/dV kernel if dK or dV is needed. A launch plan per descriptor, config
+and gradients keeps the grids and the three kernels as `direct_launch`
+launchers (`backward_launch_plan`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +27,7 @@ from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
 )
+from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
 from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
 from flashsdpa.backends.triton.launch_forward import (
     cdiv,
@@ -92,28 +96,100 @@ def attention_backward(
     # The dQ kernel runs for dq or dmask, and (row pass) for the row scales and delta the dK/dV kernel reads.
     run_dq = computed.query or computed.mask or (config.renormalize_rows and run_dkdv)
 
-    # Scratch, not outputs: every element is written before it is read.
-    row_count = batch * heads_q * seq_q
-    delta = torch.empty(row_count, dtype=torch.float32, device=device)
-    lse_log2 = torch.empty(row_count, dtype=torch.float32, device=device)
-    row_scale = torch.empty(row_count, dtype=torch.float32, device=device) if config.renormalize_rows else delta
+    # Scratch, not outputs: every element is written before it is read. One allocation, its rows
+    # 16-byte aligned: delta, lse in base 2 and, with renormalized rows, the row scales.
+    row_count = cdiv(batch * heads_q * seq_q, 4) * 4
+    scratch = torch.empty((3 if config.renormalize_rows else 2, row_count), dtype=torch.float32, device=device)
+    parts = scratch.unbind(0)
+    delta, lse_log2, row_scale = parts[0], parts[1], parts[-1] if config.renormalize_rows else parts[0]
     # An output that is not computed gets a stand-in pointer; its COMPUTE_*/WRITE_* flag keeps it untouched.
     stand_in = delta
 
-    # Run-time arguments shared by both main kernels; none of them is compiled in.
     mask, mask_strides = mask_argument(desc, inputs)
+    q_source, do_source, tile_loads = _streamed_tiles(config, desc, query, grad_out) if run_dkdv else (
+        query, grad_out, int(LOAD_POINTERS))
+    plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
+                                tile_loads)
+    run_time = ()  # with dropout, the arguments after the strides (the seeds change per call)
     if desc.dropout_p > 0.0:
         if inputs.dropout_seed is None:
             raise ValueError("attention_backward: dropout_p > 0 needs inputs.dropout_seed")
         seed_lo, seed_hi = inputs.dropout_seed
-        dropout_args = (seed_lo, seed_hi, drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p))
-    else:
-        dropout_args = (0, 0, 0, 1.0)
+        run_time = (seed_lo, seed_hi, drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p))
+
+    with on_device(device):
+        plan.preprocess(
+            plan.preprocess_grid,
+            out, grad_out, lse, delta, lse_log2, *out.stride(), *grad_out.stride(), *lse.stride(),
+        )  # fmt: skip
+
+        input_strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride())
+        if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
+            plan.dq(
+                plan.dq_grid,
+                query, key, value, mask, grad_out,
+                stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
+                *input_strides, *_strides_or_zeros(dq), *plan.dq_sizes, *run_time,
+            )  # fmt: skip
+
+        if run_dkdv:
+            plan.dkdv(
+                plan.dkdv_grid,
+                q_source, key, value, mask, do_source,
+                stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
+                *input_strides, *_strides_or_zeros(dk), *_strides_or_zeros(dv), *plan.dkdv_sizes, *run_time,
+            )  # fmt: skip
+
+    return dq, dk, dv, dmask
+
+
+@dataclass(frozen=True)
+class BackwardLaunchPlan:
+    """Grids, run-time sizes and kernels of one backward's launches (see `backward_launch_plan`)."""
+
+    preprocess_grid: tuple[int]
+    preprocess: BoundLaunch  # the lengths bound
+    dq_grid: tuple[int]
+    # With dropout, the dQ kernel's scale, lengths and head counts (the seeds follow, per call);
+    # without, () and the kernel holds every argument after the strides.
+    dq_sizes: tuple
+    dq: BoundLaunch | None  # None where the dQ kernel does not run
+    dkdv_grid: tuple[int]
+    dkdv_sizes: tuple
+    dkdv: BoundLaunch | None
+
+
+# Plans of recent backward launches; they follow from their key's fields. Bounded.
+_backward_plans: dict[tuple, BackwardLaunchPlan] = {}
+MAX_CACHED_PLANS = 1024
+
+
+def backward_launch_plan(
+    desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
+    mask_seed: bool, tile_loads: int,
+) -> BackwardLaunchPlan:
+    kernels = (id(attention_backward_preprocess_kernel), id(attention_backward_dq_kernel),
+               id(attention_backward_dkdv_kernel))  # the kernel objects, as in launch_forward.main_launch_plan
+    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, kernels)
+    plan = _backward_plans.get(plan_key)
+    if plan is None:
+        plan = _new_backward_launch_plan(desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads)
+        if len(_backward_plans) >= MAX_CACHED_PLANS:
+            _backward_plans.clear()
+        _backward_plans[plan_key] = plan
+    return plan
+
+
+def _new_backward_launch_plan(
+    desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
+    mask_seed: bool, tile_loads: int,
+) -> BackwardLaunchPlan:
     kernel_key = desc.kernel_key
+    batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
     block_d, block_dv = block_widths(kernel_key)
     variant = dict(
-        HEAD_DIM=head_dim,
-        HEAD_DIM_V=head_dim_v,
+        HEAD_DIM=desc.head_dim,
+        HEAD_DIM_V=desc.head_dim_v,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         CAUSAL=desc.causal,
@@ -124,62 +200,49 @@ def attention_backward(
         DOT_PRECISION=config.dot_precision,
         WIDEN_DOT_OPERANDS=config.widen_dot_operands,
         SPLIT_OPERANDS=config.split_operands,
-        MASK_SEED=seeds_with_mask(desc, mask, mask_strides),
+        MASK_SEED=mask_seed,
+    )
+    preprocess = launcher(
+        attention_backward_preprocess_kernel,
+        HEAD_DIM_V=desc.head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
+        # delta is for whatever is built from dS; with renormalized rows the dQ kernel computes it
+        COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
+    ).bind(seq_q, heads_q)  # fmt: skip
+    scale, gqa_group = float(desc.scale), heads_q // heads_kv
+    dq_sizes, dkdv_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group), (scale, seq_q, seq_kv, heads_kv, gqa_group)
+    # Without dropout every argument after the strides is the plan's: bound once. With it the
+    # seeds, which change per call, come last: the sizes are passed per call too.
+    sizes_per_call = desc.dropout_p > 0.0
+
+    def main_kernel(kernel, tile, sizes: tuple, **flags) -> BoundLaunch:
+        bound = () if sizes_per_call else (*sizes, 0, 0, 0, 1.0)
+        return launcher(kernel, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
+                        num_stages=tile.num_stages, **flags, **variant).bind(*bound)
+
+    return BackwardLaunchPlan(
+        preprocess_grid=(cdiv(seq_q, config.preprocess_block_m) * batch * heads_q,),
+        preprocess=preprocess,
+        dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
+        dq_sizes=dq_sizes if sizes_per_call else (),
+        dq=main_kernel(attention_backward_dq_kernel, config.dq, dq_sizes, COMPUTE_DQ=computed.query,
+                       WRITE_DMASK=computed.mask) if run_dq else None,
+        dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * heads_kv,),
+        dkdv_sizes=dkdv_sizes if sizes_per_call else (),
+        dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,
+                         COMPUTE_DV=computed.value, TILE_LOADS=tile_loads,
+                         EARLY_DP=config.dkdv_early_dp) if run_dkdv else None,
     )
 
-    with on_device(device):
-        attention_backward_preprocess_kernel[(cdiv(seq_q, config.preprocess_block_m) * batch * heads_q,)](
-            out, grad_out, lse, delta, lse_log2,
-            *out.stride(), *grad_out.stride(), *lse.stride(),
-            seq_q, heads_q,
-            HEAD_DIM_V=head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
-            # delta is for whatever is built from dS; with renormalized rows the dQ kernel computes it
-            COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
-        )  # fmt: skip
 
-        if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
-            tile = config.dq
-            attention_backward_dq_kernel[(cdiv(seq_q, tile.block_m) * batch * heads_q,)](
-                query, key, value, mask, grad_out,
-                stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
-                *_strides_or_zeros(dq),
-                float(desc.scale), seq_q, seq_kv, heads_q, heads_q // heads_kv,
-                *dropout_args,
-                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                COMPUTE_DQ=computed.query, WRITE_DMASK=computed.mask,
-                num_warps=tile.num_warps, num_stages=tile.num_stages,
-                **variant,
-            )  # fmt: skip
-
-        if run_dkdv:
-            tile = config.dkdv
-            q_source, do_source, tile_loads = _streamed_tiles(config, query, grad_out, block_d, block_dv)
-            attention_backward_dkdv_kernel[(cdiv(seq_kv, tile.block_n) * batch * heads_kv,)](
-                q_source, key, value, mask, do_source,
-                stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
-                *query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride(),
-                *_strides_or_zeros(dk), *_strides_or_zeros(dv),
-                float(desc.scale), seq_q, seq_kv, heads_kv, heads_q // heads_kv,
-                *dropout_args,
-                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                COMPUTE_DK=computed.key, COMPUTE_DV=computed.value,
-                TILE_LOADS=tile_loads, EARLY_DP=config.dkdv_early_dp,
-                num_warps=tile.num_warps, num_stages=tile.num_stages,
-                **variant,
-            )  # fmt: skip
-
-    return dq, dk, dv, dmask
-
-
-def _streamed_tiles(config: BackwardConfig, query: torch.Tensor, grad_out: torch.Tensor, block_d: int,
-                    block_dv: int) -> tuple:
+def _streamed_tiles(config: BackwardConfig, desc: AttentionDescriptor, query: torch.Tensor,
+                    grad_out: torch.Tensor) -> tuple:
     """(q, dO, TILE_LOADS) as the dK/dV kernel reads them: 4-D TMA descriptors where the config asks for them
     and both tensors qualify, else the tensors themselves (pointer loads)."""
     if config.dkdv_tile_loads == "host":
         strides = [host_descriptor_strides(t) for t in (query, grad_out)]
         if all(s is not None for s in strides):
             block_m = config.dkdv.block_m
+            block_d, block_dv = block_widths(desc.kernel_key)
             return (host_descriptor(query, strides[0], block_m, block_d),
                     host_descriptor(grad_out, strides[1], block_m, block_dv), int(LOAD_HOST_DESCRIPTORS))
     return query, grad_out, int(LOAD_POINTERS)

@@ -10,7 +10,11 @@ negated for a negative softmax scale, zeroed for scale 0 (`query_and_scale`),
 and split in two for the split-tf32 float32 path (the float32 default). On
 sm90 the main kernel reads Q/K/V and writes O by TMA through 4-D descriptors
 (`host_descriptor`), whose validated fields a launch plan keeps per call
-shape (`main_launch_plan`).
+shape (`main_launch_plan`). Plans also keep their kernels as `direct_launch`
+launchers with the plan's own arguments (sizes, scale) bound, so a repeated
+call shape computes only its grid-free per-call arguments and Triton's
+argument binding is skipped (`decode_launch_plan` does the same for flash
+decoding).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_kernels
+from flashsdpa.backends.triton.direct_launch import BoundLaunch, DirectLaunch, launcher
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
     ForwardConfig,
@@ -34,7 +39,7 @@ from flashsdpa.backends.triton.forward_configs import (
     uses_decode_kernel,
 )
 from flashsdpa.cache import kernel_cache
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dropout import drop_threshold
 
 KERNEL_MASK_KIND = {
@@ -72,9 +77,17 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return cuda_capability(device)
 
 
+NOT_SWITCHING = contextlib.nullcontext()
+
+
 def on_device(device: torch.device):
-    """Triton launches on the current CUDA device, not the arguments': make them the same."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device, not the arguments': make them the same.
+
+    Most calls find their device current already; switching it costs a few
+    microseconds there (torch.cuda.device's enter and exit)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return NOT_SWITCHING
+    return torch.cuda.device(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,10 +114,17 @@ def query_and_scale(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple
     0, and NaN where q or k holds inf or NaN, as in torch's math).
     """
     if desc.scale < 0:
-        return -inputs.query, -float(desc.scale)
+        return -inputs.query, kernel_scale(desc)
     if desc.scale == 0:
-        return inputs.query * 0.0, 1.0
-    return inputs.query, float(desc.scale)
+        return inputs.query * 0.0, kernel_scale(desc)
+    return inputs.query, kernel_scale(desc)
+
+
+def kernel_scale(desc: AttentionDescriptor) -> float:
+    """The softmax scale the forward kernels get with `query_and_scale`'s query."""
+    if desc.scale == 0:
+        return 1.0
+    return abs(float(desc.scale))
 
 
 def mask_argument(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -207,13 +227,16 @@ def run_with_scratch_allocator(device: torch.device, launch) -> None:
 class MainLaunchPlan:
     """What a main-kernel launch takes besides the tensors and run-time scalars (see `main_launch_plan`)."""
 
-    programs: int
-    num_m_blocks: int
+    grid: tuple[int]
     tile_loads: int
     # per tensor (q, k, v, out) with host TMA descriptors: the fields of a
     # descriptor Triton validated for this plan's shapes, strides and alignment
     descriptor_fields: tuple[dict, ...] | None
-    constexprs: dict  # the launch's compile-time keyword arguments
+    # with dropout, the kernel's sizes and scale after the strides (the seeds follow, per call);
+    # without, () and the kernels hold every argument after the strides
+    sizes: tuple
+    # the kernel with this plan's constexprs and options, by MASK_SEED (False, True)
+    kernels: tuple[BoundLaunch, BoundLaunch]
 
 
 # Plans of recent launches. A plan follows from the descriptor (shapes, dtype,
@@ -223,9 +246,16 @@ _main_plans: dict[tuple, MainLaunchPlan] = {}
 MAX_CACHED_PLANS = 1024
 
 
-def main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tensors) -> MainLaunchPlan:
-    """The grid, tile-load path and constexprs for `tensors` = (q, k, v, out) as the kernel gets them."""
-    plan_key = (desc, config, *(t.stride() for t in tensors), *(t.data_ptr() % TMA_ALIGNMENT_BYTES for t in tensors))
+def main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tensors, strides) -> MainLaunchPlan:
+    """The grid, tile-load path and kernel for `tensors` = (q, k, v, out) as the kernel gets them, whose
+    `strides` are given (the launch passes them too)."""
+    q, k, v, out = tensors
+    plan_key = (
+        desc, config, *strides,
+        q.data_ptr() % TMA_ALIGNMENT_BYTES, k.data_ptr() % TMA_ALIGNMENT_BYTES,
+        v.data_ptr() % TMA_ALIGNMENT_BYTES, out.data_ptr() % TMA_ALIGNMENT_BYTES,
+        id(forward_kernels.attention_forward_kernel),  # the kernel object: a swapped one (tests) gets new plans
+    )  # fmt: skip
     plan = _main_plans.get(plan_key)
     if plan is None:
         plan = _new_main_launch_plan(desc, config, tensors)
@@ -268,7 +298,16 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         num_stages=config.num_stages,
         maxnreg=config.max_registers,
     )
-    return MainLaunchPlan(programs, num_m_blocks, int(tile_loads), descriptor_fields, constexprs)
+    sizes = (desc.heads_q, desc.heads_q // desc.heads_kv, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
+             num_m_blocks, kernel_scale(desc))
+    # Without dropout every argument after the strides is the plan's: bound once (the seeds change per call).
+    tail = () if desc.dropout_p > 0.0 else (*sizes, 0, 0, 0, 1.0)
+    kernels = tuple(
+        launcher(forward_kernels.attention_forward_kernel, MASK_SEED=mask_seed, **constexprs).bind(*tail)
+        for mask_seed in (False, True)
+    )
+    return MainLaunchPlan((programs,), int(tile_loads), descriptor_fields, sizes if desc.dropout_p > 0.0 else (),
+                          kernels)
 
 
 def _fields_without_base(descriptor: TensorDescriptor) -> dict:
@@ -295,17 +334,16 @@ def cdiv(a: int, b: int) -> int:
 def launch_main_kernel(
     desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scale = query_and_scale(desc, inputs)
+    q, _ = query_and_scale(desc, inputs)  # the kernels' scale is their plan's
     k, v = inputs.key, inputs.value
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     out, lse = allocate_outputs(desc, q)
     mask, mask_strides = mask_argument(desc, inputs)
 
     q_lo = q  # never read unless config.split_tf32
     if config.split_tf32:
         q, q_lo = split_tf32(q)  # both contiguous: q's strides and alignment are q_lo's
-    plan = main_launch_plan(desc, config, (q, k, v, out))
+    strides = q.stride(), k.stride(), v.stride(), out.stride()
+    plan = main_launch_plan(desc, config, (q, k, v, out), strides)
     if plan.descriptor_fields is not None:
         q_fields, k_fields, v_fields, out_fields = plan.descriptor_fields
         q_arg = q_lo_arg = host_descriptor_like(q_fields, q)
@@ -316,20 +354,17 @@ def launch_main_kernel(
         out_arg = host_descriptor_like(out_fields, out)
     else:
         q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
+    run_time = ()
     if desc.dropout_p > 0.0:
         seed_lo, seed_hi = inputs.dropout_seed
-        threshold, output_scale = drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p)
-    else:
-        seed_lo, seed_hi, threshold, output_scale = 0, 0, 0, 1.0
+        run_time = (*plan.sizes, drop_threshold(desc.dropout_p), seed_lo, seed_hi, 1.0 / (1.0 - desc.dropout_p))
+    kernel = plan.kernels[seeds_with_mask(desc, mask, mask_strides)]
 
     def launch() -> None:
-        forward_kernels.attention_forward_kernel[(plan.programs,)](
+        kernel(
+            plan.grid,
             q_arg, q_lo_arg, k_arg, v_arg, mask, out_arg, lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            heads_q, heads_q // heads_kv, seq_q, seq_kv, head_dim, head_dim_v, plan.num_m_blocks,
-            scale, threshold, seed_lo, seed_hi, float(output_scale),
-            MASK_SEED=seeds_with_mask(desc, mask, mask_strides),
-            **plan.constexprs,
+            *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *run_time,
         )  # fmt: skip
 
     with on_device(q.device):
@@ -366,6 +401,111 @@ def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]
     return forward_kernels.LOAD_POINTERS, None
 
 
+@dataclass(frozen=True)
+class DecodeLaunchPlan:
+    """Grids, split lengths, run-time sizes and kernels of a flash-decoding launch (see `decode_launch_plan`)."""
+
+    split_grid: tuple[int, int]
+    merge_grid: tuple[int]
+    # float32 elements of the one scratch buffer that holds the partial outputs and
+    # then (from partial_lse_offset, 16-byte aligned) the partial lse; 0: one split, none
+    scratch_size: int
+    partial_lse_offset: int
+    # the kernels, with their arguments after the strides (the plan's) bound
+    split_kernel: BoundLaunch
+    merge_kernel: BoundLaunch | None
+
+
+# Plans of recent decode launches: they follow from the descriptor, the config,
+# the requested split count and the device (its SM count). Bounded.
+_decode_plans: dict[tuple, DecodeLaunchPlan] = {}
+
+
+def decode_launch_plan(
+    desc: AttentionDescriptor, config: ForwardConfig, num_splits: int | None, device: torch.device
+) -> DecodeLaunchPlan:
+    kernels = id(decode_kernels.attention_decode_split_kernel), id(decode_kernels.merge_decode_splits_kernel)
+    plan_key = (desc, config, num_splits, device, kernels)  # the kernel objects, as in main_launch_plan
+    plan = _decode_plans.get(plan_key)
+    if plan is None:
+        plan = _new_decode_launch_plan(desc, config, num_splits, device)
+        if len(_decode_plans) >= MAX_CACHED_PLANS:
+            _decode_plans.clear()
+        _decode_plans[plan_key] = plan
+    return plan
+
+
+def _new_decode_launch_plan(
+    desc: AttentionDescriptor, config: ForwardConfig, num_splits: int | None, device: torch.device
+) -> DecodeLaunchPlan:
+    key, decode = desc.kernel_key, config.decode
+    gqa_group = desc.heads_q // desc.heads_kv
+    row_chunks = cdiv(gqa_group * desc.seq_q, decode.block_m)
+    programs_per_split = desc.batch * desc.heads_kv * row_chunks
+    if programs_per_split > MAX_GRID_X:
+        raise ValueError(f"triton decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
+    if num_splits is None:
+        num_splits = decode_split_count(programs_per_split, desc.seq_kv, sm_count(device))
+    num_splits = max(1, min(num_splits, DECODE_MAX_SPLITS, MAX_GRID_YZ))
+    split_len = cdiv(cdiv(desc.seq_kv, num_splits), decode.block_n) * decode.block_n
+    num_splits = cdiv(desc.seq_kv, split_len)
+    rows = desc.batch * desc.heads_q * desc.seq_q
+    scratch_size = partial_lse_offset = 0
+    if num_splits > 1:
+        partial_lse_offset = cdiv(rows * num_splits * desc.head_dim_v, 4) * 4  # 16 bytes of float32
+        scratch_size = partial_lse_offset + rows * num_splits
+    split_kernel, merge_kernel = decode_launchers(key, config)
+    split_kernel = split_kernel.bind(
+        # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
+        desc.head_dim_v,
+        desc.heads_q, desc.heads_kv, gqa_group, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
+        row_chunks, num_splits, split_len, kernel_scale(desc),
+    )  # fmt: skip
+    # The last: out's row stride.
+    merge_kernel = merge_kernel.bind(num_splits, desc.head_dim_v, desc.head_dim_v) if num_splits > 1 else None
+    return DecodeLaunchPlan((programs_per_split, num_splits), (rows,), scratch_size, partial_lse_offset,
+                            split_kernel, merge_kernel)
+
+
+def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunch, DirectLaunch]:
+    """The split and merge kernels with the constexprs of `key` and `config`, asked once per variant
+    (plans are made per call shape: a decode loop whose cache grows makes one per step)."""
+    found = _decode_launchers.get((key, config))
+    if (
+        found is None
+        or found[0].kernel is not decode_kernels.attention_decode_split_kernel
+        or found[1].kernel is not decode_kernels.merge_decode_splits_kernel
+    ):
+        decode = config.decode
+        split = launcher(
+            decode_kernels.attention_decode_split_kernel,
+            MASK_KIND=KERNEL_MASK_KIND[key.mask],
+            BLOCK_M=decode.block_m,
+            BLOCK_N=decode.block_n,
+            BLOCK_D=key.block_head_dim,
+            BLOCK_DV=key.block_head_dim_v,
+            DOT_PRECISION=config.dot_precision,
+            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
+            SPLIT_TF32=config.split_tf32,
+            num_warps=decode.num_warps,
+            num_stages=decode.num_stages,
+        )
+        merge = launcher(
+            decode_kernels.merge_decode_splits_kernel,
+            BLOCK_SPLITS=DECODE_MAX_SPLITS,
+            BLOCK_DV=key.block_head_dim_v,
+            ROUND_BFLOAT16=config.widen_dot_operands,
+            num_warps=4,
+        )
+        if len(_decode_launchers) >= MAX_CACHED_PLANS:
+            _decode_launchers.clear()
+        found = _decode_launchers[key, config] = (split, merge)
+    return found
+
+
+_decode_launchers: dict[tuple, tuple[DirectLaunch, DirectLaunch]] = {}
+
+
 def launch_decode_kernels(
     desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig, num_splits: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,56 +517,24 @@ def launch_decode_kernels(
     """
     if desc.causal or desc.dropout_p > 0.0:
         raise ValueError("triton flash decoding does not apply causal masks or dropout")
-    q, scale = query_and_scale(desc, inputs)
+    q, _ = query_and_scale(desc, inputs)  # the kernels' scale is their plan's
     k, v = inputs.key, inputs.value
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_kv, seq_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    key = desc.kernel_key
-    decode = config.decode
+    device = q.device
+    plan = decode_launch_plan(desc, config, num_splits, device)
     out, lse = allocate_outputs(desc, q)
     mask, mask_strides = mask_argument(desc, inputs)
-
-    gqa_group = heads_q // heads_kv
-    row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
-    programs_per_split = batch * heads_kv * row_chunks
-    if num_splits is None:
-        num_splits = decode_split_count(programs_per_split, seq_kv, sm_count(q.device))
-    num_splits = max(1, min(num_splits, DECODE_MAX_SPLITS, MAX_GRID_YZ))
-    split_len = cdiv(cdiv(seq_kv, num_splits), decode.block_n) * decode.block_n
-    num_splits = cdiv(seq_kv, split_len)
-    if programs_per_split > MAX_GRID_X:
-        raise ValueError(f"triton decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
-
-    rows = batch * heads_q * seq_q
-    if num_splits == 1:
+    if plan.merge_kernel is None:
         partial_out = partial_lse = lse  # not written: the split kernel writes out and lse itself
     else:
-        partial_out = torch.empty((rows, num_splits, head_dim_v), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
-    with on_device(q.device):
-        # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
-        decode_kernels.attention_decode_split_kernel[(programs_per_split, num_splits)](
+        # One allocation for both (each is written before it is read): (rows, splits, head_dim_v) and (rows, splits).
+        scratch = torch.empty(plan.scratch_size, dtype=torch.float32, device=device)
+        partial_out, partial_lse = scratch, scratch[plan.partial_lse_offset:]
+    with on_device(device):
+        plan.split_kernel(
+            plan.split_grid,
             q, k, v, mask, partial_out, partial_lse, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, out.stride(2),
-            heads_q, heads_kv, gqa_group, seq_q, seq_kv, head_dim, head_dim_v,
-            row_chunks, num_splits, split_len, scale,
-            MASK_KIND=KERNEL_MASK_KIND[desc.mask],
-            BLOCK_M=decode.block_m,
-            BLOCK_N=decode.block_n,
-            BLOCK_D=key.block_head_dim,
-            BLOCK_DV=key.block_head_dim_v,
-            DOT_PRECISION=config.dot_precision,
-            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-            SPLIT_TF32=config.split_tf32,
-            num_warps=decode.num_warps,
-            num_stages=decode.num_stages,
-        )
-        if num_splits > 1:
-            decode_kernels.merge_decode_splits_kernel[(rows,)](
-                partial_out, partial_lse, out, lse, num_splits, head_dim_v, out.stride(2),
-                BLOCK_SPLITS=DECODE_MAX_SPLITS,
-                BLOCK_DV=key.block_head_dim_v,
-                ROUND_BFLOAT16=config.widen_dot_operands,
-                num_warps=4,
-            )
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        )  # fmt: skip
+        if plan.merge_kernel is not None:
+            plan.merge_kernel(plan.merge_grid, partial_out, partial_lse, out, lse)
     return out, lse
