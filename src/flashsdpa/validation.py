@@ -226,6 +226,12 @@ def describe(
         ),
         dropout_p=float(dropout_p),
         scale=scale,
-        fp32_precision=Fp32Precision(fp32_precision),
-        gradients=GradientPrecision(gradients),
+        fp32_precision=_as_member(Fp32Precision, fp32_precision),
+        gradients=_as_member(GradientPrecision, gradients),
     )
+
+
+def _as_member(enum_type, value):
+    """`enum_type(value)`, skipped for a member: under torch.compile (torch 2.11) dynamo failed to trace
+    GradientPrecision(GradientPrecision.AUTO) ("SourcelessBuilder ... <class 'method'>")."""
+    return value if isinstance(value, enum_type) else enum_type(value)
