@@ -153,6 +153,25 @@ def test_grad_gqa(backend, heads_q, heads_kv, device):
     check_backward(backend, Case(q, k, v, enable_gqa=True, causal=True), "gqa", gen=gen)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["per kv head", "per query head"])
+@pytest.mark.parametrize("options", [{"causal": True}, {"mask": True}, {"dropout_p": 0.2}],
+                         ids=["causal", "bool mask", "dropout"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_grad_gqa_split_group(split, options, dtype, device, monkeypatch):
+    """The triton dK/dV kernel per kv head (looping over its group) and per query head (SPLIT_GROUP: float32
+    shares summed by the launcher), whichever the GPU's size would pick: both give the float64 gradients."""
+    from flashsdpa.backends.triton import launch_backward
+
+    taken = []
+    monkeypatch.setattr(launch_backward, "splits_gqa_group", lambda *args: taken.append(split) or split)
+    gen = generator(61)
+    q, k, v = qkv((2, 6), (2, 2), seq(19), seq(37), 16, gen, dtype, device)
+    mask = random_bool_mask((2, 1, q.shape[2], k.shape[2]), gen, device) if options.get("mask") else None
+    case = Case(q, k, v, attn_mask=mask, causal=options.get("causal", False), enable_gqa=True)
+    check_backward("triton", case, f"gqa split={split}", gen=gen, dropout_p=options.get("dropout_p", 0.0))
+    assert taken == [split], taken
+
+
 @pytest.mark.parametrize("feature", ["plain", "causal", "gqa", "float_mask"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_dropout(backend, feature, device):

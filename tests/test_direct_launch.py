@@ -197,7 +197,7 @@ def real_kernel_arguments(name: str) -> tuple[JITFunction, tuple, dict]:
         "HEAD_DIM": 128, "HEAD_DIM_V": 128, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 128, "BLOCK_DV": 128,
         "CAUSAL": False, "MASK_KIND": "none", "MASK_ROWS_BROADCAST": False, "DROPOUT": False, "RENORMALIZE": False,
         "COMPUTE_DK": True, "COMPUTE_DV": True, "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False,
-        "SPLIT_OPERANDS": False, "MASK_SEED": False, "TILE_LOADS": 0, "EARLY_DP": True}
+        "SPLIT_OPERANDS": False, "MASK_SEED": False, "TILE_LOADS": 0, "EARLY_DP": True, "SPLIT_GROUP": False}
 
 
 @pytest.mark.parametrize("name", ["decode split", "forward", "dkdv"])

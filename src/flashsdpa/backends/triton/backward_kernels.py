@@ -252,12 +252,16 @@ def attention_backward_dkdv_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
+    MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
 ):
     """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group.
 
     1-D grid of cdiv(seq_kv, BLOCK_N) * B * Hkv programs, key blocks fastest
     so that programs running together share one head's Q and dO in L2.
+    SPLIT_GROUP: cdiv(seq_kv, BLOCK_N) * B * Hq programs instead, one per
+    query head, each writing its head's share of dK and dV (float32) to a
+    (B, Hq, S, d) DK / DV; the launcher sums each group's shares. For GQA
+    problems with too few kv heads to fill the GPU.
     RENORMALIZE: P is scaled by the ROW_SCALE the dQ kernel wrote (see there).
     TILE_LOADS == LOAD_HOST_DESCRIPTORS: Q and DO are 4-D TMA descriptors
     (BLOCK_M rows per tile), else tensors read through pointers. EARLY_DP: see
@@ -265,10 +269,21 @@ def attention_backward_dkdv_kernel(
     """
     pid = tl.program_id(0)
     key_blocks = tl.cdiv(seq_kv, BLOCK_N)
-    bh_kv = (pid // key_blocks).to(tl.int64)
-    batch = bh_kv // heads_kv
-    head_kv = bh_kv % heads_kv
     heads_q = heads_kv * gqa_group
+    if SPLIT_GROUP:
+        bh = (pid // key_blocks).to(tl.int64)
+        batch = bh // heads_q
+        first_head = bh % heads_q
+        head_kv = first_head // gqa_group
+        group_size = 1
+        out_head = first_head  # the query head's share
+    else:
+        bh_kv = (pid // key_blocks).to(tl.int64)
+        batch = bh_kv // heads_kv
+        head_kv = bh_kv % heads_kv
+        first_head = head_kv * gqa_group
+        group_size = gqa_group
+        out_head = head_kv
     start_n = (pid % key_blocks) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
@@ -292,8 +307,8 @@ def attention_backward_dkdv_kernel(
         unmasked_m = 0
 
     mask_row_t = tl.zeros([BLOCK_N], dtype=tl.float32)  # replaced below when the mask is one row per head
-    for group_member in range(gqa_group):
-        head = head_kv * gqa_group + group_member
+    for group_member in range(group_size):
+        head = first_head + group_member
         bh = batch * heads_q + head
         q_base = Q  # (a 4-D tensor descriptor under LOAD_HOST_DESCRIPTORS)
         do_base = DO
@@ -337,12 +352,13 @@ def attention_backward_dkdv_kernel(
                 DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
             )
 
+    round_output = WIDEN_DOT_OPERANDS and not SPLIT_GROUP  # shares stay float32 until summed
     if COMPUTE_DK:
-        _store_gradient(DK + batch * stride_dkb + head_kv * stride_dkh, dk_acc * scale, offs_n, stride_dkn,
-                        stride_dkk, seq_kv, HEAD_DIM, BLOCK_D, WIDEN_DOT_OPERANDS)
+        _store_gradient(DK + batch * stride_dkb + out_head * stride_dkh, dk_acc * scale, offs_n, stride_dkn,
+                        stride_dkk, seq_kv, HEAD_DIM, BLOCK_D, round_output)
     if COMPUTE_DV:
-        _store_gradient(DV + batch * stride_dvb + head_kv * stride_dvh, dv_acc, offs_n, stride_dvn, stride_dvk,
-                        seq_kv, HEAD_DIM_V, BLOCK_DV, WIDEN_DOT_OPERANDS)
+        _store_gradient(DV + batch * stride_dvb + out_head * stride_dvh, dv_acc, offs_n, stride_dvn, stride_dvk,
+                        seq_kv, HEAD_DIM_V, BLOCK_DV, round_output)
 
 
 @triton.jit

@@ -37,6 +37,7 @@ from flashsdpa.backends.triton.launch_forward import (
     mask_argument,
     on_device,
     seeds_with_mask,
+    sm_count,
 )
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
@@ -108,8 +109,9 @@ def attention_backward(
     mask, mask_strides = mask_argument(desc, inputs)
     q_source, do_source, tile_loads = _streamed_tiles(config, desc, query, grad_out) if run_dkdv else (
         query, grad_out, int(LOAD_POINTERS))
+    split_group = run_dkdv and splits_gqa_group(desc, config, device)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
-                                tile_loads)
+                                tile_loads, split_group)
     run_time = ()  # with dropout, the arguments after the strides (the seeds change per call)
     if desc.dropout_p > 0.0:
         if inputs.dropout_seed is None:
@@ -133,14 +135,45 @@ def attention_backward(
             )  # fmt: skip
 
         if run_dkdv:
+            # SPLIT_GROUP: each query head's float32 share, summed over its group below
+            dk_out = _group_shares(dk, heads_q) if split_group else dk
+            dv_out = _group_shares(dv, heads_q) if split_group else dv
             plan.dkdv(
                 plan.dkdv_grid,
                 q_source, key, value, mask, do_source,
-                stand_in if dk is None else dk, stand_in if dv is None else dv, delta, lse_log2, row_scale,
-                *input_strides, *_strides_or_zeros(dk), *_strides_or_zeros(dv), *plan.dkdv_sizes, *run_time,
+                stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
+                delta, lse_log2, row_scale,
+                *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
+            if split_group:
+                for gradient, shares in ((dk, dk_out), (dv, dv_out)):
+                    if gradient is not None:  # a fixed-order sum: results stay bitwise reproducible
+                        gradient.copy_(shares.unflatten(1, (heads_kv, heads_q // heads_kv)).sum(2))
 
     return dq, dk, dv, dmask
+
+
+def splits_gqa_group(desc: AttentionDescriptor, config: BackwardConfig, device: torch.device) -> bool:
+    """Whether the dK/dV kernel runs one program per query head (SPLIT_GROUP) rather than per kv head.
+
+    With GQA, programs per kv head loop over the whole group: a Llama-like
+    layer (B=1, 16 query / 4 kv heads, L=4096) made 128 programs, fewer than
+    the H100's SMs, each with 4 heads' work. Per query head there are
+    gqa_group times as many, for float32 shares written and summed (2
+    passes over B*Hq*S*d floats each for dK and dV). Taken while the
+    per-kv-head grid would fill the GPU less than twice.
+    """
+    if desc.heads_q == desc.heads_kv:
+        return False
+    programs = cdiv(desc.seq_kv, config.dkdv.block_n) * desc.batch * desc.heads_kv
+    return programs < 2 * sm_count(device)
+
+
+def _group_shares(gradient: torch.Tensor | None, heads_q: int) -> torch.Tensor | None:
+    if gradient is None:
+        return None
+    batch, _, seq_kv, width = gradient.shape
+    return torch.empty((batch, heads_q, seq_kv, width), dtype=torch.float32, device=gradient.device)
 
 
 @dataclass(frozen=True)
@@ -166,14 +199,15 @@ MAX_CACHED_PLANS = 1024
 
 def backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int,
+    mask_seed: bool, tile_loads: int, split_group: bool,
 ) -> BackwardLaunchPlan:
     kernels = (id(attention_backward_preprocess_kernel), id(attention_backward_dq_kernel),
                id(attention_backward_dkdv_kernel))  # the kernel objects, as in launch_forward.main_launch_plan
-    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, kernels)
+    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, kernels)
     plan = _backward_plans.get(plan_key)
     if plan is None:
-        plan = _new_backward_launch_plan(desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads)
+        plan = _new_backward_launch_plan(desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads,
+                                         split_group)
         if len(_backward_plans) >= MAX_CACHED_PLANS:
             _backward_plans.clear()
         _backward_plans[plan_key] = plan
@@ -182,7 +216,7 @@ def backward_launch_plan(
 
 def _new_backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int,
+    mask_seed: bool, tile_loads: int, split_group: bool,
 ) -> BackwardLaunchPlan:
     kernel_key = desc.kernel_key
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
@@ -226,11 +260,11 @@ def _new_backward_launch_plan(
         dq_sizes=dq_sizes if sizes_per_call else (),
         dq=main_kernel(attention_backward_dq_kernel, config.dq, dq_sizes, COMPUTE_DQ=computed.query,
                        WRITE_DMASK=computed.mask) if run_dq else None,
-        dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * heads_kv,),
+        dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
         dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,
-                         COMPUTE_DV=computed.value, TILE_LOADS=tile_loads,
-                         EARLY_DP=config.dkdv_early_dp) if run_dkdv else None,
+                         COMPUTE_DV=computed.value, TILE_LOADS=tile_loads, EARLY_DP=config.dkdv_early_dp,
+                         SPLIT_GROUP=split_group) if run_dkdv else None,
     )
 
 
