@@ -63,3 +63,19 @@ class KernelCache:
 
 
 kernel_cache = KernelCache()
+
+
+class RecentValues(dict):
+    """Values made from a key, kept for the next call with the same key (descriptors, launch plans,
+    torch's answers): a repeated call shape is one dict lookup. Bounded: cleared when full, so a long
+    run over ever new shapes does not grow it. Not locked: a race makes a value twice, both right."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def keep(self, key: Hashable, value: Any) -> Any:
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value

@@ -21,6 +21,7 @@ from torch.autograd import forward_ad
 
 from flashsdpa import dispatch
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded
+from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.validation import describe
@@ -31,8 +32,7 @@ Tensor = torch.Tensor
 # Descriptors of recent call shapes, keyed on everything `describe` reads: a
 # repeated call is a dict lookup and keeps its descriptor object (and with it
 # the descriptor's kernel_key and the launchers' plans). Bounded: cleared when full.
-_descriptors: dict[tuple, object] = {}
-MAX_CACHED_DESCRIPTORS = 1024
+_descriptors = RecentValues()
 
 
 def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision, gradients):
@@ -43,11 +43,10 @@ def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision, gradients
     )  # fmt: skip
     desc = _descriptors.get(facts)
     if desc is None:
-        desc = describe(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, fp32_precision=fp32_precision,
-                        gradients=gradients)  # fmt: skip
-        if len(_descriptors) >= MAX_CACHED_DESCRIPTORS:
-            _descriptors.clear()
-        _descriptors[facts] = desc
+        desc = _descriptors.keep(facts, describe(
+            q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, fp32_precision=fp32_precision,
+            gradients=gradients,
+        ))  # fmt: skip
     return desc
 
 

@@ -14,6 +14,7 @@ import os
 import torch
 
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, MaskKind
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,8 +39,7 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
 
 
 # Answers of `TritonBackend.unsupported_reasons` by descriptor and device. Bounded.
-_reasons: dict[tuple, tuple[str, ...]] = {}
-MAX_CACHED_REASONS = 1024
+_reasons = RecentValues()
 
 
 def interpreter_enabled() -> bool:
@@ -70,10 +70,7 @@ class TritonBackend(Backend):
             return self._reasons(desc, device)
         reasons = _reasons.get(key)
         if reasons is None:
-            reasons = tuple(self._reasons(desc, device))
-            if len(_reasons) >= MAX_CACHED_REASONS:
-                _reasons.clear()
-            _reasons[key] = reasons
+            reasons = _reasons.keep(key, tuple(self._reasons(desc, device)))
         return list(reasons)
 
     def _reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:

@@ -30,16 +30,19 @@ from flashsdpa.backends.triton.backward_kernels import (
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
 from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
 from flashsdpa.backends.triton.launch_forward import (
+    TMA_ALIGNMENT_BYTES,
     cdiv,
     device_capability,
+    fields_without_base,
     host_descriptor,
+    host_descriptor_like,
     host_descriptor_strides,
     mask_argument,
     on_device,
     seeds_with_mask,
     sm_count,
 )
-from flashsdpa.cache import kernel_cache
+from flashsdpa.cache import RecentValues, kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.dropout import drop_threshold
 
@@ -193,8 +196,7 @@ class BackwardLaunchPlan:
 
 
 # Plans of recent backward launches; they follow from their key's fields. Bounded.
-_backward_plans: dict[tuple, BackwardLaunchPlan] = {}
-MAX_CACHED_PLANS = 1024
+_backward_plans = RecentValues()
 
 
 def backward_launch_plan(
@@ -206,11 +208,9 @@ def backward_launch_plan(
     plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, kernels)
     plan = _backward_plans.get(plan_key)
     if plan is None:
-        plan = _new_backward_launch_plan(desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads,
-                                         split_group)
-        if len(_backward_plans) >= MAX_CACHED_PLANS:
-            _backward_plans.clear()
-        _backward_plans[plan_key] = plan
+        plan = _backward_plans.keep(plan_key, _new_backward_launch_plan(
+            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group,
+        ))  # fmt: skip
     return plan
 
 
@@ -273,13 +273,32 @@ def _streamed_tiles(config: BackwardConfig, desc: AttentionDescriptor, query: to
     """(q, dO, TILE_LOADS) as the dK/dV kernel reads them: 4-D TMA descriptors where the config asks for them
     and both tensors qualify, else the tensors themselves (pointer loads)."""
     if config.dkdv_tile_loads == "host":
-        strides = [host_descriptor_strides(t) for t in (query, grad_out)]
-        if all(s is not None for s in strides):
-            block_m = config.dkdv.block_m
-            block_d, block_dv = block_widths(desc.kernel_key)
-            return (host_descriptor(query, strides[0], block_m, block_d),
-                    host_descriptor(grad_out, strides[1], block_m, block_dv), int(LOAD_HOST_DESCRIPTORS))
+        layout = (query.shape, query.stride(), query.data_ptr() % TMA_ALIGNMENT_BYTES, grad_out.shape,
+                  grad_out.stride(), grad_out.data_ptr() % TMA_ALIGNMENT_BYTES, query.dtype, config.dkdv.block_m)
+        fields = _streamed_tile_fields.get(layout)
+        if fields is None:
+            fields = _streamed_tile_fields.keep(layout, _new_streamed_tile_fields(config, desc, query, grad_out))
+        if fields:
+            return (host_descriptor_like(fields[0], query), host_descriptor_like(fields[1], grad_out),
+                    int(LOAD_HOST_DESCRIPTORS))
     return query, grad_out, int(LOAD_POINTERS)
+
+
+# The fields of q's and dO's descriptors by their shapes, strides and 16-byte alignment (as the
+# forward's launch plans keep them: building TensorDescriptors anew cost ~20 us a backward); () where
+# TMA cannot read them.
+_streamed_tile_fields = RecentValues()
+
+
+def _new_streamed_tile_fields(config: BackwardConfig, desc: AttentionDescriptor, query: torch.Tensor,
+                              grad_out: torch.Tensor) -> tuple:
+    strides = [host_descriptor_strides(t) for t in (query, grad_out)]
+    if None in strides:
+        return ()
+    block_m = config.dkdv.block_m
+    block_d, block_dv = block_widths(desc.kernel_key)
+    return (fields_without_base(host_descriptor(query, strides[0], block_m, block_d)),
+            fields_without_base(host_descriptor(grad_out, strides[1], block_m, block_dv)))
 
 
 def _strides_or_zeros(tensor: torch.Tensor | None) -> tuple[int, ...]:

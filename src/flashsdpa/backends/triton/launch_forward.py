@@ -38,7 +38,7 @@ from flashsdpa.backends.triton.forward_configs import (
     decode_split_count,
     uses_decode_kernel,
 )
-from flashsdpa.cache import kernel_cache
+from flashsdpa.cache import RecentValues, kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dropout import drop_threshold
 
@@ -242,8 +242,7 @@ class MainLaunchPlan:
 # Plans of recent launches. A plan follows from the descriptor (shapes, dtype,
 # options), the config and the strides and 16-byte alignment of q, k, v and
 # out, which is its key: a repeated call shape is a dict lookup. Bounded.
-_main_plans: dict[tuple, MainLaunchPlan] = {}
-MAX_CACHED_PLANS = 1024
+_main_plans = RecentValues()
 
 
 def main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tensors, strides) -> MainLaunchPlan:
@@ -258,10 +257,7 @@ def main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tensors, 
     )  # fmt: skip
     plan = _main_plans.get(plan_key)
     if plan is None:
-        plan = _new_main_launch_plan(desc, config, tensors)
-        if len(_main_plans) >= MAX_CACHED_PLANS:
-            _main_plans.clear()
-        _main_plans[plan_key] = plan
+        plan = _main_plans.keep(plan_key, _new_main_launch_plan(desc, config, tensors))
     return plan
 
 
@@ -277,7 +273,7 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         blocks = [(config.block_m, key.block_head_dim), (config.block_n, key.block_head_dim),
                   (config.block_n, key.block_head_dim_v), (config.block_m, key.block_head_dim_v)]
         descriptor_fields = tuple(
-            _fields_without_base(host_descriptor(tensor, tensor_strides, *block))
+            fields_without_base(host_descriptor(tensor, tensor_strides, *block))
             for tensor, tensor_strides, block in zip(tensors, strides, blocks)
         )
     constexprs = dict(
@@ -310,7 +306,7 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
                           kernels)
 
 
-def _fields_without_base(descriptor: TensorDescriptor) -> dict:
+def fields_without_base(descriptor: TensorDescriptor) -> dict:
     fields = dict(vars(descriptor))
     del fields["base"]  # a plan must not keep its first call's tensor alive
     return fields
@@ -418,7 +414,7 @@ class DecodeLaunchPlan:
 
 # Plans of recent decode launches: they follow from the descriptor, the config,
 # the requested split count and the device (its SM count). Bounded.
-_decode_plans: dict[tuple, DecodeLaunchPlan] = {}
+_decode_plans = RecentValues()
 
 
 def decode_launch_plan(
@@ -428,10 +424,7 @@ def decode_launch_plan(
     plan_key = (desc, config, num_splits, device, kernels)  # the kernel objects, as in main_launch_plan
     plan = _decode_plans.get(plan_key)
     if plan is None:
-        plan = _new_decode_launch_plan(desc, config, num_splits, device)
-        if len(_decode_plans) >= MAX_CACHED_PLANS:
-            _decode_plans.clear()
-        _decode_plans[plan_key] = plan
+        plan = _decode_plans.keep(plan_key, _new_decode_launch_plan(desc, config, num_splits, device))
     return plan
 
 
@@ -497,13 +490,11 @@ def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunc
             ROUND_BFLOAT16=config.widen_dot_operands,
             num_warps=4,
         )
-        if len(_decode_launchers) >= MAX_CACHED_PLANS:
-            _decode_launchers.clear()
-        found = _decode_launchers[key, config] = (split, merge)
+        found = _decode_launchers.keep((key, config), (split, merge))
     return found
 
 
-_decode_launchers: dict[tuple, tuple[DirectLaunch, DirectLaunch]] = {}
+_decode_launchers = RecentValues()  # (split, merge) DirectLaunch pairs
 
 
 def launch_decode_kernels(
