@@ -170,8 +170,13 @@ def test_calls_differing_in_one_shape(backend, device):
 def test_backward_tile_loads_follow_alignment(device, monkeypatch):
     """The dK/dV kernel reads q and dO through TMA descriptors whose fields are kept per shape, strides
     and 16-byte alignment: a query one element into its storage, after an aligned one of the same shape
-    and strides, gets pointer loads again (TMA needs aligned bases), and both match the reference."""
+    and strides, gets pointer loads again (TMA needs aligned bases), and both match the reference.
+    (Head dim 128, ROUNDED: the GPU configs take TMA there; the interpreter's for every 16-bit problem.)"""
+    from flashsdpa import gradient_precision
     from flashsdpa.backends.triton import launch_backward
+    from flashsdpa.descriptor import GradientPrecision
+
+    monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
 
     chosen = []
     streamed = launch_backward._streamed_tiles
@@ -182,10 +187,11 @@ def test_backward_tile_loads_follow_alignment(device, monkeypatch):
 
     monkeypatch.setattr(launch_backward, "_streamed_tiles", spy)
     gen = generator(17)
-    storage = randn((2 * 4 * 40 * 16 + 8,), gen, torch.float16, device)
-    k, v = (randn((2, 4, 11, 16), gen, torch.float16, device).requires_grad_() for _ in range(2))
+    size = 2 * 4 * 40 * 128
+    storage = randn((size + 8,), gen, torch.float16, device)
+    k, v = (randn((2, 4, 11, 128), gen, torch.float16, device).requires_grad_() for _ in range(2))
     for offset in (0, 1, 0):
-        q = storage[offset:offset + 2 * 4 * 40 * 16].view(2, 4, 40, 16)
+        q = storage[offset:offset + size].view(2, 4, 40, 128)
         k.grad = v.grad = None
         out = flashsdpa.attention(q, k, v, backend="triton")
         out.backward(torch.ones_like(out))
