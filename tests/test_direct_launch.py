@@ -365,6 +365,19 @@ def test_run_is_asked_whenever_triton_would_look_again(toy, monkeypatch):
         call()
     scope["G"] = 1
     call()
+    # Module constants are tl.constexpr objects, kept by Triton as deep copies: equal values pass, others do not.
+    import triton.language as tl
+
+    scope["G"] = tl.constexpr(1)
+    fn.used_global_vals = {("G", id(scope)): (tl.constexpr(1), scope)}
+    runs = recorder.runs
+    call()
+    assert recorder.runs == runs
+    scope["G"] = tl.constexpr(2)
+    with pytest.raises(RuntimeError, match="Global variable G"):
+        call()
+    scope["G"] = tl.constexpr(1)
+    call()
 
     hook_calls = []
     knobs.runtime.launch_enter_hook.add(hook_calls.append)
