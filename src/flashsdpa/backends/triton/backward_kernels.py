@@ -162,7 +162,7 @@ def attention_backward_preprocess_kernel(
 @triton.jit
 def _dkdv_query_block(
     dk_acc, dv_acc, k, v, start_m, offs_n,
-    Q, DO, batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
+    batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
     mask_row_t,
     score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
@@ -182,9 +182,9 @@ def _dkdv_query_block(
     never stored, so neither needs a bounds mask on the scores.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:  # TMA zero-fills rows past seq_q and columns past the head dim
-        q = Q.load([batch, head, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
-        grad_out = DO.load([batch, head, start_m, 0]).reshape([BLOCK_M, BLOCK_DV])
+    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:  # 4-D descriptors: TMA zero-fills rows past seq_q, columns past d
+        q = q_base.load([batch, head, start_m, 0]).reshape([BLOCK_M, BLOCK_D])
+        grad_out = do_base.load([batch, head, start_m, 0]).reshape([BLOCK_M, BLOCK_DV])
     else:
         q = _load_rows(q_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
         grad_out = _load_rows(do_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
@@ -332,7 +332,7 @@ def attention_backward_dkdv_kernel(
         for start_m in range(first_m, tl.minimum(unmasked_m, rows_end), BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
                 dk_acc, dv_acc, k, v, start_m, offs_n,
-                Q, DO, batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
                 LSE_LOG2, ROW_SCALE,
                 stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
@@ -343,7 +343,7 @@ def attention_backward_dkdv_kernel(
         for start_m in range(unmasked_m, rows_end, BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
                 dk_acc, dv_acc, k, v, start_m, offs_n,
-                Q, DO, batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
                 LSE_LOG2, ROW_SCALE,
                 stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
                 mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
