@@ -6,10 +6,11 @@ from `new_output` (the kernels write them through their strides), dmask a
 (B, Hq, L, S) float32 one. Up to three launches, in this order: the
 preprocess (lse in base 2, and delta = rowsum(dO * O) without the row pass);
 the dQ kernel if dQ or dmask is needed, or with the row pass (it computes the
-row scales of P and delta);
-the dK/dV kernel if dK or dV is needed. A launch plan per descriptor, config
-and gradients keeps the grids and the three kernels as `direct_launch`
-launchers (`backward_launch_plan`).
+row scales of P and delta); the dK/dV kernel if dK or dV is needed (for GQA
+with too few kv heads to fill the GPU, one program per query head writing
+float32 shares that a torch sum folds per group: `splits_gqa_group`). A
+launch plan per descriptor, config and gradients keeps the grids and the
+three kernels as `direct_launch` launchers (`backward_launch_plan`).
 """
 
 from __future__ import annotations
