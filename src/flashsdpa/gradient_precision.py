@@ -107,21 +107,22 @@ def torch_runs_fused_kernel(
     """
     if query.device.type != "cuda":
         return False
-    backends = torch.backends.cuda
+    # The enable flags are what `sdpa_kernel(...)` sets; checked here explicitly, not left to can_use_*.
+    flash_enabled = torch.backends.cuda.flash_sdp_enabled()
+    mem_efficient_enabled = torch.backends.cuda.mem_efficient_sdp_enabled()
     # Everything torch's checks read; asking torch costs ~15 us on the H100's host, a lookup ~2.
     facts = (
         query.shape, key.shape, value.shape, query.stride(), key.stride(), value.stride(),
         query.dtype, key.dtype, value.dtype, query.device,
         query.requires_grad, key.requires_grad, value.requires_grad,
-        has_mask, dropout_p, causal, enable_gqa,
-        # The enable flags are what `sdpa_kernel(...)` sets; checked here explicitly, not left to can_use_*.
-        backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(),
+        has_mask, dropout_p, causal, enable_gqa, flash_enabled, mem_efficient_enabled,
         torch.are_deterministic_algorithms_enabled(),
     )  # fmt: skip
     answer = _torch_answers.get(facts)
     if answer is None:
-        answer = _torch_answers.keep(
-            facts, _ask_torch(query, key, value, has_mask, dropout_p, causal, enable_gqa, *facts[-3:-1]))
+        answer = _torch_answers.keep(facts, _ask_torch(
+            query, key, value, has_mask, dropout_p, causal, enable_gqa, flash_enabled, mem_efficient_enabled,
+        ))  # fmt: skip
     return answer
 
 

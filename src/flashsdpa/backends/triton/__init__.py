@@ -47,11 +47,12 @@ def interpreter_enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_forward():
-    """The forward launchers, imported on the first call (an import statement costs ~1 us every call)."""
-    from flashsdpa.backends.triton import launch_forward
+def _launchers():
+    """The forward and backward launch modules, imported on the first call (an import statement costs ~1 us
+    every call)."""
+    from flashsdpa.backends.triton import launch_backward, launch_forward
 
-    return launch_forward
+    return launch_forward, launch_backward
 
 
 class TritonBackend(Backend):
@@ -108,9 +109,7 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
-        return _launch_forward().attention_forward(desc, inputs)
+        return _launchers()[0].attention_forward(desc, inputs)
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
-        from flashsdpa.backends.triton.launch_backward import attention_backward
-
-        return attention_backward(desc, inputs, out, lse, grad_out, needed)
+        return _launchers()[1].attention_backward(desc, inputs, out, lse, grad_out, needed)

@@ -6,7 +6,7 @@ takes the compiled-variant config from `kernel_cache` (keyed on
 rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
 explicit config (and split count) so tests and benchmarks can pin a path.
 Inputs are read through their strides as they are; the query alone is copied:
-negated for a negative softmax scale, zeroed for scale 0 (`query_and_scale`),
+negated for a negative softmax scale, zeroed for scale 0 (`kernel_query`),
 and split in two for the split-tf32 float32 path (the float32 default). On
 sm90 the main kernel reads Q/K/V and writes O by TMA through 4-D descriptors
 (`host_descriptor`), whose validated fields a launch plan keeps per call
@@ -104,8 +104,8 @@ def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[to
     return out, lse
 
 
-def query_and_scale(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, float]:
-    """The query and softmax scale the kernels get: the scale is always positive.
+def kernel_query(desc: AttentionDescriptor, inputs: AttentionInputs) -> torch.Tensor:
+    """The query the forward kernels get with `kernel_scale`, which is always positive.
 
     The kernels take the row max over raw q.k products and scale the
     difference to it, which needs scale > 0. The other scales are rare, so each is
@@ -114,14 +114,14 @@ def query_and_scale(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple
     0, and NaN where q or k holds inf or NaN, as in torch's math).
     """
     if desc.scale < 0:
-        return -inputs.query, kernel_scale(desc)
+        return -inputs.query
     if desc.scale == 0:
-        return inputs.query * 0.0, kernel_scale(desc)
-    return inputs.query, kernel_scale(desc)
+        return inputs.query * 0.0
+    return inputs.query
 
 
 def kernel_scale(desc: AttentionDescriptor) -> float:
-    """The softmax scale the forward kernels get with `query_and_scale`'s query."""
+    """The softmax scale the forward kernels get with `kernel_query`'s query (launch plans bind it)."""
     if desc.scale == 0:
         return 1.0
     return abs(float(desc.scale))
@@ -330,7 +330,7 @@ def cdiv(a: int, b: int) -> int:
 def launch_main_kernel(
     desc: AttentionDescriptor, inputs: AttentionInputs, config: ForwardConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, _ = query_and_scale(desc, inputs)  # the kernels' scale is their plan's
+    q = kernel_query(desc, inputs)
     k, v = inputs.key, inputs.value
     out, lse = allocate_outputs(desc, q)
     mask, mask_strides = mask_argument(desc, inputs)
@@ -463,12 +463,9 @@ def _new_decode_launch_plan(
 def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunch, DirectLaunch]:
     """The split and merge kernels with the constexprs of `key` and `config`, asked once per variant
     (plans are made per call shape: a decode loop whose cache grows makes one per step)."""
-    found = _decode_launchers.get((key, config))
-    if (
-        found is None
-        or found[0].kernel is not decode_kernels.attention_decode_split_kernel
-        or found[1].kernel is not decode_kernels.merge_decode_splits_kernel
-    ):
+    kernels = id(decode_kernels.attention_decode_split_kernel), id(decode_kernels.merge_decode_splits_kernel)
+    found = _decode_launchers.get((key, config, kernels))  # the kernel objects, as in main_launch_plan
+    if found is None:
         decode = config.decode
         split = launcher(
             decode_kernels.attention_decode_split_kernel,
@@ -490,7 +487,7 @@ def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunc
             ROUND_BFLOAT16=config.widen_dot_operands,
             num_warps=4,
         )
-        found = _decode_launchers.keep((key, config), (split, merge))
+        found = _decode_launchers.keep((key, config, kernels), (split, merge))
     return found
 
 
@@ -508,7 +505,7 @@ def launch_decode_kernels(
     """
     if desc.causal or desc.dropout_p > 0.0:
         raise ValueError("triton flash decoding does not apply causal masks or dropout")
-    q, _ = query_and_scale(desc, inputs)  # the kernels' scale is their plan's
+    q = kernel_query(desc, inputs)
     k, v = inputs.key, inputs.value
     device = q.device
     plan = decode_launch_plan(desc, config, num_splits, device)
