@@ -394,14 +394,14 @@ if args.fp32_sweep and not args.table_only:
     line = "fp32 torch's own error: " + ", ".join(f"scale {sc:.3g} {e:.1e}" for sc, e in torch_errs.items())
     print(line, flush=True)
     summary.append(line)
-    for precision, specs in ((Fp32Precision.IEEE, ["128x32w8s2", "64x32w4s2"]),
+    for precision, specs in ((Fp32Precision.IEEE, ["128x64w8s2", "128x32w8s2", "128x32w8s3", "64x64w4s2",
+                                                   "64x64w4s3", "64x32w4s3", "128x64w8s2r168", "128x128w8s1"]),
                              (Fp32Precision.TF32, ["128x64w8s2"])):
         base = choose_forward_config(describe(q, k, v, precision=precision).kernel_key, cap)
         if precision is Fp32Precision.IEEE:
-            variants = {f"split {spec}": dataclasses.replace(variant(base, spec), split_tf32=True) for spec in specs}
-            variants.update({f"tf32x3 {spec}": variant(base, spec) for spec in ["64x32w4s3", "128x32w8s2"]})
-            variants.update({f"ieee {spec}": dataclasses.replace(variant(base, spec), dot_precision="ieee")
-                             for spec in ["64x32w4s2", "64x64w4s2"]})
+            variants = {f"halves {spec}": variant(base, spec) for spec in specs}
+            variants.update({f"tf32x3 {spec}": dataclasses.replace(variant(base, spec), split_products=False)
+                             for spec in ["128x32w8s2"]})
         else:
             variants = {spec: variant(base, spec) for spec in specs}
         cells = []

@@ -51,6 +51,17 @@ FP32_FLOOR_FORWARD = 5e-7  # ~4 float32 ulps (eps = 1.19e-7); 4x under the 2e-6 
 # Gradients pass one more cancellation (dS = P * (dP - rowsum(dO * O))), so their rounding level is higher.
 FP32_FLOOR_GRAD = 1e-6  # ~8 float32 ulps; 10x under the 1e-5 bar
 TORCH_ERROR_FACTOR = 1.5
+# The triton backend's float32 forward multiplies operands split into two
+# float16 halves: 22 of float32's 24 bits, three tensor-core products per
+# product (the accuracy of split tf32 products, see halves_kernels). The
+# interpreter runs that arithmetic too, while torch's CPU kernels round each
+# float32 dot product once, so on small problems with large scores its error
+# reaches 2-3x torch's own (measured: d=16-32, scale 4-4.6, 21-70 keys: up to
+# 3.0x, mean 1.3-1.6x; at the default scale 0.96-1.2x). On the H100 the same
+# kernel's error is below torch's own (d=128, L=4096: 4.1e-7 and 3.1e-6 at
+# scales 0.088 and 10, against 7.3e-7 and 3.7e-6). The absolute bar (2e-6)
+# holds either way.
+SPLIT_PRODUCTS_TORCH_FACTOR = 3.0
 # On problems of a handful of scores one backend's error is up to 1.9x another's
 # by rounding noise alone (tests/test_properties.py, `build`).
 SMALL_PROBLEM_TORCH_FACTOR = 2.0
@@ -243,8 +254,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
-def _assert_within(what, got, ref, torch_result, dtype, tol, floor, torch_ratio=True):
-    """err <= the dtype's bar, and (torch_ratio) <= 1.5x torch's own error (with the float32 floor).
+def _assert_within(what, got, ref, torch_result, dtype, tol, floor, torch_ratio=True,
+                   torch_factor=TORCH_ERROR_FACTOR):
+    """err <= the dtype's bar, and (torch_ratio) <= torch_factor (1.5) x torch's own error (with the float32 floor).
 
     A problem so ill-conditioned that torch's own result misses the bar (a near
     one-hot float32 softmax at scale 4: torch's dq 6.7e-5 against the 1e-5 bar)
@@ -262,16 +274,17 @@ def _assert_within(what, got, ref, torch_result, dtype, tol, floor, torch_ratio=
         bar = (TORCH_ERROR_FACTOR if torch_ratio else SMALL_PROBLEM_TORCH_FACTOR) * torch_err
     assert err <= bar, f"{what}: relative error {err:.3g} over the {dtype} bar {bar:g} (torch's own: {torch_err})"
     if torch_ratio and torch_err is not None:
-        bound = max(TORCH_ERROR_FACTOR * torch_err, floor if dtype == torch.float32 else 0.0)
+        bound = max(torch_factor * torch_err, floor if dtype == torch.float32 else 0.0)
         assert err <= bound, (
-            f"{what}: relative error {err:.3g} over {TORCH_ERROR_FACTOR}x torch's own {torch_err:.3g} "
+            f"{what}: relative error {err:.3g} over {torch_factor}x torch's own {torch_err:.3g} "
             f"(bound {bound:.3g}, {dtype})"
         )
     return err
 
 
-def assert_forward_close(what, got, ref, torch_out, dtype, torch_ratio=True):
-    return _assert_within(what, got, ref, torch_out, dtype, FORWARD_TOL, FP32_FLOOR_FORWARD, torch_ratio)
+def assert_forward_close(what, got, ref, torch_out, dtype, torch_ratio=True, torch_factor=TORCH_ERROR_FACTOR):
+    return _assert_within(what, got, ref, torch_out, dtype, FORWARD_TOL, FP32_FLOOR_FORWARD, torch_ratio,
+                          torch_factor)
 
 
 def assert_grad_close(what, got, ref, torch_grad, dtype, torch_ratio=True):
@@ -356,7 +369,10 @@ def check_forward(backend: str, case: Case, what: str = "", check_torch: bool | 
     assert out.shape == ref_out.shape, f"{what}: output shape {tuple(out.shape)} != {tuple(ref_out.shape)}"
     assert out.device == case.q.device
     torch_out = case.torch() if check_torch and case.dtype != torch.float64 else None
-    assert_forward_close(what, out, ref_out, torch_out, case.dtype, torch_ratio=check_torch is True)
+    split_products = backend == "triton" and case.dtype == torch.float32
+    torch_factor = SPLIT_PRODUCTS_TORCH_FACTOR if split_products else TORCH_ERROR_FACTOR
+    assert_forward_close(what, out, ref_out, torch_out, case.dtype, torch_ratio=check_torch is True,
+                         torch_factor=torch_factor)
     assert_lse_close(lse, ref_lse, case.dtype)
     return out, lse
 

@@ -185,12 +185,12 @@ def real_kernel_arguments(name: str) -> tuple[JITFunction, tuple, dict]:
             "MASK_KIND": "none", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_DV": 128,
             "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False, "SPLIT_TF32": False}
     if name == "forward":
-        args = (q, q, k, k, q, out, f32, *strides, *strides, *strides, 0, 0, 0, 0, *strides,
+        args = (q, k, k, q, out, f32, f32, f32, f32, *strides, *strides, *strides, 0, 0, 0, 0, *strides,
                 16, 1, 1024, 1024, 128, 128, 8, 0.088, 0, 0, 0, 1.0)
         return as_jit(forward_kernels.attention_forward_kernel), args, {
             "CAUSAL": False, "MASK_KIND": "none", "MASK_ROWS_BROADCAST": False, "DROPOUT": False, "BLOCK_M": 128,
             "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_DV": 128, "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False,
-            "SPLIT_TF32": False, "TILE_LOADS": 0, "WARP_SPECIALIZE": False}
+            "FP16_HALVES": False, "TILE_LOADS": 0, "WARP_SPECIALIZE": False}
     args = (q, k, k, q, q, out, out, f32, f32, f32, *strides, *strides, *strides, 0, 0, 0, 0, *strides, *strides,
             *strides, 0.088, 1024, 1024, 8, 2, 0, 0, 0, 1.0)
     return as_jit(backward_kernels.attention_backward_dkdv_kernel), args, {

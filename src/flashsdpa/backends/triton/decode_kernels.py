@@ -120,12 +120,12 @@ def attention_decode_split_kernel(
     if SPLIT_TF32:
         q, q_lo = split_tf32(q)  # 16 rows: small enough for registers
     acc, row_sum, row_max = attend_keys(
-        q, q_lo, None, None, batch, kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        q, q_lo, None, None, batch, kv_head, k_head_ptr, v_head_ptr, None, mask_row_ptrs,
         key_start, unmasked_end, key_end, query_row, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, 0, 0,
         False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, LOAD_POINTERS, False, False,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, False, LOAD_POINTERS, False, False,
     )
     out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, 1.0, MASK_KIND)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row

@@ -60,11 +60,12 @@ class ForwardConfig:
     # tl.dot input_precision for float32 inputs; None for 16-bit inputs (the
     # tensor-core product of fp16/bf16 is exact, with float32 accumulation).
     dot_precision: str | None
-    # float32 in IEEE precision: each product as three tf32 tensor-core
-    # products of explicitly split operands (forward_kernels.split_tf32)
-    # instead of Triton's tf32x3, whose rounding code spills registers on
-    # sm90; see SM90_FP32_SPLIT_BLOCKS.
-    split_tf32: bool
+    # float32 in IEEE precision: each product as three tensor-core products
+    # of explicitly split operands, float16 halves the launcher splits for
+    # the main kernel (halves_kernels), tf32 halves for flash decoding
+    # (forward_kernels.split_tf32); Triton's tf32x3 rounds in code that
+    # spills registers on sm90. See SM90_FP32_HALVES_BLOCKS.
+    split_products: bool
     # Multiply dot operands as float32: only for bfloat16 under the Triton
     # interpreter, which cannot multiply bfloat16 (triton#11584).
     widen_dot_operands: bool
@@ -101,18 +102,22 @@ SM90_16BIT_BLOCKS = {
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
 }
 
-# float32 at full precision (the default): ForwardConfig.split_tf32, three
-# tf32 products from operands split by the kernel (q by the launcher), each
-# block's product added to acc with IEEE adds. H100, d=128, L=4096: 45 TFLOP/s
-# at 128x32 w8 s2 (Triton's tf32x3: 38 at the same shape, 31 at 64x32; IEEE
-# FMA products: 11), relative error 6.0e-7 at the default scale and 4.0e-6 at
-# scale 10, against torch's own float32 7.3e-7 and 3.9e-6 on the same inputs.
-SM90_FP32_SPLIT_BLOCKS = {
-    16: (128, 32, 8, 2, None),
-    32: (128, 32, 8, 2, None),
-    64: (128, 32, 8, 2, None),
-    128: (128, 32, 8, 2, None),
-    256: (64, 16, 4, 2, None),
+# float32 at full precision (the default): ForwardConfig.split_products,
+# three float16 products of halves the launcher split, each block's P @ V
+# product added to acc with IEEE adds. The halves take as much shared
+# memory as float32 tiles. H100, d=128, L=4096 (split included), TFLOP/s:
+# 128x64 w8 s2 129; 128x128 w8 s1 109, 128x32 w8 s3 105, 64x64 w4 s3 103,
+# 128x64 w8 s2 maxnreg 168 101, 128x32 w8 s2 97, 64x32 w4 s3 75. Relative
+# error 4.1e-7 at the default scale and 3.1e-6 at scale 10, against torch's
+# own float32 7.3e-7 and 3.7e-6. (Three tf32 products of operands split in
+# the kernel, before: 39 TFLOP/s at 128x32 w8 s2; error 6.0e-7 and 4.0e-6.)
+# Other head dims take d=128's shape, not measured.
+SM90_FP32_HALVES_BLOCKS = {
+    16: (128, 64, 8, 2, None),
+    32: (128, 64, 8, 2, None),
+    64: (128, 64, 8, 2, None),
+    128: (128, 64, 8, 2, None),
+    256: (64, 32, 4, 2, None),
 }
 # float32 with the opt-in tf32 precision (one tf32 product): 112 TFLOP/s at
 # d=128, L=4096 with 128x64 w8 s2 on the H100, relative error 1.1e-3 to 1.8e-3.
@@ -161,9 +166,9 @@ def shared_memory_limit(capability: tuple[int, int]) -> int:
 
 
 def forward_shared_memory(key: KernelKey, block_m: int, block_n: int, num_stages: int) -> int:
-    """Bytes of Q (twice when split into tf32 halves) plus num_stages buffered K and V tiles."""
+    """Bytes of Q plus num_stages buffered K and V tiles (float32's two float16 halves: 4 bytes, as float32)."""
     itemsize = key.dtype.itemsize
-    q_tiles = block_m * key.block_head_dim * (2 if uses_split_tf32(key) else 1)
+    q_tiles = block_m * key.block_head_dim
     kv_tiles = num_stages * block_n * (key.block_head_dim + key.block_head_dim_v)
     return itemsize * (q_tiles + kv_tiles)
 
@@ -184,7 +189,7 @@ def fit_shared_memory(key: KernelKey, blocks: tuple, limit: int) -> tuple:
     return block_m, block_n, num_warps, num_stages, max_registers
 
 
-def uses_split_tf32(key: KernelKey) -> bool:
+def uses_split_products(key: KernelKey) -> bool:
     return key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.IEEE
 
 
@@ -201,8 +206,8 @@ def choose_decode_config(key: KernelKey, interpreted: bool) -> DecodeConfig:
 
 def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None) -> ForwardConfig:
     """The forward config for `key` on a GPU of `capability` (None: the CPU interpreter)."""
-    if uses_split_tf32(key):
-        blocks = SM90_FP32_SPLIT_BLOCKS[padded_head_dim(key)]
+    if uses_split_products(key):
+        blocks = SM90_FP32_HALVES_BLOCKS[padded_head_dim(key)]
     elif key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.TF32:
         blocks = SM90_TF32_BLOCKS[padded_head_dim(key)]
     else:
@@ -225,7 +230,7 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None) ->
         max_registers=max_registers,
         dot_precision=dot_precision(key),
         widen_dot_operands=interpreted and key.dtype == torch.bfloat16,
-        split_tf32=uses_split_tf32(key),
+        split_products=uses_split_products(key),
         tile_loads=tile_loads,
         # Off until measured: Triton 3.6's Hopper auto-WS has known failures
         # (triton#8260, #9728); benchmarks turn it on with dataclasses.replace.

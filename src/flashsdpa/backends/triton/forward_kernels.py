@@ -38,6 +38,8 @@ from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+# P (<= 1) is scaled by this before its float16 halves are taken, as the other halves are (see halves_kernels).
+P_HALVES_SCALE = tl.constexpr(16384.0)
 
 # MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
 MASK_NONE = tl.constexpr(0)
@@ -151,18 +153,25 @@ def split_tf32(x):
 
 
 @triton.jit
-def matmul_split_tf32(a_hi, a_lo, b_hi, b_lo):
-    """a @ b to about float32 accuracy from three tf32 tensor-core products.
+def matmul_split(a_hi, a_lo, b_hi, b_lo):
+    """a @ b to about float32 accuracy from three tensor-core products of split operands.
 
-    a_lo @ b_lo (under 2**-22 of the product) is dropped; the small terms are
-    accumulated first. As in Triton's tf32x3, NaN small terms are dropped: an
-    infinite operand has a NaN lo part, and the main product alone then gives
-    IEEE's inf (or NaN, where the inputs make one).
+    The halves are tf32 (float32 tensors, see split_tf32) or float16 (see
+    halves_kernels). a_lo @ b_lo (under 2**-22 of the product) is dropped;
+    the small terms are accumulated first. As in Triton's
+    tf32x3, NaN small terms are dropped: an infinite operand's lo part is NaN
+    or 0 (and 0 * inf is NaN), and the main product alone then gives IEEE's
+    inf (or NaN, where the inputs make one).
     """
-    small = tl.dot(a_lo, b_hi, input_precision="tf32")
-    small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
+    if a_hi.dtype == tl.float32:
+        small = tl.dot(a_lo, b_hi, input_precision="tf32")
+        small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
+        small = tl.where(small == small, small, 0.0)
+        return tl.dot(a_hi, b_hi, small, input_precision="tf32")
+    small = tl.dot(a_lo, b_hi)
+    small = tl.dot(a_hi, b_lo, small)
     small = tl.where(small == small, small, 0.0)
-    return tl.dot(a_hi, b_hi, small, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, small)
 
 
 @triton.jit
@@ -231,6 +240,7 @@ def attend_key_blocks(
     desc_kv_head,
     k_head_ptr,
     v_head_ptr,
+    halves,
     mask_row_ptrs,
     key_start,
     key_end,
@@ -258,6 +268,7 @@ def attend_key_blocks(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
     SPLIT_TF32: tl.constexpr,
+    FP16_HALVES: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     MASK_SEED: tl.constexpr,
@@ -270,8 +281,14 @@ def attend_key_blocks(
     `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
     MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
-    (q_lo holds the rest of q; otherwise q_lo is unused). MASK_SEED: the mask
-    tile seeds q @ k^T's accumulator (see `mask_seed`; not with SPLIT_TF32).
+    (q_lo holds the rest of q). FP16_HALVES: float32 products as three float16
+    products of halves the launcher split (see halves_kernels): q and q_lo,
+    the k/v tiles, and the tuple `halves` = (lo_kv_heads, k_lo_head_ptr,
+    v_lo_head_ptr, q_unscale [BLOCK_M], k_unscale_head_ptr,
+    v_unscale_head_ptr): where the lo halves are (`lo_kv_heads` heads past
+    the hi ones) and what undoes their scales. Otherwise q_lo and halves are
+    unused. MASK_SEED: the mask tile seeds q @ k^T's accumulator
+    (see `mask_seed`; not with split products).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -282,7 +299,7 @@ def attend_key_blocks(
             k_desc, desc_batch, desc_kv_head, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim,
             stride_kn, stride_kk, BOUNDARY, TILE_LOADS,
         )
-        if MASK_SEED and not FAST_SOFTMAX and not SPLIT_TF32:
+        if MASK_SEED and not FAST_SOFTMAX and not SPLIT_TF32 and not FP16_HALVES:
             # The mask enters the product's accumulator for the layout's sake (see mask_seed).
             mask_tile = load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST, BOUNDARY)
             qk = matmul(q, tl.trans(k), mask_seed(mask_tile, MASK_KIND == MASK_BOOL, q.shape[0], BLOCK_N),
@@ -290,7 +307,16 @@ def attend_key_blocks(
         else:
             if SPLIT_TF32:
                 k_hi, k_lo = split_tf32(tl.trans(k))
-                qk = matmul_split_tf32(q, q_lo, k_hi, k_lo)
+                qk = matmul_split(q, q_lo, k_hi, k_lo)
+            elif FP16_HALVES:
+                lo_kv_heads, k_lo_head_ptr, _, q_unscale, k_unscale_head_ptr, _ = halves
+                k_lo = load_rows(
+                    k_desc, desc_batch, desc_kv_head + lo_kv_heads, k_lo_head_ptr, start_n, offs_n, offs_d, seq_kv,
+                    head_dim, stride_kn, stride_kk, BOUNDARY, TILE_LOADS,
+                )
+                key_unscale = tl.load(k_unscale_head_ptr + cols, mask=cols < seq_kv, other=1.0)
+                qk = matmul_split(q, q_lo, tl.trans(k), tl.trans(k_lo))
+                qk = qk * q_unscale[:, None] * key_unscale[None, :]
             else:
                 qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
             if MASK_KIND != MASK_NONE and not FAST_SOFTMAX:
@@ -321,14 +347,14 @@ def attend_key_blocks(
             else:
                 # score_scale > 0 (the launchers guarantee it), so a hidden
                 # score stays -inf once scaled and its weight is exactly 0.
-                p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
+                p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32 or FP16_HALVES))
                 alpha = tl.math.exp2((row_max - shift) * score_scale)
         else:
             # FAST_SOFTMAX: no mask, whole blocks. Every score is visible and
             # finite, so the running max is finite from the first block on
             # and needs no -inf guard.
             new_max = tl.maximum(row_max, tl.max(qk, 1))
-            p = tl.math.exp2(exponent_below_max(qk, new_max, score_scale, q.dtype == tl.float32))
+            p = tl.math.exp2(exponent_below_max(qk, new_max, score_scale, q.dtype == tl.float32 or FP16_HALVES))
             alpha = tl.math.exp2((row_max - new_max) * score_scale)
         # The row sum (and so lse) counts every weight; dropout only thins P@V.
         row_sum = row_sum * alpha + tl.sum(p, 1)
@@ -343,7 +369,22 @@ def attend_key_blocks(
             # A fresh accumulator per block, added to acc by IEEE adds (see matmul).
             p_hi, p_lo = split_tf32(p)
             v_hi, v_lo = split_tf32(v)
-            acc = acc * alpha[:, None] + matmul_split_tf32(p_hi, p_lo, v_hi, v_lo)
+            acc = acc * alpha[:, None] + matmul_split(p_hi, p_lo, v_hi, v_lo)
+        elif FP16_HALVES:
+            lo_kv_heads, _, v_lo_head_ptr, _, _, v_unscale_head_ptr = halves
+            v_lo = load_rows(
+                v_desc, desc_batch, desc_kv_head + lo_kv_heads, v_lo_head_ptr, start_n, offs_n, offs_dv, seq_kv,
+                head_dim_v, stride_vn, stride_vk, BOUNDARY, TILE_LOADS,
+            )
+            # p <= 1, scaled by 2**14 (exact) like the other halves; finish_rows
+            # takes the 2**14 off. v's scale is per column of this key block.
+            p = p * P_HALVES_SCALE
+            p_hi = p.to(tl.float16)
+            p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+            block_unscale = tl.load(v_unscale_head_ptr + (start_n // BLOCK_N) * head_dim_v + offs_dv,
+                                    mask=offs_dv < head_dim_v, other=1.0)
+            block = matmul_split(p_hi, p_lo, v, v_lo)
+            acc = acc * alpha[:, None] + block * block_unscale[None, :]
         else:
             p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
             acc = matmul(p, v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)
@@ -361,6 +402,7 @@ def attend_keys(
     desc_kv_head,
     k_head_ptr,
     v_head_ptr,
+    halves,
     mask_row_ptrs,
     key_start,
     unmasked_end,
@@ -388,6 +430,7 @@ def attend_keys(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
     SPLIT_TF32: tl.constexpr,
+    FP16_HALVES: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     MASK_SEED: tl.constexpr,
@@ -408,20 +451,22 @@ def attend_keys(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # The unmasked blocks take the fast softmax when no mask applies.
     acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
+        mask_row_ptrs,
         key_start, unmasked_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         score_scale, dropout_key, dropout_threshold,
         False, MASK_KIND == MASK_NONE, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
     )
     acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
+        mask_row_ptrs,
         unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         score_scale, dropout_key, dropout_threshold,
         True, False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, False, MASK_SEED,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, False, MASK_SEED,
     )
     return acc, row_sum, row_max
 
@@ -454,12 +499,14 @@ def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: t
 )
 def attention_forward_kernel(
     q_ptr,
-    q_lo_ptr,
     k_ptr,
     v_ptr,
     mask_ptr,
     out_ptr,
     lse_ptr,
+    q_unscale_ptr,
+    k_unscale_ptr,
+    v_unscale_ptr,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -502,7 +549,7 @@ def attention_forward_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
+    FP16_HALVES: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     MASK_SEED: tl.constexpr = False,
@@ -512,6 +559,10 @@ def attention_forward_kernel(
     Grid: (num_m_blocks * batch * heads_q,), the m-block varying fastest, so
     programs running together share one head's K/V in L2 (and a GQA group's
     heads are neighbours). lse is a contiguous (batch * heads_q, seq_q) buffer.
+    FP16_HALVES (float32 problems): q, k and v are float16 halves from
+    halves_kernels, each tensor's lo halves as many heads past its hi ones as
+    it has heads, and the *_unscale pointers their unscale buffers (otherwise
+    unused).
     """
     pid = tl.program_id(0)
     bh = pid // num_m_blocks  # batch * heads_q + query head, the dropout stream index
@@ -530,23 +581,18 @@ def attention_forward_kernel(
 
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
         # q_ptr, k_ptr, v_ptr and out_ptr are 4-D tensor descriptors.
-        q_desc, q_lo_desc, k_desc, v_desc, out_desc = q_ptr, q_lo_ptr, k_ptr, v_ptr, out_ptr
-        q_head_ptr, q_lo_head_ptr, k_head_ptr, v_head_ptr, out_head_ptr = q_ptr, q_lo_ptr, k_ptr, v_ptr, out_ptr
+        q_desc, k_desc, v_desc, out_desc = q_ptr, k_ptr, v_ptr, out_ptr
+        q_head_ptr, k_head_ptr, v_head_ptr, out_head_ptr = q_ptr, k_ptr, v_ptr, out_ptr
     else:
         q_head_ptr = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        q_lo_head_ptr = q_lo_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         k_head_ptr = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
         v_head_ptr = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
         out_head_ptr = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
         if TILE_LOADS == LOAD_DEVICE_DESCRIPTORS:
             # One 2-D descriptor per head: zero-fill stops at this head's last
             # row, and batch/head strides of 0 (expanded views) need no TMA support.
+            # (Not with FP16_HALVES: the launcher passes host descriptors or pointers.)
             q_desc = tl.make_tensor_descriptor(q_head_ptr, [seq_q, head_dim], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-            q_lo_desc = q_desc
-            if SPLIT_TF32:
-                q_lo_desc = tl.make_tensor_descriptor(
-                    q_lo_head_ptr, [seq_q, head_dim], [stride_qm, 1], [BLOCK_M, BLOCK_D]
-                )
             k_desc = tl.make_tensor_descriptor(k_head_ptr, [seq_kv, head_dim], [stride_kn, 1], [BLOCK_N, BLOCK_D])
             v_desc = tl.make_tensor_descriptor(v_head_ptr, [seq_kv, head_dim_v], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
             out_desc = tl.make_tensor_descriptor(
@@ -554,7 +600,6 @@ def attention_forward_kernel(
             )
         else:
             q_desc = None
-            q_lo_desc = None
             k_desc = None
             v_desc = None
             out_desc = None
@@ -563,16 +608,33 @@ def attention_forward_kernel(
         q_desc, batch, head, q_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim,
         stride_qm, stride_qk, True, TILE_LOADS,
     )
-    if SPLIT_TF32:
-        # The launcher split q (q_ptr holds its tf32 part, q_lo_ptr the rest,
-        # both laid out alike), so both halves reach the tensor cores from
-        # shared memory; splitting here would hold them in registers and spill.
+    q_lo = q
+    halves = None
+    output_scale = dropout_output_scale
+    if FP16_HALVES:
+        # Every lo half is as many heads past its hi half as the tensor has heads.
+        heads_kv = heads_q // gqa_group
+        if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
+            q_lo_head_ptr, k_lo_head_ptr, v_lo_head_ptr = q_ptr, k_ptr, v_ptr  # unused: tiles come by descriptor
+        else:
+            q_lo_head_ptr = q_head_ptr + heads_q.to(tl.int64) * stride_qh
+            k_lo_head_ptr = k_head_ptr + heads_kv.to(tl.int64) * stride_kh
+            v_lo_head_ptr = v_head_ptr + heads_kv.to(tl.int64) * stride_vh
         q_lo = load_rows(
-            q_lo_desc, batch, head, q_lo_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim,
+            q_desc, batch, head + heads_q, q_lo_head_ptr, m_start, tl.arange(0, BLOCK_M), offs_d, seq_q, head_dim,
             stride_qm, stride_qk, True, TILE_LOADS,
         )
-    else:
-        q_lo = q
+        q_unscale = tl.load(q_unscale_ptr + bh.to(tl.int64) * seq_q + offs_m, mask=offs_m < seq_q, other=1.0)
+        kv_bh = (batch * heads_kv + kv_head).to(tl.int64)
+        halves = (
+            heads_kv,
+            k_lo_head_ptr,
+            v_lo_head_ptr,
+            q_unscale,
+            k_unscale_ptr + kv_bh * seq_kv,
+            v_unscale_ptr + kv_bh * tl.cdiv(seq_kv, BLOCK_N) * head_dim_v,
+        )
+        output_scale = dropout_output_scale / P_HALVES_SCALE  # P's scale (exact: a power of two)
 
     mask_row_ptrs = mask_ptr
     if MASK_KIND != MASK_NONE:
@@ -597,14 +659,14 @@ def attention_forward_kernel(
         unmasked_end = (seq_kv // BLOCK_N) * BLOCK_N
 
     acc, row_sum, row_max = attend_keys(
-        q, q_lo, k_desc, v_desc, batch, kv_head, k_head_ptr, v_head_ptr, mask_row_ptrs,
+        q, q_lo, k_desc, v_desc, batch, kv_head, k_head_ptr, v_head_ptr, halves, mask_row_ptrs,
         0, unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, dropout_key, dropout_threshold,
         CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
         out = to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS)
         out_desc.store([batch, head, m_start, 0], out.reshape([1, 1, BLOCK_M, BLOCK_DV]))

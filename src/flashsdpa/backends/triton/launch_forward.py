@@ -6,8 +6,9 @@ takes the compiled-variant config from `kernel_cache` (keyed on
 rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
 explicit config (and split count) so tests and benchmarks can pin a path.
 Inputs are read through their strides as they are; the query alone is copied:
-negated for a negative softmax scale, zeroed for scale 0 (`kernel_query`),
-and split in two for the split-tf32 float32 path (the float32 default). On
+negated for a negative softmax scale, zeroed for scale 0 (`kernel_query`).
+float32 at full precision (the float32 default) splits q, k and v into
+float16 halves first (`launch_halves`; flash decoding splits in-kernel). On
 sm90 the main kernel reads Q/K/V and writes O by TMA through 4-D descriptors
 (`host_descriptor`), whose validated fields a launch plan keeps per call
 shape (`main_launch_plan`). Plans also keep their kernels as `direct_launch`
@@ -38,6 +39,7 @@ from flashsdpa.backends.triton.forward_configs import (
     decode_split_count,
     uses_decode_kernel,
 )
+from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dropout import drop_threshold
@@ -287,7 +289,7 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         BLOCK_DV=key.block_head_dim_v,
         DOT_PRECISION=config.dot_precision,
         WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        SPLIT_TF32=config.split_tf32,
+        FP16_HALVES=config.split_products,
         TILE_LOADS=tile_loads,
         WARP_SPECIALIZE=config.warp_specialize and tile_loads != forward_kernels.LOAD_POINTERS,
         num_warps=config.num_warps,
@@ -335,21 +337,23 @@ def launch_main_kernel(
     out, lse = allocate_outputs(desc, q)
     mask, mask_strides = mask_argument(desc, inputs)
 
-    q_lo = q  # never read unless config.split_tf32
-    if config.split_tf32:
-        q, q_lo = split_tf32(q)  # both contiguous: q's strides and alignment are q_lo's
+    unscales = lse, lse, lse  # never read unless config.split_products
+    if config.split_products:
+        with on_device(q.device):
+            q, q_unscale = split_rows_into_halves(q)
+            k, k_unscale = split_rows_into_halves(k)
+            v, v_unscale = split_key_blocks_into_halves(v, config.block_n)
+        unscales = q_unscale, k_unscale, v_unscale
     strides = q.stride(), k.stride(), v.stride(), out.stride()
     plan = main_launch_plan(desc, config, (q, k, v, out), strides)
     if plan.descriptor_fields is not None:
         q_fields, k_fields, v_fields, out_fields = plan.descriptor_fields
-        q_arg = q_lo_arg = host_descriptor_like(q_fields, q)
-        if config.split_tf32:  # q_lo's alignment is not in the plan's key: Triton checks its descriptor in full
-            q_lo_arg = host_descriptor(q_lo, q_fields["strides"], *q_fields["block_shape"][2:])
+        q_arg = host_descriptor_like(q_fields, q)
         k_arg = host_descriptor_like(k_fields, k)
         v_arg = host_descriptor_like(v_fields, v)
         out_arg = host_descriptor_like(out_fields, out)
     else:
-        q_arg, q_lo_arg, k_arg, v_arg, out_arg = q, q_lo, k, v, out
+        q_arg, k_arg, v_arg, out_arg = q, k, v, out
     run_time = ()
     if desc.dropout_p > 0.0:
         seed_lo, seed_hi = inputs.dropout_seed
@@ -359,7 +363,7 @@ def launch_main_kernel(
     def launch() -> None:
         kernel(
             plan.grid,
-            q_arg, q_lo_arg, k_arg, v_arg, mask, out_arg, lse,
+            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales,
             *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *run_time,
         )  # fmt: skip
 
@@ -371,20 +375,6 @@ def launch_main_kernel(
     return out, lse
 
 
-def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 x as (hi, lo): hi = x rounded to tf32, lo = x - hi; both contiguous, so they share strides.
-
-    The same split as forward_kernels.split_tf32, done once per call for the
-    query so that both halves reach the kernel's tensor cores from shared memory.
-    """
-    x = x.contiguous()  # copy needed because the kernel reads hi and lo through one set of strides
-    bits = x.view(torch.int32)
-    hi = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-    hi = torch.where(hi.isinf() & x.isfinite(), (bits & ~0x1FFF).view(torch.float32), hi)
-    hi = torch.where(x.isnan(), x, hi)
-    return hi, x - hi
-
-
 def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]:
     """The kernel's TILE_LOADS (the config's TMA descriptors where every tensor qualifies, else the next
     best) and, for host descriptors, each tensor's descriptor strides."""
@@ -392,7 +382,9 @@ def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]
         strides = [host_descriptor_strides(t) for t in tensors]
         if all(s is not None for s in strides):
             return forward_kernels.LOAD_HOST_DESCRIPTORS, strides
-    if config.tile_loads in ("host", "device") and all(tensor_descriptor_compatible(t) for t in tensors):
+    # Per-head device descriptors cannot reach split products' lo halves (heads past the tensor's view).
+    device_ok = config.tile_loads in ("host", "device") and not config.split_products
+    if device_ok and all(tensor_descriptor_compatible(t) for t in tensors):
         return forward_kernels.LOAD_DEVICE_DESCRIPTORS, None
     return forward_kernels.LOAD_POINTERS, None
 
@@ -476,7 +468,7 @@ def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunc
             BLOCK_DV=key.block_head_dim_v,
             DOT_PRECISION=config.dot_precision,
             WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-            SPLIT_TF32=config.split_tf32,
+            SPLIT_TF32=config.split_products,
             num_warps=decode.num_warps,
             num_stages=decode.num_stages,
         )

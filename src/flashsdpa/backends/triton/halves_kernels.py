@@ -1,0 +1,102 @@
+"""float32 tensors split into float16 halves, for the main forward kernel's full-precision products.
+
+A float32 x is written as hi + lo, both float16, after a power-of-two scale
+that puts the largest finite magnitude of its row (q, k) or of its column in
+a block of rows (v, a block per key block of the kernel) in [2**14, 2**15):
+hi = x * scale rounded to float16, lo = the rest rounded to float16. A float16
+keeps 11 significant bits, so hi + lo holds x to 2**-22 of that magnitude, and
+three float16 tensor-core products (hi hi + hi lo + lo hi, each exact in the
+float32 accumulator) give a float32 product to about 2**-21: the accuracy of
+three tf32 products, at twice their rate and half their shared memory. The
+scale keeps the largest element below float16's overflow (65504) and every lo
+part of a value within 2**17 of it out of float16's subnormals; smaller
+values lose bits only below 2**-38 of the largest one. The kernel undoes the
+scale with `unscale` = 1 / scale (exact: both are powers of two).
+
+Infinities and NaNs stay in hi, with lo = 0 (an inf - inf rest would make a
+NaN where float32 math has an inf); a row whose only large values are
+infinite is scaled by its finite ones.
+
+Per column, v's blocks of rows are the main kernel's key blocks: each
+block's P @ V product is unscaled before it joins the output (a per-head
+column scale would need a pass over all of v first).
+"""
+
+import triton
+import triton.language as tl
+
+# The largest finite magnitude of a row or column is scaled into [2**14, 2**15).
+TOP_EXPONENT = tl.constexpr(14)
+# Scales stop at 2**126 (values under 2**-112 are scaled less), so 1/scale stays a normal float32.
+MAX_SCALE_EXPONENT = tl.constexpr(126)
+
+
+@triton.jit
+def scale_and_unscale(largest):
+    """(scale, unscale): powers of two with largest * scale in [2**14, 2**15) and unscale = 1 / scale.
+
+    Read from the exponent bits, so exact. A zero or tiny `largest` is scaled
+    by 2**126 at most."""
+    biased_exponent = ((largest.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    scale_exponent = tl.minimum(TOP_EXPONENT + 127 - biased_exponent, MAX_SCALE_EXPONENT)
+    scale = ((scale_exponent + 127) << 23).to(tl.float32, bitcast=True)
+    unscale = ((127 - scale_exponent) << 23).to(tl.float32, bitcast=True)
+    return scale, unscale
+
+
+# Sizes only bound loops and offsets: specialising on them would recompile as shapes change.
+@triton.jit(do_not_specialize=["heads", "n_rows", "n_cols", "n_row_blocks"])
+def split_into_halves_kernel(
+    x_ptr,
+    halves_ptr,
+    unscale_ptr,
+    stride_xb,
+    stride_xh,
+    stride_xr,
+    stride_xc,
+    heads,
+    n_rows,
+    n_cols,
+    n_row_blocks,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PER_COLUMN: tl.constexpr,
+):
+    """Rows [BLOCK_R * row_block, +BLOCK_R) of one (batch, head) matrix of x, split into float16 halves.
+
+    Grid: (n_row_blocks * batch * heads,), the row block varying fastest.
+    halves is contiguous (batch, 2, heads, n_rows, n_cols): hi, then lo, so
+    that the kernel reads lo as `heads` heads past hi. Scaled per row
+    (unscale: (batch, heads, n_rows)), or with PER_COLUMN per column of this
+    block of rows (unscale: (batch, heads, n_row_blocks, n_cols)).
+    """
+    pid = tl.program_id(0)
+    bh = pid // n_row_blocks
+    row_block = pid % n_row_blocks
+    batch = bh // heads
+    head = bh % heads
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x_head_ptr = x_ptr + batch.to(tl.int64) * stride_xb + head.to(tl.int64) * stride_xh
+    x = tl.load(
+        x_head_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc, mask=in_bounds, other=0.0
+    )
+    magnitude = tl.abs(x)
+    finite_magnitude = tl.where(magnitude < float("inf"), magnitude, 0.0)  # NaN < inf is false too
+    if PER_COLUMN:
+        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 0))
+        scaled = x * scale[None, :]
+        unscale_offsets = (bh * n_row_blocks + row_block).to(tl.int64) * n_cols + cols
+        tl.store(unscale_ptr + unscale_offsets, unscale, mask=cols < n_cols)
+    else:
+        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 1))
+        scaled = x * scale[:, None]
+        tl.store(unscale_ptr + bh.to(tl.int64) * n_rows + rows, unscale, mask=rows < n_rows)
+    hi = scaled.to(tl.float16)
+    hi_wide = hi.to(tl.float32)
+    lo = tl.where(tl.abs(hi_wide) < float("inf"), scaled - hi_wide, 0.0).to(tl.float16)
+    matrix = n_rows.to(tl.int64) * n_cols
+    hi_offsets = (batch * 2 * heads + head) * matrix + rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    tl.store(halves_ptr + hi_offsets, hi, mask=in_bounds)
+    tl.store(halves_ptr + heads * matrix + hi_offsets, lo, mask=in_bounds)
