@@ -98,6 +98,11 @@ SM90_16BIT_ROUNDED_DKDV = {
     128: (64, 128, 8, 2),  # 354 (64x64 w4: 336, 32x64 w4 s3: 336, 128x64 w8: 204)
     256: (64, 64, 8, 2),  # 161 (32x64 w8: 139, 64x64 w8 s1: 131, the EXACT table's 16x64 w8: 107)
 }
+# Non-causal d=128 streams Q/dO three stages deep since the row statistics
+# load unmasked (session 5, H100, whole backward with TMA loads and early dP):
+# L=4096 407.8 (s2) -> 417.0 (s3), L=1024 313.8 -> 342.1; causal L=16384
+# stays at s2 (404.7 against 380.9).
+SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8, 3)}
 SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
     128: (128, 64, 8, 3),  # 375 (128x128 w8: 363, 128x32 w4 s3: 353, 64x64 w4: 352)
@@ -167,7 +172,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     elif exact:
         dkdv_table, dq_table = SM90_16BIT_DKDV, SM90_16BIT_DQ
     else:
-        dkdv_table, dq_table = SM90_16BIT_ROUNDED_DKDV, SM90_16BIT_ROUNDED_DQ
+        dkdv_table = SM90_16BIT_ROUNDED_DKDV if key.causal else SM90_16BIT_ROUNDED_DKDV_NONCAUSAL
+        dq_table = SM90_16BIT_ROUNDED_DQ
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
     budget = shared_memory_limit(capability) - SHARED_MEMORY_HEADROOM

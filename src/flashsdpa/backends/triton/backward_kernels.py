@@ -127,7 +127,7 @@ def attention_backward_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_lseb, stride_lseh, stride_lsem,
-    seq_q, heads_q,
+    seq_q, heads_q, stats_stride,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -139,16 +139,18 @@ def attention_backward_preprocess_kernel(
     are read through their strides (dO may be an expanded view).
     """
     pid = tl.program_id(0)
-    query_blocks = tl.cdiv(seq_q, BLOCK_M)
+    query_blocks = tl.cdiv(stats_stride, BLOCK_M)
     bh = (pid // query_blocks).to(tl.int64)
     batch = bh // heads_q
     head = bh % heads_q
     offs_m = (pid % query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in_bounds = offs_m < seq_q
+    row_in_stats = offs_m < stats_stride
 
     lse = tl.load(LSE + batch * stride_lseb + head * stride_lseh + offs_m * stride_lsem, mask=row_in_bounds, other=0.0)
     lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    tl.store(LSE_LOG2 + bh * seq_q + offs_m, lse_log2, mask=row_in_bounds)
+    lse_log2 = tl.where(row_in_bounds, lse_log2, float("inf"))
+    tl.store(LSE_LOG2 + bh * stats_stride + offs_m, lse_log2, mask=row_in_stats)
 
     if COMPUTE_DELTA:
         out = _load_rows(O + batch * stride_ob + head * stride_oh, offs_m, stride_om, stride_ok, seq_q,
@@ -156,7 +158,7 @@ def attention_backward_preprocess_kernel(
         grad_out = _load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_dom, stride_dok, seq_q,
                               HEAD_DIM_V, BLOCK_DV)
         delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), axis=1)
-        tl.store(DELTA + bh * seq_q + offs_m, delta, mask=row_in_bounds)
+        tl.store(DELTA + bh * stats_stride + offs_m, delta, mask=row_in_stats)
 
 
 @triton.jit
@@ -188,7 +190,10 @@ def _dkdv_query_block(
     else:
         q = _load_rows(q_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
         grad_out = _load_rows(do_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
-    lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
+    if RENORMALIZE:
+        lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
+    else:
+        lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m)
     if MASK_KIND != "none":
         if MASK_ROWS_BROADCAST:
             mask_t = mask_row_t[:, None]
@@ -225,7 +230,10 @@ def _dkdv_query_block(
         dv_acc = _accumulate_product(dropped_probs_t, grad_out, dv_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS,
                                      SPLIT_OPERANDS)
     if COMPUTE_DK:
-        delta = tl.load(DELTA + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)
+        if RENORMALIZE:
+            delta = tl.load(DELTA + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)
+        else:
+            delta = tl.load(DELTA + row_stats_base + offs_m)
         if not EARLY_DP:
             grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if DROPOUT:
@@ -245,7 +253,7 @@ def attention_backward_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
-    scale, seq_q, seq_kv, heads_kv, gqa_group,
+    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -253,8 +261,9 @@ def attention_backward_dkdv_kernel(
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
+    GQA: tl.constexpr,
 ):
-    """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group.
+    """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group (GQA: gqa_group > 1).
 
     1-D grid of cdiv(seq_kv, BLOCK_N) * B * Hkv programs, key blocks fastest
     so that programs running together share one head's Q and dO in L2.
@@ -270,13 +279,14 @@ def attention_backward_dkdv_kernel(
     pid = tl.program_id(0)
     key_blocks = tl.cdiv(seq_kv, BLOCK_N)
     heads_q = heads_kv * gqa_group
-    if SPLIT_GROUP:
+    if SPLIT_GROUP or not GQA:
+        # One query head a program: a constant group size lets the compiler drop the group loop.
         bh = (pid // key_blocks).to(tl.int64)
         batch = bh // heads_q
         first_head = bh % heads_q
         head_kv = first_head // gqa_group
         group_size = 1
-        out_head = first_head  # the query head's share
+        out_head = first_head  # with SPLIT_GROUP, the query head's share
     else:
         bh_kv = (pid // key_blocks).to(tl.int64)
         batch = bh_kv // heads_kv
@@ -303,7 +313,6 @@ def attention_backward_dkdv_kernel(
         first_m = (start_n // BLOCK_M) * BLOCK_M
         unmasked_m = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
     else:
-        first_m = 0
         unmasked_m = 0
 
     mask_row_t = tl.zeros([BLOCK_N], dtype=tl.float32)  # replaced below when the mask is one row per head
@@ -316,7 +325,7 @@ def attention_backward_dkdv_kernel(
             q_base = Q + batch * stride_qb + head * stride_qh
             do_base = DO + batch * stride_dob + head * stride_doh
         mask_base = MASK + batch * stride_maskb + head * stride_maskh
-        row_stats_base = bh * seq_q
+        row_stats_base = bh * stats_stride
         rows_end = seq_q
         if MASK_ROWS_BROADCAST:
             # Key-padding masks repeat one row for every query: read it once,
@@ -329,17 +338,18 @@ def attention_backward_dkdv_kernel(
         dropout_key = 0
         if DROPOUT:
             dropout_key = dropout_stream(seed_lo, seed_hi, bh)
-        for start_m in range(first_m, tl.minimum(unmasked_m, rows_end), BLOCK_M):
-            dk_acc, dv_acc = _dkdv_query_block(
-                dk_acc, dv_acc, k, v, start_m, offs_n,
-                batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
-                LSE_LOG2, ROW_SCALE,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
-                mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
-            )
+        if CAUSAL:
+            for start_m in range(first_m, tl.minimum(unmasked_m, rows_end), BLOCK_M):
+                dk_acc, dv_acc = _dkdv_query_block(
+                    dk_acc, dv_acc, k, v, start_m, offs_n,
+                    batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                    LSE_LOG2, ROW_SCALE,
+                    stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
+                    mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
+                    DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
+                )
         for start_m in range(unmasked_m, rows_end, BLOCK_M):
             dk_acc, dv_acc = _dkdv_query_block(
                 dk_acc, dv_acc, k, v, start_m, offs_n,
@@ -488,7 +498,7 @@ def attention_backward_dq_kernel(
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
-    scale, seq_q, seq_kv, heads_q, gqa_group,
+    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -530,7 +540,7 @@ def attention_backward_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
-    lse_log2 = tl.load(LSE_LOG2 + bh * seq_q + offs_m, mask=offs_m < seq_q, other=float("inf"))
+    lse_log2 = tl.load(LSE_LOG2 + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=float("inf"))
     k_base = K + batch * stride_kb + head_kv * stride_kh
     v_base = V + batch * stride_vb + head_kv * stride_vh
     rows_left = seq_q - start_m
@@ -586,11 +596,11 @@ def attention_backward_dq_kernel(
         sees_a_key = row_sums > 0.0
         row_scale = tl.where(sees_a_key, 1.0 / tl.where(sees_a_key, row_sums, 1.0), 0.0)
         delta = weighted_sums * row_scale
-        tl.store(ROW_SCALE + bh * seq_q + offs_m, row_scale, mask=offs_m < seq_q)
-        tl.store(DELTA + bh * seq_q + offs_m, delta, mask=offs_m < seq_q)
+        tl.store(ROW_SCALE + bh * stats_stride + offs_m, row_scale, mask=offs_m < seq_q)
+        tl.store(DELTA + bh * stats_stride + offs_m, delta, mask=offs_m < seq_q)
     else:
         row_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        delta = tl.load(DELTA + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+        delta = tl.load(DELTA + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=0.0)
 
     if COMPUTE_DQ or WRITE_DMASK:
         dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

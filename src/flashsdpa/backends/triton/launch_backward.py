@@ -103,7 +103,7 @@ def attention_backward(
 
     # Scratch, not outputs: every element is written before it is read. One allocation, its rows
     # 16-byte aligned: delta, lse in base 2 and, with renormalized rows, the row scales.
-    row_count = cdiv(batch * heads_q * seq_q, 4) * 4
+    row_count = batch * heads_q * stats_row_stride(seq_q)
     scratch = torch.empty((3 if config.renormalize_rows else 2, row_count), dtype=torch.float32, device=device)
     parts = scratch.unbind(0)
     delta, lse_log2, row_scale = parts[0], parts[1], parts[-1] if config.renormalize_rows else parts[0]
@@ -242,9 +242,11 @@ def _new_backward_launch_plan(
         HEAD_DIM_V=desc.head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
         # delta is for whatever is built from dS; with renormalized rows the dQ kernel computes it
         COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
-    ).bind(seq_q, heads_q)  # fmt: skip
+    ).bind(seq_q, heads_q, stats_row_stride(seq_q))  # fmt: skip
     scale, gqa_group = float(desc.scale), heads_q // heads_kv
-    dq_sizes, dkdv_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group), (scale, seq_q, seq_kv, heads_kv, gqa_group)
+    stats_stride = stats_row_stride(seq_q)
+    dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride)
+    dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride)
     # Without dropout every argument after the strides is the plan's: bound once. With it the
     # seeds, which change per call, come last: the sizes are passed per call too.
     sizes_per_call = desc.dropout_p > 0.0
@@ -255,7 +257,7 @@ def _new_backward_launch_plan(
                         num_stages=tile.num_stages, **flags, **variant).bind(*bound)
 
     return BackwardLaunchPlan(
-        preprocess_grid=(cdiv(seq_q, config.preprocess_block_m) * batch * heads_q,),
+        preprocess_grid=(cdiv(stats_row_stride(seq_q), config.preprocess_block_m) * batch * heads_q,),
         preprocess=preprocess,
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
@@ -265,7 +267,7 @@ def _new_backward_launch_plan(
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
         dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,
                          COMPUTE_DV=computed.value, TILE_LOADS=tile_loads, EARLY_DP=config.dkdv_early_dp,
-                         SPLIT_GROUP=split_group) if run_dkdv else None,
+                         SPLIT_GROUP=split_group, GQA=gqa_group > 1) if run_dkdv else None,
     )
 
 
@@ -304,3 +306,9 @@ def _new_streamed_tile_fields(config: BackwardConfig, desc: AttentionDescriptor,
 
 def _strides_or_zeros(tensor: torch.Tensor | None) -> tuple[int, ...]:
     return tuple(tensor.stride()) if tensor is not None else (0, 0, 0, 0)
+
+
+def stats_row_stride(seq_q: int) -> int:
+    """Row stride of the delta / lse_log2 / row-scale scratch: seq_q rounded up to 128, so that the dK/dV
+    kernel reads whole BLOCK_M slices unmasked and 16-byte aligned (rows past seq_q: lse +inf, delta 0)."""
+    return cdiv(seq_q, 128) * 128
