@@ -416,11 +416,15 @@ def test_non_finite_batch_item_does_not_poison_others(backend, device):
 def test_float32_infinite_inputs_as_float64_math(backend, where, device):
     """inf in K or V (and V's largest finite value) gives float64 math's inf/NaN pattern, not NaN rows.
 
-    The triton float32 path splits operands into tf32 halves; an infinite
-    operand's low half is NaN, which must not reach the result.
+    The triton float32 path multiplies split operands (float16 halves, and
+    tf32 halves in flash decoding): an infinite operand's low half, and a low
+    half of either sign times an infinity, must not reach the result; nor may
+    a value near float32's largest overflow in the scaled halves. 27 x 39
+    (rather than the 6 x 9 other CPU tests take) puts low halves of both
+    signs against the infinities.
     """
     gen = generator(12)
-    q, k, v = qkv((1, 2), (1, 2), seq(6), seq(9), 16, gen, torch.float32, device)
+    q, k, v = qkv((1, 2), (1, 2), max(27, seq(6)), max(39, seq(9)), 16, gen, torch.float32, device)
     if where == "k":
         k[0, 1, 3, 2] = float("inf")
     elif where == "v":

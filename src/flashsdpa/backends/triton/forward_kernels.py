@@ -35,11 +35,10 @@ import triton
 import triton.language as tl
 
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
+from flashsdpa.backends.triton.halves_kernels import P_HALVES_SCALE
 
 LOG2E = tl.constexpr(1.4426950408889634)
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
-# P (<= 1) is scaled by this before its float16 halves are taken, as the other halves are (see halves_kernels).
-P_HALVES_SCALE = tl.constexpr(16384.0)
 
 # MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
 MASK_NONE = tl.constexpr(0)
@@ -158,19 +157,20 @@ def matmul_split(a_hi, a_lo, b_hi, b_lo):
 
     The halves are tf32 (float32 tensors, see split_tf32) or float16 (see
     halves_kernels). a_lo @ b_lo (under 2**-22 of the product) is dropped;
-    the small terms are accumulated first. As in Triton's
-    tf32x3, NaN small terms are dropped: an infinite operand's lo part is NaN
-    or 0 (and 0 * inf is NaN), and the main product alone then gives IEEE's
-    inf (or NaN, where the inputs make one).
+    the small terms are accumulated first. As in Triton's tf32x3, non-finite
+    small terms are dropped: they come from an infinite operand (its lo part
+    is NaN, or 0 with a float16 hi; a lo times an inf is +-inf or NaN, of
+    either sign), and the main product alone then gives IEEE's inf (or NaN,
+    where the inputs make one).
     """
     if a_hi.dtype == tl.float32:
         small = tl.dot(a_lo, b_hi, input_precision="tf32")
         small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
-        small = tl.where(small == small, small, 0.0)
+        small = tl.where(tl.abs(small) < float("inf"), small, 0.0)
         return tl.dot(a_hi, b_hi, small, input_precision="tf32")
     small = tl.dot(a_lo, b_hi)
     small = tl.dot(a_hi, b_lo, small)
-    small = tl.where(small == small, small, 0.0)
+    small = tl.where(tl.abs(small) < float("inf"), small, 0.0)
     return tl.dot(a_hi, b_hi, small)
 
 
@@ -376,8 +376,8 @@ def attend_key_blocks(
                 v_desc, desc_batch, desc_kv_head + lo_kv_heads, v_lo_head_ptr, start_n, offs_n, offs_dv, seq_kv,
                 head_dim_v, stride_vn, stride_vk, BOUNDARY, TILE_LOADS,
             )
-            # p <= 1, scaled by 2**14 (exact) like the other halves; finish_rows
-            # takes the 2**14 off. v's scale is per column of this key block.
+            # p <= 1, scaled by 2**14 (exact) like the other halves; v's unscale,
+            # per column of this key block, undoes both scales.
             p = p * P_HALVES_SCALE
             p_hi = p.to(tl.float16)
             p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
@@ -610,7 +610,6 @@ def attention_forward_kernel(
     )
     q_lo = q
     halves = None
-    output_scale = dropout_output_scale
     if FP16_HALVES:
         # Every lo half is as many heads past its hi half as the tensor has heads.
         heads_kv = heads_q // gqa_group
@@ -634,7 +633,6 @@ def attention_forward_kernel(
             k_unscale_ptr + kv_bh * seq_kv,
             v_unscale_ptr + kv_bh * tl.cdiv(seq_kv, BLOCK_N) * head_dim_v,
         )
-        output_scale = dropout_output_scale / P_HALVES_SCALE  # P's scale (exact: a power of two)
 
     mask_row_ptrs = mask_ptr
     if MASK_KIND != MASK_NONE:
@@ -666,7 +664,7 @@ def attention_forward_kernel(
         CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
         out = to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS)
         out_desc.store([batch, head, m_start, 0], out.reshape([1, 1, BLOCK_M, BLOCK_DV]))

@@ -19,7 +19,10 @@ infinite is scaled by its finite ones.
 
 Per column, v's blocks of rows are the main kernel's key blocks: each
 block's P @ V product is unscaled before it joins the output (a per-head
-column scale would need a pass over all of v first).
+column scale would need a pass over all of v first). The kernel scales P
+(<= 1) by P_HALVES_SCALE for its halves too, and v's unscale undoes that as
+well, so the output accumulates in true units (a v near float32's largest
+value must not overflow on the way).
 """
 
 import triton
@@ -27,20 +30,24 @@ import triton.language as tl
 
 # The largest finite magnitude of a row or column is scaled into [2**14, 2**15).
 TOP_EXPONENT = tl.constexpr(14)
-# Scales stop at 2**126 (values under 2**-112 are scaled less), so 1/scale stays a normal float32.
-MAX_SCALE_EXPONENT = tl.constexpr(126)
+# The forward kernel's P (<= 1) is scaled by this before its split, as the other operands are.
+P_HALVES_SCALE = tl.constexpr(16384.0)
+P_HALVES_SCALE_EXPONENT = tl.constexpr(14)
+# Scales stop at 2**126 (2**112 with P's scale to undo as well), so every unscale stays a normal float32.
+MAX_UNSCALE_EXPONENT = tl.constexpr(126)
 
 
 @triton.jit
-def scale_and_unscale(largest):
-    """(scale, unscale): powers of two with largest * scale in [2**14, 2**15) and unscale = 1 / scale.
+def scale_and_unscale(largest, UNSCALE_SHIFT: tl.constexpr):
+    """(scale, unscale): powers of two with largest * scale in [2**14, 2**15) and
+    unscale = 2**-UNSCALE_SHIFT / scale.
 
     Read from the exponent bits, so exact. A zero or tiny `largest` is scaled
-    by 2**126 at most."""
+    less (by 2**(126 - UNSCALE_SHIFT) at most)."""
     biased_exponent = ((largest.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
-    scale_exponent = tl.minimum(TOP_EXPONENT + 127 - biased_exponent, MAX_SCALE_EXPONENT)
+    scale_exponent = tl.minimum(TOP_EXPONENT + 127 - biased_exponent, MAX_UNSCALE_EXPONENT - UNSCALE_SHIFT)
     scale = ((scale_exponent + 127) << 23).to(tl.float32, bitcast=True)
-    unscale = ((127 - scale_exponent) << 23).to(tl.float32, bitcast=True)
+    unscale = ((127 - scale_exponent - UNSCALE_SHIFT) << 23).to(tl.float32, bitcast=True)
     return scale, unscale
 
 
@@ -68,7 +75,8 @@ def split_into_halves_kernel(
     halves is contiguous (batch, 2, heads, n_rows, n_cols): hi, then lo, so
     that the kernel reads lo as `heads` heads past hi. Scaled per row
     (unscale: (batch, heads, n_rows)), or with PER_COLUMN per column of this
-    block of rows (unscale: (batch, heads, n_row_blocks, n_cols)).
+    block of rows (unscale: (batch, heads, n_row_blocks, n_cols), which also
+    undoes P_HALVES_SCALE).
     """
     pid = tl.program_id(0)
     bh = pid // n_row_blocks
@@ -85,12 +93,12 @@ def split_into_halves_kernel(
     magnitude = tl.abs(x)
     finite_magnitude = tl.where(magnitude < float("inf"), magnitude, 0.0)  # NaN < inf is false too
     if PER_COLUMN:
-        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 0))
+        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 0), P_HALVES_SCALE_EXPONENT)
         scaled = x * scale[None, :]
         unscale_offsets = (bh * n_row_blocks + row_block).to(tl.int64) * n_cols + cols
         tl.store(unscale_ptr + unscale_offsets, unscale, mask=cols < n_cols)
     else:
-        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 1))
+        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 1), 0)
         scaled = x * scale[:, None]
         tl.store(unscale_ptr + bh.to(tl.int64) * n_rows + rows, unscale, mask=rows < n_rows)
     hi = scaled.to(tl.float16)
