@@ -18,7 +18,10 @@ program per query block and query head, looping over keys) and
 looping over queries). With RENORMALIZE (the default for every dtype; see
 BackwardConfig.renormalize_rows) the dQ kernel also rescales each row of P to
 sum to 1 and takes delta from that P, and the dK/dV kernel, launched after
-it, reuses both. Every output element is written by exactly
+it, reuses both; without it, the dQ kernel computes delta and lse in base 2
+itself where it can (ROW_STATS), so no preprocess launch runs. The row
+statistics are kept in rows padded to a multiple of 128 (+inf lse, 0 delta
+past the end), which the dK/dV loop reads unmasked. Every output element is written by exactly
 one program and summed in a fixed order, so results are bitwise
 reproducible.
 
@@ -122,6 +125,15 @@ def _store_gradient(base, value, rows, stride_row, stride_col, n_rows, WIDTH: tl
 
 
 @triton.jit
+def _lse_log2_rows(LSE, batch, head, offs_m, stride_lseb, stride_lseh, stride_lsem, seq_q):
+    """lse * log2(e) of rows offs_m; +inf where lse = -inf (a row that sees no key) and past seq_q."""
+    in_bounds = offs_m < seq_q
+    lse = tl.load(LSE + batch * stride_lseb + head * stride_lseh + offs_m * stride_lsem, mask=in_bounds, other=0.0)
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return tl.where(in_bounds, lse_log2, float("inf"))
+
+
+@triton.jit
 def attention_backward_preprocess_kernel(
     O, DO, LSE, DELTA, LSE_LOG2,
     stride_ob, stride_oh, stride_om, stride_ok,
@@ -144,12 +156,9 @@ def attention_backward_preprocess_kernel(
     batch = bh // heads_q
     head = bh % heads_q
     offs_m = (pid % query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in_bounds = offs_m < seq_q
     row_in_stats = offs_m < stats_stride
 
-    lse = tl.load(LSE + batch * stride_lseb + head * stride_lseh + offs_m * stride_lsem, mask=row_in_bounds, other=0.0)
-    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    lse_log2 = tl.where(row_in_bounds, lse_log2, float("inf"))
+    lse_log2 = _lse_log2_rows(LSE, batch, head, offs_m, stride_lseb, stride_lseh, stride_lsem, seq_q)
     tl.store(LSE_LOG2 + bh * stats_stride + offs_m, lse_log2, mask=row_in_stats)
 
     if COMPUTE_DELTA:
@@ -491,13 +500,15 @@ def _dq_key_block(
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dq_kernel(
-    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE,
+    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
     stride_maskb, stride_maskh, stride_maskm, stride_maskn,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    stride_lseb, stride_lseh, stride_lsem,
     scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -505,7 +516,7 @@ def attention_backward_dq_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr,
+    MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -526,6 +537,12 @@ def attention_backward_dq_kernel(
     gradients' error drops to about torch's own (float32: it was up to 17x
     it). The pass costs two more GEMMs (Q K^T, dO V^T) per tile. With only RENORMALIZE set (no dQ,
     no dmask), that first pass is all.
+
+    ROW_STATS (without RENORMALIZE): this kernel, not the preprocess kernel,
+    turns LSE into LSE_LOG2 and computes DELTA = rowsum(dO * O) from O, and
+    writes both for the dK/dV kernel: one launch and one pass over dO fewer
+    (the launcher needs the dK/dV kernel's BLOCK_M to divide this one's, so
+    these rows cover every row it reads). Otherwise O and LSE are unused.
     """
     pid = tl.program_id(0)
     query_blocks = tl.cdiv(seq_q, BLOCK_M)
@@ -540,7 +557,11 @@ def attention_backward_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
-    lse_log2 = tl.load(LSE_LOG2 + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=float("inf"))
+    if ROW_STATS:
+        lse_log2 = _lse_log2_rows(LSE, batch, head, offs_m, stride_lseb, stride_lseh, stride_lsem, seq_q)
+        tl.store(LSE_LOG2 + bh * stats_stride + offs_m, lse_log2, mask=offs_m < stats_stride)
+    else:
+        lse_log2 = tl.load(LSE_LOG2 + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=float("inf"))
     k_base = K + batch * stride_kb + head_kv * stride_kh
     v_base = V + batch * stride_vb + head_kv * stride_vh
     rows_left = seq_q - start_m
@@ -598,6 +619,12 @@ def attention_backward_dq_kernel(
         delta = weighted_sums * row_scale
         tl.store(ROW_SCALE + bh * stats_stride + offs_m, row_scale, mask=offs_m < seq_q)
         tl.store(DELTA + bh * stats_stride + offs_m, delta, mask=offs_m < seq_q)
+    elif ROW_STATS:
+        row_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        out = _load_rows(O + batch * stride_ob + head * stride_oh, offs_m, stride_om, stride_ok, seq_q,
+                         HEAD_DIM_V, BLOCK_DV)
+        delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), axis=1)
+        tl.store(DELTA + bh * stats_stride + offs_m, delta, mask=offs_m < stats_stride)
     else:
         row_scale = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         delta = tl.load(DELTA + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=0.0)

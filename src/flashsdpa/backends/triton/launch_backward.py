@@ -100,6 +100,9 @@ def attention_backward(
     run_dkdv = computed.key or computed.value
     # The dQ kernel runs for dq or dmask, and (row pass) for the row scales and delta the dK/dV kernel reads.
     run_dq = computed.query or computed.mask or (config.renormalize_rows and run_dkdv)
+    # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
+    # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
+    dq_row_stats = run_dq and not config.renormalize_rows and config.dkdv.block_m <= config.dq.block_m
 
     # Scratch, not outputs: every element is written before it is read. One allocation, its rows
     # 16-byte aligned: delta, lse in base 2 and, with renormalized rows, the row scales.
@@ -115,7 +118,7 @@ def attention_backward(
         query, grad_out, int(LOAD_POINTERS))
     split_group = run_dkdv and splits_gqa_group(desc, config, device)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
-                                tile_loads, split_group)
+                                tile_loads, split_group, dq_row_stats)
     run_time = ()  # with dropout, the arguments after the strides (the seeds change per call)
     if desc.dropout_p > 0.0:
         if inputs.dropout_seed is None:
@@ -124,10 +127,11 @@ def attention_backward(
         run_time = (seed_lo, seed_hi, drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p))
 
     with on_device(device):
-        plan.preprocess(
-            plan.preprocess_grid,
-            out, grad_out, lse, delta, lse_log2, *out.stride(), *grad_out.stride(), *lse.stride(),
-        )  # fmt: skip
+        if not dq_row_stats:
+            plan.preprocess(
+                plan.preprocess_grid,
+                out, grad_out, lse, delta, lse_log2, *out.stride(), *grad_out.stride(), *lse.stride(),
+            )  # fmt: skip
 
         input_strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride())
         if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
@@ -135,7 +139,8 @@ def attention_backward(
                 plan.dq_grid,
                 query, key, value, mask, grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                *input_strides, *_strides_or_zeros(dq), *plan.dq_sizes, *run_time,
+                out, lse, *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *plan.dq_sizes,
+                *run_time,
             )  # fmt: skip
 
         if run_dkdv:
@@ -202,22 +207,22 @@ _backward_plans = RecentValues()
 
 def backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int, split_group: bool,
+    mask_seed: bool, tile_loads: int, split_group: bool, dq_row_stats: bool,
 ) -> BackwardLaunchPlan:
     kernels = (id(attention_backward_preprocess_kernel), id(attention_backward_dq_kernel),
                id(attention_backward_dkdv_kernel))  # the kernel objects, as in launch_forward.main_launch_plan
-    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, kernels)
+    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, dq_row_stats, kernels)
     plan = _backward_plans.get(plan_key)
     if plan is None:
         plan = _backward_plans.keep(plan_key, _new_backward_launch_plan(
-            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group,
+            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, dq_row_stats,
         ))  # fmt: skip
     return plan
 
 
 def _new_backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int, split_group: bool,
+    mask_seed: bool, tile_loads: int, split_group: bool, dq_row_stats: bool,
 ) -> BackwardLaunchPlan:
     kernel_key = desc.kernel_key
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
@@ -262,7 +267,7 @@ def _new_backward_launch_plan(
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
         dq=main_kernel(attention_backward_dq_kernel, config.dq, dq_sizes, COMPUTE_DQ=computed.query,
-                       WRITE_DMASK=computed.mask) if run_dq else None,
+                       WRITE_DMASK=computed.mask, ROW_STATS=dq_row_stats) if run_dq else None,
         dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
         dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,
