@@ -100,9 +100,6 @@ def attention_backward(
     run_dkdv = computed.key or computed.value
     # The dQ kernel runs for dq or dmask, and (row pass) for the row scales and delta the dK/dV kernel reads.
     run_dq = computed.query or computed.mask or (config.renormalize_rows and run_dkdv)
-    # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
-    # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
-    dq_row_stats = run_dq and not config.renormalize_rows and config.dkdv.block_m <= config.dq.block_m
 
     # Scratch, not outputs: every element is written before it is read. One allocation, its rows
     # 16-byte aligned: delta, lse in base 2 and, with renormalized rows, the row scales.
@@ -118,7 +115,7 @@ def attention_backward(
         query, grad_out, int(LOAD_POINTERS))
     split_group = run_dkdv and splits_gqa_group(desc, config, device)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
-                                tile_loads, split_group, dq_row_stats)
+                                tile_loads, split_group)
     run_time = ()  # with dropout, the arguments after the strides (the seeds change per call)
     if desc.dropout_p > 0.0:
         if inputs.dropout_seed is None:
@@ -127,7 +124,7 @@ def attention_backward(
         run_time = (seed_lo, seed_hi, drop_threshold(desc.dropout_p), 1.0 / (1.0 - desc.dropout_p))
 
     with on_device(device):
-        if not dq_row_stats:
+        if plan.preprocess is not None:
             plan.preprocess(
                 plan.preprocess_grid,
                 out, grad_out, lse, delta, lse_log2, *out.stride(), *grad_out.stride(), *lse.stride(),
@@ -190,7 +187,7 @@ class BackwardLaunchPlan:
     """Grids, run-time sizes and kernels of one backward's launches (see `backward_launch_plan`)."""
 
     preprocess_grid: tuple[int]
-    preprocess: BoundLaunch  # the lengths bound
+    preprocess: BoundLaunch | None  # the lengths bound; None where the dQ kernel computes the row statistics
     dq_grid: tuple[int]
     # With dropout, the dQ kernel's scale, lengths and head counts (the seeds follow, per call);
     # without, () and the kernel holds every argument after the strides.
@@ -207,22 +204,22 @@ _backward_plans = RecentValues()
 
 def backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int, split_group: bool, dq_row_stats: bool,
+    mask_seed: bool, tile_loads: int, split_group: bool,
 ) -> BackwardLaunchPlan:
     kernels = (id(attention_backward_preprocess_kernel), id(attention_backward_dq_kernel),
                id(attention_backward_dkdv_kernel))  # the kernel objects, as in launch_forward.main_launch_plan
-    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, dq_row_stats, kernels)
+    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, kernels)
     plan = _backward_plans.get(plan_key)
     if plan is None:
         plan = _backward_plans.keep(plan_key, _new_backward_launch_plan(
-            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, dq_row_stats,
+            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group,
         ))  # fmt: skip
     return plan
 
 
 def _new_backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int, split_group: bool, dq_row_stats: bool,
+    mask_seed: bool, tile_loads: int, split_group: bool,
 ) -> BackwardLaunchPlan:
     kernel_key = desc.kernel_key
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
@@ -242,14 +239,17 @@ def _new_backward_launch_plan(
         SPLIT_OPERANDS=config.split_operands,
         MASK_SEED=mask_seed,
     )
-    preprocess = launcher(
+    stats_stride = stats_row_stride(seq_q)
+    # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
+    # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
+    dq_row_stats = run_dq and not config.renormalize_rows and config.dkdv.block_m <= config.dq.block_m
+    preprocess = None if dq_row_stats else launcher(
         attention_backward_preprocess_kernel,
         HEAD_DIM_V=desc.head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
         # delta is for whatever is built from dS; with renormalized rows the dQ kernel computes it
         COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
-    ).bind(seq_q, heads_q, stats_row_stride(seq_q))  # fmt: skip
+    ).bind(seq_q, heads_q, stats_stride)  # fmt: skip
     scale, gqa_group = float(desc.scale), heads_q // heads_kv
-    stats_stride = stats_row_stride(seq_q)
     dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride)
     dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride)
     # Without dropout every argument after the strides is the plan's: bound once. With it the
@@ -262,7 +262,7 @@ def _new_backward_launch_plan(
                         num_stages=tile.num_stages, **flags, **variant).bind(*bound)
 
     return BackwardLaunchPlan(
-        preprocess_grid=(cdiv(stats_row_stride(seq_q), config.preprocess_block_m) * batch * heads_q,),
+        preprocess_grid=(cdiv(stats_stride, config.preprocess_block_m) * batch * heads_q,),
         preprocess=preprocess,
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
