@@ -8,7 +8,9 @@ register spills or shared memory. This script drives the real launchers
 `JITFunction.run` replaced by a compile-only stand-in: each kernel variant the
 launchers would launch is compiled for sm_90 with Triton's bundled ptxas, and
 nothing runs. It prints one row per variant (registers, spills from `ptxas -v`,
-shared memory) and exits 1 if any compile failed or overflowed shared memory.
+shared memory; status SERIAL where ptxas serialised the variant's wgmma
+instructions, which compiles and runs, slowly) and exits 1 if any compile
+failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --masks | --no-masks] [--match TEXT] [--dump DIR]
 
@@ -102,7 +104,8 @@ def dump_kernel(kernel, row: dict, key: tuple) -> str:
 
 
 def ptxas_usage(ptx: str) -> dict:
-    """Registers and spill bytes from the bundled ptxas -v (Triton deletes its own log)."""
+    """Registers, spill bytes and whether wgmma was serialised, from the bundled ptxas -v (Triton deletes its
+    own log)."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp, "kernel.ptx")
         source.write_text(ptx)
@@ -112,7 +115,8 @@ def ptxas_usage(ptx: str) -> dict:
 
     number = lambda pattern: sum(int(found) for found in re.findall(pattern, log))  # noqa: E731
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
-                spill_loads=number(r"(\d+) bytes spill loads"))
+                spill_loads=number(r"(\d+) bytes spill loads"),
+                wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
 
 
 def patch_for_sm90() -> None:
@@ -192,7 +196,7 @@ def describe_row(row: dict, fixed: dict) -> str:
     launch = f"w{opts.num_warps} s{opts.num_stages}" + (f" maxnreg {opts.maxnreg}" if opts.maxnreg else "")
     flags = format_constexprs({name: v for name, v in row["constexprs"].items() if name not in fixed})
     spills = f"{row['spill_stores']}/{row['spill_loads']}" if "spill_stores" in row else ""
-    status = "OK" if row["error"] is None else "FAIL"
+    status = "FAIL" if row["error"] is not None else "SERIAL" if row.get("wgmma_serialized") else "OK"
     registers, shared = row.get("registers", ""), row.get("shared", "")
     dump = f"  [{row['dump']}]" if "dump" in row else ""
     return f"  {row['dtype']:<5} {launch:<17} {registers:>4} {spills:>11} {shared:>7}  {status:<4}  {flags}{dump}"
@@ -246,8 +250,10 @@ def main() -> int:
     report(rows)
     failures = [row for row in rows if row["error"]]
     spilled = [row for row in rows if row.get("spill_stores")]
+    serialized = [row for row in rows if row.get("wgmma_serialized")]
     print(f"\n{len(rows)} variants from {len(problems)} problems in {time.time() - start:.0f}s: "
-          f"{len(failures)} failed, {len(spilled)} spill registers, {len(launcher_errors)} launcher errors, "
+          f"{len(failures)} failed, {len(spilled)} spill registers, {len(serialized)} with serialised wgmma, "
+          f"{len(launcher_errors)} launcher errors, "
           f"{len(declined)} declined by triton")
     for row in failures:  # Triton's errors open with the location and end with the source line and message
         lines = row["error"].splitlines()
