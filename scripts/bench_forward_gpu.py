@@ -38,8 +38,8 @@ from flashsdpa.dropout import full_keep_mask
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--sweep", action="store_true", help="time block-shape variants of the main kernel")
-parser.add_argument("--specs", default="", help="with --sweep: comma-separated variants for d=128 instead of "
-                    "the list below, e.g. 128x64w8s2r128,128x64w8s2")
+parser.add_argument("--specs", default="", help="with --sweep: comma-separated variants instead of the lists "
+                    "below, e.g. 128x64w8s2r128,128x64w8s2 (--rows picks the rows)")
 parser.add_argument("--decode-sweep", action="store_true", help="time decode block shapes and split counts")
 parser.add_argument("--fp32-sweep", action="store_true", help="time float32 variants (split tf32, tf32x3, tf32)")
 parser.add_argument("--table-only", action="store_true", help="only the default-config table (old checkouts too)")
@@ -377,7 +377,7 @@ if args.sweep and not args.table_only:
     for d in (64, 128):
         base = choose_forward_config(describe(*(torch.empty(1, 1, 1, d, device=dev, dtype=torch.bfloat16),) * 3)
                                      .kernel_key, cap)
-        specs = args.specs.split(",") if args.specs and d == 128 else SWEEP[d]
+        specs = args.specs.split(",") if args.specs else SWEEP[d]
         configs = {spec: variant(base, spec) for spec in specs}
         for L, causal in SWEEP_ROWS[d]:
             results = bench_case(d, L, causal, configs=configs, peers=False)
