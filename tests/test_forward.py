@@ -468,6 +468,6 @@ def test_fp32_precision_option(backend, device):
     ref, _ = oracle(q, k, v, causal=True)
     assert rel_err(out, ref) < 5e-3
     if backend == "triton":
-        # Cache keys are ("forward" | "backward", KernelKey, compute capability).
+        # Cache keys are ("forward" | "backward", KernelKey, compute capability, ...).
         kernel_keys = [part for key in flashsdpa.cache_info().keys for part in key if isinstance(part, flashsdpa.KernelKey)]
         assert {key.fp32_precision.value for key in kernel_keys} >= {"ieee", "tf32"}

@@ -101,6 +101,11 @@ SM90_16BIT_BLOCKS = {
     128: {False: (128, 64, 8, 2, 128), True: (128, 64, 8, 2, 128)},
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
 }
+# Non-causal problems with at least LONG_KEYS keys, where they differ. d=64:
+# 128x128 w8 s2 maxnreg 128 (session 5 sweep, H100, kernel time: L=4096 419
+# against 128x64 w4 s3 maxnreg 168's 402; at L=1024 359 against 374).
+LONG_KEYS = 4096
+SM90_16BIT_LONG_KEYS_BLOCKS = {64: (128, 128, 8, 2, 128)}
 
 # float32 at full precision (the default): ForwardConfig.split_products,
 # three float16 products of halves the launcher split, each block's P @ V
@@ -204,12 +209,15 @@ def choose_decode_config(key: KernelKey, interpreted: bool) -> DecodeConfig:
     return DecodeConfig(block_m=DECODE_BLOCK_M, block_n=block_n, num_warps=4, num_stages=3)
 
 
-def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None) -> ForwardConfig:
-    """The forward config for `key` on a GPU of `capability` (None: the CPU interpreter)."""
+def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, long_keys: bool = False) -> ForwardConfig:
+    """The forward config for `key` on a GPU of `capability` (None: the CPU interpreter); `long_keys`: the
+    problem has at least LONG_KEYS keys (the block shapes may differ, see SM90_16BIT_LONG_KEYS_BLOCKS)."""
     if uses_split_products(key):
         blocks = SM90_FP32_HALVES_BLOCKS[padded_head_dim(key)]
     elif key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.TF32:
         blocks = SM90_TF32_BLOCKS[padded_head_dim(key)]
+    elif long_keys and not key.causal and padded_head_dim(key) in SM90_16BIT_LONG_KEYS_BLOCKS:
+        blocks = SM90_16BIT_LONG_KEYS_BLOCKS[padded_head_dim(key)]
     else:
         blocks = SM90_16BIT_BLOCKS[padded_head_dim(key)][key.causal]
     interpreted = capability is None

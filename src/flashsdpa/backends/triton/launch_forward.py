@@ -34,6 +34,7 @@ from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_k
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, DirectLaunch, launcher
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
+    LONG_KEYS,
     ForwardConfig,
     choose_forward_config,
     decode_split_count,
@@ -64,8 +65,10 @@ def attention_forward(
         device = inputs.query.device
         # The capability is part of the key: tiles and TMA use differ per GPU generation.
         capability = device_capability(device)
+        long_keys = desc.seq_kv >= LONG_KEYS
         config = kernel_cache.get(
-            ("forward", desc.kernel_key, capability), lambda cache_key: choose_forward_config(cache_key[1], capability)
+            ("forward", desc.kernel_key, capability, long_keys),
+            lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
         )
     if uses_decode_kernel(desc):
         return launch_decode_kernels(desc, inputs, config)
