@@ -371,7 +371,7 @@ SWEEP = {  # the table's config first
     64: ["128x64w4s3", "128x64w4s3r168", "64x64w4s3", "128x128w8s2r128", "64x128w4s3"],
     128: ["128x128w8s3", "128x64w8s2r128", "64x64w4s3", "64x128w4s2", "128x128w8s3+device"],
 }
-SWEEP_ROWS = {64: ((1024, False), (4096, False), (4096, True)),
+SWEEP_ROWS = {64: ((1024, False), (2048, False), (4096, False), (4096, True), (8192, True), (16384, True)),
               128: ((1024, False), (4096, False), (1024, True), (4096, True), (16384, True))}
 if args.sweep and not args.table_only:
     for d in (64, 128):
