@@ -101,9 +101,11 @@ SM90_16BIT_BLOCKS = {
     128: {False: (128, 64, 8, 2, 128), True: (128, 64, 8, 2, 128)},
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
 }
-# Non-causal problems with at least LONG_KEYS keys, where they differ. d=64:
-# 128x128 w8 s2 maxnreg 128 (session 5 sweep, H100, kernel time: L=4096 419
-# against 128x64 w4 s3 maxnreg 168's 402; at L=1024 359 against 374).
+# Problems with at least LONG_KEYS keys, where they differ. d=64: 128x128 w8
+# s2 maxnreg 128 (session 5 sweeps, H100, kernel time, against the table's
+# shapes): non-causal L=4096 419 against 402 (L=2048 395 against 396, L=1024
+# 359 against 374); causal L=4096 370 against 362, L=8192 402 against 375,
+# L=16384 401 against 374.
 LONG_KEYS = 4096
 SM90_16BIT_LONG_KEYS_BLOCKS = {64: (128, 128, 8, 2, 128)}
 
@@ -216,7 +218,7 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
         blocks = SM90_FP32_HALVES_BLOCKS[padded_head_dim(key)]
     elif key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.TF32:
         blocks = SM90_TF32_BLOCKS[padded_head_dim(key)]
-    elif long_keys and not key.causal and padded_head_dim(key) in SM90_16BIT_LONG_KEYS_BLOCKS:
+    elif long_keys and padded_head_dim(key) in SM90_16BIT_LONG_KEYS_BLOCKS:
         blocks = SM90_16BIT_LONG_KEYS_BLOCKS[padded_head_dim(key)]
     else:
         blocks = SM90_16BIT_BLOCKS[padded_head_dim(key)][key.causal]
