@@ -30,9 +30,10 @@ import triton.language as tl
 
 # The largest finite magnitude of a row or column is scaled into [2**14, 2**15).
 TOP_EXPONENT = tl.constexpr(14)
-# The forward kernel's P (<= 1) is scaled by this before its split, as the other operands are.
-P_HALVES_SCALE = tl.constexpr(16384.0)
+# The forward kernel's P (<= 1) is scaled by 2**P_HALVES_SCALE_EXPONENT before its split, as the other
+# operands are.
 P_HALVES_SCALE_EXPONENT = tl.constexpr(14)
+P_HALVES_SCALE = tl.constexpr(2.0**P_HALVES_SCALE_EXPONENT.value)
 # Scales stop at 2**126 (2**112 with P's scale to undo as well), so every unscale stays a normal float32.
 MAX_UNSCALE_EXPONENT = tl.constexpr(126)
 
