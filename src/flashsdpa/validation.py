@@ -39,6 +39,7 @@ class Variants(NamedTuple):
 
     window_left: int = -1  # -1: unbounded
     window_right: int = -1  # -1: unbounded; always -1 under causal (causal already bounds it at 0)
+    # (a side that hides no key of this problem is -1 too)
     alignment: Alignment = Alignment.TOP_LEFT  # top-left wherever the alignment cannot change the result
     softcap: float = 0.0  # 0: off
     alibi_slopes: torch.Tensor | None = None  # (B, Hq) view in statistics_dtype, stride 0 over a broadcast batch
@@ -306,8 +307,12 @@ def check_variants(
         if tuple(sinks.shape) != (heads,):
             raise ValueError(f"sinks must have shape (H,) = ({heads},) (H: query heads), got {tuple(sinks.shape)}")
         sink_logits = sinks.to(stats)
-    if causal:
+    # Sides that hide no key are unbounded: one descriptor (and kernel) per problem.
+    offset = seq_kv - seq_q if alignment is Alignment.BOTTOM_RIGHT else 0
+    if causal or right >= seq_kv - 1 - offset:
         right = -1  # causal bounds every row at its aligned position already
+    if left >= seq_q - 1 + offset:
+        left = -1
     positional = causal or left >= 0 or right >= 0 or slopes is not None
     if seq_q == seq_kv or not positional:
         alignment = Alignment.TOP_LEFT  # the same result either way: one descriptor, one compiled variant
