@@ -202,7 +202,7 @@ def test_alignment_is_canonical():
     args = (None, None, 0.0, False, None, "ieee")
 
     def describe(q, k, v, **kw):
-        return api.prepare(q, k, v, kw.pop("causal", False), *args, **kw).describe()
+        return api.prepare(q, k, v, kw.pop("causal", False), *args, **kw).desc
 
     assert describe(q, k, v, causal_alignment="bottom_right").alignment is Alignment.TOP_LEFT
     assert describe(q, q, q, causal=True, causal_alignment="bottom_right").alignment is Alignment.TOP_LEFT
@@ -270,8 +270,8 @@ def test_sinks_in_the_inputs_dtype_and_float64_slopes_for_float64_inputs():
 def test_triton_declines_each_variant_with_a_reason(kwargs, fragment):
     q, k = _q((2, 3, 5, 16)), _q((2, 3, 9, 16))
     causal = kwargs.pop("causal", False)
-    desc = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee", **kwargs).describe()
-    plain = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee").describe()
+    desc = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee", **kwargs).desc
+    plain = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee").desc
     reasons = TritonBackend()._reasons(desc, torch.device("cuda", 0) if torch.cuda.is_available() else q.device)
     base = TritonBackend()._reasons(plain, torch.device("cuda", 0) if torch.cuda.is_available() else q.device)
     new = [r for r in reasons if r not in base]

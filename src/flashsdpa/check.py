@@ -156,7 +156,7 @@ def _variant_formula(case, q, k, v, mask, options, compute_dtype, want_grad, gra
         **{**options, "sinks": leaves[3] if sinks is not None else None},
     )  # fmt: skip
     c, w = call.canon, call.variants
-    out = reference.attention_math(call.describe(), c.query, c.key, c.value, c.mask, w.alibi_slopes, w.sinks, None)[0]
+    out = reference.attention_math(call.desc, c.query, c.key, c.value, c.mask, w.alibi_slopes, w.sinks, None)[0]
     out = out.reshape(c.output_shape)
     grads = torch.autograd.grad(out, leaves, grad_out.to(compute_dtype)) if want_grad else None
     return out.detach(), grads
