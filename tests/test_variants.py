@@ -445,3 +445,30 @@ def test_tiled_backward_skips_blocks_too(monkeypatch):
     out.sum().backward()
     # two passes (delta, then dK/dV/dQ), each over <= 4 key blocks per query block of 16 rows
     assert len(seen) <= 2 * 4 * 16, len(seen)
+
+
+SINGLE_VARIANTS = {
+    "window": dict(window=(2, 1)),
+    "bottom_right": dict(causal=True, causal_alignment="bottom_right"),
+    "softcap": dict(softcap=1.5),
+    "alibi": dict(alibi_slopes=torch.tensor([0.3, 0.7])),
+    "sinks": dict(sinks=torch.tensor([0.5, -1.0])),
+}
+
+
+@pytest.mark.parametrize("variant", SINGLE_VARIANTS)
+@pytest.mark.parametrize("backend", [*flashsdpa.dispatch.backend_names(), None])
+def test_every_backend_computes_or_declines_each_variant(backend, variant):
+    """No backend may ignore a variant it does not compute (a silent wrong answer): pinned, it computes the
+    formula or raises UnsupportedError; the automatic choice (None) always computes it."""
+    gen = generator(15)
+    q, k, v = qkv((1, 2), (1, 2), 6, 9, 16, gen, torch.float32, "cpu")
+    options = dict(SINGLE_VARIANTS[variant])
+    alignment = options.pop("causal_alignment", "top_left")
+    try:
+        out = flashsdpa.attention(q, k, v, causal_alignment=alignment, backend=backend, **options)
+    except flashsdpa.UnsupportedError:
+        assert backend is not None, "the automatic choice found no backend"
+        return
+    ref, _ = variants_oracle(q, k, v, alignment=alignment, **options)
+    assert rel_err(out, ref) < 1e-5, (backend, variant)
