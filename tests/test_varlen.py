@@ -357,3 +357,43 @@ def test_switch_falls_back_with_a_reason_or_raises_when_strict():
     finally:
         switch.disable()
     assert torch_varlen.varlen_attn.__module__ == "torch.nn.attention.varlen"
+
+
+# ---- transformers: packed-sequence training through the registered implementation -------------------
+
+def test_transformers_packed_batch_runs_as_varlen(monkeypatch):
+    """DataCollatorWithFlattening's packed batch (cu_seq_lens_q/k) trains through `varlen_attn`: logits and
+    gradients equal the "sdpa" model's run on each sequence alone. (transformers 5.25's own "sdpa" and
+    "eager" find the packing from position_ids only without a cache: with the default use_cache=True, as
+    here, their sequences see each other, 0.2 off; the varlen path reads cu_seq_lens and is right either way.)"""
+    transformers = pytest.importorskip("transformers")
+    from flashsdpa import varlen
+    from flashsdpa.integrations import transformers as fs_transformers
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    features = [{"input_ids": torch.randint(0, 64, (n,), generator=gen).tolist()} for n in (5, 1, 9)]
+    packed_batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    runs = []
+    forward = varlen.forward_impl
+    monkeypatch.setattr(varlen, "forward_impl", lambda *a: runs.append(1) or forward(*a))
+
+    def logits_and_grads(attn_implementation, batches):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+        model.set_attn_implementation(attn_implementation)
+        logits = torch.cat([model(**batch).logits for batch in batches], dim=1)
+        logits.square().mean().backward()
+        return logits, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    registration = fs_transformers.register()
+    try:
+        logits, grads = logits_and_grads(registration.name, [packed_batch])
+    finally:
+        registration.remove()
+    assert len(runs) == sizes["num_hidden_layers"]
+    alone = [{"input_ids": torch.tensor([f["input_ids"]])} for f in features]
+    ref_logits, ref_grads = logits_and_grads("sdpa", alone)
+    assert rel_err(logits, ref_logits) <= 1e-5
+    assert rel_err(grads, ref_grads) <= 1e-5
