@@ -35,23 +35,29 @@ Tensor = torch.Tensor
 _descriptors = RecentValues()
 
 
-def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision, gradients):
+def _describe(
+    q, k, v, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment, softcap,
+    fp32_precision, gradients,
+):  # fmt: skip
     facts = (
         q.shape, k.shape, v.shape, q.dtype, q.device.type,
         None if mask is None else (mask.dtype, mask.shape, mask.stride()),
         dropout_p, causal, scale, math.copysign(1.0, scale), fp32_precision, gradients,  # the sign: -0.0 == 0.0 as keys
+        window_left, window_right, alignment, softcap, alibi_slopes is None, sinks is None,
     )  # fmt: skip
     desc = _descriptors.get(facts)
     if desc is None:
         desc = _descriptors.keep(facts, describe(
             q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, fp32_precision=fp32_precision,
-            gradients=gradients,
+            gradients=gradients, window_left=window_left, window_right=window_right, alignment=alignment,
+            softcap=softcap, alibi=alibi_slopes is not None, sinks=sinks is not None,
         ))  # fmt: skip
     return desc
 
 
-def _inputs(q, k, v, mask, dropout_seed) -> AttentionInputs:
-    return AttentionInputs(q, k, v, mask, split_seed(dropout_seed) if dropout_seed.numel() else None)
+def _inputs(q, k, v, mask, alibi_slopes, sinks, dropout_seed) -> AttentionInputs:
+    seed = split_seed(dropout_seed) if dropout_seed.numel() else None
+    return AttentionInputs(q, k, v, mask, seed, alibi_slopes, sinks)
 
 
 def _is_degenerate(desc) -> bool:
@@ -59,22 +65,31 @@ def _is_degenerate(desc) -> bool:
     return desc.seq_q == 0 or desc.seq_kv == 0 or desc.batch * desc.heads_q == 0
 
 
-def _empty_forward(desc, q):
-    """Every row sees no key: out = 0 and lse = -inf, as torch gives."""
+def _empty_forward(desc, q, sinks):
+    """Every row sees no key: out = 0 and lse = -inf (as torch gives), or the row's sink logit."""
     shape = (desc.batch, desc.heads_q, desc.seq_q)
     out = q.new_zeros(*shape, desc.head_dim_v)
+    if sinks is not None:
+        return out, sinks.detach().to(statistics_dtype(q.dtype)).view(1, -1, 1).expand(shape).contiguous()
     return out, torch.full(shape, float("-inf"), dtype=statistics_dtype(q.dtype), device=q.device)
 
 
-def forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
+def forward_impl(
+    query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment,
+    softcap, backend, fp32_precision, gradients,
+):  # fmt: skip
     """The body of `attention_forward` (see there), callable without the op's dispatcher layers."""
-    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision, gradients)
+    desc = _describe(
+        query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment,
+        softcap, fp32_precision, gradients,
+    )  # fmt: skip
     name = dispatch.choose_backend(desc, query.device, backend or None)
     dispatch.record_call(name)
     dropout_seed = draw_seed() if dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
     if _is_degenerate(desc):
-        return (*_empty_forward(desc, query), dropout_seed)
-    out, lse = dispatch.BACKENDS[name].forward(desc, _inputs(query, key, value, mask, dropout_seed))
+        return (*_empty_forward(desc, query, sinks), dropout_seed)
+    inputs = _inputs(query, key, value, mask, alibi_slopes, sinks, dropout_seed)
+    out, lse = dispatch.BACKENDS[name].forward(desc, inputs)
     return _as_declared(out), _as_declared(lse), dropout_seed
 
 
@@ -84,9 +99,15 @@ def attention_forward(
     key: Tensor,
     value: Tensor,
     mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
     dropout_p: float,
     causal: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    alignment: str,
+    softcap: float,
     backend: str,
     fp32_precision: str,
     gradients: str,
@@ -95,8 +116,12 @@ def attention_forward(
     dropout) is drawn here, at run time, from torch's default generator, so
     eager and compiled runs draw the same pattern after torch.manual_seed.
     `gradients` is the backward's 16-bit precision, chosen with the call
-    (`gradient_precision.at_forward`); the forward only carries it."""
-    return forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
+    (`gradient_precision.at_forward`); the forward only carries it. The
+    variants (alibi_slopes to softcap) are `validation.Variants` in canonical form."""
+    return forward_impl(
+        query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment,
+        softcap, backend, fp32_precision, gradients,
+    )  # fmt: skip
 
 
 def _as_declared(t: Tensor) -> Tensor:
@@ -106,7 +131,7 @@ def _as_declared(t: Tensor) -> Tensor:
 
 
 @attention_forward.register_fake
-def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
+def _(query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, *_options):
     b, h, l, _ = query.shape
     out = query.new_empty(b, h, l, value.shape[-1])
     seed = torch.empty(2 if dropout_p > 0.0 else 0, dtype=torch.int64)
@@ -114,11 +139,14 @@ def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision
 
 
 def backward_impl(
-    grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-    gradients, needed,
+    grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed, dropout_p, causal, scale,
+    window_left, window_right, alignment, softcap, backend, fp32_precision, gradients, needed,
 ):
     """The body of `attention_backward` (see there), callable without the op's dispatcher layers."""
-    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision, gradients)
+    desc = _describe(
+        query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment,
+        softcap, fp32_precision, gradients,
+    )  # fmt: skip
     need = GradientsNeeded(*needed)
     if _is_degenerate(desc):
         grads = (
@@ -131,9 +159,8 @@ def backward_impl(
         )
     else:
         name = dispatch.choose_backend(desc, query.device, backend or None)
-        grads = dispatch.BACKENDS[name].backward(
-            desc, _inputs(query, key, value, mask, dropout_seed), out, lse, grad_out, need
-        )
+        inputs = _inputs(query, key, value, mask, alibi_slopes, sinks, dropout_seed)
+        grads = dispatch.BACKENDS[name].backward(desc, inputs, out, lse, grad_out, need)
     return tuple(_as_declared(g) if g is not None else query.new_empty(0) for g in grads)
 
 
@@ -146,27 +173,32 @@ def attention_backward(
     out: Tensor,
     lse: Tensor,
     mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
     dropout_seed: Tensor,
     dropout_p: float,
     causal: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    alignment: str,
+    softcap: float,
     backend: str,
     fp32_precision: str,
     gradients: str,
     needed: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dmask); a gradient not `needed` comes back as an empty tensor."""
+    """Returns (dq, dk, dv, dmask); a gradient not `needed` comes back as an empty tensor.
+    The sinks' gradient is not a backend's: `sink_gradient` computes it from out and lse."""
     return backward_impl(
-        grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-        gradients, needed,
+        grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed, dropout_p, causal, scale,
+        window_left, window_right, alignment, softcap, backend, fp32_precision, gradients, needed,
     )
 
 
 @attention_backward.register_fake
-def _(
-    grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-    gradients, needed,
-):
+def _(grad_out, query, key, value, out, lse, mask, *_rest):
+    needed = _rest[-1]
     b, h, l, _ = query.shape
     dmask_shape = (b, h, l, key.shape[2])
     return (
@@ -177,11 +209,13 @@ def _(
     )
 
 
+_TENSOR_INPUTS = 6  # query, key, value, mask, alibi_slopes, sinks; then the scalar options
+
+
 def _setup_context(ctx, inputs, output):
-    query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients = inputs
     out, lse, dropout_seed = output
-    ctx.save_for_backward(query, key, value, mask, dropout_seed, out, lse)
-    ctx.options = (dropout_p, causal, scale, backend, fp32_precision, gradients)
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], dropout_seed, out, lse)
+    ctx.options = inputs[_TENSOR_INPUTS:]
     ctx.mark_non_differentiable(lse, dropout_seed)
     # lse and the seed never get a gradient: without this autograd would fill
     # a zero tensor for each on every backward (a fill kernel, and host time).
@@ -194,18 +228,36 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
             "flashsdpa does not support double backward (create_graph=True through attention); "
             "use torch's scaled_dot_product_attention for higher-order gradients"
         )
-    query, key, value, mask, dropout_seed, out, lse = ctx.saved_tensors
+    query, key, value, mask, alibi_slopes, sinks, dropout_seed, out, lse = ctx.saved_tensors
     if grad_out is None:  # not materialized (see _setup_context); never seen, as out is the only differentiable output
         grad_out = torch.zeros_like(out)
     needed = [bool(n) for n in ctx.needs_input_grad[:4]]
     if mask is None or not mask.is_floating_point():
         needed[3] = False
-    arguments = (grad_out, query, key, value, out, lse, mask, dropout_seed, *ctx.options, needed)
-    dq, dk, dv, dmask = backward_impl(*arguments) if _plain_eager(arguments[:7]) else attention_backward(*arguments)
+    dsinks = sink_gradient(sinks, out, lse, grad_out) if ctx.needs_input_grad[5] else None
+    if any(needed):
+        arguments = (grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed, *ctx.options,
+                     needed)  # fmt: skip
+        dq, dk, dv, dmask = backward_impl(*arguments) if _plain_eager(arguments[:9]) else attention_backward(*arguments)
+    else:
+        dq = dk = dv = dmask = None
     grads = [g if n else None for g, n in zip((dq, dk, dv, dmask), needed)]
     if grads[3] is not None:
         grads[3] = grads[3].to(mask.dtype)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, dsinks, *(None,) * len(ctx.options))
+
+
+def sink_gradient(sinks: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor) -> Tensor:
+    """d loss / d sinks, for every backend: the sink's share of row i is p_i = exp(sink - lse_i), and
+
+        d loss / d sink_h = -sum over batch and rows of p_i * delta_i,   delta_i = rowsum(dO_i * O_i)
+
+    (the sink has no value row; dropout, which only drops the keys' shares, is inside O). A row with
+    no visible key has O = 0, so its sink, whose share there is 1, gets no gradient from it."""
+    stats = lse.dtype
+    delta = (grad_out.to(stats) * out.to(stats)).sum(-1)
+    share = torch.exp(sinks.to(stats).view(1, -1, 1) - lse)
+    return (-(share * delta).sum((0, 2))).to(sinks.dtype)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -252,15 +304,21 @@ class _EagerAttention(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_lse, grad_seed)
 
 
-def forward(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
+def forward(
+    query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment,
+    softcap, backend, fp32_precision, gradients,
+):  # fmt: skip
     """`attention_forward(...)`, skipping the op's layers where nothing can observe them (see `_plain_eager`)."""
-    arguments = (query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
-    if not _plain_eager((query, key, value, mask)):
+    arguments = (
+        query, key, value, mask, alibi_slopes, sinks, dropout_p, causal, scale, window_left, window_right, alignment,
+        softcap, backend, fp32_precision, gradients,
+    )  # fmt: skip
+    if not _plain_eager((query, key, value, mask, alibi_slopes, sinks)):
         return attention_forward(*arguments)
     needs_graph = (
         torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad
-             or (mask is not None and mask.requires_grad))
+             or (mask is not None and mask.requires_grad) or (sinks is not None and sinks.requires_grad))
         # below autograd (inside another op's implementation) the op records no graph either
         and not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
     )

@@ -15,7 +15,14 @@ from typing import NamedTuple
 
 import torch
 
-from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision, MaskKind
+from flashsdpa.descriptor import (
+    AttentionDescriptor,
+    Alignment,
+    Fp32Precision,
+    GradientPrecision,
+    MaskKind,
+    statistics_dtype,
+)
 
 
 class Canonical(NamedTuple):  # a NamedTuple: built on every call, in a third of a frozen dataclass's time
@@ -25,6 +32,20 @@ class Canonical(NamedTuple):  # a NamedTuple: built on every call, in a third of
     mask: torch.Tensor | None  # (B, Hq, L, S) view, stride 0 on broadcast dims
     output_shape: tuple[int, ...]  # the caller's (..., L, Ev)
     lse_shape: tuple[int, ...]  # the caller's (..., L)
+
+
+class Variants(NamedTuple):
+    """The variant arguments of `flashsdpa.attention`, checked and in canonical form."""
+
+    window_left: int = -1  # -1: unbounded
+    window_right: int = -1  # -1: unbounded; always -1 under causal (causal already bounds it at 0)
+    alignment: Alignment = Alignment.TOP_LEFT  # top-left wherever the alignment cannot change the result
+    softcap: float = 0.0  # 0: off
+    alibi_slopes: torch.Tensor | None = None  # (B, Hq) view in statistics_dtype, stride 0 over a broadcast batch
+    sinks: torch.Tensor | None = None  # (Hq,) in statistics_dtype (differentiable conversion of the caller's)
+
+
+NO_VARIANTS = Variants()
 
 
 def _shapes(**tensors) -> str:
@@ -202,6 +223,12 @@ def describe(
     scale: float | None,
     fp32_precision: Fp32Precision | str = Fp32Precision.IEEE,
     gradients: GradientPrecision | str = GradientPrecision.AUTO,
+    window_left: int = -1,
+    window_right: int = -1,
+    alignment: Alignment | str = Alignment.TOP_LEFT,
+    softcap: float = 0.0,
+    alibi: bool = False,
+    sinks: bool = False,
 ) -> AttentionDescriptor:
     """The descriptor of a problem given in canonical form."""
     b, hq, l, e = query.shape
@@ -228,6 +255,12 @@ def describe(
         scale=scale,
         fp32_precision=_as_member(Fp32Precision, fp32_precision),
         gradients=_as_member(GradientPrecision, gradients),
+        window_left=window_left,
+        window_right=window_right,
+        alignment=_as_member(Alignment, alignment),
+        softcap=float(softcap),
+        alibi=alibi,
+        sinks=sinks,
     )
 
 
@@ -235,3 +268,72 @@ def _as_member(enum_type, value):
     """`enum_type(value)`, skipped for a member: under torch.compile (torch 2.11) dynamo failed to trace
     GradientPrecision(GradientPrecision.AUTO) ("SourcelessBuilder ... <class 'method'>")."""
     return value if isinstance(value, enum_type) else enum_type(value)
+
+
+def check_variants(
+    canon: Canonical, causal: bool, window, causal_alignment, softcap, alibi_slopes, sinks
+) -> Variants:
+    """Check `flashsdpa.attention`'s variant arguments against the canonical problem; their canonical form."""
+    if window is None and causal_alignment == "top_left" and softcap is None and alibi_slopes is None and sinks is None:
+        return NO_VARIANTS
+    query = canon.query
+    batch, heads, seq_q, _ = query.shape
+    seq_kv = canon.key.shape[2]
+    left, right = _window(window)
+    try:
+        alignment = Alignment(causal_alignment)
+    except ValueError:
+        choices = [a.value for a in Alignment]
+        raise ValueError(f"causal_alignment must be one of {choices}, got {causal_alignment!r}") from None
+    if softcap is not None and (not _is_real(softcap) or not 0.0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None (off) or a finite float > 0, got {softcap!r}")
+    accepted = (torch.float32,) if query.dtype != torch.float64 else (torch.float32, torch.float64)
+    stats = statistics_dtype(query.dtype)
+    slopes = None
+    if alibi_slopes is not None:
+        _check_small_tensor("alibi_slopes", alibi_slopes, query, accepted)
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes receive no gradient: pass a tensor that does not require grad (detach it)")
+        if tuple(alibi_slopes.shape) not in ((heads,), (1, heads), (batch, heads)):
+            raise ValueError(
+                f"alibi_slopes must have shape (H,) or (B, H) = ({heads},) or ({batch}, {heads}) (H: query heads, "
+                f"B: the batch dims' product), got {tuple(alibi_slopes.shape)}"
+            )
+        slopes = _expand(_with_leading_ones(alibi_slopes, 2).to(stats), (batch, heads))
+    sink_logits = None
+    if sinks is not None:
+        _check_small_tensor("sinks", sinks, query, (torch.float32, query.dtype))
+        if tuple(sinks.shape) != (heads,):
+            raise ValueError(f"sinks must have shape (H,) = ({heads},) (H: query heads), got {tuple(sinks.shape)}")
+        sink_logits = sinks.to(stats)
+    if causal:
+        right = -1  # causal bounds every row at its aligned position already
+    positional = causal or left >= 0 or right >= 0 or slopes is not None
+    if seq_q == seq_kv or not positional:
+        alignment = Alignment.TOP_LEFT  # the same result either way: one descriptor, one compiled variant
+    return Variants(left, right, alignment, 0.0 if softcap is None else float(softcap), slopes, sink_logits)
+
+
+def _window(window) -> tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a pair (left, right) of ints >= -1 or None, got {window!r}")
+    sides = []
+    for name, side in zip(("left", "right"), window):
+        if side is None:
+            side = -1
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < -1:
+            raise ValueError(f"window's {name} side must be None or an int >= -1 (-1 = unbounded), got {window!r}")
+        sides.append(int(side))
+    return sides[0], sides[1]
+
+
+def _check_small_tensor(name: str, t, query: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes))
+        raise TypeError(f"{name} must be {allowed}, got {t.dtype} (shape {tuple(t.shape)})")
+    if t.device != query.device:
+        raise ValueError(f"{name} is on {t.device} but query is on {query.device}")

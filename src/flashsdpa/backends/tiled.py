@@ -81,6 +81,9 @@ class TiledBackend(Backend):
     name = "tiled"
 
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        if desc.windowed or desc.key_offset or desc.softcap or desc.alibi or desc.sinks:
+            return ["the tiled backend does not compute the attention variants yet (window, alignment, softcap, "
+                    "ALiBi, sinks)"]
         return []
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
