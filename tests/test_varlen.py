@@ -14,7 +14,7 @@ from flashsdpa.backends import tiled
 from flashsdpa.backends.base import poisoned_outputs
 from flashsdpa.integrations import torch_varlen as switch
 
-from helpers import assert_forward_close, assert_lse_close, generator, oracle, randn, rel_err
+from helpers import assert_forward_close, assert_lse_close, generator, oracle, randn, rel_err, variants_oracle
 
 BACKENDS = ("tiled", "reference")
 
@@ -97,6 +97,85 @@ def test_matches_per_sequence_attention_float64(backend, lengths, variant):
     assert out.shape == (sum(lens_q), 4, 5) and lse.shape == (4, sum(lens_q))
     assert rel_err(out, ref_out) <= 1e-12
     assert_lse_close(lse, ref_lse, torch.float64)
+
+
+SCORE_VARIANTS = [
+    dict(softcap=0.7),
+    dict(alibi_slopes="per sequence"),
+    dict(sinks=True),
+    dict(softcap=2.0, alibi_slopes="per head", sinks=True),
+]
+
+
+def _score_variant_arguments(variant, sequences, heads, gen):
+    """The variant's tensors: ALiBi slopes (N, Hq) or (Hq,), sinks (Hq,) in float64."""
+    arguments = dict(variant)
+    if variant.get("alibi_slopes") == "per sequence":
+        arguments["alibi_slopes"] = torch.rand(sequences, heads, generator=gen, dtype=torch.float64)
+    elif variant.get("alibi_slopes") == "per head":
+        arguments["alibi_slopes"] = torch.rand(heads, generator=gen, dtype=torch.float64)
+    if variant.get("sinks"):
+        arguments["sinks"] = randn((heads,), gen, torch.float64)
+    return arguments
+
+
+@pytest.mark.parametrize("variant", SCORE_VARIANTS, ids=lambda v: "+".join(v))
+@pytest.mark.parametrize("visibility", [dict(causal=True, window=(-1, -1)), dict(causal=False, window=(3, 1))],
+                         ids=["causal", "window"])  # fmt: skip
+def test_score_variants_match_per_sequence_float64(variant, visibility):
+    """softcap, ALiBi (per head or per sequence) and sinks, bottom-right aligned per sequence (reference backend)."""
+    lens_q, lens_k = [3, 0, 1, 6, 2], [5, 2, 0, 6, 9]
+    gen = generator(21)
+    q, k, v = packed(lens_q, lens_k, 4, 2, 8, gen)
+    arguments = _score_variant_arguments(variant, len(lens_q), 4, gen)
+    with poisoned_outputs():
+        out, lse = flashsdpa.varlen_attn(
+            q, k, v, offsets(lens_q), offsets(lens_k), 6, 9, return_aux=Lse(), enable_gqa=True, backend="reference",
+            causal=visibility["causal"], window_size=visibility["window"], **arguments,
+        )  # fmt: skip
+    outs, lses = [], []
+    q0 = k0 = 0
+    for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        slopes = arguments.get("alibi_slopes")
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[i]
+        per_seq = [t.transpose(0, 1).unsqueeze(0) for t in (q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk])]
+        if lk == 0:  # the oracle needs a key: no key gives zeros, and lse = the sink's logit or -inf
+            sinks = arguments.get("sinks")
+            outs.append(torch.zeros(lq, 4, 8, dtype=torch.float64))
+            lses.append((sinks.view(-1, 1) if sinks is not None else torch.tensor(float("-inf"))).expand(4, lq))
+            q0, k0 = q0 + lq, k0 + lk
+            continue
+        o, l = variants_oracle(*per_seq, causal=visibility["causal"], window=visibility["window"],
+                               alignment="bottom_right", softcap=arguments.get("softcap"), alibi_slopes=slopes,
+                               sinks=arguments.get("sinks"))  # fmt: skip
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+        q0, k0 = q0 + lq, k0 + lk
+    assert rel_err(out, torch.cat(outs)) <= 1e-12
+    assert_lse_close(lse, torch.cat(lses, dim=-1), torch.float64)
+
+
+def test_score_variants_gradcheck_with_sinks():
+    lens_q, lens_k = [2, 0, 3], [3, 1, 2]
+    gen = generator(22)
+    q, k, v = (t.requires_grad_() for t in packed(lens_q, lens_k, 2, 1, 3, gen))
+    sinks = randn((2,), gen, torch.float64).requires_grad_()
+    slopes = torch.rand(2, generator=gen, dtype=torch.float64)
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+
+    def f(q, k, v, sinks):
+        return flashsdpa.varlen_attn(q, k, v, cu_q, cu_k, 3, 3, enable_gqa=True, backend="reference", softcap=1.5,
+                                     alibi_slopes=slopes, sinks=sinks, window_size=(-1, 0))  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+
+
+def test_score_variants_on_a_backend_without_them_name_the_reason():
+    q = k = v = torch.randn(4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(flashsdpa.UnsupportedError, match="tiled"):
+        flashsdpa.varlen_attn(q, k, v, cu, cu, 4, 4, softcap=1.0)
 
 
 def test_torch_window_size_conventions():
@@ -304,6 +383,10 @@ def _bad_calls():
         ("cu_seq_k is required", dict(base, cu_seq_k=None)),
         ("window_size must be", dict(base, window_size=(-1,))),
         ("causal_alignment must be one of", dict(base, causal_alignment="bottom")),
+        ("softcap must be None", dict(base, softcap=-1.0)),
+        (r"alibi_slopes must have shape \(Hq,\) or \(N, Hq\)", dict(base, alibi_slopes=torch.rand(3, 2))),
+        ("alibi_slopes must be float32", dict(base, alibi_slopes=torch.rand(2, dtype=torch.float64))),
+        (r"sinks must have shape \(Hq,\)", dict(base, sinks=torch.zeros(3))),
     ]
 
 

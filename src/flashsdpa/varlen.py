@@ -34,7 +34,8 @@ from flashsdpa.api import _pinned_backend_outside_compile
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
 from flashsdpa.descriptor import Fp32Precision, statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
-from flashsdpa.validation import describe
+from flashsdpa.ops import sink_gradient
+from flashsdpa.validation import _check_small_tensor, describe
 
 Tensor = torch.Tensor
 
@@ -76,18 +77,26 @@ class VarlenOptions:
     window_left: int
     window_right: int
     bottom_right: bool
+    softcap: float  # 0 = off
     dropout_p: float
     backend: str  # "" = automatic (or the `use_backend` pin)
     fp32_precision: str
 
     def as_op_arguments(self) -> tuple:
-        return (self.scale, self.causal, self.window_left, self.window_right, self.bottom_right, self.dropout_p,
-                self.backend, self.fp32_precision)  # fmt: skip
+        return (self.scale, self.causal, self.window_left, self.window_right, self.bottom_right, self.softcap,
+                self.dropout_p, self.backend, self.fp32_precision)  # fmt: skip
 
-    def needs_mask(self, seq_q: int, seq_kv: int) -> bool:
-        """Whether the visible keys differ from "all" or the top-left causal triangle (desc.causal)."""
+    def visibility_as_mask(self, seq_q: int, seq_kv: int, score_variants: bool) -> bool:
+        """Whether a sequence's visible keys go to the backend as a bool mask rather than as descriptor fields.
+
+        A mask where they differ from "all" and from the top-left causal triangle (desc.causal) and the call
+        has no score variant (softcap, ALiBi, sinks): every backend takes a mask, while the tiled and triton
+        backends do not take windows or alignments yet. With a score variant, the fields (ALiBi reads
+        the alignment), for the backends that compute variants.
+        """
         shifted = self.bottom_right and seq_q != seq_kv
-        return self.window_left >= 0 or self.window_right >= 0 or (self.causal and shifted)
+        restricted = self.window_left >= 0 or self.window_right >= 0 or (self.causal and shifted)
+        return restricted and not score_variants
 
 
 @dataclass(frozen=True)
@@ -248,8 +257,13 @@ class _Problem:
 class _Runner:
     """Builds each sequence's problem and picks its backend, recording each fallback reason once per call."""
 
-    def __init__(self, query, key, value, block_table, options: VarlenOptions, dropout_seed: Tensor, gradients: str):
+    def __init__(self, query, key, value, block_table, alibi_slopes, sinks, options: VarlenOptions,
+                 dropout_seed: Tensor, gradients: str):  # fmt: skip
         self.query, self.key, self.value, self.block_table = query, key, value, block_table
+        stats = statistics_dtype(query.dtype)
+        # (N or 1, Hq) and (Hq,) in the statistics dtype, as the backends read them.
+        self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.to(stats).view(-1, query.shape[1])
+        self.sinks = None if sinks is None else sinks.to(stats)
         self.options = options
         self.seed = split_seed(dropout_seed) if dropout_seed.numel() else None
         self.gradients = gradients
@@ -261,20 +275,31 @@ class _Runner:
         k_rows, tokens = _key_tokens(self.key, self.block_table, seq)
         v_rows = _key_tokens(self.value, self.block_table, seq)[0]
         k, v = _head_major(k_rows), _head_major(v_rows)
+        score_variants = o.softcap > 0.0 or self.alibi_slopes is not None or self.sinks is not None
         mask = None
-        if o.needs_mask(seq.q_len, seq.k_len):
+        fields = {}
+        if o.visibility_as_mask(seq.q_len, seq.k_len, score_variants):
             rows = torch.arange(seq.q_len, device=q.device).view(-1, 1)
             cols = torch.arange(seq.k_len, device=q.device).view(1, -1)
             visible = visible_keys(rows, cols, seq.q_len, seq.k_len, causal=o.causal, window_left=o.window_left,
                                    window_right=o.window_right, bottom_right=o.bottom_right)  # fmt: skip
             mask = visible.expand(1, q.shape[1], seq.q_len, seq.k_len)
+        elif score_variants:
+            fields = dict(
+                window_left=o.window_left, window_right=o.window_right, softcap=o.softcap,
+                alignment="bottom_right" if o.bottom_right and seq.q_len != seq.k_len else "top_left",
+                alibi=self.alibi_slopes is not None, sinks=self.sinks is not None,
+            )  # fmt: skip
         desc = describe(
             q, k, v, mask, causal=o.causal and mask is None, dropout_p=o.dropout_p, scale=o.scale,
-            fp32_precision=o.fp32_precision, gradients=self.gradients,
+            fp32_precision=o.fp32_precision, gradients=self.gradients, **fields,
         )
         # Sequence i draws dropout as batch item i of a (N, Hq) batch would: its heads' streams follow on.
         seed = None if self.seed is None else (self.seed[0], self.seed[1] + seq.index * q.shape[1])
-        return _Problem(desc, AttentionInputs(q, k, v, mask, seed)), tokens
+        slopes = self.alibi_slopes
+        if slopes is not None:
+            slopes = slopes[seq.index if slopes.shape[0] > 1 else 0].view(1, -1)
+        return _Problem(desc, AttentionInputs(q, k, v, mask, seed, slopes, self.sinks)), tokens
 
     def backend(self, desc):
         requested = self.options.backend or None
@@ -295,20 +320,21 @@ def _is_empty(seq: Sequence) -> bool:
     return seq.q_len == 0 or seq.k_len == 0
 
 
-def forward_impl(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, max_q, max_k, *options):
+def forward_impl(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k,
+                 *options):  # fmt: skip
     opts = VarlenOptions(*options)
     packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     dropout_seed = draw_seed() if opts.dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
-    runner = _Runner(query, key, value, block_table, opts, dropout_seed, "auto")
+    runner = _Runner(query, key, value, block_table, alibi_slopes, sinks, opts, dropout_seed, "auto")
     total_q, heads_q = query.shape[0], query.shape[1]
     out = new_output((total_q, heads_q, value.shape[-1]), query.dtype, query.device)
     lse = new_output((heads_q, total_q), statistics_dtype(query.dtype), query.device)
     backends_used = set()
     for seq in packed:
         rows = slice(seq.q_start, seq.q_start + seq.q_len)
-        if _is_empty(seq):  # no (query, key) pair: zeros and lse -inf, as for any row with no visible key
+        if _is_empty(seq):  # no (query, key) pair: zeros and lse -inf (the sink's logit), as for any empty row
             out[rows] = 0
-            lse[:, rows] = float("-inf")
+            lse[:, rows] = float("-inf") if runner.sinks is None else runner.sinks.view(-1, 1)
             continue
         problem, _ = runner.problem(seq)
         backend = runner.backend(problem.desc)
@@ -330,6 +356,8 @@ def varlen_forward(
     cu_seq_k: Tensor | None,
     seqused_k: Tensor | None,
     block_table: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
     max_q: int,
     max_k: int,
     scale: float | None,
@@ -337,31 +365,32 @@ def varlen_forward(
     window_left: int,
     window_right: int,
     bottom_right: bool,
+    softcap: float,
     dropout_p: float,
     backend: str,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (T_q, Hq, Ev), lse (Hq, T_q) and the dropout seed (int64 (2,), empty without dropout)."""
     return forward_impl(
-        query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, max_q, max_k,
-        scale, causal, window_left, window_right, bottom_right, dropout_p, backend, fp32_precision,
+        query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k,
+        scale, causal, window_left, window_right, bottom_right, softcap, dropout_p, backend, fp32_precision,
     )  # fmt: skip
 
 
 @varlen_forward.register_fake
-def _(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, max_q, max_k, scale, causal, window_left,
-      window_right, bottom_right, dropout_p, backend, fp32_precision):  # fmt: skip
+def _(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k, scale,
+      causal, window_left, window_right, bottom_right, softcap, dropout_p, backend, fp32_precision):  # fmt: skip
     total_q, heads_q = query.shape[0], query.shape[1]
     out = query.new_empty(total_q, heads_q, value.shape[-1])
     lse = query.new_empty(heads_q, total_q, dtype=statistics_dtype(query.dtype))
     return out, lse, torch.empty(2 if dropout_p > 0.0 else 0, dtype=torch.int64)
 
 
-def backward_impl(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, dropout_seed,
-                  max_q, max_k, needed, *options):  # fmt: skip
+def backward_impl(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes,
+                  sinks, dropout_seed, max_q, max_k, needed, *options):  # fmt: skip
     opts = VarlenOptions(*options)
     packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
-    runner = _Runner(query, key, value, block_table, opts, dropout_seed, "auto")
+    runner = _Runner(query, key, value, block_table, alibi_slopes, sinks, opts, dropout_seed, "auto")
     need = GradientsNeeded(*needed, mask=False)
     acc = statistics_dtype(query.dtype)
     dq = new_output(query.shape, query.dtype, query.device) if need.query else None
@@ -408,6 +437,8 @@ def varlen_backward(
     cu_seq_k: Tensor | None,
     seqused_k: Tensor | None,
     block_table: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
     dropout_seed: Tensor,
     max_q: int,
     max_k: int,
@@ -417,28 +448,31 @@ def varlen_backward(
     window_left: int,
     window_right: int,
     bottom_right: bool,
+    softcap: float,
     dropout_p: float,
     backend: str,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv); a gradient not `needed` comes back empty."""
+    """Returns (dq, dk, dv); a gradient not `needed` comes back empty (the sinks': `ops.sink_gradient`)."""
     return backward_impl(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, dropout_seed,
-        max_q, max_k, needed, scale, causal, window_left, window_right, bottom_right, dropout_p, backend,
-        fp32_precision,
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks,
+        dropout_seed, max_q, max_k, needed, scale, causal, window_left, window_right, bottom_right, softcap,
+        dropout_p, backend, fp32_precision,
     )  # fmt: skip
 
 
 @varlen_backward.register_fake
-def _(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, dropout_seed, max_q,
-      max_k, needed, *options):  # fmt: skip
+def _(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks,
+      dropout_seed, max_q, max_k, needed, *options):  # fmt: skip
     return tuple(t.new_empty(t.shape) if n else query.new_empty(0) for t, n in zip((query, key, value), needed))
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, max_q, max_k, *options = inputs
+    query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k, *options = inputs
     out, lse, dropout_seed = output
-    ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, out, lse, dropout_seed)
+    ctx.save_for_backward(
+        query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, out, lse, dropout_seed
+    )
     ctx.sizes = (max_q, max_k)
     ctx.options = tuple(options)
     ctx.mark_non_differentiable(lse, dropout_seed)
@@ -448,16 +482,23 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse, _grad_seed):
     if torch.is_grad_enabled():
         raise RuntimeError("flashsdpa.varlen_attn does not support double backward (create_graph=True)")
-    query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, out, lse, dropout_seed = ctx.saved_tensors
+    (query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, out, lse,
+     dropout_seed) = ctx.saved_tensors  # fmt: skip
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     needed = [bool(n) for n in ctx.needs_input_grad[:3]]
-    dq, dk, dv = varlen_backward(
-        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, dropout_seed,
-        *ctx.sizes, needed, *ctx.options,
-    )  # fmt: skip
+    dq = dk = dv = None
+    if any(needed):
+        dq, dk, dv = varlen_backward(
+            grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks,
+            dropout_seed, *ctx.sizes, needed, *ctx.options,
+        )  # fmt: skip
     grads = [g if n else None for g, n in zip((dq, dk, dv), needed)]
-    return (*grads, *(None,) * 14)
+    dsinks = None
+    if ctx.needs_input_grad[8]:  # (1, Hq, T_q, Ev) and (1, Hq, T_q): a batch of one for the shared formula
+        dsinks = sink_gradient(sinks, out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0),
+                               grad_out.transpose(0, 1).unsqueeze(0))  # fmt: skip
+    return (*grads, None, None, None, None, None, dsinks, *(None,) * (2 + len(ctx.options)))
 
 
 varlen_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -484,6 +525,9 @@ def varlen_attn(
     num_splits: int | None = None,
     causal: bool = False,
     causal_alignment: str = "bottom_right",
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
     fp32_precision: str = "ieee",
@@ -510,6 +554,9 @@ def varlen_attn(
     (p = i, torch SDPA's), `dropout_p`, `backend`, `fp32_precision`; float32 and float64 inputs at
     their own accuracy, CPU tensors, and gradients for paged keys and `seqused_k` too (keys no sequence
     reads get zero gradient). `num_splits` is accepted and ignored (these backends never split keys).
+    The score variants of `flashsdpa.attention`, per sequence: `softcap`, `alibi_slopes` (Hq,) or
+    (N, Hq) float32 (bias -slope * |p - j|), `sinks` (Hq,) (differentiable); they run on the backends
+    that compute variants (the reference backend; tiled and triton decline them with a reason for now).
     """
     check_arguments(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
     if len(window_size) != 2:
@@ -526,6 +573,21 @@ def varlen_attn(
     if backend is not None:
         dispatch.get_backend(backend)
     precision = Fp32Precision(fp32_precision).value
+    if softcap is not None and (isinstance(softcap, bool) or not 0.0 < float(softcap) < math.inf):
+        raise ValueError(f"softcap must be None (off) or a finite float > 0, got {softcap!r}")
+    heads_q, sequences_count = query.shape[1], cu_seq_q.shape[0] - 1
+    if alibi_slopes is not None:
+        accepted = (torch.float32, torch.float64) if query.dtype == torch.float64 else (torch.float32,)
+        _check_small_tensor("alibi_slopes", alibi_slopes, query, accepted)
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes receive no gradient: pass a tensor that does not require grad (detach it)")
+        if tuple(alibi_slopes.shape) not in ((heads_q,), (1, heads_q), (sequences_count, heads_q)):
+            raise ValueError(f"alibi_slopes must have shape (Hq,) or (N, Hq) = ({heads_q},) or ({sequences_count}, "
+                             f"{heads_q}) (N sequences), got {tuple(alibi_slopes.shape)}")  # fmt: skip
+    if sinks is not None:
+        _check_small_tensor("sinks", sinks, query, (torch.float32, query.dtype))
+        if tuple(sinks.shape) != (heads_q,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({heads_q},), got {tuple(sinks.shape)}")
     causal = bool(causal) or right == 0
     options = VarlenOptions(
         scale=None if scale is None else float(scale),
@@ -534,12 +596,13 @@ def varlen_attn(
         window_left=left,
         window_right=-1 if causal else right,
         bottom_right=causal_alignment == "bottom_right",
+        softcap=0.0 if softcap is None else float(softcap),
         dropout_p=float(dropout_p),
         backend=backend or _pinned_backend_outside_compile(),
         fp32_precision=precision,
     )
     out, lse, _ = varlen_forward(
-        query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, int(max_q), int(max_k),
+        query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, int(max_q), int(max_k),
         *options.as_op_arguments(),
     )  # fmt: skip
     if return_aux is not None and getattr(return_aux, "lse", False):
