@@ -209,6 +209,10 @@ def _bad_calls():
         ("q's heads .3. must be a multiple", dict(base, q=torch.randn(2, 1, 3, 8))),
         ("same head dim", dict(base, q=torch.randn(2, 1, 4, 5))),
         ("k_cache holds 2 sequences but q has a batch of 3", dict(base, q=torch.randn(3, 1, 4, 8))),
+        ("softcap must be None", dict(base, k_new=new, v_new=new, softcap=0.0)),
+        (r"sinks must have shape \(Hq,\)", dict(base, k_new=new, v_new=new, sinks=torch.zeros(2))),
+        ("alibi_slopes must be a float32", dict(base, k_new=new, v_new=new, alibi_slopes=torch.zeros(4, dtype=torch.int32))),
+        (r"alibi_slopes must be \(4,\) or \(2, 4\)", dict(base, k_new=new, v_new=new, alibi_slopes=torch.zeros(3))),
     ]  # fmt: skip
 
 
@@ -219,3 +223,28 @@ def test_bad_input_names_the_argument(message, call):
         flashsdpa.kvcache_attention(**call)
     # Nothing ran: the caches are untouched.
     assert torch.equal(call["k_cache"], caches[0]) and torch.equal(call["v_cache"], caches[1])
+
+
+def test_score_variants_match_per_sequence_float64():
+    """softcap, ALiBi (per sequence, bottom-right positions) and sinks, on the reference backend."""
+    from helpers import variants_oracle
+
+    lengths, new, batch, capacity, heads_q = [4, 9, 1], 2, 3, 16, 4
+    gen = generator(12)
+    cache_k, cache_v = (randn((batch, capacity, 2, 8), gen, torch.float64) for _ in range(2))
+    q = randn((batch, 2, heads_q, 8), gen, torch.float64)
+    k_new, v_new = (randn((batch, new, 2, 8), gen, torch.float64) for _ in range(2))
+    slopes = torch.rand(batch, heads_q, generator=gen)
+    sinks = randn((heads_q,), gen, torch.float32)
+    out, lse = flashsdpa.kvcache_attention(
+        q, cache_k, cache_v, cache_seqlens=torch.tensor(lengths), k_new=k_new, v_new=v_new, softcap=1.3,
+        alibi_slopes=slopes, sinks=sinks, return_lse=True, backend="reference",
+    )  # fmt: skip
+    for b, n in enumerate(lengths):
+        n += new
+        ref, ref_lse = variants_oracle(
+            q[b : b + 1].transpose(1, 2), cache_k[b : b + 1, :n].transpose(1, 2), cache_v[b : b + 1, :n].transpose(1, 2),
+            causal=True, alignment="bottom_right", softcap=1.3, alibi_slopes=slopes[b], sinks=sinks,
+        )  # fmt: skip
+        assert rel_err(out[b], ref[0].transpose(0, 1)) <= 1e-12, b
+        assert_lse_close(lse[b], ref_lse[0], torch.float64)

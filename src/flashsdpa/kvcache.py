@@ -16,15 +16,19 @@ capacity) bools shared by the heads.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flashsdpa import api
+from flashsdpa.descriptor import statistics_dtype
+from flashsdpa.validation import _check_small_tensor
 from flashsdpa.varlen import visible_keys
 
 Tensor = torch.Tensor
 
 
-def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table) -> None:
+def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, softcap, alibi_slopes, sinks) -> None:
     """Shapes, dtypes and devices: nothing here reads a tensor's values."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -77,6 +81,20 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table) -> Non
                                  f"{cache.shape[2]}, {cache.shape[3]}) in {cache.dtype}")  # fmt: skip
         if k_new.shape[1] != v_new.shape[1]:
             raise ValueError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ in new tokens")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be a float32 tensor, got "
+                            f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")  # fmt: skip
+        if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)) or alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be ({heads_q},) or ({batch}, {heads_q}) on {q.device}, got "
+                             f"{tuple(alibi_slopes.shape)} on {alibi_slopes.device}")  # fmt: skip
+    # Checked here too (flashsdpa.attention checks them again), so that bad ones fail before the append.
+    if softcap is not None and (isinstance(softcap, bool) or not 0.0 < float(softcap) < math.inf):
+        raise ValueError(f"softcap must be None (off) or a finite float > 0, got {softcap!r}")
+    if sinks is not None:
+        _check_small_tensor("sinks", sinks, q, (torch.float32, q.dtype))
+        if tuple(sinks.shape) != (heads_q,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({heads_q},), got {tuple(sinks.shape)}")
 
 
 def _capacity(k_cache: Tensor, block_table: Tensor | None) -> int:
@@ -123,6 +141,13 @@ def _keys(cache: Tensor, block_table: Tensor | None, batch: int) -> Tensor:
     return cache[block_table.long()].flatten(1, 2).transpose(1, 2)
 
 
+def _alibi_mask(slopes: Tensor, visible: Tensor, positions: Tensor, cols: Tensor, batch: int, heads: int,
+                dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """The float mask -slope * |p - j| where visible, -inf elsewhere: (B, Hq, Lq, capacity), in `dtype`."""
+    bias = -slopes.to(dtype).expand(batch, heads).view(batch, heads, 1, 1) * (positions - cols).abs()
+    return bias.masked_fill(~visible, float("-inf"))
+
+
 def kvcache_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -135,6 +160,9 @@ def kvcache_attention(
     scale: float | None = None,
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
     validate: bool | None = None,
     backend: str | None = None,
@@ -158,6 +186,10 @@ def kvcache_attention(
         query 0 (position 3)                                 x x x x .
         query 1 (position 4)                                 x x x x x
 
+    `softcap` and `sinks` (Hq,) as in `flashsdpa.attention`. `alibi_slopes` (Hq,) or (B, Hq) float32
+    add -slope * |p - j|; they enter as a float (B, Hq, Lq, capacity) mask (each sequence's p differs),
+    so they run on every backend, at that much memory.
+
     Checks: shapes, dtypes and devices always. Value checks (cache_seqlens + n within the capacity,
     block_table entries within the pages) read tensors on the host: `validate=None` (default) runs
     them for CPU tensors only, True always, False never. Without them an out-of-range value is an
@@ -167,7 +199,7 @@ def kvcache_attention(
     `softmax_scale`, `return_lse` for `return_softmax_lse`; no rotary embedding, `cache_batch_idx`,
     `cache_leftpad` or `num_splits`.
     """
-    _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
+    _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, softcap, alibi_slopes, sinks)
     if len(window_size) != 2 or min(window_size) < -1:
         raise ValueError(f"window_size must be (left, right) with entries >= -1, got {window_size!r}")
     batch, seq_q, heads_q, _ = q.shape
@@ -184,9 +216,12 @@ def kvcache_attention(
     cols = torch.arange(keys.shape[2], device=q.device).view(1, 1, 1, -1)
     mask = visible_keys(rows, cols, seq_q, seq_kv, causal=causal, window_left=int(window_size[0]),
                         window_right=int(window_size[1]), bottom_right=True)  # fmt: skip
+    if alibi_slopes is not None:
+        mask = _alibi_mask(alibi_slopes, mask, rows + (seq_kv - seq_q), cols, batch, heads_q,
+                           statistics_dtype(q.dtype))  # fmt: skip
     result = api.attention(
         q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True, return_lse=return_lse,
-        backend=backend, fp32_precision=fp32_precision,
+        backend=backend, fp32_precision=fp32_precision, softcap=softcap, sinks=sinks,
     )  # fmt: skip
     if return_lse:
         out, lse = result
