@@ -248,3 +248,27 @@ def test_score_variants_match_per_sequence_float64():
         )  # fmt: skip
         assert rel_err(out[b], ref[0].transpose(0, 1)) <= 1e-12, b
         assert_lse_close(lse[b], ref_lse[0], torch.float64)
+
+
+def test_triton_backend_paged_decode(device):
+    """The paged decode path on triton (interpreted without a GPU; bounds-checked loads)."""
+    if device == "cpu" and flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(
+        flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu"), torch.device("cpu")
+    ):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    lengths, batch, capacity = [6, 0, 13], 3, 15
+    gen = generator(13)
+    cache_k, cache_v = (randn((batch, capacity, 2, 16), gen, torch.float32) for _ in range(2))
+    q = randn((batch, 2, 4, 16), gen, torch.float32)
+    k_new, v_new = (randn((batch, 2, 2, 16), gen, torch.float32) for _ in range(2))
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    for b, n in enumerate(lengths):
+        want_k[b, n : n + 2], want_v[b, n : n + 2] = k_new[b], v_new[b]
+    k_pages, table = to_pages(cache_k, 7, generator(3))
+    v_pages, _ = to_pages(cache_v, 7, generator(3))
+    to = lambda t: t.to(device)  # noqa: E731
+    with poisoned_outputs():
+        out = flashsdpa.kvcache_attention(to(q), to(k_pages), to(v_pages), cache_seqlens=to(torch.tensor(lengths)),
+                                          k_new=to(k_new), v_new=to(v_new), block_table=to(table), backend="triton")  # fmt: skip
+    ref, _ = expected(q, want_k, want_v, [n + 2 for n in lengths])
+    assert rel_err(out, ref) <= 2e-6

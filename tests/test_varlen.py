@@ -480,3 +480,28 @@ def test_transformers_packed_batch_runs_as_varlen(monkeypatch):
     ref_logits, ref_grads = logits_and_grads("sdpa", alone)
     assert rel_err(logits, ref_logits) <= 1e-5
     assert rel_err(grads, ref_grads) <= 1e-5
+
+
+# ---- the triton backend, one sequence at a time (interpreted on the CPU) ------------------------------
+
+def test_triton_backend_per_sequence_against_float64(device):
+    """Forward and gradients on triton (interpreted without a GPU; bounds-checked loads) within torch's own error."""
+    if device == "cpu" and flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(
+        flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu"), torch.device("cpu")
+    ):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    lens_q, lens_k = [1, 0, 9, 3], [4, 2, 9, 11]
+    gen = generator(31)
+    q, k, v = (t.to(device).requires_grad_() for t in packed(lens_q, lens_k, 4, 2, 16, gen, torch.float32))
+    grad = randn((sum(lens_q), 4, 16), gen, torch.float32, device)
+    cu_q, cu_k = offsets(lens_q).to(device), offsets(lens_k).to(device)
+    with poisoned_outputs():
+        out = flashsdpa.varlen_attn(q, k, v, cu_q, cu_k, 9, 11, window_size=(-1, 0), enable_gqa=True,
+                                    backend="triton")  # fmt: skip
+        got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = per_sequence(q64, k64, v64, lens_q, lens_k, causal=True)
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.cpu().double())
+    assert rel_err(out, ref) <= 2e-6
+    for name, g, w in zip("qkv", got, want):
+        assert rel_err(g, w) <= 1e-5, name
