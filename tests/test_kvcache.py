@@ -272,3 +272,42 @@ def test_triton_backend_paged_decode(device):
                                           k_new=to(k_new), v_new=to(v_new), block_table=to(table), backend="triton")  # fmt: skip
     ref, _ = expected(q, want_k, want_v, [n + 2 for n in lengths])
     assert rel_err(out, ref) <= 2e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["triton", "tiled"])
+def test_decode_step_replays_from_a_cuda_graph(backend):
+    """One captured decode step (append + attention, validate=False) serves later steps: new q, new
+    tokens and grown cache_seqlens are written into the captured inputs, and a replay gives the eager answer."""
+    batch, capacity, page_size = 3, 40, 8
+    gen = generator(14)
+    dtype, device = torch.float16, "cuda"
+    k_pages, table = to_pages(randn((batch, capacity, 2, 64), gen, dtype), page_size, generator(4))
+    v_pages, _ = to_pages(randn((batch, capacity, 2, 64), gen, dtype), page_size, generator(4))
+    k_pages, v_pages, table = k_pages.to(device), v_pages.to(device), table.to(device)
+    q, k_new, v_new = (randn((batch, 1, h, 64), gen, dtype, device) for h in (8, 2, 2))
+    seqlens = torch.tensor([5, 0, 30], dtype=torch.int32, device=device)
+
+    def step():
+        return flashsdpa.kvcache_attention(q, k_pages, v_pages, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                                           block_table=table, validate=False, backend=backend)  # fmt: skip
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        seqlens += 1
+        q.copy_(randn(q.shape, gen, dtype, device))
+        k_new.copy_(randn(k_new.shape, gen, dtype, device))
+        v_new.copy_(randn(v_new.shape, gen, dtype, device))
+        pages_before = (k_pages.clone(), v_pages.clone())
+        graph.replay()
+        replayed = captured.clone()
+        k_pages.copy_(pages_before[0]), v_pages.copy_(pages_before[1])
+        eager = step()
+        assert torch.equal(replayed, eager)
