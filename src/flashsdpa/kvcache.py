@@ -23,7 +23,7 @@ import torch
 from flashsdpa import api
 from flashsdpa.descriptor import statistics_dtype
 from flashsdpa.validation import _check_small_tensor
-from flashsdpa.varlen import visible_keys
+from flashsdpa.visibility import Visibility
 
 Tensor = torch.Tensor
 
@@ -211,13 +211,16 @@ def kvcache_attention(
     if k_new is not None:
         append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     keys, values = _keys(k_cache, block_table, batch), _keys(v_cache, block_table, batch)
+    # Visibility's formula with per-sequence tensors (B, 1, 1, 1) for the key count and the offset.
     seq_kv = (cache_seqlens.long() + new_tokens).view(batch, 1, 1, 1)
-    rows = torch.arange(seq_q, device=q.device).view(1, 1, -1, 1)
-    cols = torch.arange(keys.shape[2], device=q.device).view(1, 1, 1, -1)
-    mask = visible_keys(rows, cols, seq_q, seq_kv, causal=causal, window_left=int(window_size[0]),
-                        window_right=int(window_size[1]), bottom_right=True)  # fmt: skip
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    visibility = Visibility(seq_q, seq_kv, seq_kv - seq_q, left, right)
+    rows, cols = torch.arange(seq_q, device=q.device), torch.arange(keys.shape[2], device=q.device)
+    mask = visibility.mask(rows, cols)  # (B, 1, Lq, capacity)
     if alibi_slopes is not None:
-        mask = _alibi_mask(alibi_slopes, mask, rows + (seq_kv - seq_q), cols, batch, heads_q,
+        mask = _alibi_mask(alibi_slopes, mask, rows.view(-1, 1) + visibility.offset, cols, batch, heads_q,
                            statistics_dtype(q.dtype))  # fmt: skip
     result = api.attention(
         q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True, return_lse=return_lse,

@@ -32,37 +32,16 @@ import torch
 from flashsdpa import dispatch
 from flashsdpa.api import _pinned_backend_outside_compile
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
-from flashsdpa.descriptor import Fp32Precision, statistics_dtype
+from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.ops import sink_gradient
 from flashsdpa.validation import _check_small_tensor, describe
+from flashsdpa.visibility import Visibility
 
 Tensor = torch.Tensor
 
 ALIGNMENTS = ("bottom_right", "top_left")
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-# ---- which keys a query sees ------------------------------------------------------------
-
-
-def visible_keys(rows, cols, seq_q, seq_kv, *, causal: bool, window_left: int, window_right: int, bottom_right: bool):
-    """Bool (broadcast of rows, cols): may query `rows` see key `cols` (int64 index tensors)?
-
-    `seq_q`, `seq_kv` are ints or int64 tensors broadcasting with rows/cols (per-sequence lengths).
-    Query i's aligned position is p = i + (seq_kv - seq_q if bottom_right else 0); it sees key j when
-    j < seq_kv, and j <= p if causal, j >= p - window_left if window_left >= 0, j <= p + window_right if
-    window_right >= 0.
-    """
-    position = rows + (seq_kv - seq_q) if bottom_right else rows
-    visible = cols < seq_kv
-    if causal:
-        visible = visible & (cols <= position)
-    if window_left >= 0:
-        visible = visible & (cols >= position - window_left)
-    if window_right >= 0:
-        visible = visible & (cols <= position + window_right)
-    return visible
 
 
 # ---- options and the packing ------------------------------------------------------------
@@ -85,6 +64,12 @@ class VarlenOptions:
     def as_op_arguments(self) -> tuple:
         return (self.scale, self.causal, self.window_left, self.window_right, self.bottom_right, self.softcap,
                 self.dropout_p, self.backend, self.fp32_precision)  # fmt: skip
+
+    def visibility(self, seq_q: int, seq_kv: int) -> Visibility:
+        """A sequence's visible keys (per-sequence alignment: offset S_i - L_i bottom-right)."""
+        right = (0 if self.window_right < 0 else min(self.window_right, 0)) if self.causal else self.window_right
+        offset = seq_kv - seq_q if self.bottom_right else 0
+        return Visibility(seq_q, seq_kv, offset, self.window_left, right)
 
     def visibility_as_mask(self, seq_q: int, seq_kv: int, score_variants: bool) -> bool:
         """Whether a sequence's visible keys go to the backend as a bool mask rather than as descriptor fields.
@@ -250,7 +235,7 @@ def _key_tokens(key: Tensor, block_table: Tensor | None, seq: Sequence) -> tuple
 class _Problem:
     """One sequence's canonical problem: its descriptor and inputs for a backend."""
 
-    desc: object
+    desc: AttentionDescriptor
     inputs: AttentionInputs
 
 
@@ -279,10 +264,9 @@ class _Runner:
         mask = None
         fields = {}
         if o.visibility_as_mask(seq.q_len, seq.k_len, score_variants):
-            rows = torch.arange(seq.q_len, device=q.device).view(-1, 1)
-            cols = torch.arange(seq.k_len, device=q.device).view(1, -1)
-            visible = visible_keys(rows, cols, seq.q_len, seq.k_len, causal=o.causal, window_left=o.window_left,
-                                   window_right=o.window_right, bottom_right=o.bottom_right)  # fmt: skip
+            rows = torch.arange(seq.q_len, device=q.device)
+            cols = torch.arange(seq.k_len, device=q.device)
+            visible = o.visibility(seq.q_len, seq.k_len).mask(rows, cols)
             mask = visible.expand(1, q.shape[1], seq.q_len, seq.k_len)
         elif score_variants:
             fields = dict(
