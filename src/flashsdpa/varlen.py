@@ -278,8 +278,9 @@ class _Runner:
             q, k, v, mask, causal=o.causal and mask is None, dropout_p=o.dropout_p, scale=o.scale,
             fp32_precision=o.fp32_precision, gradients=self.gradients, **fields,
         )
-        # Sequence i draws dropout as batch item i of a (N, Hq) batch would: its heads' streams follow on.
-        seed = None if self.seed is None else (self.seed[0], self.seed[1] + seq.index * q.shape[1])
+        # Sequence i draws dropout as batch item i of a (N, Hq) batch would: its heads' streams follow on
+        # (seeds stay below 2**31, as `draw_seed` gives them and the triton kernels take them).
+        seed = None if self.seed is None else (self.seed[0], (self.seed[1] + seq.index * q.shape[1]) % 2**31)
         slopes = self.alibi_slopes
         if slopes is not None:
             slopes = slopes[seq.index if slopes.shape[0] > 1 else 0].view(1, -1)
@@ -524,7 +525,7 @@ def varlen_attn(
     [cu_seq_k[i], cu_seq_k[i+1]) (the first seqused_k[i] of them when given). `max_q`/`max_k` bound
     the lengths (an error if a sequence is longer). Returns out (T_q, Hq, Ev), and with
     `return_aux=AuxRequest(lse=True)` also the natural-log lse, (Hq, T_q) float32 as torch's op
-    returns it (-inf for a row with no visible key, whose output is zeros).
+    returns it (float64 for float64 inputs; -inf for a row with no visible key, whose output is zeros).
 
     window_size=(left, right), -1 = unbounded: query i sees keys within [p - left, p + right], where
     p = i + S_i - L_i (bottom-right aligned, FlashAttention's and torch's convention); right = 0 is
