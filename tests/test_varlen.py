@@ -505,3 +505,20 @@ def test_triton_backend_per_sequence_against_float64(device):
     assert rel_err(out, ref) <= 2e-6
     for name, g, w in zip("qkv", got, want):
         assert rel_err(g, w) <= 1e-5, name
+
+
+def test_triton_dropout_pattern_equals_tiled(device):
+    """Per-sequence dropout streams are the same on triton and tiled (one hash, the same per-sequence seeds)."""
+    if device == "cpu" and flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(
+        flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu"), torch.device("cpu")
+    ):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    lens = [7, 12]
+    gen = generator(32)
+    q, k, v = (t.to(device) for t in packed(lens, lens, 2, 2, 16, gen, torch.float32))
+    cu = offsets(lens).to(device)
+    results = []
+    for backend in ("triton", "tiled"):
+        torch.manual_seed(5)
+        results.append(flashsdpa.varlen_attn(q, k, v, cu, cu, 12, 12, dropout_p=0.4, backend=backend))
+    assert rel_err(results[0], results[1]) <= 2e-6
