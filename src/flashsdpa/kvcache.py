@@ -176,7 +176,7 @@ def kvcache_attention(
     given, are written into the caches at positions [cache_seqlens[b], cache_seqlens[b] + n) before
     attending; sequence b then attends to its first K_b = cache_seqlens[b] + n keys. Hq a multiple
     of Hkv (GQA: keys are never repeated). Returns out (B, Lq, Hq, Ev), and with `return_lse` the
-    natural-log lse (B, Hq, Lq), float32. Forward only.
+    natural-log lse (B, Hq, Lq), float32 (float64 for float64 inputs). Forward only.
 
     `causal` (default True, unlike flash_attn_with_kvcache) is bottom-right aligned: query i sits at
     position p = K_b - Lq + i and sees keys j <= p; `window_size=(left, right)` limits keys to
