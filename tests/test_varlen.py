@@ -522,3 +522,24 @@ def test_triton_dropout_pattern_equals_tiled(device):
         torch.manual_seed(5)
         results.append(flashsdpa.varlen_attn(q, k, v, cu, cu, 12, 12, dropout_p=0.4, backend=backend))
     assert rel_err(results[0], results[1]) <= 2e-6
+
+
+def test_transformers_packed_batch_compiles_fullgraph():
+    transformers = pytest.importorskip("transformers")
+    from flashsdpa.integrations import transformers as fs_transformers
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    features = [{"input_ids": torch.randint(0, 64, (n,), generator=gen).tolist()} for n in (3, 8)]
+    packed_batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    registration = fs_transformers.register()
+    try:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+        model.set_attn_implementation(registration.name)
+        eager = model(**packed_batch).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**packed_batch).logits
+    finally:
+        registration.remove()
+    assert torch.equal(compiled, eager)
