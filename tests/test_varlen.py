@@ -425,6 +425,21 @@ def test_torch_varlen_attn_runs_unchanged_through_the_switch():
     assert flashsdpa.stats()["calls"].get("tiled") == 1
 
 
+def test_torch_varlen_attn_through_the_switch_compiles_fullgraph():
+    q = torch.randn(10, 2, 8, requires_grad=True)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+
+    def loss(q):
+        return torch_varlen.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(-1, 0)).sum()
+
+    switch.enable(strict=True)
+    try:
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(q)
+        assert torch.equal(compiled, loss(q))
+    finally:
+        switch.disable()
+
+
 def test_switch_falls_back_with_a_reason_or_raises_when_strict():
     q, k, v = torch.randn(4, 2, 8), torch.randn(4, 3, 8), torch.randn(4, 3, 8)  # 2 query heads, 3 kv heads
     cu = torch.tensor([0, 4], dtype=torch.int32)

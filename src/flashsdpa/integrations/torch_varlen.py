@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
 import torch.nn.attention.varlen as torch_varlen_module
 
 from flashsdpa import dispatch
@@ -93,9 +94,10 @@ def varlen_attn(*args, **kwargs):
             "flashsdpa cannot run this varlen_attn call (strict mode, no fallback to torch): " + "; ".join(reasons),
             reasons,
         )
-    dispatch.record_call(TORCH)
-    for reason in reasons:
-        dispatch.record_fallback(reason)
+    if not torch.compiler.is_compiling():  # the stats lock cannot be traced
+        dispatch.record_call(TORCH)
+        for reason in reasons:
+            dispatch.record_fallback(reason)
     return torch_varlen_attn()(*args, **kwargs)
 
 
