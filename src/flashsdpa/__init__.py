@@ -5,6 +5,8 @@ from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dispatch import UnsupportedError, reset_stats, stats, use_backend
 from flashsdpa.integrations.sdpa import disable, enable, sdpa
+from flashsdpa.kvcache import kvcache_attention
+from flashsdpa.varlen import varlen_attn
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,11 @@ __all__ = [
     "cache_info",
     "disable",
     "enable",
+    "kvcache_attention",
     "reset_stats",
     "scaled_dot_product_attention",
     "sdpa",
     "stats",
     "use_backend",
+    "varlen_attn",
 ]

@@ -293,6 +293,91 @@ def run_check(device: torch.device, quick: bool = False, dtypes=None):
             for dtype in dtypes:
                 seed += 1
                 yield from run_case(case, backend, dtype, device, gradients=True, seed=seed)
+        for dtype in dtypes:
+            seed += 1
+            yield from packed_rows(backend, dtype, device, seed, small=quick or interpreted)
+
+
+# ---- packed sequences (varlen_attn) and KV caches (kvcache_attention) -----------------------------
+
+
+def _per_sequence(q, k, v, cu_q, cu_k, grad_out, want_grad):
+    """Bottom-right causal attention of each packed sequence by torch's SDPA, at q's dtype (torch's own
+    error) or on float64 copies (the reference); returns (out (T_q, Hq, Ev), (dq, dk, dv) or None)."""
+    q, k, v = (t.detach().clone().requires_grad_(want_grad) for t in (q, k, v))
+    outs = []
+    for (q0, q1), (k0, k1) in zip(zip(cu_q[:-1], cu_q[1:]), zip(cu_k[:-1], cu_k[1:])):
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        visible = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, enable_gqa=True)
+        outs.append(torch.nan_to_num(out).transpose(0, 1))
+    out = torch.cat(outs)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out) if want_grad else None
+    return out.detach(), grads
+
+
+def _row(case, backend, dtype, what, ours, ref, theirs, bound, seconds) -> Row:
+    rel, torch_rel = relative_error(ours, ref), relative_error(theirs, ref)
+    limit = min(bound, max(TORCH_ERROR_FACTOR * torch_rel, ROUNDING_FLOOR.get(dtype, 0.0)))
+    max_abs = (ours.double().cpu() - ref.double().cpu()).abs().max().item() if ours.numel() else 0.0
+    return Row(case, backend, str(dtype).removeprefix("torch."), what, max_abs, rel, torch_rel, limit, rel <= limit,
+               seconds)  # fmt: skip
+
+
+def packed_rows(backend: str, dtype: torch.dtype, device: torch.device, seed: int, small: bool) -> list[Row]:
+    """A packed batch of mixed lengths (causal, GQA, forward and gradients) through `varlen_attn`, and a
+    paged decode step (page size 5) through `kvcache_attention`, each against float64 per sequence."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    lengths = (1, 37, 100, 5) if small else (1, 37, 1000, 5)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    cu_tensor = torch.tensor(cu, dtype=torch.int32, device=device)
+    q, k, v = (rand(cu[-1], h, 32).requires_grad_() for h in (4, 2, 2))
+    grad_out = rand(cu[-1], 4, 32)
+    case = f"varlen {','.join(map(str, lengths))} causal"
+    start = time.perf_counter()
+    with poisoned_outputs():
+        out = flashsdpa.varlen_attn(q, k, v, cu_tensor, cu_tensor, max(lengths), max(lengths), window_size=(-1, 0),
+                                    enable_gqa=True, backend=backend)  # fmt: skip
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    seconds = time.perf_counter() - start
+    ref, ref_grads = _per_sequence(q.double(), k.double(), v.double(), cu, cu, grad_out.double(), True)
+    theirs, their_grads = _per_sequence(q, k, v, cu, cu, grad_out, True)
+    rows = [_row(case, backend, dtype, "out", out, ref, theirs, FORWARD_BOUND[dtype], seconds)]
+    for name, ours, r, t in zip(("dq", "dk", "dv"), grads, ref_grads, their_grads):
+        rows.append(_row(case, backend, dtype, name, ours, r, t, GRADIENT_BOUND[dtype], seconds))
+
+    # Paged decode: 3 sequences, a new token each, pages of 5 (not dividing the lengths), in shuffled order.
+    lengths, page_size = (7, 0, 23) if small else (700, 0, 2300), 5
+    pages_per_seq = max(lengths) // page_size + 1
+    k_cache, v_cache = rand(len(lengths) * pages_per_seq, page_size, 2, 32), rand(len(lengths) * pages_per_seq,
+                                                                                   page_size, 2, 32)  # fmt: skip
+    table = torch.randperm(k_cache.shape[0], generator=generator).view(len(lengths), -1).to(device, torch.int32)
+    q, k_new, v_new = rand(len(lengths), 1, 4, 32), rand(len(lengths), 1, 2, 32), rand(len(lengths), 1, 2, 32)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    start = time.perf_counter()
+    with poisoned_outputs():
+        out = flashsdpa.kvcache_attention(q, k_cache, v_cache, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                                          block_table=table, backend=backend)  # fmt: skip
+    seconds = time.perf_counter() - start
+    keys = k_cache[table.long()].flatten(1, 2)
+    values = v_cache[table.long()].flatten(1, 2)
+    cu_k = [0]
+    for n in lengths:
+        cu_k.append(cu_k[-1] + n + 1)
+    packed_k = torch.cat([keys[b, : n + 1] for b, n in enumerate(lengths)])
+    packed_v = torch.cat([values[b, : n + 1] for b, n in enumerate(lengths)])
+    cu_q = list(range(len(lengths) + 1))
+    ref, _ = _per_sequence(q[:, 0].double(), packed_k.double(), packed_v.double(), cu_q, cu_k, None, False)
+    theirs, _ = _per_sequence(q[:, 0], packed_k, packed_v, cu_q, cu_k, None, False)
+    rows.append(_row(f"kvcache decode pages of {page_size}", backend, dtype, "out", out[:, 0], ref, theirs,
+                     FORWARD_BOUND[dtype], seconds))  # fmt: skip
+    return rows
 
 
 HEADER = f"{'case':28} {'backend':8} {'dtype':9} {'what':6} {'max abs':>9} {'rel err':>9} {'torch rel':>9} {'bound':>9}  ok"

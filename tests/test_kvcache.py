@@ -1,0 +1,313 @@
+"""flashsdpa.kvcache_attention: contiguous and paged caches against per-sequence float64 attention,
+in-place append, GQA, windows, no host reads on the path, bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import flashsdpa
+from flashsdpa.backends.base import poisoned_outputs
+
+from helpers import assert_lse_close, generator, oracle, randn, rel_err
+
+BACKENDS = ("tiled", "reference")
+
+
+def expected(q, keys, values, lengths, causal=True, window=(-1, -1)):
+    """float64 (out (B, Lq, Hq, Ev), lse (B, Hq, Lq)) per sequence over its first lengths[b] keys
+    (keys (B, S, Hkv, E)), bottom-right aligned, from tril/triu diagonals."""
+    outs, lses = [], []
+    seq_q = q.shape[1]
+    for b, n in enumerate(lengths):
+        allowed = torch.ones(seq_q, n, dtype=torch.bool)
+        left, right = window
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        if right >= 0:
+            allowed &= torch.ones_like(allowed).tril(n - seq_q + right)
+        if left >= 0:
+            allowed &= torch.ones_like(allowed).triu(n - seq_q - left)
+        out, lse = oracle(q[b].transpose(0, 1), keys[b, :n].transpose(0, 1), values[b, :n].transpose(0, 1),
+                          attn_mask=allowed, enable_gqa=True)  # fmt: skip
+        outs.append(out.transpose(0, 1))
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def to_pages(cache, page_size, gen, spare=2):
+    """A contiguous (B, S_max, H, E) cache copied into shuffled pages; returns (pages, block_table)."""
+    batch, capacity = cache.shape[:2]
+    per_seq = math.ceil(capacity / page_size)
+    order = torch.randperm(batch * per_seq + spare, generator=gen)
+    pages = randn((batch * per_seq + spare, page_size, *cache.shape[2:]), gen, cache.dtype)
+    table = order[: batch * per_seq].view(batch, per_seq).to(torch.int32)
+    for b in range(batch):
+        for p in range(per_seq):
+            rows = cache[b, p * page_size : (p + 1) * page_size]
+            pages[table[b, p], : rows.shape[0]] = rows
+    return pages, table
+
+
+CASES = [  # (cache_seqlens, new tokens, query tokens)
+    ([5, 0, 17, 1], 1, 1),  # decode: one token appended and attended per sequence, one sequence empty
+    ([3, 9, 0], 4, 4),  # chunked prefill / speculative decoding: 4 tokens, bottom-right causal
+    ([6, 2], 0, 3),  # no append: queries over what the cache holds
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("page_size", [None, 1, 5, 16])
+def test_matches_per_sequence_attention_and_appends(backend, case, page_size):
+    lengths, new, seq_q = case
+    batch, capacity, heads_q, heads_kv, dim = len(lengths), 24, 4, 2, 8
+    gen = generator(sum(lengths) + new + (page_size or 0))
+    cache_k = randn((batch, capacity, heads_kv, dim), gen, torch.float64)
+    cache_v = randn((batch, capacity, heads_kv, dim), gen, torch.float64)
+    q = randn((batch, seq_q, heads_q, dim), gen, torch.float64)
+    k_new = randn((batch, new, heads_kv, dim), gen, torch.float64) if new else None
+    v_new = randn((batch, new, heads_kv, dim), gen, torch.float64) if new else None
+    # What the cache must hold after the append.
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    for b, n in enumerate(lengths):
+        if new:
+            want_k[b, n : n + new], want_v[b, n : n + new] = k_new[b], v_new[b]
+    if page_size is None:
+        k_store, v_store, table = cache_k, cache_v, None
+    else:
+        k_store, table = to_pages(cache_k, page_size, generator(1))
+        v_store, _ = to_pages(cache_v, page_size, generator(1))
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(
+            q, k_store, v_store, cache_seqlens=seqlens, k_new=k_new, v_new=v_new, block_table=table,
+            return_lse=True, backend=backend,
+        )  # fmt: skip
+    ref_out, ref_lse = expected(q, want_k, want_v, [n + new for n in lengths])
+    assert out.shape == (batch, seq_q, heads_q, dim) and lse.shape == (batch, heads_q, seq_q)
+    assert rel_err(out, ref_out) <= 1e-12
+    assert_lse_close(lse, ref_lse, torch.float64)
+    # The append wrote exactly the new tokens (pages read back in sequence order).
+    if table is None:
+        assert torch.equal(k_store, want_k) and torch.equal(v_store, want_v)
+    else:
+        for store, want in ((k_store, want_k), (v_store, want_v)):
+            read_back = store[table.long()].flatten(1, 2)[:, :capacity]
+            assert torch.equal(read_back, want)
+
+
+def test_window_and_non_causal():
+    lengths, batch, capacity = [10, 4], 2, 12
+    gen = generator(3)
+    cache_k, cache_v = (randn((batch, capacity, 1, 8), gen, torch.float64) for _ in range(2))
+    q = randn((batch, 2, 2, 8), gen, torch.float64)
+    seqlens = torch.tensor(lengths)
+    for causal, window in ((True, (3, -1)), (False, (-1, -1)), (False, (2, 1))):
+        out = flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, causal=causal,
+                                          window_size=window)  # fmt: skip
+        ref, _ = expected(q, cache_k, cache_v, lengths, causal=causal, window=window)
+        assert rel_err(out, ref) <= 1e-12, (causal, window)
+
+
+def test_int_cache_seqlens_and_float32():
+    gen = generator(4)
+    cache_k, cache_v = (randn((3, 20, 2, 16), gen, torch.float32) for _ in range(2))
+    q = randn((3, 1, 6, 16), gen, torch.float32)
+    k_new, v_new = (randn((3, 1, 2, 16), gen, torch.float32) for _ in range(2))
+    out = flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=7, k_new=k_new, v_new=v_new)
+    ref, _ = expected(q, cache_k, cache_v, [8, 8, 8])
+    assert rel_err(out, ref) <= 2e-6
+
+
+@contextlib.contextmanager
+def host_reads_forbidden():
+    """Any read of a tensor's value into Python (.item(), .tolist(), bool(), int(), float(), ...) raises."""
+
+    def forbidden(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name} on shape {tuple(self.shape)}")
+
+        return method
+
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+    saved = {name: torch.Tensor.__dict__.get(name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, forbidden(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_no_host_reads_on_the_path(page_size):
+    """The decode path (validate=False) never reads a tensor value on the host: it could be graph-captured."""
+    gen = generator(5)
+    cache_k, cache_v = (randn((2, 9, 1, 8), gen, torch.float32) for _ in range(2))
+    table = None
+    if page_size is not None:
+        (cache_k, table), (cache_v, _) = to_pages(cache_k, page_size, generator(2)), to_pages(cache_v, page_size,
+                                                                                              generator(2))
+    q = randn((2, 2, 2, 8), gen, torch.float32)
+    k_new, v_new = (randn((2, 2, 1, 8), gen, torch.float32) for _ in range(2))
+    seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    with host_reads_forbidden():
+        out = flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                                          block_table=table, validate=False, return_lse=True, backend="tiled")  # fmt: skip
+    assert torch.isfinite(out[0]).all()
+    with host_reads_forbidden(), pytest.raises(AssertionError, match="host read"):  # the checker catches them
+        flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, block_table=table, validate=True)
+
+
+def test_compiles_without_graph_breaks():
+    gen = generator(6)
+    cache_k, cache_v = (randn((2, 10, 2, 8), gen, torch.float32) for _ in range(2))
+    q = randn((2, 1, 4, 8), gen, torch.float32)
+    k_new, v_new = (randn((2, 1, 2, 8), gen, torch.float32) for _ in range(2))
+    seqlens = torch.tensor([2, 7], dtype=torch.int32)
+    eager_k, eager_v = cache_k.clone(), cache_v.clone()
+    eager = flashsdpa.kvcache_attention(q, eager_k, eager_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                                        validate=False)  # fmt: skip
+
+    def step(q, cache_k, cache_v, seqlens, k_new, v_new):
+        return flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                                           validate=False)  # fmt: skip
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, cache_k, cache_v, seqlens, k_new, v_new)
+    assert torch.equal(out, eager)
+    assert torch.equal(cache_k, eager_k) and torch.equal(cache_v, eager_v)  # appended in place under compile too
+
+
+def _bad_calls():
+    q = torch.randn(2, 1, 4, 8)
+    cache = torch.randn(2, 6, 2, 8)
+    pages = torch.randn(5, 4, 2, 8)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    new = torch.randn(2, 2, 2, 8)
+    lens = torch.tensor([3, 4], dtype=torch.int32)
+    base = dict(q=q, k_cache=cache, v_cache=cache, cache_seqlens=lens)
+    paged = dict(base, k_cache=pages, v_cache=pages, block_table=table)
+    return [
+        (r"cache_seqlens \+ new tokens must be in \[0, 6\]", dict(base, k_new=new, v_new=new, cache_seqlens=torch.tensor([3, 5]))),
+        (r"cache_seqlens \+ new tokens must be in \[0, 8\]", dict(paged, k_new=new, v_new=new, cache_seqlens=torch.tensor([7, 1]))),
+        (r"cache_seqlens \+ new tokens", dict(base, cache_seqlens=torch.tensor([-1, 2]))),
+        ("block_table entries must be in", dict(paged, block_table=torch.tensor([[0, 5], [2, 3]]))),
+        ("block_table must be .batch=2", dict(paged, block_table=table[:1])),
+        ("block_table must be an int32 or int64", dict(paged, block_table=table.float())),
+        ("cache_seqlens must be int32 or int64", dict(base, cache_seqlens=lens.float())),
+        ("cache_seqlens must be .2,.", dict(base, cache_seqlens=lens[:1])),
+        ("k_new and v_new must be given together", dict(base, k_new=new)),
+        ("k_new .* must be .batch=2", dict(base, k_new=new[:, :, :1], v_new=new[:, :, :1])),
+        ("q's heads .3. must be a multiple", dict(base, q=torch.randn(2, 1, 3, 8))),
+        ("same head dim", dict(base, q=torch.randn(2, 1, 4, 5))),
+        ("k_cache holds 2 sequences but q has a batch of 3", dict(base, q=torch.randn(3, 1, 4, 8))),
+        ("softcap must be None", dict(base, k_new=new, v_new=new, softcap=0.0)),
+        (r"sinks must have shape \(Hq,\)", dict(base, k_new=new, v_new=new, sinks=torch.zeros(2))),
+        ("alibi_slopes must be a float32", dict(base, k_new=new, v_new=new, alibi_slopes=torch.zeros(4, dtype=torch.int32))),
+        (r"alibi_slopes must be \(4,\) or \(2, 4\)", dict(base, k_new=new, v_new=new, alibi_slopes=torch.zeros(3))),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("message, call", _bad_calls(), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_names_the_argument(message, call):
+    caches = [t.clone() for t in (call["k_cache"], call["v_cache"])]
+    with pytest.raises((ValueError, TypeError), match=message):
+        flashsdpa.kvcache_attention(**call)
+    # Nothing ran: the caches are untouched.
+    assert torch.equal(call["k_cache"], caches[0]) and torch.equal(call["v_cache"], caches[1])
+
+
+def test_score_variants_match_per_sequence_float64():
+    """softcap, ALiBi (per sequence, bottom-right positions) and sinks, on the reference backend."""
+    from helpers import variants_oracle
+
+    lengths, new, batch, capacity, heads_q = [4, 9, 1], 2, 3, 16, 4
+    gen = generator(12)
+    cache_k, cache_v = (randn((batch, capacity, 2, 8), gen, torch.float64) for _ in range(2))
+    q = randn((batch, 2, heads_q, 8), gen, torch.float64)
+    k_new, v_new = (randn((batch, new, 2, 8), gen, torch.float64) for _ in range(2))
+    slopes = torch.rand(batch, heads_q, generator=gen)
+    sinks = randn((heads_q,), gen, torch.float32)
+    out, lse = flashsdpa.kvcache_attention(
+        q, cache_k, cache_v, cache_seqlens=torch.tensor(lengths), k_new=k_new, v_new=v_new, softcap=1.3,
+        alibi_slopes=slopes, sinks=sinks, return_lse=True, backend="reference",
+    )  # fmt: skip
+    for b, n in enumerate(lengths):
+        n += new
+        ref, ref_lse = variants_oracle(
+            q[b : b + 1].transpose(1, 2), cache_k[b : b + 1, :n].transpose(1, 2), cache_v[b : b + 1, :n].transpose(1, 2),
+            causal=True, alignment="bottom_right", softcap=1.3, alibi_slopes=slopes[b], sinks=sinks,
+        )  # fmt: skip
+        assert rel_err(out[b], ref[0].transpose(0, 1)) <= 1e-12, b
+        assert_lse_close(lse[b], ref_lse[0], torch.float64)
+
+
+def test_triton_backend_paged_decode(device):
+    """The paged decode path on triton (interpreted without a GPU; bounds-checked loads)."""
+    if device == "cpu" and flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(
+        flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu"), torch.device("cpu")
+    ):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    lengths, batch, capacity = [6, 0, 13], 3, 15
+    gen = generator(13)
+    cache_k, cache_v = (randn((batch, capacity, 2, 16), gen, torch.float32) for _ in range(2))
+    q = randn((batch, 2, 4, 16), gen, torch.float32)
+    k_new, v_new = (randn((batch, 2, 2, 16), gen, torch.float32) for _ in range(2))
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    for b, n in enumerate(lengths):
+        want_k[b, n : n + 2], want_v[b, n : n + 2] = k_new[b], v_new[b]
+    k_pages, table = to_pages(cache_k, 7, generator(3))
+    v_pages, _ = to_pages(cache_v, 7, generator(3))
+    to = lambda t: t.to(device)  # noqa: E731
+    with poisoned_outputs():
+        out = flashsdpa.kvcache_attention(to(q), to(k_pages), to(v_pages), cache_seqlens=to(torch.tensor(lengths)),
+                                          k_new=to(k_new), v_new=to(v_new), block_table=to(table), backend="triton")  # fmt: skip
+    ref, _ = expected(q, want_k, want_v, [n + 2 for n in lengths])
+    assert rel_err(out, ref) <= 2e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["triton", "tiled"])
+def test_decode_step_replays_from_a_cuda_graph(backend):
+    """One captured decode step (append + attention, validate=False) serves later steps: new q, new
+    tokens and grown cache_seqlens are written into the captured inputs, and a replay gives the eager answer."""
+    batch, capacity, page_size = 3, 40, 8
+    gen = generator(14)
+    dtype, device = torch.float16, "cuda"
+    k_pages, table = to_pages(randn((batch, capacity, 2, 64), gen, dtype), page_size, generator(4))
+    v_pages, _ = to_pages(randn((batch, capacity, 2, 64), gen, dtype), page_size, generator(4))
+    k_pages, v_pages, table = k_pages.to(device), v_pages.to(device), table.to(device)
+    q, k_new, v_new = (randn((batch, 1, h, 64), gen, dtype, device) for h in (8, 2, 2))
+    seqlens = torch.tensor([5, 0, 30], dtype=torch.int32, device=device)
+
+    def step():
+        return flashsdpa.kvcache_attention(q, k_pages, v_pages, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                                           block_table=table, validate=False, backend=backend)  # fmt: skip
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        seqlens += 1
+        q.copy_(randn(q.shape, gen, dtype, device))
+        k_new.copy_(randn(k_new.shape, gen, dtype, device))
+        v_new.copy_(randn(v_new.shape, gen, dtype, device))
+        pages_before = (k_pages.clone(), v_pages.clone())
+        graph.replay()
+        replayed = captured.clone()
+        k_pages.copy_(pages_before[0]), v_pages.copy_(pages_before[1])
+        eager = step()
+        assert torch.equal(replayed, eager)
