@@ -5,6 +5,7 @@ from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dispatch import UnsupportedError, reset_stats, stats, use_backend
 from flashsdpa.integrations.sdpa import disable, enable, sdpa
+from flashsdpa.merge import merge_attention
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "cache_info",
     "disable",
     "enable",
+    "merge_attention",
     "reset_stats",
     "scaled_dot_product_attention",
     "sdpa",
