@@ -10,7 +10,7 @@ NCCL on GPUs, gloo on CPUs; ring.py says how the forward and backward pass K/V a
 how the sequence is laid out and which steps each rank can skip.
 """
 
-from flashsdpa.distributed.ring import ring_attention
+from flashsdpa.distributed.ring import ring_attention, ring_traffic
 from flashsdpa.distributed.sharding import shard_sequence, unshard_sequence
 
-__all__ = ["ring_attention", "shard_sequence", "unshard_sequence"]
+__all__ = ["ring_attention", "ring_traffic", "shard_sequence", "unshard_sequence"]

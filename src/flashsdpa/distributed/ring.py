@@ -42,7 +42,9 @@ global one and runs in float32 for 16-bit inputs.
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,40 @@ _NO_DROPOUT_SEED = torch.empty(0, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- the ring
+
+
+class RingTraffic:
+    """What this process has sent around the ring since `reset()`: exchanges and bytes, by what was sent."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._exchanges = collections.Counter()
+        self._bytes = collections.Counter()
+
+    def record(self, what: str, tensors) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        with self._lock:
+            self._exchanges[what] += 1
+            self._bytes[what] += size
+
+    def reset(self) -> None:
+        with self._lock:
+            self._exchanges.clear()
+            self._bytes.clear()
+
+    def snapshot(self) -> dict:
+        """{what: (exchanges, bytes)} plus the bytes one forward and one full backward step send."""
+        with self._lock:
+            counts = {what: (self._exchanges[what], self._bytes[what]) for what in self._exchanges}
+        per = {what: b // n for what, (n, b) in counts.items()}
+        return {
+            **counts,
+            "forward_bytes_per_step": per.get("forward K/V", 0),
+            "backward_bytes_per_step": per.get("backward K/V", 0) + per.get("backward dK/dV", 0),
+        }
+
+
+ring_traffic = RingTraffic()
 
 
 class _InFlight:
@@ -96,9 +132,10 @@ class Ring:
         peer = (self.rank + offset) % self.world
         return peer if self.group is None else dist.get_global_rank(self.group, peer)
 
-    def pass_on(self, tensors) -> _InFlight:
+    def pass_on(self, tensors, what: str) -> _InFlight:
         """Send `tensors` to the next rank and receive the previous rank's (same shapes and dtypes)."""
         sent = [t.contiguous() for t in tensors]
+        ring_traffic.record(what, sent)
         received = [torch.empty_like(t) for t in sent]
         to_next, from_previous = self.global_rank(1), self.global_rank(-1)
         operations = [dist.P2POp(dist.isend, t, to_next, self.group) for t in sent]
@@ -223,7 +260,7 @@ class _RingAttention(torch.autograd.Function):
         slices = (k, v)
         for step in range(ring.world):
             source = ring.source(step)
-            arriving = ring.pass_on(slices) if step + 1 < ring.world else None
+            arriving = ring.pass_on(slices, "forward K/V") if step + 1 < ring.world else None
             block = visible_block(spec.layout, spec.causal, ring.rank, source, seq_local)
             if block is not None:
                 mask = _key_mask(key_lengths, spec, source, block, seq_local, q.device)
@@ -254,7 +291,7 @@ class _RingAttention(torch.autograd.Function):
         slices, travelling = (k, v), None
         for step in range(ring.world):
             source = ring.source(step)
-            arriving = ring.pass_on(slices) if step + 1 < ring.world else None
+            arriving = ring.pass_on(slices, "backward K/V") if step + 1 < ring.world else None
             # The accumulators of the keys held now: fresh at step 0, else passed on with them.
             dk, dv = (
                 (torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
@@ -272,7 +309,7 @@ class _RingAttention(torch.autograd.Function):
                 dv[..., block.key_rows, :] += dv_part
             if ring.world == 1:
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
-            travelling = ring.pass_on((dk, dv))  # the last pass brings them home
+            travelling = ring.pass_on((dk, dv), "backward dK/dV")  # the last pass brings them home
             if arriving is not None:
                 slices = arriving.wait()
         dk, dv = travelling.wait()
