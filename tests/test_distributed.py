@@ -190,6 +190,23 @@ def _spawn(target, world: int, *args, deadline_s: float = SPAWN_DEADLINE_S) -> l
     return codes
 
 
+def _bench_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    """scripts/bench_context_parallel.py --smoke --check as torchrun would start it."""
+    import contextlib
+    import importlib.util
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "bench_context_parallel.py")
+    spec = importlib.util.spec_from_file_location("bench_context_parallel", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with open(os.path.join(result_dir, f"rank{rank}.out"), "w") as out, contextlib.redirect_stdout(out):
+        script.main(["--smoke", "--check"])
+
+
 @pytest.fixture(scope="module")
 def ring_results(tmp_path_factory):
     """{world: {case name: gathered tensors or a traceback}}, one spawn per world size."""
@@ -361,3 +378,16 @@ def shard_sequence_as(x, layout, rank, world):
     from flashsdpa.distributed.sharding import _slice_of
 
     return _slice_of(x, layout, rank, world)
+
+
+def test_the_benchmark_script_runs_on_cpu(tmp_path):
+    codes = _spawn(_bench_worker, 2, str(tmp_path), deadline_s=120)
+    printed = (tmp_path / "rank0.out").read_text()
+    assert codes == [0, 0], f"exit codes {codes}\n{printed}"
+    rows = [line for line in printed.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 4, printed  # causal and not, forward and forward+backward
+    checks = [line for line in printed.splitlines() if line.startswith("check")]
+    assert len(checks) == 2, printed
+    for line in checks:  # relative errors against one process, bf16: ~1e-3
+        errors = [float(part.split()[-1]) for part in line.split(": ")[1].split(", ")]
+        assert max(errors) < 2e-2, line
