@@ -127,6 +127,25 @@ def _ranks_disagree(world: int) -> str:
     return "no error"
 
 
+def _inside_torch_context_parallel(world: int) -> str:
+    """torch's experimental context_parallel shards buffers head-tail, as layout="zigzag" does, and
+    ring_attention on its shards gives the whole sequence's attention ("ok", or what differed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = generator(31)
+    q, k, v = qkv((1, 4), (1, 2), 4 * world, 4 * world, 8, gen, torch.float32, "cpu")
+    whole = flashsdpa.attention(q, k, v, causal=True, enable_gqa=True)
+    buffers = [t.clone() for t in (q, k, v)]
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+        if not torch.equal(buffers[0], shard_sequence(q, layout="zigzag")):
+            return "torch's shard differs from shard_sequence(layout='zigzag')"
+        out = ring_attention(*buffers, causal=True, enable_gqa=True, layout="zigzag")
+    error = ((out - shard_sequence(whole, layout="zigzag")).norm() / whole.norm()).item()
+    return "ok" if error < 1e-6 else f"relative error {error:.3g}"
+
+
 def _worker(rank: int, world: int, port: int, cases: list, result_dir: str) -> None:
     try:
         _init(rank, world, port, GROUP_TIMEOUT_S)
@@ -139,6 +158,10 @@ def _worker(rank: int, world: int, port: int, cases: list, result_dir: str) -> N
                 results[case.name] = traceback.format_exc()
             results[f"{case.name} seconds"] = time.monotonic() - started
         results["ranks disagree"] = _ranks_disagree(world)
+        try:
+            results["torch context_parallel"] = _inside_torch_context_parallel(world)
+        except Exception:
+            results["torch context_parallel"] = traceback.format_exc()
         if rank == 0:
             torch.save(results, os.path.join(result_dir, "results.pt"))
         dist.destroy_process_group()
@@ -257,6 +280,11 @@ def test_ring_attention_equals_whole_sequence_attention(ring_results, world, cas
 def test_ranks_called_with_different_shapes_raise(ring_results, world):
     message = ring_results[world]["ranks disagree"]
     assert "rank 1 of the group was called with" in message or "this rank (1)" in message, message
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_ring_attention_runs_on_torch_context_parallel_shards(ring_results, world):
+    assert ring_results[world]["torch context_parallel"] == "ok", ring_results[world]["torch context_parallel"]
 
 
 def test_a_hung_rank_fails_the_others_and_is_killed(tmp_path):
