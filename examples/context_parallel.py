@@ -53,21 +53,22 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
         self.head = nn.Linear(dim, vocab)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tokens(tokens) + self.positions(torch.arange(tokens.shape[-1], device=tokens.device))
-
-    def forward_hidden(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, attend, keep=lambda x: x) -> torch.Tensor:
+        """Logits (B, L_kept, vocab); `keep` picks the positions this rank computes (its slice)."""
+        x = self.tokens(tokens) + self.positions(torch.arange(tokens.shape[-1], device=tokens.device))
+        x = keep(x)
         for block in self.blocks:
             x = block(x, attend)
         return self.head(x)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=1024, help="tokens in the one long sequence")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
-    args = parser.parse_args()
+    parser.add_argument("--fsdp2", action="store_true", help="also shard the parameters with FSDP2 (fully_shard)")
+    args = parser.parse_args(argv)
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
     dist.init_process_group("nccl" if device is not None else "gloo")
@@ -82,6 +83,19 @@ def main() -> None:
     reference = TinyLM(**config).to(device) if rank == 0 else None
     if reference is not None:
         reference.load_state_dict(model.state_dict())
+    if args.fsdp2:
+        # FSDP2 over the same ranks: attention still sees plain tensors (the unsharded weights' products).
+        import warnings
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # logits are a view; nothing edits them
+
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1) if reference is not None else None
 
@@ -93,16 +107,20 @@ def main() -> None:
 
     local_targets = shard_sequence(targets.unsqueeze(-1), layout=args.layout).squeeze(-1)
     if rank == 0:
-        print(f"{world} ranks, {args.seq} tokens ({args.seq // world} per rank, layout {args.layout}), on {device}")
+        print(f"{world} ranks, {args.seq} tokens ({args.seq // world} per rank, layout {args.layout}), on {device}"
+              + (", parameters sharded by FSDP2" if args.fsdp2 else ""))
     for step in range(args.steps):
         ring_traffic.reset()
-        x_local = shard_sequence(model.embed(inputs), layout=args.layout)  # (1, L_local, dim)
-        logits = model.forward_hidden(x_local, ring)
+        logits = model(inputs, ring, keep=lambda x: shard_sequence(x, layout=args.layout))  # (1, L_local, vocab)
         loss_sum = F.cross_entropy(logits.flatten(0, 1), local_targets.flatten(), reduction="sum")
         optimizer.zero_grad()
-        (loss_sum / args.seq).backward()
-        for p in model.parameters():  # each rank holds its tokens' share of every gradient
-            dist.all_reduce(p.grad)
+        if args.fsdp2:  # FSDP2 averages the ranks' gradients as it reduce-scatters them: undo the mean
+            (loss_sum * world / args.seq).backward()
+        else:
+            (loss_sum / args.seq).backward()
+            for p in model.parameters():  # each rank holds its tokens' share of every gradient
+                dist.all_reduce(p.grad)
+        gradients = [p.grad.full_tensor() if args.fsdp2 else p.grad for p in model.parameters()]
         loss = loss_sum.detach().clone()
         dist.all_reduce(loss)
         loss = loss.item() / args.seq
@@ -110,12 +128,12 @@ def main() -> None:
 
         if reference is not None:
             reference_optimizer.zero_grad()
-            ref_logits = reference.forward_hidden(reference.embed(inputs), whole)
+            ref_logits = reference(inputs, whole)
             ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten())
             ref_loss.backward()
             worst = max(
-                ((p.grad - r.grad).norm() / r.grad.norm().clamp_min(1e-30)).item()
-                for p, r in zip(model.parameters(), reference.parameters())
+                ((g - r.grad).norm() / r.grad.norm().clamp_min(1e-30)).item()
+                for g, r in zip(gradients, reference.parameters())
             )
             print(f"step {step}: loss {loss:.6f} (ring, {world} ranks) vs {ref_loss.item():.6f} (one process); "
                   f"largest relative gradient difference {worst:.2e}: "

@@ -213,21 +213,20 @@ def _spawn(target, world: int, *args, deadline_s: float = SPAWN_DEADLINE_S) -> l
     return codes
 
 
-def _bench_worker(rank: int, world: int, port: int, result_dir: str) -> None:
-    """scripts/bench_context_parallel.py --smoke --check as torchrun would start it."""
+def _script_worker(rank: int, world: int, port: int, result_dir: str, script: str, argv: list) -> None:
+    """A script's main(argv) as torchrun would start it; its printout goes to rank<r>.out."""
     import contextlib
     import importlib.util
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                        "bench_context_parallel.py")
-    spec = importlib.util.spec_from_file_location("bench_context_parallel", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script)
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     with open(os.path.join(result_dir, f"rank{rank}.out"), "w") as out, contextlib.redirect_stdout(out):
-        script.main(["--smoke", "--check"])
+        module.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +408,8 @@ def shard_sequence_as(x, layout, rank, world):
 
 
 def test_the_benchmark_script_runs_on_cpu(tmp_path):
-    codes = _spawn(_bench_worker, 2, str(tmp_path), deadline_s=120)
+    codes = _spawn(_script_worker, 2, str(tmp_path), "scripts/bench_context_parallel.py", ["--smoke", "--check"],
+                   deadline_s=120)
     printed = (tmp_path / "rank0.out").read_text()
     assert codes == [0, 0], f"exit codes {codes}\n{printed}"
     rows = [line for line in printed.splitlines() if line.startswith("| 64 |")]
@@ -419,3 +419,12 @@ def test_the_benchmark_script_runs_on_cpu(tmp_path):
     for line in checks:  # relative errors against one process, bf16: ~1e-3
         errors = [float(part.split()[-1]) for part in line.split(": ")[1].split(", ")]
         assert max(errors) < 2e-2, line
+
+
+def test_the_example_trains_as_one_process_does_also_under_fsdp2(tmp_path):
+    codes = _spawn(_script_worker, 2, str(tmp_path), "examples/context_parallel.py",
+                   ["--seq", "64", "--steps", "2", "--fsdp2"], deadline_s=120)
+    printed = (tmp_path / "rank0.out").read_text()
+    assert codes == [0, 0], f"exit codes {codes}\n{printed}"
+    steps = [line for line in printed.splitlines() if line.startswith("step")]
+    assert len(steps) == 2 and all("equal to float32 rounding" in line for line in steps), printed
