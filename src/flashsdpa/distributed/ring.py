@@ -158,6 +158,10 @@ class RingSpec:
     enable_gqa: bool
     backend: str | None
     fp32_precision: str
+    # The dtype the forward's blocks are computed in: the input dtype where the backward takes global
+    # statistics (triton, 16-bit), else float32 (float64 for float64), so that the merged out, whose
+    # rowsum(dO * out) the local-statistics backward needs, carries no 16-bit rounding of each slice.
+    block_dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------- one step
@@ -172,7 +176,8 @@ def _key_mask(key_lengths, spec: RingSpec, source: int, block: VisibleBlock, seq
 
 
 def attend_block(q, k, v, mask, block: VisibleBlock, spec: RingSpec):
-    """(out, lse) of the block's queries over its keys, flashsdpa's forward (input dtype out, float32 lse)."""
+    """(out, lse) of the block's queries over its keys by flashsdpa's forward, out in spec.block_dtype."""
+    q, k, v = (t.to(spec.block_dtype) for t in (q, k, v))  # no copy where the dtype is already that
     return api.attention(
         q[..., block.query_rows, :], k[..., block.key_rows, :], v[..., block.key_rows, :], causal=block.causal,
         scale=spec.scale, attn_mask=mask, enable_gqa=spec.enable_gqa, return_lse=True, backend=spec.backend,
@@ -257,14 +262,14 @@ class _RingAttention(torch.autograd.Function):
         ring, seq_local = spec.ring, q.shape[-2]
         acc = statistics_dtype(q.dtype)
         out = lse = None
-        slices = (k, v)
+        slices, q_block = (k, v), q.to(spec.block_dtype)
         for step in range(ring.world):
             source = ring.source(step)
             arriving = ring.pass_on(slices, "forward K/V") if step + 1 < ring.world else None
             block = visible_block(spec.layout, spec.causal, ring.rank, source, seq_local)
             if block is not None:
                 mask = _key_mask(key_lengths, spec, source, block, seq_local, q.device)
-                part_out, part_lse = attend_block(q, *slices, mask, block, spec)
+                part_out, part_lse = attend_block(q_block, *slices, mask, block, spec)
                 if out is None:  # step 0: the rank's own keys, seen by every query
                     out, lse = part_out.to(acc), part_lse
                 else:
@@ -423,7 +428,10 @@ def ring_attention(
         facts = [*cq.shape[:2], ck.shape[1], cq.shape[2], head_dim, cv.shape[-1], _DTYPE_CODES.get(q.dtype, -1),
                  int(causal), list(Layout).index(layout)]
         _check_ranks_agree(ring, facts, q.device)
-    spec = RingSpec(ring, layout, bool(causal), resolved_scale, enable_gqa, backend, fp32_precision)
+    whole_local = api.prepare(cq, ck, cv, causal, resolved_scale, None, 0.0, enable_gqa, backend, fp32_precision)
+    global_statistics = takes_global_statistics(_backend_for(whole_local), q.dtype, ck.shape[-2])
+    block_dtype = q.dtype if global_statistics else statistics_dtype(q.dtype)
+    spec = RingSpec(ring, layout, bool(causal), resolved_scale, enable_gqa, backend, fp32_precision, block_dtype)
     out, lse = _RingAttention.apply(cq, ck, cv, key_lengths, spec)
     out = out.reshape(canon.output_shape)
     return (out, lse.reshape(canon.lse_shape)) if return_lse else out
