@@ -10,8 +10,8 @@ not. For each: forward and forward+backward time of
   ring       flashsdpa.distributed.ring_attention (K/V around the ring, overlapped with compute);
   allgather  the Llama 3 variant: all-gather K/V (unshard_sequence), then flashsdpa.attention locally
              (causal zigzag: each query chunk attends the keys before it in full and its own chunk
-             causally, merged by merge_attention; the merge's lse path has no gradient, so its backward
-             does the same work as a correct one but its gradients are not checked);
+             causally, merged by merge_attention; forward only, "-" for its backward: flashsdpa's lse
+             carries no gradient, and one call would need bottom-right causal alignment);
   one GPU    flashsdpa.attention on the whole sequence on rank 0, where it fits (--one-gpu-max).
 Time is the median over runs of the slowest rank's time. TFLOP/s per GPU counts 4 * B * Hq * L^2 * d
 for the forward (half of it causal) and 2.5x that for the backward, over the GPU count; efficiency is a
@@ -237,8 +237,10 @@ def run_row(bench, length, causal, backward) -> str:
     ring_traffic.reset()
     ring_ms = bench.slowest_median_ms(ring)
     traffic = ring_traffic.snapshot()
-    gather_ms = bench.slowest_median_ms(step(lambda q, k, v: allgather_attention(q, k, v, causal, world,
-                                                                                 bench.rank)))
+    gather_ms = None
+    if not (causal and backward):
+        gather_ms = bench.slowest_median_ms(step(lambda q, k, v: allgather_attention(q, k, v, causal, world,
+                                                                                     bench.rank)))
     share = hidden_share(bench, ring) if args.profile and bench.rank == 0 else None
     one_ms = None
     if length <= args.one_gpu_max:
@@ -263,7 +265,7 @@ def run_row(bench, length, causal, backward) -> str:
     per_step = traffic["backward_bytes_per_step"] if backward else traffic["forward_bytes_per_step"]
     cells = [
         f"{length:,}", f"{length // world:,}", "yes" if causal else "no", "fwd+bwd" if backward else "fwd",
-        f"{ring_ms:.2f}", f"{ring_tflops:.1f}", f"{gather_ms:.2f}",
+        f"{ring_ms:.2f}", f"{ring_tflops:.1f}", f"{gather_ms:.2f}" if gather_ms else "-",
         f"{one_ms:.2f}" if one_ms else "-", f"{one_tflops:.1f}" if one_tflops else "-",
         f"{ring_tflops / one_tflops:.0%}" if one_tflops else "-",
         f"{share:.0%}" if share is not None else "-", _bytes(per_step),

@@ -110,6 +110,17 @@ def test_out_dtype_and_float64():
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
 
 
+def test_an_out_with_gradient_and_an_lse_without_raises():
+    """flashsdpa.attention's lse carries no gradient: merging its parts under autograd would drop a term."""
+    q, k, v = qkv((1, 2), (1, 2), 5, 8, 4, generator(3), torch.float32, "cpu")
+    q.requires_grad_()
+    parts = [flashsdpa.attention(q, k[..., s, :], v[..., s, :], return_lse=True) for s in (slice(0, 3), slice(3, 8))]
+    with pytest.raises(ValueError, match=r"outs\[0\] requires grad but lses\[0\] does not"):
+        flashsdpa.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    with torch.no_grad():
+        flashsdpa.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+
+
 @pytest.mark.parametrize(
     "outs, lses, match",
     [

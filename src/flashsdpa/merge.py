@@ -35,7 +35,10 @@ def merge_attention(
 
     The merge computes in float32, or float64 if any input is float64. A row
     whose every part is -inf gives out = 0 and lse = -inf, never NaN, and its
-    gradients are 0. Differentiable through outs and lses with torch autograd.
+    gradients are 0. Differentiable through outs and lses with torch autograd;
+    the merged out depends on every lse, so a part whose out requires grad
+    while its lse cannot carry one (flashsdpa.attention's lse is not
+    differentiable) raises rather than return gradients missing that path.
     The returned lse has the computation dtype (float32 or float64).
     """
     outs, lses = list(outs), list(lses)
@@ -80,3 +83,10 @@ def _check(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> None:
             )
         if out.device != outs[0].device or lse.device != outs[0].device:
             raise ValueError(f"merge_attention: outs[{i}]/lses[{i}] are not on {outs[0].device} as outs[0] is")
+        if torch.is_grad_enabled() and out.requires_grad and not lse.requires_grad and len(outs) > 1:
+            raise ValueError(
+                f"merge_attention: outs[{i}] requires grad but lses[{i}] does not, so the merged out's gradient "
+                "would miss the path through each part's lse (flashsdpa.attention returns its lse without a "
+                "gradient). Merge under torch.no_grad(), pass lses that carry gradients, or use "
+                "flashsdpa.distributed.ring_attention, whose backward accounts for it"
+            )
