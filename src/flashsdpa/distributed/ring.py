@@ -205,9 +205,9 @@ def takes_global_statistics(backend: str, dtype: torch.dtype, seq_kv: int) -> bo
 def block_gradients(q, k, v, mask, block: VisibleBlock, spec: RingSpec, grad_out, out, lse, out_dot_grad):
     """(dq, dk, dv) of one step in float32 (float64 for float64 inputs): the block's queries' contribution.
 
-    q, grad_out, out (the merged output, float32), lse and out_dot_grad (rowsum(dO * out)) cover all local
-    rows; k, v the whole arriving slice; `block` selects the parts. dq has the block's query rows, dk and
-    dv its key rows.
+    q, grad_out, out (the merged output in the input dtype, as returned), lse and out_dot_grad
+    (rowsum(dO * out) from the float32 out) cover all local rows; k, v the whole arriving slice; `block`
+    selects the parts. dq has the block's query rows, dk and dv its key rows.
     """
     rows, keys = block.query_rows, block.key_rows
     q, k, v = q[..., rows, :], k[..., keys, :], v[..., keys, :]
@@ -219,7 +219,7 @@ def block_gradients(q, k, v, mask, block: VisibleBlock, spec: RingSpec, grad_out
     if takes_global_statistics(backend, q.dtype, k.shape[-2]):
         c = call.canon
         dq, dk, dv, _ = ops.attention_backward(
-            grad_out.contiguous(), c.query, c.key, c.value, out.to(q.dtype).contiguous(), lse.contiguous(), c.mask,
+            grad_out.contiguous(), c.query, c.key, c.value, out.contiguous(), lse.contiguous(), c.mask,
             _NO_DROPOUT_SEED, 0.0, block.causal, spec.scale, backend, spec.fp32_precision,
             GradientPrecision.ROUNDED.value, [True, True, True, False],
         )  # fmt: skip
@@ -292,6 +292,7 @@ class _RingAttention(torch.autograd.Function):
         acc = out.dtype
         grad_out = grad_out.contiguous()
         out_dot_grad = (grad_out.to(acc) * out).sum(-1)  # rowsum(dO * out) = delta, from the unrounded out
+        out_returned = out.to(q.dtype)  # what the global-statistics backward reads, as a one-device backward does
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         slices, travelling = (k, v), None
         for step in range(ring.world):
@@ -307,7 +308,7 @@ class _RingAttention(torch.autograd.Function):
             if block is not None:
                 mask = _key_mask(key_lengths, spec, source, block, seq_local, q.device)
                 dq_part, dk_part, dv_part = block_gradients(
-                    q, *slices, mask, block, spec, grad_out, out, lse, out_dot_grad
+                    q, *slices, mask, block, spec, grad_out, out_returned, lse, out_dot_grad
                 )  # fmt: skip
                 dq[..., block.query_rows, :] += dq_part
                 dk[..., block.key_rows, :] += dk_part
