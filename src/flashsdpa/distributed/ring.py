@@ -37,7 +37,10 @@ c = w (rowsum(dO * out_s) - rowsum(dO * out)); both products come out of the
 same two op calls by widening V: the forward attends [V | K] (P_s K next to
 out_s), the backward runs with V' = [V | 0] and dO' = [w dO | scale c q], so
 dV' = [dv | the dk term]. This "local statistics" path costs about twice the
-global one and runs in float32 for 16-bit inputs.
+global one and runs in float32 for 16-bit inputs; so does the forward's
+attention of each block where the backward takes this path
+(`RingSpec.block_dtype`), so that rowsum(dO * out) carries no 16-bit rounding
+of the slices' outputs.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ import torch.distributed as dist
 
 from flashsdpa import api, dispatch, ops
 from flashsdpa.descriptor import GradientPrecision, statistics_dtype
-from flashsdpa.distributed.layout import Layout, VisibleBlock, as_layout, check_local_length, local_positions, \
-    visible_block
+from flashsdpa.distributed.layout import (
+    Layout, VisibleBlock, as_layout, check_local_length, local_positions, visible_block,
+)
 from flashsdpa.merge import merge_attention
 from flashsdpa.validation import canonicalize, check_options
 
