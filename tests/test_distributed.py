@@ -146,6 +146,23 @@ def _inside_torch_context_parallel(world: int) -> str:
     return "ok" if error < 1e-6 else f"relative error {error:.3g}"
 
 
+def _unshard_round_trip(world: int) -> str:
+    """unshard_sequence inverts shard_sequence; its gradient sums every rank's gradient of the whole tensor."""
+    for layout in ("zigzag", "contiguous"):
+        whole = torch.randn(2, 3, 4 * world, 5, generator=generator(41))
+        local = shard_sequence(whole, layout=layout).clone().requires_grad_()
+        gathered = unshard_sequence(local, layout=layout)
+        if not torch.equal(gathered, whole):
+            return f"{layout}: unshard(shard(x)) != x"
+        weight = torch.randn(whole.shape, generator=generator(42 + dist.get_rank()))  # differs per rank
+        (gathered * weight).sum().backward()
+        total = weight.clone()
+        dist.all_reduce(total)
+        if not torch.allclose(local.grad, shard_sequence(total, layout=layout)):
+            return f"{layout}: gradient is not this rank's slice of the ranks' summed gradients"
+    return "ok"
+
+
 def _worker(rank: int, world: int, port: int, cases: list, result_dir: str) -> None:
     try:
         _init(rank, world, port, GROUP_TIMEOUT_S)
@@ -158,10 +175,12 @@ def _worker(rank: int, world: int, port: int, cases: list, result_dir: str) -> N
                 results[case.name] = traceback.format_exc()
             results[f"{case.name} seconds"] = time.monotonic() - started
         results["ranks disagree"] = _ranks_disagree(world)
-        try:
-            results["torch context_parallel"] = _inside_torch_context_parallel(world)
-        except Exception:
-            results["torch context_parallel"] = traceback.format_exc()
+        for name, check in (("torch context_parallel", _inside_torch_context_parallel),
+                            ("unshard round trip", _unshard_round_trip)):
+            try:
+                results[name] = check(world)
+            except Exception:
+                results[name] = traceback.format_exc()
         if rank == 0:
             torch.save(results, os.path.join(result_dir, "results.pt"))
         dist.destroy_process_group()
@@ -284,6 +303,11 @@ def test_ranks_called_with_different_shapes_raise(ring_results, world):
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_ring_attention_runs_on_torch_context_parallel_shards(ring_results, world):
     assert ring_results[world]["torch context_parallel"] == "ok", ring_results[world]["torch context_parallel"]
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_unshard_inverts_shard_and_its_gradient_sums_the_ranks(ring_results, world):
+    assert ring_results[world]["unshard round trip"] == "ok", ring_results[world]["unshard round trip"]
 
 
 def test_a_hung_rank_fails_the_others_and_is_killed(tmp_path):
