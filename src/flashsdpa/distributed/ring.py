@@ -130,7 +130,10 @@ class Ring:
                 "ring_attention needs torch.distributed initialised (dist.init_process_group, or torchrun); "
                 "for one process, use flashsdpa.attention"
             )
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not in the group given to ring_attention")
+        return cls(group, rank, dist.get_world_size(group))
 
     def global_rank(self, offset: int) -> int:
         peer = (self.rank + offset) % self.world
