@@ -163,6 +163,29 @@ def _unshard_round_trip(world: int) -> str:
     return "ok"
 
 
+def _two_rings(world: int) -> str:
+    """Ranks split into two groups of world/2, each its own ring on its own problem (group=)."""
+    if world < 4:
+        return "ok"
+    half = world // 2
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))]
+    mine = dist.get_rank() // half
+    group = groups[mine]
+    q, k, v = qkv((1, 4), (1, 2), 4 * half, 4 * half, 8, generator(50 + mine), torch.float32, "cpu")
+    local = [shard_sequence(t, group=group).clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, group=group, causal=True, enable_gqa=True)
+    out.sum().backward()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    whole = flashsdpa.attention(*leaves, causal=True, enable_gqa=True)
+    whole.sum().backward()
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in local)),
+                              (whole, *(t.grad for t in leaves))):
+        error = ((got - shard_sequence(ref, group=group)).norm() / ref.norm()).item()
+        if error > 1e-5:
+            return f"group {mine}: {name} relative error {error:.3g}"
+    return "ok"
+
+
 def _worker(rank: int, world: int, port: int, cases: list, result_dir: str) -> None:
     try:
         _init(rank, world, port, GROUP_TIMEOUT_S)
@@ -176,7 +199,7 @@ def _worker(rank: int, world: int, port: int, cases: list, result_dir: str) -> N
             results[f"{case.name} seconds"] = time.monotonic() - started
         results["ranks disagree"] = _ranks_disagree(world)
         for name, check in (("torch context_parallel", _inside_torch_context_parallel),
-                            ("unshard round trip", _unshard_round_trip)):
+                            ("unshard round trip", _unshard_round_trip), ("two rings", _two_rings)):
             try:
                 results[name] = check(world)
             except Exception:
@@ -308,6 +331,10 @@ def test_ring_attention_runs_on_torch_context_parallel_shards(ring_results, worl
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_unshard_inverts_shard_and_its_gradient_sums_the_ranks(ring_results, world):
     assert ring_results[world]["unshard round trip"] == "ok", ring_results[world]["unshard round trip"]
+
+
+def test_two_groups_run_their_own_rings(ring_results):
+    assert ring_results[4]["two rings"] == "ok", ring_results[4]["two rings"]
 
 
 def test_a_hung_rank_fails_the_others_and_is_killed(tmp_path):
