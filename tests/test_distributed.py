@@ -2,8 +2,9 @@
 
 Each world size is one spawn: every rank runs all of its cases (the same random
 whole problems, from a seed), shards them, runs ring_attention forward and
-backward, and gathers the outputs and gradients; rank 0 saves them and the
-test process compares them with the float64 oracle against torch's own error
+backward, and gathers the outputs and gradients; every rank saves its results
+(a failure on any rank fails the test) and the test process compares the
+gathered tensors with the float64 oracle against torch's own error
 (tests/helpers.py). The process group has a timeout and the test process
 kills any rank still running past its own deadline, so a hung or failing rank
 fails a test and never hangs the suite.
