@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 8 scripts/bench_context_parallel.py --check    # gradients vs one GPU first
     torchrun --nproc-per-node 8 scripts/bench_context_parallel.py --profile  # + share of comm hidden
     torchrun --nproc-per-node 2 scripts/bench_context_parallel.py --smoke    # CPU (gloo), tiny sizes
+    python scripts/bench_context_parallel.py --simulate 8                    # one GPU, no torchrun: below
 
 Problem: B=1, bf16, d=128, GQA 32 query / 8 key-value heads, total lengths 32k..1M, causal (zigzag) and
 not. For each: forward and forward+backward time of
@@ -18,6 +19,11 @@ for the forward (half of it causal) and 2.5x that for the backward, over the GPU
 per-GPU figure over the one-GPU figure at the same total length. --profile adds, from a torch.profiler
 trace of one ring forward+backward on rank 0, the share of the communication kernels' time that ran
 while a compute kernel ran.
+
+--simulate W runs every rank's ring steps in turn in one process (the same block functions and merge
+as ring_attention, without the exchanges) and prints the errors of outputs and gradients against one
+device's flashsdpa (16-bit: its ROUNDED backward, what torch's fused kernels compute) and float64: a
+check of the ring's arithmetic on one GPU's real kernels.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def parse(argv):
     parser.add_argument("--check", action="store_true", help="first compare outputs and gradients with one GPU")
     parser.add_argument("--profile", action="store_true", help="measure the share of communication hidden")
     parser.add_argument("--smoke", action="store_true", help="CPU (gloo) at tiny sizes: the script runs")
+    parser.add_argument("--simulate", type=int, default=0, metavar="W",
+                        help="one process: every rank's ring steps in turn, errors vs one device (no torchrun)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.lengths, args.heads, args.head_dim, args.reps, args.one_gpu_max = "64", "4,2", 16, 2, 64
@@ -187,8 +195,92 @@ def check(bench) -> None:
             print(f"check L={length} causal={int(causal)} vs one device: " + ", ".join(errors), flush=True)
 
 
+def simulate(args) -> None:
+    """Every rank's forward and backward ring steps in one process; errors against one device and float64."""
+    from flashsdpa import gradient_precision
+    from flashsdpa.descriptor import GradientPrecision
+    from flashsdpa.distributed import ring
+    from flashsdpa.distributed.layout import visible_block
+    from flashsdpa.distributed.sharding import _slice_of
+
+    world = args.simulate
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    length = min(args.lengths) if args.smoke else 4096
+    heads_q, heads_kv = args.heads
+    for dtype in ([args.dtype, torch.float32] if args.dtype != torch.float32 else [torch.float32]):
+        for layout in (Layout.ZIGZAG, Layout.CONTIGUOUS):
+            for causal in args.causal:
+                gen = torch.Generator(device=device).manual_seed(0)
+                q, k, v, grad = (torch.randn(1, h, length, args.head_dim, generator=gen, device=device).to(dtype)
+                                 for h in (heads_q, heads_kv, heads_kv, heads_q))
+                part = lambda t, r: _slice_of(t, layout, r, world)  # noqa: E731
+                seq_local, acc = length // world, torch.float32
+                path_a = device.type == "cuda" and dtype != torch.float32
+                spec = ring.RingSpec(ring.Ring(None, 0, world), layout, causal, args.head_dim ** -0.5,
+                                     heads_q != heads_kv, None, "ieee", dtype if path_a else acc)
+                outs, lses = [], []
+                for r in range(world):
+                    out = lse = None
+                    for step in range(world):
+                        s = (r - step) % world
+                        block = visible_block(layout, causal, r, s, seq_local)
+                        if block is None:
+                            continue
+                        part_out, part_lse = ring.attend_block(part(q, r), part(k, s), part(v, s), None, block, spec)
+                        if out is None:
+                            out, lse = part_out.to(acc), part_lse
+                        else:
+                            rows = block.query_rows
+                            out[..., rows, :], lse[..., rows] = flashsdpa.merge_attention(
+                                [out[..., rows, :], part_out], [lse[..., rows], part_lse], out_dtype=acc)
+                    outs.append(out)
+                    lses.append(lse)
+                grads = [[torch.zeros(part(t, r).shape, dtype=acc, device=device) for r in range(world)]
+                         for t in (q, k, v)]
+                for r in range(world):
+                    grad_r = part(grad, r)
+                    out_dot_grad = (grad_r.to(acc) * outs[r]).sum(-1)
+                    for step in range(world):
+                        s = (r - step) % world
+                        block = visible_block(layout, causal, r, s, seq_local)
+                        if block is None:
+                            continue
+                        dq, dk, dv = ring.block_gradients(part(q, r), part(k, s), part(v, s), None, block, spec,
+                                                          grad_r, outs[r].to(dtype), lses[r], out_dot_grad)
+                        grads[0][r][..., block.query_rows, :] += dq
+                        grads[1][s][..., block.key_rows, :] += dk
+                        grads[2][s][..., block.key_rows, :] += dv
+                order = torch.cat([_slice_of(torch.arange(length)[:, None], layout, r, world)[:, 0]
+                                   for r in range(world)])
+                gathered = [torch.cat([x.to(dtype) for x in parts], dim=-2)[..., order.argsort().to(device), :]
+                            for parts in (outs, *grads)]
+                gradient_precision.pinned = GradientPrecision.ROUNDED if dtype != torch.float32 else None
+                try:
+                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                    one = flashsdpa.attention(*leaves, causal=causal, enable_gqa=heads_q != heads_kv)
+                    one.backward(grad)
+                finally:
+                    gradient_precision.pinned = None
+                exact = [t.double().requires_grad_() for t in (q, k, v)]
+                ref = torch.nn.functional.scaled_dot_product_attention(*exact, is_causal=causal,
+                                                                       enable_gqa=heads_q != heads_kv)
+                ref.backward(grad.double())
+                error = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+                cells = [
+                    f"{name} {error(mine, r64):.2e} (one device {error(theirs, r64):.2e})"
+                    for name, mine, theirs, r64 in zip(("out", "dq", "dk", "dv"), gathered,
+                                                       (one, *(t.grad for t in leaves)),
+                                                       (ref, *(t.grad for t in exact)))
+                ]
+                print(f"simulated {world} ranks {str(dtype)[6:]} {layout.value} causal={int(causal)} L={length} "
+                      f"{'global' if path_a else 'local'} statistics, vs float64: " + ", ".join(cells), flush=True)
+
+
 def main(argv=None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.simulate:
+        simulate(args)
+        return
     bench = Bench(args)
     info = collect(bench.device)
     if bench.device.type == "cuda":

@@ -486,3 +486,20 @@ def test_the_example_trains_as_one_process_does_also_under_fsdp2(tmp_path):
     assert codes == [0, 0], f"exit codes {codes}\n{printed}"
     steps = [line for line in printed.splitlines() if line.startswith("step")]
     assert len(steps) == 2 and all("equal to float32 rounding" in line for line in steps), printed
+
+
+def test_the_benchmark_scripts_one_process_simulation_matches_one_device(capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "bench_context_parallel.py")
+    spec = importlib.util.spec_from_file_location("bench_context_parallel", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--simulate", "2", "--smoke", "--causal", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("simulated")]
+    assert len(rows) == 4, rows  # bf16 and float32, zigzag and contiguous
+    for row in rows:
+        for cell in row.split(": ", 1)[1].split(", "):
+            mine, theirs = float(cell.split()[1]), float(cell.split()[-1].rstrip(")"))
+            assert mine <= 1.5 * theirs + 1e-6, row
