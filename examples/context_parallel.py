@@ -140,11 +140,11 @@ def main(argv=None) -> None:
                   f"{'equal' if abs(loss - ref_loss.item()) < 1e-5 and worst < 1e-4 else 'DIFFERENT'} "
                   "to float32 rounding")
             if step == 0:
-                kv_bytes = 2 * 2 * (args.seq // world) * (dim // 4) * 4  # K and V: kv_heads * L_local * head_dim * 4 B
+                head_dim, local = dim // config["heads"], args.seq // world
+                kv_bytes = 2 * config["kv_heads"] * local * head_dim * 4  # K and V, float32
                 print(f"  rank 0 sent {traffic['forward_bytes_per_step']:,} bytes per forward ring step "
-                      f"(K/V slice: 2 x {config['kv_heads']} heads x {args.seq // world} x {dim // 4} x 4 B = "
-                      f"{kv_bytes:,}) and {traffic['backward_bytes_per_step']:,} per backward step "
-                      "(K/V plus float32 dK/dV)")
+                      f"(K/V slice: 2 x {config['kv_heads']} heads x {local} x {head_dim} x 4 B = {kv_bytes:,}) "
+                      f"and {traffic['backward_bytes_per_step']:,} per backward step (K/V plus float32 dK/dV)")
             reference_optimizer.step()
         optimizer.step()
     dist.destroy_process_group()
