@@ -8,6 +8,8 @@ from flashsdpa.integrations.sdpa import disable, enable, sdpa
 from flashsdpa.kvcache import kvcache_attention
 from flashsdpa.varlen import varlen_attn
 
+from flashsdpa.merge import merge_attention
+
 __version__ = "0.1.0"
 
 
@@ -26,6 +28,8 @@ __all__ = [
     "disable",
     "enable",
     "kvcache_attention",
+
+    "merge_attention",
     "reset_stats",
     "scaled_dot_product_attention",
     "sdpa",
