@@ -9,7 +9,7 @@ import torch
 
 from flashsdpa import dispatch, gradient_precision, ops
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision
-from flashsdpa.validation import Canonical, canonicalize, check_options, describe
+from flashsdpa.validation import Canonical, canonicalize, check_no_forward_ad, check_options, describe
 
 
 def _pinned_backend_outside_compile() -> str:
@@ -121,6 +121,7 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
     except ValueError:
         choices = [p.value for p in Fp32Precision]
         raise ValueError(f"fp32_precision must be one of {choices}, got {fp32_precision!r}") from None
+    check_no_forward_ad(q, k, v, attn_mask)
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
     resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)

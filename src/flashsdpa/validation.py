@@ -14,6 +14,9 @@ import numbers
 from typing import NamedTuple
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision, MaskKind
 
@@ -77,6 +80,28 @@ def check_options(dropout_p, is_causal, scale) -> None:
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if scale is not None and (not _is_real(scale) or not math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+
+
+def under_forward_ad(*tensors) -> bool:
+    """Whether forward-mode AD tracks a tensor (dual tensors of `torch.autograd.forward_ad`, or
+    `torch.func.jvp`): flashsdpa's ops have no forward-mode rule, so their tangents would be lost."""
+    if torch.compiler.is_compiling():
+        return False
+    if forward_ad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None and any(
+        i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()
+    )
+
+
+def check_no_forward_ad(*tensors) -> None:
+    if under_forward_ad(*tensors):
+        raise NotImplementedError(
+            "flashsdpa has no forward-mode AD rule (dual tensors, torch.func.jvp): use "
+            "torch.nn.functional.scaled_dot_product_attention for forward-mode derivatives"
+        )
 
 
 def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) -> Canonical:

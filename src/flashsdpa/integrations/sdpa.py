@@ -76,8 +76,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
-from flashsdpa import api, dispatch
+from flashsdpa import api, dispatch, validation
 from flashsdpa.dispatch import UnsupportedError
 
 STRICT_ENV = "FLASHSDPA_STRICT"
@@ -176,6 +177,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         reasons.extend(_tensor_reasons(name, t))
     reasons.extend(_option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa))
+    if not reasons and validation.under_forward_ad(query, key, value, attn_mask):
+        reasons.append("forward-mode AD (dual tensors, jvp) is not supported")
     if reasons:
         return reasons, None
     if isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor):
@@ -245,10 +248,26 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
+def _overridable_tensors(args: tuple, kwargs: dict) -> tuple:
+    """The tensors among an SDPA call's arguments whose type or mode may override it (`__torch_function__`)."""
+    tensors = [a for a in args[:4] if isinstance(a, torch.Tensor)]
+    tensors.extend(kwargs[name] for name in _TENSOR_ARGUMENTS if isinstance(kwargs.get(name), torch.Tensor))
+    return tuple(tensors)
+
+
+_TENSOR_ARGUMENTS = ("query", "key", "value", "attn_mask")
+
+
 def scaled_dot_product_attention(*args, **kwargs):
     mode = current_mode()
     if not mode.enabled:
         return torch_sdpa()(*args, **kwargs)
+    overridable = _overridable_tensors(args, kwargs)
+    if has_torch_function(overridable):
+        # As torch's own function does: a tensor subclass or a TorchFunctionMode sees the call first,
+        # as a call of the public name (`CausalBias` recognises only that), and calls this function
+        # again with its override disabled.
+        return handle_torch_function(scaled_dot_product_attention, overridable, *args, **kwargs)
     try:
         arguments = _sdpa_arguments(*args, **kwargs)
     except TypeError:  # a call torch rejects by its signature: let torch raise its own error
@@ -256,6 +275,11 @@ def scaled_dot_product_attention(*args, **kwargs):
     # A fallback passes torch the caller's own arguments, so its errors read exactly as without flashsdpa.
     return _route(arguments, mode.strict, lambda: torch_sdpa()(*args, **kwargs))
 
+
+# TorchScript cannot compile this function (it takes *args/**kwargs and calls Python); scripted code
+# that calls the patched name (`F.multi_head_attention_forward` in a scripted nn.MultiheadAttention or
+# nn.Transformer*) calls torch's own operator instead, as it would without flashsdpa.
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
 
 scaled_dot_product_attention.__doc__ = (
     "torch.nn.functional.scaled_dot_product_attention, patched by flashsdpa (see flashsdpa.integrations.sdpa).\n\n"
