@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -124,13 +124,15 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
     check_no_forward_ad(q, k, v, attn_mask)
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
-    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
+    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)  # (a 0-d tensor too)
     # From the caller's tensors: the canonical views hide their rank and broadcast dims.
     gradients = gradient_precision.at_forward(q, k, v, attn_mask, dropout_p, causal, enable_gqa)
     return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision, gradients)
 
 
 def run(call: PreparedCall, return_lse: bool = False):
+    if call.dropout_p >= 1.0 or not math.isfinite(call.scale):
+        return _run_fixed_answer(call, return_lse)
     c = call.canon
     out, lse, _ = ops.forward(
         c.query,
@@ -149,3 +151,16 @@ def run(call: PreparedCall, return_lse: bool = False):
     if not return_lse:
         return out
     return out, lse if lse.shape == c.lse_shape else lse.reshape(c.lse_shape)
+
+
+def _run_fixed_answer(call: PreparedCall, return_lse: bool):
+    """Arguments torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
+    zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
+    (out = lse = NaN and NaN gradients, as torch's math backend gives). The attention at a finite
+    scale, without dropout, times that value keeps the autograd graph and the shapes."""
+    finite = math.isfinite(call.scale)
+    out, lse = run(replace(call, scale=call.scale if finite else 1.0, dropout_p=0.0), return_lse=True)
+    out = out * (0.0 if finite else math.nan)
+    if not finite:
+        lse = torch.full_like(lse, math.nan)
+    return (out, lse) if return_lse else out
