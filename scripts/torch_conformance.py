@@ -5,7 +5,8 @@
 The tests are the CPU classes (`...CPU`) of `test/test_transformers.py` in the
 given PyTorch source tree, which should match the installed torch version (a
 `git archive` of the tag is enough: `git archive v2.13.0 test | tar -x -C DIR`).
-The file is PyTorch's: it is read from that tree, never copied here.
+The file is PyTorch's: it is read from that tree, never copied here. PyTorch's
+test utilities need `expecttest` (`pip install -e ".[conformance]"`).
 
 Each run is one pytest process in the tree's `test/` directory, with this file
 as a plugin (`-p torch_conformance`): it keeps the CPU classes, samples every
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import inspect
 import os
 import re
 import subprocess
@@ -51,8 +53,10 @@ EXPECTED = [
 
 
 def _function_of(item) -> str:
-    """The test function an item instantiates: its id without the parametrization suffix."""
-    return f"{item.cls.__name__ if item.cls else ''}::{getattr(item, 'originalname', None) or item.name}"
+    """The test function an item instantiates. PyTorch's `parametrize` makes one unittest method per case
+    (`test_x_a_0_b_1_cpu`), each wrapping the function it was written as (`functools.wraps`)."""
+    function = inspect.unwrap(getattr(item, "function", None) or item.obj)
+    return f"{item.cls.__name__ if item.cls else ''}::{getattr(function, '__qualname__', item.name)}"
 
 
 def _rank(nodeid: str) -> str:
@@ -92,12 +96,12 @@ def run_suite(test_dir: Path, enabled: bool, sample: int, workers: int, extra: l
     # this file (the plugin) and flashsdpa importable from the tree's test/ directory
     scripts = Path(__file__).resolve().parent
     paths = [str(scripts), *(str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
-    if (scripts.parent / "src" / "flashsdpa").is_dir():
-        paths.insert(1, str(scripts.parent / "src"))
+    if (scripts.parent / "src" / "flashsdpa").is_dir():  # after the caller's: a PYTHONPATH given wins
+        paths.append(str(scripts.parent / "src"))
     env["PYTHONPATH"] = os.pathsep.join(paths)
     command = [
         sys.executable, "-m", "pytest", TEST_FILE, "-p", "torch_conformance", "-p", "no:cacheprovider",
-        "-q", "-rN", f"--junitxml={xml}", *(["-n", str(workers)] if workers > 1 else []), *extra,
+        "-q", "-rN", "--tb=line", f"--junitxml={xml}", *(["-n", str(workers)] if workers > 1 else []), *extra,
     ]  # fmt: skip
     print(f"[{'with flashsdpa' if enabled else 'plain torch'}] {' '.join(command)}", flush=True)
     return subprocess.call(command, cwd=test_dir, env=env)
