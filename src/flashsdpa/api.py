@@ -124,7 +124,8 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
     check_no_forward_ad(q, k, v, attn_mask)
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     head_dim = canon.query.shape[-1]
-    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)  # (a 0-d tensor too)
+    # float(): a 0-d tensor scale (torch accepts one) becomes its value.
+    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
     # From the caller's tensors: the canonical views hide their rank and broadcast dims.
     gradients = gradient_precision.at_forward(q, k, v, attn_mask, dropout_p, causal, enable_gqa)
     return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision, gradients)

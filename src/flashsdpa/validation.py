@@ -194,7 +194,7 @@ def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes)
             f"attn_mask dtype {attn_mask.dtype} is not supported: use bool (True = may attend), float32 or the "
             f"query's dtype {query.dtype}"
         )
-    if attn_mask.dim() < 2:  # torch rejects a 1-D mask too: it would broadcast a key row over (L, S) ambiguously
+    if attn_mask.dim() < 2:  # as torch's dispatch rejects it (only its math backend would broadcast it)
         raise ValueError(f"attn_mask must have at least 2 dims (..., L, S), got shape {tuple(attn_mask.shape)}")
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")

@@ -276,14 +276,14 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
+_TENSOR_ARGUMENTS = ("query", "key", "value", "attn_mask")
+
+
 def _overridable_tensors(args: tuple, kwargs: dict) -> tuple:
     """The tensors among an SDPA call's arguments whose type or mode may override it (`__torch_function__`)."""
     tensors = [a for a in args[:4] if isinstance(a, torch.Tensor)]
     tensors.extend(kwargs[name] for name in _TENSOR_ARGUMENTS if isinstance(kwargs.get(name), torch.Tensor))
     return tuple(tensors)
-
-
-_TENSOR_ARGUMENTS = ("query", "key", "value", "attn_mask")
 
 
 def scaled_dot_product_attention(*args, **kwargs):
