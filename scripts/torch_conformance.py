@@ -133,8 +133,10 @@ def main(argv=None) -> int:
     grid.add_argument("--whole", action="store_true", help="run every case of every grid")
     parser.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per run")
     parser.add_argument("--only", choices=["plain", "flashsdpa"], help="one run only (outcomes are printed)")
-    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -k mask")
-    args = parser.parse_args(argv)
+    parser.epilog = "Arguments after -- go to both pytest runs, e.g. -- -k mask_vs_math"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
     test_dir = args.pytorch / "test"
     if not (test_dir / TEST_FILE).is_file():
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for name, enabled in runs.items():
             xml = Path(scratch) / f"{name}.xml"
-            run_suite(test_dir, enabled, sample, args.workers, args.pytest_args, xml)
+            run_suite(test_dir, enabled, sample, args.workers, pytest_args, xml)
             results[name] = outcomes(xml)
 
     for name, result in results.items():

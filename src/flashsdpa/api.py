@@ -88,6 +88,10 @@ def attention(
         faster tensor-core products with ~1e-3 relative error) for float32 inputs.
     """
     call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision)
+    # The caller's own values: a scale resolved from a head dim is finite (under torch.compile a
+    # SymFloat, which math.isfinite cannot trace).
+    if dropout_p >= 1.0 or (scale is not None and not math.isfinite(scale)):
+        return _run_fixed_answer(call, return_lse)
     return run(call, return_lse)
 
 
@@ -132,8 +136,6 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
 
 
 def run(call: PreparedCall, return_lse: bool = False):
-    if call.dropout_p >= 1.0 or not math.isfinite(call.scale):
-        return _run_fixed_answer(call, return_lse)
     c = call.canon
     out, lse, _ = ops.forward(
         c.query,
