@@ -110,14 +110,21 @@ def test_batched_gradients(how):
     assert set(flashsdpa.stats()["calls"]) == {"tiled"}
 
 
-def test_vmap_over_a_backward_matches_torch(enabled):
+@pytest.mark.parametrize("vmap", ["is_grads_batched", "torch.func.vmap"])
+def test_vmap_over_a_backward_matches_torch(vmap, enabled):
     q, k, v = qkv((2, 3, 6, 8), (2, 3, 7, 8), generator(184), requires_grad=True)
     grad_outs = torch.randn(4, 2, 3, 6, 8, generator=generator(185))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    got = torch.autograd.grad(out, (q, k, v), grad_outs, is_grads_batched=True)
+
+    def batched_grads(out):
+        if vmap == "is_grads_batched":  # torch's legacy vmap
+            return torch.autograd.grad(out, (q, k, v), grad_outs, is_grads_batched=True)
+        with warnings.catch_warnings():  # "performance drop": no batching rule (torch's own backward has none)
+            warnings.simplefilter("ignore")
+            return torch.func.vmap(lambda g: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))(grad_outs)
+
+    got = batched_grads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
     with flashsdpa.sdpa(enabled=False):
-        ref_out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    ref = torch.autograd.grad(ref_out, (q, k, v), grad_outs, is_grads_batched=True)
+        ref = batched_grads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
     for g, r in zip(got, ref):
         assert g.shape == r.shape and rel_err(g, r) < 1e-5
     assert flashsdpa.stats()["calls"] == {"tiled": 1}
