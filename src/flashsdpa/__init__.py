@@ -6,9 +6,8 @@ from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
 from flashsdpa.dispatch import UnsupportedError, reset_stats, stats, use_backend
 from flashsdpa.integrations.sdpa import disable, enable, sdpa
 from flashsdpa.kvcache import kvcache_attention
-from flashsdpa.varlen import varlen_attn
-
 from flashsdpa.merge import merge_attention
+from flashsdpa.varlen import varlen_attn
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -13,6 +14,7 @@ from flashsdpa.validation import (
     Canonical,
     Variants,
     canonicalize,
+    check_no_forward_ad,
     check_options,
     check_variants,
     describe,
@@ -132,6 +134,10 @@ def attention(
         q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision,
         window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )  # fmt: skip
+    # The caller's own values: a scale resolved from a head dim is finite (under torch.compile a
+    # SymFloat, which math.isfinite cannot trace).
+    if dropout_p >= 1.0 or (scale is not None and not math.isfinite(scale)):
+        return _run_fixed_answer(call, return_lse)
     return run(call, return_lse)
 
 
@@ -175,11 +181,13 @@ def prepare(
     except ValueError:
         choices = [p.value for p in Fp32Precision]
         raise ValueError(f"fp32_precision must be one of {choices}, got {fp32_precision!r}") from None
+    check_no_forward_ad(q, k, v, attn_mask)
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
     w = check_variants(canon, causal, window, causal_alignment, softcap, alibi_slopes, sinks)
     # From the caller's tensors: the canonical views hide their rank and broadcast dims.
     gradients = gradient_precision.at_forward(q, k, v, attn_mask, dropout_p, causal, enable_gqa)
     options = CallOptions(
+        # float(): a 0-d tensor scale (torch accepts one) becomes its value.
         float(dropout_p), causal, None if scale is None else float(scale), w.window_left, w.window_right,
         w.alignment.value, w.softcap, precision.value, gradients.value,
     )  # fmt: skip
@@ -194,3 +202,18 @@ def run(call: PreparedCall, return_lse: bool = False):
     if not return_lse:
         return out
     return out, lse if lse.shape == c.lse_shape else lse.reshape(c.lse_shape)
+
+
+def _run_fixed_answer(call: PreparedCall, return_lse: bool):
+    """Arguments torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
+    zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
+    (out = lse = NaN and NaN gradients, as torch's math backend gives). The attention at a finite
+    scale, without dropout, times that value keeps the autograd graph and the shapes."""
+    scale = call.options.scale
+    finite = scale is None or math.isfinite(scale)
+    options = call.options._replace(scale=scale if finite else 1.0, dropout_p=0.0)
+    out, lse = run(replace(call, options=options, _desc=None), return_lse=True)
+    out = out * (0.0 if finite else math.nan)
+    if not finite:
+        lse = torch.full_like(lse, math.nan)
+    return (out, lse) if return_lse else out

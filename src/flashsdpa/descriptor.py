@@ -118,7 +118,7 @@ class AttentionDescriptor:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"AttentionDescriptor.{name} must be a non-negative int, got {value!r}")
-        if self.heads_kv == 0 or self.heads_q % self.heads_kv:
+        if (self.heads_q % self.heads_kv) if self.heads_kv else self.heads_q:  # zero heads: an empty problem
             raise ValueError(
                 f"AttentionDescriptor: heads_q={self.heads_q} must be a multiple of heads_kv={self.heads_kv}"
             )
@@ -163,7 +163,7 @@ class AttentionDescriptor:
     @property
     def gqa_group(self) -> int:
         """Query heads that share one key/value head."""
-        return self.heads_q // self.heads_kv
+        return self.heads_q // self.heads_kv if self.heads_kv else 1
 
     @functools.cached_property  # read several times per call; computed once per descriptor
     def kernel_key(self) -> KernelKey:

@@ -271,6 +271,9 @@ def _plain_eager(tensors) -> bool:
         or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
         # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
         or any(type(t) is not Tensor or t.is_meta for t in tensors if t is not None)
+        # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
+        # run under torch's legacy vmap, which has no interpreter on the stack
+        or any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
     )
 
 

@@ -14,6 +14,9 @@ import numbers
 from typing import NamedTuple
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import (
@@ -116,12 +119,36 @@ def _is_real(x) -> bool:
 
 
 def check_options(dropout_p, is_causal, scale) -> None:
-    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    """What torch accepts: dropout_p in [0, 1] (1 drops every weight); any float scale (a non-finite one
+    gives NaN), or a 0-d tensor holding it."""
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    if scale is not None and (not _is_real(scale) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    if scale is not None and not _is_real(scale) and not (isinstance(scale, torch.Tensor) and scale.dim() == 0):
+        raise TypeError(f"scale must be None, a float or a 0-d tensor, got {scale!r}")
+
+
+def under_forward_ad(*tensors) -> bool:
+    """Whether forward-mode AD tracks a tensor (dual tensors of `torch.autograd.forward_ad`, or
+    `torch.func.jvp`): flashsdpa's ops have no forward-mode rule, so their tangents would be lost."""
+    if torch.compiler.is_compiling():
+        return False
+    if forward_ad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None and any(
+        i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()
+    )
+
+
+def check_no_forward_ad(*tensors) -> None:
+    if under_forward_ad(*tensors):
+        raise NotImplementedError(
+            "flashsdpa has no forward-mode AD rule (dual tensors, torch.func.jvp): use "
+            "torch.nn.functional.scaled_dot_product_attention for forward-mode derivatives"
+        )
 
 
 def canonicalize(query, key, value, attn_mask=None, enable_gqa: bool = False) -> Canonical:
@@ -212,6 +239,8 @@ def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes)
             f"attn_mask dtype {attn_mask.dtype} is not supported: use bool (True = may attend), float32 or the "
             f"query's dtype {query.dtype}"
         )
+    if attn_mask.dim() < 2:  # as torch's dispatch rejects it (only its math backend would broadcast it)
+        raise ValueError(f"attn_mask must have at least 2 dims (..., L, S), got shape {tuple(attn_mask.shape)}")
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
     score_shape = (*batch_shape, heads, seq_q, seq_kv)

@@ -26,8 +26,17 @@ environment when they are called) such a call raises `flashsdpa.UnsupportedError
 with the reasons instead. Differences that remain on calls flashsdpa runs:
 dropout draws a different (equally distributed) random pattern than torch, and
 double backward (`create_graph=True` through attention) is not supported.
-`torch.nn.attention.sdpa_kernel(...)` chooses among torch's own kernels and
-does not turn flashsdpa off: use `sdpa(enabled=False)` for that.
+`torch.nn.attention.sdpa_kernel(...)`: a list that allows none of torch's fused
+backends (flash, memory-efficient, cuDNN), e.g. `sdpa_kernel([SDPBackend.MATH])`,
+asks for torch's math path, and those calls go to torch (counted as fallbacks
+with that reason). A list that allows a fused backend does not turn flashsdpa
+off (use `sdpa(enabled=False)` for that); flashsdpa's 16-bit backward follows
+it to choose its precision (see `flashsdpa.gradient_precision`).
+Tensor subclasses and TorchFunctionModes see a routed call as torch's own
+function would let them: `torch.nn.attention.bias.causal_upper_left` runs on
+flashsdpa as `is_causal`, and `causal_lower_right` as the bool mask it
+materialises. TorchScript: scripted code (a scripted `nn.MultiheadAttention`,
+`nn.Transformer*`) calls torch's own operator: flashsdpa cannot run in it.
 
 On/off semantics:
 * `enable(strict=None)` / `disable()` set the process-wide default. They are
@@ -76,8 +85,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
-from flashsdpa import api, dispatch
+from flashsdpa import api, dispatch, validation
 from flashsdpa.dispatch import UnsupportedError
 
 STRICT_ENV = "FLASHSDPA_STRICT"
@@ -150,6 +160,23 @@ def _option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> list[
     return reasons
 
 
+MATH_ONLY_REASON = "torch.nn.attention.sdpa_kernel allows none of torch's fused backends (torch's math path was asked for)"
+
+
+def _sdpa_kernel_reasons() -> list[str]:
+    """A caller who restricts torch to its math backend (`sdpa_kernel([SDPBackend.MATH])`, or any list
+    without a fused backend) asked for torch's reference path: such calls go to torch. Not read under
+    torch.compile (the flags are not traced): compiled code follows the flags of its trace's first call."""
+    if torch.compiler.is_compiling():
+        return []
+    fused = (
+        torch.backends.cuda.flash_sdp_enabled()
+        or torch.backends.cuda.mem_efficient_sdp_enabled()
+        or torch.backends.cuda.cudnn_sdp_enabled()
+    )
+    return [] if fused else [MATH_ONLY_REASON]
+
+
 def _backend_reasons(desc, device: torch.device) -> list[str]:
     """What `dispatch.choose_backend` would decide, without recording fallbacks (the op records them
     when it runs). A `use_backend` pin is an explicit request: it is left to fail loudly in the op."""
@@ -176,6 +203,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         reasons.extend(_tensor_reasons(name, t))
     reasons.extend(_option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa))
+    reasons.extend(_sdpa_kernel_reasons())
+    if not reasons and validation.under_forward_ad(query, key, value, attn_mask):
+        reasons.append("forward-mode AD (dual tensors, jvp) is not supported")
     if reasons:
         return reasons, None
     if isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor):
@@ -184,9 +214,10 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             return [f"attn_mask dtype {str(attn_mask.dtype).removeprefix('torch.')} is not supported"], None
     try:
         call = api.prepare(query, key, value, is_causal, scale, attn_mask, dropout_p, enable_gqa, None, "ieee")
+        desc = call.desc
     except Exception as error:  # noqa: BLE001 - whatever flashsdpa rejects goes to torch, which decides
         return [f"invalid arguments: {error}"], None
-    return _backend_reasons(call.desc, call.canon.query.device), call
+    return _backend_reasons(desc, call.canon.query.device), call
 
 
 # ---- one call -----------------------------------------------------------------
@@ -245,10 +276,26 @@ def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
+_TENSOR_ARGUMENTS = ("query", "key", "value", "attn_mask")
+
+
+def _overridable_tensors(args: tuple, kwargs: dict) -> tuple:
+    """The tensors among an SDPA call's arguments whose type or mode may override it (`__torch_function__`)."""
+    tensors = [a for a in args[:4] if isinstance(a, torch.Tensor)]
+    tensors.extend(kwargs[name] for name in _TENSOR_ARGUMENTS if isinstance(kwargs.get(name), torch.Tensor))
+    return tuple(tensors)
+
+
 def scaled_dot_product_attention(*args, **kwargs):
     mode = current_mode()
     if not mode.enabled:
         return torch_sdpa()(*args, **kwargs)
+    overridable = _overridable_tensors(args, kwargs)
+    if has_torch_function(overridable):
+        # As torch's own function does: a tensor subclass or a TorchFunctionMode sees the call first,
+        # as a call of the public name (`CausalBias` recognises only that), and calls this function
+        # again with its override disabled.
+        return handle_torch_function(scaled_dot_product_attention, overridable, *args, **kwargs)
     try:
         arguments = _sdpa_arguments(*args, **kwargs)
     except TypeError:  # a call torch rejects by its signature: let torch raise its own error
@@ -256,6 +303,11 @@ def scaled_dot_product_attention(*args, **kwargs):
     # A fallback passes torch the caller's own arguments, so its errors read exactly as without flashsdpa.
     return _route(arguments, mode.strict, lambda: torch_sdpa()(*args, **kwargs))
 
+
+# TorchScript cannot compile this function (it takes *args/**kwargs and calls Python); scripted code
+# that calls the patched name (`F.multi_head_attention_forward` in a scripted nn.MultiheadAttention or
+# nn.Transformer*) calls torch's own operator instead, as it would without flashsdpa.
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
 
 scaled_dot_product_attention.__doc__ = (
     "torch.nn.functional.scaled_dot_product_attention, patched by flashsdpa (see flashsdpa.integrations.sdpa).\n\n"

@@ -1,0 +1,260 @@
+"""Drop-in conformance: what a torch user relies on keeps working under `flashsdpa.enable()` (issue 18).
+
+Each test is one defect PyTorch's own SDPA suite (test/test_transformers.py, see
+scripts/torch_conformance.py) found: a silently wrong `CausalBias` result, TorchScript
+failing on the patched function, batched gradients and forward-mode AD, empty
+shapes, `sdpa_kernel`, and the edge values torch accepts or rejects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import flashsdpa
+from flashsdpa.backends.base import poisoned_outputs
+from helpers import generator, oracle, rel_err
+
+
+def qkv(shape_q, shape_kv, gen, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(shape_q, generator=gen, dtype=dtype)
+    k = torch.randn(shape_kv, generator=gen, dtype=dtype)
+    v = torch.randn(shape_kv, generator=gen, dtype=dtype)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+@pytest.fixture
+def enabled():
+    flashsdpa.enable()
+    try:
+        yield
+    finally:
+        flashsdpa.disable()
+
+
+# ---- torch.nn.attention.bias.CausalBias ------------------------------------------
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+def test_causal_bias_runs_as_its_alignment(variant, compiled, enabled):
+    """The bias reaches `CausalBias.__torch_function__` as a call of the public name, which runs it as
+    is_causal (upper left) or as the bool mask of its alignment (lower right): on flashsdpa, and right."""
+    L, S = 5, 9
+    q, k, v = qkv((2, 3, L, 16), (2, 3, S, 16), generator(180))
+    make = causal_upper_left if variant == "upper_left" else causal_lower_right
+    visible = torch.ones(L, S, dtype=torch.bool).tril(0 if variant == "upper_left" else S - L)
+    ref, _ = oracle(q.double(), k.double(), v.double(), attn_mask=visible)
+    call = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m)  # noqa: E731  (reads F at call time)
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with poisoned_outputs():
+        out = call(q, k, v, make(L, S))
+    assert rel_err(out, ref) < 2e-6
+    assert flashsdpa.stats()["calls"] == {"tiled": 1}
+
+
+# ---- TorchScript ------------------------------------------------------------------
+
+
+def test_torchscript_of_torch_modules_with_enable_and_after_disable():
+    """TorchScript compiles `F.multi_head_attention_forward`, which calls the patched name: it sees torch's
+    operator (not a Python function of *args), and scripting still works once flashsdpa is disabled."""
+    torch.manual_seed(181)
+    x = torch.randn(3, 5, 16)
+    flashsdpa.enable()
+    try:
+        for module in (
+            nn.MultiheadAttention(16, 4, batch_first=True),
+            nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True),
+            nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, 0.0, batch_first=True), 2,
+                                  enable_nested_tensor=False),
+            nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True),
+        ):  # fmt: skip
+            args = (x, x, x) if isinstance(module, nn.MultiheadAttention) else (x, x) if isinstance(
+                module, nn.Transformer) else (x,)  # fmt: skip
+            scripted = torch.jit.script(module)
+            assert rel_err(scripted(*args)[0] if isinstance(module, nn.MultiheadAttention) else scripted(*args),
+                           module(*args)[0] if isinstance(module, nn.MultiheadAttention) else module(*args)) < 1e-5
+    finally:
+        flashsdpa.disable()
+    torch.jit.script(nn.MultiheadAttention(16, 2))
+    torch.jit.script(nn.TransformerEncoderLayer(16, 2, 32))
+
+
+# ---- batched gradients and forward-mode AD ----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["enable", "direct"])
+def test_batched_gradients(how):
+    """gradcheck(check_batched_grad=True) runs the backward under torch's legacy vmap (batched grad_out)."""
+    q, k, v = qkv((1, 2, 3, 4), (1, 2, 5, 4), generator(182), torch.float64, requires_grad=True)
+    mask = torch.rand(3, 5, generator=generator(183), dtype=torch.float64).requires_grad_()
+    if how == "direct":
+        fn = lambda a, b, c, m: flashsdpa.scaled_dot_product_attention(a, b, c, attn_mask=m)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v, mask), check_batched_grad=True)
+        return
+    with flashsdpa.sdpa():
+        fn = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v, mask), check_batched_grad=True)
+    assert set(flashsdpa.stats()["calls"]) == {"tiled"}
+
+
+@pytest.mark.parametrize("vmap", ["is_grads_batched", "torch.func.vmap"])
+def test_vmap_over_a_backward_matches_torch(vmap, enabled):
+    q, k, v = qkv((2, 3, 6, 8), (2, 3, 7, 8), generator(184), requires_grad=True)
+    grad_outs = torch.randn(4, 2, 3, 6, 8, generator=generator(185))
+
+    def batched_grads(out):
+        if vmap == "is_grads_batched":  # torch's legacy vmap
+            return torch.autograd.grad(out, (q, k, v), grad_outs, is_grads_batched=True)
+        with warnings.catch_warnings():  # "performance drop": no batching rule (torch's own backward has none)
+            warnings.simplefilter("ignore")
+            return torch.func.vmap(lambda g: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))(grad_outs)
+
+    got = batched_grads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with flashsdpa.sdpa(enabled=False):
+        ref = batched_grads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and rel_err(g, r) < 1e-5
+    assert flashsdpa.stats()["calls"] == {"tiled": 1}
+
+
+def test_forward_mode_ad_is_declined_never_dropped():
+    """flashsdpa's ops have no forward-mode rule: the drop-in leaves dual tensors to torch (its result or
+    its error), and the direct API raises; a lost tangent (zeros, or None) would be silently wrong."""
+    q, k, v = qkv((1, 2, 3, 4), (1, 2, 5, 4), generator(186), torch.float64)
+    tangent = torch.randn_like(q)
+
+    def tangent_of(fn):
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(fn(forward_ad.make_dual(q, tangent), k, v)).tangent
+
+    with sdpa_kernel([SDPBackend.MATH]):  # torch's math path has a forward-mode rule
+        ref = tangent_of(F.scaled_dot_product_attention)
+    with flashsdpa.sdpa(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        try:
+            torch_error = None
+            torch_tangent = tangent_of(torch.ops.aten.scaled_dot_product_attention)
+        except NotImplementedError as error:  # torch's CPU flash kernel has none: it raises
+            torch_error = str(error)
+        if torch_error is None:
+            assert rel_err(tangent_of(F.scaled_dot_product_attention), torch_tangent) < 1e-12
+        else:
+            with pytest.raises(NotImplementedError) as error:
+                tangent_of(F.scaled_dot_product_attention)
+            assert str(error.value) == torch_error
+    assert flashsdpa.stats()["fallbacks"] == {"forward-mode AD (dual tensors, jvp) is not supported": 1}
+    assert ref is not None and ref.abs().max() > 0
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        tangent_of(flashsdpa.scaled_dot_product_attention)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda a: flashsdpa.attention(a, k, v), (q,), (tangent,))
+
+
+# ---- empty shapes -----------------------------------------------------------------
+
+
+def _forward_and_grads(fn, q, k, v, **options):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **options)
+    return (out, *torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("how", ["enable", "direct"])
+def test_every_empty_shape_gives_torch_s_result(how):
+    """Zero batch, heads, query or key length, or head dims: torch's output and gradients (zeros, or empty)."""
+    gen = generator(187)
+    sizes = {"B": (0, 2), "H": (0, 3), "L": (0, 4), "S": (0, 5), "E": (0, 6), "Ev": (0, 7)}
+    checked = 0
+    for B, H, L, S, E, Ev in itertools.product(*sizes.values()):
+        if 0 not in (B, H, L, S, E, Ev):
+            continue
+        q, k = torch.randn(B, H, L, E, generator=gen), torch.randn(B, H, S, E, generator=gen)
+        v = torch.randn(B, H, S, Ev, generator=gen)
+        for options in ({}, {"is_causal": True}, {"attn_mask": torch.ones(L, S, dtype=torch.bool)}):
+            ref = _forward_and_grads(F.scaled_dot_product_attention, q, k, v, **options)
+            if how == "enable":
+                with flashsdpa.sdpa(strict=True):
+                    got = _forward_and_grads(F.scaled_dot_product_attention, q, k, v, **options)
+            else:
+                got = _forward_and_grads(flashsdpa.scaled_dot_product_attention, q, k, v, **options)
+            for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+                assert g.shape == r.shape and g.dtype == r.dtype, ((B, H, L, S, E, Ev), options, name)
+                torch.testing.assert_close(g, r, msg=lambda m: f"{(B, H, L, S, E, Ev)} {options} {name}: {m}")
+            checked += 1
+    assert checked == 3 * (2**6 - 1)
+
+
+# ---- torch.nn.attention.sdpa_kernel -----------------------------------------------
+
+
+def test_sdpa_kernel_without_fused_backends_gets_torch_s_math(enabled):
+    """Restricting torch to MATH asks for torch's math path: the call goes to torch, with the reason in stats."""
+    q, k, v = qkv((2, 3, 9, 16), (2, 3, 11, 16), generator(188))
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with flashsdpa.sdpa(enabled=False):
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, ref)
+    from flashsdpa.integrations.sdpa import MATH_ONLY_REASON
+
+    assert flashsdpa.stats() == {"calls": {"torch": 1}, "fallbacks": {MATH_ONLY_REASON: 1}}
+    flashsdpa.reset_stats()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # a fused backend allowed: flashsdpa runs
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert flashsdpa.stats()["calls"] == {"tiled": 1}
+
+
+# ---- edge values of the direct API -------------------------------------------------
+
+
+def test_edge_values_torch_accepts():
+    q, k, v = qkv((2, 3, 5, 8), (2, 3, 6, 8), generator(189), requires_grad=True)
+    # a 0-d tensor scale is its value
+    out = flashsdpa.scaled_dot_product_attention(q, k, v, scale=torch.tensor(0.3))
+    assert torch.equal(out, flashsdpa.scaled_dot_product_attention(q, k, v, scale=0.3))
+    # dropout_p = 1 drops every weight: zeros, and zero gradients, as torch gives
+    with poisoned_outputs():
+        out, lse = flashsdpa.attention(q, k, v, dropout_p=1.0, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, flashsdpa.attention(q, k, v, return_lse=True)[1]), "lse is taken before dropout"
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    # a non-finite scale makes every score non-finite: NaN everywhere, as torch's math backend gives
+    for scale in (math.nan, math.inf, -math.inf):
+        out = flashsdpa.scaled_dot_product_attention(q, k, v, scale=scale)
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        assert out.isnan().all() and ref.isnan().all(), scale
+
+
+def test_edge_values_torch_rejects():
+    q, k, v = qkv((2, 3, 5, 8), (2, 3, 6, 8), generator(190))
+    mask = torch.ones(6, dtype=torch.bool)
+    with pytest.raises(IndexError):  # torch's own error (its dispatch cannot take a 1-D mask)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with pytest.raises(ValueError, match=r"attn_mask must have at least 2 dims .*\(6,\)"):
+        flashsdpa.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with flashsdpa.sdpa(), pytest.raises(IndexError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_where_torch_is_wrong_flashsdpa_keeps_its_answer():
+    """torch's CPU kernel gives NaN for causal attention at a scale <= 0 (README, Conformance)."""
+    q, k, v = qkv((1, 2, 6, 8), (1, 2, 6, 8), generator(191))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flashsdpa.scaled_dot_product_attention(q, k, v, is_causal=True, scale=-0.5)
+    ref, _ = oracle(q.double(), k.double(), v.double(), causal=True, scale=-0.5)
+    assert rel_err(out, ref) < 2e-6
