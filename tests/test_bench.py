@@ -62,7 +62,7 @@ def test_quick_cpu_run_writes_rows_for_flashsdpa_and_math(tmp_path, one_thread):
                 assert entry["status"] == "ok", (peer, mode, entry)
                 assert entry["ms"] > 0 and entry["tflops"] > 0
             assert case["ratios"]["math"][mode] > 0
-        assert case["peers"]["flashsdpa"]["notes"]["backend"] == "tiled"
+        assert case["peers"]["flashsdpa"]["notes"]["backend"] == "aten"
         assert case["peers"]["flashsdpa"]["first_call_s"]["fwd"] > 0
         verdict = case["check"]["flashsdpa"]
         assert verdict["ok"] and verdict["reference"] in ("flash", "math")
