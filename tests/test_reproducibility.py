@@ -31,7 +31,8 @@ import hashlib, math, torch, torch.nn.functional as F
 import flashsdpa
 
 g = torch.Generator().manual_seed(16)
-q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((2, 4, 33, 32), (2, 4, 47, 32), (2, 4, 47, 32)))
+shapes = ((2, 4, 33, 32), (2, 4, 47, 32), (2, 4, 47, 32))
+q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes)
 F.scaled_dot_product_attention(q, k, v)  # the float64 call that came first in the issue
 q32, k32, v32 = q.float(), k.float(), v.float()
 ref = torch.softmax(q32.double() @ k32.double().transpose(-1, -2) / math.sqrt(32), -1) @ v32.double()

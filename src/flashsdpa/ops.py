@@ -75,7 +75,7 @@ def forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp3
     if _is_degenerate(desc):
         return (*_empty_forward(desc, query), dropout_seed)
     out, lse = dispatch.BACKENDS[name].forward(desc, _inputs(query, key, value, mask, dropout_seed))
-    return _as_declared(out), _as_declared(lse), dropout_seed
+    return out, lse, dropout_seed
 
 
 @torch.library.custom_op("flashsdpa::attention_forward", mutates_args=())
@@ -96,12 +96,16 @@ def attention_forward(
     eager and compiled runs draw the same pattern after torch.manual_seed.
     `gradients` is the backward's 16-bit precision, chosen with the call
     (`gradient_precision.at_forward`); the forward only carries it."""
-    return forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
+    out, lse, seed = forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
+    return _as_declared(out), _as_declared(lse), seed
 
 
 def _as_declared(t: Tensor) -> Tensor:
     """The fake implementations declare contiguous outputs and compiled graphs
-    assert that; every backend allocates them so, and this never copies in practice."""
+    assert that: the ops make them so. The eager path (`forward`, `_backward`)
+    hands autograd a backend's outputs in the layout they come in: torch's CPU
+    flash kernel (the aten backend) gives (B, L, H, E)-strided gradients, and a
+    copy would add memory torch's own call does not take."""
     return t if t.is_contiguous() else t.contiguous()  # copy needed because outputs must match the fake's layout
 
 
@@ -134,7 +138,7 @@ def backward_impl(
         grads = dispatch.BACKENDS[name].backward(
             desc, _inputs(query, key, value, mask, dropout_seed), out, lse, grad_out, need
         )
-    return tuple(_as_declared(g) if g is not None else query.new_empty(0) for g in grads)
+    return tuple(g if g is not None else query.new_empty(0) for g in grads)
 
 
 @torch.library.custom_op("flashsdpa::attention_backward", mutates_args=())
@@ -156,10 +160,11 @@ def attention_backward(
     needed: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmask); a gradient not `needed` comes back as an empty tensor."""
-    return backward_impl(
+    grads = backward_impl(
         grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
         gradients, needed,
     )
+    return tuple(_as_declared(g) for g in grads)
 
 
 @attention_backward.register_fake

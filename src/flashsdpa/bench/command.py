@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flashsdpa.bench import cases as case_matrix
-from flashsdpa.bench import environment, report
+from flashsdpa.bench import environment, memory, report
 from flashsdpa.bench.estimate import Budget, Estimator
 from flashsdpa.bench.peers import FLEX_MODES, failure_reason, make_peers
 from flashsdpa.bench.plot import write_plot
@@ -37,8 +37,9 @@ CONVENTIONS = {
     "statistic": "median of the timed runs (CUDA events), after a warm-up; L2 flushed before each run",
     "ratio": "peer time / flashsdpa time (> 1: flashsdpa faster)",
     "decode_bytes": "K+V bytes / time (each read once)",
-    "peak_mib": "MiB torch's allocator holds above its level before the call, at the peak (bench/memory.py): "
-    "fwd: one forward, its output included; bwd: one forward and its backward",
+    "peak_mib": "MiB held above the level before the call, at the peak (bench/memory.py; CUDA: torch's "
+    "allocator; CPU: the resident set, large allocations mapped alone): fwd: one forward, its output included; "
+    "bwd: one forward and its backward",
     "rel_err": "||a - b||_F / ||b||_F between flashsdpa's and the peer's output / gradients",
 }
 
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_matrix(cases, estimates, document, out, device, settings, flex_mode, budget, seed) -> None:
     """Runs (or skips, past the budget) each case; results.json is rewritten after each."""
     timer = Timer(device, settings)
+    if device.type == "cpu":
+        memory.fix_allocation_threshold()  # before anything is timed: every peer runs under it
     peers = make_peers(flex_mode)
     progress = Progress(len(cases))
     try:

@@ -213,7 +213,9 @@ class FlexPeer(Peer):
         block_mask = None
         mask_mod = flex_mask_mod(case)
         if mask_mod is not None:
-            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device)
+            block_mask = create_block_mask(
+                mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
+            )
         extra = {"enable_gqa": True} if case.gqa else {}
         # Where Flex has no backward, its forward runs on inputs that do not require grad (else it raises).
         inference = self.backward_unavailable(case, device) is not None
