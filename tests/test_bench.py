@@ -1,4 +1,5 @@
-"""`flashsdpa bench` on CPU: the tiny smoke matrix runs every code path in seconds."""
+"""`flashsdpa bench` on CPU: the tiny smoke matrix (`--smoke`) runs every code path in seconds; the CPU-sized
+matrix, its peers and the model's size are checked without running them."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def check_outputs(out, document):
 
 
 def test_quick_cpu_run_writes_rows_for_flashsdpa_and_math(tmp_path, one_thread):
-    assert main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["--device", "cpu", "--smoke", "--quick", "--flex", "off", "--out", str(tmp_path)]) == 0
     document = load(tmp_path)
     check_outputs(tmp_path, document)
     cases = document["cases"]
@@ -57,24 +58,27 @@ def test_quick_cpu_run_writes_rows_for_flashsdpa_and_math(tmp_path, one_thread):
     for case in cases:
         assert case["status"] == "ran"
         for mode in ("fwd", "bwd"):
-            for peer in ("flashsdpa", "math"):
+            for peer in ("flashsdpa", "torch", "math"):
                 entry = case["peers"][peer][mode]
                 assert entry["status"] == "ok", (peer, mode, entry)
                 assert entry["ms"] > 0 and entry["tflops"] > 0
+                assert entry["peak_mib"] > 0
             assert case["ratios"]["math"][mode] > 0
-        assert case["peers"]["flashsdpa"]["notes"]["backend"] == "tiled"
+            # the same fused kernel: no more memory than torch's own call; math materialises the scores
+            peaks = {peer: case["peers"][peer][mode]["peak_mib"] for peer in ("flashsdpa", "torch", "math")}
+            assert peaks["flashsdpa"] <= peaks["torch"] * 1.05 + 0.01 and peaks["math"] > peaks["flashsdpa"], peaks
+        assert case["peers"]["flashsdpa"]["notes"]["backend"] == "aten"
         assert case["peers"]["flashsdpa"]["first_call_s"]["fwd"] > 0
         verdict = case["check"]["flashsdpa"]
         assert verdict["ok"] and verdict["reference"] in ("flash", "math")
         assert set(verdict["rel_err_vs"]["math"]) == {"out", "dq", "dk", "dv"}
-        # CUDA-only peers are recorded as n/a with a reason, never a crash.
-        for peer in ("cudnn", "efficient", "flex"):
-            assert case["peers"][peer]["fwd"]["status"] == "n/a"
-            assert case["peers"][peer]["fwd"]["reason"]
+        # CUDA-only peers are left out on a CPU; one turned off is n/a with the reason.
+        assert set(case["peers"]) == {"flashsdpa", "torch", "math", "flex"}
+        assert case["peers"]["flex"]["fwd"] == {"status": "n/a", "reason": "FlexAttention turned off (--flex off)"}
 
 
 def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
-    assert main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert main(["--device", "cpu", "--smoke", "--flex", "off", "--out", str(tmp_path)]) == 0
     document = load(tmp_path)
     check_outputs(tmp_path, document)
     by_group = {}
@@ -83,7 +87,7 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     assert set(by_group) == {"main", "mask", "fp32", "decode"}
     assert {c["mask"] for c in by_group["mask"]} == {"key_padding", "bias"}
     fp32 = by_group["fp32"][0]
-    assert fp32["peers"]["flashsdpa-tf32"]["fwd"]["status"] == "ok"
+    assert "flashsdpa-tf32" not in fp32["peers"]  # no tf32 on a CPU
     assert fp32["check"]["flashsdpa"]["max_rel_err"] < 1e-4
     decode = by_group["decode"][0]
     assert decode["modes"] == ["fwd"] and decode["enable_gqa"]
@@ -97,7 +101,7 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
 
 
 def test_time_budget_skips_cases_with_a_reason(tmp_path, one_thread, capsys):
-    assert main(["--device", "cpu", "--quick", "--budget-s", "1e-6", "--out", str(tmp_path)]) == 0
+    assert main(["--device", "cpu", "--smoke", "--quick", "--budget-s", "1e-6", "--out", str(tmp_path)]) == 0
     document = load(tmp_path)
     assert [c["status"] for c in document["cases"]] == ["skipped", "skipped"]
     assert "time budget" in document["cases"][0]["reason"]
@@ -106,8 +110,9 @@ def test_time_budget_skips_cases_with_a_reason(tmp_path, one_thread, capsys):
 
 def test_from_json_merges_runs(tmp_path, one_thread):
     first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
-    assert main(["--device", "cpu", "--quick", "--cases", "causal", "--out", str(first)]) == 0
-    assert main(["--device", "cpu", "--cases", "decode", "--out", str(second)]) == 0
+    smoke = ["--device", "cpu", "--smoke", "--flex", "off"]
+    assert main([*smoke, "--quick", "--cases", "causal", "--out", str(first)]) == 0
+    assert main([*smoke, "--cases", "decode", "--out", str(second)]) == 0
     arguments = ["--from-json", str(first / "results.json"), str(second / "results.json"), "--out", str(merged)]
     assert main(arguments) == 0
     document = load(merged)
@@ -119,8 +124,10 @@ def test_from_json_merges_runs(tmp_path, one_thread):
 def test_model_benchmark_is_reported(tmp_path, monkeypatch):
     calls = []
 
-    def run_model_bench(device, dtype):
-        calls.append((device, dtype))
+    def run_model_bench(device, dtype, progress=None, deadline=None, **size):
+        calls.append((device, dtype, size))
+        progress("step 1/1: 0.00 s")
+        assert deadline is not None  # the CPU default budget holds for the model too
         return {"torch_sdpa_step_ms": 2.0, "flashsdpa_step_ms": 1.0, "ratio": 2.0}
 
     try:
@@ -129,10 +136,11 @@ def test_model_benchmark_is_reported(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "flashsdpa.integrations", types.ModuleType("flashsdpa.integrations"))
     fake = types.ModuleType("flashsdpa.integrations.model_bench")
     fake.run_model_bench = run_model_bench
+    fake.CPU_MODEL = {"layers": 1, "width": 128}  # what a CPU run passes on
     monkeypatch.setitem(sys.modules, "flashsdpa.integrations.model_bench", fake)
     assert main(["--device", "cpu", "--cases", "none", "--model", "--out", str(tmp_path)]) == 0
     document = load(tmp_path)
-    assert calls == [(torch.device("cpu"), torch.bfloat16)]
+    assert calls == [(torch.device("cpu"), torch.bfloat16, fake.CPU_MODEL)]
     assert document["model"]["status"] == "ok" and document["model"]["ratio"] == 2.0
     assert document["cases"] == []
 
@@ -169,6 +177,23 @@ def test_matrix_shapes_and_selection():
     ]
     assert len(case_matrix.select(full, "decode,mask")) == 6
     assert case_matrix.select(full, "none") == []
+
+
+def test_cpu_matrix():
+    """CPU-sized cases with the peers a CPU has; --quick is the dense headline rows of issue 16."""
+    quick = case_matrix.matrix("cpu", quick=True)
+    assert len(quick) == 2 * 2 * 2 * 2  # dtype x head dim x causal x L
+    assert {(c.dtype, c.head_dim, c.seq_q, c.causal) for c in quick} == {
+        (dtype, d, length, causal) for dtype in (torch.float32, torch.bfloat16) for d in (64, 128)
+        for length in (1024, 4096) for causal in (False, True)
+    }  # fmt: skip
+    full = case_matrix.matrix("cpu", quick=False)
+    assert {c.group for c in full} == {"cpu", "cpu-mask"}
+    assert {c.mask for c in full if c.group == "cpu-mask"} == {"key_padding", "bias"}
+    assert {c.seq_q for c in full} == set(case_matrix.CPU_SEQ_LENS)
+    for case in full:
+        assert case.peers == ("flashsdpa", "torch", "math", "flex") and case.backward
+    assert all(set(c.peers) <= set(case_matrix.CPU_PEERS) for c in case_matrix.smoke_cases(quick=False))
 
 
 def test_estimates_fit_the_lent_gpu_call():
@@ -246,7 +271,7 @@ class _RefusingPeer(Peer):
 
 
 def test_a_refusing_peer_is_recorded_with_its_reason():
-    case = case_matrix.cpu_smoke_cases(quick=True)[0]
+    case = case_matrix.smoke_cases(quick=True)[0]
     sets = case_matrix.make_input_sets(case, torch.device("cpu"), 1, seed=0)
     timer = Timer(torch.device("cpu"), CPU_SETTINGS)
     half = run_peer(_ForwardOnlyPeer(), case, sets, timer, torch.device("cpu"))

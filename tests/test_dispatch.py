@@ -68,7 +68,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_automatic_choice(device):
     q, k, v = small_problem(device)
     flashsdpa.attention(q, k, v)
-    expected = "triton" if device == "cuda" else "tiled"
+    expected = "triton" if device == "cuda" else "aten"
     assert flashsdpa.stats() == {"calls": {expected: 1}, "fallbacks": {}}
     flashsdpa.scaled_dot_product_attention(q, k, v)
     assert flashsdpa.stats()["calls"] == {expected: 2}

@@ -87,6 +87,7 @@ def test_meta_tensors_take_the_op_path():
     assert flashsdpa.stats()["calls"] == {}, "the op's fake implementation answered"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")  # traced on purpose
 def test_jit_trace_records_the_op(device):
     x = torch.randn(1, 2, 5, 8, device=device)
     f = lambda t: flashsdpa.attention(t, t, t, backend="tiled")  # noqa: E731

@@ -83,7 +83,7 @@ def test_basic_transformer_block(text_mask):
         return model(x, encoder_hidden_states=text, encoder_attention_mask=mask)
 
     stats = compare(block, run, inputs)
-    assert stats == {"calls": {"tiled": 2}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": 2}, "fallbacks": {}}
 
 
 def tiny_flux():
@@ -124,7 +124,7 @@ def test_flux_through_the_dispatcher_native_backend():
     """diffusers >= 0.35: FluxAttnProcessor -> dispatch_attention_fn -> "native"; before: FluxAttnProcessor2_0."""
     model = tiny_flux()
     stats = compare(model, run_flux, flux_inputs)
-    assert stats == {"calls": {"tiled": FLUX_LAYERS + FLUX_SINGLE_LAYERS}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": FLUX_LAYERS + FLUX_SINGLE_LAYERS}, "fallbacks": {}}
 
 
 @pytest.mark.skipif(_AttentionBackendRegistry is None, reason="diffusers < 0.35 has no attention backends")
@@ -146,4 +146,4 @@ def test_attention_backend_helper_overrides_a_model_backend_and_restores_it():
         model.reset_attention_backend()
         _AttentionBackendRegistry.set_active_backend(default)
     assert rel_err(out, ref) <= FP32_TOL
-    assert flashsdpa.stats() == {"calls": {"tiled": FLUX_LAYERS + FLUX_SINGLE_LAYERS}, "fallbacks": {}}
+    assert flashsdpa.stats() == {"calls": {"aten": FLUX_LAYERS + FLUX_SINGLE_LAYERS}, "fallbacks": {}}

@@ -81,7 +81,7 @@ def test_routed_call_matches_torch_forward_and_backward(name):
     assert rel_err(out, ref) <= FP32_TOL
     for grad, ref_grad in zip(grads, ref_grads):
         assert rel_err(grad, ref_grad) <= FP32_TOL
-    assert flashsdpa.stats() == {"calls": {"tiled": 1}, "fallbacks": {}}
+    assert flashsdpa.stats() == {"calls": {"aten": 1}, "fallbacks": {}}
 
 
 def test_positional_and_keyword_arguments_are_torch_s():
@@ -97,7 +97,7 @@ def test_positional_and_keyword_arguments_are_torch_s():
     assert str(ours.value) == str(torchs.value)
     ref = F.scaled_dot_product_attention(q, k, v, mask, scale=0.5)
     assert rel_err(positional, ref) <= FP32_TOL and rel_err(keywords, ref) <= FP32_TOL
-    assert flashsdpa.stats()["calls"] == {"tiled": 2}
+    assert flashsdpa.stats()["calls"] == {"aten": 2}
 
 
 # ---- fallbacks ------------------------------------------------------------------
@@ -209,10 +209,10 @@ def test_strict_mode_still_runs_supported_calls():
 
 def _routed() -> bool:
     """Whether an SDPA call made now from this thread runs on flashsdpa (by the stats)."""
-    before = flashsdpa.stats()["calls"].get("tiled", 0)
+    before = flashsdpa.stats()["calls"].get("aten", 0)
     q, k, v = qkv(seq_q=3, seq_kv=3, batch=1, heads=1, kv_heads=1)
     F.scaled_dot_product_attention(q, k, v)
-    return flashsdpa.stats()["calls"].get("tiled", 0) > before
+    return flashsdpa.stats()["calls"].get("aten", 0) > before
 
 
 def test_enable_is_idempotent_and_disable_restores_torch_s_function():
@@ -301,7 +301,7 @@ def test_backward_in_another_thread_follows_the_open_block():
         thread.join()
     assert errors == []
     assert all(rel_err(g, r) <= FP32_TOL for g, r in zip(grads, ref))
-    assert flashsdpa.stats()["calls"] == {"tiled": 2}  # the forward and its recomputation
+    assert flashsdpa.stats()["calls"] == {"aten": 2}  # the forward and its recomputation
 
 
 def test_enable_reaches_every_thread():
@@ -337,7 +337,7 @@ def test_many_threads_entering_and_leaving_blocks():
     for thread in threads:
         thread.join()
     assert errors == []
-    assert flashsdpa.stats()["calls"] == {"tiled": 40}  # calls in enabled=False blocks go straight to torch
+    assert flashsdpa.stats()["calls"] == {"aten": 40}  # calls in enabled=False blocks go straight to torch
     assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
@@ -378,7 +378,7 @@ def test_multihead_attention(masks):
         "causal + key padding": dict(attn_mask=causal, key_padding_mask=key_padding),
     }[masks]
     stats = _compare_module(mha, x, x, x, need_weights=False, **kwargs)
-    assert stats == {"calls": {"tiled": 1}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": 1}, "fallbacks": {}}
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -389,7 +389,7 @@ def test_transformer_encoder_layer(training):
     x = torch.randn(3, 19, 32)
     key_padding, causal = _padding_and_causal()
     stats = _compare_module(layer, x, src_mask=causal, is_causal=True, src_key_padding_mask=key_padding)
-    assert stats == {"calls": {"tiled": 1}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": 1}, "fallbacks": {}}
 
 
 # ---- torch.compile ------------------------------------------------------------------
@@ -431,9 +431,9 @@ def test_compiled_model_under_enable_traces_flashsdpa_ops_fullgraph():
     assert any("flashsdpa.attention_forward" in op for op in graphs[0])
     assert not any("scaled_dot_product" in op for op in graphs[0])
     assert rel_err(out, ref) <= FP32_TOL and rel_err(out_aot, ref) <= FP32_TOL
-    assert flashsdpa.stats()["calls"] == {"tiled": 2}
+    assert flashsdpa.stats()["calls"] == {"aten": 2}
 
     # Disabled, the same compiled function recompiles (dynamo guards on the patch) and runs torch's SDPA.
     compiled(x)
-    assert flashsdpa.stats()["calls"] == {"tiled": 2}
+    assert flashsdpa.stats()["calls"] == {"aten": 2}
     torch._dynamo.reset()

@@ -112,14 +112,14 @@ def test_llama_under_enable(padding):
     if not padding:
         attention_mask = torch.ones_like(input_ids)
     stats = assert_matches_sdpa(build(), under_enable, input_ids=input_ids, attention_mask=attention_mask)
-    assert stats == {"calls": {"tiled": LAYERS}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": LAYERS}, "fallbacks": {}}
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_attn_implementation(kind, registration):
     input_ids, attention_mask = batch()
     stats = assert_matches_sdpa(build(kind), as_attn_implementation, input_ids=input_ids, attention_mask=attention_mask)
-    assert stats == {"calls": {"tiled": LAYERS}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": LAYERS}, "fallbacks": {}}
 
 
 def test_sliding_window_comes_in_the_mask(registration):
@@ -127,7 +127,7 @@ def test_sliding_window_comes_in_the_mask(registration):
     model = build("mistral", sliding_window=5)
     input_ids, attention_mask = batch(seq=23)
     stats = assert_matches_sdpa(model, as_attn_implementation, input_ids=input_ids, attention_mask=attention_mask)
-    assert stats == {"calls": {"tiled": LAYERS}, "fallbacks": {}}
+    assert stats == {"calls": {"aten": LAYERS}, "fallbacks": {}}
     no_window, _ = as_attn_implementation(build("mistral"), input_ids, attention_mask)
     assert rel_err(no_window, logits_and_grads(model, input_ids, attention_mask)[0]) > 1e-3  # the window mattered
 
@@ -150,7 +150,7 @@ def test_greedy_generation_with_cache_matches_sdpa(registration):
     flashsdpa.reset_stats()
     out = model.generate(input_ids, **kwargs)
     assert torch.equal(out, ref)
-    assert flashsdpa.stats() == {"calls": {"tiled": LAYERS * 6}, "fallbacks": {}}
+    assert flashsdpa.stats() == {"calls": {"aten": LAYERS * 6}, "fallbacks": {}}
 
 
 def test_compiled_model_fullgraph(registration):
@@ -167,7 +167,7 @@ def test_compiled_model_fullgraph(registration):
         flashsdpa.disable()
         torch._dynamo.reset()
     assert rel_err(out.detach(), ref) <= FP32_TOL
-    assert flashsdpa.stats() == {"calls": {"tiled": LAYERS}, "fallbacks": {}}
+    assert flashsdpa.stats() == {"calls": {"aten": LAYERS}, "fallbacks": {}}
 
 
 # ---- the registration ------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_model_bench_runs_every_attention_call_on_flashsdpa():
     from flashsdpa.integrations.model_bench import run_model_bench
 
     result = run_model_bench("cpu", torch.float32, layers=1, width=128, seq=16, batch=1, warmup=0, steps=1, vocab_size=64)
-    assert result["flashsdpa_stats"] == {"calls": {"tiled": 2}, "fallbacks": {}}  # 1 layer x (first step + 1 timed)
+    assert result["flashsdpa_stats"] == {"calls": {"aten": 2}, "fallbacks": {}}  # 1 layer x (first step + 1 timed)
     assert result["loss_rel_diff"] <= FP32_TOL and result["speedup"] > 0
 
 

@@ -157,6 +157,18 @@ class AttentionDescriptor:
         return self.window_left >= 0 or self.window_right >= 0
 
     @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants beyond torch's SDPA this problem uses, by name (for backends' decline reasons)."""
+        used = (
+            ("a sliding window", self.windowed),
+            ("bottom-right causal alignment", self.key_offset != 0),
+            ("softcap", self.softcap > 0.0),
+            ("ALiBi", self.alibi),
+            ("attention sinks", self.sinks),
+        )
+        return tuple(name for name, on in used if on)
+
+    @property
     def batch(self) -> int:
         return math.prod(self.batch_shape)
 

@@ -63,7 +63,7 @@ def forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks):
         return (*_empty_forward(desc, query, sinks), dropout_seed)
     inputs = _inputs(query, key, value, mask, alibi_slopes, sinks, dropout_seed)
     out, lse = dispatch.BACKENDS[name].forward(desc, inputs)
-    return _as_declared(out), _as_declared(lse), dropout_seed
+    return out, lse, dropout_seed
 
 
 @torch.library.custom_op("flashsdpa::attention_forward", mutates_args=())
@@ -95,12 +95,16 @@ def attention_forward(
         dropout_p, causal, scale, window_left, window_right, alignment, softcap, fp32_precision, gradients
     )
     desc = describe(query, key, value, mask, options, alibi_slopes is not None, sinks is not None)
-    return forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks)
+    out, lse, seed = forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks)
+    return _as_declared(out), _as_declared(lse), seed
 
 
 def _as_declared(t: Tensor) -> Tensor:
     """The fake implementations declare contiguous outputs and compiled graphs
-    assert that; every backend allocates them so, and this never copies in practice."""
+    assert that: the ops make them so. The eager path (`forward`, `_backward`)
+    hands autograd a backend's outputs in the layout they come in: torch's CPU
+    flash kernel (the aten backend) gives (B, L, H, E)-strided gradients, and a
+    copy would add memory torch's own call does not take."""
     return t if t.is_contiguous() else t.contiguous()  # copy needed because outputs must match the fake's layout
 
 
@@ -128,7 +132,7 @@ def backward_impl(desc, backend, grad_out, query, key, value, out, lse, mask, al
         name = dispatch.choose_backend(desc, query.device, backend or None)
         inputs = _inputs(query, key, value, mask, alibi_slopes, sinks, dropout_seed)
         grads = dispatch.BACKENDS[name].backward(desc, inputs, out, lse, grad_out, need)
-    return tuple(_as_declared(g) if g is not None else query.new_empty(0) for g in grads)
+    return tuple(g if g is not None else query.new_empty(0) for g in grads)
 
 
 @torch.library.custom_op("flashsdpa::attention_backward", mutates_args=())
@@ -161,9 +165,10 @@ def attention_backward(
         dropout_p, causal, scale, window_left, window_right, alignment, softcap, fp32_precision, gradients
     )
     desc = describe(query, key, value, mask, options, alibi_slopes is not None, sinks is not None)
-    return backward_impl(
+    grads = backward_impl(
         desc, backend, grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed, needed
     )
+    return tuple(_as_declared(g) for g in grads)
 
 
 @attention_backward.register_fake

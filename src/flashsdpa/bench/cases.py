@@ -12,7 +12,17 @@ short by its time budget still has them):
 - decode: one query row, q (16, 32, 1, 128) against K/V (16, 8, S, 128) with
   enable_gqa; forward only, reported as bytes of K+V read per second too.
 
-On CPU a tiny matrix with one case of each kind exercises the same code paths.
+On a CPU (`--device cpu`), CPU-sized cases at B=1, H=8 against the peers a
+CPU user has (torch's SDPA as it chooses, its math path, FlexAttention
+compiled for the CPU):
+
+- cpu: d in {64, 128}, L = S from 512 to 8192, float32 then bf16, causal
+  and not; forward and backward (`--quick`: L = 1024 and 4096 only).
+- cpu-mask: d=64, L = 1024 and 4096, float32 and bf16, the bool key-padding
+  mask (B, 1, 1, S) and the float bias (1, H, L, S).
+
+`--smoke` picks a tiny matrix with one case of each kind instead (seconds):
+it exercises the same code paths, for tests.
 """
 
 from __future__ import annotations
@@ -41,6 +51,18 @@ MAIN_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math", "flex")
 MASK_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
 FP32_PEERS = ("flashsdpa", "flashsdpa-tf32", "cudnn", "flash", "efficient", "math")
 DECODE_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
+
+# The CPU matrix: B=1, H=8 as a CPU user would run one layer's attention.
+CPU_BATCH = 1
+CPU_HEADS = 8
+CPU_HEAD_DIMS = (64, 128)
+CPU_SEQ_LENS = (512, 1024, 2048, 4096, 8192)
+CPU_QUICK_SEQ_LENS = (1024, 4096)
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+CPU_MASK_SEQ_LENS = (1024, 4096)
+# Peers that run on a CPU: torch's SDPA as it chooses ("torch"), its math path, FlexAttention compiled.
+# (cuDNN, flash and mem-efficient are CUDA kernels; torch's CPU flash kernel is what "torch" runs.)
+CPU_PEERS = ("flashsdpa", "torch", "math", "flex")
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -219,18 +241,50 @@ def full_cases() -> list[Case]:
     return main_group(torch.bfloat16) + mask + fp32 + decode + main_group(torch.float16)
 
 
-def cpu_smoke_cases(quick: bool) -> list[Case]:
-    """A tiny matrix with the structure of the real one, for CPU smoke tests (seconds)."""
+def on_device(peers: tuple[str, ...], device_type: str) -> tuple[str, ...]:
+    """The peers that can run on the device: on a CPU, flashsdpa, torch's own choice, math and Flex."""
+    if device_type == "cuda":
+        return peers
+    return tuple(p for p in peers if p in CPU_PEERS) + tuple(p for p in CPU_PEERS if p not in peers)
+
+
+def cpu_cases(quick: bool) -> list[Case]:
+    """The CPU matrix (module docstring), in running order: the dense rows, then the masks."""
+    lengths = CPU_QUICK_SEQ_LENS if quick else CPU_SEQ_LENS
+    shape = dict(batch=CPU_BATCH, heads_q=CPU_HEADS, heads_kv=CPU_HEADS, peers=CPU_PEERS)
+    dense = [
+        Case(group="cpu", dtype=dtype, head_dim=d, seq_q=length, seq_kv=length, causal=causal, **shape)
+        for dtype in CPU_DTYPES
+        for d in CPU_HEAD_DIMS
+        for causal in (False, True)
+        for length in lengths
+    ]
+    if quick:
+        return dense
+    masks = [
+        Case(group="cpu-mask", dtype=dtype, head_dim=64, seq_q=length, seq_kv=length, mask=mask,
+             padded_keys=length // 8 if mask == "key_padding" else 0, **shape)
+        for dtype in CPU_DTYPES
+        for mask in ("key_padding", "bias")
+        for length in CPU_MASK_SEQ_LENS
+    ]  # fmt: skip
+    return dense + masks
+
+
+def smoke_cases(quick: bool, device_type: str = "cpu") -> list[Case]:
+    """A tiny matrix with the structure of the real one, for smoke tests (seconds)."""
     small = dict(batch=1, heads_q=2, heads_kv=2, seq_q=64, seq_kv=64, head_dim=16)
     main = [
-        Case(group="main", dtype=torch.bfloat16, causal=causal, peers=MAIN_PEERS, **small) for causal in (False, True)
+        Case(group="main", dtype=torch.bfloat16, causal=causal, peers=on_device(MAIN_PEERS, device_type), **small)
+        for causal in (False, True)
     ]
     if quick:
         return main
     return main + [
-        Case(group="mask", dtype=torch.bfloat16, mask="key_padding", padded_keys=8, peers=MASK_PEERS, **small),
-        Case(group="mask", dtype=torch.bfloat16, mask="bias", peers=MASK_PEERS, **small),
-        Case(group="fp32", dtype=torch.float32, peers=FP32_PEERS, **small),
+        Case(group="mask", dtype=torch.bfloat16, mask="key_padding", padded_keys=8,
+             peers=on_device(MASK_PEERS, device_type), **small),
+        Case(group="mask", dtype=torch.bfloat16, mask="bias", peers=on_device(MASK_PEERS, device_type), **small),
+        Case(group="fp32", dtype=torch.float32, peers=on_device(FP32_PEERS, device_type), **small),
         Case(
             group="decode",
             batch=2,
@@ -241,15 +295,17 @@ def cpu_smoke_cases(quick: bool) -> list[Case]:
             head_dim=16,
             dtype=torch.bfloat16,
             backward=False,
-            peers=DECODE_PEERS,
+            peers=on_device(DECODE_PEERS, device_type),
         ),
     ]
 
 
-def matrix(device_type: str, quick: bool) -> list[Case]:
+def matrix(device_type: str, quick: bool, smoke: bool = False) -> list[Case]:
+    if smoke:
+        return smoke_cases(quick, device_type)
     if device_type == "cuda":
         return quick_cases() if quick else full_cases()
-    return cpu_smoke_cases(quick)
+    return cpu_cases(quick)
 
 
 def select(cases: list[Case], patterns: str | None) -> list[Case]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flashsdpa.bench import cases as case_matrix
-from flashsdpa.bench import environment, report
+from flashsdpa.bench import environment, memory, report
 from flashsdpa.bench.estimate import Budget, Estimator
 from flashsdpa.bench.peers import FLEX_MODES, failure_reason, make_peers
 from flashsdpa.bench.plot import write_plot
@@ -22,6 +22,8 @@ from flashsdpa.bench.timing import CPU_SETTINGS, CUDA_SETTINGS, Timer
 # One lent-GPU call is limited to 10 minutes: the cases must end by this many
 # seconds, leaving room for start-up, one case far over its estimate, the plot.
 DEFAULT_CUDA_BUDGET_S = 500.0
+# A CPU run's default: the quick matrix on 2 cores (every peer, Flex compiles included) fits in it.
+DEFAULT_CPU_BUDGET_S = 1200.0
 MODEL_RESERVE_S = 90.0  # taken off the default budget by --model, which runs last
 # `--flex auto` compiles every shape when at most this many are selected (--quick
 # has 4), else compiles with dynamic shapes: a static compile per shape of the
@@ -35,6 +37,9 @@ CONVENTIONS = {
     "statistic": "median of the timed runs (CUDA events), after a warm-up; L2 flushed before each run",
     "ratio": "peer time / flashsdpa time (> 1: flashsdpa faster)",
     "decode_bytes": "K+V bytes / time (each read once)",
+    "peak_mib": "MiB held above the level before the call, at the peak (bench/memory.py; CUDA: torch's "
+    "allocator; CPU: the resident set, large allocations mapped alone): fwd: one forward, its output included; "
+    "bwd: one forward and its backward",
     "rel_err": "||a - b||_F / ||b||_F between flashsdpa's and the peer's output / gradients",
 }
 
@@ -53,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", action="store_true", help="also time a model step (torch SDPA vs flashsdpa)")
     parser.add_argument("--model-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a tiny smoke matrix)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (CPU-sized cases and peers)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny matrix of one case per kind (seconds; for tests)")
     parser.add_argument(
         "--flex",
         default="auto",
@@ -65,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-s",
         type=float,
         default=None,
-        help=f"skip cases that would end past this many seconds (CUDA default {DEFAULT_CUDA_BUDGET_S:.0f}; 0: none)",
+        help=f"the whole run's seconds: cases that would end past it are skipped, --model (given the last "
+        f"{MODEL_RESERVE_S:.0f} s) starts no step past it (default {DEFAULT_CUDA_BUDGET_S:.0f} on CUDA, "
+        f"{DEFAULT_CPU_BUDGET_S:.0f} on a CPU, none with --smoke; 0: none)",
     )
     parser.add_argument("--warmup-ms", type=float, default=None, help="warm-up per measurement")
     parser.add_argument("--rep-ms", type=float, default=None, help="time of timed runs per measurement")
@@ -127,7 +135,7 @@ def resolve_flex_mode(requested: str, cases: list) -> str:
     shapes = {
         (c.dtype, c.batch, c.heads_q, c.heads_kv, c.seq_q, c.seq_kv, c.head_dim, c.causal)
         for c in cases
-        if "flex" in c.peers and c.mask == "none"
+        if "flex" in c.peers and c.mask != "bias"
     }
     return "static" if len(shapes) <= FLEX_STATIC_MAX_SHAPES else "dynamic"
 
@@ -155,14 +163,21 @@ def done_text(result: dict) -> str:
     return "; ".join(parts)
 
 
-def run_model(device: torch.device, dtype_name: str) -> dict:
+def run_model(device: torch.device, dtype_name: str, deadline: float | None = None) -> dict:
+    """One model step's time with torch's SDPA and with flashsdpa: the GPU-sized model on CUDA, a
+    CPU-sized one elsewhere (`model_bench.CPU_MODEL`); one line per step; no step starts past `deadline`."""
     dtype = case_matrix.DTYPES_BY_NAME[dtype_name]
     try:
-        from flashsdpa.integrations.model_bench import run_model_bench
+        from flashsdpa.integrations.model_bench import CPU_MODEL, run_model_bench
     except ImportError as error:
         return {"status": "n/a", "reason": f"flashsdpa.integrations.model_bench is not importable ({error})"}
+
+    def progress(text: str) -> None:
+        print(f"  model: {text}", flush=True)
+
+    size = {} if device.type == "cuda" else dict(CPU_MODEL)
     try:
-        result = run_model_bench(device, dtype)
+        result = run_model_bench(device, dtype, progress=progress, deadline=deadline, **size)
     except Exception as error:
         return {"status": "n/a", "reason": failure_reason(error)}
     return {"status": "ok", "device": str(device), "dtype": dtype_name, **dict(result)}
@@ -202,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is not None and not args.plan:
         torch.cuda.set_device(device)  # CUDA events record on the current device
     settings = timing_settings(device, args)
-    cases = case_matrix.select(case_matrix.matrix(device.type, args.quick), args.cases)
+    cases = case_matrix.select(case_matrix.matrix(device.type, args.quick, args.smoke), args.cases)
     flex_mode = resolve_flex_mode(args.flex, cases)
     estimator = Estimator(settings, device.type, flex_mode)
     estimates = [estimator.estimate(case) for case in cases]
-    budget_s = args.budget_s
-    if budget_s is None:
-        budget_s = DEFAULT_CUDA_BUDGET_S - (MODEL_RESERVE_S if args.model else 0) if device.type == "cuda" else 0
+    total_s = args.budget_s  # the whole run's, --model included
+    if total_s is None:
+        total_s = 0 if args.smoke else DEFAULT_CUDA_BUDGET_S if device.type == "cuda" else DEFAULT_CPU_BUDGET_S
+    budget_s = max(1.0, total_s - MODEL_RESERVE_S) if args.model and total_s else total_s  # the cases'
     print(
         f"flashsdpa bench: {len(cases)} case(s) on {device}, flex {flex_mode}, estimated {sum(estimates):.0f} s"
         + (f" (budget {budget_s:.0f} s)" if budget_s else ""),
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     run_matrix(cases, estimates, document, out, device, settings, flex_mode, budget, args.seed)
     if args.model:
         print("model benchmark ...", flush=True)
-        document["model"] = run_model(device, args.model_dtype)
+        document["model"] = run_model(device, args.model_dtype, start + total_s if total_s else None)
     meta["wall_s"] = round(time.monotonic() - start, 1)
     return finish(document, out)
 
@@ -244,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_matrix(cases, estimates, document, out, device, settings, flex_mode, budget, seed) -> None:
     """Runs (or skips, past the budget) each case; results.json is rewritten after each."""
     timer = Timer(device, settings)
+    if device.type == "cpu":
+        memory.fix_allocation_threshold()  # before anything is timed: every peer runs under it
     peers = make_peers(flex_mode)
     progress = Progress(len(cases))
     try:

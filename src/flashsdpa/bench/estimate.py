@@ -25,11 +25,14 @@ CUDA_TFLOPS_16BIT = {
 CUDA_TFLOPS_FP32 = {"flashsdpa": (40, 30), "flashsdpa-tf32": (120, 90), "efficient": (47, 40), "math": (26, 26)}
 CUDA_DECODE_BYTES_PER_S = {"math": 0.08e12}  # others ~2.5e12 (K+V read)
 CUDA_DECODE_DEFAULT = 2.5e12
-CPU_TFLOPS = 0.02
+# Assumed speeds on the 2-core CPU machine, TFLOP/s (any dtype, forward and backward); guesses.
+CPU_TFLOPS = {"flashsdpa": 0.05, "torch": 0.05, "math": 0.02, "flex": 0.03}
+CPU_TFLOPS_DEFAULT = 0.02
 
 # Seconds of compilation the first time a kernel is needed (guesses).
 FLASHSDPA_JIT_S = {"fwd": 2.0, "bwd": 4.0}  # per new KernelKey
 FLEX_COMPILE_S = {"fwd": 8.0, "bwd": 12.0}  # per new shape ("static") or per group ("dynamic")
+FLEX_COMPILE_S_CPU = 40.0  # inductor's C++ for one forward, with gcc on the 2-core machine
 CASE_OVERHEAD_S = {"cuda": 0.5, "cpu": 0.05}  # inputs, checks, block masks, empty_cache
 REFUSAL_S = 0.05
 
@@ -54,15 +57,15 @@ class Estimator:
         self.compiled: set = set()
 
     def _compile_seconds(self, peer: str, case: Case, mode: str) -> float:
-        if self.device_type != "cuda":
+        if self.device_type != "cuda" and peer != "flex":
             return 0.0
         if peer.startswith("flashsdpa"):
             key = (peer, case.descriptor.kernel_key, mode, case.seq_q <= 16)
             cost = FLASHSDPA_JIT_S[mode]
         elif peer == "flex":
             shape = (case.batch, case.heads_q, case.seq_q, case.seq_kv) if self.flex_mode == "static" else ()
-            key = (peer, case.dtype, case.head_dim, case.causal, mode, shape)
-            cost = FLEX_COMPILE_S[mode]
+            key = (peer, case.dtype, case.head_dim, case.causal, case.mask, mode, shape)
+            cost = FLEX_COMPILE_S[mode] if self.device_type == "cuda" else FLEX_COMPILE_S_CPU
         else:
             return 0.0
         if key in self.compiled:
@@ -75,7 +78,7 @@ class Estimator:
             rate = CUDA_DECODE_BYTES_PER_S.get(peer, CUDA_DECODE_DEFAULT) if self.device_type == "cuda" else 1e10
             return case.kv_bytes / rate * 1e3
         if self.device_type != "cuda":
-            tflops = CPU_TFLOPS
+            tflops = CPU_TFLOPS.get(peer, CPU_TFLOPS_DEFAULT)
         else:
             table = CUDA_TFLOPS_FP32 if case.element_size == 4 else CUDA_TFLOPS_16BIT
             tflops = table.get(peer, (100, 80))[0 if mode == "fwd" else 1]
@@ -83,7 +86,7 @@ class Estimator:
 
     def skipped(self, peer: str, case: Case) -> bool:
         if peer == "flex":
-            return self.flex_mode == "off" or self.device_type != "cuda" or case.mask != "none"
+            return self.flex_mode == "off" or case.mask == "bias"
         return peer == "math" and case.score_bytes > MATH_SCORE_LIMIT_BYTES
 
     def estimate(self, case: Case) -> float:
@@ -95,7 +98,8 @@ class Estimator:
             if expected_refusal(peer, case) and self.device_type == "cuda":
                 seconds += REFUSAL_S
                 continue
-            for mode in case.modes:
+            modes = ("fwd",) if peer == "flex" and self.device_type != "cuda" else case.modes  # no CPU backward
+            for mode in modes:
                 run_ms = self._run_ms(peer, case, mode)
                 seconds += self._compile_seconds(peer, case, mode)
                 seconds += estimated_measure_seconds(self.settings, run_ms) + run_ms / 1e3

@@ -1,15 +1,20 @@
 """How each implementation is run on a case: flashsdpa and its peers.
 
 - flashsdpa: `flashsdpa.attention`, backend chosen automatically (Triton on
-  CUDA, tiled on CPU); which one ran is recorded from `flashsdpa.stats()`.
+  CUDA; on a CPU torch's fused kernel where it computes flashsdpa's semantics,
+  else tiled); which one ran is recorded from `flashsdpa.stats()`.
   flashsdpa-tf32 is the same with `fp32_precision="tf32"` (fp32 group only).
-- cudnn, flash, efficient, math: `torch.nn.functional.scaled_dot_product_attention`
-  with one backend pinned through `torch.nn.attention.sdpa_kernel`. A backend
+- torch: `torch.nn.functional.scaled_dot_product_attention` as torch chooses
+  (on a CPU its fused flash kernel where it can, else math).
+- cudnn, flash, efficient, math: the same with one backend pinned through
+  `torch.nn.attention.sdpa_kernel`. A backend
   that refuses a case ("No available kernel") is recorded as n/a with torch's
   reason. math materialises the (B, H, L, S) scores, so it is skipped, with
   the reason, when they would take more than MATH_SCORE_LIMIT_BYTES.
-- flex: FlexAttention through `torch.compile(flex_attention)`, causal through a
-  block mask made once per shape outside the timed region. "static" compiles
+- flex: FlexAttention through `torch.compile(flex_attention)` (inductor: Triton
+  on CUDA, vectorised C++ on a CPU), causal and key padding through a block
+  mask made once per shape outside the timed region (`flex_mask_mod`: a variant
+  case adds its mask_mod or score_mod there). "static" compiles
   every shape (dynamic=False: the fastest kernels, a compile per shape);
   "dynamic" compiles once per dtype/head dim/causality with symbolic sizes.
 
@@ -41,6 +46,10 @@ class Peer(abc.ABC):
     def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
         """Reasons to skip this peer on this case without trying it (empty: try it)."""
         return []
+
+    def backward_unavailable(self, case: Case, device: torch.device) -> str | None:
+        """Why this peer has no backward on this case (None: it has one); its forward is still timed."""
+        return None
 
     @abc.abstractmethod
     def prepare(self, case: Case, device: torch.device) -> Forward:
@@ -91,9 +100,9 @@ class FlashSdpaPeer(Peer):
 
 
 class TorchSdpaPeer(Peer):
-    def __init__(self, name: str, backend_name: str):
+    def __init__(self, name: str, backend_name: str | None):
         self.name = name
-        self.backend_name = backend_name  # an attribute of torch.nn.attention.SDPBackend
+        self.backend_name = backend_name  # an attribute of torch.nn.attention.SDPBackend; None: torch chooses
 
     def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
         if self.backend_name == "MATH" and case.score_bytes > MATH_SCORE_LIMIT_BYTES:
@@ -106,6 +115,8 @@ class TorchSdpaPeer(Peer):
     def context(self):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        if self.backend_name is None:
+            return contextlib.nullcontext()
         return sdpa_kernel(getattr(SDPBackend, self.backend_name))
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
@@ -125,6 +136,27 @@ class TorchSdpaPeer(Peer):
 def causal_mask_mod(batch, head, query_index, key_index):
     """Top-left aligned causal visibility, as FlexAttention mask_mod."""
     return query_index >= key_index
+
+
+def flex_mask_mod(case: Case):
+    """The case's visibility as a FlexAttention mask_mod (None: every key visible)."""
+    mods = []
+    if case.causal:
+        mods.append(causal_mask_mod)
+    if case.mask == "key_padding":
+        visible_keys = case.seq_kv - case.padded_keys
+
+        def key_padding(batch, head, query_index, key_index):
+            return key_index < visible_keys
+
+        mods.append(key_padding)
+    if not mods:
+        return None
+    if len(mods) == 1:
+        return mods[0]
+    from torch.nn.attention.flex_attention import and_masks
+
+    return and_masks(*mods)
 
 
 def raise_recompile_limit(limit: int = 100_000) -> None:
@@ -150,11 +182,14 @@ class FlexPeer(Peer):
         reasons = []
         if self.mode == "off":
             reasons.append("FlexAttention turned off (--flex off)")
-        if device.type != "cuda":
-            reasons.append("FlexAttention is benchmarked compiled on CUDA only")
-        if case.mask != "none":
-            reasons.append("FlexAttention is benchmarked without attn_mask only")
+        if case.mask == "bias":
+            reasons.append("a dense float bias is an attn_mask, not a FlexAttention score_mod: not benchmarked")
         return reasons
+
+    def backward_unavailable(self, case: Case, device: torch.device) -> str | None:
+        if device.type == "cpu":
+            return "FlexAttention has no backward on CPU (torch 2.13: NotImplementedError)"
+        return None
 
     def compiled(self):
         if self._compiled is None:
@@ -176,14 +211,18 @@ class FlexPeer(Peer):
 
         flex = self.compiled()
         block_mask = None
-        if case.causal:
+        mask_mod = flex_mask_mod(case)
+        if mask_mod is not None:
             block_mask = create_block_mask(
-                causal_mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
+                mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
             )
         extra = {"enable_gqa": True} if case.gqa else {}
+        # Where Flex has no backward, its forward runs on inputs that do not require grad (else it raises).
+        inference = self.backward_unavailable(case, device) is not None
 
         def forward(inputs: InputSet) -> torch.Tensor:
-            return flex(inputs.query, inputs.key, inputs.value, block_mask=block_mask, **extra)
+            q, k, v = (t.detach() if inference else t for t in (inputs.query, inputs.key, inputs.value))
+            return flex(q, k, v, block_mask=block_mask, **extra)
 
         return forward
 
@@ -195,6 +234,7 @@ def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
     peers: list[Peer] = [
         FlashSdpaPeer(),
         FlashSdpaPeer("flashsdpa-tf32", fp32_precision="tf32"),
+        TorchSdpaPeer("torch", None),
         TorchSdpaPeer("cudnn", "CUDNN_ATTENTION"),
         TorchSdpaPeer("flash", "FLASH_ATTENTION"),
         TorchSdpaPeer("efficient", "EFFICIENT_ATTENTION"),

@@ -5,7 +5,7 @@ The document written to results.json::
     {"schema": 1,
      "meta": {device, driver, versions, date, timing settings, conventions, args},
      "cases": [{name, group, shape fields, flops, status ("ran" / "skipped"),
-                "peers": {peer: {"fwd": {"status": "ok", "ms", "tflops", ...}
+                "peers": {peer: {"fwd": {"status": "ok", "ms", "tflops", "peak_mib", ...}
                                  | {"status": "n/a", "reason"}, "bwd": ..., "first_call_s"}},
                 "ratios": {peer: {mode: flashsdpa speed / peer speed}},
                 "check": {"flashsdpa": {reference, max_rel_err, ok, rel_err_vs}}, ...}],
@@ -22,12 +22,15 @@ from pathlib import Path
 from flashsdpa.bench.environment import headline
 
 SCHEMA = 1
-GROUP_ORDER = ("main", "mask", "fp32", "decode")
+GROUP_ORDER = ("main", "mask", "fp32", "decode", "cpu", "cpu-mask")
 GROUP_TITLES = {
     "main": "TFLOP/s; 16384 tokens per batch (B = 16384 / L) and H = 2048 / d, unless shown",
     "mask": "TFLOP/s with attn_mask: bool key padding (B, 1, 1, S), last keys masked; float bias (1, H, L, S)",
     "fp32": "TFLOP/s, float32 inputs: flashsdpa precise (default) and fp32_precision='tf32'",
     "decode": "TB/s of K+V read; one query row, enable_gqa",
+    "cpu": "TFLOP/s on a CPU, B=1, H=8; peak MiB a call adds",
+    "cpu-mask": "TFLOP/s on a CPU with attn_mask: bool key padding (B, 1, 1, S), last S/8 keys masked; "
+    "float bias (1, H, L, S); peak MiB a call adds",
 }
 PRIMARY = "flashsdpa"
 
@@ -106,7 +109,11 @@ def cell(case: dict, peer: str, mode: str) -> str:
         return "n/a"
     text = number(entry.get(metric_name(case["group"])))
     ratio = case.get("ratios", {}).get(peer, {}).get(mode)
-    return f"{text} ({ratio:.2f}x)" if ratio else text
+    if ratio:
+        text += f" ({ratio:.2f}x)"
+    if isinstance(entry.get("peak_mib"), (int, float)):
+        text += f" {entry['peak_mib']:.3g} MiB"
+    return text
 
 
 def check_cell(case: dict, mode: str) -> str:
@@ -170,10 +177,11 @@ def na_reasons(cases: list[dict]) -> list[str]:
 
 
 LEGEND = (
-    "Peers: cudnn, flash, efficient, math = torch SDPA pinned to CUDNN_ATTENTION, FLASH_ATTENTION, "
-    "EFFICIENT_ATTENTION, MATH (sdpa_kernel); flex = compiled FlexAttention. Cells: the peer's TFLOP/s "
-    "(decode: TB/s of K+V read) and, in brackets, flashsdpa's speed over the peer's (> 1: flashsdpa "
-    "faster). FLOPs: 4*B*H*L*S*d forward (causal: visible pairs only), backward 2.5x, timed alone. "
+    "Peers: torch = torch SDPA as it chooses; cudnn, flash, efficient, math = torch SDPA pinned to "
+    "CUDNN_ATTENTION, FLASH_ATTENTION, EFFICIENT_ATTENTION, MATH (sdpa_kernel); flex = compiled FlexAttention. "
+    "Cells: the peer's TFLOP/s (decode: TB/s of K+V read), in brackets flashsdpa's speed over the peer's "
+    "(> 1: flashsdpa faster), then the peak MiB one call adds (fwd: a forward; bwd: a forward and its "
+    "backward). FLOPs: 4*B*H*L*S*d forward (causal: visible pairs only), backward 2.5x, timed alone. "
     "'err vs ref': flashsdpa's relative error against the first of cudnn/flash/efficient/math (fwd: "
     "output; bwd: worst gradient). '1st call s': flashsdpa's first call, JIT included."
 )
@@ -280,6 +288,10 @@ def summary_lines(document: dict) -> list[str]:
                     parts.append(f"{peer} {geometric_mean(values):.2f}x ({len(values)})")
             if parts:
                 lines.append(f"  {group} {mode}: " + ", ".join(parts))
+    memory = memory_lines(document)
+    if memory:
+        lines += ["flashsdpa's peak added memory over each peer's, geometric mean (cases; < 1: flashsdpa less):"]
+        lines += memory
     verdicts = [c["check"][name] for c in document["cases"] for name in c.get("check", {}) if "ok" in c["check"][name]]
     failed = [v for v in verdicts if not v["ok"]]
     agreeing = len(verdicts) - len(failed)
@@ -292,6 +304,27 @@ def summary_lines(document: dict) -> list[str]:
     if skipped:
         patterns = ",".join(compress_names(skipped, [c["name"] for c in document["cases"]]))
         lines.append(f"skipped for time: {len(skipped)} case(s); run them with --cases {patterns}")
+    return lines
+
+
+def peak_mib(case: dict, peer: str, mode: str) -> float | None:
+    entry = case.get("peers", {}).get(peer, {}).get(mode, {})
+    value = entry.get("peak_mib") if entry.get("status") == "ok" else None
+    return value if isinstance(value, (int, float)) and value > 0 else None
+
+
+def memory_lines(document: dict) -> list[str]:
+    lines = []
+    for group, cases in grouped(document):
+        for mode in ("fwd", "bwd"):
+            parts = []
+            for peer in peer_order(cases)[1:]:
+                pairs = [(peak_mib(c, PRIMARY, mode), peak_mib(c, peer, mode)) for c in cases]
+                values = [mine / theirs for mine, theirs in pairs if mine and theirs]
+                if values:
+                    parts.append(f"{peer} {geometric_mean(values):.2f}x ({len(values)})")
+            if parts:
+                lines.append(f"  {group} {mode}: " + ", ".join(parts))
     return lines
 
 

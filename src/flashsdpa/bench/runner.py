@@ -10,6 +10,10 @@ timed on inputs that require grad (the training forward) when the case has a
 backward. A peer that raises is recorded as n/a with the reason; one that
 fails only in the backward keeps its forward numbers.
 
+After the timings, the peak memory one call adds (`bench.memory`): for the
+forward, one forward (its output included); for the backward, one forward
+and its backward together.
+
 Each flashsdpa output (and gradients) is compared with every peer's by the
 relative Frobenius error ||a - b|| / ||b||; the verdict uses the first of
 cuDNN, flash, mem-efficient and math that ran (preferring one that also ran
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flashsdpa.bench.cases import Case, InputSet, make_input_sets
+from flashsdpa.bench.memory import peak_added_bytes
 from flashsdpa.bench.peers import Peer, failure_reason, recording_warnings
 from flashsdpa.bench.timing import Measurement, Timer
 
@@ -39,6 +44,7 @@ TF32_TOLERANCE = 1e-2
 CPU_L2_BYTES = 32 << 20  # assumed; only decides how many input sets rotate
 ROTATED_SETS = 3  # input sets rotated when one set fits in L2
 GRAD_NAMES = ("dq", "dk", "dv")
+MIB = 1 << 20
 
 
 @dataclass
@@ -110,7 +116,12 @@ def time_peer(run: PeerRun, peer: Peer, case: Case, sets: list[InputSet], timer:
         run.first_call_s["fwd"], out = timer.first_call(lambda: forward(sets[0]))
         run.out = out.detach()
         run.modes["fwd"] = metrics(case, "fwd", timer.measure([functools.partial(forward, s) for s in sets]))
+        run.modes["fwd"]["peak_mib"] = peak_added_bytes(lambda: forward(sets[0]), device) / MIB
         if not case.backward:
+            return
+        why_not = peer.backward_unavailable(case, device)
+        if why_not is not None:
+            run.modes["bwd"] = {"status": "n/a", "reason": why_not}
             return
         outs = [out] + [forward(s) for s in sets[1:]]  # graphs kept: only the backward is timed
 
@@ -121,6 +132,12 @@ def time_peer(run: PeerRun, peer: Peer, case: Case, sets: list[InputSet], timer:
         run.grads = tuple(g.detach() for g in grads)
         measured = timer.measure([functools.partial(backward, i) for i in range(len(sets))])
         run.modes["bwd"] = metrics(case, "bwd", measured)
+
+        def forward_and_backward():
+            first = sets[0]
+            return torch.autograd.grad(forward(first), first.differentiable, first.grad_out)
+
+        run.modes["bwd"]["peak_mib"] = peak_added_bytes(forward_and_backward, device) / MIB
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

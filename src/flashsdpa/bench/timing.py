@@ -36,7 +36,8 @@ class TimingSettings:
 # repeat count kept between 5 and 200 so that neither a 20 ms backward nor a
 # 0.1 ms decode step costs more than a fraction of a second.
 CUDA_SETTINGS = TimingSettings(warmup_ms=25.0, rep_ms=100.0, min_reps=5, max_reps=200, flush_bytes=256 << 20)
-CPU_SETTINGS = TimingSettings(warmup_ms=1.0, rep_ms=5.0, min_reps=3, max_reps=10, flush_bytes=0)
+# CPU calls of the CPU matrix take 5 ms to 5 s: at least 5 timed runs, half a second of them.
+CPU_SETTINGS = TimingSettings(warmup_ms=50.0, rep_ms=500.0, min_reps=5, max_reps=50, flush_bytes=0)
 
 
 @dataclass(frozen=True)

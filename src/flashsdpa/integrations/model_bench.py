@@ -10,7 +10,12 @@ attention; only the `F.scaled_dot_product_attention` call differs (torch's,
 or flashsdpa's through `flashsdpa.sdpa()`).
 
 Timing: on CUDA, CUDA events around each step, the median of `steps` steps
-after `warmup` steps; elsewhere, wall-clock time of the same steps.
+after `warmup` steps; elsewhere, wall-clock time of the same steps. A
+`progress` callback hears of every step; past a `deadline` (time.monotonic())
+no further step starts, and the medians are of the steps taken.
+
+On a CPU the default model (8 layers of width 2048, 4096 tokens) takes minutes
+per step: `CPU_MODEL` is the size `flashsdpa bench --device cpu --model` runs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import flashsdpa
 HEAD_DIM = 128
 QUERY_HEADS_PER_KV_HEAD = 4
 VOCAB_SIZE = 32000
+# About a second per step on 2 cores: 2 layers of width 512 (4 heads of 128, 1 kv head), 1024 tokens.
+CPU_MODEL = {"layers": 2, "width": 512, "seq": 1024, "warmup": 1, "steps": 3, "vocab_size": 8192}
 
 
 def llama_config(layers: int, width: int, seq: int, vocab_size: int = VOCAB_SIZE):
@@ -50,26 +57,46 @@ def llama_config(layers: int, width: int, seq: int, vocab_size: int = VOCAB_SIZE
     )
 
 
-def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each of `steps` calls of `step()` after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
+def time_steps(step, device: torch.device, warmup: int, steps: int, progress=None, deadline=None,
+               label: str = "") -> list[float]:
+    """Milliseconds of each of `steps` calls of `step()` after `warmup` untimed ones.
+
+    progress(text) hears of each step; no step starts after `deadline` (time.monotonic()), but one
+    timed step always runs."""
+    def past_deadline() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    for index in range(warmup):
+        if past_deadline():
+            break
+        seconds = _timed_call(step, device) / 1e3
+        if progress is not None:
+            progress(f"{label} warm-up step {index + 1}/{warmup}: {seconds:.2f} s")
     times = []
+    for index in range(steps):
+        if times and past_deadline():
+            if progress is not None:
+                progress(f"{label}: time budget reached after {len(times)} of {steps} timed steps")
+            break
+        times.append(_timed_call(step, device))
+        if progress is not None:
+            progress(f"{label} step {index + 1}/{steps}: {times[-1] / 1e3:.2f} s")
+    return times
+
+
+def _timed_call(step, device: torch.device) -> float:
+    """Milliseconds of one step (CUDA events on CUDA, the host clock elsewhere)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    step()
+    return (time.perf_counter() - start) * 1e3
 
 
 def run_model_bench(
@@ -84,6 +111,8 @@ def run_model_bench(
     steps: int = 10,
     vocab_size: int = VOCAB_SIZE,
     seed: int = 0,
+    progress=None,
+    deadline: float | None = None,
 ) -> dict:
     """Time one forward+backward step with torch's SDPA and with flashsdpa.
 
@@ -112,13 +141,15 @@ def run_model_bench(
         loss.backward()
         return loss.detach()
 
+    # Each side gets half of the time left.
+    halfway = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / 2
     torch_loss = step()
-    torch_times = time_steps(step, device, warmup, steps)
+    torch_times = time_steps(step, device, warmup, steps, progress, halfway, "torch SDPA")
 
     stats_before = flashsdpa.stats()
     with flashsdpa.sdpa():
         flashsdpa_loss = step()
-        flashsdpa_times = time_steps(step, device, warmup, steps)
+        flashsdpa_times = time_steps(step, device, warmup, steps, progress, deadline, "flashsdpa")
     flashsdpa_stats = stats_since(stats_before)
 
     torch_ms = statistics.median(torch_times)
@@ -134,6 +165,7 @@ def run_model_bench(
         "seq": seq,
         "batch": batch,
         "steps": steps,
+        "steps_timed": {"torch": len(torch_times), "flashsdpa": len(flashsdpa_times)},
         "torch_ms": torch_ms,
         "torch_min_ms": min(torch_times),
         "torch_max_ms": max(torch_times),
