@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 from flashsdpa.backends.base import Backend
+from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.reference import ReferenceBackend
 from flashsdpa.backends.tiled import TiledBackend
 from flashsdpa.backends.triton import TritonBackend
 from flashsdpa.descriptor import AttentionDescriptor
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), TiledBackend(), ReferenceBackend())}
-AUTOMATIC_ORDER = {"cuda": ("triton", "tiled")}
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (TritonBackend(), TiledBackend(), ReferenceBackend(), HopperBackend())
+}
+AUTOMATIC_ORDER = {"cuda": ("hopper", "triton", "tiled")}
 DEFAULT_ORDER = ("tiled",)
 
 _pinned_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("flashsdpa_backend", default=None)

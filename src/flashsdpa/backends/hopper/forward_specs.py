@@ -1,0 +1,46 @@
+"""What one compiled variant of the Hopper forward kernel is: a frozen spec per kernel, and the table that picks it.
+
+Smem per program: the Q tile (2 * 64 rows) plus `stages` K and V tiles of
+`block_n` rows; under the 227 KB sm_90 limit for every entry below.
+Registers: 12 warps a program (two consumer warp groups, one producer warp
+rounded up to a warp group), so the kernel's cap is 65536 / 384 = 168 a
+thread, which the producer drops to 24 so that each consumer runs with 240.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class HopperForwardSpec:
+    """Everything the forward kernel is compiled with besides the dtype (which its descriptors carry)."""
+
+    head_dim: int
+    causal: bool
+    block_n: int  # key rows a stage holds
+    stages: int  # K/V ring depth
+    block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
+    consumers: int = 2  # consumer warp groups
+    consumer_registers: int = 240
+    producer_registers: int = 24
+    max_registers: int = 168  # the kernel's cap before the partitions re-balance it
+    num_warps: int = 4  # the default partition: consumer group 0
+
+    @property
+    def rows_per_program(self) -> int:
+        return self.block_m * self.consumers
+
+
+# (block_n, stages) per head dim.
+_TILES = {64: (128, 3), 128: (128, 2), 256: (64, 2)}
+
+
+def forward_spec(head_dim: int, causal: bool) -> HopperForwardSpec:
+    block_n, stages = _TILES[head_dim]
+    return HopperForwardSpec(head_dim=head_dim, causal=causal, block_n=block_n, stages=stages)
