@@ -48,6 +48,7 @@ import flashsdpa
 from flashsdpa import gradient_precision, ops
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
+from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
 from flashsdpa.descriptor import GradientPrecision
 from flashsdpa.dispatch import UnsupportedError
@@ -135,7 +136,7 @@ def patch_for_sm90() -> None:
     hopper.cuda_capability = lambda device: (9, 0)
     hopper_accepts = HopperBackend.unsupported_reasons
     HopperBackend.unsupported_reasons = lambda self, desc, device: hopper_accepts(self, desc, torch.device("cuda", 0))
-    launch_forward.sm_count = lambda device: 132
+    launch_forward.sm_count = hopper_launch.sm_count = lambda device: 132
     JITFunction.run = compile_only_run
 
 

@@ -1,7 +1,9 @@
 """What one compiled variant of the Hopper forward kernel is: a frozen spec per kernel, and the table that picks it.
 
-Smem per program: the Q tile (2 * 64 rows) plus `stages` K and V tiles of
-`block_n` rows; under the 227 KB sm_90 limit for every entry below.
+Shared memory per program: `q_buffers` Q tiles (2 * 64 rows) plus `stages`
+K and V tiles of `block_n` rows, under the 227 KB sm_90 limit for every entry
+below (d=256 has room for one Q tile only: the next tile's loads then wait
+for the current tile's output store).
 Registers: 12 warps a program (two consumer warp groups, one producer warp
 rounded up to a warp group), so the kernel's cap is 65536 / 384 = 168 a
 thread, which the producer drops to 24 so that each consumer runs with 240.
@@ -25,6 +27,8 @@ class HopperForwardSpec:
     causal: bool
     block_n: int  # key rows a stage holds
     stages: int  # K/V ring depth
+    q_buffers: int  # Q slots: 2 lets the producer load the next tile's Q while this one finishes
+    persistent: bool = True  # one program per SM walking the tiles, else one program per tile
     block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
     consumers: int = 2  # consumer warp groups
     consumer_registers: int = 240
@@ -37,10 +41,10 @@ class HopperForwardSpec:
         return self.block_m * self.consumers
 
 
-# (block_n, stages) per head dim.
-_TILES = {64: (128, 3), 128: (128, 2), 256: (64, 2)}
+# (block_n, stages, q_buffers) per head dim.
+_TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 1)}
 
 
 def forward_spec(head_dim: int, causal: bool) -> HopperForwardSpec:
-    block_n, stages = _TILES[head_dim]
-    return HopperForwardSpec(head_dim=head_dim, causal=causal, block_n=block_n, stages=stages)
+    block_n, stages, q_buffers = _TILES[head_dim]
+    return HopperForwardSpec(head_dim=head_dim, causal=causal, block_n=block_n, stages=stages, q_buffers=q_buffers)

@@ -15,6 +15,7 @@ from flashsdpa.backends.triton.launch_forward import (
     kernel_query,
     kernel_scale,
     on_device,
+    sm_count,
 )
 from flashsdpa.descriptor import AttentionDescriptor
 
@@ -58,17 +59,20 @@ def attention_forward(
     k, v = inputs.key, inputs.value
     out, lse = allocate_outputs(desc, q)
     num_m_blocks = cdiv(desc.seq_q, spec.rows_per_program)
-    programs = num_m_blocks * desc.batch * desc.heads_q
-    if programs > MAX_GRID_X:
-        raise ValueError(f"hopper forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
-    # (q_desc's block is the program's rows; the consumers store O by their own rows.)
+    num_tiles = num_m_blocks * desc.batch * desc.heads_q
+    if num_tiles > MAX_GRID_X:
+        raise ValueError(f"hopper forward: {num_tiles} tiles exceed the grid limit of {MAX_GRID_X}")
+    programs = min(num_tiles, sm_count(q.device)) if spec.persistent else num_tiles
+    # (q_desc's block is a tile's rows; each consumer stores O by its own rows.)
     descriptors = (_descriptor(q, spec.rows_per_program), _descriptor(k, spec.block_n),
                    _descriptor(v, spec.block_n), _descriptor(out, spec.block_m))
     with on_device(q.device):
         kernels.hopper_attention_forward_kernel[(programs,)](
             *descriptors, lse,
-            desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, kernel_scale(desc) * LOG2E,
+            desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles,
+            kernel_scale(desc) * LOG2E,
             CAUSAL=desc.causal, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+            Q_BUFFERS=spec.q_buffers,
             CONSUMER_REGISTERS=spec.consumer_registers, PRODUCER_REGISTERS=spec.producer_registers,
             num_warps=spec.num_warps, maxnreg=spec.max_registers,
         )
