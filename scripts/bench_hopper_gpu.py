@@ -27,6 +27,9 @@ from flashsdpa.bench.peers import FlashSdpaPeer, make_peers
 
 HEADLINE = "d128L4096,d128L16384c,d64L4096,d128L1024"
 MORE = "d128L16384,d128L4096c,d64L16384c,d256L4096,d256L4096c"
+# Spec changes timed beside the default (--variants).
+VARIANTS = {"per-tile": dict(persistent=False), "pingpong": dict(pingpong=True),
+            "pp-tile": dict(pingpong=True, persistent=False), "n64": dict(block_n=64, stages=3)}
 
 
 class PinnedFlashSdpa(FlashSdpaPeer):
@@ -40,19 +43,19 @@ class PinnedFlashSdpa(FlashSdpaPeer):
         return flashsdpa.use_backend(self.backend)
 
 
-class HopperPerTile(PinnedFlashSdpa):
-    """hopper launched with one program per tile instead of one per SM (the persistent default)."""
+class HopperVariant(PinnedFlashSdpa):
+    """hopper with its spec's fields changed, e.g. persistent=False (one program per tile)."""
 
-    def __init__(self):
+    def __init__(self, name: str, **changes):
         super().__init__("hopper")
-        self.name = "per-tile"
+        self.name, self.changes = name, changes
 
     @contextlib.contextmanager
     def context(self):
         from flashsdpa.backends.hopper import launch_forward
 
         default = launch_forward.forward_spec
-        launch_forward.forward_spec = lambda *a: dataclasses.replace(default(*a), persistent=False)
+        launch_forward.forward_spec = lambda *a: dataclasses.replace(default(*a), **self.changes)
         try:
             with flashsdpa.use_backend("hopper"):
                 yield
@@ -106,9 +109,10 @@ def accuracy() -> None:
             del q, k, v, k64, v64, scores, ref
 
 
-def timing(rows: list[str], flex: bool) -> None:
+def timing(rows: list[str], flex: bool, variants: list[str]) -> None:
     peers = make_peers("static")
-    order = [PinnedFlashSdpa("hopper"), HopperPerTile(), PinnedFlashSdpa("triton"), peers["cudnn"], peers["flash"]]
+    order = [PinnedFlashSdpa("hopper"), PinnedFlashSdpa("triton"), peers["cudnn"], peers["flash"]]
+    order += [HopperVariant(name, **changes) for name, changes in VARIANTS.items() if name in variants]
     if flex:
         order.append(peers["flex"])
     print("\nforward TFLOP/s (bf16, median of do_bench; ratio = hopper / cudnn)")
@@ -129,20 +133,21 @@ def timing(rows: list[str], flex: bool) -> None:
             except Exception as error:  # noqa: BLE001 - a peer that refuses a row is reported, not fatal
                 print(f"  {peer.name} on {row}: {type(error).__name__}: {str(error)[:200]}")
                 rates.append(float("nan"))
-        print(f"{row:<14}" + "".join(f"{r:9.0f}" for r in rates) + f"{rates[0] / rates[3]:8.3f}", flush=True)
+        print(f"{row:<14}" + "".join(f"{r:9.0f}" for r in rates) + f"{rates[0] / rates[2]:8.3f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=HEADLINE, help=f"default: the headline rows; more: {MORE}")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
           "cudnn", torch.backends.cudnn.version(), flush=True)
     if not args.skip_accuracy:
         accuracy()
-    timing(args.rows.split(","), not args.no_flex)
+    timing(args.rows.split(","), not args.no_flex, args.variants.split(","))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, he
                     CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     Q_BUFFERS: gl.constexpr):
     """Producer: each tile's Q, then K and V of its key blocks into the ring of `STAGES` slots."""
-    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = barriers
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns = barriers
     loaded = 0  # key blocks loaded so far, over every tile: their ring position
     count = 0  # tiles started by this program
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -93,6 +93,22 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, he
 
 
 @gluon.jit
+def _take_turn(turns, rounds, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait until the other consumer group has issued its products of the previous round.
+
+    The groups issue their tensor-core work in strict alternation (group 0 first), so that one group's
+    products run while the other computes its softmax. `rounds` counts this group's earlier turns."""
+    if PINGPONG:
+        mbarrier.wait(turns.index(GROUP), (rounds & 1) ^ (1 - GROUP))
+
+
+@gluon.jit
+def _pass_turn(turns, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - GROUP), count=1)
+
+
+@gluon.jit
 def _softmax_block(s, m_i, l_i, j, first_row, seq_kv, masked_from, qk_scale,
                    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    s_layout: gl.constexpr):
@@ -115,9 +131,9 @@ def _softmax_block(s, m_i, l_i, j, first_row, seq_kv, masked_from, qk_scale,
 def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads_q, gqa_group, seq_q, seq_kv,
                         num_m_blocks, num_tiles, qk_scale,
                         GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr):
+                        STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer warp group GROUP: rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of every tile of this program."""
-    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = barriers
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns = barriers
     HEAD_DIM: gl.constexpr = q_smem.shape[4]  # (slot, 1, 1, rows, head_dim)
     HEAD_DIM_V: gl.constexpr = v_smem.shape[4]
     dtype: gl.constexpr = q_smem.dtype
@@ -132,6 +148,7 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
 
     consumed = 0  # key blocks consumed so far, over every tile: their ring position
     count = 0
+    rounds = 0  # product issues so far (PINGPONG turns)
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         batch, head_q, head_kv, tile_row, key_blocks = _tile_coords(tile, heads_q, gqa_group, seq_kv,
                                                                     num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
@@ -152,7 +169,10 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
         stage = consumed % STAGES
         mbarrier.wait(k_ready.index(stage), (consumed // STAGES) & 1)
         k_first = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        _take_turn(turns, rounds, GROUP, PINGPONG)
         s_token = warpgroup_mma(q, k_first, s_zero, use_acc=False, is_async=True)
+        _pass_turn(turns, GROUP, PINGPONG)
+        rounds += 1
         if Q_BUFFERS > 1:
             if count > 0:
                 # The previous tile's output store has read its Q slot by now: hand the slot back.
@@ -172,10 +192,13 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
             previous = (consumed + j - 1) % STAGES
             mbarrier.wait(k_ready.index(stage), ((consumed + j) // STAGES) & 1)
             k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(previous), ((consumed + j - 1) // STAGES) & 1)
             v = v_smem.index(previous).reshape([BLOCK_N, HEAD_DIM_V])
+            _take_turn(turns, rounds, GROUP, PINGPONG)
+            s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
             acc_token = warpgroup_mma(p_op, v, acc, is_async=True)
+            _pass_turn(turns, GROUP, PINGPONG)
+            rounds += 1
             # Products retire in order: with one left outstanding, S is done and P V may still run.
             s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
             mbarrier.arrive(k_empty.index(stage), count=1)
@@ -190,7 +213,10 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
         last = (consumed - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((consumed - 1) // STAGES) & 1)
         v_last = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM_V])
+        _take_turn(turns, rounds, GROUP, PINGPONG)
         acc_token = warpgroup_mma(p_op, v_last, acc, is_async=True)
+        _pass_turn(turns, GROUP, PINGPONG)
+        rounds += 1
         acc = warpgroup_mma_wait(0, deps=[acc_token, v_last])[0]
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -215,7 +241,8 @@ def hopper_attention_forward_kernel(
     q_desc, k_desc, v_desc, o_desc, lse_ptr,
     heads_q, gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale,
     CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    Q_BUFFERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    PRODUCER_REGISTERS: gl.constexpr,
 ):
     """out and lse of `num_tiles` tiles (`2 * BLOCK_M` query rows of one batch and query head each)."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
@@ -229,6 +256,9 @@ def hopper_attention_forward_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
     for i in gl.static_range(Q_BUFFERS):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
@@ -238,12 +268,14 @@ def hopper_attention_forward_kernel(
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
 
-    barriers = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty)
+    barriers = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns)
     gl.warp_specialize([
         (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads_q, gqa_group, seq_q, seq_kv,
-                               num_m_blocks, num_tiles, qk_scale, 0, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
+                               num_m_blocks, num_tiles, qk_scale, 0, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS,
+                               PINGPONG)),
         (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads_q, gqa_group, seq_q, seq_kv,
-                               num_m_blocks, num_tiles, qk_scale, 1, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
+                               num_m_blocks, num_tiles, qk_scale, 1, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS,
+                               PINGPONG)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, heads_q, gqa_group, seq_kv,
                            num_m_blocks, num_tiles, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -28,6 +28,7 @@ class HopperForwardSpec:
     block_n: int  # key rows a stage holds
     stages: int  # K/V ring depth
     q_buffers: int  # Q slots: 2 lets the producer load the next tile's Q while this one finishes
+    pingpong: bool = False  # consumer groups issue their products in strict alternation (FA3's ping-pong)
     persistent: bool = True  # one program per SM walking the tiles, else one program per tile
     block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
     consumers: int = 2  # consumer warp groups

@@ -72,7 +72,7 @@ def attention_forward(
             desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles,
             kernel_scale(desc) * LOG2E,
             CAUSAL=desc.causal, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
-            Q_BUFFERS=spec.q_buffers,
+            Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong,
             CONSUMER_REGISTERS=spec.consumer_registers, PRODUCER_REGISTERS=spec.producer_registers,
             num_warps=spec.num_warps, maxnreg=spec.max_registers,
         )
