@@ -81,7 +81,7 @@ def attention(
     return_lse: also return the natural-log log-sum-exp of each row of the
         scaled, masked scores, shape (..., L), float32 (float64 for float64
         inputs); -inf for a row with no visible key.
-    backend: "triton", "tiled" or "reference" pins a backend (raising if it
+    backend: "hopper", "triton", "tiled" or "reference" pins a backend (raising if it
         cannot take the problem); None chooses automatically, falling back with
         a recorded reason (see `flashsdpa.stats()`).
     fp32_precision: "ieee" (default, float32 accuracy) or "tf32" (opt-in,
