@@ -28,7 +28,7 @@ from flashsdpa.bench.peers import FlashSdpaPeer, make_peers
 HEADLINE = "d128L4096,d128L16384c,d64L4096,d128L1024"
 MORE = "d128L16384,d128L4096c,d64L16384c,d256L4096,d256L4096c"
 # Spec changes timed beside the default (--variants).
-VARIANTS = {"per-tile": dict(persistent=False), "pingpong": dict(pingpong=True),
+VARIANTS = {"per-tile": dict(persistent=False), "persistent": dict(persistent=True), "pingpong": dict(pingpong=True),
             "pp-tile": dict(pingpong=True, persistent=False), "n64": dict(block_n=64, stages=3),
             "s2": dict(stages=2), "s3": dict(stages=3)}
 

@@ -192,10 +192,11 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
             previous = (consumed + j - 1) % STAGES
             mbarrier.wait(k_ready.index(stage), ((consumed + j) // STAGES) & 1)
             k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            mbarrier.wait(v_ready.index(previous), ((consumed + j - 1) // STAGES) & 1)
-            v = v_smem.index(previous).reshape([BLOCK_N, HEAD_DIM_V])
             _take_turn(turns, rounds, GROUP, PINGPONG)
             s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+            # (V waited for after S is issued: measured 603 -> 571 TFLOP/s at d=128 L=4096 the other way.)
+            mbarrier.wait(v_ready.index(previous), ((consumed + j - 1) // STAGES) & 1)
+            v = v_smem.index(previous).reshape([BLOCK_N, HEAD_DIM_V])
             acc_token = warpgroup_mma(p_op, v, acc, is_async=True)
             _pass_turn(turns, GROUP, PINGPONG)
             rounds += 1

@@ -47,5 +47,15 @@ _TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 1)}
 
 
 def forward_spec(head_dim: int, causal: bool) -> HopperForwardSpec:
+    """The table's tiles; persistent programs for non-causal problems only.
+
+    H100, bf16 (BENCHMARKS.md, issue 14): persistent programs beat one program
+    per tile non-causal (d=128 L=4096 603 vs 571 TFLOP/s, d=64 455 vs 432), but
+    walk causal tiles of unequal lengths in a fixed order, which left SMs idle
+    (d=128 L=16384 causal 441 vs 611); the hardware's own scheduling of one
+    program per tile balances them. Ping-pong (`pingpong`) measured +3% at
+    d=128 L=4096 non-causal and -1 to -3% elsewhere: off.
+    """
     block_n, stages, q_buffers = _TILES[head_dim]
-    return HopperForwardSpec(head_dim=head_dim, causal=causal, block_n=block_n, stages=stages, q_buffers=q_buffers)
+    return HopperForwardSpec(head_dim=head_dim, causal=causal, block_n=block_n, stages=stages, q_buffers=q_buffers,
+                             persistent=not causal)
