@@ -12,12 +12,14 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --masks | --no-masks] [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
 named by kernel and a hash of its specialization), to find what spills or to
-check that a change leaves a variant's code as it was.
+check that a change leaves a variant's code as it was. --hopper compiles the
+hopper backend's Gluon forward kernels instead (every dtype, head dim and
+causality it takes, and GQA).
 """
 
 from __future__ import annotations
@@ -39,10 +41,14 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, make_backend
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import flashsdpa
 from flashsdpa import gradient_precision, ops
+from flashsdpa.backends import hopper
+from flashsdpa.backends.hopper import HopperBackend
+from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
 from flashsdpa.descriptor import GradientPrecision
 from flashsdpa.dispatch import UnsupportedError
@@ -71,7 +77,7 @@ def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
         row = dict(kernel=self.fn.__name__, options=options, dtype=dtype,
                    constexprs={names[path[0]]: getattr(value, "value", value)  # unwrap tl.constexpr globals
                                for path, value in sorted(constexprs.items()) if path[0] in names})
-        source = ASTSource(self, signature, constexprs, attrs)
+        source = (GluonASTSource if self.is_gluon() else ASTSource)(self, signature, constexprs, attrs)
         try:  # (a ptxas failure also prints the whole PTX to stdout: keep that out of the table)
             with contextlib.redirect_stdout(io.StringIO()):
                 kernel = triton.compile(source, target=TARGET, options=options.__dict__)
@@ -127,7 +133,10 @@ def patch_for_sm90() -> None:
     TritonBackend.unsupported_reasons = lambda self, desc, device: [
         reason for reason in accepts(self, desc, device) if "TRITON_INTERPRET" not in reason]
     launch_forward.device_capability = launch_backward.device_capability = lambda device: (9, 0)
-    launch_forward.sm_count = lambda device: 132
+    hopper.cuda_capability = lambda device: (9, 0)
+    hopper_accepts = HopperBackend.unsupported_reasons
+    HopperBackend.unsupported_reasons = lambda self, desc, device: hopper_accepts(self, desc, torch.device("cuda", 0))
+    launch_forward.sm_count = hopper_launch.sm_count = lambda device: 132
     JITFunction.run = compile_only_run
 
 
@@ -147,6 +156,7 @@ class Problem:
     # The 16-bit backward's precision (gradient_precision.py). On the H100 torch's fused kernels take
     # all of these problems, so flashsdpa runs them "rounded" by default; "exact" is the other variant.
     gradients: str = "rounded"
+    backend: str = "triton"
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
@@ -158,7 +168,7 @@ class Problem:
                 "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
         gradient_precision.pinned = GradientPrecision(self.gradients)
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
-                                  enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision)
+                                  enable_gqa=hq != hkv, backend=self.backend, fp32_precision=self.precision)
         if self.backward:
             out.backward(torch.ones_like(out))
 
@@ -188,6 +198,11 @@ FULL = QUICK + [
     # The bench's mask cases: lengths a multiple of 16 (mask rows 16-byte aligned, which sets the load layout).
     *(Problem(BF16, d, mask=m, causal=c, seq=(512, 512)) for d in (64, 128) for m in ("pad", "bool", "bias")
       for c in (False, True)),
+]
+
+HOPPER = [
+    Problem(dtype, d, causal=c, heads=heads, seq=(300, 300), backward=False, backend="hopper")
+    for dtype in (BF16, FP16) for d in (64, 128, 256) for c in (False, True) for heads in ((2, 2), (4, 2))
 ]
 
 
@@ -224,10 +239,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
     parser.add_argument("--masks", action="store_true", help="only the problems with a mask")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
+    parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    problems = list(dict.fromkeys(QUICK if args.quick else FULL))
+    problems = list(dict.fromkeys(HOPPER if args.hopper else QUICK if args.quick else FULL))
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(problem.mask) == args.masks]
     if args.match:

@@ -99,7 +99,7 @@ def attention(
         scaled, masked scores, shape (..., L), float32 (float64 for float64
         inputs); -inf for a row with no visible key. With `sinks` it includes
         the row's sink (= the sink for a row with no visible key).
-    backend: "triton", "aten", "tiled" or "reference" pins a backend (raising if it
+    backend: "hopper", "triton", "aten", "tiled" or "reference" pins a backend (raising if it
         cannot take the problem); None chooses automatically, falling back with
         a recorded reason (see `flashsdpa.stats()`).
     fp32_precision: "ieee" (default, float32 accuracy) or "tf32" (opt-in,

@@ -18,16 +18,18 @@ import torch
 
 from flashsdpa.backends.aten import AtenBackend
 from flashsdpa.backends.base import Backend
+from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.reference import ReferenceBackend
 from flashsdpa.backends.tiled import TiledBackend
 from flashsdpa.backends.triton import TritonBackend
 from flashsdpa.descriptor import AttentionDescriptor
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (TritonBackend(), AtenBackend(), TiledBackend(), ReferenceBackend())
+    b.name: b for b in (HopperBackend(), TritonBackend(), AtenBackend(), TiledBackend(), ReferenceBackend())
 }
-# On the CPU, torch's own fused kernel where it computes flashsdpa's semantics (backends/aten.py).
-AUTOMATIC_ORDER = {"cuda": ("triton", "tiled"), "cpu": ("aten", "tiled")}
+# On the GPU, the Hopper kernels where they apply (sm_90), else the portable Triton ones; on the CPU,
+# torch's own fused kernel where it computes flashsdpa's semantics (backends/aten.py).
+AUTOMATIC_ORDER = {"cuda": ("hopper", "triton", "tiled"), "cpu": ("aten", "tiled")}
 DEFAULT_ORDER = ("tiled",)
 
 _pinned_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("flashsdpa_backend", default=None)

@@ -1,0 +1,80 @@
+"""The Hopper backend: a warp-specialised Gluon forward for sm_90 (H100, H200).
+
+It takes the forward of bf16/fp16 problems at head dims 64, 128 and 256
+(the same for values), non-causal or causal (top-left), with GQA, no mask
+and no dropout, on a GPU of compute capability 9.0; `unsupported_reasons`
+says why for anything else, which the automatic choice sends to the triton
+backend. The backward has no Hopper kernel yet: it runs the triton backend's
+(which reads this forward's out and lse as its own). Gluon kernels do not run
+under Triton's interpreter, so this backend never takes CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.backends.hopper.forward_specs import DTYPES, HEAD_DIMS
+from flashsdpa.backends.triton import TritonBackend, cuda_capability
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+
+SM90 = (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_import_error() -> str | None:
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher():
+    from flashsdpa.backends.hopper import launch_forward
+
+    return launch_forward
+
+
+class HopperBackend(Backend):
+    name = "hopper"
+
+    def __init__(self):
+        self._triton = TritonBackend()
+
+    def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        if device.type != "cuda":
+            return ["hopper runs CUDA tensors only (its Gluon kernels have no interpreter)"]
+        reasons = []
+        capability = cuda_capability(device)
+        if capability != SM90:
+            reasons.append(f"hopper kernels need compute capability 9.0, not {capability[0]}.{capability[1]}")
+        error = _gluon_import_error()
+        if error is not None:
+            reasons.append(f"triton's Gluon for Hopper is not importable ({error})")
+        if desc.dtype not in DTYPES:
+            reasons.append(f"hopper kernels take float16 and bfloat16, not {desc.dtype}")
+        if desc.head_dim != desc.head_dim_v or desc.head_dim not in HEAD_DIMS:
+            reasons.append(f"hopper kernels take head dims {HEAD_DIMS} (equal for values), "
+                           f"not {desc.head_dim}/{desc.head_dim_v}")
+        if desc.mask is not MaskKind.NONE:
+            reasons.append("hopper kernels take no attention mask")
+        if desc.dropout_p > 0.0:
+            reasons.append("hopper kernels have no dropout")
+        reasons.extend(f"{name} is not implemented by the hopper kernels yet" for name in desc.variants)
+        return reasons
+
+    def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
+        launcher = _launcher()
+        if not launcher.tma_readable(inputs.query, inputs.key, inputs.value):
+            from flashsdpa import dispatch  # (dispatch imports the backends)
+
+            dispatch.record_fallback("hopper: q, k or v strides or alignment are not TMA-readable; ran triton")
+            return self._triton.forward(desc, inputs)
+        return launcher.attention_forward(desc, inputs)
+
+    def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
+        return self._triton.backward(desc, inputs, out, lse, grad_out, needed)

@@ -1,0 +1,80 @@
+"""Launcher of the Hopper forward kernel: descriptors, grid and arguments; no computation of its own."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from flashsdpa.backends.base import AttentionInputs
+from flashsdpa.backends.hopper.forward_specs import HopperForwardSpec, forward_spec
+from flashsdpa.backends.triton.launch_forward import (
+    allocate_outputs,
+    cdiv,
+    host_descriptor_strides,
+    kernel_query,
+    kernel_scale,
+    on_device,
+    sm_count,
+)
+from flashsdpa.descriptor import AttentionDescriptor
+
+LOG2E = 1.4426950408889634
+MAX_GRID_X = 2**31 - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon():
+    """The kernel module and Gluon's host pieces, imported on first use (Gluon needs a CUDA build of Triton)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from flashsdpa.backends.hopper import forward_kernels
+
+    return forward_kernels, gl, TensorDescriptor
+
+
+def tma_readable(*tensors: torch.Tensor) -> bool:
+    """Whether each 4-D tensor can be read through a TMA descriptor (`host_descriptor_strides`)."""
+    return all(host_descriptor_strides(t) is not None for t in tensors)
+
+
+def _descriptor(tensor: torch.Tensor, rows: int):
+    _, gl, TensorDescriptor = _gluon()
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[tensor.dtype]
+    block = [1, 1, rows, tensor.shape[3]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, element)
+    return TensorDescriptor(tensor, list(tensor.shape), host_descriptor_strides(tensor), block, layout)
+
+
+def attention_forward(
+    desc: AttentionDescriptor, inputs: AttentionInputs, spec: HopperForwardSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32 (natural log); see `Backend.forward`.
+
+    q, k, v must pass `tma_readable` (the backend checks)."""
+    spec = spec or forward_spec(desc.head_dim, desc.causal)
+    kernels, _, _ = _gluon()
+    q = kernel_query(desc, inputs)
+    k, v = inputs.key, inputs.value
+    out, lse = allocate_outputs(desc, q)
+    num_m_blocks = cdiv(desc.seq_q, spec.rows_per_program)
+    num_tiles = num_m_blocks * desc.batch * desc.heads_q
+    if num_tiles > MAX_GRID_X:
+        raise ValueError(f"hopper forward: {num_tiles} tiles exceed the grid limit of {MAX_GRID_X}")
+    programs = min(num_tiles, sm_count(q.device)) if spec.persistent else num_tiles
+    # (q_desc's block is a tile's rows; each consumer stores O by its own rows.)
+    descriptors = (_descriptor(q, spec.rows_per_program), _descriptor(k, spec.block_n),
+                   _descriptor(v, spec.block_n), _descriptor(out, spec.block_m))
+    with on_device(q.device):
+        kernels.hopper_attention_forward_kernel[(programs,)](
+            *descriptors, lse,
+            desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles,
+            kernel_scale(desc) * LOG2E,
+            CAUSAL=desc.causal, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+            Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong,
+            CONSUMER_REGISTERS=spec.consumer_registers, PRODUCER_REGISTERS=spec.producer_registers,
+            num_warps=spec.num_warps, maxnreg=spec.max_registers,
+        )
+    return out, lse
+

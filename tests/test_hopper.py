@@ -1,0 +1,117 @@
+"""The hopper backend: what it declines, and (on an sm_90 GPU) its forward against float64.
+
+Its Gluon kernels do not run under Triton's interpreter: on the CPU these
+tests check only the reasons it gives; the forward's accuracy is tested on an
+H100/H200, where the suite runs with CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashsdpa
+from flashsdpa import dispatch
+from flashsdpa.backends import hopper
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.dispatch import UnsupportedError
+from flashsdpa.backends.base import poisoned_outputs
+from helpers import ON_CUDA, Case, assert_grad_close, check_forward, generator, oracle, qkv
+
+ON_SM90 = ON_CUDA and torch.cuda.get_device_capability() == (9, 0)
+sm90_only = pytest.mark.skipif(not ON_SM90, reason="the hopper kernels need an sm_90 GPU")
+
+
+def describe(**fields) -> AttentionDescriptor:
+    problem = dict(batch_shape=(2,), heads_q=4, heads_kv=2, seq_q=33, seq_kv=47, head_dim=128, head_dim_v=128,
+                   dtype=torch.bfloat16, device_type="cuda")
+    return AttentionDescriptor(**{**problem, **fields})
+
+
+def test_declines_cpu_tensors_and_the_automatic_choice_passes_it_by():
+    q = torch.randn(1, 2, 9, 64, dtype=torch.bfloat16)
+    with pytest.raises(UnsupportedError, match="CUDA tensors only"):
+        flashsdpa.attention(q, q, q, backend="hopper")
+    assert "hopper" not in dispatch.AUTOMATIC_ORDER.get("cpu", dispatch.DEFAULT_ORDER)
+    assert dispatch.AUTOMATIC_ORDER["cuda"][:2] == ("hopper", "triton")
+
+
+def test_reasons_on_an_sm90_device(monkeypatch):
+    """Asked about a CUDA device of capability 9.0 (no GPU needed): it takes the problems its kernel covers and
+    names each thing it does not."""
+    monkeypatch.setattr(hopper, "cuda_capability", lambda device: (9, 0))
+    backend, device = dispatch.BACKENDS["hopper"], torch.device("cuda", 0)
+    for head_dim in (64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16):
+            for causal in (False, True):
+                desc = describe(head_dim=head_dim, head_dim_v=head_dim, dtype=dtype, causal=causal)
+                assert backend.unsupported_reasons(desc, device) == []
+    declined = {
+        "float16 and bfloat16": describe(dtype=torch.float32),
+        "head dims": describe(head_dim=80, head_dim_v=80),
+        "equal for values": describe(head_dim_v=64),
+        "no attention mask": describe(mask=MaskKind.BOOL, mask_dtype=torch.bool),
+        "no dropout": describe(dropout_p=0.1),
+    }
+    for words, desc in declined.items():
+        reasons = backend.unsupported_reasons(desc, device)
+        assert len(reasons) == 1 and words in reasons[0], (words, reasons)
+    monkeypatch.setattr(hopper, "cuda_capability", lambda device: (8, 0))
+    assert backend.unsupported_reasons(describe(), device) == ["hopper kernels need compute capability 9.0, not 8.0"]
+
+
+# (Hq, Hkv, L, S): odd lengths cross the 128-row program tiles and the key blocks; L != S for causal alignment.
+SHAPES = [(2, 2, 1, 1), (2, 2, 77, 300), (4, 2, 300, 77), (3, 1, 257, 513), (2, 2, 1024, 1024)]
+
+
+@sm90_only
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_against_float64(head_dim, dtype, causal, shape):
+    heads_q, heads_kv, seq_q, seq_kv = shape
+    gen = generator(hash((head_dim, causal, shape)) % 2**31)
+    q, k, v = qkv((2, heads_q), (2, heads_kv), seq_q, seq_kv, head_dim, gen, dtype, "cuda")
+    dispatch.reset_stats()
+    check_forward("hopper", Case(q, k, v, causal=causal, enable_gqa=heads_q != heads_kv),
+                  f"d={head_dim} {dtype} causal={causal} {shape}")
+    assert dispatch.stats()["calls"] == {"hopper": 1}
+
+
+@sm90_only
+def test_forward_reads_strided_views_and_scales():
+    """(B, L, H, E) storage seen as (B, H, L, E), as models hand it over; a negative and a large scale."""
+    gen = generator(7)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv((2, 4), (2, 4), 301, 299, 128, gen,
+                                                                          torch.bfloat16, "cuda"))
+    for scale in (None, -0.2, 1.5):
+        check_forward("hopper", Case(q, k, v, scale=scale), f"scale={scale}")
+
+
+@sm90_only
+def test_same_bits_every_call():
+    gen = generator(3)
+    q, k, v = qkv((2, 4), (2, 4), 513, 700, 128, gen, torch.bfloat16, "cuda")
+    first = flashsdpa.attention(q, k, v, causal=True, backend="hopper")
+    for _ in range(3):
+        assert torch.equal(flashsdpa.attention(q, k, v, causal=True, backend="hopper"), first)
+
+
+@sm90_only
+@pytest.mark.parametrize("causal", [False, True])
+def test_chosen_automatically_and_its_backward_runs_triton(causal):
+    """bf16 d=128 on sm_90 goes to hopper with no fallback; the backward (triton's) takes its out and lse
+    (held to the dtype's bar: the 1.5x-torch rule is the triton backward's own tests')."""
+    gen = generator(11)
+    q, k, v = (t.requires_grad_() for t in qkv((2, 4), (2, 2), 300, 411, 128, gen, torch.bfloat16, "cuda"))
+    dispatch.reset_stats()
+    with poisoned_outputs():
+        out = flashsdpa.attention(q, k, v, causal=causal, enable_gqa=True)
+    assert dispatch.stats() == {"calls": {"hopper": 1}, "fallbacks": {}}
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_out, _ = oracle(q, k, v, causal=causal, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), grad_out.double())
+    for name, got, ref in zip("qkv", grads, ref_grads):
+        assert_grad_close(f"d{name}", got, ref, None, torch.bfloat16)
