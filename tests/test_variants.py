@@ -8,6 +8,7 @@ L > S, both alignments, GQA and E != Ev.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -472,3 +473,35 @@ def test_every_backend_computes_or_declines_each_variant(backend, variant):
         return
     ref, _ = variants_oracle(q, k, v, alignment=alignment, **options)
     assert rel_err(out, ref) < 1e-5, (backend, variant)
+
+
+def test_a_backend_that_does_not_check_variants_is_never_given_one(monkeypatch):
+    """Capabilities as data: a backend without `checks_variants` is declined for every variant by dispatch."""
+    from flashsdpa import dispatch
+    from flashsdpa.backends.base import Backend
+
+    class Plain(Backend):  # computes torch's SDPA problems only, and says nothing about variants
+        name = "plain"
+
+        def unsupported_reasons(self, desc, device):
+            return []
+
+        def forward(self, desc, inputs):
+            return tiled.TiledBackend().forward(dataclasses.replace(desc, softcap=0.0), inputs)
+
+        def backward(self, *args):
+            raise NotImplementedError
+
+    monkeypatch.setitem(dispatch.BACKENDS, "plain", Plain())
+    monkeypatch.setattr(dispatch, "DEFAULT_ORDER", ("plain", "tiled"))
+    gen = generator(16)
+    q, k, v = qkv((1, 2), (1, 2), 6, 9, 16, gen, torch.float32, "cpu")
+    with pytest.raises(flashsdpa.UnsupportedError, match="the plain backend does not compute softcap"):
+        flashsdpa.attention(q, k, v, softcap=1.5, backend="plain")
+    flashsdpa.reset_stats()
+    out = flashsdpa.attention(q, k, v, softcap=1.5)
+    assert rel_err(out, variants_oracle(q, k, v, softcap=1.5)[0]) < 1e-5
+    assert flashsdpa.stats() == {"calls": {"tiled": 1},
+                                 "fallbacks": {"plain: the plain backend does not compute softcap": 1}}
+    flashsdpa.attention(q, k, v)  # no variant: the plain backend takes it
+    assert flashsdpa.stats()["calls"] == {"tiled": 1, "plain": 1}

@@ -155,7 +155,7 @@ class PreparedCall:
     def desc(self) -> AttentionDescriptor:
         """The problem's descriptor, built once per call (on first use: the drop-in layer's backend check, or
         the eager run) and carried to the backends and the backward. A traced call (torch.compile, jit.trace)
-        builds none: its custom op describes the problem when it runs, from the same tensors and options.
+        does not read it: its custom op describes the problem when it runs, from the same tensors and options.
         (Kept by hand: functools.cached_property takes a lock, which dynamo cannot trace on Python 3.11.)"""
         if self._desc is None:
             c, w = self.canon, self.variants

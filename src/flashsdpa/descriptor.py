@@ -158,14 +158,11 @@ class AttentionDescriptor:
 
     @property
     def variants(self) -> tuple[str, ...]:
-        """The variants beyond torch's SDPA this problem uses, by name (for backends' decline reasons)."""
+        """The attention variants this problem uses, by name (empty for torch's SDPA problems)."""
         used = (
-            ("a sliding window", self.windowed),
-            ("bottom-right causal alignment", self.key_offset != 0),
-            ("softcap", self.softcap > 0.0),
-            ("ALiBi", self.alibi),
-            ("attention sinks", self.sinks),
-        )
+            ("window", self.windowed), ("bottom-right alignment", bool(self.key_offset)),
+            ("softcap", self.softcap > 0.0), ("ALiBi", self.alibi), ("sinks", self.sinks),
+        )  # fmt: skip
         return tuple(name for name, on in used if on)
 
     @property

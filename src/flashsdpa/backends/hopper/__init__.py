@@ -64,7 +64,6 @@ class HopperBackend(Backend):
             reasons.append("hopper kernels take no attention mask")
         if desc.dropout_p > 0.0:
             reasons.append("hopper kernels have no dropout")
-        reasons.extend(f"{name} is not implemented by the hopper kernels yet" for name in desc.variants)
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
