@@ -18,7 +18,8 @@ Time is the median over runs of the slowest rank's time. TFLOP/s per GPU counts 
 for the forward (half of it causal) and 2.5x that for the backward, over the GPU count; efficiency is a
 per-GPU figure over the one-GPU figure at the same total length. --profile adds, from a torch.profiler
 trace of one ring forward+backward on rank 0, the share of the communication kernels' time that ran
-while a compute kernel ran.
+while a compute kernel ran. Peak memory is rank 0's torch.cuda.max_memory_allocated over the ring runs
+(its slices, their gradients and the ring's buffers: O(L/GPU)).
 
 --simulate W runs every rank's ring steps in turn in one process (the same block functions and merge
 as ring_attention, without the exchanges) and prints the errors of outputs and gradients against one
@@ -293,8 +294,8 @@ def main(argv=None) -> None:
         check(bench)
     if bench.rank == 0:
         print("| L total | L/GPU | causal | pass | ring ms | ring TFLOP/s/GPU | allgather ms | one GPU ms "
-              "| one GPU TFLOP/s | efficiency | comm hidden | bytes/step |")
-        print("|---" * 12 + "|", flush=True)
+              "| one GPU TFLOP/s | efficiency | comm hidden | bytes/step | ring peak memory/GPU |")
+        print("|---" * 13 + "|", flush=True)
     for length in args.lengths:
         for causal in args.causal:
             for backward in (False, True):
@@ -327,8 +328,11 @@ def run_row(bench, length, causal, backward) -> str:
 
     ring = step(lambda q, k, v: ring_attention(q, k, v, causal=causal, enable_gqa=True, validate=False))
     ring_traffic.reset()
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     ring_ms = bench.slowest_median_ms(ring)
     traffic = ring_traffic.snapshot()
+    peak = torch.cuda.max_memory_allocated() if bench.device.type == "cuda" else None  # inputs included
     gather_ms = None
     if not (causal and backward):
         gather_ms = bench.slowest_median_ms(step(lambda q, k, v: allgather_attention(q, k, v, causal, world,
@@ -360,7 +364,7 @@ def run_row(bench, length, causal, backward) -> str:
         f"{ring_ms:.2f}", f"{ring_tflops:.1f}", f"{gather_ms:.2f}" if gather_ms else "-",
         f"{one_ms:.2f}" if one_ms else "-", f"{one_tflops:.1f}" if one_tflops else "-",
         f"{ring_tflops / one_tflops:.0%}" if one_tflops else "-",
-        f"{share:.0%}" if share is not None else "-", _bytes(per_step),
+        f"{share:.0%}" if share is not None else "-", _bytes(per_step), _bytes(peak) if peak else "-",
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -14,7 +14,8 @@ locally.
 
 Memory per rank beyond the inputs and outputs: two K/V slices (the one being
 attended and the one arriving), the float32 out and lse it saves, and in the
-backward two float32 dK/dV accumulators and a float32 dQ: all O(L_local).
+backward two float32 dK/dV accumulators (the one arriving and the one sent),
+one step's partial gradients and a float32 dQ: all O(L_local).
 Traffic per ring step: forward B * Hkv * L_local * (E + Ev) elements of the
 input dtype (GQA sends the Hkv key/value heads, never repeated); backward the
 same plus the accumulators in float32, B * Hkv * L_local * (E + Ev) * 4 bytes.
@@ -305,21 +306,22 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.world):
             source = ring.source(step)
             arriving = ring.pass_on(slices, "backward K/V") if step + 1 < ring.world else None
-            # The accumulators of the keys held now: fresh at step 0, else passed on with them.
+            block = visible_block(spec.layout, spec.causal, ring.rank, source, seq_local)
+            parts = None
+            if block is not None:
+                mask = _key_mask(key_lengths, spec, source, block, seq_local, q.device)
+                parts = block_gradients(q, *slices, mask, block, spec, grad_out, out_returned, lse, out_dot_grad)
+                dq[..., block.query_rows, :] += parts[0]
+            # The accumulators of the keys held now: fresh at step 0, else passed on with them (waited for
+            # only now, so that their transfer overlaps this step's compute).
             dk, dv = (
                 (torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
                 if travelling is None
                 else travelling.wait()
             )
-            block = visible_block(spec.layout, spec.causal, ring.rank, source, seq_local)
-            if block is not None:
-                mask = _key_mask(key_lengths, spec, source, block, seq_local, q.device)
-                dq_part, dk_part, dv_part = block_gradients(
-                    q, *slices, mask, block, spec, grad_out, out_returned, lse, out_dot_grad
-                )  # fmt: skip
-                dq[..., block.query_rows, :] += dq_part
-                dk[..., block.key_rows, :] += dk_part
-                dv[..., block.key_rows, :] += dv_part
+            if parts is not None:
+                dk[..., block.key_rows, :] += parts[1]
+                dv[..., block.key_rows, :] += parts[2]
             if ring.world == 1:
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
             travelling = ring.pass_on((dk, dv), "backward dK/dV")  # the last pass brings them home
