@@ -15,10 +15,23 @@ import torch
 
 import flashsdpa
 from flashsdpa import api
+from flashsdpa.backends import tiled
 from flashsdpa.backends.base import poisoned_outputs
 from flashsdpa.backends.triton import TritonBackend
 from flashsdpa.descriptor import Alignment
-from helpers import generator, qkv, random_bool_mask, random_float_mask, randn, rel_err, variants_oracle
+from helpers import (
+    assert_forward_close,
+    assert_grad_close,
+    generator,
+    keep_mask_for,
+    predict_seed,
+    qkv,
+    random_bool_mask,
+    random_float_mask,
+    randn,
+    rel_err,
+    variants_oracle,
+)
 
 # name -> the variant arguments ("alibi": "heads" for (H,) slopes, "batch" for (B, H); "sinks": True)
 VARIANTS = {
@@ -37,9 +50,10 @@ ALIGNMENTS = ("top_left", "bottom_right")
 B, HQ, HKV, E, EV = 2, 4, 2, 8, 6
 
 
-def problem(variant: dict, seq_q, seq_kv, dtype, gen, mask_kind="none", scale=None):
-    """(q, k, v, flashsdpa keyword arguments, oracle keyword arguments); q, k, v, sinks and a float mask
-    require grad."""
+def problem(variant: dict, seq_q, seq_kv, dtype, gen, mask_kind="none", scale=None, dims=(B, HQ, HKV, E, EV)):
+    """(q, k, v, flashsdpa keyword arguments); q, k, v, sinks and a float mask require grad.
+    dims: (B, Hq, Hkv, E, Ev)."""
+    B, HQ, HKV, E, EV = dims  # noqa: N806
     q, k, v = qkv((B, HQ), (B, HKV), seq_q, seq_kv, E, gen, dtype, "cpu", head_dim_v=EV)
     options = {name: value for name, value in variant.items() if name not in ("alibi", "sinks")}
     options["enable_gqa"] = True
@@ -104,18 +118,29 @@ def check_against_oracle(backend, variant, seq_q, seq_kv, alignment, mask_kind, 
         assert rel_err(grad, ref_grads[name]) <= bar, f"{what}: d{name} {rel_err(grad, ref_grads[name]):.3g}"
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 queries x 3 keys: the tiny problems here span many blocks, partly visible and skipped."""
+    monkeypatch.setattr(tiled, "BLOCK_M", 4)
+    monkeypatch.setattr(tiled, "BLOCK_N", 3)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
 @pytest.mark.parametrize("seq_q,seq_kv", SHAPES)
 @pytest.mark.parametrize("name", VARIANTS)
-def test_reference_matches_formula(name, seq_q, seq_kv, alignment, mask_kind):
-    check_against_oracle("reference", VARIANTS[name], seq_q, seq_kv, alignment, mask_kind, seed=len(name) + seq_q)
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_matches_formula_float64(backend, name, seq_q, seq_kv, alignment, mask_kind, small_tiles):
+    check_against_oracle(backend, VARIANTS[name], seq_q, seq_kv, alignment, mask_kind, seed=len(name) + seq_q)
 
 
 @pytest.mark.parametrize("name", ["window", "causal_window", "softcap", "alibi_batch", "sinks", "all"])
-def test_reference_gradcheck(name):
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_gradcheck(backend, name, small_tiles):
+    """float64 gradcheck (the full Jacobian) of q, k, v, the sinks and a float mask, with GQA."""
     gen = generator(3)
-    q, k, v, options = problem(VARIANTS[name], 5, 7, torch.float64, gen, "float")
+    # 1 x 2 query heads on 1 key/value head, E=4, Ev=3: the full Jacobian stays small (~160 columns)
+    q, k, v, options = problem(VARIANTS[name], 5, 7, torch.float64, gen, "float", dims=(1, 2, 1, 4, 3))
     tensors = leaves(q, k, v, options)
 
     def fn(*args):
@@ -123,31 +148,33 @@ def test_reference_gradcheck(name):
         extra = {n: given.get(n, options.get(n)) for n in ("sinks", "attn_mask") if n in options}
         rest = {n: o for n, o in options.items() if n not in extra}
         return flashsdpa.attention(
-            given["q"], given["k"], given["v"], causal_alignment="bottom_right", backend="reference", **rest, **extra
+            given["q"], given["k"], given["v"], causal_alignment="bottom_right", backend=backend, **rest, **extra
         )
 
     assert torch.autograd.gradcheck(fn, tuple(tensors.values()))
 
 
-def test_sink_with_rows_that_see_nothing():
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_sink_with_rows_that_see_nothing(backend):
     """A row with no visible key: zeros, lse = the sink; the sink gets no gradient from it."""
     gen = generator(4)
     q, k, v = qkv((1, 2), (1, 2), 3, 6, 8, gen, torch.float64, "cpu")
     sinks = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
     hidden = torch.zeros(1, 1, 3, 6, dtype=torch.bool)
-    out, lse = flashsdpa.attention(q, k, v, attn_mask=hidden, sinks=sinks, backend="reference", return_lse=True)
+    out, lse = flashsdpa.attention(q, k, v, attn_mask=hidden, sinks=sinks, backend=backend, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(lse, sinks.detach().view(1, 2, 1).expand(1, 2, 3))
     out.sum().backward()
     assert torch.equal(sinks.grad, torch.zeros_like(sinks))
 
 
-def test_sink_gradient_in_inputs_dtype_and_without_other_grads():
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_sink_gradient_in_inputs_dtype_and_without_other_grads(backend):
     """Sinks given in the inputs' dtype get their gradient in that dtype, also when q, k, v need none."""
     gen = generator(5)
     q, k, v = qkv((1, 2), (1, 2), 5, 5, 8, gen, torch.float32, "cpu")
     sinks = torch.randn(2, generator=gen).requires_grad_()
-    out = flashsdpa.attention(q, k, v, sinks=sinks, backend="reference")
+    out = flashsdpa.attention(q, k, v, sinks=sinks, backend=backend)
     out.square().sum().backward()
     s64 = sinks.detach().double().requires_grad_()
     ref, _ = variants_oracle(q, k, v, sinks=s64)
@@ -156,11 +183,12 @@ def test_sink_gradient_in_inputs_dtype_and_without_other_grads():
     assert rel_err(sinks.grad, s64.grad) < 1e-5
 
 
-def test_empty_keys_with_sinks():
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_empty_keys_with_sinks(backend):
     gen = generator(6)
     q, k, v = qkv((2, 3), (2, 3), 4, 0, 8, gen, torch.float32, "cpu")
     sinks = torch.randn(3, generator=gen).requires_grad_()
-    out, lse = flashsdpa.attention(q, k, v, sinks=sinks, backend="reference", return_lse=True)
+    out, lse = flashsdpa.attention(q, k, v, sinks=sinks, backend=backend, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(lse, sinks.detach().view(1, 3, 1).expand(2, 3, 4))
     out.sum().backward()
@@ -174,7 +202,7 @@ def test_alignment_is_canonical():
     args = (None, None, 0.0, False, None, "ieee")
 
     def describe(q, k, v, **kw):
-        return api.prepare(q, k, v, kw.pop("causal", False), *args, **kw).describe()
+        return api.prepare(q, k, v, kw.pop("causal", False), *args, **kw).desc
 
     assert describe(q, k, v, causal_alignment="bottom_right").alignment is Alignment.TOP_LEFT
     assert describe(q, q, q, causal=True, causal_alignment="bottom_right").alignment is Alignment.TOP_LEFT
@@ -242,15 +270,16 @@ def test_sinks_in_the_inputs_dtype_and_float64_slopes_for_float64_inputs():
 def test_triton_declines_each_variant_with_a_reason(kwargs, fragment):
     q, k = _q((2, 3, 5, 16)), _q((2, 3, 9, 16))
     causal = kwargs.pop("causal", False)
-    desc = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee", **kwargs).describe()
-    plain = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee").describe()
+    desc = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee", **kwargs).desc
+    plain = api.prepare(q, k, k, causal, None, None, 0.0, False, None, "ieee").desc
     reasons = TritonBackend()._reasons(desc, torch.device("cuda", 0) if torch.cuda.is_available() else q.device)
     base = TritonBackend()._reasons(plain, torch.device("cuda", 0) if torch.cuda.is_available() else q.device)
     new = [r for r in reasons if r not in base]
     assert len(new) == 1 and fragment in new[0], new
 
 
-def test_compiled_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_compiled_fullgraph_matches_eager(backend):
     gen = generator(8)
     q, k, v, options = problem(VARIANTS["all"], 6, 9, torch.float32, gen, "float")
     tensors = leaves(q, k, v, options)
@@ -258,7 +287,7 @@ def test_compiled_fullgraph_matches_eager():
     def fn(q, k, v, sinks, mask):
         rest = {n: o for n, o in options.items() if n not in ("sinks", "attn_mask")}
         return flashsdpa.attention(
-            q, k, v, sinks=sinks, attn_mask=mask, causal_alignment="bottom_right", backend="reference",
+            q, k, v, sinks=sinks, attn_mask=mask, causal_alignment="bottom_right", backend=backend,
             return_lse=True, **rest,
         )
 
@@ -296,3 +325,150 @@ def test_oracle_matches_torch_where_torch_has_the_variant():
             empty = ~visible.any(-1)  # torch gives NaN for rows with nothing visible; flashsdpa gives zeros
             assert torch.equal(ours[..., empty, :], torch.zeros_like(ours[..., empty, :]))
             assert rel_err(ours[..., ~empty, :], theirs[..., ~empty, :]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["window", "softcap", "alibi_heads", "sinks", "all"])
+def test_tiled_within_torchs_own_error(name, dtype, small_tiles):
+    """In 16 and 32 bits, against float64, within 1.5x the error of the same formula computed in the inputs'
+    dtype (torch has none of these variants itself: the formula, as torch's math backend would compute it)."""
+    gen = generator(10 + len(name))
+    q, k, v, options = problem(VARIANTS[name], 13, 21, dtype, gen, "float", scale=None)
+    tensors = leaves(q, k, v, options)
+    grad_out = randn((B, HQ, 13, EV), gen, dtype)
+    results = {}
+    for label, fn in (
+        ("tiled", lambda: flashsdpa.attention(q, k, v, causal_alignment="bottom_right", backend="tiled",
+                                              return_lse=True, **options)),
+        ("truth", lambda: oracle_of(q, k, v, options, "bottom_right")),
+        ("torch", lambda: oracle_of(q, k, v, options, "bottom_right", dtype=dtype)),
+    ):  # fmt: skip
+        results[label] = run_and_grads(fn, tensors, grad_out)
+    (out, _, grads), (ref, _, ref_grads), (theirs, _, their_grads) = (results[n] for n in ("tiled", "truth", "torch"))
+    assert_forward_close(f"{name} out", out, ref, theirs, dtype)
+    for leaf in grads:
+        assert_grad_close(f"{name} d{leaf}", grads[leaf], ref_grads[leaf], their_grads[leaf], dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_dropout_with_variants(backend, small_tiles):
+    """Dropout drops the keys' probabilities only, never the sink's share: out and every gradient as the
+    formula with flashsdpa's own keep-mask."""
+    gen = generator(11)
+    p = 0.3
+    q, k, v, options = problem(VARIANTS["all"], 9, 14, torch.float64, gen, "float")
+    tensors = leaves(q, k, v, options)
+    grad_out = randn((B, HQ, 9, EV), gen, torch.float64)
+    keep = keep_mask_for(predict_seed(1234), p, (B, HQ), 9, 14, "cpu")
+    torch.manual_seed(1234)
+    out, _, grads = run_and_grads(
+        lambda: flashsdpa.attention(q, k, v, dropout_p=p, causal_alignment="bottom_right", backend=backend,
+                                    return_lse=True, **options),
+        tensors, grad_out,
+    )  # fmt: skip
+    names = ("causal", "window", "softcap", "alibi_slopes", "sinks", "attn_mask")
+    ref, _, ref_grads = run_and_grads(
+        lambda: variants_oracle(q, k, v, alignment="bottom_right", keep=keep, dropout_p=p,
+                                **{n: options[n] for n in names if n in options}),
+        tensors, grad_out,
+    )  # fmt: skip
+    assert rel_err(out, ref) < 1e-10
+    for leaf in grads:
+        assert rel_err(grads[leaf], ref_grads[leaf]) < 1e-10, leaf
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_strided_inputs_with_variants(backend, small_tiles):
+    """q, k, v as (B, L, H, E) projections viewed as (B, H, L, E); sinks and slopes as strided views."""
+    gen = generator(12)
+    seq_q, seq_kv = 10, 15
+    q = randn((B, seq_q, HQ, E + 3), gen, torch.float64)[..., :E].transpose(1, 2).requires_grad_()
+    kv = randn((B, seq_kv, 2, HKV, E), gen, torch.float64)
+    k, v = (t.transpose(1, 2).detach().requires_grad_() for t in kv.unbind(2))
+    sinks = randn((2 * HQ,), gen, torch.float64)[::2].detach().requires_grad_()
+    slopes = torch.rand(HQ, B, generator=gen).t()
+    options = dict(causal=True, window=(4, None), softcap=2.0, alibi_slopes=slopes, sinks=sinks)
+    out = flashsdpa.attention(q, k, v, enable_gqa=True, causal_alignment="bottom_right", backend=backend, **options)
+    ref, _ = variants_oracle(q, k, v, alignment="bottom_right", **options)
+    assert rel_err(out, ref) < 1e-10
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, sinks))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, sinks))
+    for name, got, want in zip("qkvs", grads, ref_grads):
+        assert rel_err(got, want) < 1e-10, name
+
+
+def _counted_tiles(monkeypatch) -> list:
+    """The (query block, key block) tiles the tiled backend computes scores for."""
+    seen = []
+    original = tiled._Tiles.scores
+
+    def counting(self, m0, m1, block, q_tile, k_tile):
+        seen.append((m0, block.start))
+        return original(self, m0, m1, block, q_tile, k_tile)
+
+    monkeypatch.setattr(tiled._Tiles, "scores", counting)
+    return seen
+
+
+@pytest.mark.parametrize("alignment", ALIGNMENTS)
+def test_tiled_window_visits_key_blocks_in_proportion_to_the_window(alignment, monkeypatch):
+    """A window of w keys visits about L/BM * (w + BM + BN)/BN tiles in the forward, not L*S/(BM*BN):
+    counted, for two lengths (the count doubles with L at a fixed window) and against the plain problem."""
+    monkeypatch.setattr(tiled, "BLOCK_M", 16)
+    monkeypatch.setattr(tiled, "BLOCK_N", 16)
+    seen = _counted_tiles(monkeypatch)
+    counts = {}
+    gen = generator(13)
+    for seq in (256, 512):
+        q, k, v = qkv((1, 1), (1, 1), seq, seq + 7, 8, gen, torch.float32, "cpu")
+        for window in ((24, 0), None):
+            seen.clear()
+            flashsdpa.attention(q, k, v, window=window, causal_alignment=alignment, backend="tiled")
+            counts[seq, window] = len(seen)
+    blocks_m = lambda seq: seq // 16  # noqa: E731
+    for seq in (256, 512):
+        # each query block sees at most 24 + 16 keys: 3 or 4 key blocks of 16
+        assert counts[seq, (24, 0)] <= 4 * blocks_m(seq), counts
+        assert counts[seq, None] == blocks_m(seq) * -(-(seq + 7) // 16), counts
+    assert counts[512, (24, 0)] <= 2 * counts[256, (24, 0)] + 4, counts
+
+
+def test_tiled_backward_skips_blocks_too(monkeypatch):
+    monkeypatch.setattr(tiled, "BLOCK_M", 16)
+    monkeypatch.setattr(tiled, "BLOCK_N", 16)
+    seen = _counted_tiles(monkeypatch)
+    gen = generator(14)
+    q, k, v = qkv((1, 1), (1, 1), 256, 256, 8, gen, torch.float32, "cpu")
+    q.requires_grad_()
+    out = flashsdpa.attention(q, k, v, window=(20, 10), backend="tiled")
+    seen.clear()
+    out.sum().backward()
+    # two passes (delta, then dK/dV/dQ), each over <= 4 key blocks per query block of 16 rows
+    assert len(seen) <= 2 * 4 * 16, len(seen)
+
+
+SINGLE_VARIANTS = {
+    "window": dict(window=(2, 1)),
+    "bottom_right": dict(causal=True, causal_alignment="bottom_right"),
+    "softcap": dict(softcap=1.5),
+    "alibi": dict(alibi_slopes=torch.tensor([0.3, 0.7])),
+    "sinks": dict(sinks=torch.tensor([0.5, -1.0])),
+}
+
+
+@pytest.mark.parametrize("variant", SINGLE_VARIANTS)
+@pytest.mark.parametrize("backend", [*flashsdpa.dispatch.backend_names(), None])
+def test_every_backend_computes_or_declines_each_variant(backend, variant):
+    """No backend may ignore a variant it does not compute (a silent wrong answer): pinned, it computes the
+    formula or raises UnsupportedError; the automatic choice (None) always computes it."""
+    gen = generator(15)
+    q, k, v = qkv((1, 2), (1, 2), 6, 9, 16, gen, torch.float32, "cpu")
+    options = dict(SINGLE_VARIANTS[variant])
+    alignment = options.pop("causal_alignment", "top_left")
+    try:
+        out = flashsdpa.attention(q, k, v, causal_alignment=alignment, backend=backend, **options)
+    except flashsdpa.UnsupportedError:
+        assert backend is not None, "the automatic choice found no backend"
+        return
+    ref, _ = variants_oracle(q, k, v, alignment=alignment, **options)
+    assert rel_err(out, ref) < 1e-5, (backend, variant)

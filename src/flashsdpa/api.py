@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from flashsdpa import dispatch, gradient_precision, ops
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision
-from flashsdpa.validation import NO_VARIANTS, Canonical, Variants, canonicalize, check_options, check_variants, describe
+from flashsdpa.validation import (
+    CallOptions,
+    Canonical,
+    Variants,
+    canonicalize,
+    check_options,
+    check_variants,
+    describe,
+)
 
 
 def _pinned_backend_outside_compile() -> str:
@@ -88,7 +95,8 @@ def attention(
 
     return_lse: also return the natural-log log-sum-exp of each row of the
         scaled, masked scores, shape (..., L), float32 (float64 for float64
-        inputs); -inf for a row with no visible key.
+        inputs); -inf for a row with no visible key. With `sinks` it includes
+        the row's sink (= the sink for a row with no visible key).
     backend: "triton", "tiled" or "reference" pins a backend (raising if it
         cannot take the problem); None chooses automatically, falling back with
         a recorded reason (see `flashsdpa.stats()`).
@@ -99,7 +107,14 @@ def attention(
         last query at the last key). It applies to `causal`, `window` and `alibi_slopes`.
     window: (left, right): query i sees keys j with
         i' - left <= j <= i' + right, i' its aligned position; None or -1 on a
-        side leaves it unbounded. With `causal` the right side is 0.
+        side leaves it unbounded. With `causal` the right side is 0::
+
+            window=(1, 1), L=3, S=6   top_left          bottom_right
+                              keys 0 1 2 3 4 5     keys 0 1 2 3 4 5
+                    query 0        x x . . . .          . . x x x .
+                    query 1        x x x . . .          . . . x x x
+                    query 2        . x x x . .          . . . . x x
+
     softcap: a float > 0 turns each scaled score s into softcap * tanh(s / softcap)
         (Gemma 2), before ALiBi and the mask are added.
     alibi_slopes: (H,) or (B, H) float32 (H query heads, B the batch dims'
@@ -120,27 +135,31 @@ def attention(
     return run(call, return_lse)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedCall:
     """A validated call in canonical form, ready for `run` (the drop-in layer checks it first)."""
 
     canon: Canonical
-    causal: bool
-    scale: float  # resolved: 1/sqrt(the caller's head dim) when None was given
-    dropout_p: float
+    variants: Variants  # the variant tensors (alibi_slopes, sinks) in canonical form
+    options: CallOptions
     backend: str | None
-    precision: Fp32Precision
-    gradients: GradientPrecision  # the 16-bit backward's, chosen here as torch chooses at its forward
-    variants: Variants = NO_VARIANTS
+    _desc: AttentionDescriptor | None = None
 
-    def describe(self) -> AttentionDescriptor:
-        c, w = self.canon, self.variants
-        return describe(
-            c.query, c.key, c.value, c.mask, causal=self.causal, dropout_p=self.dropout_p, scale=self.scale,
-            fp32_precision=self.precision, gradients=self.gradients, window_left=w.window_left,
-            window_right=w.window_right, alignment=w.alignment, softcap=w.softcap, alibi=w.alibi_slopes is not None,
-            sinks=w.sinks is not None,
-        )
+    @property
+    def desc(self) -> AttentionDescriptor:
+        """The problem's descriptor, built once per call (on first use: the drop-in layer's backend check, or
+        the eager run) and carried to the backends and the backward. A traced call (torch.compile, jit.trace)
+        builds none: its custom op describes the problem when it runs, from the same tensors and options.
+        (Kept by hand: functools.cached_property takes a lock, which dynamo cannot trace on Python 3.11.)"""
+        if self._desc is None:
+            c, w = self.canon, self.variants
+            self._desc = describe(c.query, c.key, c.value, c.mask, self.options, w.alibi_slopes is not None,
+                                  w.sinks is not None)  # fmt: skip
+        return self._desc
+
+    @property
+    def gradients(self) -> GradientPrecision:
+        return GradientPrecision(self.options.gradients)
 
 
 def prepare(
@@ -157,34 +176,19 @@ def prepare(
         choices = [p.value for p in Fp32Precision]
         raise ValueError(f"fp32_precision must be one of {choices}, got {fp32_precision!r}") from None
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
-    variants = check_variants(canon, causal, window, causal_alignment, softcap, alibi_slopes, sinks)
-    head_dim = canon.query.shape[-1]
-    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
+    w = check_variants(canon, causal, window, causal_alignment, softcap, alibi_slopes, sinks)
     # From the caller's tensors: the canonical views hide their rank and broadcast dims.
     gradients = gradient_precision.at_forward(q, k, v, attn_mask, dropout_p, causal, enable_gqa)
-    return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision, gradients, variants)
+    options = CallOptions(
+        float(dropout_p), causal, None if scale is None else float(scale), w.window_left, w.window_right,
+        w.alignment.value, w.softcap, precision.value, gradients.value,
+    )  # fmt: skip
+    return PreparedCall(canon, w, options, backend)
 
 
 def run(call: PreparedCall, return_lse: bool = False):
-    c, w = call.canon, call.variants
-    out, lse, _ = ops.forward(
-        c.query,
-        c.key,
-        c.value,
-        c.mask,
-        w.alibi_slopes,
-        w.sinks,
-        call.dropout_p,
-        call.causal,
-        call.scale,
-        w.window_left,
-        w.window_right,
-        w.alignment.value,
-        w.softcap,
-        call.backend or _pinned_backend_outside_compile(),
-        call.precision.value,
-        call.gradients.value,
-    )
+    c = call.canon
+    out, lse, _ = ops.forward(call, call.backend or _pinned_backend_outside_compile())
     # The caller's shape is often the canonical one already: skip the view (and its autograd node) then.
     out = out if out.shape == c.output_shape else out.reshape(c.output_shape)
     if not return_lse:

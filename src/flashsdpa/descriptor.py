@@ -10,9 +10,11 @@ problem it was not built for.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +138,15 @@ class AttentionDescriptor:
         if not (self.softcap == 0.0 or 0.0 < self.softcap < math.inf):
             raise ValueError(f"AttentionDescriptor.softcap must be 0 (off) or a finite float > 0, got {self.softcap}")
 
+    def __hash__(self) -> int:
+        # Hashed on every call (backends' answers and plans are kept by descriptor): computed once.
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            value = hash(_field_values(self))
+            object.__setattr__(self, "_hash", value)
+            return value
+
     @property
     def key_offset(self) -> int:
         """The key position of query 0: query i is aligned with key i + key_offset."""
@@ -176,6 +187,9 @@ class AttentionDescriptor:
         pairs = self.batch * self.heads_q * visible_pairs(self)
         forward = 2.0 * pairs * (self.head_dim + self.head_dim_v)
         return 2.5 * forward if backward else forward
+
+
+_field_values = operator.attrgetter(*(f.name for f in dataclasses.fields(AttentionDescriptor)))
 
 
 def causal_pairs(seq_q: int, seq_kv: int) -> int:

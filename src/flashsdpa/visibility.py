@@ -103,7 +103,7 @@ class Visibility:
             visible = visible & (cols <= position + self.right)
         if self.left >= 0:
             visible = visible & (cols >= position - self.left)
-        return visible
+        return visible.expand(position.shape[0], cols.shape[1])
 
     def row_counts(self) -> list[int]:
         """How many keys each query sees."""
