@@ -23,7 +23,6 @@ import torch
 from flashsdpa import api
 from flashsdpa.descriptor import statistics_dtype
 from flashsdpa.validation import _check_small_tensor
-from flashsdpa.visibility import Visibility
 
 Tensor = torch.Tensor
 
@@ -141,6 +140,17 @@ def _keys(cache: Tensor, block_table: Tensor | None, batch: int) -> Tensor:
     return cache[block_table.long()].flatten(1, 2).transpose(1, 2)
 
 
+def _visible(positions: Tensor, cols: Tensor, seq_kv: Tensor, left: int, right: int) -> Tensor:
+    """`visibility.Visibility.mask`'s rule with each sequence's key count and positions as tensors
+    (Visibility holds ints, one problem's): key j < seq_kv, j <= p + right, j >= p - left (-1: unbounded)."""
+    visible = cols < seq_kv
+    if right >= 0:
+        visible = visible & (cols <= positions + right)
+    if left >= 0:
+        visible = visible & (cols >= positions - left)
+    return visible
+
+
 def _alibi_mask(slopes: Tensor, visible: Tensor, positions: Tensor, cols: Tensor, batch: int, heads: int,
                 dtype: torch.dtype) -> Tensor:  # fmt: skip
     """The float mask -slope * |p - j| where visible, -inf elsewhere: (B, Hq, Lq, capacity), in `dtype`."""
@@ -211,17 +221,16 @@ def kvcache_attention(
     if k_new is not None:
         append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     keys, values = _keys(k_cache, block_table, batch), _keys(v_cache, block_table, batch)
-    # Visibility's formula with per-sequence tensors (B, 1, 1, 1) for the key count and the offset.
     seq_kv = (cache_seqlens.long() + new_tokens).view(batch, 1, 1, 1)
     left, right = int(window_size[0]), int(window_size[1])
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    visibility = Visibility(seq_q, seq_kv, seq_kv - seq_q, left, right)
-    rows, cols = torch.arange(seq_q, device=q.device), torch.arange(keys.shape[2], device=q.device)
-    mask = visibility.mask(rows, cols)  # (B, 1, Lq, capacity)
+    rows = torch.arange(seq_q, device=q.device).view(-1, 1)
+    cols = torch.arange(keys.shape[2], device=q.device).view(1, -1)
+    positions = rows + (seq_kv - seq_q)  # (B, 1, Lq, 1): each sequence's bottom-right aligned positions
+    mask = _visible(positions, cols, seq_kv, left, right)  # (B, 1, Lq, capacity)
     if alibi_slopes is not None:
-        mask = _alibi_mask(alibi_slopes, mask, rows.view(-1, 1) + visibility.offset, cols, batch, heads_q,
-                           statistics_dtype(q.dtype))  # fmt: skip
+        mask = _alibi_mask(alibi_slopes, mask, positions, cols, batch, heads_q, statistics_dtype(q.dtype))
     result = api.attention(
         q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True, return_lse=return_lse,
         backend=backend, fp32_precision=fp32_precision, softcap=softcap, sinks=sinks,

@@ -17,9 +17,9 @@ stays inside the op and the graph does not break. Backends: reference and
 tiled on any device; on CUDA the automatic choice runs the triton backend per
 sequence.
 
-Memory beyond the outputs: per sequence, a bool (L_i, S_i) mask where the
-visible keys are not a plain top-left causal triangle (bottom-right causal with
-L_i != S_i, or a window), and for paged keys the sequence's gathered keys.
+Memory beyond the outputs: for paged keys, one sequence's gathered keys at a
+time; and for a backend that declines windows or the bottom-right alignment
+(triton, for now), a bool (L_i, S_i) mask of the sequence's visible keys.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 
 from flashsdpa import dispatch
 from flashsdpa.api import _pinned_backend_outside_compile
-from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, new_output
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.ops import sink_gradient
-from flashsdpa.validation import _check_small_tensor, describe
+from flashsdpa.validation import CallOptions, _check_small_tensor, describe
 from flashsdpa.visibility import Visibility
 
 Tensor = torch.Tensor
@@ -70,18 +70,6 @@ class VarlenOptions:
         right = (0 if self.window_right < 0 else min(self.window_right, 0)) if self.causal else self.window_right
         offset = seq_kv - seq_q if self.bottom_right else 0
         return Visibility(seq_q, seq_kv, offset, self.window_left, right)
-
-    def visibility_as_mask(self, seq_q: int, seq_kv: int, score_variants: bool) -> bool:
-        """Whether a sequence's visible keys go to the backend as a bool mask rather than as descriptor fields.
-
-        A mask where they differ from "all" and from the top-left causal triangle (desc.causal) and the call
-        has no score variant (softcap, ALiBi, sinks): every backend takes a mask, while the tiled and triton
-        backends do not take windows or alignments yet. With a score variant, the fields (ALiBi reads
-        the alignment), for the backends that compute variants.
-        """
-        shifted = self.bottom_right and seq_q != seq_kv
-        restricted = self.window_left >= 0 or self.window_right >= 0 or (self.causal and shifted)
-        return restricted and not score_variants
 
 
 @dataclass(frozen=True)
@@ -233,14 +221,22 @@ def _key_tokens(key: Tensor, block_table: Tensor | None, seq: Sequence) -> tuple
 
 @dataclass(frozen=True)
 class _Problem:
-    """One sequence's canonical problem: its descriptor and inputs for a backend."""
+    """One sequence's canonical problem for a backend: its descriptor and inputs, and for paged keys the
+    flat token index of each key (to scatter gradients back)."""
 
     desc: AttentionDescriptor
     inputs: AttentionInputs
+    tokens: Tensor | None
 
 
 class _Runner:
-    """Builds each sequence's problem and picks its backend, recording each fallback reason once per call."""
+    """Builds each sequence's problem and picks its backend, recording each fallback reason once per call.
+
+    A sequence's visible keys go to the backend as descriptor fields (causal, window, alignment), so that it
+    skips the key blocks no query sees. A backend that declines those fields (triton: windows and the
+    bottom-right alignment) gets them as a bool mask instead where the call has no score variant (softcap,
+    ALiBi and sinks need the fields), rather than the problem going to a slower backend.
+    """
 
     def __init__(self, query, key, value, block_table, alibi_slopes, sinks, options: VarlenOptions,
                  dropout_seed: Tensor, gradients: str):  # fmt: skip
@@ -254,51 +250,65 @@ class _Runner:
         self.gradients = gradients
         self.recorded: set[str] = set()
 
-    def problem(self, seq: Sequence) -> tuple[_Problem, Tensor | None]:
+    def plan(self, seq: Sequence) -> tuple[Backend, _Problem]:
+        """The backend for sequence `seq` and the problem in the form it takes."""
+        problem = self._problem(seq, as_mask=False)
+        o = self.options
+        score_variants = o.softcap > 0.0 or self.alibi_slopes is not None or self.sinks is not None
+        can_mask = not score_variants and (problem.desc.windowed or problem.desc.key_offset != 0)
+        masked = self._problem(seq, as_mask=True) if can_mask else None
+        device = self.query.device
+        requested = o.backend or dispatch.pinned_backend()
+        names = (requested,) if requested else dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER)
+        skipped = []
+        for name in names:
+            backend = dispatch.get_backend(name)
+            reasons = backend.unsupported_reasons(problem.desc, device)
+            chosen = problem if not reasons else None
+            if chosen is None and masked is not None and not backend.unsupported_reasons(masked.desc, device):
+                chosen = masked
+            if chosen is not None:
+                for reason in skipped:  # automatic only: a requested backend runs or raises
+                    if reason not in self.recorded:
+                        self.recorded.add(reason)
+                        dispatch.record_fallback(reason)
+                return backend, chosen
+            skipped.extend(reasons if requested else (f"{name}: {r}" for r in reasons))
+        if requested:
+            raise dispatch.UnsupportedError(f"backend {requested!r} cannot run this varlen sequence: "
+                                            + "; ".join(skipped), skipped)  # fmt: skip
+        raise dispatch.UnsupportedError("no flashsdpa backend can run this varlen sequence: " + "; ".join(skipped),
+                                        skipped)  # fmt: skip
+
+    def _problem(self, seq: Sequence, as_mask: bool) -> _Problem:
         o = self.options
         q = _head_major(self.query[seq.q_start : seq.q_start + seq.q_len])
         k_rows, tokens = _key_tokens(self.key, self.block_table, seq)
         v_rows = _key_tokens(self.value, self.block_table, seq)[0]
         k, v = _head_major(k_rows), _head_major(v_rows)
-        score_variants = o.softcap > 0.0 or self.alibi_slopes is not None or self.sinks is not None
+        visibility = o.visibility(seq.q_len, seq.k_len)
         mask = None
-        fields = {}
-        if o.visibility_as_mask(seq.q_len, seq.k_len, score_variants):
+        if as_mask:
             rows = torch.arange(seq.q_len, device=q.device)
-            cols = torch.arange(seq.k_len, device=q.device)
-            visible = o.visibility(seq.q_len, seq.k_len).mask(rows, cols)
-            mask = visible.expand(1, q.shape[1], seq.q_len, seq.k_len)
-        elif score_variants:
-            fields = dict(
-                window_left=o.window_left, window_right=o.window_right, softcap=o.softcap,
-                alignment="bottom_right" if o.bottom_right and seq.q_len != seq.k_len else "top_left",
-                alibi=self.alibi_slopes is not None, sinks=self.sinks is not None,
-            )  # fmt: skip
-        desc = describe(
-            q, k, v, mask, causal=o.causal and mask is None, dropout_p=o.dropout_p, scale=o.scale,
-            fp32_precision=o.fp32_precision, gradients=self.gradients, **fields,
-        )
+            mask = visibility.mask(rows, torch.arange(seq.k_len, device=q.device))
+            mask = mask.expand(1, q.shape[1], seq.q_len, seq.k_len)
+            call = CallOptions(o.dropout_p, False, o.scale, -1, -1, "top_left", o.softcap, o.fp32_precision,
+                               self.gradients)  # fmt: skip
+        else:
+            # Causal is the window's right side at 0 (Visibility); the alignment matters only where L != S.
+            causal = visibility.right == 0 and visibility.left < 0
+            left, right = (-1, -1) if causal else (visibility.left, visibility.right)
+            alignment = "bottom_right" if visibility.offset else "top_left"
+            call = CallOptions(o.dropout_p, causal, o.scale, left, right, alignment, o.softcap, o.fp32_precision,
+                               self.gradients)  # fmt: skip
+        desc = describe(q, k, v, mask, call, self.alibi_slopes is not None, self.sinks is not None)
         # Sequence i draws dropout as batch item i of a (N, Hq) batch would: its heads' streams follow on
         # (seeds stay below 2**31, as `draw_seed` gives them and the triton kernels take them).
         seed = None if self.seed is None else (self.seed[0], (self.seed[1] + seq.index * q.shape[1]) % 2**31)
         slopes = self.alibi_slopes
         if slopes is not None:
             slopes = slopes[seq.index if slopes.shape[0] > 1 else 0].view(1, -1)
-        return _Problem(desc, AttentionInputs(q, k, v, mask, seed, slopes, self.sinks)), tokens
-
-    def backend(self, desc):
-        requested = self.options.backend or None
-        if requested is not None or dispatch.pinned_backend() is not None:
-            return dispatch.BACKENDS[dispatch.choose_backend(desc, self.query.device, requested)]
-        name, skipped = dispatch.automatic_choice(desc, self.query.device)
-        if name is None:
-            raise dispatch.UnsupportedError("no flashsdpa backend can run this varlen sequence: " + "; ".join(skipped),
-                                            skipped)  # fmt: skip
-        for reason in skipped:
-            if reason not in self.recorded:
-                self.recorded.add(reason)
-                dispatch.record_fallback(reason)
-        return dispatch.BACKENDS[name]
+        return _Problem(desc, AttentionInputs(q, k, v, mask, seed, slopes, self.sinks), tokens)
 
 
 def _is_empty(seq: Sequence) -> bool:
@@ -321,8 +331,7 @@ def forward_impl(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, 
             out[rows] = 0
             lse[:, rows] = float("-inf") if runner.sinks is None else runner.sinks.view(-1, 1)
             continue
-        problem, _ = runner.problem(seq)
-        backend = runner.backend(problem.desc)
+        backend, problem = runner.plan(seq)
         backends_used.add(backend.name)
         out_seq, lse_seq = backend.forward(problem.desc, problem.inputs)
         out[rows] = out_seq[0].transpose(0, 1)
@@ -389,8 +398,8 @@ def backward_impl(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seq
             if dq is not None:
                 dq[rows] = 0
             continue
-        problem, tokens = runner.problem(seq)
-        backend = runner.backend(problem.desc)
+        backend, problem = runner.plan(seq)
+        tokens = problem.tokens
         grads = backend.backward(
             problem.desc, problem.inputs, _head_major(out[rows]), lse[:, rows].unsqueeze(0),
             _head_major(grad_out[rows]), need,

@@ -194,7 +194,7 @@ def attend_block(q, k, v, mask, block: VisibleBlock, spec: RingSpec):
 
 
 def _backend_for(call: api.PreparedCall) -> str:
-    desc = call.describe()
+    desc = call.desc
     requested = call.backend or dispatch.pinned_backend()
     if requested is not None:
         return requested
@@ -227,9 +227,9 @@ def block_gradients(q, k, v, mask, block: VisibleBlock, spec: RingSpec, grad_out
     if takes_global_statistics(backend, q.dtype, k.shape[-2]):
         c = call.canon
         dq, dk, dv, _ = ops.attention_backward(
-            grad_out.contiguous(), c.query, c.key, c.value, out.contiguous(), lse.contiguous(), c.mask,
-            _NO_DROPOUT_SEED, 0.0, block.causal, spec.scale, backend, spec.fp32_precision,
-            GradientPrecision.ROUNDED.value, [True, True, True, False],
+            grad_out.contiguous(), c.query, c.key, c.value, out.contiguous(), lse.contiguous(), c.mask, None, None,
+            _NO_DROPOUT_SEED, *call.options._replace(gradients=GradientPrecision.ROUNDED.value), backend,
+            [True, True, True, False],
         )  # fmt: skip
         return dq.to(acc), dk.to(acc), dv.to(acc)
     return _local_statistics_gradients(q.to(acc), k.to(acc), v.to(acc), mask, block, spec, grad_out.to(acc), lse,
@@ -253,8 +253,8 @@ def _local_statistics_gradients(q, k, v, mask, block, spec, grad_out, lse, out_d
     cq = call.canon  # q, k, v are canonical already: these are the same views
     dq, dk, wide_dv, _ = ops.attention_backward(
         wide_grad, cq.query, cq.key, cq.value, torch.cat([out_s, torch.zeros_like(probs_k)], dim=-1), lse_s,
-        cq.mask, _NO_DROPOUT_SEED, 0.0, block.causal, spec.scale, _backend_for(call), spec.fp32_precision,
-        GradientPrecision.EXACT.value, [True, True, True, False],
+        cq.mask, None, None, _NO_DROPOUT_SEED, *call.options._replace(gradients=GradientPrecision.EXACT.value),
+        _backend_for(call), [True, True, True, False],
     )  # fmt: skip
     return dq + spec.scale * c * probs_k, dk + wide_dv[..., value_dim:], wide_dv[..., :value_dim]
 

@@ -49,8 +49,7 @@ out, plus None for the attention weights. How it treats transformers' arguments:
 * A packed batch (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`:
   one row of concatenated sequences with `cu_seq_lens_q/k`) runs as
   `flashsdpa.varlen_attn` (`packed_sequences_forward`): each sequence attends
-  within itself, at sum(L_i^2) work, and the (T, T) mask is not read; its
-  window, softcap and sinks as above.
+  within itself, at sum(L_i^2) work, and the (T, T) mask is not read.
 * A call flashsdpa cannot run goes to torch's SDPA with the reason counted in
   `flashsdpa.stats()` (its window or causal alignment turned into a mask), or
   raises `flashsdpa.UnsupportedError` in strict mode, and with `softcap` or
@@ -138,6 +137,34 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None  # copy needed because the models' o_proj reshapes it with .view
 
 
+def packed_sequences_forward(
+    module, query, key, value, dropout, scaling, is_causal, sliding_window, softcap, sinks, kwargs
+) -> torch.Tensor | None:
+    """A packed batch (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`: one row of
+    concatenated sequences, with `cu_seq_lens_q/k` and `max_length_q/k`) as `flashsdpa.varlen_attn`:
+    each sequence attends only within itself, with no (T, T) mask read and work sum(L_i^2).
+    Returns (1, T, Hq, Ev), or None for any other call (which takes the mask path).
+
+    Causal as the module says (`module.is_causal`, default True), bottom-right aligned as
+    transformers' flash path does; `sliding_window` W keeps keys j > i - W, as transformers' masks do;
+    `softcap` and `s_aux` (sinks) as in `attention_forward`.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or query.shape[0] != 1:
+        return None
+    from flashsdpa.varlen import varlen_attn
+
+    causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
+    # A bound, not a value: the real maxima may be tensors (a host read); the row lengths bound them.
+    max_q, max_k = query.shape[2], key.shape[2]
+    out = varlen_attn(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k,
+        scale=scaling, causal=causal, window_size=(-1 if sliding_window is None else int(sliding_window) - 1, -1),
+        enable_gqa=query.shape[1] != key.shape[1], dropout_p=float(dropout), softcap=softcap, sinks=sinks,
+    )  # fmt: skip
+    return out.unsqueeze(0)  # (1, T, Hq, Ev), contiguous as varlen_attn returns it
+
+
 def _with_variants(arguments, strict, window, softcap, sinks):
     """`flashsdpa.attention` with the variants (causal bottom-right aligned), or torch's SDPA where the call has
     nothing torch lacks (a window and the alignment become a mask)."""
@@ -153,7 +180,6 @@ def _with_variants(arguments, strict, window, softcap, sinks):
             "flashsdpa cannot run this attention call, and torch's SDPA has no softcap or sinks: " + "; ".join(reasons),
             reasons,
         )
-    # Reached with no attention_mask only: a window or the alignment apply only then (attention_forward).
     visibility = Visibility(query.shape[2], key.shape[2], key.shape[2] - query.shape[2],
                             -1 if window is None else window[0], 0 if is_causal or window is not None else -1)
     positions = lambda n: torch.arange(n, device=query.device)  # noqa: E731
@@ -226,37 +252,6 @@ def _is_causal_window(mask_function, window: int) -> bool:
         return False
     return isinstance(got, torch.Tensor) and torch.equal(got.expand(rows.shape[0], cols.shape[1]),
                                                          (cols <= rows) & (cols > rows - window))  # fmt: skip
-
-
-_PACKED_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def packed_sequences_forward(
-    module, query, key, value, dropout, scaling, is_causal, sliding_window, softcap, sinks, kwargs
-) -> torch.Tensor | None:
-    """A packed batch (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`: one row of
-    concatenated sequences, with `cu_seq_lens_q/k` and `max_length_q/k`) as `flashsdpa.varlen_attn`:
-    each sequence attends only within itself, with no (T, T) mask read and work sum(L_i^2).
-    Returns (1, T, Hq, Ev), or None for any other call (which takes the mask path).
-
-    Causal as the module says (`module.is_causal`, default True), bottom-right aligned as
-    transformers' flash path does; `sliding_window` W keeps keys j > i - W, as transformers' masks do.
-    """
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None or cu_k is None or query.shape[0] != 1:
-        return None
-    from flashsdpa.varlen import varlen_attn
-
-    causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
-    window = sliding_window
-    # A bound, not a value: the real maxima may be tensors (a host read); the row lengths bound them.
-    max_q, max_k = query.shape[2], key.shape[2]
-    out = varlen_attn(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k,
-        scale=scaling, causal=causal, window_size=(-1 if window is None else window - 1, -1),
-        enable_gqa=query.shape[1] != key.shape[1], dropout_p=float(dropout), softcap=softcap, sinks=sinks,
-    )  # fmt: skip
-    return out.unsqueeze(0)  # (1, T, Hq, Ev), contiguous as varlen_attn returns it
 
 
 @dataclass
