@@ -263,9 +263,9 @@ class _Runner:
         skipped = []
         for name in names:
             backend = dispatch.get_backend(name)
-            reasons = backend.unsupported_reasons(problem.desc, device)
+            reasons = dispatch.backend_reasons(backend, problem.desc, device)
             chosen = problem if not reasons else None
-            if chosen is None and masked is not None and not backend.unsupported_reasons(masked.desc, device):
+            if chosen is None and masked is not None and not dispatch.backend_reasons(backend, masked.desc, device):
                 chosen = masked
             if chosen is not None:
                 for reason in skipped:  # automatic only: a requested backend runs or raises
