@@ -4,6 +4,7 @@ declines goes to `tiled` with a recorded reason."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -169,3 +170,23 @@ def test_float64_mask_of_float64_queries_is_taken():
     q, k, v = qkv((2, 2), (2, 2), 21, 33, 16, gen, torch.float64, "cpu")
     mask = random_float_mask((21, 33), gen, torch.float64, "cpu")
     check(Case(q, k, v, attn_mask=mask, scale=math.pi), "float64 mask")
+
+
+@pytest.mark.parametrize("where", ["4-D: torch runs this kernel", "3-D: torch runs math", "math pinned"])
+def test_16bit_gradients_are_as_precise_as_torchs_own(where, monkeypatch):
+    """Where torch's own call would run its math path, its 16-bit gradients have half the kernel's error:
+    flashsdpa's backward is then the tiled one (float32 throughout), else the kernel's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashsdpa.backends.tiled import TiledBackend
+
+    tiled_backwards = []
+    original = TiledBackend.backward
+    monkeypatch.setattr(TiledBackend, "backward", lambda *args: tiled_backwards.append(1) or original(*args))
+    gen = generator(1690)
+    lead = (4,) if where.startswith("3-D") else (2, 4)
+    q, k, v = qkv(lead, lead, 150, 230, 64, gen, torch.bfloat16, "cpu")
+    pinned = sdpa_kernel([SDPBackend.MATH]) if where == "math pinned" else contextlib.nullcontext()
+    with pinned:
+        check_backward("aten", Case(q, k, v, causal=True), where)
+    assert len(tiled_backwards) == (0 if where.startswith("4-D") else 1)

@@ -6,7 +6,10 @@ tensor cores and take delta = rowsum(dO * O) from the rounded output. Its math
 backend, which torch falls back to for problems the fused kernels refuse
 (inputs that are not 4-D, batch or head dims that only broadcast, backends
 disabled by `sdpa_kernel`, ...), works in float32 internally and is 1.6-2.6x
-more accurate on float16 gradients (H100).
+more accurate on float16 gradients (H100). On a CPU the same holds: its fused
+flash kernel (run by flashsdpa's aten backend) gives 16-bit gradients at up to
+1.4x the error of its math path, and 2x for 3-D inputs, where torch's math path
+is what torch runs.
 
 flashsdpa matches whichever torch would run for the same call
 (`GradientPrecision`, in descriptor.py):
@@ -99,13 +102,14 @@ def torch_runs_fused_kernel(
 ) -> bool:
     """Whether torch's flash or mem-efficient SDPA kernel would take this problem.
 
-    Asks torch itself (torch.backends.cuda.can_use_*), so the answer follows
-    torch's version, the GPU, and the backends the caller enabled (inside
+    Asks torch itself (torch.backends.cuda.can_use_*; on a CPU, which kernel
+    torch's dispatch would choose), so the answer follows torch's version, the
+    GPU, and the backends the caller enabled (inside
     `sdpa_kernel([SDPBackend.MATH])` it is False). cuDNN attention is left out:
-    where only cuDNN would run, EXACT is the safe side. CPU tensors, and torch
+    where only cuDNN would run, EXACT is the safe side. Other devices, and torch
     builds without this API, get False.
     """
-    if query.device.type != "cuda":
+    if query.device.type not in ("cuda", "cpu"):
         return False
     # The enable flags are what `sdpa_kernel(...)` sets; checked here explicitly, not left to can_use_*.
     flash_enabled = torch.backends.cuda.flash_sdp_enabled()
@@ -120,10 +124,26 @@ def torch_runs_fused_kernel(
     )  # fmt: skip
     answer = _torch_answers.get(facts)
     if answer is None:
-        answer = _torch_answers.keep(facts, _ask_torch(
-            query, key, value, has_mask, dropout_p, causal, enable_gqa, flash_enabled, mem_efficient_enabled,
-        ))  # fmt: skip
+        if query.device.type == "cpu":
+            answer = _torch_answers.keep(facts, _torch_runs_cpu_flash(query, key, value, has_mask, dropout_p, causal,
+                                                                      enable_gqa))  # fmt: skip
+        else:
+            answer = _torch_answers.keep(facts, _ask_torch(
+                query, key, value, has_mask, dropout_p, causal, enable_gqa, flash_enabled, mem_efficient_enabled,
+            ))  # fmt: skip
     return answer
+
+
+def _torch_runs_cpu_flash(query, key, value, has_mask, dropout_p, causal, enable_gqa) -> bool:
+    """Whether torch's SDPA dispatch picks its fused CPU flash kernel (it reads the same enable flags)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        mask = _mask_stand_in(query) if has_mask else None
+        choice = torch._fused_sdp_choice(query, key, value, mask, dropout_p, causal, scale=None, enable_gqa=enable_gqa)
+    except (AttributeError, ImportError, RuntimeError, TypeError):  # pragma: no cover - another torch
+        return False
+    return choice == int(SDPBackend.FLASH_ATTENTION)
 
 
 # torch's answers by the facts its checks read.

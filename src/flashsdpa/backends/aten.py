@@ -25,22 +25,27 @@ non-unit last one. Where they differ this module adapts, at O(L*E) cost:
 
 Declined, with the reason recorded by the dispatcher, to `tiled`: other
 devices, dropout (flashsdpa's keep-mask is its own counter hash, not torch's
-generator), a value head dim other than the query's, head dim 0. The gradient
-of a float mask is not something the kernel computes: that backward is the
-tiled one, which needs only the (out, lse) any correct forward gives.
+generator), a value head dim other than the query's, head dim 0, causal with a
+scale <= 0, a float32 mask of float64 queries. Two backwards are the tiled
+one, which needs only the (out, lse) any correct forward gives: the gradient
+of a float mask (the kernel computes none), and 16-bit gradients where torch
+itself would not run this kernel (3-D inputs, `sdpa_kernel([SDPBackend.MATH])`,
+...: `gradient_precision` says EXACT), since torch's math path then gives
+gradients at half the kernel's error and flashsdpa's are held to torch's.
 
-Measured on the 2-core CPU machine (BENCHMARKS.md, issue 16): the kernel is
-2-10x faster than the tiled backend and adds 3-6x less memory; it is the
-kernel torch's own CPU SDPA calls, so time and memory match torch's.
+It is the kernel torch's own CPU SDPA calls, so time and memory match torch's
+(BENCHMARKS.md, issue 16); the tiled backend took 2-10x torch's time and 3-6x
+its memory there (issue 16's measurements).
 """
 
 from __future__ import annotations
 
 import torch
 
+from flashsdpa import gradient_precision
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
 from flashsdpa.backends.tiled import TiledBackend
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind, statistics_dtype
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind, statistics_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -93,6 +98,13 @@ def _mark_rows_without_keys(desc: AttentionDescriptor, mask: torch.Tensor | None
 class AtenBackend(Backend):
     name = "aten"
 
+    @staticmethod
+    def _exact_gradients(desc: AttentionDescriptor, inputs: AttentionInputs) -> bool:
+        """16-bit gradients that torch would compute on its float32-internal math path."""
+        if desc.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        return gradient_precision.at_backward(desc, inputs) is GradientPrecision.EXACT
+
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
         reasons = []
         if device.type != "cpu":
@@ -125,8 +137,8 @@ class AtenBackend(Backend):
         return out, lse
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
-        if needed.mask:
-            # The kernel computes no score gradient; the tiled backward needs only out and lse.
+        if needed.mask or self._exact_gradients(desc, inputs):
+            # No score gradient from the kernel / torch's math-path precision (module docstring).
             return TiledBackend().backward(desc, inputs, out, lse, grad_out, needed)
         _, backward_kernel = _kernels()
         q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
