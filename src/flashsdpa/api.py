@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -88,10 +88,20 @@ def attention(
         faster tensor-core products with ~1e-3 relative error) for float32 inputs.
     """
     call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision)
-    # The caller's own values: a scale resolved from a head dim is finite (under torch.compile a
-    # SymFloat, which math.isfinite cannot trace).
+    # Edge values torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
+    # zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
+    # (out = lse = NaN, NaN gradients, as torch's math backend gives). Computed as the attention at a
+    # finite scale without dropout, times that value: the autograd graph and the shapes stay. (Read from
+    # the caller's own scale: a resolved 1/sqrt(E) is finite, and a SymFloat under torch.compile.)
     if dropout_p >= 1.0 or (scale is not None and not math.isfinite(scale)):
-        return _run_fixed_answer(call, return_lse)
+        finite = scale is None or math.isfinite(scale)
+        out, lse = attention(
+            q, k, v, causal=causal, scale=scale if finite else 1.0, attn_mask=attn_mask, enable_gqa=enable_gqa,
+            return_lse=True, backend=backend, fp32_precision=fp32_precision,
+        )  # fmt: skip
+        out = out * (0.0 if finite else math.nan)
+        lse = lse if finite else torch.full_like(lse, math.nan)
+        return (out, lse) if return_lse else out
     return run(call, return_lse)
 
 
@@ -154,16 +164,3 @@ def run(call: PreparedCall, return_lse: bool = False):
     if not return_lse:
         return out
     return out, lse if lse.shape == c.lse_shape else lse.reshape(c.lse_shape)
-
-
-def _run_fixed_answer(call: PreparedCall, return_lse: bool):
-    """Arguments torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
-    zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
-    (out = lse = NaN and NaN gradients, as torch's math backend gives). The attention at a finite
-    scale, without dropout, times that value keeps the autograd graph and the shapes."""
-    finite = math.isfinite(call.scale)
-    out, lse = run(replace(call, scale=call.scale if finite else 1.0, dropout_p=0.0), return_lse=True)
-    out = out * (0.0 if finite else math.nan)
-    if not finite:
-        lse = torch.full_like(lse, math.nan)
-    return (out, lse) if return_lse else out
