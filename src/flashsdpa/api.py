@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -130,14 +130,23 @@ def attention(
     zeros, with or without a sink. The returned lse includes the sink:
     log(exp(sink) + sum_j exp(s_j)); -inf for an empty row without a sink.
     """
-    call = prepare(
-        q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision,
-        window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-    )  # fmt: skip
-    # The caller's own values: a scale resolved from a head dim is finite (under torch.compile a
-    # SymFloat, which math.isfinite cannot trace).
+    variants = dict(window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
+                    sinks=sinks)  # fmt: skip
+    call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision, **variants)
+    # Edge values torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
+    # zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
+    # (out = lse = NaN, NaN gradients, as torch's math backend gives). Computed as the attention at a
+    # finite scale without dropout, times that value: the autograd graph and the shapes stay. (Read from
+    # the caller's own scale: a resolved 1/sqrt(E) is finite, and a SymFloat under torch.compile.)
     if dropout_p >= 1.0 or (scale is not None and not math.isfinite(scale)):
-        return _run_fixed_answer(call, return_lse)
+        finite = scale is None or math.isfinite(scale)
+        out, lse = attention(
+            q, k, v, causal=causal, scale=scale if finite else 1.0, attn_mask=attn_mask, enable_gqa=enable_gqa,
+            return_lse=True, backend=backend, fp32_precision=fp32_precision, **variants,
+        )  # fmt: skip
+        out = out * (0.0 if finite else math.nan)
+        lse = lse if finite else torch.full_like(lse, math.nan)
+        return (out, lse) if return_lse else out
     return run(call, return_lse)
 
 
@@ -202,18 +211,3 @@ def run(call: PreparedCall, return_lse: bool = False):
     if not return_lse:
         return out
     return out, lse if lse.shape == c.lse_shape else lse.reshape(c.lse_shape)
-
-
-def _run_fixed_answer(call: PreparedCall, return_lse: bool):
-    """Arguments torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
-    zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
-    (out = lse = NaN and NaN gradients, as torch's math backend gives). The attention at a finite
-    scale, without dropout, times that value keeps the autograd graph and the shapes."""
-    scale = call.options.scale
-    finite = scale is None or math.isfinite(scale)
-    options = call.options._replace(scale=scale if finite else 1.0, dropout_p=0.0)
-    out, lse = run(replace(call, options=options, _desc=None), return_lse=True)
-    out = out * (0.0 if finite else math.nan)
-    if not finite:
-        lse = torch.full_like(lse, math.nan)
-    return (out, lse) if return_lse else out

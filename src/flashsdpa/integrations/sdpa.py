@@ -37,6 +37,10 @@ function would let them: `torch.nn.attention.bias.causal_upper_left` runs on
 flashsdpa as `is_causal`, and `causal_lower_right` as the bool mask it
 materialises. TorchScript: scripted code (a scripted `nn.MultiheadAttention`,
 `nn.Transformer*`) calls torch's own operator: flashsdpa cannot run in it.
+Calls under a `torch.func` transform or forward-mode AD (dual tensors) go to
+torch; batched gradients of a call flashsdpa ran (`gradcheck`'s
+`check_batched_grad`, `autograd.grad(is_grads_batched=True)`, `vmap` over a
+backward) run flashsdpa's backward once per batch entry.
 
 On/off semantics:
 * `enable(strict=None)` / `disable()` set the process-wide default. They are
