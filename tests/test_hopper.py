@@ -56,8 +56,10 @@ def test_reasons_on_an_sm90_device(monkeypatch):
     for words, desc in declined.items():
         reasons = backend.unsupported_reasons(desc, device)
         assert len(reasons) == 1 and words in reasons[0], (words, reasons)
-    monkeypatch.setattr(hopper, "cuda_capability", lambda device: (8, 0))
-    assert backend.unsupported_reasons(describe(), device) == ["hopper kernels need compute capability 9.0, not 8.0"]
+    for capability in ((8, 0), (8, 9), (10, 0), (12, 0)):  # wgmma is sm_90's alone
+        monkeypatch.setattr(hopper, "cuda_capability", lambda device: capability)
+        assert backend.unsupported_reasons(describe(), device) == [
+            f"hopper kernels need compute capability 9.0, not {capability[0]}.{capability[1]}"]
 
 
 # (Hq, Hkv, L, S): odd lengths cross the 128-row program tiles and the key blocks; L != S for causal alignment.
@@ -115,3 +117,16 @@ def test_chosen_automatically_and_its_backward_runs_triton(causal):
     ref_grads = torch.autograd.grad(ref_out, (q, k, v), grad_out.double())
     for name, got, ref in zip("qkv", grads, ref_grads):
         assert_grad_close(f"d{name}", got, ref, None, torch.bfloat16)
+
+
+@sm90_only
+def test_views_tma_cannot_read_run_triton_with_a_recorded_reason():
+    """A query starting one element into its storage is not 16-byte aligned: triton's forward serves it."""
+    gen = generator(5)
+    q, k, v = qkv((2, 4), (2, 4), 200, 300, 64, gen, torch.float16, "cuda")
+    q = torch.cat([q, q[..., :1]], dim=-1)[..., 1:]  # (the same shape, an odd row stride and offset)
+    dispatch.reset_stats()
+    check_forward("hopper", Case(q, k, v, causal=True), "unaligned query")
+    stats = dispatch.stats()
+    assert stats["calls"] == {"hopper": 1}
+    assert [reason for reason in stats["fallbacks"] if "TMA" in reason], stats

@@ -17,6 +17,7 @@ from flashsdpa.backends.triton.launch_forward import (
     on_device,
     sm_count,
 )
+from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 
 LOG2E = 1.4426950408889634
@@ -39,12 +40,28 @@ def tma_readable(*tensors: torch.Tensor) -> bool:
     return all(host_descriptor_strides(t) is not None for t in tensors)
 
 
+# Validated descriptor fields (all but the base) by tensor shape, strides, dtype and block rows: building
+# and validating a Gluon TensorDescriptor and its layout costs ~35 us on this CPU, four a call. Bounded.
+_descriptor_fields = RecentValues()
+
+
 def _descriptor(tensor: torch.Tensor, rows: int):
-    _, gl, TensorDescriptor = _gluon()
-    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[tensor.dtype]
-    block = [1, 1, rows, tensor.shape[3]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, element)
-    return TensorDescriptor(tensor, list(tensor.shape), host_descriptor_strides(tensor), block, layout)
+    """A TMA descriptor of a 4-D tensor that passed `tma_readable`, with blocks of (1, 1, rows, head_dim)."""
+    key = (tensor.shape, tensor.stride(), tensor.dtype, rows)
+    fields = _descriptor_fields.get(key)
+    if fields is None:
+        _, gl, TensorDescriptor = _gluon()
+        element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[tensor.dtype]
+        block = [1, 1, rows, tensor.shape[3]]
+        layout = gl.NVMMASharedLayout.get_default_for(block, element)
+        descriptor = TensorDescriptor(tensor, list(tensor.shape), host_descriptor_strides(tensor), block, layout)
+        fields = _descriptor_fields.keep(key, {name: value for name, value in vars(descriptor).items()
+                                               if name != "base"})  # (a kept base would keep a tensor alive)
+    _, _, TensorDescriptor = _gluon()
+    descriptor = TensorDescriptor.__new__(TensorDescriptor)  # the fields were validated for this key
+    descriptor.__dict__.update(fields)
+    descriptor.base = tensor
+    return descriptor
 
 
 def attention_forward(
