@@ -25,6 +25,14 @@ from flashsdpa.backends.base import poisoned_outputs
 from helpers import generator, oracle, rel_err
 
 
+def assert_ran_on_flashsdpa(calls: int | None = None):
+    """Every call ran on a flashsdpa backend (whichever the automatic choice took), none on torch."""
+    counted = flashsdpa.stats()["calls"]
+    assert counted and "torch" not in counted, counted
+    if calls is not None:
+        assert sum(counted.values()) == calls, counted
+
+
 def qkv(shape_q, shape_kv, gen, dtype=torch.float32, requires_grad=False):
     q = torch.randn(shape_q, generator=gen, dtype=dtype)
     k = torch.randn(shape_kv, generator=gen, dtype=dtype)
@@ -61,7 +69,7 @@ def test_causal_bias_runs_as_its_alignment(variant, compiled, enabled):
     with poisoned_outputs():
         out = call(q, k, v, make(L, S))
     assert rel_err(out, ref) < 2e-6
-    assert flashsdpa.stats()["calls"] == {"tiled": 1}
+    assert_ran_on_flashsdpa(calls=1)
 
 
 # ---- TorchScript ------------------------------------------------------------------
@@ -107,7 +115,7 @@ def test_batched_gradients(how):
     with flashsdpa.sdpa():
         fn = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (q, k, v, mask), check_batched_grad=True)
-    assert set(flashsdpa.stats()["calls"]) == {"tiled"}
+    assert_ran_on_flashsdpa()
 
 
 @pytest.mark.parametrize("vmap", ["is_grads_batched", "torch.func.vmap"])
@@ -127,7 +135,7 @@ def test_vmap_over_a_backward_matches_torch(vmap, enabled):
         ref = batched_grads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
     for g, r in zip(got, ref):
         assert g.shape == r.shape and rel_err(g, r) < 1e-5
-    assert flashsdpa.stats()["calls"] == {"tiled": 1}
+    assert_ran_on_flashsdpa(calls=1)
 
 
 def test_forward_mode_ad_is_declined_never_dropped():
@@ -213,7 +221,7 @@ def test_sdpa_kernel_without_fused_backends_gets_torch_s_math(enabled):
     flashsdpa.reset_stats()
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # a fused backend allowed: flashsdpa runs
         F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert flashsdpa.stats()["calls"] == {"tiled": 1}
+    assert_ran_on_flashsdpa(calls=1)
 
 
 # ---- edge values of the direct API -------------------------------------------------

@@ -55,6 +55,8 @@ def test_readme_has_python_blocks():
 
 def test_every_python_block_runs():
     namespace = {"__name__": "readme", **stand_ins()}
+    # The context-parallel block runs as one rank of a one-process gloo group (torchrun gives it more).
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         for number, block in enumerate(python_blocks(), 1):
             try:
@@ -63,3 +65,4 @@ def test_every_python_block_runs():
                 raise AssertionError(f"README.md python block {number} fails: {error!r}\n{block}") from error
     finally:
         flashsdpa.disable()  # a block may enable flashsdpa process-wide
+        torch.distributed.destroy_process_group()
