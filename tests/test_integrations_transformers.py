@@ -295,7 +295,10 @@ def test_variant_models_within_eagers_own_error(kind, variant_registration, monk
     assert rel_err(logits, truth) <= max(1.5 * rel_err(eager, truth), 1e-6), (rel_err(logits, truth),
                                                                                rel_err(eager, truth))
     assert rel_err(grads, eager_grads) <= FP32_TOL
-    assert flashsdpa.stats() == {"calls": {"tiled": LAYERS}, "fallbacks": {}}
+    stats = flashsdpa.stats()
+    assert stats["calls"] == {"tiled": LAYERS}
+    # On the CPU, torch's fused kernel (aten) is asked first and declines the variants, by name.
+    assert all(reason.startswith("aten: ") for reason in stats["fallbacks"]), stats["fallbacks"]
     assert masks == [None] * LAYERS  # causal (+ window) only: no (B, 1, L, S) mask
 
 
