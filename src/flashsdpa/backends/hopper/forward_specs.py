@@ -31,7 +31,7 @@ class HopperForwardSpec:
     pingpong: bool = False  # consumer groups issue their products in strict alternation (FA3's ping-pong)
     persistent: bool = True  # one program per SM walking the tiles, else one program per tile
     block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
-    consumers: int = 2  # consumer warp groups
+    consumers: int = 2  # consumer warp groups (the kernel is written for two)
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168  # the kernel's cap before the partitions re-balance it
