@@ -20,8 +20,9 @@ non-unit last one. Where they differ this module adapts, at O(L*E) cost:
   marked -inf; the backward hands the kernel its own 0 back.
 * a last dim with a stride other than 1: the kernel reads it as contiguous
   (a wrong answer, measured), so that tensor is copied contiguous first.
-* the outputs follow the kernel's layouts ((B, L, H, E) strides for the
-  gradients); the ops layer makes them contiguous.
+* the outputs keep the kernel's layouts ((B, L, H, E) strides for the
+  gradients): the eager path hands them to autograd as they are, as torch's
+  own call does; only the custom ops (traced, compiled) make them contiguous.
 
 Declined, with the reason recorded by the dispatcher, to `tiled`: other
 devices, dropout (flashsdpa's keep-mask is its own counter hash, not torch's
@@ -40,6 +41,8 @@ its memory there (issue 16's measurements).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flashsdpa import gradient_precision
@@ -50,6 +53,7 @@ from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKin
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@functools.cache
 def _kernels():
     """(forward, backward) ops, or None where this torch build has no CPU flash kernel."""
     ops = torch.ops.aten
