@@ -41,8 +41,6 @@ its memory there (issue 16's measurements).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from flashsdpa import gradient_precision
@@ -53,14 +51,16 @@ from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKin
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@functools.cache
-def _kernels():
+def _find_kernels():
     """(forward, backward) ops, or None where this torch build has no CPU flash kernel."""
     ops = torch.ops.aten
     try:
         return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
     except (AttributeError, RuntimeError):  # pragma: no cover - torch builds before 2.3
         return None
+
+
+_KERNELS = _find_kernels()
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ class AtenBackend(Backend):
         reasons = []
         if device.type != "cpu":
             reasons.append(f"torch's fused flash kernel used here is the CPU one; tensors are on {device.type}")
-        if _kernels() is None:
+        if _KERNELS is None:
             reasons.append("this torch build has no aten::_scaled_dot_product_flash_attention_for_cpu")
         if desc.dtype not in _DTYPES:
             reasons.append(f"dtype {desc.dtype} is not one of the kernel's {[str(d) for d in _DTYPES]}")
@@ -133,7 +133,7 @@ class AtenBackend(Backend):
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
-        forward_kernel, _ = _kernels()
+        forward_kernel, _ = _KERNELS
         q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
         mask = additive_mask(desc, inputs.mask, q.dtype)
         out, lse = forward_kernel(q, k, v, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
@@ -144,7 +144,7 @@ class AtenBackend(Backend):
         if needed.mask or self._exact_gradients(desc, inputs):
             # No score gradient from the kernel / torch's math-path precision (module docstring).
             return TiledBackend().backward(desc, inputs, out, lse, grad_out, needed)
-        _, backward_kernel = _kernels()
+        _, backward_kernel = _KERNELS
         q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
         mask = additive_mask(desc, inputs.mask, q.dtype)
         if inputs.mask is not None:
