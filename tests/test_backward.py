@@ -87,6 +87,7 @@ MASK_GRAD_PATTERNS = {
     "B11S": lambda L, S: (2, 1, 1, S),
     "1HLS": lambda L, S: (1, 2, L, S),
     "BHLS": lambda L, S: (2, 2, L, S),
+    "1S": lambda L, S: (1, S),  # (a 1-D (S,) mask is rejected, as torch rejects it)
     "B1LS": lambda L, S: (2, 1, L, S),
 }
 

@@ -33,6 +33,7 @@ PATTERNS = {
     "BH1S": lambda L, S: (B, H, 1, S),
     "1HLS": lambda L, S: (1, H, L, S),
     "BHLS": lambda L, S: (B, H, L, S),
+    # (a 1-D (S,) mask is rejected, as torch rejects it: tests/test_validation.py)
     "1S": lambda L, S: (1, S),
     "H1S": lambda L, S: (H, 1, S),
     "B1LS": lambda L, S: (B, 1, L, S),
