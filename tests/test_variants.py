@@ -493,7 +493,7 @@ def test_a_backend_that_does_not_check_variants_is_never_given_one(monkeypatch):
             raise NotImplementedError
 
     monkeypatch.setitem(dispatch.BACKENDS, "plain", Plain())
-    monkeypatch.setattr(dispatch, "DEFAULT_ORDER", ("plain", "tiled"))
+    monkeypatch.setitem(dispatch.AUTOMATIC_ORDER, "cpu", ("plain", "tiled"))
     gen = generator(16)
     q, k, v = qkv((1, 2), (1, 2), 6, 9, 16, gen, torch.float32, "cpu")
     with pytest.raises(flashsdpa.UnsupportedError, match="the plain backend does not compute softcap"):
