@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flashsdpa.backends.triton.forward_configs import dot_precision, padded_head_dim, shared_memory_limit
+from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
 from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
 
 
@@ -125,7 +125,7 @@ SM90_FP32_DQ = {
 }
 
 # Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
-SHARED_MEMORY_HEADROOM = 16 * 1024
+BACKWARD_SHARED_MEMORY_HEADROOM = 16 * 1024
 
 
 def backward_config(
@@ -176,7 +176,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dq_table = SM90_16BIT_ROUNDED_DQ
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
-    budget = shared_memory_limit(capability) - SHARED_MEMORY_HEADROOM
+    budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
     # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
     # (377 -> 386), d=256 from 230 to 252; each alone gave -2..+2%. At d=64
@@ -184,8 +184,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     wide_16bit = not fp32 and table_key >= 128
     return BackwardConfig(
         preprocess_block_m=preprocess_block_m(key),
-        dkdv=fit_shared_memory(dkdv, lambda tile: dkdv_shared_memory(key, tile), budget),
-        dq=fit_shared_memory(dq, lambda tile: dq_shared_memory(key, tile), budget),
+        dkdv=fit_backward_tile(dkdv, lambda tile: dkdv_shared_memory(key, tile), budget),
+        dq=fit_backward_tile(dq, lambda tile: dq_shared_memory(key, tile), budget),
         dot_precision=dot_precision(key),
         widen_dot_operands=False,
         renormalize_rows=exact,
@@ -236,7 +236,7 @@ def dq_shared_memory(key: KernelKey, tile: TileShape) -> int:
     return resident + tile.num_stages * per_stage
 
 
-def fit_shared_memory(tile: TileShape, shared_memory, budget: int) -> TileShape:
+def fit_backward_tile(tile: TileShape, shared_memory, budget: int) -> TileShape:
     """`tile`, with fewer stages, then smaller blocks, until shared_memory(tile) <= budget.
 
     A no-op on sm90 for the tables above; it matters on GPUs with less

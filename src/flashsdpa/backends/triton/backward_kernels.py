@@ -41,10 +41,17 @@ could reach a stored value.
 import triton
 import triton.language as tl
 
+from flashsdpa.backends.triton.common_kernels import (
+    LOAD_HOST_DESCRIPTORS,
+    LOG2E,
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,
+    mask_seed,
+    matmul,
+    round_to_bfloat16,
+)
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
-from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, mask_seed, matmul
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 # Run-time sizes and seeds are not specialised on (Triton would otherwise
 # compile a new variant when a length becomes 1 or a multiple of 16).
@@ -71,21 +78,6 @@ def _load_rows(base, rows, stride_row, stride_col, n_rows, WIDTH: tl.constexpr, 
 
 
 @triton.jit
-def _round_to_bfloat16(x):
-    """float32 `x` rounded to the nearest bfloat16 (ties to even), kept as float32.
-
-    For the interpreter only (WIDEN_DOT_OPERANDS): its float32 -> bfloat16
-    cast truncates, where the GPU rounds to nearest; truncation biases every
-    rounded P, dS and stored gradient the same way (about 1.7-2.5x the
-    error of torch's own bfloat16 backward). A value rounded here casts to
-    bfloat16 exactly, so the interpreter then matches the GPU.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return rounded.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _dot_operand(x, like, WIDEN_DOT_OPERANDS: tl.constexpr):
     """float32 `x` (P or dS) rounded to the dtype of `like`, the other operand of its dot.
 
@@ -93,7 +85,7 @@ def _dot_operand(x, like, WIDEN_DOT_OPERANDS: tl.constexpr):
     float32, rounded to bfloat16 precision: the dot multiplies float32 there.
     """
     if WIDEN_DOT_OPERANDS:
-        return _round_to_bfloat16(x)
+        return round_to_bfloat16(x)
     return x.to(like.dtype)
 
 
@@ -120,7 +112,7 @@ def _store_gradient(base, value, rows, stride_row, stride_col, n_rows, WIDTH: tl
                     BLOCK_WIDTH: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
     """Stores a float32 (rows, head dim) accumulator tile into a dq/dk/dv tensor."""
     if WIDEN_DOT_OPERANDS:
-        value = _round_to_bfloat16(value)
+        value = round_to_bfloat16(value)
     _store_tile(base, value, rows, tl.arange(0, BLOCK_WIDTH), stride_row, stride_col, n_rows, WIDTH)
 
 
@@ -203,7 +195,7 @@ def _dkdv_query_block(
         lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
     else:
         lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m)
-    if MASK_KIND != "none":
+    if MASK_KIND != MASK_NONE:
         if MASK_ROWS_BROADCAST:
             mask_t = mask_row_t[:, None]
         else:
@@ -214,15 +206,15 @@ def _dkdv_query_block(
 
     seed_t = None
     if MASK_SEED:  # the mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed)
-        seed_t = mask_seed(mask_t, MASK_KIND == "bool", offs_n.shape[0], BLOCK_M)
+        seed_t = mask_seed(mask_t, MASK_KIND == MASK_BOOL, offs_n.shape[0], BLOCK_M)
     scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     if COMPUTE_DK and EARLY_DP:
         # Issued before the softmax needs scores_t, so the tensor cores run it while exp2 runs.
         grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
-    if MASK_KIND == "float":
+    if MASK_KIND == MASK_FLOAT:
         scores_t += mask_t.to(tl.float32) * LOG2E
     probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
-    if MASK_KIND == "bool":
+    if MASK_KIND == MASK_BOOL:
         probs_t = tl.where(mask_t != 0, probs_t, 0.0)
     if APPLY_CAUSAL:
         probs_t = tl.where(offs_m[None, :] >= offs_n[:, None], probs_t, 0.0)
@@ -340,7 +332,7 @@ def attention_backward_dkdv_kernel(
             # Key-padding masks repeat one row for every query: read it once,
             # and skip this head when it hides every key of the block.
             mask_row_t = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0).to(tl.float32)
-            if MASK_KIND == "bool":
+            if MASK_KIND == MASK_BOOL:
                 rows_end = tl.where(tl.max(mask_row_t, axis=0) != 0, seq_q, 0)
             else:
                 rows_end = tl.where(tl.max(mask_row_t, axis=0) != float("-inf"), seq_q, 0)
@@ -409,17 +401,17 @@ def _dq_probabilities(
     if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see forward_kernels.mask_seed)
         mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                   MASK_ROWS_BROADCAST)
-        seed = mask_seed(mask_tile, MASK_KIND == "bool", BLOCK_M, offs_n.shape[0])
+        seed = mask_seed(mask_tile, MASK_KIND == MASK_BOOL, BLOCK_M, offs_n.shape[0])
         scores = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
     else:
         scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
-        if MASK_KIND != "none":
+        if MASK_KIND != MASK_NONE:
             mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                       MASK_ROWS_BROADCAST)
-    if MASK_KIND == "float":
+    if MASK_KIND == MASK_FLOAT:
         scores += mask_tile.to(tl.float32) * LOG2E
     probs = tl.math.exp2(scores - lse_log2[:, None])
-    if MASK_KIND == "bool":
+    if MASK_KIND == MASK_BOOL:
         probs = tl.where(mask_tile != 0, probs, 0.0)
     if APPLY_EDGE_MASK:
         visible = offs_n[None, :] < seq_kv

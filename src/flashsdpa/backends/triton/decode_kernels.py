@@ -10,14 +10,8 @@ main kernel's (`attend_keys`, `finish_rows`).
 import triton
 import triton.language as tl
 
-from flashsdpa.backends.triton.forward_kernels import (
-    LOAD_POINTERS,
-    MASK_NONE,
-    attend_keys,
-    finish_rows,
-    split_tf32,
-    to_dtype,
-)
+from flashsdpa.backends.triton.common_kernels import LOAD_POINTERS, MASK_NONE, split_tf32, to_dtype
+from flashsdpa.backends.triton.forward_kernels import attend_keys, finish_rows
 
 
 # Lengths and counts only enter divisions and bounds: specialising on them

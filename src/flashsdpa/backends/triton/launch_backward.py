@@ -29,8 +29,9 @@ from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_preprocess_kernel,
 )
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
-from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
-from flashsdpa.backends.triton.launch_forward import (
+from flashsdpa.backends.triton.common_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
+from flashsdpa.backends.triton.launch_common import (
+    KERNEL_MASK_KIND,
     TMA_ALIGNMENT_BYTES,
     cdiv,
     device_capability,
@@ -230,7 +231,7 @@ def _new_backward_launch_plan(
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         CAUSAL=desc.causal,
-        MASK_KIND=desc.mask.value,
+        MASK_KIND=KERNEL_MASK_KIND[desc.mask],
         MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
         DROPOUT=kernel_key.dropout,
         RENORMALIZE=config.renormalize_rows,

@@ -20,17 +20,14 @@ decoding).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs, new_output
-from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_kernels
+from flashsdpa.backends.triton import common_kernels, decode_kernels, forward_kernels
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, DirectLaunch, launcher
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
@@ -40,21 +37,30 @@ from flashsdpa.backends.triton.forward_configs import (
     decode_split_count,
     uses_decode_kernel,
 )
+from flashsdpa.backends.triton.launch_common import (
+    KERNEL_MASK_KIND,
+    MAX_GRID_X,
+    MAX_GRID_YZ,
+    TMA_ALIGNMENT_BYTES,
+    cdiv,
+    device_capability,
+    fields_without_base,
+    host_descriptor,
+    host_descriptor_like,
+    host_descriptor_strides,
+    mask_argument,
+    on_device,
+    seeds_with_mask,
+    sm_count,
+    tensor_descriptor_compatible,
+)
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
-from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, KernelKey
 from flashsdpa.dropout import drop_threshold
 
-KERNEL_MASK_KIND = {
-    MaskKind.NONE: forward_kernels.MASK_NONE,
-    MaskKind.BOOL: forward_kernels.MASK_BOOL,
-    MaskKind.FLOAT: forward_kernels.MASK_FLOAT,
-}
-MAX_GRID_X = 2**31 - 1
-MAX_GRID_YZ = 65535
-TMA_ALIGNMENT_BYTES = 16
 # As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
-DEVICE_DESCRIPTORS = int(forward_kernels.LOAD_DEVICE_DESCRIPTORS)
+DEVICE_DESCRIPTORS = int(common_kernels.LOAD_DEVICE_DESCRIPTORS)
 
 
 def attention_forward(
@@ -74,32 +80,6 @@ def attention_forward(
         return launch_decode_kernels(desc, inputs, config)
     return launch_main_kernel(desc, inputs, config)
 
-
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    """The CUDA compute capability, or None for CPU tensors (the Triton interpreter)."""
-    if device.type != "cuda":
-        return None
-    return cuda_capability(device)
-
-
-NOT_SWITCHING = contextlib.nullcontext()
-
-
-def on_device(device: torch.device):
-    """Triton launches on the current CUDA device, not the arguments': make them the same.
-
-    Most calls find their device current already; switching it costs a few
-    microseconds there (torch.cuda.device's enter and exit)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return NOT_SWITCHING
-    return torch.cuda.device(device)
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,79 +111,6 @@ def kernel_scale(desc: AttentionDescriptor) -> float:
         return 1.0
     return abs(float(desc.scale))
 
-
-def mask_argument(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The mask as the kernel reads it (bool viewed as uint8, no copy) and its four strides.
-
-    Without a mask the query stands in as a never-read pointer.
-    """
-    mask = inputs.mask
-    if desc.mask is MaskKind.NONE or mask is None:
-        return inputs.query, (0, 0, 0, 0)
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    return mask, tuple(mask.stride())
-
-
-def seeds_with_mask(desc: AttentionDescriptor, mask: torch.Tensor, mask_strides: tuple[int, ...]) -> bool:
-    """MASK_SEED: whether the kernels feed the mask tile to q @ k^T as its accumulator (forward_kernels.mask_seed).
-
-    Only for masks with distinct rows whose row stride is not a multiple of
-    16 elements or whose base is not 16-byte aligned (Triton's own
-    divisibility specialisations, which decide its vector loads), which Triton
-    loads element by element in a layout that made it compute the softmax
-    twice (3-6 KB of spills at L=S=300). Aligned rows load through shared
-    memory and spill little without it; the seed measured 6-8% slower there
-    (H100, bf16 d=128 L=4096: bias forward 375 -> 346 TFLOP/s).
-    """
-    if desc.mask is MaskKind.NONE or desc.kernel_key.mask_rows_broadcast:
-        return False
-    return mask_strides[2] % 16 != 0 or mask.data_ptr() % 16 != 0
-
-
-def tensor_descriptor_compatible(tensor: torch.Tensor) -> bool:
-    """Whether every (batch, head) matrix of a 4-D view can be read through a TMA descriptor.
-
-    The kernel builds one (rows, head_dim) descriptor per head at
-    base + b * stride_b + h * stride_h: that base and the row stride must be
-    16-byte aligned (batch/head strides of 0 are fine), and the last dim contiguous.
-    """
-    itemsize = tensor.element_size()
-    stride_b, stride_h, stride_row, stride_col = tensor.stride()
-    return (
-        stride_col == 1
-        and stride_row > 0
-        and tensor.data_ptr() % TMA_ALIGNMENT_BYTES == 0
-        and all(stride * itemsize % TMA_ALIGNMENT_BYTES == 0 for stride in (stride_b, stride_h, stride_row))
-    )
-
-
-def host_descriptor_strides(tensor: torch.Tensor) -> list[int] | None:
-    """Strides for a 4-D (batch, heads, rows, head_dim) TMA descriptor of `tensor`, or None if TMA cannot read it.
-
-    TMA needs a 16-byte aligned base, a contiguous last dim, and the other
-    strides positive multiples of 16 bytes. A dim of size 1 is never stepped
-    along, so its stride is replaced by a valid one (torch leaves any value
-    there); a stride of 0 on a longer dim (an expanded view) disqualifies.
-    """
-    itemsize = tensor.element_size()
-    if tensor.stride(3) != 1 and tensor.shape[3] > 1:
-        return None
-    if tensor.data_ptr() % TMA_ALIGNMENT_BYTES:
-        return None
-    strides = [*tensor.stride()[:3], 1]
-    inner_bytes = TMA_ALIGNMENT_BYTES
-    for dim in (2, 1, 0):
-        if tensor.shape[dim] == 1:
-            strides[dim] = inner_bytes // itemsize
-        elif strides[dim] <= 0 or strides[dim] * itemsize % TMA_ALIGNMENT_BYTES:
-            return None
-        inner_bytes = strides[dim] * itemsize * tensor.shape[dim]
-    return strides
-
-
-def host_descriptor(tensor: torch.Tensor, strides: list[int], block_rows: int, block_cols: int):
-    return TensorDescriptor(tensor, list(tensor.shape), strides, [1, 1, block_rows, block_cols])
 
 
 def torch_scratch_allocator(device: torch.device):
@@ -274,7 +181,7 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
     tile_loads, strides = choose_tile_loads(config, tensors)
     descriptor_fields = None
-    if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
+    if tile_loads == common_kernels.LOAD_HOST_DESCRIPTORS:
         blocks = [(config.block_m, key.block_head_dim), (config.block_n, key.block_head_dim),
                   (config.block_n, key.block_head_dim_v), (config.block_m, key.block_head_dim_v)]
         descriptor_fields = tuple(
@@ -294,7 +201,7 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         WIDEN_DOT_OPERANDS=config.widen_dot_operands,
         FP16_HALVES=config.split_products,
         TILE_LOADS=tile_loads,
-        WARP_SPECIALIZE=config.warp_specialize and tile_loads != forward_kernels.LOAD_POINTERS,
+        WARP_SPECIALIZE=config.warp_specialize and tile_loads != common_kernels.LOAD_POINTERS,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         maxnreg=config.max_registers,
@@ -310,26 +217,6 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
     return MainLaunchPlan((programs,), int(tile_loads), descriptor_fields, sizes if desc.dropout_p > 0.0 else (),
                           kernels)
 
-
-def fields_without_base(descriptor: TensorDescriptor) -> dict:
-    fields = dict(vars(descriptor))
-    del fields["base"]  # a plan must not keep its first call's tensor alive
-    return fields
-
-
-def host_descriptor_like(fields: dict, tensor: torch.Tensor) -> TensorDescriptor:
-    """A TensorDescriptor of `tensor` with the other fields of one that Triton validated for a tensor
-    of the same shape, strides and 16-byte alignment (a launch plan's key): skips the dataclass's
-    checks, ~2 us for each of the four descriptors of a launch."""
-    descriptor = TensorDescriptor.__new__(TensorDescriptor)
-    descriptor.__dict__.update(fields)
-    descriptor.base = tensor
-    return descriptor
-
-
-def cdiv(a: int, b: int) -> int:
-    """`triton.cdiv` without its constexpr-function wrapper (~2 us a call from host code)."""
-    return -(-a // b)
 
 
 def launch_main_kernel(
@@ -384,12 +271,12 @@ def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]
     if config.tile_loads == "host":
         strides = [host_descriptor_strides(t) for t in tensors]
         if all(s is not None for s in strides):
-            return forward_kernels.LOAD_HOST_DESCRIPTORS, strides
+            return common_kernels.LOAD_HOST_DESCRIPTORS, strides
     # Per-head device descriptors cannot reach split products' lo halves (heads past the tensor's view).
     device_ok = config.tile_loads in ("host", "device") and not config.split_products
     if device_ok and all(tensor_descriptor_compatible(t) for t in tensors):
-        return forward_kernels.LOAD_DEVICE_DESCRIPTORS, None
-    return forward_kernels.LOAD_POINTERS, None
+        return common_kernels.LOAD_DEVICE_DESCRIPTORS, None
+    return common_kernels.LOAD_POINTERS, None
 
 
 @dataclass(frozen=True)
