@@ -52,10 +52,14 @@ from flashsdpa.backends.triton.common_kernels import (
     round_to_bfloat16,
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen, visible
 
 # Run-time sizes and seeds are not specialised on (Triton would otherwise
 # compile a new variant when a length becomes 1 or a multiple of 16).
-RUNTIME_SIZES = ["seq_q", "seq_kv", "heads_q", "heads_kv", "gqa_group", "seed_lo", "seed_hi", "drop_threshold"]
+RUNTIME_SIZES = [
+    "seq_q", "seq_kv", "heads_q", "heads_kv", "gqa_group", "seed_lo", "seed_hi", "drop_threshold", "lowest_diagonal",
+    "highest_diagonal",
+]
 
 
 @triton.jit
@@ -168,10 +172,11 @@ def _dkdv_query_block(
     batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
     mask_row_t,
-    score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
@@ -183,6 +188,8 @@ def _dkdv_query_block(
     dK += dS^T q. Query rows past seq_q carry lse_log2 = +inf and zero q/dO,
     so they add nothing; key rows past seq_kv only reach dK/dV rows that are
     never stored, so neither needs a bounds mask on the scores.
+    APPLY_EDGE_MASK: the block holds pairs outside the visible band `band` =
+    (lowest, highest) diagonal (see visibility_kernels), zeroed in P.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:  # 4-D descriptors: TMA zero-fills rows past seq_q, columns past d
@@ -216,8 +223,10 @@ def _dkdv_query_block(
     probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
     if MASK_KIND == MASK_BOOL:
         probs_t = tl.where(mask_t != 0, probs_t, 0.0)
-    if APPLY_CAUSAL:
-        probs_t = tl.where(offs_m[None, :] >= offs_n[:, None], probs_t, 0.0)
+    if APPLY_EDGE_MASK:  # keys past seq_kv need no mask: their rows of dK and dV are never stored
+        seen_t = visible(offs_m[None, :], offs_n[:, None], seq_kv, band[0], band[1], BOUNDED_BELOW, BOUNDED_ABOVE,
+                         False)
+        probs_t = tl.where(seen_t, probs_t, 0.0)
     if RENORMALIZE:
         probs_t *= tl.load(ROW_SCALE + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)[None, :]
 
@@ -254,11 +263,12 @@ def attention_backward_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
-    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride,
+    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, lowest_diagonal, highest_diagonal,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
@@ -306,15 +316,13 @@ def attention_backward_dkdv_kernel(
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     score_scale_log2 = scale * LOG2E
 
-    # Causal (query i sees key j <= i): query i = start_n is the first to see
-    # this block, and rows from start_n + BLOCK_N - 1 on see all of it, so only
-    # the query blocks in [first_m, unmasked_m) need the causal mask. Clamping
-    # unmasked_m to seq_q empties the second loop when the first reaches the end.
-    if CAUSAL:
-        first_m = (start_n // BLOCK_M) * BLOCK_M
-        unmasked_m = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
-    else:
-        unmasked_m = 0
+    # The query blocks that see this key block: the keys' own question asked of
+    # the mirrored band (j - i in [lo, hi] <=> i - j in [-hi, -lo]; see
+    # visibility_kernels). Rows past seq_q (lse +inf, zero q and dO) add
+    # nothing, so a partial last query block needs no element mask.
+    band = (lowest_diagonal, highest_diagonal)
+    query_ranges = blocks_seen(start_n, start_n + BLOCK_N - 1, 0, seq_q, -highest_diagonal, -lowest_diagonal,
+                               BOUNDED_ABOVE, BOUNDED_BELOW, BLOCK_M, True)
 
     mask_row_t = tl.zeros([BLOCK_N], dtype=tl.float32)  # replaced below when the mask is one row per head
     for group_member in range(group_size):
@@ -339,29 +347,21 @@ def attention_backward_dkdv_kernel(
         dropout_key = 0
         if DROPOUT:
             dropout_key = dropout_stream(seed_lo, seed_hi, bh)
-        if CAUSAL:
-            for start_m in range(first_m, tl.minimum(unmasked_m, rows_end), BLOCK_M):
-                dk_acc, dv_acc = _dkdv_query_block(
-                    dk_acc, dv_acc, k, v, start_m, offs_n,
-                    batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
-                    LSE_LOG2, ROW_SCALE,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
-                    mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                    True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                    DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
-                )
-        for start_m in range(unmasked_m, rows_end, BLOCK_M):
-            dk_acc, dv_acc = _dkdv_query_block(
-                dk_acc, dv_acc, k, v, start_m, offs_n,
-                batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
-                LSE_LOG2, ROW_SCALE,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
-                mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                False, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
-            )
+        # Lower edge (queries before the band's upper edge reaches every key), whole blocks, upper edge.
+        for part in tl.static_range(3):
+            if (part == 0 and BOUNDED_ABOVE) or part == 1 or (part == 2 and BOUNDED_BELOW):
+                for start_m in range(query_ranges[part], tl.minimum(query_ranges[part + 1], rows_end), BLOCK_M):
+                    dk_acc, dv_acc = _dkdv_query_block(
+                        dk_acc, dv_acc, k, v, start_m, offs_n,
+                        batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                        LSE_LOG2, ROW_SCALE,
+                        stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
+                        mask_row_t, score_scale_log2, band, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE,
+                        COMPUTE_DK, COMPUTE_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
+                        TILE_LOADS, EARLY_DP,
+                    )
 
     round_output = WIDEN_DOT_OPERANDS and not SPLIT_GROUP  # shares stay float32 until summed
     if COMPUTE_DK:
@@ -385,8 +385,9 @@ def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_
 
 @triton.jit
 def _dq_probabilities(
-    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
-    BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, rows_left, seq_kv,
+    BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
+    MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr,
 ):
@@ -394,9 +395,10 @@ def _dq_probabilities(
 
     mask_base points at the block's first query row (its row offset is taken
     in int64: an (L, S) mask may pass 2**31 elements); rows_left = seq_q -
-    start_m. APPLY_EDGE_MASK: the block reaches past seq_kv or (causal) past
-    the diagonal, so P is zeroed there (zero-padded keys past seq_kv would
-    otherwise get P = exp(-lse)).
+    start_m. APPLY_EDGE_MASK: the block reaches past seq_kv or past the
+    visible band's edges (`band` = (lowest, highest) diagonal, see
+    visibility_kernels), so P is zeroed there (zero-padded keys past seq_kv
+    would otherwise get P = exp(-lse)).
     """
     if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see forward_kernels.mask_seed)
         mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
@@ -414,10 +416,8 @@ def _dq_probabilities(
     if MASK_KIND == MASK_BOOL:
         probs = tl.where(mask_tile != 0, probs, 0.0)
     if APPLY_EDGE_MASK:
-        visible = offs_n[None, :] < seq_kv
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        probs = tl.where(visible, probs, 0.0)
+        seen = visible(offs_m[:, None], offs_n[None, :], seq_kv, band[0], band[1], BOUNDED_BELOW, BOUNDED_ABOVE, True)
+        probs = tl.where(seen, probs, 0.0)
     return probs
 
 
@@ -425,10 +425,10 @@ def _dq_probabilities(
 def _dq_row_stats(
     q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-    score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
@@ -437,8 +437,9 @@ def _dq_row_stats(
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
     probs = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
-        BLOCK_M, APPLY_EDGE_MASK, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, rows_left,
+        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION,
+        WIDEN_DOT_OPERANDS,
         MASK_SEED,
     )
     grad_probs = matmul(grad_out, tl.trans(v), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
@@ -453,10 +454,10 @@ def _dq_key_block(
     dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
     k_base, v_base, mask_base, dmask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-    score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
@@ -471,8 +472,9 @@ def _dq_key_block(
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
     probs = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
-        BLOCK_M, APPLY_EDGE_MASK, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, rows_left,
+        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION,
+        WIDEN_DOT_OPERANDS,
         MASK_SEED,
     )
     if RENORMALIZE:
@@ -501,11 +503,12 @@ def attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_lseb, stride_lseh, stride_lsem,
-    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride,
+    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, lowest_diagonal, highest_diagonal,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr,
@@ -543,7 +546,7 @@ def attention_backward_dq_kernel(
     head = bh % heads_q
     head_kv = head // gqa_group
     query_block = pid % query_blocks
-    if CAUSAL:
+    if BOUNDED_ABOVE and not BOUNDED_BELOW:
         query_block = query_blocks - 1 - query_block
     start_m = query_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -563,17 +566,12 @@ def attention_backward_dq_kernel(
     dmask_base = DMASK + (bh * seq_q + start_m) * seq_kv
     score_scale_log2 = scale * LOG2E
 
-    # Key blocks [0, unmasked_n) lie inside seq_kv and (causal) wholly at or
-    # below the diagonal of every row of this block; [unmasked_n, visible_n)
-    # need the edge mask; keys from visible_n on are seen by no row here.
-    whole_blocks_n = (seq_kv // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, seq_q) - 1
-        visible_n = tl.minimum(seq_kv, last_row + 1)
-        unmasked_n = tl.minimum(whole_blocks_n, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-    else:
-        visible_n = seq_kv
-        unmasked_n = whole_blocks_n
+    # Key blocks [key_start, key_end) hold every key a row of this block
+    # sees; [whole_start, whole_end) are seen whole by every row, the edge
+    # blocks around them need the element mask (see visibility_kernels).
+    band = (lowest_diagonal, highest_diagonal)
+    key_ranges = blocks_seen(start_m, tl.minimum(start_m + BLOCK_M, seq_q) - 1, 0, seq_kv, lowest_diagonal,
+                             highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N)
 
     grad_out = _load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_dom, stride_dok, seq_q,
                           HEAD_DIM_V, BLOCK_DV)
@@ -583,28 +581,19 @@ def attention_backward_dq_kernel(
     if RENORMALIZE:
         row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
         weighted_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, unmasked_n, BLOCK_N):
-            block_sums, block_weighted = _dq_row_stats(
-                q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS,
-                MASK_SEED,
-            )
-            row_sums += block_sums
-            weighted_sums += block_weighted
-        for start_n in range(unmasked_n, visible_n, BLOCK_N):
-            block_sums, block_weighted = _dq_row_stats(
-                q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS,
-                MASK_SEED,
-            )
-            row_sums += block_sums
-            weighted_sums += block_weighted
+        for part in tl.static_range(3):  # lower edge blocks, whole blocks, upper edge blocks
+            if part != 0 or BOUNDED_BELOW:
+                for start_n in range(key_ranges[part], key_ranges[part + 1], BLOCK_N):
+                    block_sums, block_weighted = _dq_row_stats(
+                        q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
+                        stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+                        score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT,
+                        DOT_PRECISION, WIDEN_DOT_OPERANDS, MASK_SEED,
+                    )
+                    row_sums += block_sums
+                    weighted_sums += block_weighted
         # A row that sees no key sums to 0: its P, and so its scale and delta, are 0.
         sees_a_key = row_sums > 0.0
         row_scale = tl.where(sees_a_key, 1.0 / tl.where(sees_a_key, row_sums, 1.0), 0.0)
@@ -623,30 +612,28 @@ def attention_backward_dq_kernel(
 
     if COMPUTE_DQ or WRITE_DMASK:
         dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, unmasked_n, BLOCK_N):
-            dq_acc = _dq_key_block(
-                dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
-                k_base, v_base, mask_base, dmask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
-            )
-        for start_n in range(unmasked_n, visible_n, BLOCK_N):
-            dq_acc = _dq_key_block(
-                dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
-                k_base, v_base, mask_base, dmask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
-            )
-        if WRITE_DMASK and CAUSAL:
-            # Keys past the diagonal were skipped; their score gradient is 0.
+        for part in tl.static_range(3):  # lower edge blocks, whole blocks, upper edge blocks
+            if part != 0 or BOUNDED_BELOW:
+                for start_n in range(key_ranges[part], key_ranges[part + 1], BLOCK_N):
+                    dq_acc = _dq_key_block(
+                        dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
+                        k_base, v_base, mask_base, dmask_base,
+                        stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+                        score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT,
+                        RENORMALIZE, COMPUTE_DQ, WRITE_DMASK, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
+                        MASK_SEED,
+                    )
+        if WRITE_DMASK and (BOUNDED_BELOW or BOUNDED_ABOVE):
+            # Keys outside [key_start, key_end) were skipped; their score gradient is 0.
             zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_n in range(tl.cdiv(visible_n, BLOCK_N) * BLOCK_N, seq_kv, BLOCK_N):
+            if BOUNDED_BELOW:
+                for start_n in range(0, key_ranges[0], BLOCK_N):
+                    _store_tile(dmask_base, zeros, tl.arange(0, BLOCK_M), start_n + tl.arange(0, BLOCK_N), seq_kv,
+                                1, rows_left, seq_kv)
+            for start_n in range(tl.maximum(tl.cdiv(key_ranges[3], BLOCK_N) * BLOCK_N, key_ranges[2]), seq_kv,
+                                 BLOCK_N):
                 _store_tile(dmask_base, zeros, tl.arange(0, BLOCK_M), start_n + tl.arange(0, BLOCK_N), seq_kv, 1,
                             rows_left, seq_kv)
         if COMPUTE_DQ:

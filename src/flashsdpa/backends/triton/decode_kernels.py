@@ -12,11 +12,13 @@ import triton.language as tl
 
 from flashsdpa.backends.triton.common_kernels import LOAD_POINTERS, MASK_NONE, split_tf32, to_dtype
 from flashsdpa.backends.triton.forward_kernels import attend_keys, finish_rows
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 
 # Lengths and counts only enter divisions and bounds: specialising on them
 # would only recompile whenever a shape changes class.
-@triton.jit(do_not_specialize=["heads_q", "heads_kv", "gqa_group", "seq_q", "seq_kv", "row_chunks", "split_len"])
+@triton.jit(do_not_specialize=["heads_q", "heads_kv", "gqa_group", "seq_q", "seq_kv", "row_chunks", "split_len",
+                               "lowest_diagonal", "highest_diagonal"])
 def attention_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -53,7 +55,11 @@ def attention_decode_split_kernel(
     row_chunks,
     num_splits,
     split_len,
+    lowest_diagonal,
+    highest_diagonal,
     softmax_scale,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -107,18 +113,20 @@ def attention_decode_split_kernel(
             + query_row.to(tl.int64) * stride_mm
         )
     # split_len is a multiple of BLOCK_N, so only the last split has a partial block.
-    key_start = split * split_len
-    key_end = tl.minimum(key_start + split_len, seq_kv)
-    unmasked_end = key_start + ((key_end - key_start) // BLOCK_N) * BLOCK_N
+    split_start = split * split_len
+    key_start, whole_start, whole_end, key_end = blocks_seen(
+        tl.min(query_row, 0), tl.max(query_row, 0), split_start, tl.minimum(split_start + split_len, seq_kv),
+        lowest_diagonal, highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
+    )
     q_lo = q
     if SPLIT_TF32:
         q, q_lo = split_tf32(q)  # 16 rows: small enough for registers
     acc, row_sum, row_max = attend_keys(
         q, q_lo, None, None, batch, kv_head, k_head_ptr, v_head_ptr, None, mask_row_ptrs,
-        key_start, unmasked_end, key_end, query_row, seq_kv, head_dim, head_dim_v,
+        key_start, whole_start, whole_end, key_end, query_row, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        softmax_scale, 0, 0,
-        False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        softmax_scale, 0, 0, lowest_diagonal, highest_diagonal,
+        BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, False, LOAD_POINTERS, False, False,
     )
     out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, 1.0, MASK_KIND)

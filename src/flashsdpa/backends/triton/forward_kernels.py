@@ -50,6 +50,7 @@ from flashsdpa.backends.triton.common_kernels import (
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 from flashsdpa.backends.triton.halves_kernels import P_HALVES_SCALE
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen, visible
 
 @triton.jit
 def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
@@ -109,9 +110,12 @@ def attend_key_blocks(
     score_scale,
     dropout_key,
     dropout_threshold,
+    lowest_diagonal,
+    highest_diagonal,
     BOUNDARY: tl.constexpr,
     FAST_SOFTMAX: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -128,8 +132,9 @@ def attend_key_blocks(
 ):
     """Fold keys [key_start, key_end) into the running (acc, row_sum, row_max) of the rows `offs_m`.
 
-    BOUNDARY blocks may reach past seq_kv or cross the causal diagonal and are
-    masked element by element; the others skip that work. FAST_SOFTMAX (only
+    BOUNDARY blocks may reach past seq_kv or hold keys some row does not see
+    (see visibility_kernels) and are masked element by element; the others
+    skip that work. FAST_SOFTMAX (only
     for unmasked whole blocks) also drops what masking needs from the softmax.
     `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
@@ -186,10 +191,9 @@ def attend_key_blocks(
                 if MASK_KIND == MASK_BOOL:
                     scores = tl.where(mask_tile != 0, scores, float("-inf"))
             if BOUNDARY:
-                visible = cols[None, :] < seq_kv
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= offs_m[:, None])
-                scores = tl.where(visible, scores, float("-inf"))
+                seen = visible(offs_m[:, None], cols[None, :], seq_kv, lowest_diagonal, highest_diagonal,
+                               BOUNDED_BELOW, BOUNDED_ABOVE, True)
+                scores = tl.where(seen, scores, float("-inf"))
             # Rows that have seen no visible key yet keep a max of -inf and are
             # shifted by 0 instead (see the module doc).
             new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -204,8 +208,8 @@ def attend_key_blocks(
                 alpha = tl.math.exp2((row_max - shift) * score_scale)
         else:
             # FAST_SOFTMAX: no mask, whole blocks. Every score is visible and
-            # finite, so the running max is finite from the first block on
-            # and needs no -inf guard.
+            # finite, so the new max is finite and needs no -inf guard (a row
+            # max of -inf from edge blocks before gives alpha = 0).
             new_max = tl.maximum(row_max, tl.max(qk, 1))
             p = tl.math.exp2(exponent_below_max(qk, new_max, score_scale, q.dtype == tl.float32 or FP16_HALVES))
             alpha = tl.math.exp2((row_max - new_max) * score_scale)
@@ -258,7 +262,8 @@ def attend_keys(
     halves,
     mask_row_ptrs,
     key_start,
-    unmasked_end,
+    whole_start,
+    whole_end,
     key_end,
     offs_m,
     seq_kv,
@@ -272,7 +277,10 @@ def attend_keys(
     softmax_scale,
     dropout_key,
     dropout_threshold,
-    CAUSAL: tl.constexpr,
+    lowest_diagonal,
+    highest_diagonal,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -290,9 +298,10 @@ def attend_keys(
 ):
     """Online softmax of rows `offs_m` over keys [key_start, key_end): returns (acc, row_sum, row_max).
 
-    Keys [key_start, unmasked_end) are whole blocks every row may see; the
-    rest (a partial last block, blocks crossing the causal diagonal) take the
-    element-masked BOUNDARY pass. row_max is over raw q.k products, or over
+    Keys [whole_start, whole_end) are whole blocks every row sees; the edge
+    blocks around them, [key_start, whole_start) and [whole_end, key_end) (a
+    partial last block, blocks crossing the visible band's edges: see
+    visibility_kernels.blocks_seen), take the element-masked BOUNDARY pass. row_max is over raw q.k products, or over
     natural-unit scores with a float mask (see the module doc).
     """
     if MASK_KIND == MASK_FLOAT:
@@ -302,23 +311,35 @@ def attend_keys(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # The unmasked blocks take the fast softmax when no mask applies.
+    if BOUNDED_BELOW:
+        acc, row_sum, row_max = attend_key_blocks(
+            acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
+            mask_row_ptrs,
+            key_start, whole_start, offs_m, seq_kv, head_dim, head_dim_v,
+            stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+            score_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
+            True, False, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D,
+            BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, False, MASK_SEED,
+        )
+    # The whole blocks take the fast softmax when no mask applies (it needs no
+    # -inf guard even after edge blocks: see attend_key_blocks).
     acc, row_sum, row_max = attend_key_blocks(
         acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
         mask_row_ptrs,
-        key_start, unmasked_end, offs_m, seq_kv, head_dim, head_dim_v,
+        whole_start, whole_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        score_scale, dropout_key, dropout_threshold,
-        False, MASK_KIND == MASK_NONE, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
+        score_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
+        False, MASK_KIND == MASK_NONE, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N,
+        BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE,
+        MASK_SEED,
     )
     acc, row_sum, row_max = attend_key_blocks(
         acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
         mask_row_ptrs,
-        unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
+        whole_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        score_scale, dropout_key, dropout_threshold,
-        True, False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+        score_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
+        True, False, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, False, MASK_SEED,
     )
     return acc, row_sum, row_max
@@ -347,7 +368,7 @@ def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: t
 @triton.jit(
     do_not_specialize=[
         "dropout_threshold", "dropout_seed_lo", "dropout_seed_hi",
-        "heads_q", "gqa_group", "seq_q", "seq_kv", "num_m_blocks",
+        "heads_q", "gqa_group", "seq_q", "seq_kv", "num_m_blocks", "lowest_diagonal", "highest_diagonal",
     ]
 )
 def attention_forward_kernel(
@@ -387,12 +408,15 @@ def attention_forward_kernel(
     head_dim,
     head_dim_v,
     num_m_blocks,
+    lowest_diagonal,
+    highest_diagonal,
     softmax_scale,
     dropout_threshold,
     dropout_seed_lo,
     dropout_seed_hi,
     dropout_output_scale,
-    CAUSAL: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -420,7 +444,7 @@ def attention_forward_kernel(
     pid = tl.program_id(0)
     bh = pid // num_m_blocks  # batch * heads_q + query head, the dropout stream index
     m_block = pid % num_m_blocks
-    if CAUSAL:
+    if BOUNDED_ABOVE and not BOUNDED_BELOW:
         # Causal row blocks grow with m: start each head's longest ones first
         # so the short ones fill the last wave.
         m_block = num_m_blocks - 1 - m_block
@@ -501,20 +525,16 @@ def attention_forward_kernel(
     if DROPOUT:
         dropout_key = dropout_stream(dropout_seed_lo, dropout_seed_hi, bh)
 
-    # Keys every row of the block may see: whole blocks below the causal diagonal.
-    if CAUSAL:
-        key_end = tl.minimum(m_start + BLOCK_M, seq_kv)
-        unmasked_end = (tl.minimum(m_start, seq_kv) // BLOCK_N) * BLOCK_N
-    else:
-        key_end = seq_kv
-        unmasked_end = (seq_kv // BLOCK_N) * BLOCK_N
-
+    key_start, whole_start, whole_end, key_end = blocks_seen(
+        m_start, tl.minimum(m_start + BLOCK_M, seq_q) - 1, 0, seq_kv, lowest_diagonal, highest_diagonal,
+        BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
+    )
     acc, row_sum, row_max = attend_keys(
         q, q_lo, k_desc, v_desc, batch, kv_head, k_head_ptr, v_head_ptr, halves, mask_row_ptrs,
-        0, unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
+        key_start, whole_start, whole_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        softmax_scale, dropout_key, dropout_threshold,
-        CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        softmax_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
+        BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
     )
     out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)

@@ -43,6 +43,7 @@ from flashsdpa.backends.triton.launch_common import (
     on_device,
     seeds_with_mask,
     sm_count,
+    visible_band,
 )
 from flashsdpa.cache import RecentValues, kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
@@ -225,12 +226,14 @@ def _new_backward_launch_plan(
     kernel_key = desc.kernel_key
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
     block_d, block_dv = block_widths(kernel_key)
+    band = visible_band(desc)
     variant = dict(
         HEAD_DIM=desc.head_dim,
         HEAD_DIM_V=desc.head_dim_v,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
-        CAUSAL=desc.causal,
+        BOUNDED_BELOW=band.bounded_below,
+        BOUNDED_ABOVE=band.bounded_above,
         MASK_KIND=KERNEL_MASK_KIND[desc.mask],
         MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
         DROPOUT=kernel_key.dropout,
@@ -251,8 +254,9 @@ def _new_backward_launch_plan(
         COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
     ).bind(seq_q, heads_q, stats_stride)  # fmt: skip
     scale, gqa_group = float(desc.scale), heads_q // heads_kv
-    dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride)
-    dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride)
+    diagonals = (band.lowest_diagonal, band.highest_diagonal)
+    dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, *diagonals)
+    dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, *diagonals)
     # Without dropout every argument after the strides is the plan's: bound once. With it the
     # seeds, which change per call, come last: the sizes are passed per call too.
     sizes_per_call = desc.dropout_p > 0.0

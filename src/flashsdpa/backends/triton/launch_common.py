@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -146,3 +147,24 @@ def host_descriptor_like(fields: dict, tensor: torch.Tensor) -> TensorDescriptor
 def cdiv(a: int, b: int) -> int:
     """`triton.cdiv` without its constexpr-function wrapper (~2 us a call from host code)."""
     return -(-a // b)
+
+
+@dataclass(frozen=True)
+class VisibleBand:
+    """The keys each query sees, as the kernels take it (see visibility_kernels): query i sees key j in
+    [0, seq_kv) when lowest_diagonal <= j - i (if bounded_below) and j - i <= highest_diagonal (if
+    bounded_above). The flags are compiled in; the diagonals are run-time arguments."""
+
+    bounded_below: bool
+    bounded_above: bool
+    lowest_diagonal: int
+    highest_diagonal: int
+
+
+NO_BAND = VisibleBand(False, False, 0, 0)
+TOP_LEFT_CAUSAL = VisibleBand(False, True, 0, 0)
+
+
+def visible_band(desc: AttentionDescriptor) -> VisibleBand:
+    """The band of `desc`: causal (top-left) is j - i <= 0."""
+    return TOP_LEFT_CAUSAL if desc.causal else NO_BAND

@@ -53,6 +53,7 @@ from flashsdpa.backends.triton.launch_common import (
     seeds_with_mask,
     sm_count,
     tensor_descriptor_compatible,
+    visible_band,
 )
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
@@ -188,8 +189,10 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
             fields_without_base(host_descriptor(tensor, tensor_strides, *block))
             for tensor, tensor_strides, block in zip(tensors, strides, blocks)
         )
+    band = visible_band(desc)
     constexprs = dict(
-        CAUSAL=desc.causal,
+        BOUNDED_BELOW=band.bounded_below,
+        BOUNDED_ABOVE=band.bounded_above,
         MASK_KIND=KERNEL_MASK_KIND[desc.mask],
         MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
         DROPOUT=desc.dropout_p > 0.0,
@@ -207,7 +210,7 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         maxnreg=config.max_registers,
     )
     sizes = (desc.heads_q, desc.heads_q // desc.heads_kv, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
-             num_m_blocks, kernel_scale(desc))
+             num_m_blocks, band.lowest_diagonal, band.highest_diagonal, kernel_scale(desc))
     # Without dropout every argument after the strides is the plan's: bound once (the seeds change per call).
     tail = () if desc.dropout_p > 0.0 else (*sizes, 0, 0, 0, 1.0)
     kernels = tuple(
@@ -329,12 +332,13 @@ def _new_decode_launch_plan(
     if num_splits > 1:
         partial_lse_offset = cdiv(rows * num_splits * desc.head_dim_v, 4) * 4  # 16 bytes of float32
         scratch_size = partial_lse_offset + rows * num_splits
-    split_kernel, merge_kernel = decode_launchers(key, config)
+    band = visible_band(desc)
+    split_kernel, merge_kernel = decode_launchers(key, config, band.bounded_below, band.bounded_above)
     split_kernel = split_kernel.bind(
         # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
         desc.head_dim_v,
         desc.heads_q, desc.heads_kv, gqa_group, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
-        row_chunks, num_splits, split_len, kernel_scale(desc),
+        row_chunks, num_splits, split_len, band.lowest_diagonal, band.highest_diagonal, kernel_scale(desc),
     )  # fmt: skip
     # The last: out's row stride.
     merge_kernel = merge_kernel.bind(num_splits, desc.head_dim_v, desc.head_dim_v) if num_splits > 1 else None
@@ -342,15 +346,21 @@ def _new_decode_launch_plan(
                             split_kernel, merge_kernel)
 
 
-def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunch, DirectLaunch]:
-    """The split and merge kernels with the constexprs of `key` and `config`, asked once per variant
-    (plans are made per call shape: a decode loop whose cache grows makes one per step)."""
+def decode_launchers(
+    key: KernelKey, config: ForwardConfig, bounded_below: bool = False, bounded_above: bool = False
+) -> tuple[DirectLaunch, DirectLaunch]:
+    """The split and merge kernels with the constexprs of `key`, `config` and the visible band's flags,
+    asked once per variant (plans are made per call shape: a decode loop whose cache grows makes one per
+    step)."""
     kernels = id(decode_kernels.attention_decode_split_kernel), id(decode_kernels.merge_decode_splits_kernel)
-    found = _decode_launchers.get((key, config, kernels))  # the kernel objects, as in main_launch_plan
+    variant = (key, config, bounded_below, bounded_above, kernels)  # the kernel objects, as in main_launch_plan
+    found = _decode_launchers.get(variant)
     if found is None:
         decode = config.decode
         split = launcher(
             decode_kernels.attention_decode_split_kernel,
+            BOUNDED_BELOW=bounded_below,
+            BOUNDED_ABOVE=bounded_above,
             MASK_KIND=KERNEL_MASK_KIND[key.mask],
             BLOCK_M=decode.block_m,
             BLOCK_N=decode.block_n,
@@ -369,7 +379,7 @@ def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunc
             ROUND_BFLOAT16=config.widen_dot_operands,
             num_warps=4,
         )
-        found = _decode_launchers.keep((key, config, kernels), (split, merge))
+        found = _decode_launchers.keep(variant, (split, merge))
     return found
 
 
