@@ -157,6 +157,56 @@ def oracle(q, k, v, attn_mask=None, causal=False, scale=None, enable_gqa=False, 
     return probs @ v64, lse
 
 
+def variants_oracle(
+    q, k, v, *, causal=False, window=None, alignment="top_left", softcap=None, alibi_slopes=None, sinks=None,
+    attn_mask=None, scale=None, keep=None, dropout_p=0.0, dtype=torch.float64,
+):
+    """(out, lse) in `dtype` (float64: the truth; the inputs' dtype: the stand-in for torch's own error, as
+    torch has no such variants) of the variants' semantics (`flashsdpa.attention`), written out element by element.
+
+    Canonical shapes: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), Hq a multiple of Hkv; alibi_slopes
+    (Hq,) or (B, Hq); sinks (Hq,); attn_mask and keep broadcast to (B, Hq, L, S). Differentiable in q, k, v,
+    sinks and a float mask. Visibility is decided pair by pair in Python (small problems only), independently
+    of flashsdpa's code.
+    """
+    q64, k64, v64 = (t.to(dtype) for t in (q, k, v))
+    b, hq, seq_q, head_dim = q64.shape
+    group = hq // k64.shape[1]
+    k64, v64 = k64.repeat_interleave(group, dim=1), v64.repeat_interleave(group, dim=1)
+    seq_kv = k64.shape[2]
+    scale = (1.0 / math.sqrt(head_dim) if head_dim else 1.0) if scale is None else scale
+    offset = seq_kv - seq_q if alignment == "bottom_right" else 0
+    left, right = (-1, -1) if window is None else tuple(-1 if w is None else w for w in window)
+    visible = torch.zeros(seq_q, seq_kv, dtype=torch.bool)
+    for i in range(seq_q):
+        for j in range(seq_kv):
+            at = i + offset
+            visible[i, j] = (
+                (not causal or j <= at) and (left < 0 or j >= at - left) and (right < 0 or j <= at + right)
+            )
+    s = (q64 @ k64.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype).expand(b, hq)[:, :, None, None]
+        distance = (torch.arange(seq_q).view(-1, 1) + offset - torch.arange(seq_kv).view(1, -1)).abs()
+        s = s - slopes * distance.to(s.device)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(dtype)
+    s = s.masked_fill(~visible.to(s.device), float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(dtype).view(1, -1, 1, 1).expand(b, hq, seq_q, 1)], dim=-1)
+    row_max = s.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(s - row_max)
+    row_sum = weights.sum(dim=-1, keepdim=True)
+    probs = (weights / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum))[..., :seq_kv]
+    lse = (row_max + torch.log(row_sum)).squeeze(-1)
+    if keep is not None and dropout_p > 0.0:
+        probs = probs * keep.to(dtype) / (1.0 - dropout_p)
+    return probs @ v64, lse
+
+
 def output_lead_shape(q, k, v, enable_gqa=False) -> tuple[int, ...]:
     """The output's leading (batch..., heads) dims, as flashsdpa flattens them into B*Hq."""
     ndim = max(q.dim(), k.dim(), v.dim())

@@ -17,3 +17,17 @@ def test_unexpected_decline_is_a_failure(device, monkeypatch):
     monkeypatch.setattr(TritonBackend, "unsupported_reasons", lambda self, desc, dev: ["a regression refuses all"])
     (row,) = run_case(Case("small", (1, 1, 1, 4, 5, 8)), "triton", torch.float16, torch.device(device), False, 1)
     assert not row.ok and "unexpectedly" in row.note
+
+
+def test_variant_rows_pass_on_tiled_and_are_declined_by_triton_for_now():
+    """Every variant row (window, alignment, softcap, ALiBi, sinks and their gradients) against the formula."""
+    from flashsdpa.check import gradient_cases, variant_cases
+
+    cases = [c for c in variant_cases() if c.name == "every variant GQA"]
+    cases += [c for c in gradient_cases() if c.has_variants]
+    for case in cases:
+        rows = run_case(case, "tiled", torch.float16, torch.device("cpu"), case.name.startswith("grad"), 2)
+        assert all(r.ok for r in rows) and len(rows) >= 1, rows
+        assert ("dsinks" in [r.what for r in rows]) == (case.sinks and case.name.startswith("grad"))
+    (row,) = run_case(cases[0], "triton", torch.float16, torch.device("cpu"), False, 2)
+    assert row.ok and row.note.startswith("declined:")

@@ -180,7 +180,7 @@ def test_register_is_explicit_idempotent_and_removable():
     assert name not in attention and name not in masks  # importing flashsdpa registered nothing
     first = fs_transformers.register()
     second = fs_transformers.register()
-    assert first is second and name in attention and masks[name] is masks["sdpa"]
+    assert first is second and name in attention and masks[name] is fs_transformers.causal_window_mask
     first.remove()
     assert name not in attention and name not in masks
     second.remove()  # a second remove is a no-op
@@ -226,3 +226,126 @@ def test_model_bench_runs_every_attention_call_on_flashsdpa():
     result = run_model_bench("cpu", torch.float32, layers=1, width=128, seq=16, batch=1, warmup=0, steps=1, vocab_size=64)
     assert result["flashsdpa_stats"] == {"calls": {"tiled": 2}, "fallbacks": {}}  # 1 layer x (first step + 1 timed)
     assert result["loss_rel_diff"] <= FP32_TOL and result["speedup"] > 0
+
+
+# ---- windowed, softcapped and sink layers with their native arguments ---------------------------
+
+VARIANT_NAME = "fs_attention"  # no "sdpa" in it: Gemma 2 and gpt-oss declare no SDPA support
+
+
+@pytest.fixture
+def variant_registration():
+    handle = fs_transformers.register(VARIANT_NAME)
+    yield handle
+    handle.remove()
+
+
+def build_variant(kind: str, float64: bool = False):
+    """Tiny random Mistral (every layer windowed), Gemma 2 (softcap, alternating windows) and gpt-oss (sinks,
+    alternating windows) with a window of 5, shorter than the sequences below."""
+    common = SMALL | dict(sliding_window=5)
+    config_class, model_class, extra = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                   dict(head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0)),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM,
+                    dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                         layer_types=["sliding_attention", "full_attention"])),
+    }[kind]  # fmt: skip
+    torch.manual_seed(0)
+    config = config_class(**(common | extra))
+    if kind == "gpt_oss" and float64:
+        config._experts_implementation = "eager"  # grouped_mm takes no float64 (slower)
+    model = model_class(config)
+    if kind == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)  # initialised to zeros: make them matter
+    return model
+
+
+def attention_masks_seen(monkeypatch) -> list:
+    """The attention_mask argument of every call of flashsdpa's transformers attention function."""
+    seen = []
+    original = fs_transformers.attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(fs_transformers, "attention_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss"])
+def test_variant_models_within_eagers_own_error(kind, variant_registration, monkeypatch):
+    """Logits against eager in float64, within 1.5x eager's own float32 error; the parameters' gradients
+    (the sinks' included) as eager's; every layer on flashsdpa, and no mask built for an unpadded batch."""
+    model = build_variant(kind, float64=True)
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 19), generator=torch.Generator().manual_seed(1))
+    everything = torch.ones_like(input_ids)  # a padding mask that hides nothing
+    use_attention(model, "eager")
+    eager, eager_grads = logits_and_grads(model, input_ids, everything)
+    truth = model.double()(input_ids).logits.detach().flatten(0, 1)
+    model.float()
+    use_attention(model, VARIANT_NAME)
+    masks = attention_masks_seen(monkeypatch)
+    flashsdpa.reset_stats()
+    logits, grads = logits_and_grads(model, input_ids, everything)
+    assert rel_err(logits, truth) <= max(1.5 * rel_err(eager, truth), 1e-6), (rel_err(logits, truth),
+                                                                               rel_err(eager, truth))
+    assert rel_err(grads, eager_grads) <= FP32_TOL
+    assert flashsdpa.stats() == {"calls": {"tiled": LAYERS}, "fallbacks": {}}
+    assert masks == [None] * LAYERS  # causal (+ window) only: no (B, 1, L, S) mask
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss"])
+def test_variant_models_generate_eagers_tokens(kind, variant_registration):
+    """Greedy tokens as eager's, padded (transformers' masks) and not (causal + window, no mask)."""
+    model = build_variant(kind).eval()
+    input_ids, attention_mask = batch(seq=9)
+    for mask in (attention_mask, torch.ones_like(attention_mask)):
+        kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        use_attention(model, "eager")
+        ref = model.generate(input_ids, **kwargs)
+        use_attention(model, VARIANT_NAME)
+        assert torch.equal(model.generate(input_ids, **kwargs), ref)
+
+
+def test_chunked_prefill_is_bottom_right_without_a_mask(variant_registration, monkeypatch):
+    """A second chunk of 6 queries on a cache of 13 keys: no mask, causal + window aligned bottom-right,
+    the logits of the whole sequence's last 6 positions."""
+    model = build_variant("mistral").eval()
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(2))
+    use_attention(model, "eager")
+    with torch.no_grad():
+        ref = model(input_ids).logits[:, 7:]
+    use_attention(model, VARIANT_NAME)
+    masks = attention_masks_seen(monkeypatch)
+    with torch.no_grad():
+        cache = model(input_ids[:, :7], use_cache=True).past_key_values
+        masks.clear()
+        out = model(input_ids[:, 7:], past_key_values=cache, use_cache=True).logits
+    assert masks == [None] * LAYERS
+    assert rel_err(out, ref) <= FP32_TOL
+
+
+def test_padded_variant_batch_builds_the_mask(variant_registration, monkeypatch):
+    """With padding the window comes in transformers' mask, as with "sdpa"; the logits stay eager's."""
+    model = build_variant("gpt_oss")
+    input_ids, attention_mask = batch(seq=13)
+    use_attention(model, "eager")
+    ref, ref_grads = logits_and_grads(model, input_ids, attention_mask)
+    use_attention(model, VARIANT_NAME)
+    masks = attention_masks_seen(monkeypatch)
+    logits, grads = logits_and_grads(model, input_ids, attention_mask)
+    assert all(m is not None and m.shape == (2, 1, 13, 13) for m in masks)
+    assert rel_err(logits, ref) <= FP32_TOL and rel_err(grads, ref_grads) <= FP32_TOL
+
+
+def test_softcap_and_sinks_do_not_fall_back_to_torch():
+    """torch's SDPA has neither: a call flashsdpa cannot take raises with the reason instead."""
+    query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.float16)
+    with pytest.raises(flashsdpa.UnsupportedError, match="softcap or sinks.*attn_mask dtype float16"):
+        fs_transformers.attention_forward(_Module(), query, key, value, mask, softcap=2.0)

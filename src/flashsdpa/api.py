@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from flashsdpa import dispatch, gradient_precision, ops
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision
-from flashsdpa.validation import Canonical, canonicalize, check_options, describe
+from flashsdpa.validation import (
+    CallOptions,
+    Canonical,
+    Variants,
+    canonicalize,
+    check_options,
+    check_variants,
+    describe,
+)
 
 
 def _pinned_backend_outside_compile() -> str:
@@ -75,8 +82,16 @@ def attention(
     return_lse: bool = False,
     backend: str | None = None,
     fp32_precision: str = "ieee",
+    window: tuple[int | None, int | None] | None = None,
+    causal_alignment: str = "top_left",
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """flashsdpa's keyword API over the same machinery as `scaled_dot_product_attention`.
+
+    The arguments shared with `scaled_dot_product_attention` mean the same
+    (`causal` is its `is_causal`); README's "Attention variants" section draws the ones below.
 
     return_lse: also return the natural-log log-sum-exp of each row of the
         scaled, masked scores, shape (..., L), float32 (float64 for float64
@@ -86,32 +101,63 @@ def attention(
         a recorded reason (see `flashsdpa.stats()`).
     fp32_precision: "ieee" (default, float32 accuracy) or "tf32" (opt-in,
         faster tensor-core products with ~1e-3 relative error) for float32 inputs.
+    causal_alignment: where query i sits among the keys: "top_left" (torch's,
+        at key i) or "bottom_right" (FlashAttention's, at key i + S - L: the
+        last query at the last key). It applies to `causal`, `window` and `alibi_slopes`.
+    window: (left, right): query i sees keys j with
+        i' - left <= j <= i' + right, i' its aligned position; None or -1 on a
+        side leaves it unbounded. With `causal` the right side is 0.
+    softcap: a float > 0 turns each scaled score s into softcap * tanh(s / softcap)
+        (Gemma 2), before ALiBi and the mask are added.
+    alibi_slopes: (H,) or (B, H) float32 (H query heads, B the batch dims'
+        product): adds -slope * |i' - j| to the scores (FlashAttention's ALiBi), after the softcap.
+        The slopes get no gradient.
+    sinks: (H,) float32 or the inputs' dtype: a logit per query head that
+        joins each row's softmax denominator with no value row (gpt-oss); it gets a gradient.
+
+    In order, a visible pair's score is: s = scale * q.k; softcap; + ALiBi;
+    + the float mask (a bool mask hides keys). A row with no visible key gives
+    zeros, with or without a sink. The returned lse includes the sink:
+    log(exp(sink) + sum_j exp(s_j)); -inf for an empty row without a sink.
     """
-    call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision)
+    call = prepare(
+        q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision,
+        window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+    )  # fmt: skip
     return run(call, return_lse)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedCall:
     """A validated call in canonical form, ready for `run` (the drop-in layer checks it first)."""
 
     canon: Canonical
-    causal: bool
-    scale: float  # resolved: 1/sqrt(the caller's head dim) when None was given
-    dropout_p: float
+    variants: Variants  # the variant tensors (alibi_slopes, sinks) in canonical form
+    options: CallOptions
     backend: str | None
-    precision: Fp32Precision
-    gradients: GradientPrecision  # the 16-bit backward's, chosen here as torch chooses at its forward
+    _desc: AttentionDescriptor | None = None
 
-    def describe(self) -> AttentionDescriptor:
-        c = self.canon
-        return describe(
-            c.query, c.key, c.value, c.mask, causal=self.causal, dropout_p=self.dropout_p, scale=self.scale,
-            fp32_precision=self.precision, gradients=self.gradients,
-        )
+    @property
+    def desc(self) -> AttentionDescriptor:
+        """The problem's descriptor, built once per call (on first use: the drop-in layer's backend check, or
+        the eager run) and carried to the backends and the backward. A traced call (torch.compile, jit.trace)
+        builds none: its custom op describes the problem when it runs, from the same tensors and options.
+        (Kept by hand: functools.cached_property takes a lock, which dynamo cannot trace on Python 3.11.)"""
+        if self._desc is None:
+            c, w = self.canon, self.variants
+            self._desc = describe(c.query, c.key, c.value, c.mask, self.options, w.alibi_slopes is not None,
+                                  w.sinks is not None)  # fmt: skip
+        return self._desc
+
+    @property
+    def gradients(self) -> GradientPrecision:
+        return GradientPrecision(self.options.gradients)
 
 
-def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision) -> PreparedCall:
+def prepare(
+    q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision,
+    *, window=None, causal_alignment="top_left", softcap=None, alibi_slopes=None, sinks=None,
+) -> PreparedCall:  # fmt: skip
     """Validate every argument (raising with the argument's name and the shapes) before anything runs."""
     check_options(dropout_p, causal, scale)
     if backend is not None:
@@ -122,27 +168,19 @@ def prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, f
         choices = [p.value for p in Fp32Precision]
         raise ValueError(f"fp32_precision must be one of {choices}, got {fp32_precision!r}") from None
     canon = canonicalize(q, k, v, attn_mask, enable_gqa)
-    head_dim = canon.query.shape[-1]
-    resolved_scale = float(scale) if scale is not None else (1.0 / math.sqrt(head_dim) if head_dim else 1.0)
+    w = check_variants(canon, causal, window, causal_alignment, softcap, alibi_slopes, sinks)
     # From the caller's tensors: the canonical views hide their rank and broadcast dims.
     gradients = gradient_precision.at_forward(q, k, v, attn_mask, dropout_p, causal, enable_gqa)
-    return PreparedCall(canon, causal, resolved_scale, float(dropout_p), backend, precision, gradients)
+    options = CallOptions(
+        float(dropout_p), causal, None if scale is None else float(scale), w.window_left, w.window_right,
+        w.alignment.value, w.softcap, precision.value, gradients.value,
+    )  # fmt: skip
+    return PreparedCall(canon, w, options, backend)
 
 
 def run(call: PreparedCall, return_lse: bool = False):
     c = call.canon
-    out, lse, _ = ops.forward(
-        c.query,
-        c.key,
-        c.value,
-        c.mask,
-        call.dropout_p,
-        call.causal,
-        call.scale,
-        call.backend or _pinned_backend_outside_compile(),
-        call.precision.value,
-        call.gradients.value,
-    )
+    out, lse, _ = ops.forward(call, call.backend or _pinned_backend_outside_compile())
     # The caller's shape is often the canonical one already: skip the view (and its autograd node) then.
     out = out if out.shape == c.output_shape else out.reshape(c.output_shape)
     if not return_lse:

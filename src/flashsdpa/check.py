@@ -6,6 +6,10 @@ with float64 math by relative Frobenius error, next to the error of torch's
 own scaled_dot_product_attention on the same inputs at the same dtype. A row
 passes when its error is within the dtype's bound and at most 1.5x torch's
 (plus a rounding-level floor for float32, where both are at a few ulps).
+Rows with variants torch's SDPA does not have (window, bottom-right alignment,
+softcap, ALiBi, sinks) take the reference backend's formula instead, in
+float64 and, for "torch's own" error, in the inputs' dtype (as torch's math
+backend would compute it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import flashsdpa
+from flashsdpa import api
+from flashsdpa.backends import reference
 from flashsdpa.backends.base import poisoned_outputs
 from flashsdpa.backends.triton import MAX_FP32_HEAD_DIM
 from flashsdpa.dispatch import UnsupportedError
@@ -38,6 +44,26 @@ class Case:
     causal: bool = False
     mask: str | None = None  # "bool-keypad", "float-bias", "bool-empty-rows"
     layout: str = "contiguous"  # or "bshd" (transposed views) or "sliced"
+    # The variants (see `flashsdpa.attention`); alibi: (B, H) slopes, sinks: (H,) logits, drawn at random.
+    window: tuple[int | None, int | None] | None = None
+    alignment: str = "top_left"
+    softcap: float | None = None
+    alibi: bool = False
+    sinks: bool = False
+
+    @property
+    def has_variants(self) -> bool:
+        return bool(self.window or self.alignment != "top_left" or self.softcap or self.alibi or self.sinks)
+
+    def variants(self, dtype, device, generator) -> dict:
+        """flashsdpa.attention's variant arguments for this case."""
+        b, hq = self.shape[:2]
+        options = dict(window=self.window, causal_alignment=self.alignment, softcap=self.softcap)
+        if self.alibi:
+            options["alibi_slopes"] = torch.rand(b, hq, generator=generator).to(device)
+        if self.sinks:
+            options["sinks"] = (torch.randn(hq, generator=generator) * 2).to(device=device, dtype=dtype)
+        return options
 
     def make(self, dtype, device, generator):
         b, hq, hkv, l, s, e = self.shape
@@ -117,18 +143,42 @@ def _torch_run(case, q, k, v, mask, scale, want_grad, grad_out):
     return out.detach(), grads
 
 
+def _variant_formula(case, q, k, v, mask, options, compute_dtype, want_grad, grad_out):
+    """The reference backend's formula in `compute_dtype` (float64: the truth), on detached copies."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_(want_grad) for t in (q, k, v)]
+    sinks = options.get("sinks")
+    if sinks is not None:
+        leaves.append(sinks.detach().to(compute_dtype).requires_grad_(want_grad))
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(compute_dtype)
+    call = api.prepare(
+        *leaves[:3], case.causal, case.scale, mask, 0.0, True, None, "ieee",
+        **{**options, "sinks": leaves[3] if sinks is not None else None},
+    )  # fmt: skip
+    c, w = call.canon, call.variants
+    out = reference.attention_math(call.desc, c.query, c.key, c.value, c.mask, w.alibi_slopes, w.sinks, None)[0]
+    out = out.reshape(c.output_shape)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(compute_dtype)) if want_grad else None
+    return out.detach(), grads
+
+
 def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device, gradients: bool, seed: int) -> list[Row]:
     generator = torch.Generator().manual_seed(seed)
     q, k, v, mask = case.make(dtype, device, generator)
+    options = case.variants(dtype, device, generator) if case.has_variants else {}
     q, k, v = (t.requires_grad_(gradients) for t in (q, k, v))
+    leaves = (q, k, v)
+    if options.get("sinks") is not None:
+        leaves = (q, k, v, options["sinks"].requires_grad_(gradients))
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=generator).to(device=device, dtype=dtype)
     start = time.perf_counter()
     try:
         with poisoned_outputs():
             out = flashsdpa.attention(
-                q, k, v, causal=case.causal, scale=case.scale, attn_mask=mask, enable_gqa=True, backend=backend
-            )
-            grads = torch.autograd.grad(out, (q, k, v), grad_out) if gradients else None
+                q, k, v, causal=case.causal, scale=case.scale, attn_mask=mask, enable_gqa=True, backend=backend,
+                **options,
+            )  # fmt: skip
+            grads = torch.autograd.grad(out, leaves, grad_out) if gradients else None
     except UnsupportedError as declined:
         # An expected decline is not a failure (the automatic choice sends the problem to another
         # backend, for this reason); any other is, so a backend that wrongly refuses cannot pass.
@@ -138,12 +188,16 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
         note = f"declined: {declined}" if expected else f"declined unexpectedly: {declined}"
         return [Row(case.name, backend, dtype_name, "-", nan, nan, nan, nan, expected, note=note)]
     seconds = time.perf_counter() - start
-    ref_out, ref_grads = _float64_reference(case, q, k, v, mask, case.scale, gradients, grad_out)
-    torch_out, torch_grads = _torch_run(case, q, k, v, mask, case.scale, gradients, grad_out)
+    if case.has_variants:
+        ref_out, ref_grads = _variant_formula(case, q, k, v, mask, options, torch.float64, gradients, grad_out)
+        torch_out, torch_grads = _variant_formula(case, q, k, v, mask, options, dtype, gradients, grad_out)
+    else:
+        ref_out, ref_grads = _float64_reference(case, q, k, v, mask, case.scale, gradients, grad_out)
+        torch_out, torch_grads = _torch_run(case, q, k, v, mask, case.scale, gradients, grad_out)
 
     pairs = [("out", out, ref_out, torch_out, FORWARD_BOUND[dtype])]
     if gradients:
-        for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, torch_grads):
+        for name, g, rg, tg in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads, torch_grads):
             pairs.append((name, g, rg, tg, GRADIENT_BOUND[dtype]))
     rows = []
     for what, ours, ref, theirs, bound in pairs:
@@ -158,8 +212,11 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
 
 
 def expected_decline(case: Case, backend: str, dtype: torch.dtype) -> bool:
-    """The problems a backend is meant to decline: triton's full-precision float32 over MAX_FP32_HEAD_DIM."""
+    """The problems a backend is meant to decline: triton's full-precision float32 over MAX_FP32_HEAD_DIM,
+    and the variants its kernels do not compute yet."""
     head_dim = max(case.shape[5], case.head_dim_v or 0)
+    if backend == "triton" and case.has_variants:
+        return True
     return backend == "triton" and dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM
 
 
@@ -180,8 +237,22 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
         Case("GQA 4:1, Ev=24", (1, 8, 2, 17, 33, 72), head_dim_v=24),
         Case("decode L=1", (2, 8, 2, 1, 100, 128)),
         Case("d=256", (1, 1, 1, 16, 20, 256)),
+        *variant_cases(),
     ]
     return cases
+
+
+def variant_cases() -> list[Case]:
+    return [
+        Case("window L<S bottom-right", (1, 2, 2, 20, 45, 32), window=(7, 3), alignment="bottom_right"),
+        Case("window L>S top-left", (1, 2, 2, 45, 20, 32), window=(4, 2)),
+        Case("causal+window L>S b-right", (1, 2, 2, 45, 20, 32), causal=True, window=(5, None), alignment="bottom_right"),
+        Case("softcap + float bias", (1, 2, 2, 24, 40, 32), softcap=5.0, mask="float-bias", scale=1.0),
+        Case("ALiBi (B, H) GQA", (2, 4, 2, 30, 30, 32), alibi=True, causal=True),
+        Case("sinks + empty rows", (1, 2, 2, 16, 24, 16), sinks=True, mask="bool-empty-rows"),
+        Case("every variant GQA", (2, 4, 2, 33, 40, 32), causal=True, window=(9, None), alignment="bottom_right",
+             softcap=4.0, alibi=True, sinks=True),
+    ]
 
 
 def gradient_cases() -> list[Case]:
@@ -189,6 +260,8 @@ def gradient_cases() -> list[Case]:
         Case("grad scale=0.5", (1, 2, 2, 24, 40, 32), scale=0.5),
         Case("grad causal GQA", (1, 4, 2, 33, 33, 40), causal=True),
         Case("grad float bias bshd", (2, 2, 2, 19, 29, 64), mask="float-bias", layout="bshd"),
+        Case("grad window sinks b-right", (1, 4, 2, 27, 41, 32), window=(6, 2), alignment="bottom_right", sinks=True),
+        Case("grad softcap ALiBi causal", (1, 2, 2, 25, 25, 32), causal=True, softcap=3.0, alibi=True),
     ]
 
 
@@ -222,13 +295,13 @@ def run_check(device: torch.device, quick: bool = False, dtypes=None):
                 yield from run_case(case, backend, dtype, device, gradients=True, seed=seed)
 
 
-HEADER = f"{'case':28} {'backend':8} {'dtype':9} {'what':4} {'max abs':>9} {'rel err':>9} {'torch rel':>9} {'bound':>9}  ok"
+HEADER = f"{'case':28} {'backend':8} {'dtype':9} {'what':6} {'max abs':>9} {'rel err':>9} {'torch rel':>9} {'bound':>9}  ok"
 
 
 def format_row(r: Row) -> str:
     if r.note:
         return f"{r.case[:28]:28} {r.backend:8} {r.dtype:9} {r.note}"
     return (
-        f"{r.case[:28]:28} {r.backend:8} {r.dtype:9} {r.what:4} {r.max_abs:9.2e} {r.rel:9.2e} "
+        f"{r.case[:28]:28} {r.backend:8} {r.dtype:9} {r.what:6} {r.max_abs:9.2e} {r.rel:9.2e} "
         f"{r.torch_rel:9.2e} {r.bound:9.2e}  {'ok' if r.ok else 'FAIL'}"
     )

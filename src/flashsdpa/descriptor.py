@@ -10,9 +10,11 @@ problem it was not built for.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,13 @@ class MaskKind(str, enum.Enum):
     NONE = "none"
     BOOL = "bool"  # True = may attend
     FLOAT = "float"  # added to the scaled scores
+
+
+class Alignment(str, enum.Enum):
+    """Where query i sits among the keys: at key i + `AttentionDescriptor.key_offset`."""
+
+    TOP_LEFT = "top_left"  # offset 0: torch's convention
+    BOTTOM_RIGHT = "bottom_right"  # offset seq_kv - seq_q: the last query sits at the last key (FlashAttention's)
 
 
 class Fp32Precision(str, enum.Enum):
@@ -96,6 +105,13 @@ class AttentionDescriptor:
     fp32_precision: Fp32Precision = Fp32Precision.IEEE
     # Chosen at the forward; only the backward reads it, so it is not in the KernelKey.
     gradients: GradientPrecision = GradientPrecision.AUTO
+    # The variants (semantics: flashsdpa/visibility.py and `flashsdpa.attention`).
+    window_left: int = -1  # keys before the aligned position a query sees; -1 = unbounded
+    window_right: int = -1  # keys after it; -1 = unbounded (causal clamps it to 0)
+    alignment: Alignment = Alignment.TOP_LEFT
+    softcap: float = 0.0  # > 0: scores become softcap * tanh(scores / softcap); 0 = off
+    alibi: bool = False  # AttentionInputs.alibi_slopes holds the (B, Hq) slopes
+    sinks: bool = False  # AttentionInputs.sinks holds the (Hq,) sink logits
 
     def __post_init__(self) -> None:
         for name in ("heads_q", "heads_kv", "seq_q", "seq_kv", "head_dim", "head_dim_v"):
@@ -115,6 +131,30 @@ class AttentionDescriptor:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim) if self.head_dim else 1.0)
         if not math.isfinite(self.scale):
             raise ValueError(f"AttentionDescriptor.scale must be finite, got {self.scale}")
+        for name in ("window_left", "window_right"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < -1:
+                raise ValueError(f"AttentionDescriptor.{name} must be an int >= -1 (-1 = unbounded), got {value!r}")
+        if not (self.softcap == 0.0 or 0.0 < self.softcap < math.inf):
+            raise ValueError(f"AttentionDescriptor.softcap must be 0 (off) or a finite float > 0, got {self.softcap}")
+
+    def __hash__(self) -> int:
+        # Hashed on every call (backends' answers and plans are kept by descriptor): computed once.
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            value = hash(_field_values(self))
+            object.__setattr__(self, "_hash", value)
+            return value
+
+    @property
+    def key_offset(self) -> int:
+        """The key position of query 0: query i is aligned with key i + key_offset."""
+        return self.seq_kv - self.seq_q if self.alignment is Alignment.BOTTOM_RIGHT else 0
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
 
     @property
     def batch(self) -> int:
@@ -142,11 +182,14 @@ class AttentionDescriptor:
 
     def flops(self, backward: bool = False) -> float:
         """Matrix-product FLOPs of the forward (or backward, counted as 2.5x)."""
-        pairs = self.batch * self.heads_q * self.seq_q * self.seq_kv
-        if self.causal:
-            pairs = self.batch * self.heads_q * causal_pairs(self.seq_q, self.seq_kv)
+        from flashsdpa.visibility import visible_pairs  # visibility builds on this module
+
+        pairs = self.batch * self.heads_q * visible_pairs(self)
         forward = 2.0 * pairs * (self.head_dim + self.head_dim_v)
         return 2.5 * forward if backward else forward
+
+
+_field_values = operator.attrgetter(*(f.name for f in dataclasses.fields(AttentionDescriptor)))
 
 
 def causal_pairs(seq_q: int, seq_kv: int) -> int:

@@ -10,48 +10,34 @@ row log-sum-exp; the backward recomputes the scores tile by tile.
 `forward` is what the public API calls: in plain eager mode it runs the ops'
 implementations (`forward_impl`, `backward_impl`) without the ops' dispatcher
 layers, which cost more host time than a small GPU kernel (see `_plain_eager`).
+There the call's descriptor, built once by `api.prepare` (`PreparedCall.desc`),
+is carried to the backend and, in the autograd context, to the backward. The
+ops themselves take only tensors and scalars (`validation.CallOptions`), so
+their bodies describe the problem from those (a cached lookup per call shape).
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd import forward_ad
 
 from flashsdpa import dispatch
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded
-from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
-from flashsdpa.validation import describe
+from flashsdpa.validation import CallOptions, describe
+
+if TYPE_CHECKING:
+    from flashsdpa.api import PreparedCall
 
 Tensor = torch.Tensor
 
 
-# Descriptors of recent call shapes, keyed on everything `describe` reads: a
-# repeated call is a dict lookup and keeps its descriptor object (and with it
-# the descriptor's kernel_key and the launchers' plans). Bounded: cleared when full.
-_descriptors = RecentValues()
-
-
-def _describe(q, k, v, mask, dropout_p, causal, scale, fp32_precision, gradients):
-    facts = (
-        q.shape, k.shape, v.shape, q.dtype, q.device.type,
-        None if mask is None else (mask.dtype, mask.shape, mask.stride()),
-        dropout_p, causal, scale, math.copysign(1.0, scale), fp32_precision, gradients,  # the sign: -0.0 == 0.0 as keys
-    )  # fmt: skip
-    desc = _descriptors.get(facts)
-    if desc is None:
-        desc = _descriptors.keep(facts, describe(
-            q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale, fp32_precision=fp32_precision,
-            gradients=gradients,
-        ))  # fmt: skip
-    return desc
-
-
-def _inputs(q, k, v, mask, dropout_seed) -> AttentionInputs:
-    return AttentionInputs(q, k, v, mask, split_seed(dropout_seed) if dropout_seed.numel() else None)
+def _inputs(q, k, v, mask, alibi_slopes, sinks, dropout_seed) -> AttentionInputs:
+    seed = split_seed(dropout_seed) if dropout_seed.numel() else None
+    return AttentionInputs(q, k, v, mask, seed, alibi_slopes, sinks)
 
 
 def _is_degenerate(desc) -> bool:
@@ -59,22 +45,24 @@ def _is_degenerate(desc) -> bool:
     return desc.seq_q == 0 or desc.seq_kv == 0 or desc.batch * desc.heads_q == 0
 
 
-def _empty_forward(desc, q):
-    """Every row sees no key: out = 0 and lse = -inf, as torch gives."""
+def _empty_forward(desc, q, sinks):
+    """Every row sees no key: out = 0 and lse = -inf (as torch gives), or the row's sink logit."""
     shape = (desc.batch, desc.heads_q, desc.seq_q)
     out = q.new_zeros(*shape, desc.head_dim_v)
+    if sinks is not None:
+        return out, sinks.detach().to(statistics_dtype(q.dtype)).view(1, -1, 1).expand(shape).contiguous()
     return out, torch.full(shape, float("-inf"), dtype=statistics_dtype(q.dtype), device=q.device)
 
 
-def forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
-    """The body of `attention_forward` (see there), callable without the op's dispatcher layers."""
-    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision, gradients)
+def forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks):
+    """The body of `attention_forward` (see there) for a described problem, without the op's dispatcher layers."""
     name = dispatch.choose_backend(desc, query.device, backend or None)
     dispatch.record_call(name)
-    dropout_seed = draw_seed() if dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
+    dropout_seed = draw_seed() if desc.dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
     if _is_degenerate(desc):
-        return (*_empty_forward(desc, query), dropout_seed)
-    out, lse = dispatch.BACKENDS[name].forward(desc, _inputs(query, key, value, mask, dropout_seed))
+        return (*_empty_forward(desc, query, sinks), dropout_seed)
+    inputs = _inputs(query, key, value, mask, alibi_slopes, sinks, dropout_seed)
+    out, lse = dispatch.BACKENDS[name].forward(desc, inputs)
     return _as_declared(out), _as_declared(lse), dropout_seed
 
 
@@ -84,19 +72,30 @@ def attention_forward(
     key: Tensor,
     value: Tensor,
     mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
     dropout_p: float,
     causal: bool,
-    scale: float,
-    backend: str,
+    scale: float | None,
+    window_left: int,
+    window_right: int,
+    alignment: str,
+    softcap: float,
     fp32_precision: str,
     gradients: str,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, lse, dropout_seed); the seed (int64 (2,), empty without
     dropout) is drawn here, at run time, from torch's default generator, so
     eager and compiled runs draw the same pattern after torch.manual_seed.
-    `gradients` is the backward's 16-bit precision, chosen with the call
-    (`gradient_precision.at_forward`); the forward only carries it."""
-    return forward_impl(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
+    The scalars are `validation.CallOptions` (the variants in canonical form;
+    `gradients` is the backward's 16-bit precision, chosen with the call by
+    `gradient_precision.at_forward`, which the forward only carries)."""
+    options = CallOptions(
+        dropout_p, causal, scale, window_left, window_right, alignment, softcap, fp32_precision, gradients
+    )
+    desc = describe(query, key, value, mask, options, alibi_slopes is not None, sinks is not None)
+    return forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks)
 
 
 def _as_declared(t: Tensor) -> Tensor:
@@ -106,19 +105,15 @@ def _as_declared(t: Tensor) -> Tensor:
 
 
 @attention_forward.register_fake
-def _(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
+def _(query, key, value, mask, alibi_slopes, sinks, dropout_p, *_options):
     b, h, l, _ = query.shape
     out = query.new_empty(b, h, l, value.shape[-1])
     seed = torch.empty(2 if dropout_p > 0.0 else 0, dtype=torch.int64)
     return out, query.new_empty(b, h, l, dtype=statistics_dtype(query.dtype)), seed
 
 
-def backward_impl(
-    grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-    gradients, needed,
-):
-    """The body of `attention_backward` (see there), callable without the op's dispatcher layers."""
-    desc = _describe(query, key, value, mask, dropout_p, causal, scale, fp32_precision, gradients)
+def backward_impl(desc, backend, grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed, needed):
+    """The body of `attention_backward` (see there) for a described problem, without the op's dispatcher layers."""
     need = GradientsNeeded(*needed)
     if _is_degenerate(desc):
         grads = (
@@ -131,9 +126,8 @@ def backward_impl(
         )
     else:
         name = dispatch.choose_backend(desc, query.device, backend or None)
-        grads = dispatch.BACKENDS[name].backward(
-            desc, _inputs(query, key, value, mask, dropout_seed), out, lse, grad_out, need
-        )
+        inputs = _inputs(query, key, value, mask, alibi_slopes, sinks, dropout_seed)
+        grads = dispatch.BACKENDS[name].backward(desc, inputs, out, lse, grad_out, need)
     return tuple(_as_declared(g) if g is not None else query.new_empty(0) for g in grads)
 
 
@@ -146,27 +140,35 @@ def attention_backward(
     out: Tensor,
     lse: Tensor,
     mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
     dropout_seed: Tensor,
     dropout_p: float,
     causal: bool,
-    scale: float,
-    backend: str,
+    scale: float | None,
+    window_left: int,
+    window_right: int,
+    alignment: str,
+    softcap: float,
     fp32_precision: str,
     gradients: str,
+    backend: str,
     needed: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dmask); a gradient not `needed` comes back as an empty tensor."""
+    """Returns (dq, dk, dv, dmask); a gradient not `needed` comes back as an empty tensor.
+    The sinks' gradient is not a backend's: `sink_gradient` computes it from out and lse."""
+    options = CallOptions(
+        dropout_p, causal, scale, window_left, window_right, alignment, softcap, fp32_precision, gradients
+    )
+    desc = describe(query, key, value, mask, options, alibi_slopes is not None, sinks is not None)
     return backward_impl(
-        grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-        gradients, needed,
+        desc, backend, grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed, needed
     )
 
 
 @attention_backward.register_fake
-def _(
-    grad_out, query, key, value, out, lse, mask, dropout_seed, dropout_p, causal, scale, backend, fp32_precision,
-    gradients, needed,
-):
+def _(grad_out, query, key, value, out, lse, mask, *_rest):
+    needed = _rest[-1]
     b, h, l, _ = query.shape
     dmask_shape = (b, h, l, key.shape[2])
     return (
@@ -177,11 +179,20 @@ def _(
     )
 
 
+_TENSOR_INPUTS = 6  # query, key, value, mask, alibi_slopes, sinks; then CallOptions, then the backend
+
+
 def _setup_context(ctx, inputs, output):
-    query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients = inputs
+    """The custom op's autograd context: its tensors and its scalars (the problem is described again, from them,
+    by the backward op; under torch.compile this runs while tracing, where no descriptor is built)."""
+    _save(ctx, inputs[:_TENSOR_INPUTS], output)
+    ctx.desc, ctx.options, ctx.backend = None, CallOptions(*inputs[_TENSOR_INPUTS:-1]), inputs[-1]
+    ctx.tensors_at = 0  # where the tensors are among the inputs (ctx.needs_input_grad)
+
+
+def _save(ctx, tensors, output):
     out, lse, dropout_seed = output
-    ctx.save_for_backward(query, key, value, mask, dropout_seed, out, lse)
-    ctx.options = (dropout_p, causal, scale, backend, fp32_precision, gradients)
+    ctx.save_for_backward(*tensors, dropout_seed, out, lse)
     ctx.mark_non_differentiable(lse, dropout_seed)
     # lse and the seed never get a gradient: without this autograd would fill
     # a zero tensor for each on every backward (a fill kernel, and host time).
@@ -189,26 +200,54 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+    """(dq, dk, dv, dmask, d alibi_slopes (None), dsinks), for either autograd (the op's, `_EagerAttention`)."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "flashsdpa does not support double backward (create_graph=True through attention); "
             "use torch's scaled_dot_product_attention for higher-order gradients"
         )
-    query, key, value, mask, dropout_seed, out, lse = ctx.saved_tensors
-    if grad_out is None:  # not materialized (see _setup_context); never seen, as out is the only differentiable output
+    query, key, value, mask, alibi_slopes, sinks, dropout_seed, out, lse = ctx.saved_tensors
+    if grad_out is None:  # not materialized (see _save); never seen, as out is the only differentiable output
         grad_out = torch.zeros_like(out)
-    needed = [bool(n) for n in ctx.needs_input_grad[:4]]
+    needs = ctx.needs_input_grad[ctx.tensors_at : ctx.tensors_at + _TENSOR_INPUTS]
+    needed = [bool(n) for n in needs[:4]]
     if mask is None or not mask.is_floating_point():
         needed[3] = False
-    arguments = (grad_out, query, key, value, out, lse, mask, dropout_seed, *ctx.options, needed)
-    dq, dk, dv, dmask = backward_impl(*arguments) if _plain_eager(arguments[:7]) else attention_backward(*arguments)
+    dsinks = sink_gradient(sinks, out, lse, grad_out) if needs[5] else None
+    dq = dk = dv = dmask = None
+    tensors = (grad_out, query, key, value, out, lse, mask, alibi_slopes, sinks, dropout_seed)
+    if any(needed) and _plain_eager(tensors[:9]):
+        desc = ctx.desc
+        if desc is None:
+            desc = describe(query, key, value, mask, ctx.options, alibi_slopes is not None, sinks is not None)
+        dq, dk, dv, dmask = backward_impl(desc, ctx.backend, *tensors, needed)
+    elif any(needed):
+        options = ctx.options if ctx.desc is None else CallOptions.of(ctx.desc)
+        dq, dk, dv, dmask = attention_backward(*tensors, *options, ctx.backend, needed)
     grads = [g if n else None for g, n in zip((dq, dk, dv, dmask), needed)]
     if grads[3] is not None:
         grads[3] = grads[3].to(mask.dtype)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, dsinks)
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad_out, grad_lse, grad_seed):
+    return (*_backward(ctx, grad_out, grad_lse, grad_seed), *(None,) * (len(ctx.options) + 1))
+
+
+def sink_gradient(sinks: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor) -> Tensor:
+    """d loss / d sinks, for every backend: the sink's share of row i is p_i = exp(sink - lse_i), and
+
+        d loss / d sink_h = -sum over batch and rows of p_i * delta_i,   delta_i = rowsum(dO_i * O_i)
+
+    (the sink has no value row; dropout, which only drops the keys' shares, is inside O). A row with
+    no visible key has O = 0, so its sink, whose share there is 1, gets no gradient from it."""
+    stats = lse.dtype
+    delta = (grad_out.to(stats) * out.to(stats)).sum(-1)
+    share = torch.exp(sinks.to(stats).view(1, -1, 1) - lse)
+    return (-(share * delta).sum((0, 2))).to(sinks.dtype)
+
+
+attention_forward.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # The eager fast path. Calling a custom op costs tens of microseconds of host
@@ -236,32 +275,38 @@ def _plain_eager(tensors) -> bool:
 
 
 class _EagerAttention(torch.autograd.Function):
-    """`attention_forward`'s autograd, without the op: same context (`_setup_context`) and backward.
+    """`attention_forward`'s autograd, without the op, carrying the call's descriptor to the backward.
 
     Old-style (forward takes ctx): with a separate setup_context, `apply` binds
     the arguments through `inspect.signature` on every call (~30 us)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, desc, backend, *tensors):
+        output = forward_impl(desc, backend, *tensors)
+        _save(ctx, tensors, output)
+        ctx.desc, ctx.options, ctx.backend = desc, None, backend
+        ctx.tensors_at = 2
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_seed):
-        return _backward(ctx, grad_out, grad_lse, grad_seed)
+        return None, None, *_backward(ctx, grad_out, grad_lse, grad_seed)
 
 
-def forward(query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients):
-    """`attention_forward(...)`, skipping the op's layers where nothing can observe them (see `_plain_eager`)."""
-    arguments = (query, key, value, mask, dropout_p, causal, scale, backend, fp32_precision, gradients)
-    if not _plain_eager((query, key, value, mask)):
-        return attention_forward(*arguments)
+def forward(call: PreparedCall, backend: str):
+    """`attention_forward(...)` of a prepared call, skipping the op's layers where nothing can observe them (see
+    `_plain_eager`): then the call's descriptor is built (once) and carried to the backward."""
+    c, w = call.canon, call.variants
+    tensors = (c.query, c.key, c.value, c.mask, w.alibi_slopes, w.sinks)
+    if not _plain_eager(tensors):
+        return attention_forward(*tensors, *call.options, backend)
+    query, key, value, mask, _, sinks = tensors
     needs_graph = (
         torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad
-             or (mask is not None and mask.requires_grad))
+             or (mask is not None and mask.requires_grad) or (sinks is not None and sinks.requires_grad))
         # below autograd (inside another op's implementation) the op records no graph either
         and not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
-    )
-    return _EagerAttention.apply(*arguments) if needs_graph else forward_impl(*arguments)
+    )  # fmt: skip
+    desc = call.desc
+    return _EagerAttention.apply(desc, backend, *tensors) if needs_graph else forward_impl(desc, backend, *tensors)

@@ -15,7 +15,15 @@ from typing import NamedTuple
 
 import torch
 
-from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision, MaskKind
+from flashsdpa.cache import RecentValues
+from flashsdpa.descriptor import (
+    AttentionDescriptor,
+    Alignment,
+    Fp32Precision,
+    GradientPrecision,
+    MaskKind,
+    statistics_dtype,
+)
 
 
 class Canonical(NamedTuple):  # a NamedTuple: built on every call, in a third of a frozen dataclass's time
@@ -25,6 +33,43 @@ class Canonical(NamedTuple):  # a NamedTuple: built on every call, in a third of
     mask: torch.Tensor | None  # (B, Hq, L, S) view, stride 0 on broadcast dims
     output_shape: tuple[int, ...]  # the caller's (..., L, Ev)
     lse_shape: tuple[int, ...]  # the caller's (..., L)
+
+
+class Variants(NamedTuple):
+    """The variant arguments of `flashsdpa.attention`, checked and in canonical form."""
+
+    window_left: int = -1  # -1: unbounded
+    window_right: int = -1  # -1: unbounded; always -1 under causal (causal already bounds it at 0)
+    # (a side that hides no key of this problem is -1 too)
+    alignment: Alignment = Alignment.TOP_LEFT  # top-left wherever the alignment cannot change the result
+    softcap: float = 0.0  # 0: off
+    alibi_slopes: torch.Tensor | None = None  # (B, Hq) view in statistics_dtype, stride 0 over a broadcast batch
+    sinks: torch.Tensor | None = None  # (Hq,) in statistics_dtype (differentiable conversion of the caller's)
+
+
+NO_VARIANTS = Variants()
+
+
+class CallOptions(NamedTuple):
+    """A call's scalar options, resolved, in the order of the custom ops' arguments (ops.attention_forward):
+    what a descriptor is built from, next to the canonical tensors."""
+
+    dropout_p: float
+    causal: bool
+    scale: float | None  # None: 1/sqrt(head_dim), resolved by AttentionDescriptor
+    window_left: int
+    window_right: int
+    alignment: str  # an Alignment value
+    softcap: float
+    fp32_precision: str  # an Fp32Precision value
+    gradients: str  # a GradientPrecision value
+
+    @staticmethod
+    def of(desc: AttentionDescriptor) -> CallOptions:
+        return CallOptions(
+            desc.dropout_p, desc.causal, desc.scale, desc.window_left, desc.window_right, desc.alignment.value,
+            desc.softcap, desc.fp32_precision.value, desc.gradients.value,
+        )  # fmt: skip
 
 
 def _shapes(**tensors) -> str:
@@ -191,19 +236,29 @@ def _canonical_mask(attn_mask, query, batch_shape, heads, seq_q, seq_kv, shapes)
     return _expand(mask, (mask.shape[0], heads, seq_q, seq_kv))
 
 
-def describe(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    *,
-    causal: bool,
-    dropout_p: float,
-    scale: float | None,
-    fp32_precision: Fp32Precision | str = Fp32Precision.IEEE,
-    gradients: GradientPrecision | str = GradientPrecision.AUTO,
-) -> AttentionDescriptor:
-    """The descriptor of a problem given in canonical form."""
+# Descriptors of recent call shapes, keyed on everything `describe` reads: a
+# repeated call is a dict lookup and keeps its descriptor object (and with it
+# the descriptor's kernel_key and the launchers' plans). Bounded: cleared when full.
+_descriptors = RecentValues()
+
+
+def describe(query, key, value, mask, options: CallOptions, alibi: bool, sinks: bool) -> AttentionDescriptor:
+    """The descriptor of a problem given in canonical form (a cached object for a repeated call shape)."""
+    if torch.compiler.is_compiling():  # built while tracing (the drop-in layer's backend check): not kept
+        return _descriptor(query, key, value, mask, options, alibi, sinks)
+    scale = options.scale
+    facts = (
+        query.shape, key.shape, value.shape, query.dtype, query.device.type,
+        None if mask is None else (mask.dtype, mask.shape, mask.stride()),
+        options, None if scale is None else math.copysign(1.0, scale), alibi, sinks,  # the sign: -0.0 == 0.0 as keys
+    )  # fmt: skip
+    desc = _descriptors.get(facts)
+    if desc is None:
+        desc = _descriptors.keep(facts, _descriptor(query, key, value, mask, options, alibi, sinks))
+    return desc
+
+
+def _descriptor(query, key, value, mask, options: CallOptions, alibi: bool, sinks: bool) -> AttentionDescriptor:
     b, hq, l, e = query.shape
     mask_kind = MaskKind.NONE
     if mask is not None:
@@ -218,20 +273,102 @@ def describe(
         head_dim_v=value.shape[3],
         dtype=query.dtype,
         device_type=query.device.type,
-        causal=causal,
+        causal=options.causal,
         mask=mask_kind,
         mask_dtype=None if mask is None else mask.dtype,
         mask_broadcast=(
             (False,) * 4 if mask is None else tuple(st == 0 or n == 1 for st, n in zip(mask.stride(), mask.shape))
         ),
-        dropout_p=float(dropout_p),
-        scale=scale,
-        fp32_precision=_as_member(Fp32Precision, fp32_precision),
-        gradients=_as_member(GradientPrecision, gradients),
+        dropout_p=float(options.dropout_p),
+        scale=None if options.scale is None else float(options.scale),
+        fp32_precision=_as_member(Fp32Precision, options.fp32_precision),
+        gradients=_as_member(GradientPrecision, options.gradients),
+        window_left=options.window_left,
+        window_right=options.window_right,
+        alignment=_as_member(Alignment, options.alignment),
+        softcap=float(options.softcap),
+        alibi=alibi,
+        sinks=sinks,
     )
 
 
 def _as_member(enum_type, value):
     """`enum_type(value)`, skipped for a member: under torch.compile (torch 2.11) dynamo failed to trace
     GradientPrecision(GradientPrecision.AUTO) ("SourcelessBuilder ... <class 'method'>")."""
-    return value if isinstance(value, enum_type) else enum_type(value)
+    if isinstance(value, enum_type):
+        return value
+    member = enum_type._value2member_map_.get(value)  # a dict lookup; enum_type(value) costs ~1 us
+    return enum_type(value) if member is None else member
+
+
+def check_variants(
+    canon: Canonical, causal: bool, window, causal_alignment, softcap, alibi_slopes, sinks
+) -> Variants:
+    """Check `flashsdpa.attention`'s variant arguments against the canonical problem; their canonical form."""
+    if window is None and causal_alignment == "top_left" and softcap is None and alibi_slopes is None and sinks is None:
+        return NO_VARIANTS
+    query = canon.query
+    batch, heads, seq_q, _ = query.shape
+    seq_kv = canon.key.shape[2]
+    left, right = _window(window)
+    try:
+        alignment = Alignment(causal_alignment)
+    except ValueError:
+        choices = [a.value for a in Alignment]
+        raise ValueError(f"causal_alignment must be one of {choices}, got {causal_alignment!r}") from None
+    if softcap is not None and (not _is_real(softcap) or not 0.0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None (off) or a finite float > 0, got {softcap!r}")
+    accepted = (torch.float32,) if query.dtype != torch.float64 else (torch.float32, torch.float64)
+    stats = statistics_dtype(query.dtype)
+    slopes = None
+    if alibi_slopes is not None:
+        _check_small_tensor("alibi_slopes", alibi_slopes, query, accepted)
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes receive no gradient: pass a tensor that does not require grad (detach it)")
+        if tuple(alibi_slopes.shape) not in ((heads,), (1, heads), (batch, heads)):
+            raise ValueError(
+                f"alibi_slopes must have shape (H,) or (B, H) = ({heads},) or ({batch}, {heads}) (H: query heads, "
+                f"B: the batch dims' product), got {tuple(alibi_slopes.shape)}"
+            )
+        slopes = _expand(_with_leading_ones(alibi_slopes, 2).to(stats), (batch, heads))
+    sink_logits = None
+    if sinks is not None:
+        _check_small_tensor("sinks", sinks, query, (torch.float32, query.dtype))
+        if tuple(sinks.shape) != (heads,):
+            raise ValueError(f"sinks must have shape (H,) = ({heads},) (H: query heads), got {tuple(sinks.shape)}")
+        sink_logits = sinks.to(stats)
+    # Sides that hide no key are unbounded: one descriptor (and kernel) per problem.
+    offset = seq_kv - seq_q if alignment is Alignment.BOTTOM_RIGHT else 0
+    if causal or right >= seq_kv - 1 - offset:
+        right = -1  # causal bounds every row at its aligned position already
+    if left >= seq_q - 1 + offset:
+        left = -1
+    positional = causal or left >= 0 or right >= 0 or slopes is not None
+    if seq_q == seq_kv or not positional:
+        alignment = Alignment.TOP_LEFT  # the same result either way: one descriptor, one compiled variant
+    return Variants(left, right, alignment, 0.0 if softcap is None else float(softcap), slopes, sink_logits)
+
+
+def _window(window) -> tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a pair (left, right) of ints >= -1 or None, got {window!r}")
+    sides = []
+    for name, side in zip(("left", "right"), window):
+        if side is None:
+            side = -1
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < -1:
+            raise ValueError(f"window's {name} side must be None or an int >= -1 (-1 = unbounded), got {window!r}")
+        sides.append(int(side))
+    return sides[0], sides[1]
+
+
+def _check_small_tensor(name: str, t, query: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes))
+        raise TypeError(f"{name} must be {allowed}, got {t.dtype} (shape {tuple(t.shape)})")
+    if t.device != query.device:
+        raise ValueError(f"{name} is on {t.device} but query is on {query.device}")

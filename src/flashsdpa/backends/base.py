@@ -55,6 +55,10 @@ class AttentionInputs:
     value: torch.Tensor
     mask: torch.Tensor | None = None
     dropout_seed: tuple[int, int] | None = None  # see flashsdpa.dropout
+    # In statistics_dtype(query.dtype) (float32; float64 for float64 inputs); see validation.Variants.
+    alibi_slopes: torch.Tensor | None = None  # (B, Hq), stride 0 over a broadcast batch; given iff desc.alibi
+    sinks: torch.Tensor | None = None  # (Hq,); given iff desc.sinks. Backends' backward needs no sink code:
+    # P = exp(s - lse) with the forward's lse (sink included) is already right, and ops.sink_gradient does the rest.
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,9 @@ class Backend(abc.ABC):
         """Returns out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) in statistics_dtype(desc.dtype).
 
         lse is the natural-log log-sum-exp of each row of the scaled, masked
-        scores (before dropout); -inf for a row with no key it may attend to,
-        whose output row is zeros.
+        scores (before dropout), the row's sink logit included where desc.sinks;
+        -inf for a row with no key it may attend to (the sink's logit with a
+        sink), whose output row is zeros.
         """
 
     @abc.abstractmethod

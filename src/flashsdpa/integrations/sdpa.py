@@ -186,7 +186,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         call = api.prepare(query, key, value, is_causal, scale, attn_mask, dropout_p, enable_gqa, None, "ieee")
     except Exception as error:  # noqa: BLE001 - whatever flashsdpa rejects goes to torch, which decides
         return [f"invalid arguments: {error}"], None
-    return _backend_reasons(call.describe(), call.canon.query.device), call
+    return _backend_reasons(call.desc, call.canon.query.device), call
 
 
 # ---- one call -----------------------------------------------------------------
