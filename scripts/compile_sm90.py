@@ -42,7 +42,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import flashsdpa
-from flashsdpa import gradient_precision, ops
+from flashsdpa import gradient_precision, validation
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
 from flashsdpa.descriptor import GradientPrecision
 from flashsdpa.dispatch import UnsupportedError
@@ -121,8 +121,8 @@ def ptxas_usage(ptx: str) -> dict:
 
 def patch_for_sm90() -> None:
     """Make the CPU-tensor calls take the CUDA paths (sm90 configs, TMA descriptors, tf32x3) without launching."""
-    describe = ops.describe
-    ops.describe = lambda *a, **kw: dataclasses.replace(describe(*a, **kw), device_type="cuda")
+    descriptor = validation._descriptor  # every descriptor is built there (validation.describe)
+    validation._descriptor = lambda *a, **kw: dataclasses.replace(descriptor(*a, **kw), device_type="cuda")
     accepts = TritonBackend.unsupported_reasons
     TritonBackend.unsupported_reasons = lambda self, desc, device: [
         reason for reason in accepts(self, desc, device) if "TRITON_INTERPRET" not in reason]

@@ -52,13 +52,14 @@ from flashsdpa.backends.triton.common_kernels import (
     round_to_bfloat16,
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
+from flashsdpa.backends.triton.score_kernels import scores_of_products
 from flashsdpa.backends.triton.visibility_kernels import blocks_seen, visible
 
 # Run-time sizes and seeds are not specialised on (Triton would otherwise
 # compile a new variant when a length becomes 1 or a multiple of 16).
 RUNTIME_SIZES = [
     "seq_q", "seq_kv", "heads_q", "heads_kv", "gqa_group", "seed_lo", "seed_hi", "drop_threshold", "lowest_diagonal",
-    "highest_diagonal",
+    "highest_diagonal", "key_offset",
 ]
 
 
@@ -172,10 +173,11 @@ def _dkdv_query_block(
     batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
     mask_row_t,
-    score_scale_log2, band, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, transform, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
@@ -214,15 +216,28 @@ def _dkdv_query_block(
     seed_t = None
     if MASK_SEED:  # the mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed)
         seed_t = mask_seed(mask_t, MASK_KIND == MASK_BOOL, offs_n.shape[0], BLOCK_M)
-    scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+    products_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     if COMPUTE_DK and EARLY_DP:
         # Issued before the softmax needs scores_t, so the tensor cores run it while exp2 runs.
         grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
-    if MASK_KIND == MASK_FLOAT:
-        scores_t += mask_t.to(tl.float32) * LOG2E
-    probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
-    if MASK_KIND == MASK_BOOL:
-        probs_t = tl.where(mask_t != 0, probs_t, 0.0)
+    if SOFTCAP or ALIBI:
+        # Natural-unit scores from the one score transform (score_kernels), then base 2.
+        scale, softcap, slope, key_offset = transform
+        if MASK_KIND == MASK_NONE:
+            mask_t = offs_n  # not read
+        scores_t, derivative_t = scores_of_products(
+            products_t, offs_m[None, :], offs_n[:, None], scale, softcap, slope, key_offset, mask_t, seq_kv,
+            band[0], band[1], True, SOFTCAP, ALIBI, MASK_KIND, False, BOUNDED_BELOW, BOUNDED_ABOVE,
+        )
+        probs_t = tl.math.exp2(scores_t * LOG2E - lse_log2[None, :])
+    else:
+        # The score transform with the scale folded into the base-2 conversion.
+        scores_t = products_t * score_scale_log2
+        if MASK_KIND == MASK_FLOAT:
+            scores_t += mask_t.to(tl.float32) * LOG2E
+        probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
+        if MASK_KIND == MASK_BOOL:
+            probs_t = tl.where(mask_t != 0, probs_t, 0.0)
     if APPLY_EDGE_MASK:  # keys past seq_kv need no mask: their rows of dK and dV are never stored
         seen_t = visible(offs_m[None, :], offs_n[:, None], seq_kv, band[0], band[1], BOUNDED_BELOW, BOUNDED_ABOVE,
                          False)
@@ -249,13 +264,15 @@ def _dkdv_query_block(
         if DROPOUT:
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
+        if SOFTCAP:
+            grad_scores_t = grad_scores_t * derivative_t  # by scale * q.k: softcap's chain rule
         dk_acc = _accumulate_product(grad_scores_t, q, dk_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
     return dk_acc, dv_acc
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dkdv_kernel(
-    Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE,
+    Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE, ALIBI_SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -263,11 +280,13 @@ def attention_backward_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
-    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, lowest_diagonal, highest_diagonal,
+    stride_alibi_b, stride_alibi_h,
+    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, lowest_diagonal, highest_diagonal, key_offset, softcap,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
@@ -347,6 +366,10 @@ def attention_backward_dkdv_kernel(
         dropout_key = 0
         if DROPOUT:
             dropout_key = dropout_stream(seed_lo, seed_hi, bh)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(ALIBI_SLOPES + batch * stride_alibi_b + head * stride_alibi_h)
+        transform = (scale, softcap, slope, key_offset)
         # Lower edge (queries before the band's upper edge reaches every key), whole blocks, upper edge.
         for part in tl.static_range(3):
             if (part == 0 and BOUNDED_ABOVE) or part == 1 or (part == 2 and BOUNDED_BELOW):
@@ -356,9 +379,11 @@ def attention_backward_dkdv_kernel(
                         batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
                         LSE_LOG2, ROW_SCALE,
                         stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
-                        mask_row_t, score_scale_log2, band, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        mask_row_t, score_scale_log2, band, transform, seq_q, seq_kv, dropout_key, drop_threshold,
+                        keep_scale,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+                        DROPOUT, RENORMALIZE,
                         COMPUTE_DK, COMPUTE_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
                         TILE_LOADS, EARLY_DP,
                     )
@@ -385,13 +410,16 @@ def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_
 
 @triton.jit
 def _dq_probabilities(
-    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, rows_left, seq_kv,
+    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform, rows_left,
+    seq_kv,
     BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr,
 ):
-    """P = exp(s - lse) of the query rows offs_m against the keys offs_n (float32), 0 where hidden.
+    """(P, dscore/d(scale q.k)): P = exp(s - lse) of the query rows offs_m against the keys offs_n (float32),
+    0 where hidden; the derivative is softcap's (score_kernels), 1.0 without.
 
     mask_base points at the block's first query row (its row offset is taken
     in int64: an (L, S) mask may pass 2**31 elements); rows_left = seq_q -
@@ -400,35 +428,49 @@ def _dq_probabilities(
     visibility_kernels), so P is zeroed there (zero-padded keys past seq_kv
     would otherwise get P = exp(-lse)).
     """
-    if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see forward_kernels.mask_seed)
+    if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see common_kernels.mask_seed)
         mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                   MASK_ROWS_BROADCAST)
         seed = mask_seed(mask_tile, MASK_KIND == MASK_BOOL, BLOCK_M, offs_n.shape[0])
-        scores = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+        products = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     else:
-        scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+        products = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        mask_tile = offs_n  # not read without a mask
         if MASK_KIND != MASK_NONE:
             mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                       MASK_ROWS_BROADCAST)
-    if MASK_KIND == MASK_FLOAT:
-        scores += mask_tile.to(tl.float32) * LOG2E
-    probs = tl.math.exp2(scores - lse_log2[:, None])
-    if MASK_KIND == MASK_BOOL:
-        probs = tl.where(mask_tile != 0, probs, 0.0)
+    derivative = 1.0
+    if SOFTCAP or ALIBI:
+        # Natural-unit scores from the one score transform (score_kernels), then base 2.
+        scale, softcap, slope, key_offset = transform
+        scores, derivative = scores_of_products(
+            products, offs_m[:, None], offs_n[None, :], scale, softcap, slope, key_offset, mask_tile, seq_kv,
+            band[0], band[1], True, SOFTCAP, ALIBI, MASK_KIND, False, BOUNDED_BELOW, BOUNDED_ABOVE,
+        )
+        probs = tl.math.exp2(scores * LOG2E - lse_log2[:, None])
+    else:
+        # The score transform with the scale folded into the base-2 conversion.
+        scores = products * score_scale_log2
+        if MASK_KIND == MASK_FLOAT:
+            scores += mask_tile.to(tl.float32) * LOG2E
+        probs = tl.math.exp2(scores - lse_log2[:, None])
+        if MASK_KIND == MASK_BOOL:
+            probs = tl.where(mask_tile != 0, probs, 0.0)
     if APPLY_EDGE_MASK:
         seen = visible(offs_m[:, None], offs_n[None, :], seq_kv, band[0], band[1], BOUNDED_BELOW, BOUNDED_ABOVE, True)
         probs = tl.where(seen, probs, 0.0)
-    return probs
+    return probs, derivative
 
 
 @triton.jit
 def _dq_row_stats(
     q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-    score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
@@ -436,9 +478,11 @@ def _dq_row_stats(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    probs = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, rows_left,
-        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION,
+    probs, _ = _dq_probabilities(
+        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
+        rows_left,
+        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+        DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
         MASK_SEED,
     )
@@ -454,10 +498,11 @@ def _dq_key_block(
     dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
     k_base, v_base, mask_base, dmask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-    score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
@@ -471,9 +516,11 @@ def _dq_key_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    probs = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, rows_left,
-        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION,
+    probs, derivative = _dq_probabilities(
+        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
+        rows_left,
+        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+        DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
         MASK_SEED,
     )
@@ -487,6 +534,8 @@ def _dq_key_block(
     grad_scores = probs * (grad_probs - delta[:, None])
     if WRITE_DMASK:
         _store_tile(dmask_base, grad_scores, tl.arange(0, BLOCK_M), offs_n, seq_kv, 1, rows_left, seq_kv)
+    if SOFTCAP:
+        grad_scores = grad_scores * derivative  # by scale * q.k: softcap's chain rule
     if COMPUTE_DQ:
         dq_acc = _accumulate_product(grad_scores, k, dq_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
     return dq_acc
@@ -494,7 +543,7 @@ def _dq_key_block(
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dq_kernel(
-    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE,
+    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE, ALIBI_SLOPES, SINK_LOGITS,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -503,15 +552,17 @@ def attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_lseb, stride_lseh, stride_lsem,
-    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, lowest_diagonal, highest_diagonal,
+    stride_alibi_b, stride_alibi_h,
+    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, lowest_diagonal, highest_diagonal, key_offset, softcap,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, MASK_KIND: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr,
+    MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -570,6 +621,10 @@ def attention_backward_dq_kernel(
     # sees; [whole_start, whole_end) are seen whole by every row, the edge
     # blocks around them need the element mask (see visibility_kernels).
     band = (lowest_diagonal, highest_diagonal)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(ALIBI_SLOPES + batch * stride_alibi_b + head * stride_alibi_h)
+    transform = (scale, softcap, slope, key_offset)
     key_ranges = blocks_seen(start_m, tl.minimum(start_m + BLOCK_M, seq_q) - 1, 0, seq_kv, lowest_diagonal,
                              highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N)
 
@@ -579,7 +634,10 @@ def attention_backward_dq_kernel(
     if DROPOUT:
         dropout_key = dropout_stream(seed_lo, seed_hi, bh)
     if RENORMALIZE:
-        row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SINKS:  # the sink's share of each row: its P sums to 1 with the keys'
+            row_sums = tl.math.exp2(tl.load(SINK_LOGITS + head) * LOG2E - lse_log2)
+        else:
+            row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
         weighted_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
         for part in tl.static_range(3):  # lower edge blocks, whole blocks, upper edge blocks
             if part != 0 or BOUNDED_BELOW:
@@ -587,9 +645,10 @@ def attention_backward_dq_kernel(
                     block_sums, block_weighted = _dq_row_stats(
                         q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
                         stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                        score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+                        DROPOUT,
                         DOT_PRECISION, WIDEN_DOT_OPERANDS, MASK_SEED,
                     )
                     row_sums += block_sums
@@ -619,9 +678,10 @@ def attention_backward_dq_kernel(
                         dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
                         k_base, v_base, mask_base, dmask_base,
                         stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                        score_scale_log2, band, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+                        DROPOUT,
                         RENORMALIZE, COMPUTE_DQ, WRITE_DMASK, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
                         MASK_SEED,
                     )

@@ -50,7 +50,8 @@ from flashsdpa.backends.triton.common_kernels import (
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 from flashsdpa.backends.triton.halves_kernels import P_HALVES_SCALE
-from flashsdpa.backends.triton.visibility_kernels import blocks_seen, visible
+from flashsdpa.backends.triton.score_kernels import scores_of_products
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 @triton.jit
 def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
@@ -110,13 +111,16 @@ def attend_key_blocks(
     score_scale,
     dropout_key,
     dropout_threshold,
-    lowest_diagonal,
-    highest_diagonal,
+    band,
+    transform,
     BOUNDARY: tl.constexpr,
     FAST_SOFTMAX: tl.constexpr,
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    NATURAL_UNITS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -146,7 +150,10 @@ def attend_key_blocks(
     v_unscale_head_ptr): where the lo halves are (`lo_kv_heads` heads past
     the hi ones) and what undoes their scales. Otherwise q_lo and halves are
     unused. MASK_SEED: the mask tile seeds q @ k^T's accumulator
-    (see `mask_seed`; not with split products).
+    (see `mask_seed`; not with split products). `band` = (lowest, highest)
+    diagonal (visibility_kernels), `transform` = (softcap, ALiBi slope,
+    key_offset) (score_kernels). NATURAL_UNITS: scores, row_max and
+    score_scale in natural units (see attend_keys).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,28 +184,24 @@ def attend_key_blocks(
                 qk = qk * q_unscale[:, None] * key_unscale[None, :]
             else:
                 qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+            mask_tile = mask_row_ptrs  # not read without a mask
             if MASK_KIND != MASK_NONE and not FAST_SOFTMAX:
                 mask_tile = load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST,
                                            BOUNDARY)
         if not FAST_SOFTMAX:
-            if MASK_KIND == MASK_FLOAT:
-                # Natural units: the mask is added to the scaled scores.
-                scores = qk * score_scale + mask_tile.to(tl.float32)
-            else:
-                # Raw products; the scale is applied after the max comes off
-                # (see the module doc).
-                scores = qk
-                if MASK_KIND == MASK_BOOL:
-                    scores = tl.where(mask_tile != 0, scores, float("-inf"))
-            if BOUNDARY:
-                seen = visible(offs_m[:, None], cols[None, :], seq_kv, lowest_diagonal, highest_diagonal,
-                               BOUNDED_BELOW, BOUNDED_ABOVE, True)
-                scores = tl.where(seen, scores, float("-inf"))
+            softcap, slope, key_offset = transform
+            # Natural units: scores = q.k * scale, transformed and masked.
+            # Raw products otherwise: the scale is applied after the max comes
+            # off (see the module doc).
+            scores, _ = scores_of_products(
+                qk, offs_m[:, None], cols[None, :], score_scale, softcap, slope, key_offset, mask_tile, seq_kv,
+                band[0], band[1], NATURAL_UNITS, SOFTCAP, ALIBI, MASK_KIND, BOUNDARY, BOUNDED_BELOW, BOUNDED_ABOVE,
+            )
             # Rows that have seen no visible key yet keep a max of -inf and are
             # shifted by 0 instead (see the module doc).
             new_max = tl.maximum(row_max, tl.max(scores, 1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            if MASK_KIND == MASK_FLOAT:
+            if NATURAL_UNITS:
                 p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
                 alpha = tl.math.exp2((row_max - shift) * LOG2E)
             else:
@@ -261,10 +264,7 @@ def attend_keys(
     v_head_ptr,
     halves,
     mask_row_ptrs,
-    key_start,
-    whole_start,
-    whole_end,
-    key_end,
+    key_ranges,
     offs_m,
     seq_kv,
     head_dim,
@@ -277,11 +277,15 @@ def attend_keys(
     softmax_scale,
     dropout_key,
     dropout_threshold,
-    lowest_diagonal,
-    highest_diagonal,
+    band,
+    transform,
+    row_sink,
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -296,69 +300,63 @@ def attend_keys(
     WARP_SPECIALIZE: tl.constexpr,
     MASK_SEED: tl.constexpr,
 ):
-    """Online softmax of rows `offs_m` over keys [key_start, key_end): returns (acc, row_sum, row_max).
+    """Online softmax of rows `offs_m` over the keys of `key_ranges`: returns (acc, row_sum, row_max), row_max
+    in natural units (the row's largest score).
 
-    Keys [whole_start, whole_end) are whole blocks every row sees; the edge
-    blocks around them, [key_start, whole_start) and [whole_end, key_end) (a
-    partial last block, blocks crossing the visible band's edges: see
-    visibility_kernels.blocks_seen), take the element-masked BOUNDARY pass. row_max is over raw q.k products, or over
-    natural-unit scores with a float mask (see the module doc).
+    key_ranges = (key_start, whole_start, whole_end, key_end) from
+    visibility_kernels.blocks_seen: [whole_start, whole_end) are whole blocks
+    every row sees; the edge blocks around them (a partial last block, blocks
+    crossing the visible band's edges) take the element-masked BOUNDARY pass.
+    The running max is over raw q.k products, or over natural-unit scores where any
+    score is more than q.k * scale (a float mask, softcap, ALiBi) or a sink
+    logit joins the rows: SINKS starts each row's softmax from its sink
+    (`row_sink` [BLOCK_M], natural units) as a key of weight exp(sink) and no
+    value row. See attend_key_blocks for the other arguments.
     """
-    if MASK_KIND == MASK_FLOAT:
+    NATURAL_UNITS: tl.constexpr = MASK_KIND == MASK_FLOAT or SOFTCAP or ALIBI or SINKS
+    if NATURAL_UNITS:
         score_scale = softmax_scale  # scores in natural units; exp2 gets * LOG2E
     else:
         score_scale = softmax_scale * LOG2E  # (q.k - max) * score_scale is a base-2 exponent
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if BOUNDED_BELOW:
-        acc, row_sum, row_max = attend_key_blocks(
-            acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
-            mask_row_ptrs,
-            key_start, whole_start, offs_m, seq_kv, head_dim, head_dim_v,
-            stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-            score_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
-            True, False, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D,
-            BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, False, MASK_SEED,
-        )
-    # The whole blocks take the fast softmax when no mask applies (it needs no
-    # -inf guard even after edge blocks: see attend_key_blocks).
-    acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
-        mask_row_ptrs,
-        whole_start, whole_end, offs_m, seq_kv, head_dim, head_dim_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        score_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
-        False, MASK_KIND == MASK_NONE, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N,
-        BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE,
-        MASK_SEED,
-    )
-    acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
-        mask_row_ptrs,
-        whole_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        score_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
-        True, False, BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, False, MASK_SEED,
-    )
+    if SINKS:
+        row_max = row_sink
+        row_sum = tl.where(row_sink == float("-inf"), 0.0, 1.0)
+    else:
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Lower edge blocks, whole blocks (the fast softmax when nothing needs
+    # masking or transforming; it needs no -inf guard even after edge blocks:
+    # see attend_key_blocks), upper edge blocks.
+    for part in tl.static_range(3):
+        if part != 0 or BOUNDED_BELOW:
+            acc, row_sum, row_max = attend_key_blocks(
+                acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr,
+                halves, mask_row_ptrs,
+                key_ranges[part], key_ranges[part + 1], offs_m, seq_kv, head_dim, head_dim_v,
+                stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+                score_scale, dropout_key, dropout_threshold, band, transform,
+                part != 1, part == 1 and MASK_KIND == MASK_NONE and not NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE,
+                MASK_KIND, NATURAL_UNITS, SOFTCAP, ALIBI, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, part == 1 and WARP_SPECIALIZE,
+                MASK_SEED,
+            )  # fmt: skip
+    if not NATURAL_UNITS:
+        row_max = row_max * softmax_scale
     return acc, row_sum, row_max
 
 
 @triton.jit
-def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: tl.constexpr):
+def finish_rows(acc, row_sum, row_max, output_scale):
     """(output rows in float32, natural-log lse) from the online-softmax state.
 
     An empty row has row_sum 0 and acc 0: it is divided by 1, giving output 0,
-    and its lse is -inf + log(0) = -inf. `output_scale` multiplies every row
+    and its lse is -inf + log(0) = -inf (with a sink: the sink). row_max is in
+    natural units (see attend_keys). `output_scale` multiplies every row
     (dropout's 1/(1-p), the same for every kept weight, is applied here once).
     """
     out = acc * (output_scale / tl.where(row_sum == 0.0, 1.0, row_sum))[:, None]
-    if MASK_KIND == MASK_FLOAT:
-        lse = row_max + tl.log(row_sum)
-    else:
-        lse = row_max * softmax_scale + tl.log(row_sum)
-    return out, lse
+    return out, row_max + tl.log(row_sum)
 
 
 # The seed changes every call and the threshold with p: specialising on their
@@ -369,6 +367,7 @@ def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: t
     do_not_specialize=[
         "dropout_threshold", "dropout_seed_lo", "dropout_seed_hi",
         "heads_q", "gqa_group", "seq_q", "seq_kv", "num_m_blocks", "lowest_diagonal", "highest_diagonal",
+        "key_offset",
     ]
 )
 def attention_forward_kernel(
@@ -381,6 +380,8 @@ def attention_forward_kernel(
     q_unscale_ptr,
     k_unscale_ptr,
     v_unscale_ptr,
+    alibi_ptr,
+    sinks_ptr,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -401,6 +402,8 @@ def attention_forward_kernel(
     stride_oh,
     stride_om,
     stride_ok,
+    stride_alibi_b,
+    stride_alibi_h,
     heads_q,
     gqa_group,
     seq_q,
@@ -410,7 +413,9 @@ def attention_forward_kernel(
     num_m_blocks,
     lowest_diagonal,
     highest_diagonal,
+    key_offset,
     softmax_scale,
+    softcap,
     dropout_threshold,
     dropout_seed_lo,
     dropout_seed_hi,
@@ -418,6 +423,9 @@ def attention_forward_kernel(
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -439,7 +447,10 @@ def attention_forward_kernel(
     FP16_HALVES (float32 problems): q, k and v are float16 halves from
     halves_kernels, each tensor's lo halves as many heads past its hi ones as
     it has heads, and the *_unscale pointers their unscale buffers (otherwise
-    unused).
+    unused). The visible band (BOUNDED_*, the diagonals) is visibility_kernels';
+    SOFTCAP, ALIBI (float32 slopes at alibi_ptr, (batch, head) strides) and
+    key_offset are score_kernels'; SINKS: a float32 logit per query head at
+    sinks_ptr (see attend_keys).
     """
     pid = tl.program_id(0)
     bh = pid // num_m_blocks  # batch * heads_q + query head, the dropout stream index
@@ -525,19 +536,27 @@ def attention_forward_kernel(
     if DROPOUT:
         dropout_key = dropout_stream(dropout_seed_lo, dropout_seed_hi, bh)
 
-    key_start, whole_start, whole_end, key_end = blocks_seen(
+    key_ranges = blocks_seen(
         m_start, tl.minimum(m_start + BLOCK_M, seq_q) - 1, 0, seq_kv, lowest_diagonal, highest_diagonal,
         BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
     )
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)
+    row_sink = None
+    if SINKS:
+        row_sink = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(sinks_ptr + head)
     acc, row_sum, row_max = attend_keys(
         q, q_lo, k_desc, v_desc, batch, kv_head, k_head_ptr, v_head_ptr, halves, mask_row_ptrs,
-        key_start, whole_start, whole_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
+        key_ranges, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        softmax_scale, dropout_key, dropout_threshold, lowest_diagonal, highest_diagonal,
-        BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
+        softmax_scale, dropout_key, dropout_threshold, (lowest_diagonal, highest_diagonal),
+        (softcap, slope, key_offset), row_sink,
+        BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, SOFTCAP, ALIBI, SINKS, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N,
+        BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE,
+        MASK_SEED,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, dropout_output_scale)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
         out = to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS)
         out_desc.store([batch, head, m_start, 0], out.reshape([1, 1, BLOCK_M, BLOCK_DV]))

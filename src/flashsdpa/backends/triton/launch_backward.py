@@ -42,6 +42,7 @@ from flashsdpa.backends.triton.launch_common import (
     mask_argument,
     on_device,
     seeds_with_mask,
+    score_arguments,
     sm_count,
     visible_band,
 )
@@ -89,10 +90,10 @@ def attention_backward(
     dmask = new_output((batch, heads_q, seq_q, seq_kv), torch.float32, device) if needed.mask else None
 
     computed = needed
-    if seq_kv == 1:
-        # One key: each row's softmax is a constant (1, or 0 where the key is
-        # hidden), so dS, and with it dq, dk and dmask, is exactly 0; the
-        # kernels would return rounding noise (dP - delta) in its place.
+    if seq_kv == 1 and not desc.sinks:
+        # One key (and no sink): each row's softmax is a constant (1, or 0
+        # where the key is hidden), so dS, and with it dq, dk and dmask, is
+        # exactly 0; the kernels would return rounding noise (dP - delta) in its place.
         for gradient in (dq, dk, dmask):
             if gradient is not None:
                 gradient.zero_()
@@ -113,6 +114,7 @@ def attention_backward(
     stand_in = delta
 
     mask, mask_strides = mask_argument(desc, inputs)
+    alibi, sinks, alibi_strides = score_arguments(desc, inputs, stand_in)
     q_source, do_source, tile_loads = _streamed_tiles(config, desc, query, grad_out) if run_dkdv else (
         query, grad_out, int(LOAD_POINTERS))
     split_group = run_dkdv and splits_gqa_group(desc, config, device)
@@ -138,7 +140,8 @@ def attention_backward(
                 plan.dq_grid,
                 query, key, value, mask, grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                out, lse, *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *plan.dq_sizes,
+                out, lse, alibi, sinks,
+                *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *alibi_strides, *plan.dq_sizes,
                 *run_time,
             )  # fmt: skip
 
@@ -150,8 +153,9 @@ def attention_backward(
                 plan.dkdv_grid,
                 q_source, key, value, mask, do_source,
                 stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
-                delta, lse_log2, row_scale,
-                *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *plan.dkdv_sizes, *run_time,
+                delta, lse_log2, row_scale, alibi,
+                *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
+                *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
             if split_group:
                 for gradient, shares in ((dk, dk_out), (dv, dv_out)):
@@ -234,6 +238,8 @@ def _new_backward_launch_plan(
         BLOCK_DV=block_dv,
         BOUNDED_BELOW=band.bounded_below,
         BOUNDED_ABOVE=band.bounded_above,
+        SOFTCAP=desc.softcap > 0.0,
+        ALIBI=desc.alibi,
         MASK_KIND=KERNEL_MASK_KIND[desc.mask],
         MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
         DROPOUT=kernel_key.dropout,
@@ -254,7 +260,7 @@ def _new_backward_launch_plan(
         COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
     ).bind(seq_q, heads_q, stats_stride)  # fmt: skip
     scale, gqa_group = float(desc.scale), heads_q // heads_kv
-    diagonals = (band.lowest_diagonal, band.highest_diagonal)
+    diagonals = (band.lowest_diagonal, band.highest_diagonal, desc.key_offset, float(desc.softcap))
     dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, *diagonals)
     dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, *diagonals)
     # Without dropout every argument after the strides is the plan's: bound once. With it the
@@ -272,7 +278,7 @@ def _new_backward_launch_plan(
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
         dq=main_kernel(attention_backward_dq_kernel, config.dq, dq_sizes, COMPUTE_DQ=computed.query,
-                       WRITE_DMASK=computed.mask, ROW_STATS=dq_row_stats) if run_dq else None,
+                       WRITE_DMASK=computed.mask, ROW_STATS=dq_row_stats, SINKS=desc.sinks) if run_dq else None,
         dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
         dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,

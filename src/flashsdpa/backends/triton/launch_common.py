@@ -16,6 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.triton import common_kernels, cuda_capability
 from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.visibility import Visibility
 
 KERNEL_MASK_KIND = {
     MaskKind.NONE: common_kernels.MASK_NONE,
@@ -162,9 +163,26 @@ class VisibleBand:
 
 
 NO_BAND = VisibleBand(False, False, 0, 0)
-TOP_LEFT_CAUSAL = VisibleBand(False, True, 0, 0)
 
 
 def visible_band(desc: AttentionDescriptor) -> VisibleBand:
-    """The band of `desc`: causal (top-left) is j - i <= 0."""
-    return TOP_LEFT_CAUSAL if desc.causal else NO_BAND
+    """The band of `desc` (causal, window and alignment as `flashsdpa.visibility` defines them): query i,
+    at key position i + offset, sees keys j with offset - left <= j - i <= offset + right.
+
+    A diagonal past every pair (j - i lies in [1 - seq_q, seq_kv - 1]) is clamped there, which keeps it
+    an int32 whatever the window."""
+    if not (desc.causal or desc.windowed or desc.key_offset):
+        return NO_BAND
+    band = Visibility.of(desc)
+    lowest = max(band.offset - band.left, -desc.seq_q)
+    highest = min(band.offset + band.right, desc.seq_kv)
+    return VisibleBand(band.left >= 0, band.right >= 0, lowest if band.left >= 0 else 0,
+                       highest if band.right >= 0 else 0)
+
+
+def score_arguments(desc: AttentionDescriptor, inputs: AttentionInputs, stand_in: torch.Tensor) -> tuple:
+    """(alibi slopes, sinks, the slopes' (batch, head) strides) as the kernels take them; `stand_in` for the
+    tensors a problem does not have (never read: ALIBI and SINKS are off)."""
+    alibi = inputs.alibi_slopes if desc.alibi else stand_in
+    sinks = inputs.sinks if desc.sinks else stand_in
+    return alibi, sinks, (tuple(alibi.stride()) if desc.alibi else (0, 0))

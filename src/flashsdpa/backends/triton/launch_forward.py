@@ -53,6 +53,7 @@ from flashsdpa.backends.triton.launch_common import (
     seeds_with_mask,
     sm_count,
     tensor_descriptor_compatible,
+    score_arguments,
     visible_band,
 )
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
@@ -194,6 +195,9 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         BOUNDED_BELOW=band.bounded_below,
         BOUNDED_ABOVE=band.bounded_above,
         MASK_KIND=KERNEL_MASK_KIND[desc.mask],
+        SOFTCAP=desc.softcap > 0.0,
+        ALIBI=desc.alibi,
+        SINKS=desc.sinks,
         MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
         DROPOUT=desc.dropout_p > 0.0,
         BLOCK_M=config.block_m,
@@ -210,7 +214,8 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         maxnreg=config.max_registers,
     )
     sizes = (desc.heads_q, desc.heads_q // desc.heads_kv, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
-             num_m_blocks, band.lowest_diagonal, band.highest_diagonal, kernel_scale(desc))
+             num_m_blocks, band.lowest_diagonal, band.highest_diagonal, desc.key_offset, kernel_scale(desc),
+             float(desc.softcap))
     # Without dropout every argument after the strides is the plan's: bound once (the seeds change per call).
     tail = () if desc.dropout_p > 0.0 else (*sizes, 0, 0, 0, 1.0)
     kernels = tuple(
@@ -252,12 +257,13 @@ def launch_main_kernel(
         seed_lo, seed_hi = inputs.dropout_seed
         run_time = (*plan.sizes, drop_threshold(desc.dropout_p), seed_lo, seed_hi, 1.0 / (1.0 - desc.dropout_p))
     kernel = plan.kernels[seeds_with_mask(desc, mask, mask_strides)]
+    alibi, sinks, alibi_strides = score_arguments(desc, inputs, lse)
 
     def launch() -> None:
         kernel(
             plan.grid,
-            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales,
-            *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *run_time,
+            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales, alibi, sinks,
+            *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *alibi_strides, *run_time,
         )  # fmt: skip
 
     with on_device(q.device):
@@ -333,12 +339,13 @@ def _new_decode_launch_plan(
         partial_lse_offset = cdiv(rows * num_splits * desc.head_dim_v, 4) * 4  # 16 bytes of float32
         scratch_size = partial_lse_offset + rows * num_splits
     band = visible_band(desc)
-    split_kernel, merge_kernel = decode_launchers(key, config, band.bounded_below, band.bounded_above)
+    split_kernel, merge_kernel = decode_launchers(key, config, decode_variant(desc))
     split_kernel = split_kernel.bind(
         # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
         desc.head_dim_v,
         desc.heads_q, desc.heads_kv, gqa_group, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
-        row_chunks, num_splits, split_len, band.lowest_diagonal, band.highest_diagonal, kernel_scale(desc),
+        row_chunks, num_splits, split_len, band.lowest_diagonal, band.highest_diagonal, desc.key_offset,
+        kernel_scale(desc), float(desc.softcap),
     )  # fmt: skip
     # The last: out's row stride.
     merge_kernel = merge_kernel.bind(num_splits, desc.head_dim_v, desc.head_dim_v) if num_splits > 1 else None
@@ -346,21 +353,31 @@ def _new_decode_launch_plan(
                             split_kernel, merge_kernel)
 
 
+def decode_variant(desc: AttentionDescriptor) -> tuple[bool, ...]:
+    """The flash-decoding split kernel's compiled-in variant flags besides the KernelKey's:
+    (BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, SINKS)."""
+    band = visible_band(desc)
+    return band.bounded_below, band.bounded_above, desc.softcap > 0.0, desc.alibi, desc.sinks
+
+
 def decode_launchers(
-    key: KernelKey, config: ForwardConfig, bounded_below: bool = False, bounded_above: bool = False
+    key: KernelKey, config: ForwardConfig, variant: tuple[bool, ...] = (False,) * 5
 ) -> tuple[DirectLaunch, DirectLaunch]:
-    """The split and merge kernels with the constexprs of `key`, `config` and the visible band's flags,
+    """The split and merge kernels with the constexprs of `key`, `config` and `variant` (`decode_variant`),
     asked once per variant (plans are made per call shape: a decode loop whose cache grows makes one per
     step)."""
     kernels = id(decode_kernels.attention_decode_split_kernel), id(decode_kernels.merge_decode_splits_kernel)
-    variant = (key, config, bounded_below, bounded_above, kernels)  # the kernel objects, as in main_launch_plan
-    found = _decode_launchers.get(variant)
+    found = _decode_launchers.get((key, config, variant, kernels))  # the kernel objects, as in main_launch_plan
     if found is None:
         decode = config.decode
+        bounded_below, bounded_above, softcap, alibi, sinks = variant
         split = launcher(
             decode_kernels.attention_decode_split_kernel,
             BOUNDED_BELOW=bounded_below,
             BOUNDED_ABOVE=bounded_above,
+            SOFTCAP=softcap,
+            ALIBI=alibi,
+            SINKS=sinks,
             MASK_KIND=KERNEL_MASK_KIND[key.mask],
             BLOCK_M=decode.block_m,
             BLOCK_N=decode.block_n,
@@ -379,7 +396,7 @@ def decode_launchers(
             ROUND_BFLOAT16=config.widen_dot_operands,
             num_warps=4,
         )
-        found = _decode_launchers.keep(variant, (split, merge))
+        found = _decode_launchers.keep((key, config, variant, kernels), (split, merge))
     return found
 
 
@@ -410,10 +427,11 @@ def launch_decode_kernels(
         scratch = torch.empty(plan.scratch_size, dtype=torch.float32, device=device)
         partial_out, partial_lse = scratch, scratch[plan.partial_lse_offset:]
     with on_device(device):
+        alibi, sinks, alibi_strides = score_arguments(desc, inputs, lse)
         plan.split_kernel(
             plan.split_grid,
-            q, k, v, mask, partial_out, partial_lse, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            q, k, v, mask, partial_out, partial_lse, out, lse, alibi, sinks,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
         )  # fmt: skip
         if plan.merge_kernel is not None:
             plan.merge_kernel(plan.merge_grid, partial_out, partial_lse, out, lse)
