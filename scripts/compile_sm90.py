@@ -12,7 +12,7 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --masks | --no-masks] [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --variants | --masks | --no-masks] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -147,6 +147,9 @@ class Problem:
     # The 16-bit backward's precision (gradient_precision.py). On the H100 torch's fused kernels take
     # all of these problems, so flashsdpa runs them "rounded" by default; "exact" is the other variant.
     gradients: str = "rounded"
+    # The variants (flashsdpa.attention's arguments): "window", "bottom_right", "softcap", "alibi", "sinks",
+    # joined by "+".
+    variant: str = ""
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
@@ -157,8 +160,16 @@ class Problem:
                 "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv),
                 "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
         gradient_precision.pinned = GradientPrecision(self.gradients)
+        names = set(filter(None, self.variant.split("+")))
+        variants = dict(
+            window=(256, 0) if "window" in names else None,
+            causal_alignment="bottom_right" if "bottom_right" in names else "top_left",
+            softcap=30.0 if "softcap" in names else None,
+            alibi_slopes=torch.rand(hq) if "alibi" in names else None,
+            sinks=torch.randn(hq, requires_grad=self.backward) if "sinks" in names else None,
+        )
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
-                                  enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision)
+                                  enable_gqa=hq != hkv, backend="triton", fp32_precision=self.precision, **variants)
         if self.backward:
             out.backward(torch.ones_like(out))
 
@@ -169,7 +180,13 @@ QUICK = [
     Problem(FP32, 64), Problem(FP32, 128, precision="tf32"),
     Problem(BF16, 128, heads=(8, 2), seq=(1, 4099), backward=False), Problem(BF16, 128, gradients="exact"),
 ]
-FULL = QUICK + [
+# The variants on the bf16 d=64/128 kernels (compare with the plain problems' rows: no new spills or SERIAL).
+VARIANTS = [
+    Problem(BF16, d, causal=c, variant=v)
+    for d in (64, 128) for c, v in ((True, "window"), (True, "window+bottom_right"), (False, "softcap"),
+                                    (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
+] + [Problem(BF16, 128, heads=(8, 2), seq=(1, 4099), backward=False, variant="window+softcap+alibi+sinks")]
+FULL = QUICK + VARIANTS + [
     *(Problem(BF16, d, causal=c, gradients="exact") for d in (64, 128, 256) for c in (False, True)),
     Problem(FP16, 64, mask="pad", gradients="exact"), Problem(BF16, 128, mask="float", gradients="exact"),
     *(Problem(dtype, d, causal=c, precision=p) for dtype, p in ((BF16, "ieee"), (FP32, "ieee"), (FP32, "tf32"))
@@ -223,11 +240,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
     parser.add_argument("--masks", action="store_true", help="only the problems with a mask")
+    parser.add_argument("--variants", action="store_true", help="only the variants' problems (window, softcap, ...)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    problems = list(dict.fromkeys(QUICK if args.quick else FULL))
+    problems = list(dict.fromkeys(QUICK if args.quick else VARIANTS if args.variants else FULL))
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(problem.mask) == args.masks]
     if args.match:

@@ -30,8 +30,8 @@ from flashsdpa.backends.triton.backward_kernels import (
 )
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
 from flashsdpa.backends.triton.common_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
+from flashsdpa.backends.triton.kernel_specs import BackwardDkdvKernelSpec, BackwardDqKernelSpec, backward_common
 from flashsdpa.backends.triton.launch_common import (
-    KERNEL_MASK_KIND,
     TMA_ALIGNMENT_BYTES,
     cdiv,
     device_capability,
@@ -231,24 +231,6 @@ def _new_backward_launch_plan(
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
     block_d, block_dv = block_widths(kernel_key)
     band = visible_band(desc)
-    variant = dict(
-        HEAD_DIM=desc.head_dim,
-        HEAD_DIM_V=desc.head_dim_v,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        BOUNDED_BELOW=band.bounded_below,
-        BOUNDED_ABOVE=band.bounded_above,
-        SOFTCAP=desc.softcap > 0.0,
-        ALIBI=desc.alibi,
-        MASK_KIND=KERNEL_MASK_KIND[desc.mask],
-        MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
-        DROPOUT=kernel_key.dropout,
-        RENORMALIZE=config.renormalize_rows,
-        DOT_PRECISION=config.dot_precision,
-        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        SPLIT_OPERANDS=config.split_operands,
-        MASK_SEED=mask_seed,
-    )
     stats_stride = stats_row_stride(seq_q)
     # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
     # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
@@ -267,23 +249,25 @@ def _new_backward_launch_plan(
     # seeds, which change per call, come last: the sizes are passed per call too.
     sizes_per_call = desc.dropout_p > 0.0
 
-    def main_kernel(kernel, tile, sizes: tuple, **flags) -> BoundLaunch:
+    def main_kernel(kernel, spec_type, tile, sizes: tuple, **flags) -> BoundLaunch:
         bound = () if sizes_per_call else (*sizes, 0, 0, 0, 1.0)
-        return launcher(kernel, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
-                        num_stages=tile.num_stages, **flags, **variant).bind(*bound)
+        spec = spec_type(**backward_common(desc, config, tile, (block_d, block_dv), mask_seed), **flags)
+        return launcher(kernel, **spec.launch_arguments()).bind(*bound)
 
     return BackwardLaunchPlan(
         preprocess_grid=(cdiv(stats_stride, config.preprocess_block_m) * batch * heads_q,),
         preprocess=preprocess,
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
-        dq=main_kernel(attention_backward_dq_kernel, config.dq, dq_sizes, COMPUTE_DQ=computed.query,
-                       WRITE_DMASK=computed.mask, ROW_STATS=dq_row_stats, SINKS=desc.sinks) if run_dq else None,
+        dq=main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, config.dq, dq_sizes,
+                       compute_dq=computed.query, write_dmask=computed.mask, row_stats=dq_row_stats,
+                       sinks=desc.sinks) if run_dq else None,
         dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
-        dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,
-                         COMPUTE_DV=computed.value, TILE_LOADS=tile_loads, EARLY_DP=config.dkdv_early_dp,
-                         SPLIT_GROUP=split_group, GQA=gqa_group > 1) if run_dkdv else None,
+        dkdv=main_kernel(attention_backward_dkdv_kernel, BackwardDkdvKernelSpec, config.dkdv, dkdv_sizes,
+                         compute_dk=computed.key, compute_dv=computed.value, tile_loads=int(tile_loads),
+                         early_dp=config.dkdv_early_dp, split_group=split_group,
+                         gqa=gqa_group > 1) if run_dkdv else None,
     )
 
 

@@ -37,8 +37,8 @@ from flashsdpa.backends.triton.forward_configs import (
     decode_split_count,
     uses_decode_kernel,
 )
+from flashsdpa.backends.triton.kernel_specs import DecodeSplitKernelSpec, decode_split_spec, forward_spec
 from flashsdpa.backends.triton.launch_common import (
-    KERNEL_MASK_KIND,
     MAX_GRID_X,
     MAX_GRID_YZ,
     TMA_ALIGNMENT_BYTES,
@@ -58,7 +58,7 @@ from flashsdpa.backends.triton.launch_common import (
 )
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
-from flashsdpa.descriptor import AttentionDescriptor, KernelKey
+from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.dropout import drop_threshold
 
 # As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
@@ -191,35 +191,17 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
             for tensor, tensor_strides, block in zip(tensors, strides, blocks)
         )
     band = visible_band(desc)
-    constexprs = dict(
-        BOUNDED_BELOW=band.bounded_below,
-        BOUNDED_ABOVE=band.bounded_above,
-        MASK_KIND=KERNEL_MASK_KIND[desc.mask],
-        SOFTCAP=desc.softcap > 0.0,
-        ALIBI=desc.alibi,
-        SINKS=desc.sinks,
-        MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
-        DROPOUT=desc.dropout_p > 0.0,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_D=key.block_head_dim,
-        BLOCK_DV=key.block_head_dim_v,
-        DOT_PRECISION=config.dot_precision,
-        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        FP16_HALVES=config.split_products,
-        TILE_LOADS=tile_loads,
-        WARP_SPECIALIZE=config.warp_specialize and tile_loads != common_kernels.LOAD_POINTERS,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        maxnreg=config.max_registers,
-    )
+    warp_specialize = config.warp_specialize and tile_loads != common_kernels.LOAD_POINTERS
     sizes = (desc.heads_q, desc.heads_q // desc.heads_kv, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
              num_m_blocks, band.lowest_diagonal, band.highest_diagonal, desc.key_offset, kernel_scale(desc),
              float(desc.softcap))
     # Without dropout every argument after the strides is the plan's: bound once (the seeds change per call).
     tail = () if desc.dropout_p > 0.0 else (*sizes, 0, 0, 0, 1.0)
     kernels = tuple(
-        launcher(forward_kernels.attention_forward_kernel, MASK_SEED=mask_seed, **constexprs).bind(*tail)
+        launcher(
+            forward_kernels.attention_forward_kernel,
+            **forward_spec(desc, config, tile_loads, mask_seed, warp_specialize).launch_arguments(),
+        ).bind(*tail)
         for mask_seed in (False, True)
     )
     return MainLaunchPlan((programs,), int(tile_loads), descriptor_fields, sizes if desc.dropout_p > 0.0 else (),
@@ -322,7 +304,7 @@ def decode_launch_plan(
 def _new_decode_launch_plan(
     desc: AttentionDescriptor, config: ForwardConfig, num_splits: int | None, device: torch.device
 ) -> DecodeLaunchPlan:
-    key, decode = desc.kernel_key, config.decode
+    decode = config.decode
     gqa_group = desc.heads_q // desc.heads_kv
     row_chunks = cdiv(gqa_group * desc.seq_q, decode.block_m)
     programs_per_split = desc.batch * desc.heads_kv * row_chunks
@@ -339,7 +321,7 @@ def _new_decode_launch_plan(
         partial_lse_offset = cdiv(rows * num_splits * desc.head_dim_v, 4) * 4  # 16 bytes of float32
         scratch_size = partial_lse_offset + rows * num_splits
     band = visible_band(desc)
-    split_kernel, merge_kernel = decode_launchers(key, config, decode_variant(desc))
+    split_kernel, merge_kernel = decode_launchers(decode_split_spec(desc, config))
     split_kernel = split_kernel.bind(
         # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
         desc.head_dim_v,
@@ -353,50 +335,21 @@ def _new_decode_launch_plan(
                             split_kernel, merge_kernel)
 
 
-def decode_variant(desc: AttentionDescriptor) -> tuple[bool, ...]:
-    """The flash-decoding split kernel's compiled-in variant flags besides the KernelKey's:
-    (BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, SINKS)."""
-    band = visible_band(desc)
-    return band.bounded_below, band.bounded_above, desc.softcap > 0.0, desc.alibi, desc.sinks
-
-
-def decode_launchers(
-    key: KernelKey, config: ForwardConfig, variant: tuple[bool, ...] = (False,) * 5
-) -> tuple[DirectLaunch, DirectLaunch]:
-    """The split and merge kernels with the constexprs of `key`, `config` and `variant` (`decode_variant`),
-    asked once per variant (plans are made per call shape: a decode loop whose cache grows makes one per
-    step)."""
+def decode_launchers(spec: DecodeSplitKernelSpec) -> tuple[DirectLaunch, DirectLaunch]:
+    """The split and merge kernels of the split kernel's `spec`, asked once per variant (plans are made per
+    call shape: a decode loop whose cache grows makes one per step)."""
     kernels = id(decode_kernels.attention_decode_split_kernel), id(decode_kernels.merge_decode_splits_kernel)
-    found = _decode_launchers.get((key, config, variant, kernels))  # the kernel objects, as in main_launch_plan
+    found = _decode_launchers.get((spec, kernels))  # the kernel objects, as in main_launch_plan
     if found is None:
-        decode = config.decode
-        bounded_below, bounded_above, softcap, alibi, sinks = variant
-        split = launcher(
-            decode_kernels.attention_decode_split_kernel,
-            BOUNDED_BELOW=bounded_below,
-            BOUNDED_ABOVE=bounded_above,
-            SOFTCAP=softcap,
-            ALIBI=alibi,
-            SINKS=sinks,
-            MASK_KIND=KERNEL_MASK_KIND[key.mask],
-            BLOCK_M=decode.block_m,
-            BLOCK_N=decode.block_n,
-            BLOCK_D=key.block_head_dim,
-            BLOCK_DV=key.block_head_dim_v,
-            DOT_PRECISION=config.dot_precision,
-            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-            SPLIT_TF32=config.split_products,
-            num_warps=decode.num_warps,
-            num_stages=decode.num_stages,
-        )
+        split = launcher(decode_kernels.attention_decode_split_kernel, **spec.launch_arguments())
         merge = launcher(
             decode_kernels.merge_decode_splits_kernel,
             BLOCK_SPLITS=DECODE_MAX_SPLITS,
-            BLOCK_DV=key.block_head_dim_v,
-            ROUND_BFLOAT16=config.widen_dot_operands,
+            BLOCK_DV=spec.block_dv,
+            ROUND_BFLOAT16=spec.widen_dot_operands,
             num_warps=4,
         )
-        found = _decode_launchers.keep((key, config, variant, kernels), (split, merge))
+        found = _decode_launchers.keep((spec, kernels), (split, merge))
     return found
 
 
