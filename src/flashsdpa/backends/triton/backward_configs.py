@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
-from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, KernelKey, MaskKind
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,13 @@ SM90_16BIT_ROUNDED_DKDV = {
 # L=4096 407.8 (s2) -> 417.0 (s3), L=1024 313.8 -> 342.1; causal L=16384
 # stays at s2 (404.7 against 380.9).
 SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8, 3)}
+# 16-bit dK/dV where the score transform or a window's edges run (softcap, ALiBi, a
+# window): compile_sm90 --variants (bf16, sm_90, Triton 3.6) spilled 300 (window),
+# 440 (softcap) and 1924 (all four) bytes with the d=64 128x64 w4 tile, 36-320
+# with the d=128 64x128 w8 ones; 64x64 (w4 at d=64, w8 at d=128) spilled none.
+# Not timed on the H100 (the plain 64x64 w4 ran at 275 / 336 TFLOP/s against the
+# tables' 333 / 354).
+SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
 SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
     128: (128, 64, 8, 3),  # 375 (128x128 w8: 363, 128x32 w4 s3: 353, 64x64 w4: 352)
@@ -193,6 +200,17 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
     )
+
+
+def with_variant_tiles(config: BackwardConfig, desc: AttentionDescriptor, capability: tuple[int, int] | None
+                       ) -> BackwardConfig:
+    """`config` with the dK/dV tile of SM90_16BIT_VARIANT_DKDV where `desc` has softcap, ALiBi or a window
+    (the tile tables key on KernelKey, which does not hold them)."""
+    table_key = max(64, padded_head_dim(desc.kernel_key))
+    if (capability is None or desc.dtype == torch.float32 or table_key not in SM90_16BIT_VARIANT_DKDV
+            or not (desc.softcap > 0.0 or desc.alibi or desc.windowed)):
+        return config
+    return replace(config, dkdv=TileShape(*SM90_16BIT_VARIANT_DKDV[table_key]))
 
 
 def block_widths(key: KernelKey) -> tuple[int, int]:

@@ -13,7 +13,7 @@ settings and the entries marked "not measured" are still first guesses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -225,6 +225,16 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
         warp_specialize=False,
         decode=choose_decode_config(key, interpreted),
     )
+
+
+def with_variant_registers(config: ForwardConfig, desc: AttentionDescriptor) -> ForwardConfig:
+    """`config` without its register cap where softcap or ALiBi transform the scores (the tables key on
+    KernelKey, which does not hold them). compile_sm90 --variants (bf16, sm_90, Triton 3.6): capped at 168
+    (d=64) and 128 (d=128), softcap spilled 100 bytes, ALiBi 32, all four variants 40; uncapped none, and
+    no serialised wgmma. Not timed on the H100."""
+    if config.max_registers is None or not (desc.softcap > 0.0 or desc.alibi):
+        return config
+    return replace(config, max_registers=None)
 
 
 def uses_decode_kernel(desc: AttentionDescriptor) -> bool:

@@ -59,14 +59,9 @@ def score_variant(desc: AttentionDescriptor) -> ScoreVariant:
 
 
 @dataclass(frozen=True)
-class ForwardKernelSpec(KernelSpec):
+class ForwardKernelSpec(ScoreVariant, KernelSpec):
     """forward_kernels.attention_forward_kernel."""
 
-    bounded_below: bool
-    bounded_above: bool
-    mask_kind: int
-    softcap: bool
-    alibi: bool
     sinks: bool
     mask_rows_broadcast: bool
     dropout: bool
@@ -110,14 +105,9 @@ def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: 
 
 
 @dataclass(frozen=True)
-class DecodeSplitKernelSpec(KernelSpec):
+class DecodeSplitKernelSpec(ScoreVariant, KernelSpec):
     """decode_kernels.attention_decode_split_kernel."""
 
-    bounded_below: bool
-    bounded_above: bool
-    mask_kind: int
-    softcap: bool
-    alibi: bool
     sinks: bool
     block_m: int
     block_n: int
@@ -148,7 +138,7 @@ def decode_split_spec(desc: AttentionDescriptor, config) -> DecodeSplitKernelSpe
 
 
 @dataclass(frozen=True)
-class BackwardCommon:
+class BackwardCommon(ScoreVariant):
     """The constexprs the dQ and dK/dV kernels share."""
 
     head_dim: int
@@ -157,11 +147,6 @@ class BackwardCommon:
     block_n: int
     block_d: int
     block_dv: int
-    bounded_below: bool
-    bounded_above: bool
-    mask_kind: int
-    softcap: bool
-    alibi: bool
     mask_rows_broadcast: bool
     dropout: bool
     renormalize: bool

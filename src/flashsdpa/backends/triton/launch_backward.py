@@ -22,7 +22,12 @@ import torch
 
 from flashsdpa import gradient_precision
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
-from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
+from flashsdpa.backends.triton.backward_configs import (
+    BackwardConfig,
+    backward_config,
+    block_widths,
+    with_variant_tiles,
+)
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
@@ -78,6 +83,7 @@ def attention_backward(
         config = kernel_cache.get(
             ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
         )
+        config = with_variant_tiles(config, desc, capability)
     if needed.mask and not config.renormalize_rows:
         # The mask gradient is dS itself: the exact row pass keeps delta from
         # the half-precision output's rounding (it put dmask at 2x torch's error).

@@ -36,6 +36,7 @@ from flashsdpa.backends.triton.forward_configs import (
     choose_forward_config,
     decode_split_count,
     uses_decode_kernel,
+    with_variant_registers,
 )
 from flashsdpa.backends.triton.kernel_specs import DecodeSplitKernelSpec, decode_split_spec, forward_spec
 from flashsdpa.backends.triton.launch_common import (
@@ -78,6 +79,7 @@ def attention_forward(
             ("forward", desc.kernel_key, capability, long_keys),
             lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
         )
+        config = with_variant_registers(config, desc)
     if uses_decode_kernel(desc):
         return launch_decode_kernels(desc, inputs, config)
     return launch_main_kernel(desc, inputs, config)
