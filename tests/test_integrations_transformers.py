@@ -349,3 +349,15 @@ def test_softcap_and_sinks_do_not_fall_back_to_torch():
     mask = torch.ones(1, 1, 5, 5, dtype=torch.float16)
     with pytest.raises(flashsdpa.UnsupportedError, match="softcap or sinks.*attn_mask dtype float16"):
         fs_transformers.attention_forward(_Module(), query, key, value, mask, softcap=2.0)
+
+
+def test_window_falls_back_to_torch_as_a_mask(monkeypatch):
+    """A windowed call flashsdpa declines goes to torch's SDPA with the window (bottom-right) as a bool mask."""
+    query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    monkeypatch.setattr(fs_transformers.drop_in, "unsupported_reasons", lambda *args: ["declined for the test"])
+    out, _ = fs_transformers.attention_forward(_Module(), query, key, value, None, sliding_window=3)
+    i = torch.arange(5).view(-1, 1) + 4  # bottom-right: query i at key i + S - L
+    j = torch.arange(9).view(1, -1)
+    visible = (j <= i) & (j > i - 3)
+    ref = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, enable_gqa=True)
+    assert rel_err(out, ref.transpose(1, 2)) <= FP32_TOL

@@ -54,25 +54,24 @@ def test_blocks_match_pairwise_definition(seed):
         rows, cols = torch.arange(seq_q), torch.arange(seq_kv)
         assert torch.equal(vis.mask(rows, cols), truth), where
         assert visible_pairs(desc) == int(truth.sum()), where
-        for m0 in range(0, seq_q, block_m):
-            m1 = min(m0 + block_m, seq_q)
-            visited = {b.start: b for b in vis.key_blocks(m0, m1, block_n)}
-            for n0 in range(0, seq_kv, block_n):
-                n1 = min(n0 + block_n, seq_kv)
-                tile = truth[m0:m1, n0:n1]
-                assert (n0 in visited) == bool(tile.any()), (where, m0, n0)
-                if n0 in visited:
-                    assert visited[n0].stop == n1
-                    assert visited[n0].needs_mask == (not bool(tile.all())), (where, m0, n0)
-        for n0 in range(0, seq_kv, block_n):
-            n1 = min(n0 + block_n, seq_kv)
-            visited = {b.start: b for b in vis.query_blocks(n0, n1, block_m)}
-            for m0 in range(0, seq_q, block_m):
-                m1 = min(m0 + block_m, seq_q)
-                tile = truth[m0:m1, n0:n1]
-                assert (m0 in visited) == bool(tile.any()), (where, "transposed", m0, n0)
-                if m0 in visited:
-                    assert visited[m0].needs_mask == (not bool(tile.all())), (where, "transposed", m0, n0)
+        check_blocks(truth, block_m, block_n, vis.key_blocks, where)
+        check_blocks(truth.t(), block_n, block_m, vis.query_blocks, (*where, "transposed"))
+
+
+def check_blocks(truth, block_outer, block_inner, blocks_of, where):
+    """For each outer block, `blocks_of(start, stop, block_inner)` visits exactly the inner blocks holding a
+    visible pair, with `needs_mask` unless every pair of the tile is visible."""
+    outer, inner = truth.shape
+    for start in range(0, outer, block_outer):
+        stop = min(start + block_outer, outer)
+        visited = {b.start: b for b in blocks_of(start, stop, block_inner)}
+        for first in range(0, inner, block_inner):
+            last = min(first + block_inner, inner)
+            tile = truth[start:stop, first:last]
+            assert (first in visited) == bool(tile.any()), (where, start, first)
+            if first in visited:
+                assert visited[first].stop == last, (where, start, first)
+                assert visited[first].needs_mask == (not bool(tile.all())), (where, start, first)
 
 
 def test_causal_is_the_window_with_right_side_zero():

@@ -95,7 +95,8 @@ def attention(
 
     return_lse: also return the natural-log log-sum-exp of each row of the
         scaled, masked scores, shape (..., L), float32 (float64 for float64
-        inputs); -inf for a row with no visible key.
+        inputs); -inf for a row with no visible key. With `sinks` it includes
+        the row's sink (= the sink for a row with no visible key).
     backend: "triton", "tiled" or "reference" pins a backend (raising if it
         cannot take the problem); None chooses automatically, falling back with
         a recorded reason (see `flashsdpa.stats()`).
@@ -106,7 +107,14 @@ def attention(
         last query at the last key). It applies to `causal`, `window` and `alibi_slopes`.
     window: (left, right): query i sees keys j with
         i' - left <= j <= i' + right, i' its aligned position; None or -1 on a
-        side leaves it unbounded. With `causal` the right side is 0.
+        side leaves it unbounded. With `causal` the right side is 0::
+
+            window=(1, 1), L=3, S=6   top_left          bottom_right
+                              keys 0 1 2 3 4 5     keys 0 1 2 3 4 5
+                    query 0        x x . . . .          . . x x x .
+                    query 1        x x x . . .          . . . x x x
+                    query 2        . x x x . .          . . . . x x
+
     softcap: a float > 0 turns each scaled score s into softcap * tanh(s / softcap)
         (Gemma 2), before ALiBi and the mask are added.
     alibi_slopes: (H,) or (B, H) float32 (H query heads, B the batch dims'
@@ -141,7 +149,7 @@ class PreparedCall:
     def desc(self) -> AttentionDescriptor:
         """The problem's descriptor, built once per call (on first use: the drop-in layer's backend check, or
         the eager run) and carried to the backends and the backward. A traced call (torch.compile, jit.trace)
-        builds none: its custom op describes the problem when it runs, from the same tensors and options.
+        does not read it: its custom op describes the problem when it runs, from the same tensors and options.
         (Kept by hand: functools.cached_property takes a lock, which dynamo cannot trace on Python 3.11.)"""
         if self._desc is None:
             c, w = self.canon, self.variants

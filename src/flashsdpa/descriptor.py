@@ -157,6 +157,15 @@ class AttentionDescriptor:
         return self.window_left >= 0 or self.window_right >= 0
 
     @property
+    def variants(self) -> tuple[str, ...]:
+        """The attention variants this problem uses, by name (empty for torch's SDPA problems)."""
+        used = (
+            ("window", self.windowed), ("bottom-right alignment", bool(self.key_offset)),
+            ("softcap", self.softcap > 0.0), ("ALiBi", self.alibi), ("sinks", self.sinks),
+        )  # fmt: skip
+        return tuple(name for name, on in used if on)
+
+    @property
     def batch(self) -> int:
         return math.prod(self.batch_shape)
 

@@ -99,7 +99,7 @@ def choose_backend(desc: AttentionDescriptor, device: torch.device, requested: s
     """Name of the backend that will run `desc`; records fallbacks; raises UnsupportedError."""
     requested = requested or pinned_backend()
     if requested is not None:
-        reasons = get_backend(requested).unsupported_reasons(desc, device)
+        reasons = backend_reasons(get_backend(requested), desc, device)
         if reasons:
             raise UnsupportedError(f"backend {requested!r} cannot run this problem: " + "; ".join(reasons), reasons)
         return requested
@@ -111,11 +111,20 @@ def choose_backend(desc: AttentionDescriptor, device: torch.device, requested: s
     return name
 
 
+def backend_reasons(backend: Backend, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+    """Why `backend` cannot run `desc` (empty if it can): its own answer, and the variants of a backend
+    that does not check them (`Backend.checks_variants`)."""
+    reasons = backend.unsupported_reasons(desc, device)
+    if not backend.checks_variants and (variants := desc.variants):
+        reasons = [*reasons, f"the {backend.name} backend does not compute {', '.join(variants)}"]
+    return reasons
+
+
 def automatic_choice(desc: AttentionDescriptor, device: torch.device) -> tuple[str | None, list[str]]:
     """(the first backend in speed order that takes `desc` or None, the reasons of those skipped); records nothing."""
     skipped = []
     for name in AUTOMATIC_ORDER.get(device.type, DEFAULT_ORDER):
-        reasons = BACKENDS[name].unsupported_reasons(desc, device)
+        reasons = backend_reasons(BACKENDS[name], desc, device)
         if not reasons:
             return name, skipped
         skipped.extend(f"{name}: {r}" for r in reasons)

@@ -71,6 +71,10 @@ class GradientsNeeded:
 
 class Backend(abc.ABC):
     name: ClassVar[str]
+    # Whether `unsupported_reasons` answers for the attention variants (window, alignment, softcap, ALiBi,
+    # sinks: `AttentionDescriptor.variants`). A backend that does not declare it is never given a problem
+    # with one: dispatch declines it there itself, so a new backend cannot ignore a variant silently.
+    checks_variants: ClassVar[bool] = False
 
     @abc.abstractmethod
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:

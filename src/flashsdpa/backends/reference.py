@@ -81,6 +81,7 @@ def sum_over_group(desc: AttentionDescriptor, grad: torch.Tensor) -> torch.Tenso
 
 class ReferenceBackend(Backend):
     name = "reference"
+    checks_variants = True
 
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
         return []

@@ -101,6 +101,7 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 class TiledBackend(Backend):
     name = "tiled"
+    checks_variants = True
 
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
         return []

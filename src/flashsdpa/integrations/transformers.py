@@ -143,6 +143,7 @@ def _with_variants(arguments, strict, window, softcap, sinks):
             "flashsdpa cannot run this attention call, and torch's SDPA has no softcap or sinks: " + "; ".join(reasons),
             reasons,
         )
+    # Reached with no attention_mask only: a window or the alignment apply only then (attention_forward).
     visibility = Visibility(query.shape[2], key.shape[2], key.shape[2] - query.shape[2],
                             -1 if window is None else window[0], 0 if is_causal or window is not None else -1)
     positions = lambda n: torch.arange(n, device=query.device)  # noqa: E731

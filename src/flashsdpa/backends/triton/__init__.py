@@ -58,6 +58,7 @@ def _launchers():
 
 class TritonBackend(Backend):
     name = "triton"
+    checks_variants = True
 
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
         # Asked on every call: the answer follows from the descriptor, the
