@@ -12,7 +12,7 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --variants | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -45,7 +45,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import flashsdpa
-from flashsdpa import gradient_precision, ops
+from flashsdpa import gradient_precision, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
@@ -127,8 +127,8 @@ def ptxas_usage(ptx: str) -> dict:
 
 def patch_for_sm90() -> None:
     """Make the CPU-tensor calls take the CUDA paths (sm90 configs, TMA descriptors, tf32x3) without launching."""
-    describe = ops.describe
-    ops.describe = lambda *a, **kw: dataclasses.replace(describe(*a, **kw), device_type="cuda")
+    descriptor = validation._descriptor  # every descriptor is built there (validation.describe)
+    validation._descriptor = lambda *a, **kw: dataclasses.replace(descriptor(*a, **kw), device_type="cuda")
     accepts = TritonBackend.unsupported_reasons
     TritonBackend.unsupported_reasons = lambda self, desc, device: [
         reason for reason in accepts(self, desc, device) if "TRITON_INTERPRET" not in reason]
@@ -157,6 +157,9 @@ class Problem:
     # all of these problems, so flashsdpa runs them "rounded" by default; "exact" is the other variant.
     gradients: str = "rounded"
     backend: str = "triton"
+    # The variants (flashsdpa.attention's arguments): "window", "bottom_right", "softcap", "alibi", "sinks",
+    # joined by "+".
+    variant: str = ""
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
@@ -167,8 +170,16 @@ class Problem:
                 "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv),
                 "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
         gradient_precision.pinned = GradientPrecision(self.gradients)
+        names = set(filter(None, self.variant.split("+")))
+        variants = dict(
+            window=(256, 0) if "window" in names else None,
+            causal_alignment="bottom_right" if "bottom_right" in names else "top_left",
+            softcap=30.0 if "softcap" in names else None,
+            alibi_slopes=torch.rand(hq) if "alibi" in names else None,
+            sinks=torch.randn(hq, requires_grad=self.backward) if "sinks" in names else None,
+        )
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
-                                  enable_gqa=hq != hkv, backend=self.backend, fp32_precision=self.precision)
+                                  enable_gqa=hq != hkv, backend=self.backend, fp32_precision=self.precision, **variants)
         if self.backward:
             out.backward(torch.ones_like(out))
 
@@ -179,7 +190,13 @@ QUICK = [
     Problem(FP32, 64), Problem(FP32, 128, precision="tf32"),
     Problem(BF16, 128, heads=(8, 2), seq=(1, 4099), backward=False), Problem(BF16, 128, gradients="exact"),
 ]
-FULL = QUICK + [
+# The variants on the bf16 d=64/128 kernels (compare with the plain problems' rows: no new spills or SERIAL).
+VARIANTS = [
+    Problem(BF16, d, causal=c, variant=v)
+    for d in (64, 128) for c, v in ((True, "window"), (True, "window+bottom_right"), (False, "softcap"),
+                                    (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
+] + [Problem(BF16, 128, heads=(8, 2), seq=(1, 4099), backward=False, variant="window+softcap+alibi+sinks")]
+FULL = QUICK + VARIANTS + [
     *(Problem(BF16, d, causal=c, gradients="exact") for d in (64, 128, 256) for c in (False, True)),
     Problem(FP16, 64, mask="pad", gradients="exact"), Problem(BF16, 128, mask="float", gradients="exact"),
     *(Problem(dtype, d, causal=c, precision=p) for dtype, p in ((BF16, "ieee"), (FP32, "ieee"), (FP32, "tf32"))
@@ -238,12 +255,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
     parser.add_argument("--masks", action="store_true", help="only the problems with a mask")
+    parser.add_argument("--variants", action="store_true", help="only the variants' problems (window, softcap, ...)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    problems = list(dict.fromkeys(HOPPER if args.hopper else QUICK if args.quick else FULL))
+    problems = list(dict.fromkeys(HOPPER if args.hopper else QUICK if args.quick else VARIANTS if args.variants else FULL))
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(problem.mask) == args.masks]
     if args.match:

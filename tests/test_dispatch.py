@@ -308,12 +308,21 @@ def test_cache_info_consistent_across_threads(device, monkeypatch):
 
 
 def test_cache_reused_across_lengths_and_scales(device):
-    """Triton compiles per kernel key, not per sequence length, batch or scale."""
+    """Triton compiles per kernel variant, not per sequence length, batch or scale: the kernels Triton itself
+    compiles (under the interpreter, the cache keys it would compile for sm_90) for new lengths, batches and
+    scales are the ones the first call compiled."""
+    if device != "cpu":
+        pytest.skip("counts the interpreter's launches (test_scale counts the GPU's own caches)")
+    from triton_compiles import triton_compiles
+
     gen = generator(82)
     q, k, v = qkv((1, 2), (1, 2), seq(18), seq(20), 16, gen, torch.float32, device)
-    check_forward("triton", Case(q, k, v, causal=True))
-    variants = flashsdpa.cache_info().variants
-    for seq_q, seq_kv, scale in ((seq(17), seq(33), 0.2), (seq(30), seq(7), 3.0)):
+    with triton_compiles() as first:
+        check_forward("triton", Case(q, k, v, causal=True))
+    assert len(first) > 0
+    # Lengths of other specialisation classes (multiples of 16, which Triton specialises on unless told not to)
+    for seq_q, seq_kv, scale in ((17, 32, 0.2), (32, 7, 3.0), (48, 64, 1.0)):
         q, k, v = qkv((2, 1), (2, 1), seq_q, seq_kv, 16, gen, torch.float32, device)
-        check_forward("triton", Case(q, k, v, causal=True, scale=scale))
-    assert flashsdpa.cache_info().variants == variants
+        with triton_compiles() as later:
+            check_forward("triton", Case(q, k, v, causal=True, scale=scale))
+        assert later.keys <= first.keys, f"new variants for L={seq_q} S={seq_kv} scale={scale}"

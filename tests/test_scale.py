@@ -83,20 +83,25 @@ def triton_jit_cache_sizes() -> dict[str, int]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_switching_scales_between_calls(backend, device):
-    """Identical shapes, alternating scales: every call right, and no new kernel variant after the first."""
+    """Identical shapes, alternating scales: every call right, and (triton) no kernel variant that Triton
+    compiles (under the interpreter: would compile) after the first call."""
+    from triton_compiles import triton_compiles
+
     gen = generator(22)
     for seq_q, causal in ((seq(5), False), (seq(19), True)):  # decode and main triton kernels
         q, k, v = qkv((1, 2), (1, 2), seq_q, seq(21), 16, gen, torch.float16, device)
-        check_forward(backend, Case(q, k, v, scale=0.3, causal=causal), "first scale")
-        variants = flashsdpa.cache_info().variants
+        with triton_compiles() as first:
+            check_forward(backend, Case(q, k, v, scale=0.3, causal=causal), "first scale")
         jit = triton_jit_cache_sizes() if device == "cuda" and backend == "triton" else None
         previous = None
-        for scale in (0.7, 0.3, 2.0, 1e-3):
-            out, _ = check_forward(backend, Case(q, k, v, scale=scale, causal=causal), f"switched to {scale}")
-            if previous is not None:
-                assert not torch.equal(out, previous)
-            previous = out
-        assert flashsdpa.cache_info().variants == variants, "a new kernel variant appeared for a new scale"
+        with triton_compiles() as later:
+            for scale in (0.7, 0.3, 2.0, 1e-3):
+                out, _ = check_forward(backend, Case(q, k, v, scale=scale, causal=causal), f"switched to {scale}")
+                if previous is not None:
+                    assert not torch.equal(out, previous)
+                previous = out
+        if backend == "triton" and device == "cpu":
+            assert len(first) > 0 and later.keys <= first.keys, "triton compiled a new variant for a new scale"
         if jit is not None:
             assert triton_jit_cache_sizes() == jit, "triton compiled a new variant for a new scale"
 

@@ -108,16 +108,6 @@ class TritonBackend(Backend):
             reasons.append("head dim 0 is not supported by the triton kernels")
         if desc.mask is MaskKind.FLOAT and desc.mask_dtype not in SUPPORTED_DTYPES:
             reasons.append(f"attn_mask dtype {desc.mask_dtype} is not supported by triton")
-        if desc.windowed:
-            reasons.append("a sliding window is not implemented by the triton kernels yet")
-        if desc.key_offset:
-            reasons.append("bottom-right causal alignment is not implemented by the triton kernels yet")
-        if desc.softcap:
-            reasons.append("softcap is not implemented by the triton kernels yet")
-        if desc.alibi:
-            reasons.append("ALiBi is not implemented by the triton kernels yet")
-        if desc.sinks:
-            reasons.append("attention sinks are not implemented by the triton kernels yet")
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flashsdpa.backends.triton.forward_configs import dot_precision, padded_head_dim, shared_memory_limit
-from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
+from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, KernelKey, MaskKind
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,13 @@ SM90_16BIT_ROUNDED_DKDV = {
 # L=4096 407.8 (s2) -> 417.0 (s3), L=1024 313.8 -> 342.1; causal L=16384
 # stays at s2 (404.7 against 380.9).
 SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8, 3)}
+# 16-bit dK/dV where the score transform or a window's edges run (softcap, ALiBi, a
+# window): compile_sm90 --variants (bf16, sm_90, Triton 3.6) spilled 300 (window),
+# 440 (softcap) and 1924 (all four) bytes with the d=64 128x64 w4 tile, 36-320
+# with the d=128 64x128 w8 ones; 64x64 (w4 at d=64, w8 at d=128) spilled none.
+# Not timed on the H100 (the plain 64x64 w4 ran at 275 / 336 TFLOP/s against the
+# tables' 333 / 354).
+SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
 SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
     128: (128, 64, 8, 3),  # 375 (128x128 w8: 363, 128x32 w4 s3: 353, 64x64 w4: 352)
@@ -125,7 +132,7 @@ SM90_FP32_DQ = {
 }
 
 # Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
-SHARED_MEMORY_HEADROOM = 16 * 1024
+BACKWARD_SHARED_MEMORY_HEADROOM = 16 * 1024
 
 
 def backward_config(
@@ -176,7 +183,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dq_table = SM90_16BIT_ROUNDED_DQ
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
-    budget = shared_memory_limit(capability) - SHARED_MEMORY_HEADROOM
+    budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
     # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
     # (377 -> 386), d=256 from 230 to 252; each alone gave -2..+2%. At d=64
@@ -184,8 +191,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     wide_16bit = not fp32 and table_key >= 128
     return BackwardConfig(
         preprocess_block_m=preprocess_block_m(key),
-        dkdv=fit_shared_memory(dkdv, lambda tile: dkdv_shared_memory(key, tile), budget),
-        dq=fit_shared_memory(dq, lambda tile: dq_shared_memory(key, tile), budget),
+        dkdv=fit_backward_tile(dkdv, lambda tile: dkdv_shared_memory(key, tile), budget),
+        dq=fit_backward_tile(dq, lambda tile: dq_shared_memory(key, tile), budget),
         dot_precision=dot_precision(key),
         widen_dot_operands=False,
         renormalize_rows=exact,
@@ -193,6 +200,17 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
     )
+
+
+def with_variant_tiles(config: BackwardConfig, desc: AttentionDescriptor, capability: tuple[int, int] | None
+                       ) -> BackwardConfig:
+    """`config` with the dK/dV tile of SM90_16BIT_VARIANT_DKDV where `desc` has softcap, ALiBi or a window
+    (the tile tables key on KernelKey, which does not hold them)."""
+    table_key = max(64, padded_head_dim(desc.kernel_key))
+    if (capability is None or desc.dtype == torch.float32 or table_key not in SM90_16BIT_VARIANT_DKDV
+            or not (desc.softcap > 0.0 or desc.alibi or desc.windowed)):
+        return config
+    return replace(config, dkdv=TileShape(*SM90_16BIT_VARIANT_DKDV[table_key]))
 
 
 def block_widths(key: KernelKey) -> tuple[int, int]:
@@ -236,7 +254,7 @@ def dq_shared_memory(key: KernelKey, tile: TileShape) -> int:
     return resident + tile.num_stages * per_stage
 
 
-def fit_shared_memory(tile: TileShape, shared_memory, budget: int) -> TileShape:
+def fit_backward_tile(tile: TileShape, shared_memory, budget: int) -> TileShape:
     """`tile`, with fewer stages, then smaller blocks, until shared_memory(tile) <= budget.
 
     A no-op on sm90 for the tables above; it matters on GPUs with less

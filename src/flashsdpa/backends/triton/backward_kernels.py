@@ -41,14 +41,26 @@ could reach a stored value.
 import triton
 import triton.language as tl
 
+from flashsdpa.backends.triton.common_kernels import (
+    LOAD_HOST_DESCRIPTORS,
+    LOG2E,
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,
+    mask_seed,
+    matmul,
+    round_to_bfloat16,
+)
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
-from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, mask_seed, matmul
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+from flashsdpa.backends.triton.score_kernels import scores_of_products
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen, visible
 
 # Run-time sizes and seeds are not specialised on (Triton would otherwise
 # compile a new variant when a length becomes 1 or a multiple of 16).
-RUNTIME_SIZES = ["seq_q", "seq_kv", "heads_q", "heads_kv", "gqa_group", "seed_lo", "seed_hi", "drop_threshold"]
+RUNTIME_SIZES = [
+    "seq_q", "seq_kv", "heads_q", "heads_kv", "gqa_group", "seed_lo", "seed_hi", "drop_threshold", "lowest_diagonal",
+    "highest_diagonal", "key_offset",
+]
 
 
 @triton.jit
@@ -71,21 +83,6 @@ def _load_rows(base, rows, stride_row, stride_col, n_rows, WIDTH: tl.constexpr, 
 
 
 @triton.jit
-def _round_to_bfloat16(x):
-    """float32 `x` rounded to the nearest bfloat16 (ties to even), kept as float32.
-
-    For the interpreter only (WIDEN_DOT_OPERANDS): its float32 -> bfloat16
-    cast truncates, where the GPU rounds to nearest; truncation biases every
-    rounded P, dS and stored gradient the same way (about 1.7-2.5x the
-    error of torch's own bfloat16 backward). A value rounded here casts to
-    bfloat16 exactly, so the interpreter then matches the GPU.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return rounded.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _dot_operand(x, like, WIDEN_DOT_OPERANDS: tl.constexpr):
     """float32 `x` (P or dS) rounded to the dtype of `like`, the other operand of its dot.
 
@@ -93,7 +90,7 @@ def _dot_operand(x, like, WIDEN_DOT_OPERANDS: tl.constexpr):
     float32, rounded to bfloat16 precision: the dot multiplies float32 there.
     """
     if WIDEN_DOT_OPERANDS:
-        return _round_to_bfloat16(x)
+        return round_to_bfloat16(x)
     return x.to(like.dtype)
 
 
@@ -120,7 +117,7 @@ def _store_gradient(base, value, rows, stride_row, stride_col, n_rows, WIDTH: tl
                     BLOCK_WIDTH: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
     """Stores a float32 (rows, head dim) accumulator tile into a dq/dk/dv tensor."""
     if WIDEN_DOT_OPERANDS:
-        value = _round_to_bfloat16(value)
+        value = round_to_bfloat16(value)
     _store_tile(base, value, rows, tl.arange(0, BLOCK_WIDTH), stride_row, stride_col, n_rows, WIDTH)
 
 
@@ -176,10 +173,12 @@ def _dkdv_query_block(
     batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
     mask_row_t,
-    score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, transform, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
@@ -191,6 +190,8 @@ def _dkdv_query_block(
     dK += dS^T q. Query rows past seq_q carry lse_log2 = +inf and zero q/dO,
     so they add nothing; key rows past seq_kv only reach dK/dV rows that are
     never stored, so neither needs a bounds mask on the scores.
+    APPLY_EDGE_MASK: the block holds pairs outside the visible band `band` =
+    (lowest, highest) diagonal (see visibility_kernels), zeroed in P.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:  # 4-D descriptors: TMA zero-fills rows past seq_q, columns past d
@@ -203,7 +204,7 @@ def _dkdv_query_block(
         lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
     else:
         lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m)
-    if MASK_KIND != "none":
+    if MASK_KIND != MASK_NONE:
         if MASK_ROWS_BROADCAST:
             mask_t = mask_row_t[:, None]
         else:
@@ -214,18 +215,33 @@ def _dkdv_query_block(
 
     seed_t = None
     if MASK_SEED:  # the mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed)
-        seed_t = mask_seed(mask_t, MASK_KIND == "bool", offs_n.shape[0], BLOCK_M)
-    scores_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+        seed_t = mask_seed(mask_t, MASK_KIND == MASK_BOOL, offs_n.shape[0], BLOCK_M)
+    products_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     if COMPUTE_DK and EARLY_DP:
         # Issued before the softmax needs scores_t, so the tensor cores run it while exp2 runs.
         grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
-    if MASK_KIND == "float":
-        scores_t += mask_t.to(tl.float32) * LOG2E
-    probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
-    if MASK_KIND == "bool":
-        probs_t = tl.where(mask_t != 0, probs_t, 0.0)
-    if APPLY_CAUSAL:
-        probs_t = tl.where(offs_m[None, :] >= offs_n[:, None], probs_t, 0.0)
+    if SOFTCAP or ALIBI:
+        # Natural-unit scores from the one score transform (score_kernels), then base 2.
+        scale, softcap, slope, key_offset = transform
+        if MASK_KIND == MASK_NONE:
+            mask_t = offs_n  # not read
+        scores_t, derivative_t = scores_of_products(
+            products_t, offs_m[None, :], offs_n[:, None], scale, softcap, slope, key_offset, mask_t, seq_kv,
+            band[0], band[1], True, SOFTCAP, ALIBI, MASK_KIND, False, BOUNDED_BELOW, BOUNDED_ABOVE,
+        )
+        probs_t = tl.math.exp2(scores_t * LOG2E - lse_log2[None, :])
+    else:
+        # The score transform with the scale folded into the base-2 conversion.
+        scores_t = products_t * score_scale_log2
+        if MASK_KIND == MASK_FLOAT:
+            scores_t += mask_t.to(tl.float32) * LOG2E
+        probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
+        if MASK_KIND == MASK_BOOL:
+            probs_t = tl.where(mask_t != 0, probs_t, 0.0)
+    if APPLY_EDGE_MASK:  # keys past seq_kv need no mask: their rows of dK and dV are never stored
+        seen_t = visible(offs_m[None, :], offs_n[:, None], seq_kv, band[0], band[1], BOUNDED_BELOW, BOUNDED_ABOVE,
+                         False)
+        probs_t = tl.where(seen_t, probs_t, 0.0)
     if RENORMALIZE:
         probs_t *= tl.load(ROW_SCALE + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)[None, :]
 
@@ -248,13 +264,15 @@ def _dkdv_query_block(
         if DROPOUT:
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
+        if SOFTCAP:
+            grad_scores_t = grad_scores_t * derivative_t  # by scale * q.k: softcap's chain rule
         dk_acc = _accumulate_product(grad_scores_t, q, dk_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
     return dk_acc, dv_acc
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dkdv_kernel(
-    Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE,
+    Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE, ALIBI_SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -262,11 +280,14 @@ def attention_backward_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_dkb, stride_dkh, stride_dkn, stride_dkk,
     stride_dvb, stride_dvh, stride_dvn, stride_dvk,
-    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride,
+    stride_alibi_b, stride_alibi_h,
+    scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, lowest_diagonal, highest_diagonal, key_offset, softcap,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
@@ -314,15 +335,13 @@ def attention_backward_dkdv_kernel(
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     score_scale_log2 = scale * LOG2E
 
-    # Causal (query i sees key j <= i): query i = start_n is the first to see
-    # this block, and rows from start_n + BLOCK_N - 1 on see all of it, so only
-    # the query blocks in [first_m, unmasked_m) need the causal mask. Clamping
-    # unmasked_m to seq_q empties the second loop when the first reaches the end.
-    if CAUSAL:
-        first_m = (start_n // BLOCK_M) * BLOCK_M
-        unmasked_m = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, seq_q)
-    else:
-        unmasked_m = 0
+    # The query blocks that see this key block: the keys' own question asked of
+    # the mirrored band (j - i in [lo, hi] <=> i - j in [-hi, -lo]; see
+    # visibility_kernels). Rows past seq_q (lse +inf, zero q and dO) add
+    # nothing, so a partial last query block needs no element mask.
+    band = (lowest_diagonal, highest_diagonal)
+    query_ranges = blocks_seen(start_n, start_n + BLOCK_N - 1, 0, seq_q, -highest_diagonal, -lowest_diagonal,
+                               BOUNDED_ABOVE, BOUNDED_BELOW, BLOCK_M, True)
 
     mask_row_t = tl.zeros([BLOCK_N], dtype=tl.float32)  # replaced below when the mask is one row per head
     for group_member in range(group_size):
@@ -340,36 +359,34 @@ def attention_backward_dkdv_kernel(
             # Key-padding masks repeat one row for every query: read it once,
             # and skip this head when it hides every key of the block.
             mask_row_t = tl.load(mask_base + offs_n * stride_maskn, mask=offs_n < seq_kv, other=0).to(tl.float32)
-            if MASK_KIND == "bool":
+            if MASK_KIND == MASK_BOOL:
                 rows_end = tl.where(tl.max(mask_row_t, axis=0) != 0, seq_q, 0)
             else:
                 rows_end = tl.where(tl.max(mask_row_t, axis=0) != float("-inf"), seq_q, 0)
         dropout_key = 0
         if DROPOUT:
             dropout_key = dropout_stream(seed_lo, seed_hi, bh)
-        if CAUSAL:
-            for start_m in range(first_m, tl.minimum(unmasked_m, rows_end), BLOCK_M):
-                dk_acc, dv_acc = _dkdv_query_block(
-                    dk_acc, dv_acc, k, v, start_m, offs_n,
-                    batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
-                    LSE_LOG2, ROW_SCALE,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
-                    mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                    True, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                    DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
-                )
-        for start_m in range(unmasked_m, rows_end, BLOCK_M):
-            dk_acc, dv_acc = _dkdv_query_block(
-                dk_acc, dv_acc, k, v, start_m, offs_n,
-                batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
-                LSE_LOG2, ROW_SCALE,
-                stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
-                mask_row_t, score_scale_log2, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                False, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DK, COMPUTE_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED, TILE_LOADS, EARLY_DP,
-            )
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(ALIBI_SLOPES + batch * stride_alibi_b + head * stride_alibi_h)
+        transform = (scale, softcap, slope, key_offset)
+        # Lower edge (queries before the band's upper edge reaches every key), whole blocks, upper edge.
+        for part in tl.static_range(3):
+            if (part == 0 and BOUNDED_ABOVE) or part == 1 or (part == 2 and BOUNDED_BELOW):
+                for start_m in range(query_ranges[part], tl.minimum(query_ranges[part + 1], rows_end), BLOCK_M):
+                    dk_acc, dv_acc = _dkdv_query_block(
+                        dk_acc, dv_acc, k, v, start_m, offs_n,
+                        batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                        LSE_LOG2, ROW_SCALE,
+                        stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
+                        mask_row_t, score_scale_log2, band, transform, seq_q, seq_kv, dropout_key, drop_threshold,
+                        keep_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+                        DROPOUT, RENORMALIZE,
+                        COMPUTE_DK, COMPUTE_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
+                        TILE_LOADS, EARLY_DP,
+                    )
 
     round_output = WIDEN_DOT_OPERANDS and not SPLIT_GROUP  # shares stay float32 until summed
     if COMPUTE_DK:
@@ -393,50 +410,67 @@ def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_
 
 @triton.jit
 def _dq_probabilities(
-    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
-    BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform, rows_left,
+    seq_kv,
+    BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr,
 ):
-    """P = exp(s - lse) of the query rows offs_m against the keys offs_n (float32), 0 where hidden.
+    """(P, dscore/d(scale q.k)): P = exp(s - lse) of the query rows offs_m against the keys offs_n (float32),
+    0 where hidden; the derivative is softcap's (score_kernels), 1.0 without.
 
     mask_base points at the block's first query row (its row offset is taken
     in int64: an (L, S) mask may pass 2**31 elements); rows_left = seq_q -
-    start_m. APPLY_EDGE_MASK: the block reaches past seq_kv or (causal) past
-    the diagonal, so P is zeroed there (zero-padded keys past seq_kv would
-    otherwise get P = exp(-lse)).
+    start_m. APPLY_EDGE_MASK: the block reaches past seq_kv or past the
+    visible band's edges (`band` = (lowest, highest) diagonal, see
+    visibility_kernels), so P is zeroed there (zero-padded keys past seq_kv
+    would otherwise get P = exp(-lse)).
     """
-    if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see forward_kernels.mask_seed)
+    if MASK_SEED:  # the mask is loaded first: it enters the product's accumulator (see common_kernels.mask_seed)
         mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                   MASK_ROWS_BROADCAST)
-        seed = mask_seed(mask_tile, MASK_KIND == "bool", BLOCK_M, offs_n.shape[0])
-        scores = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
+        seed = mask_seed(mask_tile, MASK_KIND == MASK_BOOL, BLOCK_M, offs_n.shape[0])
+        products = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     else:
-        scores = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS) * score_scale_log2
-        if MASK_KIND != "none":
+        products = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        mask_tile = offs_n  # not read without a mask
+        if MASK_KIND != MASK_NONE:
             mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                       MASK_ROWS_BROADCAST)
-    if MASK_KIND == "float":
-        scores += mask_tile.to(tl.float32) * LOG2E
-    probs = tl.math.exp2(scores - lse_log2[:, None])
-    if MASK_KIND == "bool":
-        probs = tl.where(mask_tile != 0, probs, 0.0)
+    derivative = 1.0
+    if SOFTCAP or ALIBI:
+        # Natural-unit scores from the one score transform (score_kernels), then base 2.
+        scale, softcap, slope, key_offset = transform
+        scores, derivative = scores_of_products(
+            products, offs_m[:, None], offs_n[None, :], scale, softcap, slope, key_offset, mask_tile, seq_kv,
+            band[0], band[1], True, SOFTCAP, ALIBI, MASK_KIND, False, BOUNDED_BELOW, BOUNDED_ABOVE,
+        )
+        probs = tl.math.exp2(scores * LOG2E - lse_log2[:, None])
+    else:
+        # The score transform with the scale folded into the base-2 conversion.
+        scores = products * score_scale_log2
+        if MASK_KIND == MASK_FLOAT:
+            scores += mask_tile.to(tl.float32) * LOG2E
+        probs = tl.math.exp2(scores - lse_log2[:, None])
+        if MASK_KIND == MASK_BOOL:
+            probs = tl.where(mask_tile != 0, probs, 0.0)
     if APPLY_EDGE_MASK:
-        visible = offs_n[None, :] < seq_kv
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        probs = tl.where(visible, probs, 0.0)
-    return probs
+        seen = visible(offs_m[:, None], offs_n[None, :], seq_kv, band[0], band[1], BOUNDED_BELOW, BOUNDED_ABOVE, True)
+        probs = tl.where(seen, probs, 0.0)
+    return probs, derivative
 
 
 @triton.jit
 def _dq_row_stats(
     q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-    score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
@@ -444,9 +478,12 @@ def _dq_row_stats(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    probs = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
-        BLOCK_M, APPLY_EDGE_MASK, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+    probs, _ = _dq_probabilities(
+        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
+        rows_left,
+        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+        DOT_PRECISION,
+        WIDEN_DOT_OPERANDS,
         MASK_SEED,
     )
     grad_probs = matmul(grad_out, tl.trans(v), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
@@ -461,10 +498,11 @@ def _dq_key_block(
     dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
     k_base, v_base, mask_base, dmask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-    score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    APPLY_EDGE_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
@@ -478,9 +516,12 @@ def _dq_key_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    probs = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, rows_left, seq_kv,
-        BLOCK_M, APPLY_EDGE_MASK, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+    probs, derivative = _dq_probabilities(
+        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
+        rows_left,
+        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+        DOT_PRECISION,
+        WIDEN_DOT_OPERANDS,
         MASK_SEED,
     )
     if RENORMALIZE:
@@ -493,6 +534,8 @@ def _dq_key_block(
     grad_scores = probs * (grad_probs - delta[:, None])
     if WRITE_DMASK:
         _store_tile(dmask_base, grad_scores, tl.arange(0, BLOCK_M), offs_n, seq_kv, 1, rows_left, seq_kv)
+    if SOFTCAP:
+        grad_scores = grad_scores * derivative  # by scale * q.k: softcap's chain rule
     if COMPUTE_DQ:
         dq_acc = _accumulate_product(grad_scores, k, dq_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
     return dq_acc
@@ -500,7 +543,7 @@ def _dq_key_block(
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dq_kernel(
-    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE,
+    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE, ALIBI_SLOPES, SINK_LOGITS,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -509,14 +552,17 @@ def attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqk,
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_lseb, stride_lseh, stride_lsem,
-    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride,
+    stride_alibi_b, stride_alibi_h,
+    scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, lowest_diagonal, highest_diagonal, key_offset, softcap,
     seed_lo, seed_hi, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr,
+    MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -551,7 +597,7 @@ def attention_backward_dq_kernel(
     head = bh % heads_q
     head_kv = head // gqa_group
     query_block = pid % query_blocks
-    if CAUSAL:
+    if BOUNDED_ABOVE and not BOUNDED_BELOW:
         query_block = query_blocks - 1 - query_block
     start_m = query_block * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -571,17 +617,16 @@ def attention_backward_dq_kernel(
     dmask_base = DMASK + (bh * seq_q + start_m) * seq_kv
     score_scale_log2 = scale * LOG2E
 
-    # Key blocks [0, unmasked_n) lie inside seq_kv and (causal) wholly at or
-    # below the diagonal of every row of this block; [unmasked_n, visible_n)
-    # need the edge mask; keys from visible_n on are seen by no row here.
-    whole_blocks_n = (seq_kv // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, seq_q) - 1
-        visible_n = tl.minimum(seq_kv, last_row + 1)
-        unmasked_n = tl.minimum(whole_blocks_n, ((start_m + 1) // BLOCK_N) * BLOCK_N)
-    else:
-        visible_n = seq_kv
-        unmasked_n = whole_blocks_n
+    # Key blocks [key_start, key_end) hold every key a row of this block
+    # sees; [whole_start, whole_end) are seen whole by every row, the edge
+    # blocks around them need the element mask (see visibility_kernels).
+    band = (lowest_diagonal, highest_diagonal)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(ALIBI_SLOPES + batch * stride_alibi_b + head * stride_alibi_h)
+    transform = (scale, softcap, slope, key_offset)
+    key_ranges = blocks_seen(start_m, tl.minimum(start_m + BLOCK_M, seq_q) - 1, 0, seq_kv, lowest_diagonal,
+                             highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N)
 
     grad_out = _load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_dom, stride_dok, seq_q,
                           HEAD_DIM_V, BLOCK_DV)
@@ -589,30 +634,25 @@ def attention_backward_dq_kernel(
     if DROPOUT:
         dropout_key = dropout_stream(seed_lo, seed_hi, bh)
     if RENORMALIZE:
-        row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SINKS:  # the sink's share of each row: its P sums to 1 with the keys'
+            row_sums = tl.math.exp2(tl.load(SINK_LOGITS + head) * LOG2E - lse_log2)
+        else:
+            row_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
         weighted_sums = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, unmasked_n, BLOCK_N):
-            block_sums, block_weighted = _dq_row_stats(
-                q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS,
-                MASK_SEED,
-            )
-            row_sums += block_sums
-            weighted_sums += block_weighted
-        for start_n in range(unmasked_n, visible_n, BLOCK_N):
-            block_sums, block_weighted = _dq_row_stats(
-                q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS,
-                MASK_SEED,
-            )
-            row_sums += block_sums
-            weighted_sums += block_weighted
+        for part in tl.static_range(3):  # lower edge blocks, whole blocks, upper edge blocks
+            if part != 0 or BOUNDED_BELOW:
+                for start_n in range(key_ranges[part], key_ranges[part + 1], BLOCK_N):
+                    block_sums, block_weighted = _dq_row_stats(
+                        q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
+                        stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+                        score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+                        DROPOUT,
+                        DOT_PRECISION, WIDEN_DOT_OPERANDS, MASK_SEED,
+                    )
+                    row_sums += block_sums
+                    weighted_sums += block_weighted
         # A row that sees no key sums to 0: its P, and so its scale and delta, are 0.
         sees_a_key = row_sums > 0.0
         row_scale = tl.where(sees_a_key, 1.0 / tl.where(sees_a_key, row_sums, 1.0), 0.0)
@@ -631,30 +671,29 @@ def attention_backward_dq_kernel(
 
     if COMPUTE_DQ or WRITE_DMASK:
         dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, unmasked_n, BLOCK_N):
-            dq_acc = _dq_key_block(
-                dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
-                k_base, v_base, mask_base, dmask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
-            )
-        for start_n in range(unmasked_n, visible_n, BLOCK_N):
-            dq_acc = _dq_key_block(
-                dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
-                k_base, v_base, mask_base, dmask_base,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
-                score_scale_log2, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                True, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, RENORMALIZE, COMPUTE_DQ, WRITE_DMASK,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
-            )
-        if WRITE_DMASK and CAUSAL:
-            # Keys past the diagonal were skipped; their score gradient is 0.
+        for part in tl.static_range(3):  # lower edge blocks, whole blocks, upper edge blocks
+            if part != 0 or BOUNDED_BELOW:
+                for start_n in range(key_ranges[part], key_ranges[part + 1], BLOCK_N):
+                    dq_acc = _dq_key_block(
+                        dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
+                        k_base, v_base, mask_base, dmask_base,
+                        stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+                        score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                        part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
+                        DROPOUT,
+                        RENORMALIZE, COMPUTE_DQ, WRITE_DMASK, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
+                        MASK_SEED,
+                    )
+        if WRITE_DMASK and (BOUNDED_BELOW or BOUNDED_ABOVE):
+            # Keys outside [key_start, key_end) were skipped; their score gradient is 0.
             zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for start_n in range(tl.cdiv(visible_n, BLOCK_N) * BLOCK_N, seq_kv, BLOCK_N):
+            if BOUNDED_BELOW:
+                for start_n in range(0, key_ranges[0], BLOCK_N):
+                    _store_tile(dmask_base, zeros, tl.arange(0, BLOCK_M), start_n + tl.arange(0, BLOCK_N), seq_kv,
+                                1, rows_left, seq_kv)
+            for start_n in range(tl.maximum(tl.cdiv(key_ranges[3], BLOCK_N) * BLOCK_N, key_ranges[2]), seq_kv,
+                                 BLOCK_N):
                 _store_tile(dmask_base, zeros, tl.arange(0, BLOCK_M), start_n + tl.arange(0, BLOCK_N), seq_kv, 1,
                             rows_left, seq_kv)
         if COMPUTE_DQ:

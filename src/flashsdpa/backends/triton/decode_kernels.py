@@ -10,19 +10,15 @@ main kernel's (`attend_keys`, `finish_rows`).
 import triton
 import triton.language as tl
 
-from flashsdpa.backends.triton.forward_kernels import (
-    LOAD_POINTERS,
-    MASK_NONE,
-    attend_keys,
-    finish_rows,
-    split_tf32,
-    to_dtype,
-)
+from flashsdpa.backends.triton.common_kernels import LOAD_POINTERS, MASK_NONE, split_tf32, to_dtype
+from flashsdpa.backends.triton.forward_kernels import attend_keys, finish_rows
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 
 # Lengths and counts only enter divisions and bounds: specialising on them
 # would only recompile whenever a shape changes class.
-@triton.jit(do_not_specialize=["heads_q", "heads_kv", "gqa_group", "seq_q", "seq_kv", "row_chunks", "split_len"])
+@triton.jit(do_not_specialize=["heads_q", "heads_kv", "gqa_group", "seq_q", "seq_kv", "row_chunks", "split_len",
+                               "lowest_diagonal", "highest_diagonal", "key_offset"])
 def attention_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -32,6 +28,8 @@ def attention_decode_split_kernel(
     partial_lse_ptr,
     out_ptr,
     lse_ptr,
+    alibi_ptr,
+    sinks_ptr,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -48,6 +46,8 @@ def attention_decode_split_kernel(
     stride_mh,
     stride_mm,
     stride_mn,
+    stride_alibi_b,
+    stride_alibi_h,
     stride_out_row,
     heads_q,
     heads_kv,
@@ -59,8 +59,17 @@ def attention_decode_split_kernel(
     row_chunks,
     num_splits,
     split_len,
+    lowest_diagonal,
+    highest_diagonal,
+    key_offset,
     softmax_scale,
+    softcap,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -113,21 +122,30 @@ def attention_decode_split_kernel(
             + query_row.to(tl.int64) * stride_mm
         )
     # split_len is a multiple of BLOCK_N, so only the last split has a partial block.
-    key_start = split * split_len
-    key_end = tl.minimum(key_start + split_len, seq_kv)
-    unmasked_end = key_start + ((key_end - key_start) // BLOCK_N) * BLOCK_N
+    split_start = split * split_len
+    key_ranges = blocks_seen(
+        tl.min(query_row, 0), tl.max(query_row, 0), split_start, tl.minimum(split_start + split_len, seq_kv),
+        lowest_diagonal, highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
+    )
     q_lo = q
     if SPLIT_TF32:
         q, q_lo = split_tf32(q)  # 16 rows: small enough for registers
+    slope = 0.0
+    if ALIBI:  # one slope per row: the rows span a GQA group's heads
+        slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)[:, None]
+    row_sink = None
+    if SINKS:  # the sink joins one split's softmax (the first); the merge weighs it in once
+        row_sink = tl.where(split == 0, tl.load(sinks_ptr + head), float("-inf"))
     acc, row_sum, row_max = attend_keys(
         q, q_lo, None, None, batch, kv_head, k_head_ptr, v_head_ptr, None, mask_row_ptrs,
-        key_start, unmasked_end, key_end, query_row, seq_kv, head_dim, head_dim_v,
+        key_ranges, query_row, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        softmax_scale, 0, 0,
-        False, MASK_KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        softmax_scale, 0, 0, (lowest_diagonal, highest_diagonal), (softcap, slope, key_offset), row_sink,
+        BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, SOFTCAP, ALIBI, SINKS, False, False, BLOCK_M, BLOCK_N, BLOCK_D,
+        BLOCK_DV,
         DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, False, LOAD_POINTERS, False, False,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, 1.0, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, 1.0)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
     if num_splits == 1:
         # One split is the whole answer: write it where the merge would.

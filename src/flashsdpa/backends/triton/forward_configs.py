@@ -13,10 +13,11 @@ settings and the entries marked "not measured" are still first guesses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, KernelKey
 
 # Query rows up to which flash decoding (split-KV) replaces the main kernel.
@@ -136,40 +137,17 @@ SM90_TF32_BLOCKS = {
     256: (64, 16, 4, 2, None),
 }
 
-# Shared memory a block may use, by compute capability (CUDA's documented
-# maxima for opt-in dynamic shared memory).
-SHARED_MEMORY_BYTES = {(9, 0): 227 * 1024, (8, 0): 163 * 1024, (8, 7): 163 * 1024}
-SHARED_MEMORY_BYTES_DEFAULT = 99 * 1024  # sm86, sm89 and others
 # Left for Triton's own scratch (barriers, reductions). Triton's own count
 # for 128x128 tiles, 3 stages, d=128 bf16 is 225 KB against this estimate's
 # 224 KB, so the sm90 tables (checked against Triton's count by compiling
 # for sm90) pass untouched; the fit is a guard for smaller GPUs.
-SHARED_MEMORY_HEADROOM = 2 * 1024
+FORWARD_SHARED_MEMORY_HEADROOM = 2 * 1024
 
 # Under the interpreter the block shapes are the sm90 ones divided by this (at
 # least 16), so small test problems still cross several blocks and every
 # loop boundary the GPU sees (the block_m / block_n ratio is kept).
 INTERPRETER_BLOCK_DIVISOR = 4
 
-
-def padded_head_dim(key: KernelKey) -> int:
-    return max(key.block_head_dim, key.block_head_dim_v)
-
-
-def dot_precision(key: KernelKey) -> str | None:
-    if key.dtype != torch.float32:
-        return None
-    if key.fp32_precision is Fp32Precision.TF32:
-        return "tf32"
-    # tf32x3 (split-precision tensor cores) keeps float32 accuracy on the GPU;
-    # the interpreter computes dots in numpy, where "ieee" is the exact product.
-    return "tf32x3" if key.device_type == "cuda" else "ieee"
-
-
-def shared_memory_limit(capability: tuple[int, int]) -> int:
-    if capability >= (9, 0):
-        return SHARED_MEMORY_BYTES[(9, 0)]
-    return SHARED_MEMORY_BYTES.get(capability, SHARED_MEMORY_BYTES_DEFAULT)
 
 
 def forward_shared_memory(key: KernelKey, block_m: int, block_n: int, num_stages: int) -> int:
@@ -180,10 +158,10 @@ def forward_shared_memory(key: KernelKey, block_m: int, block_n: int, num_stages
     return itemsize * (q_tiles + kv_tiles)
 
 
-def fit_shared_memory(key: KernelKey, blocks: tuple, limit: int) -> tuple:
+def fit_forward_blocks(key: KernelKey, blocks: tuple, limit: int) -> tuple:
     """Drop pipeline stages (down to 2), then halve block_n, then block_m (down to 16), until the tiles fit."""
     block_m, block_n, num_warps, num_stages, max_registers = blocks
-    budget = limit - SHARED_MEMORY_HEADROOM
+    budget = limit - FORWARD_SHARED_MEMORY_HEADROOM
     while forward_shared_memory(key, block_m, block_n, num_stages) > budget:
         if num_stages > 2:
             num_stages -= 1
@@ -228,7 +206,7 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
         divided = (max(16, block_m // INTERPRETER_BLOCK_DIVISOR), max(16, block_n // INTERPRETER_BLOCK_DIVISOR))
         blocks = (*divided, num_warps, num_stages, None)
     else:
-        blocks = fit_shared_memory(key, blocks, shared_memory_limit(capability))
+        blocks = fit_forward_blocks(key, blocks, shared_memory_limit(capability))
     block_m, block_n, num_warps, num_stages, max_registers = blocks
     # TMA exists from sm90 on; the interpreter runs the descriptor path too so CI covers it.
     tile_loads = "host" if interpreted or capability >= (9, 0) else "pointers"
@@ -247,6 +225,16 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
         warp_specialize=False,
         decode=choose_decode_config(key, interpreted),
     )
+
+
+def with_variant_registers(config: ForwardConfig, desc: AttentionDescriptor) -> ForwardConfig:
+    """`config` without its register cap where softcap or ALiBi transform the scores (the tables key on
+    KernelKey, which does not hold them). compile_sm90 --variants (bf16, sm_90, Triton 3.6): capped at 168
+    (d=64) and 128 (d=128), softcap spilled 100 bytes, ALiBi 32, all four variants 40; uncapped none, and
+    no serialised wgmma. Not timed on the H100."""
+    if config.max_registers is None or not (desc.softcap > 0.0 or desc.alibi):
+        return config
+    return replace(config, max_registers=None)
 
 
 def uses_decode_kernel(desc: AttentionDescriptor) -> bool:

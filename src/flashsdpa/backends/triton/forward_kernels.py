@@ -34,145 +34,24 @@ layout TMA cannot read.
 import triton
 import triton.language as tl
 
+from flashsdpa.backends.triton.common_kernels import (
+    LOAD_DEVICE_DESCRIPTORS,
+    LOAD_HOST_DESCRIPTORS,
+    LOG2E,
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,
+    load_rows,
+    mask_seed,
+    matmul,
+    matmul_split,
+    split_tf32,
+    to_dtype,
+)
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 from flashsdpa.backends.triton.halves_kernels import P_HALVES_SCALE
-
-LOG2E = tl.constexpr(1.4426950408889634)
-FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
-
-# MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
-MASK_NONE = tl.constexpr(0)
-MASK_BOOL = tl.constexpr(1)  # uint8 view of a bool mask: nonzero = may attend
-MASK_FLOAT = tl.constexpr(2)  # added to the scaled scores
-
-# TILE_LOADS values: how Q/K/V tiles are read and output tiles written.
-LOAD_POINTERS = tl.constexpr(0)  # masked pointer loads: any strides, any GPU
-# TMA (sm90+) through one 2-D (rows, head_dim) descriptor per head, built by
-# each program in global scratch (costs every program a few microseconds of
-# serial prologue on an H100; works with batch/head strides of 0).
-LOAD_DEVICE_DESCRIPTORS = tl.constexpr(1)
-# TMA through 4-D (batch, heads, rows, head_dim) descriptors the launcher
-# builds once per call and passes as kernel arguments.
-LOAD_HOST_DESCRIPTORS = tl.constexpr(2)
-
-
-@triton.jit
-def load_rows(
-    desc,
-    desc_batch,
-    desc_head,
-    head_ptr,
-    start,
-    offs_rows,
-    offs_cols,
-    n_rows,
-    n_cols,
-    stride_row,
-    stride_col,
-    CHECK_ROWS: tl.constexpr,
-    TILE_LOADS: tl.constexpr,
-):
-    """Rows [start, start + len(offs_rows)) of one head's (n_rows, n_cols) matrix, zero-padded to the block.
-
-    The head is (desc_batch, desc_head) of a 4-D host descriptor, the 2-D
-    device descriptor `desc` itself, or the matrix at `head_ptr`.
-    """
-    if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
-        tile = desc.load([desc_batch, desc_head, start, 0])
-        return tile.reshape([offs_rows.shape[0], offs_cols.shape[0]])
-    elif TILE_LOADS == LOAD_DEVICE_DESCRIPTORS:
-        return desc.load([start, 0])
-    else:
-        tile_offsets = offs_rows[:, None] * stride_row + offs_cols[None, :] * stride_col
-        ptrs = head_ptr + tl.cast(start, tl.int64) * stride_row + tile_offsets
-        in_bounds = offs_cols[None, :] < n_cols
-        if CHECK_ROWS:
-            in_bounds = in_bounds & (start + offs_rows[:, None] < n_rows)
-        return tl.load(ptrs, mask=in_bounds, other=0.0)
-
-
-@triton.jit
-def matmul(a, b, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
-    """a @ b + acc (acc may be None) with a float32 accumulator; WIDEN_DOT_OPERANDS multiplies in float32.
-
-    Widening exists for the Triton interpreter, whose tl.dot multiplies the raw
-    bit patterns of bfloat16 (triton#11584). It changes no result: a product of
-    two bfloat16 values is exact in float32, as in the tensor cores.
-
-    float32 at full precision (tf32x3 on a GPU, ieee under the interpreter)
-    adds each product to acc with IEEE adds: the tensor cores' float32
-    accumulation truncates, and with acc fed to them the bias grows with every
-    block of a long loop (H100: 7e-6 relative error at 1024 keys, 2e-5 at 3001).
-    """
-    if WIDEN_DOT_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if (DOT_PRECISION == "tf32x3" or DOT_PRECISION == "ieee") and acc is not None:
-        return acc + tl.dot(a, b, input_precision=DOT_PRECISION)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def round_to_bfloat16(x):
-    """float32 x rounded to the nearest bfloat16 (ties to even), kept in float32; NaN stays NaN.
-
-    For the Triton interpreter only, whose float32 -> bfloat16 cast truncates
-    (the GPU's rounds to nearest), doubling bfloat16 errors on the CPU.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
-
-
-@triton.jit
-def to_dtype(x, dtype: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
-    """x.to(dtype), rounding to nearest under the interpreter too (WIDEN_DOT_OPERANDS marks interpreted bfloat16)."""
-    if WIDEN_DOT_OPERANDS:
-        x = round_to_bfloat16(x)
-    return x.to(dtype)
-
-
-@triton.jit
-def split_tf32(x):
-    """(hi, lo) with hi = x rounded to tf32 (10 mantissa bits, kept in float32) and lo = x - hi, exact.
-
-    hi is an exact tf32 MMA operand; lo is read by the tensor cores to tf32
-    precision, which leaves an error of at most 2**-21 |x|. A finite x that
-    rounding would carry past the largest float32 (|x| > ~3.4012e38) is
-    truncated instead, so hi stays finite; an infinite x gives hi = x and a
-    NaN lo, which matmul_split_tf32 drops; a NaN x keeps hi = x (rounding its
-    bits could make an infinity of a NaN).
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    overflowed = (tl.abs(hi) > FLOAT32_MAX) & (tl.abs(x) <= FLOAT32_MAX)
-    hi = tl.where(overflowed, (bits & 0xFFFFE000).to(tl.float32, bitcast=True), hi)
-    hi = tl.where(x != x, x, hi)
-    return hi, x - hi
-
-
-@triton.jit
-def matmul_split(a_hi, a_lo, b_hi, b_lo):
-    """a @ b to about float32 accuracy from three tensor-core products of split operands.
-
-    The halves are tf32 (float32 tensors, see split_tf32) or float16 (see
-    halves_kernels). a_lo @ b_lo (under 2**-22 of the product) is dropped;
-    the small terms are accumulated first. As in Triton's tf32x3, non-finite
-    small terms are dropped: they come from an infinite operand (its lo part
-    is NaN, or 0 with a float16 hi; a lo times an inf is +-inf or NaN, of
-    either sign), and the main product alone then gives IEEE's inf (or NaN,
-    where the inputs make one).
-    """
-    if a_hi.dtype == tl.float32:
-        small = tl.dot(a_lo, b_hi, input_precision="tf32")
-        small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
-        small = tl.where(tl.abs(small) < float("inf"), small, 0.0)
-        return tl.dot(a_hi, b_hi, small, input_precision="tf32")
-    small = tl.dot(a_lo, b_hi)
-    small = tl.dot(a_hi, b_lo, small)
-    small = tl.where(tl.abs(small) < float("inf"), small, 0.0)
-    return tl.dot(a_hi, b_hi, small)
-
+from flashsdpa.backends.triton.score_kernels import scores_of_products
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 @triton.jit
 def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
@@ -188,30 +67,6 @@ def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
     if FUSED:
         return qk * score_scale - (row_max * score_scale)[:, None]
     return (qk - row_max[:, None]) * score_scale
-
-
-@triton.jit
-def mask_seed(mask_tile, IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] accumulator for q @ k^T made from the mask tile: 0 or -inf (bool), +-0 (float).
-
-    It changes no score (0 + x = x; a hidden score becomes -inf, and the
-    caller still applies the mask itself, so an inf or NaN product stays
-    hidden exactly as before). It is there for Triton's layout choice
-    (sm_90, Triton 3.6): a mask tile loaded into registers keeps the load's
-    coalesced layout, and the remove-layout-conversions pass then computed
-    the whole softmax a second time in that layout (row max, exp2, row sum),
-    up to 64 rows per thread with 1-byte loads; compile_sm90 showed 3-6 KB of
-    spills. Fed to the dot as its accumulator, the mask is converted to the
-    MMA layout at once and the softmax stays there (d=64 bool, L=S=300:
-    6172 -> 1204 spill bytes; S=512: 496 -> 168). The launchers use it only
-    for unaligned mask rows (MASK_SEED, see launch_forward.seeds_with_mask):
-    with aligned rows it measured slower on the H100.
-    """
-    if IS_BOOL:
-        seed = tl.where(mask_tile != 0, 0.0, float("-inf"))
-    else:
-        seed = tl.where(mask_tile.to(tl.float32) > 0, 0.0, -0.0)
-    return tl.broadcast_to(seed, [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -256,10 +111,16 @@ def attend_key_blocks(
     score_scale,
     dropout_key,
     dropout_threshold,
+    band,
+    transform,
     BOUNDARY: tl.constexpr,
     FAST_SOFTMAX: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    NATURAL_UNITS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -275,8 +136,9 @@ def attend_key_blocks(
 ):
     """Fold keys [key_start, key_end) into the running (acc, row_sum, row_max) of the rows `offs_m`.
 
-    BOUNDARY blocks may reach past seq_kv or cross the causal diagonal and are
-    masked element by element; the others skip that work. FAST_SOFTMAX (only
+    BOUNDARY blocks may reach past seq_kv or hold keys some row does not see
+    (see visibility_kernels) and are masked element by element; the others
+    skip that work. FAST_SOFTMAX (only
     for unmasked whole blocks) also drops what masking needs from the softmax.
     `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
@@ -288,7 +150,10 @@ def attend_key_blocks(
     v_unscale_head_ptr): where the lo halves are (`lo_kv_heads` heads past
     the hi ones) and what undoes their scales. Otherwise q_lo and halves are
     unused. MASK_SEED: the mask tile seeds q @ k^T's accumulator
-    (see `mask_seed`; not with split products).
+    (see `mask_seed`; not with split products). `band` = (lowest, highest)
+    diagonal (visibility_kernels), `transform` = (softcap, ALiBi slope,
+    key_offset) (score_kernels). NATURAL_UNITS: scores, row_max and
+    score_scale in natural units (see attend_keys).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -319,29 +184,24 @@ def attend_key_blocks(
                 qk = qk * q_unscale[:, None] * key_unscale[None, :]
             else:
                 qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+            mask_tile = mask_row_ptrs  # not read without a mask
             if MASK_KIND != MASK_NONE and not FAST_SOFTMAX:
                 mask_tile = load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST,
                                            BOUNDARY)
         if not FAST_SOFTMAX:
-            if MASK_KIND == MASK_FLOAT:
-                # Natural units: the mask is added to the scaled scores.
-                scores = qk * score_scale + mask_tile.to(tl.float32)
-            else:
-                # Raw products; the scale is applied after the max comes off
-                # (see the module doc).
-                scores = qk
-                if MASK_KIND == MASK_BOOL:
-                    scores = tl.where(mask_tile != 0, scores, float("-inf"))
-            if BOUNDARY:
-                visible = cols[None, :] < seq_kv
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= offs_m[:, None])
-                scores = tl.where(visible, scores, float("-inf"))
+            softcap, slope, key_offset = transform
+            # Natural units: scores = q.k * scale, transformed and masked.
+            # Raw products otherwise: the scale is applied after the max comes
+            # off (see the module doc).
+            scores, _ = scores_of_products(
+                qk, offs_m[:, None], cols[None, :], score_scale, softcap, slope, key_offset, mask_tile, seq_kv,
+                band[0], band[1], NATURAL_UNITS, SOFTCAP, ALIBI, MASK_KIND, BOUNDARY, BOUNDED_BELOW, BOUNDED_ABOVE,
+            )
             # Rows that have seen no visible key yet keep a max of -inf and are
             # shifted by 0 instead (see the module doc).
             new_max = tl.maximum(row_max, tl.max(scores, 1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            if MASK_KIND == MASK_FLOAT:
+            if NATURAL_UNITS:
                 p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
                 alpha = tl.math.exp2((row_max - shift) * LOG2E)
             else:
@@ -351,8 +211,8 @@ def attend_key_blocks(
                 alpha = tl.math.exp2((row_max - shift) * score_scale)
         else:
             # FAST_SOFTMAX: no mask, whole blocks. Every score is visible and
-            # finite, so the running max is finite from the first block on
-            # and needs no -inf guard.
+            # finite, so the new max is finite and needs no -inf guard (a row
+            # max of -inf from edge blocks before gives alpha = 0).
             new_max = tl.maximum(row_max, tl.max(qk, 1))
             p = tl.math.exp2(exponent_below_max(qk, new_max, score_scale, q.dtype == tl.float32 or FP16_HALVES))
             alpha = tl.math.exp2((row_max - new_max) * score_scale)
@@ -404,9 +264,7 @@ def attend_keys(
     v_head_ptr,
     halves,
     mask_row_ptrs,
-    key_start,
-    unmasked_end,
-    key_end,
+    key_ranges,
     offs_m,
     seq_kv,
     head_dim,
@@ -419,8 +277,15 @@ def attend_keys(
     softmax_scale,
     dropout_key,
     dropout_threshold,
-    CAUSAL: tl.constexpr,
+    band,
+    transform,
+    row_sink,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -435,56 +300,63 @@ def attend_keys(
     WARP_SPECIALIZE: tl.constexpr,
     MASK_SEED: tl.constexpr,
 ):
-    """Online softmax of rows `offs_m` over keys [key_start, key_end): returns (acc, row_sum, row_max).
+    """Online softmax of rows `offs_m` over the keys of `key_ranges`: returns (acc, row_sum, row_max), row_max
+    in natural units (the row's largest score).
 
-    Keys [key_start, unmasked_end) are whole blocks every row may see; the
-    rest (a partial last block, blocks crossing the causal diagonal) take the
-    element-masked BOUNDARY pass. row_max is over raw q.k products, or over
-    natural-unit scores with a float mask (see the module doc).
+    key_ranges = (key_start, whole_start, whole_end, key_end) from
+    visibility_kernels.blocks_seen: [whole_start, whole_end) are whole blocks
+    every row sees; the edge blocks around them (a partial last block, blocks
+    crossing the visible band's edges) take the element-masked BOUNDARY pass.
+    The running max is over raw q.k products, or over natural-unit scores where any
+    score is more than q.k * scale (a float mask, softcap, ALiBi) or a sink
+    logit joins the rows: SINKS starts each row's softmax from its sink
+    (`row_sink` [BLOCK_M], natural units) as a key of weight exp(sink) and no
+    value row. See attend_key_blocks for the other arguments.
     """
-    if MASK_KIND == MASK_FLOAT:
+    NATURAL_UNITS: tl.constexpr = MASK_KIND == MASK_FLOAT or SOFTCAP or ALIBI or SINKS
+    if NATURAL_UNITS:
         score_scale = softmax_scale  # scores in natural units; exp2 gets * LOG2E
     else:
         score_scale = softmax_scale * LOG2E  # (q.k - max) * score_scale is a base-2 exponent
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    # The unmasked blocks take the fast softmax when no mask applies.
-    acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
-        mask_row_ptrs,
-        key_start, unmasked_end, offs_m, seq_kv, head_dim, head_dim_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        score_scale, dropout_key, dropout_threshold,
-        False, MASK_KIND == MASK_NONE, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
-    )
-    acc, row_sum, row_max = attend_key_blocks(
-        acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr, halves,
-        mask_row_ptrs,
-        unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
-        stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        score_scale, dropout_key, dropout_threshold,
-        True, False, CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, False, MASK_SEED,
-    )
+    if SINKS:
+        row_max = row_sink
+        row_sum = tl.where(row_sink == float("-inf"), 0.0, 1.0)
+    else:
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Lower edge blocks, whole blocks (the fast softmax when nothing needs
+    # masking or transforming; it needs no -inf guard even after edge blocks:
+    # see attend_key_blocks), upper edge blocks.
+    for part in tl.static_range(3):
+        if part != 0 or BOUNDED_BELOW:
+            acc, row_sum, row_max = attend_key_blocks(
+                acc, row_sum, row_max, q, q_lo, k_desc, v_desc, desc_batch, desc_kv_head, k_head_ptr, v_head_ptr,
+                halves, mask_row_ptrs,
+                key_ranges[part], key_ranges[part + 1], offs_m, seq_kv, head_dim, head_dim_v,
+                stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
+                score_scale, dropout_key, dropout_threshold, band, transform,
+                part != 1, part == 1 and MASK_KIND == MASK_NONE and not NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE,
+                MASK_KIND, NATURAL_UNITS, SOFTCAP, ALIBI, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, part == 1 and WARP_SPECIALIZE,
+                MASK_SEED,
+            )  # fmt: skip
+    if not NATURAL_UNITS:
+        row_max = row_max * softmax_scale
     return acc, row_sum, row_max
 
 
 @triton.jit
-def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: tl.constexpr):
+def finish_rows(acc, row_sum, row_max, output_scale):
     """(output rows in float32, natural-log lse) from the online-softmax state.
 
     An empty row has row_sum 0 and acc 0: it is divided by 1, giving output 0,
-    and its lse is -inf + log(0) = -inf. `output_scale` multiplies every row
+    and its lse is -inf + log(0) = -inf (with a sink: the sink). row_max is in
+    natural units (see attend_keys). `output_scale` multiplies every row
     (dropout's 1/(1-p), the same for every kept weight, is applied here once).
     """
     out = acc * (output_scale / tl.where(row_sum == 0.0, 1.0, row_sum))[:, None]
-    if MASK_KIND == MASK_FLOAT:
-        lse = row_max + tl.log(row_sum)
-    else:
-        lse = row_max * softmax_scale + tl.log(row_sum)
-    return out, lse
+    return out, row_max + tl.log(row_sum)
 
 
 # The seed changes every call and the threshold with p: specialising on their
@@ -494,7 +366,8 @@ def finish_rows(acc, row_sum, row_max, softmax_scale, output_scale, MASK_KIND: t
 @triton.jit(
     do_not_specialize=[
         "dropout_threshold", "dropout_seed_lo", "dropout_seed_hi",
-        "heads_q", "gqa_group", "seq_q", "seq_kv", "num_m_blocks",
+        "heads_q", "gqa_group", "seq_q", "seq_kv", "num_m_blocks", "lowest_diagonal", "highest_diagonal",
+        "key_offset",
     ]
 )
 def attention_forward_kernel(
@@ -507,6 +380,8 @@ def attention_forward_kernel(
     q_unscale_ptr,
     k_unscale_ptr,
     v_unscale_ptr,
+    alibi_ptr,
+    sinks_ptr,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -527,6 +402,8 @@ def attention_forward_kernel(
     stride_oh,
     stride_om,
     stride_ok,
+    stride_alibi_b,
+    stride_alibi_h,
     heads_q,
     gqa_group,
     seq_q,
@@ -534,13 +411,21 @@ def attention_forward_kernel(
     head_dim,
     head_dim_v,
     num_m_blocks,
+    lowest_diagonal,
+    highest_diagonal,
+    key_offset,
     softmax_scale,
+    softcap,
     dropout_threshold,
     dropout_seed_lo,
     dropout_seed_hi,
     dropout_output_scale,
-    CAUSAL: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -562,12 +447,15 @@ def attention_forward_kernel(
     FP16_HALVES (float32 problems): q, k and v are float16 halves from
     halves_kernels, each tensor's lo halves as many heads past its hi ones as
     it has heads, and the *_unscale pointers their unscale buffers (otherwise
-    unused).
+    unused). The visible band (BOUNDED_*, the diagonals) is visibility_kernels';
+    SOFTCAP, ALIBI (float32 slopes at alibi_ptr, (batch, head) strides) and
+    key_offset are score_kernels'; SINKS: a float32 logit per query head at
+    sinks_ptr (see attend_keys).
     """
     pid = tl.program_id(0)
     bh = pid // num_m_blocks  # batch * heads_q + query head, the dropout stream index
     m_block = pid % num_m_blocks
-    if CAUSAL:
+    if BOUNDED_ABOVE and not BOUNDED_BELOW:
         # Causal row blocks grow with m: start each head's longest ones first
         # so the short ones fill the last wave.
         m_block = num_m_blocks - 1 - m_block
@@ -648,23 +536,27 @@ def attention_forward_kernel(
     if DROPOUT:
         dropout_key = dropout_stream(dropout_seed_lo, dropout_seed_hi, bh)
 
-    # Keys every row of the block may see: whole blocks below the causal diagonal.
-    if CAUSAL:
-        key_end = tl.minimum(m_start + BLOCK_M, seq_kv)
-        unmasked_end = (tl.minimum(m_start, seq_kv) // BLOCK_N) * BLOCK_N
-    else:
-        key_end = seq_kv
-        unmasked_end = (seq_kv // BLOCK_N) * BLOCK_N
-
+    key_ranges = blocks_seen(
+        m_start, tl.minimum(m_start + BLOCK_M, seq_q) - 1, 0, seq_kv, lowest_diagonal, highest_diagonal,
+        BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
+    )
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)
+    row_sink = None
+    if SINKS:
+        row_sink = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(sinks_ptr + head)
     acc, row_sum, row_max = attend_keys(
         q, q_lo, k_desc, v_desc, batch, kv_head, k_head_ptr, v_head_ptr, halves, mask_row_ptrs,
-        0, unmasked_end, key_end, offs_m, seq_kv, head_dim, head_dim_v,
+        key_ranges, offs_m, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
-        softmax_scale, dropout_key, dropout_threshold,
-        CAUSAL, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE, MASK_SEED,
+        softmax_scale, dropout_key, dropout_threshold, (lowest_diagonal, highest_diagonal),
+        (softcap, slope, key_offset), row_sink,
+        BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, SOFTCAP, ALIBI, SINKS, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N,
+        BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE,
+        MASK_SEED,
     )
-    out, lse = finish_rows(acc, row_sum, row_max, softmax_scale, dropout_output_scale, MASK_KIND)
+    out, lse = finish_rows(acc, row_sum, row_max, dropout_output_scale)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:
         out = to_dtype(out, out_desc.dtype, WIDEN_DOT_OPERANDS)
         out_desc.store([batch, head, m_start, 0], out.reshape([1, 1, BLOCK_M, BLOCK_DV]))

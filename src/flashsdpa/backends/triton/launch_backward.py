@@ -22,15 +22,21 @@ import torch
 
 from flashsdpa import gradient_precision
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
-from flashsdpa.backends.triton.backward_configs import BackwardConfig, backward_config, block_widths
+from flashsdpa.backends.triton.backward_configs import (
+    BackwardConfig,
+    backward_config,
+    block_widths,
+    with_variant_tiles,
+)
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
 )
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
-from flashsdpa.backends.triton.forward_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
-from flashsdpa.backends.triton.launch_forward import (
+from flashsdpa.backends.triton.common_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
+from flashsdpa.backends.triton.kernel_specs import BackwardDkdvKernelSpec, BackwardDqKernelSpec, backward_common
+from flashsdpa.backends.triton.launch_common import (
     TMA_ALIGNMENT_BYTES,
     cdiv,
     device_capability,
@@ -41,7 +47,9 @@ from flashsdpa.backends.triton.launch_forward import (
     mask_argument,
     on_device,
     seeds_with_mask,
+    score_arguments,
     sm_count,
+    visible_band,
 )
 from flashsdpa.cache import RecentValues, kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
@@ -75,6 +83,7 @@ def attention_backward(
         config = kernel_cache.get(
             ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
         )
+        config = with_variant_tiles(config, desc, capability)
     if needed.mask and not config.renormalize_rows:
         # The mask gradient is dS itself: the exact row pass keeps delta from
         # the half-precision output's rounding (it put dmask at 2x torch's error).
@@ -87,10 +96,10 @@ def attention_backward(
     dmask = new_output((batch, heads_q, seq_q, seq_kv), torch.float32, device) if needed.mask else None
 
     computed = needed
-    if seq_kv == 1:
-        # One key: each row's softmax is a constant (1, or 0 where the key is
-        # hidden), so dS, and with it dq, dk and dmask, is exactly 0; the
-        # kernels would return rounding noise (dP - delta) in its place.
+    if seq_kv == 1 and not desc.sinks:
+        # One key (and no sink): each row's softmax is a constant (1, or 0
+        # where the key is hidden), so dS, and with it dq, dk and dmask, is
+        # exactly 0; the kernels would return rounding noise (dP - delta) in its place.
         for gradient in (dq, dk, dmask):
             if gradient is not None:
                 gradient.zero_()
@@ -111,6 +120,7 @@ def attention_backward(
     stand_in = delta
 
     mask, mask_strides = mask_argument(desc, inputs)
+    alibi, sinks, alibi_strides = score_arguments(desc, inputs, stand_in)
     q_source, do_source, tile_loads = _streamed_tiles(config, desc, query, grad_out) if run_dkdv else (
         query, grad_out, int(LOAD_POINTERS))
     split_group = run_dkdv and splits_gqa_group(desc, config, device)
@@ -136,7 +146,8 @@ def attention_backward(
                 plan.dq_grid,
                 query, key, value, mask, grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                out, lse, *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *plan.dq_sizes,
+                out, lse, alibi, sinks,
+                *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *alibi_strides, *plan.dq_sizes,
                 *run_time,
             )  # fmt: skip
 
@@ -148,8 +159,9 @@ def attention_backward(
                 plan.dkdv_grid,
                 q_source, key, value, mask, do_source,
                 stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
-                delta, lse_log2, row_scale,
-                *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *plan.dkdv_sizes, *run_time,
+                delta, lse_log2, row_scale, alibi,
+                *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
+                *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
             if split_group:
                 for gradient, shares in ((dk, dk_out), (dv, dv_out)):
@@ -224,21 +236,7 @@ def _new_backward_launch_plan(
     kernel_key = desc.kernel_key
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
     block_d, block_dv = block_widths(kernel_key)
-    variant = dict(
-        HEAD_DIM=desc.head_dim,
-        HEAD_DIM_V=desc.head_dim_v,
-        BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-        CAUSAL=desc.causal,
-        MASK_KIND=desc.mask.value,
-        MASK_ROWS_BROADCAST=kernel_key.mask_rows_broadcast,
-        DROPOUT=kernel_key.dropout,
-        RENORMALIZE=config.renormalize_rows,
-        DOT_PRECISION=config.dot_precision,
-        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        SPLIT_OPERANDS=config.split_operands,
-        MASK_SEED=mask_seed,
-    )
+    band = visible_band(desc)
     stats_stride = stats_row_stride(seq_q)
     # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
     # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
@@ -250,29 +248,32 @@ def _new_backward_launch_plan(
         COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
     ).bind(seq_q, heads_q, stats_stride)  # fmt: skip
     scale, gqa_group = float(desc.scale), heads_q // heads_kv
-    dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride)
-    dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride)
+    diagonals = (band.lowest_diagonal, band.highest_diagonal, desc.key_offset, float(desc.softcap))
+    dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, *diagonals)
+    dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, *diagonals)
     # Without dropout every argument after the strides is the plan's: bound once. With it the
     # seeds, which change per call, come last: the sizes are passed per call too.
     sizes_per_call = desc.dropout_p > 0.0
 
-    def main_kernel(kernel, tile, sizes: tuple, **flags) -> BoundLaunch:
+    def main_kernel(kernel, spec_type, tile, sizes: tuple, **flags) -> BoundLaunch:
         bound = () if sizes_per_call else (*sizes, 0, 0, 0, 1.0)
-        return launcher(kernel, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
-                        num_stages=tile.num_stages, **flags, **variant).bind(*bound)
+        spec = spec_type(**backward_common(desc, config, tile, (block_d, block_dv), mask_seed), **flags)
+        return launcher(kernel, **spec.launch_arguments()).bind(*bound)
 
     return BackwardLaunchPlan(
         preprocess_grid=(cdiv(stats_stride, config.preprocess_block_m) * batch * heads_q,),
         preprocess=preprocess,
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
-        dq=main_kernel(attention_backward_dq_kernel, config.dq, dq_sizes, COMPUTE_DQ=computed.query,
-                       WRITE_DMASK=computed.mask, ROW_STATS=dq_row_stats) if run_dq else None,
+        dq=main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, config.dq, dq_sizes,
+                       compute_dq=computed.query, write_dmask=computed.mask, row_stats=dq_row_stats,
+                       sinks=desc.sinks) if run_dq else None,
         dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
-        dkdv=main_kernel(attention_backward_dkdv_kernel, config.dkdv, dkdv_sizes, COMPUTE_DK=computed.key,
-                         COMPUTE_DV=computed.value, TILE_LOADS=tile_loads, EARLY_DP=config.dkdv_early_dp,
-                         SPLIT_GROUP=split_group, GQA=gqa_group > 1) if run_dkdv else None,
+        dkdv=main_kernel(attention_backward_dkdv_kernel, BackwardDkdvKernelSpec, config.dkdv, dkdv_sizes,
+                         compute_dk=computed.key, compute_dv=computed.value, tile_loads=int(tile_loads),
+                         early_dp=config.dkdv_early_dp, split_group=split_group,
+                         gqa=gqa_group > 1) if run_dkdv else None,
     )
 
 

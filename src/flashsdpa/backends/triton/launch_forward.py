@@ -20,17 +20,14 @@ decoding).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs, new_output
-from flashsdpa.backends.triton import cuda_capability, decode_kernels, forward_kernels
+from flashsdpa.backends.triton import common_kernels, decode_kernels, forward_kernels
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, DirectLaunch, launcher
 from flashsdpa.backends.triton.forward_configs import (
     DECODE_MAX_SPLITS,
@@ -39,22 +36,34 @@ from flashsdpa.backends.triton.forward_configs import (
     choose_forward_config,
     decode_split_count,
     uses_decode_kernel,
+    with_variant_registers,
+)
+from flashsdpa.backends.triton.kernel_specs import DecodeSplitKernelSpec, decode_split_spec, forward_spec
+from flashsdpa.backends.triton.launch_common import (
+    MAX_GRID_X,
+    MAX_GRID_YZ,
+    TMA_ALIGNMENT_BYTES,
+    cdiv,
+    device_capability,
+    fields_without_base,
+    host_descriptor,
+    host_descriptor_like,
+    host_descriptor_strides,
+    mask_argument,
+    on_device,
+    seeds_with_mask,
+    sm_count,
+    tensor_descriptor_compatible,
+    score_arguments,
+    visible_band,
 )
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
-from flashsdpa.descriptor import AttentionDescriptor, KernelKey, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.dropout import drop_threshold
 
-KERNEL_MASK_KIND = {
-    MaskKind.NONE: forward_kernels.MASK_NONE,
-    MaskKind.BOOL: forward_kernels.MASK_BOOL,
-    MaskKind.FLOAT: forward_kernels.MASK_FLOAT,
-}
-MAX_GRID_X = 2**31 - 1
-MAX_GRID_YZ = 65535
-TMA_ALIGNMENT_BYTES = 16
 # As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
-DEVICE_DESCRIPTORS = int(forward_kernels.LOAD_DEVICE_DESCRIPTORS)
+DEVICE_DESCRIPTORS = int(common_kernels.LOAD_DEVICE_DESCRIPTORS)
 
 
 def attention_forward(
@@ -70,36 +79,11 @@ def attention_forward(
             ("forward", desc.kernel_key, capability, long_keys),
             lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
         )
+        config = with_variant_registers(config, desc)
     if uses_decode_kernel(desc):
         return launch_decode_kernels(desc, inputs, config)
     return launch_main_kernel(desc, inputs, config)
 
-
-def device_capability(device: torch.device) -> tuple[int, int] | None:
-    """The CUDA compute capability, or None for CPU tensors (the Triton interpreter)."""
-    if device.type != "cuda":
-        return None
-    return cuda_capability(device)
-
-
-NOT_SWITCHING = contextlib.nullcontext()
-
-
-def on_device(device: torch.device):
-    """Triton launches on the current CUDA device, not the arguments': make them the same.
-
-    Most calls find their device current already; switching it costs a few
-    microseconds there (torch.cuda.device's enter and exit)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return NOT_SWITCHING
-    return torch.cuda.device(device)
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,79 +115,6 @@ def kernel_scale(desc: AttentionDescriptor) -> float:
         return 1.0
     return abs(float(desc.scale))
 
-
-def mask_argument(desc: AttentionDescriptor, inputs: AttentionInputs) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The mask as the kernel reads it (bool viewed as uint8, no copy) and its four strides.
-
-    Without a mask the query stands in as a never-read pointer.
-    """
-    mask = inputs.mask
-    if desc.mask is MaskKind.NONE or mask is None:
-        return inputs.query, (0, 0, 0, 0)
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    return mask, tuple(mask.stride())
-
-
-def seeds_with_mask(desc: AttentionDescriptor, mask: torch.Tensor, mask_strides: tuple[int, ...]) -> bool:
-    """MASK_SEED: whether the kernels feed the mask tile to q @ k^T as its accumulator (forward_kernels.mask_seed).
-
-    Only for masks with distinct rows whose row stride is not a multiple of
-    16 elements or whose base is not 16-byte aligned (Triton's own
-    divisibility specialisations, which decide its vector loads), which Triton
-    loads element by element in a layout that made it compute the softmax
-    twice (3-6 KB of spills at L=S=300). Aligned rows load through shared
-    memory and spill little without it; the seed measured 6-8% slower there
-    (H100, bf16 d=128 L=4096: bias forward 375 -> 346 TFLOP/s).
-    """
-    if desc.mask is MaskKind.NONE or desc.kernel_key.mask_rows_broadcast:
-        return False
-    return mask_strides[2] % 16 != 0 or mask.data_ptr() % 16 != 0
-
-
-def tensor_descriptor_compatible(tensor: torch.Tensor) -> bool:
-    """Whether every (batch, head) matrix of a 4-D view can be read through a TMA descriptor.
-
-    The kernel builds one (rows, head_dim) descriptor per head at
-    base + b * stride_b + h * stride_h: that base and the row stride must be
-    16-byte aligned (batch/head strides of 0 are fine), and the last dim contiguous.
-    """
-    itemsize = tensor.element_size()
-    stride_b, stride_h, stride_row, stride_col = tensor.stride()
-    return (
-        stride_col == 1
-        and stride_row > 0
-        and tensor.data_ptr() % TMA_ALIGNMENT_BYTES == 0
-        and all(stride * itemsize % TMA_ALIGNMENT_BYTES == 0 for stride in (stride_b, stride_h, stride_row))
-    )
-
-
-def host_descriptor_strides(tensor: torch.Tensor) -> list[int] | None:
-    """Strides for a 4-D (batch, heads, rows, head_dim) TMA descriptor of `tensor`, or None if TMA cannot read it.
-
-    TMA needs a 16-byte aligned base, a contiguous last dim, and the other
-    strides positive multiples of 16 bytes. A dim of size 1 is never stepped
-    along, so its stride is replaced by a valid one (torch leaves any value
-    there); a stride of 0 on a longer dim (an expanded view) disqualifies.
-    """
-    itemsize = tensor.element_size()
-    if tensor.stride(3) != 1 and tensor.shape[3] > 1:
-        return None
-    if tensor.data_ptr() % TMA_ALIGNMENT_BYTES:
-        return None
-    strides = [*tensor.stride()[:3], 1]
-    inner_bytes = TMA_ALIGNMENT_BYTES
-    for dim in (2, 1, 0):
-        if tensor.shape[dim] == 1:
-            strides[dim] = inner_bytes // itemsize
-        elif strides[dim] <= 0 or strides[dim] * itemsize % TMA_ALIGNMENT_BYTES:
-            return None
-        inner_bytes = strides[dim] * itemsize * tensor.shape[dim]
-    return strides
-
-
-def host_descriptor(tensor: torch.Tensor, strides: list[int], block_rows: int, block_cols: int):
-    return TensorDescriptor(tensor, list(tensor.shape), strides, [1, 1, block_rows, block_cols])
 
 
 def torch_scratch_allocator(device: torch.device):
@@ -274,62 +185,30 @@ def _new_main_launch_plan(desc: AttentionDescriptor, config: ForwardConfig, tens
         raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
     tile_loads, strides = choose_tile_loads(config, tensors)
     descriptor_fields = None
-    if tile_loads == forward_kernels.LOAD_HOST_DESCRIPTORS:
+    if tile_loads == common_kernels.LOAD_HOST_DESCRIPTORS:
         blocks = [(config.block_m, key.block_head_dim), (config.block_n, key.block_head_dim),
                   (config.block_n, key.block_head_dim_v), (config.block_m, key.block_head_dim_v)]
         descriptor_fields = tuple(
             fields_without_base(host_descriptor(tensor, tensor_strides, *block))
             for tensor, tensor_strides, block in zip(tensors, strides, blocks)
         )
-    constexprs = dict(
-        CAUSAL=desc.causal,
-        MASK_KIND=KERNEL_MASK_KIND[desc.mask],
-        MASK_ROWS_BROADCAST=key.mask_rows_broadcast,
-        DROPOUT=desc.dropout_p > 0.0,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_D=key.block_head_dim,
-        BLOCK_DV=key.block_head_dim_v,
-        DOT_PRECISION=config.dot_precision,
-        WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-        FP16_HALVES=config.split_products,
-        TILE_LOADS=tile_loads,
-        WARP_SPECIALIZE=config.warp_specialize and tile_loads != forward_kernels.LOAD_POINTERS,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        maxnreg=config.max_registers,
-    )
+    band = visible_band(desc)
+    warp_specialize = config.warp_specialize and tile_loads != common_kernels.LOAD_POINTERS
     sizes = (desc.heads_q, desc.heads_q // desc.heads_kv, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
-             num_m_blocks, kernel_scale(desc))
+             num_m_blocks, band.lowest_diagonal, band.highest_diagonal, desc.key_offset, kernel_scale(desc),
+             float(desc.softcap))
     # Without dropout every argument after the strides is the plan's: bound once (the seeds change per call).
     tail = () if desc.dropout_p > 0.0 else (*sizes, 0, 0, 0, 1.0)
     kernels = tuple(
-        launcher(forward_kernels.attention_forward_kernel, MASK_SEED=mask_seed, **constexprs).bind(*tail)
+        launcher(
+            forward_kernels.attention_forward_kernel,
+            **forward_spec(desc, config, tile_loads, mask_seed, warp_specialize).launch_arguments(),
+        ).bind(*tail)
         for mask_seed in (False, True)
     )
     return MainLaunchPlan((programs,), int(tile_loads), descriptor_fields, sizes if desc.dropout_p > 0.0 else (),
                           kernels)
 
-
-def fields_without_base(descriptor: TensorDescriptor) -> dict:
-    fields = dict(vars(descriptor))
-    del fields["base"]  # a plan must not keep its first call's tensor alive
-    return fields
-
-
-def host_descriptor_like(fields: dict, tensor: torch.Tensor) -> TensorDescriptor:
-    """A TensorDescriptor of `tensor` with the other fields of one that Triton validated for a tensor
-    of the same shape, strides and 16-byte alignment (a launch plan's key): skips the dataclass's
-    checks, ~2 us for each of the four descriptors of a launch."""
-    descriptor = TensorDescriptor.__new__(TensorDescriptor)
-    descriptor.__dict__.update(fields)
-    descriptor.base = tensor
-    return descriptor
-
-
-def cdiv(a: int, b: int) -> int:
-    """`triton.cdiv` without its constexpr-function wrapper (~2 us a call from host code)."""
-    return -(-a // b)
 
 
 def launch_main_kernel(
@@ -362,12 +241,13 @@ def launch_main_kernel(
         seed_lo, seed_hi = inputs.dropout_seed
         run_time = (*plan.sizes, drop_threshold(desc.dropout_p), seed_lo, seed_hi, 1.0 / (1.0 - desc.dropout_p))
     kernel = plan.kernels[seeds_with_mask(desc, mask, mask_strides)]
+    alibi, sinks, alibi_strides = score_arguments(desc, inputs, lse)
 
     def launch() -> None:
         kernel(
             plan.grid,
-            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales,
-            *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *run_time,
+            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales, alibi, sinks,
+            *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *alibi_strides, *run_time,
         )  # fmt: skip
 
     with on_device(q.device):
@@ -384,12 +264,12 @@ def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]
     if config.tile_loads == "host":
         strides = [host_descriptor_strides(t) for t in tensors]
         if all(s is not None for s in strides):
-            return forward_kernels.LOAD_HOST_DESCRIPTORS, strides
+            return common_kernels.LOAD_HOST_DESCRIPTORS, strides
     # Per-head device descriptors cannot reach split products' lo halves (heads past the tensor's view).
     device_ok = config.tile_loads in ("host", "device") and not config.split_products
     if device_ok and all(tensor_descriptor_compatible(t) for t in tensors):
-        return forward_kernels.LOAD_DEVICE_DESCRIPTORS, None
-    return forward_kernels.LOAD_POINTERS, None
+        return common_kernels.LOAD_DEVICE_DESCRIPTORS, None
+    return common_kernels.LOAD_POINTERS, None
 
 
 @dataclass(frozen=True)
@@ -426,7 +306,7 @@ def decode_launch_plan(
 def _new_decode_launch_plan(
     desc: AttentionDescriptor, config: ForwardConfig, num_splits: int | None, device: torch.device
 ) -> DecodeLaunchPlan:
-    key, decode = desc.kernel_key, config.decode
+    decode = config.decode
     gqa_group = desc.heads_q // desc.heads_kv
     row_chunks = cdiv(gqa_group * desc.seq_q, decode.block_m)
     programs_per_split = desc.batch * desc.heads_kv * row_chunks
@@ -442,12 +322,14 @@ def _new_decode_launch_plan(
     if num_splits > 1:
         partial_lse_offset = cdiv(rows * num_splits * desc.head_dim_v, 4) * 4  # 16 bytes of float32
         scratch_size = partial_lse_offset + rows * num_splits
-    split_kernel, merge_kernel = decode_launchers(key, config)
+    band = visible_band(desc)
+    split_kernel, merge_kernel = decode_launchers(decode_split_spec(desc, config))
     split_kernel = split_kernel.bind(
         # out is freshly allocated and contiguous: its (batch, head, row) rows are head_dim_v apart.
         desc.head_dim_v,
         desc.heads_q, desc.heads_kv, gqa_group, desc.seq_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
-        row_chunks, num_splits, split_len, kernel_scale(desc),
+        row_chunks, num_splits, split_len, band.lowest_diagonal, band.highest_diagonal, desc.key_offset,
+        kernel_scale(desc), float(desc.softcap),
     )  # fmt: skip
     # The last: out's row stride.
     merge_kernel = merge_kernel.bind(num_splits, desc.head_dim_v, desc.head_dim_v) if num_splits > 1 else None
@@ -455,34 +337,21 @@ def _new_decode_launch_plan(
                             split_kernel, merge_kernel)
 
 
-def decode_launchers(key: KernelKey, config: ForwardConfig) -> tuple[DirectLaunch, DirectLaunch]:
-    """The split and merge kernels with the constexprs of `key` and `config`, asked once per variant
-    (plans are made per call shape: a decode loop whose cache grows makes one per step)."""
+def decode_launchers(spec: DecodeSplitKernelSpec) -> tuple[DirectLaunch, DirectLaunch]:
+    """The split and merge kernels of the split kernel's `spec`, asked once per variant (plans are made per
+    call shape: a decode loop whose cache grows makes one per step)."""
     kernels = id(decode_kernels.attention_decode_split_kernel), id(decode_kernels.merge_decode_splits_kernel)
-    found = _decode_launchers.get((key, config, kernels))  # the kernel objects, as in main_launch_plan
+    found = _decode_launchers.get((spec, kernels))  # the kernel objects, as in main_launch_plan
     if found is None:
-        decode = config.decode
-        split = launcher(
-            decode_kernels.attention_decode_split_kernel,
-            MASK_KIND=KERNEL_MASK_KIND[key.mask],
-            BLOCK_M=decode.block_m,
-            BLOCK_N=decode.block_n,
-            BLOCK_D=key.block_head_dim,
-            BLOCK_DV=key.block_head_dim_v,
-            DOT_PRECISION=config.dot_precision,
-            WIDEN_DOT_OPERANDS=config.widen_dot_operands,
-            SPLIT_TF32=config.split_products,
-            num_warps=decode.num_warps,
-            num_stages=decode.num_stages,
-        )
+        split = launcher(decode_kernels.attention_decode_split_kernel, **spec.launch_arguments())
         merge = launcher(
             decode_kernels.merge_decode_splits_kernel,
             BLOCK_SPLITS=DECODE_MAX_SPLITS,
-            BLOCK_DV=key.block_head_dim_v,
-            ROUND_BFLOAT16=config.widen_dot_operands,
+            BLOCK_DV=spec.block_dv,
+            ROUND_BFLOAT16=spec.widen_dot_operands,
             num_warps=4,
         )
-        found = _decode_launchers.keep((key, config, kernels), (split, merge))
+        found = _decode_launchers.keep((spec, kernels), (split, merge))
     return found
 
 
@@ -513,10 +382,11 @@ def launch_decode_kernels(
         scratch = torch.empty(plan.scratch_size, dtype=torch.float32, device=device)
         partial_out, partial_lse = scratch, scratch[plan.partial_lse_offset:]
     with on_device(device):
+        alibi, sinks, alibi_strides = score_arguments(desc, inputs, lse)
         plan.split_kernel(
             plan.split_grid,
-            q, k, v, mask, partial_out, partial_lse, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            q, k, v, mask, partial_out, partial_lse, out, lse, alibi, sinks,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *alibi_strides,
         )  # fmt: skip
         if plan.merge_kernel is not None:
             plan.merge_kernel(plan.merge_grid, partial_out, partial_lse, out, lse)

@@ -1,0 +1,204 @@
+"""What each Triton kernel variant compiles in, as frozen specs with named fields.
+
+A spec names every compiled-in choice of one kernel (dtype-dependent flags,
+padded head dims, tiles, variant flags) and nothing that varies per call
+(lengths, scale, strides, the band's diagonals, softcap's value): its fields
+are the kernel's constexpr parameters, lower-cased, plus the launch options.
+It is built in one function per kernel (`*_spec`), it is what the launchers
+key their compiled launchers on (`launcher(kernel, **spec.launch_arguments())`),
+and it is where the constexpr arguments come from.
+tests/test_kernel_specs.py checks the fields against the kernels' constexpr names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from flashsdpa.backends.triton.launch_common import KERNEL_MASK_KIND, visible_band
+from flashsdpa.descriptor import AttentionDescriptor
+
+# Fields that are launch options, not constexpr parameters (Triton's names as values).
+LAUNCH_OPTIONS = {"num_warps": "num_warps", "num_stages": "num_stages", "max_registers": "maxnreg"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    def launch_arguments(self) -> dict:
+        """The constexpr arguments (upper-case names) and launch options of this variant."""
+        arguments = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in LAUNCH_OPTIONS:
+                if value is not None:
+                    arguments[LAUNCH_OPTIONS[field.name]] = value
+            else:
+                arguments[field.name.upper()] = value
+        return arguments
+
+    @classmethod
+    def constexpr_names(cls) -> set[str]:
+        return {field.name.upper() for field in dataclasses.fields(cls) if field.name not in LAUNCH_OPTIONS}
+
+
+@dataclass(frozen=True)
+class ScoreVariant:
+    """The variant flags every attention kernel compiles in (visibility_kernels, score_kernels)."""
+
+    bounded_below: bool
+    bounded_above: bool
+    mask_kind: int
+    softcap: bool
+    alibi: bool
+
+
+def score_variant(desc: AttentionDescriptor) -> ScoreVariant:
+    band = visible_band(desc)
+    return ScoreVariant(band.bounded_below, band.bounded_above, int(KERNEL_MASK_KIND[desc.mask]), desc.softcap > 0.0,
+                        desc.alibi)
+
+
+@dataclass(frozen=True)
+class ForwardKernelSpec(ScoreVariant, KernelSpec):
+    """forward_kernels.attention_forward_kernel."""
+
+    sinks: bool
+    mask_rows_broadcast: bool
+    dropout: bool
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    dot_precision: str | None
+    widen_dot_operands: bool
+    fp16_halves: bool
+    tile_loads: int
+    warp_specialize: bool
+    mask_seed: bool
+    num_warps: int
+    num_stages: int
+    max_registers: int | None
+
+
+def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: bool,
+                 warp_specialize: bool) -> ForwardKernelSpec:
+    key = desc.kernel_key
+    return ForwardKernelSpec(
+        **dataclasses.asdict(score_variant(desc)),
+        sinks=desc.sinks,
+        mask_rows_broadcast=key.mask_rows_broadcast,
+        dropout=desc.dropout_p > 0.0,
+        block_m=config.block_m,
+        block_n=config.block_n,
+        block_d=key.block_head_dim,
+        block_dv=key.block_head_dim_v,
+        dot_precision=config.dot_precision,
+        widen_dot_operands=config.widen_dot_operands,
+        fp16_halves=config.split_products,
+        tile_loads=int(tile_loads),
+        warp_specialize=warp_specialize,
+        mask_seed=mask_seed,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        max_registers=config.max_registers,
+    )
+
+
+@dataclass(frozen=True)
+class DecodeSplitKernelSpec(ScoreVariant, KernelSpec):
+    """decode_kernels.attention_decode_split_kernel."""
+
+    sinks: bool
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    dot_precision: str | None
+    widen_dot_operands: bool
+    split_tf32: bool
+    num_warps: int
+    num_stages: int
+
+
+def decode_split_spec(desc: AttentionDescriptor, config) -> DecodeSplitKernelSpec:
+    key, decode = desc.kernel_key, config.decode
+    return DecodeSplitKernelSpec(
+        **dataclasses.asdict(score_variant(desc)),
+        sinks=desc.sinks,
+        block_m=decode.block_m,
+        block_n=decode.block_n,
+        block_d=key.block_head_dim,
+        block_dv=key.block_head_dim_v,
+        dot_precision=config.dot_precision,
+        widen_dot_operands=config.widen_dot_operands,
+        split_tf32=config.split_products,
+        num_warps=decode.num_warps,
+        num_stages=decode.num_stages,
+    )
+
+
+@dataclass(frozen=True)
+class BackwardCommon(ScoreVariant):
+    """The constexprs the dQ and dK/dV kernels share."""
+
+    head_dim: int
+    head_dim_v: int
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    mask_rows_broadcast: bool
+    dropout: bool
+    renormalize: bool
+    dot_precision: str | None
+    widen_dot_operands: bool
+    split_operands: bool
+    mask_seed: bool
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BackwardDqKernelSpec(BackwardCommon, KernelSpec):
+    """backward_kernels.attention_backward_dq_kernel."""
+
+    compute_dq: bool = False
+    write_dmask: bool = False
+    row_stats: bool = False
+    sinks: bool = False
+
+
+@dataclass(frozen=True)
+class BackwardDkdvKernelSpec(BackwardCommon, KernelSpec):
+    """backward_kernels.attention_backward_dkdv_kernel."""
+
+    compute_dk: bool = False
+    compute_dv: bool = False
+    tile_loads: int = 0
+    early_dp: bool = False
+    split_group: bool = False
+    gqa: bool = False
+
+
+def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple[int, int],
+                    mask_seed: bool) -> dict:
+    """The shared fields of the dQ and dK/dV specs, for the kernel whose tile is `tile`."""
+    key = desc.kernel_key
+    return dict(
+        head_dim=desc.head_dim,
+        head_dim_v=desc.head_dim_v,
+        block_m=tile.block_m,
+        block_n=tile.block_n,
+        block_d=block_widths[0],
+        block_dv=block_widths[1],
+        **dataclasses.asdict(score_variant(desc)),
+        mask_rows_broadcast=key.mask_rows_broadcast,
+        dropout=key.dropout,
+        renormalize=config.renormalize_rows,
+        dot_precision=config.dot_precision,
+        widen_dot_operands=config.widen_dot_operands,
+        split_operands=config.split_operands,
+        mask_seed=mask_seed,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+    )

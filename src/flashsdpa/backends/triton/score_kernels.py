@@ -1,0 +1,91 @@
+"""Scores from raw products: the one place the Triton kernels apply scale, softcap, ALiBi and masks.
+
+For a visible pair (query i, key j) the score is, in this order (the order of
+`flashsdpa.attention`'s docstring):
+
+    s = scale * (q_i . k_j)
+    s = softcap * tanh(s / softcap)             (SOFTCAP)
+    s = s - slope * |i + key_offset - j|        (ALIBI; slope per batch and query head)
+    s = s + mask[i, j]                          (MASK_FLOAT)
+    s = -inf where mask[i, j] is False          (MASK_BOOL)
+    s = -inf where query i does not see key j   (APPLY_EDGE_MASK; see visibility_kernels)
+
+Without softcap, ALiBi or a float mask (NATURAL_UNITS false) the forward
+keeps raw products q.k and applies the scale in the exponent, after the row
+max comes off (see forward_kernels): the masks are then all there is to do.
+"""
+
+import triton
+import triton.language as tl
+
+from flashsdpa.backends.triton.common_kernels import MASK_BOOL, MASK_FLOAT
+from flashsdpa.backends.triton.visibility_kernels import visible
+
+# Below this |x|, tanh is a polynomial (Cephes' tanhf): 1 - 2 / (exp(2x) + 1)
+# loses relative accuracy to cancellation as x -> 0.
+TANH_POLYNOMIAL_BELOW = tl.constexpr(0.625)
+
+
+@triton.jit
+def tanh(x):
+    """tanh of float32 x to about 1e-7 relative (Triton has no tanh of its own that the interpreter runs)."""
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+             - 3.33332819422e-1) * z * x + x
+    e = tl.exp(-2.0 * tl.abs(x))
+    large = (1.0 - e) / (1.0 + e)
+    large = tl.where(x < 0, -large, large)
+    return tl.where(tl.abs(x) < TANH_POLYNOMIAL_BELOW, small, large)
+
+
+@triton.jit
+def scores_of_products(
+    qk,
+    rows,
+    cols,
+    scale,
+    softcap,
+    slope,
+    key_offset,
+    mask_tile,
+    key_end,
+    lowest_diagonal,
+    highest_diagonal,
+    NATURAL_UNITS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
+):
+    """(scores, dscores/ds) of a tile of raw products `qk`, in the module doc's order.
+
+    rows and cols are the tile's query and key positions, shaped to broadcast
+    into it either way round ([M, 1] and [1, N], or transposed); `slope`
+    broadcasts the same way (a scalar, or one per row). NATURAL_UNITS: scores
+    in natural units (scale applied); otherwise the raw products with the
+    masks applied (valid only without softcap, ALiBi and a float mask).
+    The derivative (of the final score by scale * q.k) is softcap's 1 - tanh^2
+    with SOFTCAP, else 1.0; the backward multiplies the score gradient by it.
+    """
+    derivative = 1.0
+    if NATURAL_UNITS:
+        scores = qk * scale
+        if SOFTCAP:
+            capped = tanh(scores / softcap)
+            scores = softcap * capped
+            derivative = 1.0 - capped * capped
+        if ALIBI:
+            distance = tl.abs(rows + key_offset - cols).to(tl.float32)
+            scores = scores - slope * distance
+        if MASK_KIND == MASK_FLOAT:
+            scores = scores + mask_tile.to(tl.float32)
+    else:
+        scores = qk
+    if MASK_KIND == MASK_BOOL:
+        scores = tl.where(mask_tile != 0, scores, float("-inf"))
+    if APPLY_EDGE_MASK:
+        seen = visible(rows, cols, key_end, lowest_diagonal, highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, True)
+        scores = tl.where(seen, scores, float("-inf"))
+    return scores, derivative
