@@ -212,14 +212,11 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
 
 
 def expected_decline(case: Case, backend: str, dtype: torch.dtype) -> bool:
-    """The problems a backend is meant to decline: triton's full-precision float32 over MAX_FP32_HEAD_DIM
-    and the variants its kernels do not compute yet; aten's value head dims other than the query's and
-    every variant (torch's CPU kernel has none)."""
+    """The problems a backend is meant to decline: triton's full-precision float32 over MAX_FP32_HEAD_DIM;
+    aten's value head dims other than the query's and every variant (torch's CPU kernel has none)."""
     head_dim = max(case.shape[5], case.head_dim_v or 0)
     if backend == "aten":
         return case.has_variants or case.head_dim_v not in (None, case.shape[5])
-    if backend == "triton" and case.has_variants:
-        return True
     return backend == "triton" and dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM
 
 
