@@ -364,3 +364,19 @@ def test_window_falls_back_to_torch_as_a_mask(monkeypatch):
     visible = (j <= i) & (j > i - 3)
     ref = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, enable_gqa=True)
     assert rel_err(out, ref.transpose(1, 2)) <= FP32_TOL
+
+
+def test_softcap_and_sinks_run_on_flashsdpa_inside_sdpa_kernel_math():
+    """sdpa_kernel([MATH]) sends plain calls to torch's math path; torch has no softcap or sinks, so those
+    layers still run on flashsdpa (and never raise outside strict mode)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(1, h, 6, 8, generator=gen) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=gen)
+    expected, _ = fs_transformers.attention_forward(_Module(), query, key, value, None, softcap=3.0, s_aux=sinks)
+    flashsdpa.reset_stats()
+    with sdpa_kernel([SDPBackend.MATH]):
+        out, _ = fs_transformers.attention_forward(_Module(), query, key, value, None, softcap=3.0, s_aux=sinks)
+    assert torch.equal(out, expected)
+    assert "torch" not in flashsdpa.stats()["calls"]

@@ -567,3 +567,20 @@ def test_transformers_packed_batch_compiles_fullgraph():
     finally:
         registration.remove()
     assert torch.equal(compiled, eager)
+
+
+def test_plain_calls_with_l_not_s_stay_torchs_problem(monkeypatch):
+    """Without causal, a window or ALiBi the alignment changes nothing: no variant is described, so the
+    fastest backend takes each sequence whole (no visibility mask is built for it)."""
+    lens_q, lens_k = [2, 5], [7, 3]
+    q, k, v = packed(lens_q, lens_k, 2, 1, 8, generator(41), torch.float32)
+    aten = flashsdpa.dispatch.BACKENDS["aten"]
+    seen = []
+    monkeypatch.setattr(aten, "forward", lambda desc, inputs: seen.append((desc.variants, inputs.mask)) or
+                        type(aten).forward(aten, desc, inputs))  # fmt: skip
+    flashsdpa.reset_stats()
+    out = flashsdpa.varlen_attn(q, k, v, offsets(lens_q), offsets(lens_k), 5, 7, enable_gqa=True)
+    ref, _ = per_sequence(q, k, v, lens_q, lens_k)
+    assert rel_err(out, ref) <= 2e-6
+    assert seen == [((), None), ((), None)], "each sequence: no variant, no mask"
+    assert flashsdpa.stats() == {"calls": {"aten": 1}, "fallbacks": {}}

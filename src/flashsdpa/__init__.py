@@ -27,7 +27,6 @@ __all__ = [
     "disable",
     "enable",
     "kvcache_attention",
-
     "merge_attention",
     "reset_stats",
     "scaled_dot_product_attention",

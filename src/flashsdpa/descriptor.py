@@ -1,8 +1,9 @@
 """What one attention problem is, and which part of it is compiled into a kernel.
 
 `AttentionDescriptor` describes a whole call (shapes, dtypes, options and the
-resolved softmax scale). `KernelKey` keeps only the fields that shape generated
-code; run-time values (the scale, sequence lengths, batch and head counts,
+resolved softmax scale). `KernelKey` keeps only fields that shape generated
+code (the Triton backend's kernel specs, backends/triton/kernel_specs.py, add the
+variants and tiles and name every compiled-in choice); run-time values (the scale, sequence lengths, batch and head counts,
 strides, pointers, the dropout probability and seed) never enter it, so a
 kernel compiled for one scale serves every scale and can never be reused for a
 problem it was not built for.
@@ -62,7 +63,7 @@ def next_power_of_two(n: int) -> int:
 
 @dataclass(frozen=True)
 class KernelKey:
-    """Everything a compiled kernel variant depends on, and nothing else."""
+    """The problem-level fields generated code depends on (the kernel specs add the variants and tiles)."""
 
     device_type: str
     dtype: torch.dtype

@@ -14,12 +14,12 @@ pages, one sequence at a time), so the work is sum_i L_i * S_i, never
 N * max_q * max_k, and no padded tensor exists. Reading the offsets is a host
 synchronisation on a GPU; under `torch.compile(fullgraph=True)` the loop
 stays inside the op and the graph does not break. Backends: reference and
-tiled on any device; on CUDA the automatic choice runs the triton backend per
-sequence.
+tiled on any device; the automatic choice runs each sequence on the first
+backend that takes it (aten, then tiled, on a CPU; hopper, then triton, on CUDA).
 
 Memory beyond the outputs: for paged keys, one sequence's gathered keys at a
 time; and for a backend that declines windows or the bottom-right alignment
-(triton, for now), a bool (L_i, S_i) mask of the sequence's visible keys.
+(aten, hopper), a bool (L_i, S_i) mask of the sequence's visible keys.
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ class _Runner:
     """Builds each sequence's problem and picks its backend, recording each fallback reason once per call.
 
     A sequence's visible keys go to the backend as descriptor fields (causal, window, alignment), so that it
-    skips the key blocks no query sees. A backend that declines those fields (triton: windows and the
-    bottom-right alignment) gets them as a bool mask instead where the call has no score variant (softcap,
+    skips the key blocks no query sees. A backend that declines those fields (aten and hopper: windows
+    and the bottom-right alignment) gets them as a bool mask instead where the call has no score variant (softcap,
     ALiBi and sinks need the fields), rather than the problem going to a slower backend.
     """
 
@@ -298,7 +298,10 @@ class _Runner:
             # Causal is the window's right side at 0 (Visibility); the alignment matters only where L != S.
             causal = visibility.right == 0 and visibility.left < 0
             left, right = (-1, -1) if causal else (visibility.left, visibility.right)
-            alignment = "bottom_right" if visibility.offset else "top_left"
+            # The alignment matters only to a positional rule (causal, a window, ALiBi): a plain call stays
+            # torch's SDPA problem, which every backend takes.
+            positional = not visibility.unrestricted or self.alibi_slopes is not None
+            alignment = "bottom_right" if visibility.offset and positional else "top_left"
             call = CallOptions(o.dropout_p, causal, o.scale, left, right, alignment, o.softcap, o.fp32_precision,
                                self.gradients)  # fmt: skip
         desc = describe(q, k, v, mask, call, self.alibi_slopes is not None, self.sinks is not None)
@@ -550,7 +553,7 @@ def varlen_attn(
     reads get zero gradient). `num_splits` is accepted and ignored (these backends never split keys).
     The score variants of `flashsdpa.attention`, per sequence: `softcap`, `alibi_slopes` (Hq,) or
     (N, Hq) float32 (bias -slope * |p - j|), `sinks` (Hq,) (differentiable); they run on the backends
-    that compute variants (the reference backend; tiled and triton decline them with a reason for now).
+    that compute variants (reference, tiled and triton; the others decline them with a reason).
     """
     check_arguments(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
     if len(window_size) != 2:

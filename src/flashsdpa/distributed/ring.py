@@ -205,9 +205,9 @@ def _backend_for(call: api.PreparedCall) -> str:
 def takes_global_statistics(backend: str, dtype: torch.dtype, seq_kv: int) -> bool:
     """Whether `backend`'s backward, given a slice of the keys with the whole rows' out and lse, returns
     that slice's share of the gradients: triton's 16-bit ROUNDED backward (delta = rowsum(dO * out), no
-    row renormalization; see backward_configs.BackwardConfig.renormalize_rows). With one key its launcher
-    returns dq = dk = 0, right only for a whole key set."""
-    return backend == "triton" and dtype in _SIXTEEN_BIT and seq_kv > 1
+    row renormalization; see backward_configs.BackwardConfig.renormalize_rows), which the hopper backend's
+    backward also is. With one key its launcher returns dq = dk = 0, right only for a whole key set."""
+    return backend in ("triton", "hopper") and dtype in _SIXTEEN_BIT and seq_kv > 1
 
 
 def block_gradients(q, k, v, mask, block: VisibleBlock, spec: RingSpec, grad_out, out, lse, out_dot_grad):

@@ -170,6 +170,9 @@ def _with_variants(arguments, strict, window, softcap, sinks):
     nothing torch lacks (a window and the alignment become a mask)."""
     query, key, value, attention_mask, dropout, is_causal, scaling, enable_gqa = arguments
     reasons = drop_in.unsupported_reasons(*arguments)
+    if softcap is not None or sinks is not None:
+        # sdpa_kernel([MATH]) asks for torch's math path, which has no softcap or sinks: flashsdpa computes them.
+        reasons = [reason for reason in reasons if reason != drop_in.MATH_ONLY_REASON]
     if not reasons:
         return api.attention(
             query, key, value, causal=is_causal, scale=scaling, attn_mask=attention_mask, dropout_p=dropout,
