@@ -340,3 +340,22 @@ def test_flex_expresses_each_variant():
         sinks = None if inputs.sinks is None else inputs.sinks.double()
         exact = variant_math(case, q.double(), k.double(), v.double(), variant_bias(case, device, torch.float64), sinks)
         assert (out.double() - exact).norm() / exact.norm() < 1e-5, case.name
+
+
+def test_float64_reference_of_a_variant_slices_batch_and_heads():
+    """exact_run computes one batch item and key/value head group at a time: the same as the whole problem."""
+    from flashsdpa.bench.peers import variant_bias, variant_math
+    from flashsdpa.bench.runner import exact_run
+
+    case = case_matrix.Case(group="variant", batch=2, heads_q=4, heads_kv=2, seq_q=19, seq_kv=19, head_dim=8,
+                            dtype=torch.float32, peers=("flashsdpa",), causal=True, window=5, softcap=3.0,
+                            alibi=True, sinks=True)  # fmt: skip
+    device = torch.device("cpu")
+    inputs = case_matrix.make_input_sets(case, device, 1, seed=5)[0]
+    q, k, v = (t.detach().double().requires_grad_() for t in inputs.differentiable)
+    whole = variant_math(case, q, k, v, variant_bias(case, device, torch.float64), inputs.sinks.double())
+    grads = torch.autograd.grad(whole, (q, k, v), inputs.grad_out.double())
+    sliced = exact_run(case, inputs, device)
+    torch.testing.assert_close(sliced.out, whole, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(sliced.grads, grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)

@@ -155,9 +155,10 @@ class TorchSdpaPeer(Peer):
         return forward
 
 
-def variant_bias(case: Case, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def variant_bias(case: Case, device: torch.device, dtype: torch.dtype, heads: slice = slice(None)) -> torch.Tensor:
     """A variant case's causal/window visibility and ALiBi materialised: a (L, S) bool mask, or with ALiBi
-    a (1, H, L, S) float bias in `dtype` (-slope * |i - j| where visible, -inf elsewhere). Top-left aligned."""
+    a (1, H, L, S) float bias in `dtype` (-slope * |i - j| where visible, -inf elsewhere; H: the query heads
+    `heads` selects). Top-left aligned."""
     rows = torch.arange(case.seq_q, device=device).view(-1, 1)
     cols = torch.arange(case.seq_kv, device=device).view(1, -1)
     visible = torch.ones(case.seq_q, case.seq_kv, dtype=torch.bool, device=device)
@@ -167,7 +168,7 @@ def variant_bias(case: Case, device: torch.device, dtype: torch.dtype) -> torch.
         visible &= cols >= rows - case.window
     if not case.alibi:
         return visible
-    slopes = case.alibi_slopes(device).to(dtype)
+    slopes = case.alibi_slopes(device)[heads].to(dtype)
     bias = -slopes.view(-1, 1, 1) * (rows - cols).abs().to(dtype)
     return bias.masked_fill(~visible, float("-inf")).unsqueeze(0)
 

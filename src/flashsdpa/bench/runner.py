@@ -170,17 +170,31 @@ def compare_runs(candidate: PeerRun, reference: PeerRun) -> dict:
 
 
 def exact_run(case: Case, inputs: InputSet, device: torch.device) -> PeerRun | None:
-    """A variant case's output (and q, k, v gradients) in float64 on one input set; None where its float64
-    scores would take more than MATH_SCORE_LIMIT_BYTES."""
-    if case.score_bytes // case.element_size * 8 > MATH_SCORE_LIMIT_BYTES:
+    """A variant case's output (and q, k, v gradients) in float64 on one input set, one batch item and key/value
+    head (with its query heads) at a time; None where one such slice's float64 scores would take more than
+    MATH_SCORE_LIMIT_BYTES."""
+    group = case.heads_q // case.heads_kv
+    if group * case.seq_q * case.seq_kv * 8 > MATH_SCORE_LIMIT_BYTES:
         return None
-    q, k, v = (t.detach().double().requires_grad_(case.backward) for t in inputs.differentiable)
-    sinks = None if inputs.sinks is None else inputs.sinks.double()
-    out = variant_math(case, q, k, v, variant_bias(case, device, torch.float64), sinks)
-    run = PeerRun(out=out.detach())
-    if case.backward:
-        run.grads = torch.autograd.grad(out, (q, k, v), inputs.grad_out.double())
-    return run
+    out = torch.empty(inputs.query.shape, dtype=torch.float64, device=device)
+    grads = tuple(torch.empty(t.shape, dtype=torch.float64, device=device) for t in inputs.differentiable)
+    for b in range(case.batch):
+        for h in range(case.heads_kv):
+            heads = slice(h * group, (h + 1) * group)
+            index = ((b, heads), (b, slice(h, h + 1)), (b, slice(h, h + 1)))
+            q, k, v = (
+                t[i].unsqueeze(0).detach().double().requires_grad_(case.backward)
+                for t, i in zip(inputs.differentiable, index)
+            )
+            sinks = None if inputs.sinks is None else inputs.sinks[heads].double()
+            bias = variant_bias(case, device, torch.float64, heads)
+            part = variant_math(case, q, k, v, bias, sinks)
+            out[b, heads] = part[0].detach()
+            if case.backward:
+                grad_out = inputs.grad_out[b, heads].unsqueeze(0).double()
+                for grad, piece, i in zip(grads, torch.autograd.grad(part, (q, k, v), grad_out), index):
+                    grad[i] = piece[0]
+    return PeerRun(out=out, grads=grads if case.backward else None)
 
 
 def check(case: Case, runs: dict[str, PeerRun], exact: PeerRun | None = None) -> dict:
