@@ -187,7 +187,7 @@ LEGEND = (
     "Cells: the peer's TFLOP/s (decode: TB/s of K+V read), in brackets flashsdpa's speed over the peer's "
     "(> 1: flashsdpa faster), then the peak MiB one call adds (fwd: a forward; bwd: a forward and its "
     "backward). FLOPs: 4*B*H*L*S*d forward (causal: visible pairs only), backward 2.5x, timed alone. "
-    "'err vs ref': flashsdpa's relative error against the first of cudnn/flash/efficient/math, for the "
+    "'err vs ref': flashsdpa's relative error against the first of cudnn/flash/efficient/math/flex, for the "
     "variants against their float64 formula (fwd: "
     "output; bwd: worst gradient). '1st call s': flashsdpa's first call, JIT included."
 )
