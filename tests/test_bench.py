@@ -3,6 +3,7 @@ matrix, its peers and the model's size are checked without running them."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -85,7 +86,7 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     by_group = {}
     for case in document["cases"]:
         by_group.setdefault(case["group"], []).append(case)
-    assert set(by_group) == {"main", "mask", "fp32", "decode"}
+    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant"}
     assert {c["mask"] for c in by_group["mask"]} == {"key_padding", "bias"}
     fp32 = by_group["fp32"][0]
     assert "flashsdpa-tf32" not in fp32["peers"]  # no tf32 on a CPU
@@ -156,7 +157,7 @@ def test_plan_needs_no_gpu(capsys):
 def test_matrix_shapes_and_selection():
     full = case_matrix.full_cases()
     names = [c.name for c in full]
-    assert len(names) == len(set(names)) == 72 + 2 + 1 + 4
+    assert len(names) == len(set(names)) == 72 + 2 + 1 + 4 + 5
     assert [c.name for c in case_matrix.quick_cases()] == [
         "main/bf16-d128-L4096",
         "main/bf16-d128-L16384-causal",
@@ -189,9 +190,16 @@ def test_cpu_matrix():
         for length in (1024, 4096) for causal in (False, True)
     }  # fmt: skip
     full = case_matrix.matrix("cpu", quick=False)
-    assert {c.group for c in full} == {"cpu", "cpu-mask"}
+    assert {c.group for c in full} == {"cpu", "cpu-mask", "cpu-variant"}
     assert {c.mask for c in full if c.group == "cpu-mask"} == {"key_padding", "bias"}
     assert {c.seq_q for c in full} == set(case_matrix.CPU_SEQ_LENS)
+    variants = [c for c in full if c.group == "cpu-variant"]
+    assert [c.name for c in variants if c.dtype == torch.float32] == [
+        "cpu-variant/fp32-d64-L2048-causal-window256",
+        "cpu-variant/fp32-d64-L2048-causal-softcap30",
+        "cpu-variant/fp32-d64-L2048-causal-sinks",
+        "cpu-variant/fp32-d64-L2048-causal-alibi",
+    ]
     for case in full:
         assert case.peers == ("flashsdpa", "torch", "math", "flex") and case.backward
     assert all(set(c.peers) <= set(case_matrix.CPU_PEERS) for c in case_matrix.smoke_cases(quick=False))
@@ -201,7 +209,10 @@ def test_estimates_fit_the_lent_gpu_call():
     quick = Estimator(CUDA_SETTINGS, "cuda", "static")
     assert sum(quick.estimate(c) for c in case_matrix.quick_cases()) < 180
     full = Estimator(CUDA_SETTINGS, "cuda", "dynamic")
-    assert sum(full.estimate(c) for c in case_matrix.full_cases()) < 660
+    cases = case_matrix.full_cases()
+    assert sum(full.estimate(c) for c in cases if c.group != "variant") < 660
+    variants = Estimator(CUDA_SETTINGS, "cuda", "static")  # `--cases variant` alone: 5 shapes, static Flex
+    assert sum(variants.estimate(c) for c in case_matrix.select(cases, "variant")) < 300
 
 
 def test_timer_on_cpu():
@@ -282,3 +293,69 @@ def test_a_refusing_peer_is_recorded_with_its_reason():
     for mode in ("fwd", "bwd"):
         assert refused.modes[mode]["status"] == "n/a"
         assert "does not support this input" in refused.modes[mode]["reason"]
+
+
+def test_variant_rows_run_and_report(tmp_path, one_thread):
+    """Window, softcap, sinks and ALiBi rows: flashsdpa and math run them, checked against float64; torch's SDPA
+    is n/a with its reason; FLOPs count the visible pairs only."""
+    assert main(["--device", "cpu", "--smoke", "--cases", "variant", "--flex", "off", "--out", str(tmp_path)]) == 0
+    document = load(tmp_path)
+    cases = {tuple(c["variants"])[0]: c for c in document["cases"]}
+    assert set(cases) == {"window16", "softcap30", "sinks", "alibi"}
+    for case in cases.values():
+        assert case["status"] == "ran" and case["causal"]
+        for mode in ("fwd", "bwd"):
+            assert case["peers"]["flashsdpa"][mode]["status"] == "ok", case["name"]
+            assert case["peers"]["math"][mode]["status"] == "ok", case["name"]
+            assert "no argument for" in case["peers"]["torch"][mode]["reason"]
+        verdict = case["check"]["flashsdpa"]
+        assert verdict["reference"] == "float64" and verdict["ok"], case["name"]
+        assert set(verdict["rel_err_vs"]["float64"]) == {"out", "dq", "dk", "dv"}
+        assert verdict["rel_err_vs"]["math"]["out"] < 1e-5
+    causal_pairs = 64 * 65 // 2
+    window_pairs = causal_pairs - (64 - 17) * (64 - 16) // 2  # keys more than 16 before the query are hidden
+    assert cases["window16"]["flops"]["fwd"] == 2 * 2 * 16 * 2 * window_pairs
+    assert cases["alibi"]["flops"]["fwd"] == 2 * 2 * 16 * 2 * causal_pairs
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## variant" in markdown and "causal window16" in markdown
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_expresses_each_variant():
+    """The Flex peer's mask_mod, score_mod and sink rescaling give the variant's float64 formula (eager Flex)."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    from flashsdpa.bench.peers import flex_mask_mod, flex_score_mod, variant_bias, variant_math, with_sinks
+
+    device = torch.device("cpu")
+    for case in case_matrix.select(case_matrix.smoke_cases(quick=False), "variant"):
+        inputs = case_matrix.make_input_sets(dataclasses.replace(case, backward=False), device, 1, seed=3)[0]
+        q, k, v = inputs.query, inputs.key, inputs.value
+        block_mask = create_block_mask(flex_mask_mod(case), None, None, case.seq_q, case.seq_kv, device="cpu")
+        out, aux = flex_attention(
+            q, k, v, score_mod=flex_score_mod(case, device), block_mask=block_mask, return_aux=AuxRequest(lse=True)
+        )
+        if case.sinks:
+            out = with_sinks(out, aux.lse, inputs.sinks)
+        sinks = None if inputs.sinks is None else inputs.sinks.double()
+        exact = variant_math(case, q.double(), k.double(), v.double(), variant_bias(case, device, torch.float64), sinks)
+        assert (out.double() - exact).norm() / exact.norm() < 1e-5, case.name
+
+
+def test_float64_reference_of_a_variant_slices_batch_and_heads():
+    """exact_run computes one batch item and key/value head group at a time: the same as the whole problem."""
+    from flashsdpa.bench.peers import variant_bias, variant_math
+    from flashsdpa.bench.runner import exact_run
+
+    case = case_matrix.Case(group="variant", batch=2, heads_q=4, heads_kv=2, seq_q=19, seq_kv=19, head_dim=8,
+                            dtype=torch.float32, peers=("flashsdpa",), causal=True, window=5, softcap=3.0,
+                            alibi=True, sinks=True)  # fmt: skip
+    device = torch.device("cpu")
+    inputs = case_matrix.make_input_sets(case, device, 1, seed=5)[0]
+    q, k, v = (t.detach().double().requires_grad_() for t in inputs.differentiable)
+    whole = variant_math(case, q, k, v, variant_bias(case, device, torch.float64), inputs.sinks.double())
+    grads = torch.autograd.grad(whole, (q, k, v), inputs.grad_out.double())
+    sliced = exact_run(case, inputs, device)
+    torch.testing.assert_close(sliced.out, whole, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(sliced.grads, grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)

@@ -1,6 +1,6 @@
 """The benchmark matrix: which attention problems `flashsdpa bench` times, and their inputs.
 
-Four groups, in the order they run (the most quoted first, so that a run cut
+Five groups, in the order they run (the most quoted first, so that a run cut
 short by its time budget still has them):
 
 - main: d in {64, 128, 256}, L = S from 512 to 16384 at 16384 tokens per
@@ -11,6 +11,8 @@ short by its time budget still has them):
 - fp32: the same shape with float32 inputs (flashsdpa precise and tf32).
 - decode: one query row, q (16, 32, 1, 128) against K/V (16, 8, S, 128) with
   enable_gqa; forward only, reported as bytes of K+V read per second too.
+- variant (last; `--cases variant` runs it alone): window 4096 in causal 32k,
+  softcap, sinks and ALiBi at d=128, causal L=4096, bf16, and a causal d=512 row.
 
 On a CPU (`--device cpu`), CPU-sized cases at B=1, H=8 against the peers a
 CPU user has (torch's SDPA as it chooses, its math path, FlexAttention
@@ -20,6 +22,9 @@ compiled for the CPU):
   and not; forward and backward (`--quick`: L = 1024 and 4096 only).
 - cpu-mask: d=64, L = 1024 and 4096, float32 and bf16, the bool key-padding
   mask (B, 1, 1, S) and the float bias (1, H, L, S).
+- cpu-variant: d=64, causal L = 2048, float32 and bf16: a window of 256 keys,
+  softcap, sinks, ALiBi (`flashsdpa.attention`'s variants, which torch's SDPA
+  has no argument for).
 
 `--smoke` picks a tiny matrix with one case of each kind instead (seconds):
 it exercises the same code paths, for tests.
@@ -63,6 +68,16 @@ CPU_MASK_SEQ_LENS = (1024, 4096)
 # Peers that run on a CPU: torch's SDPA as it chooses ("torch"), its math path, FlexAttention compiled.
 # (cuDNN, flash and mem-efficient are CUDA kernels; torch's CPU flash kernel is what "torch" runs.)
 CPU_PEERS = ("flashsdpa", "torch", "math", "flex")
+# The variants (`flashsdpa.attention`'s window, softcap, ALiBi, sinks): torch's SDPA has no argument for
+# them, so "torch" (and a pinned fused backend) is n/a with that reason; math runs them on materialised scores.
+VARIANT_PEERS = ("flashsdpa", "torch", "math", "flex")
+VARIANTS = ("window", "softcap", "sinks", "alibi")
+SOFTCAP = 30.0  # Gemma 2's attention softcap
+CPU_VARIANT_SEQ_LEN = 2048
+CPU_WINDOW = 256
+GPU_VARIANT_SEQ_LEN = 4096
+GPU_WINDOW_SEQ_LEN = 32768
+GPU_WINDOW = 4096
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -86,10 +101,18 @@ class Case:
     mask: str = "none"  # "none", "key_padding" (bool, (B, 1, 1, S)) or "bias" (float, (1, Hq, L, S))
     padded_keys: int = 0  # key_padding only: keys masked at the end of each row
     backward: bool = True
+    # The variants, as `flashsdpa.attention` takes them: keys before each query's position (with causal),
+    # the softcap, ALiBi slopes (`alibi_slopes`) and one sink logit per head (`InputSet.sinks`).
+    window: int | None = None
+    softcap: float | None = None
+    alibi: bool = False
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.mask not in ("none", "key_padding", "bias"):
             raise ValueError(f"Case.mask must be 'none', 'key_padding' or 'bias', got {self.mask!r}")
+        if self.window is not None and not (self.causal and self.window >= 0):
+            raise ValueError(f"Case.window={self.window} needs causal=True and a window >= 0")
         if self.heads_q % self.heads_kv:
             raise ValueError(f"Case: heads_q={self.heads_q} is not a multiple of heads_kv={self.heads_kv}")
         if self.mask == "key_padding" and not 0 < self.padded_keys < self.seq_kv:
@@ -104,7 +127,30 @@ class Case:
         stem = f"{dtype}-d{self.head_dim}-L{self.seq_q}" + ("-causal" if self.causal else "")
         if self.mask != "none":
             stem = f"{self.mask.replace('_', '-')}-{stem}"
-        return f"{self.group}/{stem}"
+        return f"{self.group}/{stem}" + "".join(f"-{v}" for v in self.variant_labels)
+
+    @property
+    def variant_labels(self) -> tuple[str, ...]:
+        """'window256', 'softcap30', 'alibi', 'sinks' for the variants this case has (empty: none)."""
+        labels = []
+        if self.window is not None:
+            labels.append(f"window{self.window}")
+        if self.softcap is not None:
+            labels.append(f"softcap{self.softcap:g}")
+        if self.alibi:
+            labels.append("alibi")
+        if self.sinks:
+            labels.append("sinks")
+        return tuple(labels)
+
+    @property
+    def variant(self) -> bool:
+        return bool(self.variant_labels)
+
+    def alibi_slopes(self, device) -> torch.Tensor:
+        """ALiBi's geometric slopes 2^(-8 (h + 1) / H), (H,) float32."""
+        heads = torch.arange(1, self.heads_q + 1, dtype=torch.float32, device=device)
+        return torch.exp2(-8.0 * heads / self.heads_q)
 
     @property
     def gqa(self) -> bool:
@@ -130,11 +176,15 @@ class Case:
             causal=self.causal,
             mask=mask_kind,
             mask_dtype={"none": None, "key_padding": torch.bool, "bias": self.dtype}[self.mask],
+            window_left=-1 if self.window is None else self.window,
+            softcap=self.softcap or 0.0,
+            alibi=self.alibi,
+            sinks=self.sinks,
         )
 
     def flops(self, mode: str) -> float:
-        """4*B*H*L*S*d for the forward (causal counts only the visible pairs, about
-        half), 2.5x that for the backward: `AttentionDescriptor.flops`."""
+        """4*B*H*L*S*d for the forward (causal and window count only the visible
+        pairs), 2.5x that for the backward: `AttentionDescriptor.flops`."""
         return self.descriptor.flops(backward=(mode == "bwd"))
 
     @property
@@ -176,6 +226,7 @@ class Case:
             "causal": self.causal,
             "mask": self.mask,
             "padded_keys": self.padded_keys,
+            "variants": list(self.variant_labels),
             "enable_gqa": self.gqa,
             "modes": list(self.modes),
             "flops": {mode: self.flops(mode) for mode in self.modes},
@@ -203,7 +254,7 @@ def quick_cases() -> list[Case]:
 
 
 def full_cases() -> list[Case]:
-    """Every case, in running order: bf16 main, the other groups, fp16 main.
+    """Every case, in running order: bf16 main, the other groups, fp16 main, the variants.
 
     Within a dtype, cases of one head dim and causality are adjacent so that
     compiled kernels are reused while they are warm.
@@ -238,7 +289,31 @@ def full_cases() -> list[Case]:
         )
         for length in DECODE_SEQ_LENS
     ]
-    return main_group(torch.bfloat16) + mask + fp32 + decode + main_group(torch.float16)
+    # The variants last: the rest fills one lent-GPU call, so a budget-cut run loses them, not fp16's rows
+    # (`--cases variant` runs them alone).
+    return main_group(torch.bfloat16) + mask + fp32 + decode + main_group(torch.float16) + gpu_variant_cases()
+
+
+def variant_options(name: str, window: int) -> dict:
+    """The Case fields of one variant row: 'window', 'softcap', 'sinks' or 'alibi'."""
+    return {"window": {"window": window}, "softcap": {"softcap": SOFTCAP}, "sinks": {"sinks": True},
+            "alibi": {"alibi": True}}[name]  # fmt: skip
+
+
+def gpu_variant_cases() -> list[Case]:
+    """bf16, causal: window 4096 in 32k (B=1, H=16, d=128); softcap, sinks, ALiBi at L=4096 (B=4, H=16,
+    d=128); a d=512 row (B=4, H=4) with every peer, for the head dims past the fused kernels' limits."""
+    shape = dict(heads_q=16, heads_kv=16, head_dim=128, dtype=torch.bfloat16, causal=True, peers=VARIANT_PEERS)
+    window = Case(group="variant", batch=1, seq_q=GPU_WINDOW_SEQ_LEN, seq_kv=GPU_WINDOW_SEQ_LEN,
+                  window=GPU_WINDOW, **shape)
+    others = [
+        Case(group="variant", batch=4, seq_q=GPU_VARIANT_SEQ_LEN, seq_kv=GPU_VARIANT_SEQ_LEN,
+             **variant_options(name, GPU_WINDOW), **shape)
+        for name in VARIANTS if name != "window"
+    ]
+    wide = Case(group="variant", batch=4, heads_q=4, heads_kv=4, seq_q=GPU_VARIANT_SEQ_LEN,
+                seq_kv=GPU_VARIANT_SEQ_LEN, head_dim=512, dtype=torch.bfloat16, causal=True, peers=MAIN_PEERS)
+    return [window, *others, wide]  # fmt: skip
 
 
 def on_device(peers: tuple[str, ...], device_type: str) -> tuple[str, ...]:
@@ -249,7 +324,7 @@ def on_device(peers: tuple[str, ...], device_type: str) -> tuple[str, ...]:
 
 
 def cpu_cases(quick: bool) -> list[Case]:
-    """The CPU matrix (module docstring), in running order: the dense rows, then the masks."""
+    """The CPU matrix (module docstring), in running order: the dense rows, the masks, the variants."""
     lengths = CPU_QUICK_SEQ_LENS if quick else CPU_SEQ_LENS
     shape = dict(batch=CPU_BATCH, heads_q=CPU_HEADS, heads_kv=CPU_HEADS, peers=CPU_PEERS)
     dense = [
@@ -268,7 +343,13 @@ def cpu_cases(quick: bool) -> list[Case]:
         for mask in ("key_padding", "bias")
         for length in CPU_MASK_SEQ_LENS
     ]  # fmt: skip
-    return dense + masks
+    variants = [
+        Case(group="cpu-variant", dtype=dtype, head_dim=64, seq_q=CPU_VARIANT_SEQ_LEN, seq_kv=CPU_VARIANT_SEQ_LEN,
+             causal=True, **variant_options(name, CPU_WINDOW), **dict(shape, peers=VARIANT_PEERS))
+        for dtype in CPU_DTYPES
+        for name in VARIANTS
+    ]  # fmt: skip
+    return dense + masks + variants
 
 
 def smoke_cases(quick: bool, device_type: str = "cpu") -> list[Case]:
@@ -297,7 +378,11 @@ def smoke_cases(quick: bool, device_type: str = "cpu") -> list[Case]:
             backward=False,
             peers=on_device(DECODE_PEERS, device_type),
         ),
-    ]
+    ] + [
+        Case(group="variant", dtype=torch.float32, causal=True, peers=on_device(VARIANT_PEERS, device_type),
+             **variant_options(name, 16), **small)
+        for name in VARIANTS
+    ]  # fmt: skip
 
 
 def matrix(device_type: str, quick: bool, smoke: bool = False) -> list[Case]:
@@ -335,6 +420,7 @@ class InputSet:
     value: torch.Tensor
     mask: torch.Tensor | None
     grad_out: torch.Tensor | None
+    sinks: torch.Tensor | None = None  # (H,) float32 sink logits of a sinks case
 
     @property
     def differentiable(self) -> tuple[torch.Tensor, ...]:
@@ -368,6 +454,7 @@ def make_input_sets(case: Case, device: torch.device, count: int, seed: int) -> 
                 value=randn(*kv_shape, grad=case.backward),
                 mask=mask,
                 grad_out=randn(*q_shape) if case.backward else None,
+                sinks=randn(case.heads_q, dtype=torch.float32) if case.sinks else None,
             )
         )
     return sets

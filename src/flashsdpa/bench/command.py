@@ -133,7 +133,7 @@ def resolve_flex_mode(requested: str, cases: list) -> str:
     if requested != "auto":
         return requested
     shapes = {
-        (c.dtype, c.batch, c.heads_q, c.heads_kv, c.seq_q, c.seq_kv, c.head_dim, c.causal)
+        (c.dtype, c.batch, c.heads_q, c.heads_kv, c.seq_q, c.seq_kv, c.head_dim, c.causal, c.variant_labels)
         for c in cases
         if "flex" in c.peers and c.mask != "bias"
     }

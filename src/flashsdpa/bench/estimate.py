@@ -64,7 +64,7 @@ class Estimator:
             cost = FLASHSDPA_JIT_S[mode]
         elif peer == "flex":
             shape = (case.batch, case.heads_q, case.seq_q, case.seq_kv) if self.flex_mode == "static" else ()
-            key = (peer, case.dtype, case.head_dim, case.causal, case.mask, mode, shape)
+            key = (peer, case.dtype, case.head_dim, case.causal, case.mask, case.variant_labels, mode, shape)
             cost = FLEX_COMPILE_S[mode] if self.device_type == "cuda" else FLEX_COMPILE_S_CPU
         else:
             return 0.0

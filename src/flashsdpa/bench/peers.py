@@ -11,6 +11,10 @@
   that refuses a case ("No available kernel") is recorded as n/a with torch's
   reason. math materialises the (B, H, L, S) scores, so it is skipped, with
   the reason, when they would take more than MATH_SCORE_LIMIT_BYTES.
+  On a variant case (window, softcap, ALiBi, sinks) torch's SDPA has no
+  argument for the variant: torch and the pinned fused backends are n/a with
+  that reason, and math runs `variant_math` (the scores materialised with
+  torch ops, the window and ALiBi as a materialised mask and bias).
 - flex: FlexAttention through `torch.compile(flex_attention)` (inductor: Triton
   on CUDA, vectorised C++ on a CPU), causal and key padding through a block
   mask made once per shape outside the timed region (`flex_mask_mod`: a variant
@@ -73,6 +77,7 @@ class FlashSdpaPeer(Peer):
         import flashsdpa
 
         flashsdpa.reset_stats()
+        slopes = case.alibi_slopes(device) if case.alibi else None
 
         def forward(inputs: InputSet) -> torch.Tensor:
             return flashsdpa.attention(
@@ -83,6 +88,10 @@ class FlashSdpaPeer(Peer):
                 attn_mask=inputs.mask,
                 enable_gqa=case.gqa,
                 fp32_precision=self.fp32_precision,
+                window=None if case.window is None else (case.window, None),
+                softcap=case.softcap,
+                alibi_slopes=slopes,
+                sinks=inputs.sinks,
             )
 
         return forward
@@ -110,6 +119,11 @@ class TorchSdpaPeer(Peer):
                 f"math would materialise {case.score_bytes / 1e9:.1f} GB of (B, H, L, S) scores "
                 f"(limit {MATH_SCORE_LIMIT_BYTES / 1e9:.0f} GB)"
             ]
+        if case.variant and self.backend_name != "MATH":
+            return [
+                f"torch's SDPA has no argument for {'/'.join(case.variant_labels)}: its fused kernels cannot run "
+                "it (math runs it on materialised scores)"
+            ]
         return []
 
     def context(self):
@@ -120,6 +134,14 @@ class TorchSdpaPeer(Peer):
         return sdpa_kernel(getattr(SDPBackend, self.backend_name))
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
+        if case.variant:
+            bias = variant_bias(case, device, case.dtype)
+
+            def forward_variant(inputs: InputSet) -> torch.Tensor:
+                return variant_math(case, inputs.query, inputs.key, inputs.value, bias, inputs.sinks)
+
+            return forward_variant
+
         def forward(inputs: InputSet) -> torch.Tensor:
             return F.scaled_dot_product_attention(
                 inputs.query,
@@ -131,6 +153,41 @@ class TorchSdpaPeer(Peer):
             )
 
         return forward
+
+
+def variant_bias(case: Case, device: torch.device, dtype: torch.dtype, heads: slice = slice(None)) -> torch.Tensor:
+    """A variant case's causal/window visibility and ALiBi materialised: a (L, S) bool mask, or with ALiBi
+    a (1, H, L, S) float bias in `dtype` (-slope * |i - j| where visible, -inf elsewhere; H: the query heads
+    `heads` selects). Top-left aligned."""
+    rows = torch.arange(case.seq_q, device=device).view(-1, 1)
+    cols = torch.arange(case.seq_kv, device=device).view(1, -1)
+    visible = torch.ones(case.seq_q, case.seq_kv, dtype=torch.bool, device=device)
+    if case.causal:
+        visible &= cols <= rows
+    if case.window is not None:
+        visible &= cols >= rows - case.window
+    if not case.alibi:
+        return visible
+    slopes = case.alibi_slopes(device)[heads].to(dtype)
+    bias = -slopes.view(-1, 1, 1) * (rows - cols).abs().to(dtype)
+    return bias.masked_fill(~visible, float("-inf")).unsqueeze(0)
+
+
+def variant_math(case: Case, q, k, v, bias: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with the case's variants on materialised (B, H, L, S) scores, in the inputs' dtype (float64
+    inputs and a float64 bias: the exact reference): scale, softcap, the bias or mask of `variant_bias`,
+    then a softmax whose denominator includes the sink's exp(sink_h)."""
+    if case.gqa:
+        group = case.heads_q // case.heads_kv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if case.softcap is not None:
+        scores = case.softcap * torch.tanh(scores / case.softcap)
+    scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias
+    if sinks is not None:  # one more column: the sink's logit, with no value row
+        column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1] @ v
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def causal_mask_mod(batch, head, query_index, key_index):
@@ -150,6 +207,13 @@ def flex_mask_mod(case: Case):
             return key_index < visible_keys
 
         mods.append(key_padding)
+    if case.window is not None:
+        window = case.window
+
+        def sliding_window(batch, head, query_index, key_index):
+            return query_index - key_index <= window
+
+        mods.append(sliding_window)
     if not mods:
         return None
     if len(mods) == 1:
@@ -157,6 +221,30 @@ def flex_mask_mod(case: Case):
     from torch.nn.attention.flex_attention import and_masks
 
     return and_masks(*mods)
+
+
+def flex_score_mod(case: Case, device: torch.device):
+    """The case's softcap and ALiBi as a FlexAttention score_mod, in `flashsdpa.attention`'s order (None: neither)."""
+    if case.softcap is None and not case.alibi:
+        return None
+    softcap = case.softcap
+    slopes = case.alibi_slopes(device) if case.alibi else None
+
+    def score_mod(score, batch, head, query_index, key_index):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score - slopes[head] * (query_index - key_index).abs()
+        return score
+
+    return score_mod
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention without sinks (out, natural-log lse (B, H, L)) turned into attention with one sink logit per
+    head: the sink joins each row's denominator, so out scales by exp(lse) / (exp(lse) + exp(sink))."""
+    share = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
+    return (out.float() * share.unsqueeze(-1)).to(out.dtype)
 
 
 def raise_recompile_limit(limit: int = 100_000) -> None:
@@ -184,6 +272,11 @@ class FlexPeer(Peer):
             reasons.append("FlexAttention turned off (--flex off)")
         if case.mask == "bias":
             reasons.append("a dense float bias is an attn_mask, not a FlexAttention score_mod: not benchmarked")
+        if case.sinks and device.type == "cpu":
+            reasons.append(
+                "FlexAttention has no sink term; with_sinks needs its log-sum-exp, which compiled Flex does not "
+                "return on CPU (torch 2.13: inference only, no return_lse)"
+            )
         return reasons
 
     def backward_unavailable(self, case: Case, device: torch.device) -> str | None:
@@ -207,7 +300,7 @@ class FlexPeer(Peer):
         return self._compiled
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
 
         flex = self.compiled()
         block_mask = None
@@ -217,12 +310,18 @@ class FlexPeer(Peer):
                 mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
             )
         extra = {"enable_gqa": True} if case.gqa else {}
+        score_mod = flex_score_mod(case, device)
+        if score_mod is not None:
+            extra["score_mod"] = score_mod
         # Where Flex has no backward, its forward runs on inputs that do not require grad (else it raises).
         inference = self.backward_unavailable(case, device) is not None
 
         def forward(inputs: InputSet) -> torch.Tensor:
             q, k, v = (t.detach() if inference else t for t in (inputs.query, inputs.key, inputs.value))
-            return flex(q, k, v, block_mask=block_mask, **extra)
+            if inputs.sinks is None:
+                return flex(q, k, v, block_mask=block_mask, **extra)
+            out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), **extra)
+            return with_sinks(out, aux.lse, inputs.sinks)
 
         return forward
 

@@ -22,15 +22,19 @@ from pathlib import Path
 from flashsdpa.bench.environment import headline
 
 SCHEMA = 1
-GROUP_ORDER = ("main", "mask", "fp32", "decode", "cpu", "cpu-mask")
+GROUP_ORDER = ("main", "mask", "fp32", "decode", "variant", "cpu", "cpu-mask", "cpu-variant")
 GROUP_TITLES = {
     "main": "TFLOP/s; 16384 tokens per batch (B = 16384 / L) and H = 2048 / d, unless shown",
     "mask": "TFLOP/s with attn_mask: bool key padding (B, 1, 1, S), last keys masked; float bias (1, H, L, S)",
     "fp32": "TFLOP/s, float32 inputs: flashsdpa precise (default) and fp32_precision='tf32'",
     "decode": "TB/s of K+V read; one query row, enable_gqa",
+    "variant": "TFLOP/s of flashsdpa.attention's variants (window, softcap, sinks, ALiBi; top-left causal) and d=512; "
+    "math runs them on materialised scores; FLOPs count visible pairs only",
     "cpu": "TFLOP/s on a CPU, B=1, H=8; peak MiB a call adds",
     "cpu-mask": "TFLOP/s on a CPU with attn_mask: bool key padding (B, 1, 1, S), last S/8 keys masked; "
     "float bias (1, H, L, S); peak MiB a call adds",
+    "cpu-variant": "TFLOP/s on a CPU of flashsdpa.attention's variants (window, softcap, sinks, ALiBi; causal); "
+    "math runs them on materialised scores; FLOPs count visible pairs only; peak MiB a call adds",
 }
 PRIMARY = "flashsdpa"
 
@@ -98,6 +102,7 @@ def case_label(case: dict) -> str:
         parts.insert(0, case["mask"].replace("_", "-"))
     if case.get("causal"):
         parts.append("causal")
+    parts += case.get("variants", [])
     return " ".join(parts)
 
 
@@ -182,7 +187,8 @@ LEGEND = (
     "Cells: the peer's TFLOP/s (decode: TB/s of K+V read), in brackets flashsdpa's speed over the peer's "
     "(> 1: flashsdpa faster), then the peak MiB one call adds (fwd: a forward; bwd: a forward and its "
     "backward). FLOPs: 4*B*H*L*S*d forward (causal: visible pairs only), backward 2.5x, timed alone. "
-    "'err vs ref': flashsdpa's relative error against the first of cudnn/flash/efficient/math (fwd: "
+    "'err vs ref': flashsdpa's relative error against the first of cudnn/flash/efficient/math/flex, for the "
+    "variants against their float64 formula (fwd: "
     "output; bwd: worst gradient). '1st call s': flashsdpa's first call, JIT included."
 )
 

@@ -17,7 +17,10 @@ and its backward together.
 Each flashsdpa output (and gradients) is compared with every peer's by the
 relative Frobenius error ||a - b|| / ||b||; the verdict uses the first of
 cuDNN, flash, mem-efficient and math that ran (preferring one that also ran
-the backward when flashsdpa did).
+the backward when flashsdpa did; FlexAttention where none ran). A variant case, which no fused torch kernel
+runs, is checked against its float64 formula instead (`variant_math` on the
+first input set in float64, output and gradients: the "float64" reference),
+when its (B, H, L, S) float64 scores fit MATH_SCORE_LIMIT_BYTES.
 """
 
 from __future__ import annotations
@@ -31,11 +34,20 @@ import torch
 
 from flashsdpa.bench.cases import Case, InputSet, make_input_sets
 from flashsdpa.bench.memory import peak_added_bytes
-from flashsdpa.bench.peers import Peer, failure_reason, recording_warnings
+from flashsdpa.bench.peers import (
+    MATH_SCORE_LIMIT_BYTES,
+    Peer,
+    failure_reason,
+    recording_warnings,
+    variant_bias,
+    variant_math,
+)
 from flashsdpa.bench.timing import Measurement, Timer
 
 PRIMARY = "flashsdpa"
-CHECK_REFERENCES = ("cudnn", "flash", "efficient", "math")
+EXACT = "float64"  # the float64 formula a variant case is checked against
+# flex last: the only reference left for the GPU's window row at 32k (too large for math and float64).
+CHECK_REFERENCES = (EXACT, "cudnn", "flash", "efficient", "math", "flex")
 # Largest relative error between flashsdpa and a torch peer, over the output and
 # the three gradients, that passes: a few times the error each has against
 # float64 (bf16 ~2e-3, fp16 ~3e-4, fp32 ~7e-7; see shared/PEERS.md).
@@ -158,15 +170,45 @@ def compare_runs(candidate: PeerRun, reference: PeerRun) -> dict:
     return errors
 
 
-def check(case: Case, runs: dict[str, PeerRun]) -> dict:
-    """flashsdpa-* outputs against every torch peer's; verdict against the first reference."""
+def exact_run(case: Case, inputs: InputSet, device: torch.device) -> PeerRun | None:
+    """A variant case's output (and q, k, v gradients) in float64 on one input set, one batch item and key/value
+    head (with its query heads) at a time; None where one such slice's float64 scores would take more than
+    MATH_SCORE_LIMIT_BYTES."""
+    group = case.heads_q // case.heads_kv
+    if group * case.seq_q * case.seq_kv * 8 > MATH_SCORE_LIMIT_BYTES:
+        return None
+    out = torch.empty(inputs.query.shape, dtype=torch.float64, device=device)
+    grads = tuple(torch.empty(t.shape, dtype=torch.float64, device=device) for t in inputs.differentiable)
+    for b in range(case.batch):
+        for h in range(case.heads_kv):
+            heads = slice(h * group, (h + 1) * group)
+            index = ((b, heads), (b, slice(h, h + 1)), (b, slice(h, h + 1)))
+            q, k, v = (
+                t[i].unsqueeze(0).detach().double().requires_grad_(case.backward)
+                for t, i in zip(inputs.differentiable, index)
+            )
+            sinks = None if inputs.sinks is None else inputs.sinks[heads].double()
+            bias = variant_bias(case, device, torch.float64, heads)
+            part = variant_math(case, q, k, v, bias, sinks)
+            out[b, heads] = part[0].detach()
+            if case.backward:
+                grad_out = inputs.grad_out[b, heads].unsqueeze(0).double()
+                for grad, piece, i in zip(grads, torch.autograd.grad(part, (q, k, v), grad_out), index):
+                    grad[i] = piece[0]
+    return PeerRun(out=out, grads=grads if case.backward else None)
+
+
+def check(case: Case, runs: dict[str, PeerRun], exact: PeerRun | None = None) -> dict:
+    """flashsdpa-* outputs against every torch peer's (and the float64 formula's, if given);
+    verdict against the first reference."""
     checks = {}
     for name, run in runs.items():
         if not name.startswith(PRIMARY) or run.out is None:
             continue
+        others = {**({EXACT: exact} if exact is not None else {}), **runs}
         versus = {
             other: compare_runs(run, theirs)
-            for other, theirs in runs.items()
+            for other, theirs in others.items()
             if not other.startswith(PRIMARY) and theirs.out is not None
         }
         # The first reference that checks everything flashsdpa produced, else the first at all.
@@ -204,6 +246,7 @@ def run_case(case: Case, peers: dict[str, Peer], timer: Timer, device: torch.dev
     count = input_set_count(case, device)
     sets = make_input_sets(case, device, count, seed)
     runs = {name: run_peer(peers[name], case, sets, timer, device) for name in case.peers}
+    exact = exact_run(case, sets[0], device) if case.variant else None
     result = {
         **case.describe(),
         "status": "ran",
@@ -211,9 +254,9 @@ def run_case(case: Case, peers: dict[str, Peer], timer: Timer, device: torch.dev
         "seed": seed,
         "peers": {name: run.describe() for name, run in runs.items()},
         "ratios": ratios(case, runs),
-        "check": check(case, runs),
+        "check": check(case, runs, exact),
     }
-    del runs, sets
+    del runs, sets, exact
     if device.type == "cuda":
         torch.cuda.empty_cache()
     result["elapsed_s"] = time.perf_counter() - start
