@@ -176,12 +176,8 @@ def test_score_variants_gradcheck_with_sinks(backend):
 def test_score_variants_on_a_backend_without_them_name_the_reason():
     q = k = v = torch.randn(4, 2, 8)
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    if flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(
-        flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu", softcap=1.0), torch.device("cpu")
-    ) == []:
-        pytest.skip("the triton backend computes softcap")
-    with pytest.raises(flashsdpa.UnsupportedError, match="backend 'triton' cannot run .*softcap"):
-        flashsdpa.varlen_attn(q, k, v, cu, cu, 4, 4, softcap=1.0, backend="triton")
+    with pytest.raises(flashsdpa.UnsupportedError, match="backend 'aten' cannot run .*softcap"):
+        flashsdpa.varlen_attn(q, k, v, cu, cu, 4, 4, softcap=1.0, backend="aten")
 
 
 def test_torch_window_size_conventions():
