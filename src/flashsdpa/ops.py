@@ -50,7 +50,8 @@ def _empty_forward(desc, q, sinks):
     shape = (desc.batch, desc.heads_q, desc.seq_q)
     out = q.new_zeros(*shape, desc.head_dim_v)
     if sinks is not None:
-        return out, sinks.detach().to(statistics_dtype(q.dtype)).view(1, -1, 1).expand(shape).contiguous()
+        lse = torch.empty(shape, dtype=statistics_dtype(q.dtype), device=q.device)
+        return out, lse.copy_(sinks.detach().view(1, -1, 1).expand(shape))
     return out, torch.full(shape, float("-inf"), dtype=statistics_dtype(q.dtype), device=q.device)
 
 

@@ -142,7 +142,7 @@ class Ring:
 
     def pass_on(self, tensors, what: str) -> _InFlight:
         """Send `tensors` to the next rank and receive the previous rank's (same shapes and dtypes)."""
-        sent = [t.contiguous() for t in tensors]
+        sent = [t.contiguous() for t in tensors]  # copy where strided: P2P sends take dense buffers
         ring_traffic.record(what, sent)
         received = [torch.empty_like(t) for t in sent]
         to_next, from_previous = self.global_rank(1), self.global_rank(-1)
@@ -227,7 +227,7 @@ def block_gradients(q, k, v, mask, block: VisibleBlock, spec: RingSpec, grad_out
     if takes_global_statistics(backend, q.dtype, k.shape[-2]):
         c = call.canon
         dq, dk, dv, _ = ops.attention_backward(
-            grad_out.contiguous(), c.query, c.key, c.value, out.contiguous(), lse.contiguous(), c.mask, None, None,
+            grad_out, c.query, c.key, c.value, out, lse, c.mask, None, None,
             _NO_DROPOUT_SEED, *call.options._replace(gradients=GradientPrecision.ROUNDED.value), backend,
             [True, True, True, False],
         )  # fmt: skip
@@ -298,7 +298,6 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse, key_lengths = ctx.saved_tensors
         spec, ring, seq_local = ctx.spec, ctx.spec.ring, q.shape[-2]
         acc = out.dtype
-        grad_out = grad_out.contiguous()
         out_dot_grad = (grad_out.to(acc) * out).sum(-1)  # rowsum(dO * out) = delta, from the unrounded out
         out_returned = out.to(q.dtype)  # what the global-statistics backward reads, as a one-device backward does
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)

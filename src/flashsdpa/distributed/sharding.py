@@ -43,7 +43,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local, group, layout, rank, world):
         ctx.group, ctx.layout, ctx.rank, ctx.world = group, layout, rank, world
-        x_local = x_local.contiguous()
+        x_local = x_local.contiguous()  # copy where strided: all_gather takes a dense input
         slices = [torch.empty_like(x_local) for _ in range(world)]
         dist.all_gather(slices, x_local, group=group)
         count = chunk_count(layout, world)
@@ -57,7 +57,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_whole):
         # Every rank's copy of the whole tensor got its own gradient: this rank's slice of their sum.
-        grad_whole = grad_whole.contiguous()
+        grad_whole = grad_whole.contiguous()  # copy where strided: all_reduce works in place on a dense buffer
         dist.all_reduce(grad_whole, group=ctx.group)
         return _slice_of(grad_whole, ctx.layout, ctx.rank, ctx.world), None, None, None, None
 

@@ -8,20 +8,12 @@ import torch
 
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.hopper.forward_specs import HopperForwardSpec, forward_spec
-from flashsdpa.backends.triton.launch_forward import (
-    allocate_outputs,
-    cdiv,
-    host_descriptor_strides,
-    kernel_query,
-    kernel_scale,
-    on_device,
-    sm_count,
-)
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, host_descriptor_strides, on_device, sm_count
+from flashsdpa.backends.triton.launch_forward import allocate_outputs, kernel_query, kernel_scale
 from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 
 LOG2E = 1.4426950408889634
-MAX_GRID_X = 2**31 - 1
 
 
 @functools.lru_cache(maxsize=None)
