@@ -292,7 +292,7 @@ class FlexPeer(Peer):
             if self.mode == "dynamic":
                 # The backward is timed by repeated autograd.grad(..., retain_graph=True) over one graph;
                 # with symbolic sizes torch 2.11 compiled Flex's backward with donated buffers, which
-                # refuse that (H100 run, session 3: every Flex backward failed). Donation only saves memory.
+                # refuse that (on the H100 every Flex backward failed). Donation only saves memory.
                 import torch._functorch.config as functorch_config
 
                 functorch_config.donated_buffer = False

@@ -91,7 +91,7 @@ SM90_16BIT_DQ = {
 }
 # ROUNDED precision (16-bit inputs where torch would run a fused kernel):
 # fewer products and no row pass, so the tiles differ. From a sweep on the
-# H100 (session 3: bf16, L=4096, non-causal, whole backward TFLOP/s with one
+# H100 (2026-11, BENCHMARKS.md: bf16, L=4096, non-causal, whole backward TFLOP/s with one
 # kernel's tile varied, the other at the EXACT table's shape; d=256 at B=4 H=8).
 SM90_16BIT_ROUNDED_DKDV = {
     64: (128, 64, 4, 2),  # 333 (32x128 w4 s3: 311, 64x64 w4: 275, 64x128 w8: 253)
@@ -99,7 +99,7 @@ SM90_16BIT_ROUNDED_DKDV = {
     256: (64, 64, 8, 2),  # 161 (32x64 w8: 139, 64x64 w8 s1: 131, the EXACT table's 16x64 w8: 107)
 }
 # Non-causal d=128 streams Q/dO three stages deep since the row statistics
-# load unmasked (session 5, H100, whole backward with TMA loads and early dP):
+# load unmasked (H100, 2026-11-26, whole backward with TMA loads and early dP):
 # L=4096 407.8 (s2) -> 417.0 (s3), L=1024 313.8 -> 342.1; causal L=16384
 # stays at s2 (404.7 against 380.9).
 SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8, 3)}

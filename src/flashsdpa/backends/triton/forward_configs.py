@@ -35,7 +35,7 @@ DECODE_MIN_KEYS_PER_SPLIT = 256
 # against K/V (16, 8, S, 128) bf16, 128 programs per split (bench_forward_gpu.py
 # --decode-sweep): one split read K+V at 2.59 / 2.99 / 3.09 TB/s for S = 4096
 # / 16384 / 32768, two at 2.48 / 2.92 / 3.02; five (the old rule of 4
-# programs per SM) read 2.38 and 2.93 at S = 4096 and 32768 in session 3.
+# programs per SM) read 2.38 and 2.93 at S = 4096 and 32768 (H100, 2026-11).
 DECODE_PROGRAMS_PER_SM = 1
 
 
@@ -103,7 +103,7 @@ SM90_16BIT_BLOCKS = {
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
 }
 # Problems with at least LONG_KEYS keys, where they differ. d=64: 128x128 w8
-# s2 maxnreg 128 (session 5 sweeps, H100, kernel time, against the table's
+# s2 maxnreg 128 (H100 sweeps of 2026-11-26, kernel time, against the table's
 # shapes): non-causal L=4096 419 against 402 (L=2048 395 against 396, L=1024
 # 359 against 374); causal L=4096 370 against 362, L=8192 402 against 375,
 # L=16384 401 against 374.
