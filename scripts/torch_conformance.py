@@ -133,6 +133,11 @@ def main(argv=None) -> int:
     grid.add_argument("--whole", action="store_true", help="run every case of every grid")
     parser.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per run")
     parser.add_argument("--only", choices=["plain", "flashsdpa"], help="one run only (outcomes are printed)")
+    parser.add_argument(
+        "--xml-dir", type=Path,
+        help="keep each run's JUnit XML here (plain.xml, flashsdpa.xml); a run whose XML is already there is "
+        "not run again, so the two runs can be made apart (e.g. --only plain first)",
+    )  # fmt: skip
     parser.epilog = "Arguments after -- go to both pytest runs, e.g. -- -k mask_vs_math"
     argv = sys.argv[1:] if argv is None else list(argv)
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -147,10 +152,18 @@ def main(argv=None) -> int:
         runs = {args.only: runs[args.only]}
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
+        xml_dir = args.xml_dir or Path(scratch)
+        xml_dir.mkdir(parents=True, exist_ok=True)
         for name, enabled in runs.items():
-            xml = Path(scratch) / f"{name}.xml"
-            run_suite(test_dir, enabled, sample, args.workers, pytest_args, xml)
+            xml = xml_dir / f"{name}.xml"
+            if args.xml_dir is not None and xml.is_file():
+                print(f"[{name}] outcomes read from {xml} (not run again)", flush=True)
+            else:
+                run_suite(test_dir, enabled, sample, args.workers, pytest_args, xml)
             results[name] = outcomes(xml)
+        for name in ("plain", "flashsdpa"):  # the other run's XML, when kept from before
+            if name not in runs and args.xml_dir is not None and (args.xml_dir / f"{name}.xml").is_file():
+                results[name] = outcomes(args.xml_dir / f"{name}.xml")
 
     for name, result in results.items():
         counts = collections.Counter(result.values())

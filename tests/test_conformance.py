@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import flashsdpa
 from flashsdpa.backends.base import poisoned_outputs
-from helpers import generator, oracle, rel_err
+from helpers import assert_forward_close, assert_grad_close, generator, oracle, rel_err
 
 
 def assert_ran_on_flashsdpa(calls: int | None = None):
@@ -54,22 +54,52 @@ def enabled():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
-def test_causal_bias_runs_as_its_alignment(variant, compiled, enabled):
-    """The bias reaches `CausalBias.__torch_function__` as a call of the public name, which runs it as
-    is_causal (upper left) or as the bool mask of its alignment (lower right): on flashsdpa, and right."""
-    L, S = 5, 9
-    q, k, v = qkv((2, 3, L, 16), (2, 3, S, 16), generator(180))
+@pytest.mark.parametrize("lengths", [(5, 9), (9, 5), (6, 6)], ids=["L<S", "L>S", "L=S"])
+def test_causal_bias_runs_as_its_alignment(lengths, variant, compiled, enabled, monkeypatch):
+    """`causal_upper_left(L, S)` runs on flashsdpa as is_causal, `causal_lower_right(L, S)` as bottom-right
+    alignment (no mask materialised), eager and compiled; forward and gradients against float64, within
+    torch's own float32 error. With L > S lower right, the first L - S rows see no key: zeros, as torch."""
+    L, S = lengths
+    q, k, v = qkv((2, 3, L, 16), (2, 3, S, 16), generator(180 + L), requires_grad=True)
+    grad_out = torch.randn(2, 3, L, 16, generator=generator(190 + S))
     make = causal_upper_left if variant == "upper_left" else causal_lower_right
     visible = torch.ones(L, S, dtype=torch.bool).tril(0 if variant == "upper_left" else S - L)
-    ref, _ = oracle(q.double(), k.double(), v.double(), attn_mask=visible)
-    call = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m)  # noqa: E731  (reads F at call time)
-    if compiled:
-        torch._dynamo.reset()
-        call = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():  # causal_lower_right(L > S) warns of NaN rows; torch gives zeros there
+        warnings.simplefilter("ignore")
+        bias = make(L, S)
+    ran = []  # (mask, causal, alignment) of each call flashsdpa ran (constants: compiled code records them too)
+    run = flashsdpa.api.run
+    monkeypatch.setattr(
+        flashsdpa.api, "run",
+        lambda call, *a: ran.append((call.canon.mask, call.options.causal, call.options.alignment)) or run(call, *a),
+    )  # fmt: skip
+
+    def forward_and_grads(q, k, v):
+        call = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m)  # noqa: E731 (F read per call)
+        if compiled:
+            torch._dynamo.reset()
+            call = torch.compile(call, fullgraph=True, backend="aot_eager")
+        out = call(q, k, v, bias)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
     with poisoned_outputs():
-        out = call(q, k, v, make(L, S))
-    assert rel_err(out, ref) < 2e-6
+        got = forward_and_grads(q, k, v)
+    alignment = "bottom_right" if variant == "lower_right" and L != S else "top_left"
+    assert ran == [(None, True, alignment)], ran
     assert_ran_on_flashsdpa(calls=1)
+    with flashsdpa.sdpa(enabled=False):  # patched, switched off in this thread: torch's own CausalBias path
+        torch_results = forward_and_grads(q, k, v)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = oracle(q64, k64, v64, attn_mask=visible)
+    refs = (ref_out, *torch.autograd.grad(ref_out, (q64, k64, v64), grad_out.double()))
+    for what, g, r, t in zip(("out", "dq", "dk", "dv"), got, refs, torch_results):
+        assert torch.isfinite(g).all(), what
+        assert rel_err(t, r) < 1e-5, f"torch's own {what} (flashsdpa switched off in the thread)"
+        check = assert_forward_close if what == "out" else assert_grad_close
+        check(f"{variant} L={L} S={S} {what}", g, r, t, torch.float32)
+    if L > S and variant == "lower_right":
+        assert torch.equal(got[0][..., : L - S, :], torch.zeros_like(got[0][..., : L - S, :]))
+        assert torch.equal(got[0][..., : L - S, :], torch_results[0][..., : L - S, :])
 
 
 # ---- TorchScript ------------------------------------------------------------------

@@ -32,10 +32,13 @@ asks for torch's math path, and those calls go to torch (counted as fallbacks
 with that reason). A list that allows a fused backend does not turn flashsdpa
 off (use `sdpa(enabled=False)` for that); flashsdpa's 16-bit backward follows
 it to choose its precision (see `flashsdpa.gradient_precision`).
-Tensor subclasses and TorchFunctionModes see a routed call as torch's own
-function would let them: `torch.nn.attention.bias.causal_upper_left` runs on
-flashsdpa as `is_causal`, and `causal_lower_right` as the bool mask it
-materialises. TorchScript: scripted code (a scripted `nn.MultiheadAttention`,
+Tensor subclasses and TorchFunctionModes see a call (routed or not) as torch's
+own function would let them. `torch.nn.attention.bias.causal_upper_left` runs
+on flashsdpa as `is_causal`, and `causal_lower_right` with L != S as
+bottom-right alignment (`causal_alignment="bottom_right"`, no mask
+materialised; rows with no visible key give zeros, as torch's do); a backend
+that cannot take the alignment leaves it to `CausalBias`, which calls again
+with its materialised bool mask. TorchScript: scripted code (a scripted `nn.MultiheadAttention`,
 `nn.Transformer*`) calls torch's own operator: flashsdpa cannot run in it.
 Calls under a `torch.func` transform or forward-mode AD (dual tensors) go to
 torch; batched gradients of a call flashsdpa ran (`gradcheck`'s
@@ -89,6 +92,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import handle_torch_function, has_torch_function
 
 from flashsdpa import api, dispatch, validation
@@ -201,7 +205,7 @@ def unsupported_reasons(
     return _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
 
 
-def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment="top_left"):
     """(reasons, the validated call when there are none)."""
     reasons = []
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
@@ -217,7 +221,10 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if attn_mask.dtype not in allowed:
             return [f"attn_mask dtype {str(attn_mask.dtype).removeprefix('torch.')} is not supported"], None
     try:
-        call = api.prepare(query, key, value, is_causal, scale, attn_mask, dropout_p, enable_gqa, None, "ieee")
+        call = api.prepare(
+            query, key, value, is_causal, scale, attn_mask, dropout_p, enable_gqa, None, "ieee",
+            causal_alignment=causal_alignment,
+        )  # fmt: skip
         desc = call.desc
     except Exception as error:  # noqa: BLE001 - whatever flashsdpa rejects goes to torch, which decides
         return [f"invalid arguments: {error}"], None
@@ -290,16 +297,54 @@ def _overridable_tensors(args: tuple, kwargs: dict) -> tuple:
     return tuple(tensors)
 
 
+# ---- torch's causal masks (torch.nn.attention.bias.CausalBias) --------------------------
+
+
+@dataclass(frozen=True)
+class CausalBiasCall:
+    """An SDPA call whose mask is a `CausalBias`, as the causal call it stands for."""
+
+    arguments: tuple  # torch's SDPA arguments in order, with attn_mask=None and is_causal=True
+    alignment: str  # flashsdpa's causal_alignment: "top_left" (torch's is_causal) or "bottom_right"
+
+
+def _causal_bias_call(args: tuple, kwargs: dict) -> CausalBiasCall | None:
+    """`causal_upper_left(L, S)` is `is_causal=True`; `causal_lower_right(L, S)` is bottom-right alignment
+    (the same when L == S). Rows with no visible key (lower right, L > S) give zeros, as torch's do.
+    None when the mask is not a CausalBias of the call's lengths, when is_causal is also set (torch raises),
+    or under a TorchFunctionMode (which must see the call): those go to `CausalBias.__torch_function__`."""
+    try:
+        query, key, value, mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_arguments(*args, **kwargs)
+    except TypeError:
+        return None
+    if type(mask) is not CausalBias or is_causal is not False or torch._C._is_torch_function_mode_enabled():
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key)):
+        return None
+    if (mask.seq_len_q, mask.seq_len_kv) != (query.shape[-2], key.shape[-2]):
+        return None  # torch broadcasts (or rejects) the materialised mask: left to it
+    lower_right = mask.variant == CausalVariant.LOWER_RIGHT and mask.seq_len_q != mask.seq_len_kv
+    return CausalBiasCall(
+        (query, key, value, None, dropout_p, True, scale, enable_gqa), "bottom_right" if lower_right else "top_left"
+    )
+
+
 def scaled_dot_product_attention(*args, **kwargs):
     mode = current_mode()
-    if not mode.enabled:
-        return torch_sdpa()(*args, **kwargs)
     overridable = _overridable_tensors(args, kwargs)
     if has_torch_function(overridable):
-        # As torch's own function does: a tensor subclass or a TorchFunctionMode sees the call first,
-        # as a call of the public name (`CausalBias` recognises only that), and calls this function
-        # again with its override disabled.
+        bias_call = _causal_bias_call(args, kwargs) if mode.enabled else None
+        if bias_call is not None:
+            reasons, call = _check(*bias_call.arguments, causal_alignment=bias_call.alignment)
+            if not reasons:
+                return api.run(call)
+        # As torch's own function does, switched on or off: a tensor subclass or a TorchFunctionMode sees
+        # the call first, as a call of the public name (`CausalBias` recognises only that), and calls this
+        # function again with its override disabled. (A CausalBias flashsdpa cannot run as an alignment
+        # comes back here as `is_causal` or as its materialised bool mask, and is routed as such.)
         return handle_torch_function(scaled_dot_product_attention, overridable, *args, **kwargs)
+    if not mode.enabled:
+        return torch_sdpa()(*args, **kwargs)
     try:
         arguments = _sdpa_arguments(*args, **kwargs)
     except TypeError:  # a call torch rejects by its signature: let torch raise its own error
