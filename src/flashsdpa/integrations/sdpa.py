@@ -82,12 +82,8 @@ counted, and a strict-mode refusal is raised while tracing (with
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import os
-import threading
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,59 +92,26 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import handle_torch_function, has_torch_function
 
 from flashsdpa import api, dispatch, validation
-from flashsdpa.dispatch import UnsupportedError
-
-STRICT_ENV = "FLASHSDPA_STRICT"
-TORCH = "torch"  # the name fallbacks are counted under in stats()["calls"]
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def strict_from_env() -> bool:
-    """True when FLASHSDPA_STRICT is set to anything but "" or "0"."""
-    return os.environ.get(STRICT_ENV, "0") not in ("", "0")
-
-
-@dataclass(frozen=True)
-class Mode:
-    """Whether SDPA calls go through flashsdpa, and whether an unsupported one raises instead of falling back."""
-
-    enabled: bool
-    strict: bool
-
-
-_OFF = Mode(enabled=False, strict=False)
-_process_mode = _OFF  # set by enable()/disable(), replaced whole (never mutated)
-_thread = threading.local()  # .mode: the innermost sdpa() block's Mode in this thread
+from flashsdpa.integrations.switch import (  # noqa: F401 (STRICT_ENV, TORCH: re-exported for callers of this module)
+    STRICT_ENV,
+    TORCH,
+    Mode,
+    Switch,
+    strict_from_env,
+    tensor_reasons,
+)
 
 
 def current_mode() -> Mode:
     """The Mode in force for a call made now from this thread."""
-    mode = getattr(_thread, "mode", None)
-    if mode is not None:
-        return mode
-    blocks = _patch.open_blocks  # one read: another thread's block may replace the list
-    if not torch.compiler.is_compiling() and blocks and torch._C._current_graph_task_id() != -1:
-        return blocks[-1][1]  # a backward pass, maybe in autograd's own thread: see above
-    return _process_mode
+    return _switch.current_mode()
 
 
 # ---- the support check ------------------------------------------------------
 
 
 def _tensor_reasons(name: str, t) -> list[str]:
-    if t is None and name == "attn_mask":
-        return []
-    if not isinstance(t, torch.Tensor):
-        return [f"{name} is a {type(t).__name__}, not a tensor"]
-    if type(t) not in _PLAIN_TENSOR_TYPES:
-        return [f"{name} is a {type(t).__name__} (tensor subclasses are left to torch)"]
-    if t.is_nested:
-        return [f"{name} is a nested tensor"]
-    if t.layout != torch.strided:
-        return [f"{name} has layout {t.layout}"]
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
-        return [f"{name} is under a torch.func transform (vmap, grad, jvp)"]
-    return []
+    return [] if t is None and name == "attn_mask" else tensor_reasons(name, t)
 
 
 def _option_reasons(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> list[str]:
@@ -234,29 +197,16 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 # ---- one call -----------------------------------------------------------------
 
 
-def _fall_back(reasons: list[str], strict: bool) -> None:
-    if strict:
-        raise UnsupportedError(
-            "flashsdpa cannot run this scaled_dot_product_attention call (strict mode, no fallback to torch): "
-            + "; ".join(reasons),
-            reasons,
-        )
-    if not torch.compiler.is_compiling():  # the stats lock cannot be traced
-        dispatch.record_call(TORCH)
-        for reason in reasons:
-            dispatch.record_fallback(reason)
-
-
 def torch_sdpa():
     """The SDPA function flashsdpa falls back to: the one the patch replaced, else the current one."""
-    return _patch.original if _patch.original is not None else F.scaled_dot_product_attention
+    return _switch.torch_function()
 
 
 def _route(arguments: tuple, strict: bool, torch_call):
     """Run `arguments` (torch's SDPA arguments, in order) on flashsdpa, else `torch_call()`."""
     reasons, call = _check(*arguments)
     if reasons:
-        _fall_back(reasons, strict)
+        _switch.fall_back(reasons, strict)
         return torch_call()
     return api.run(call)
 
@@ -364,43 +314,13 @@ scaled_dot_product_attention.__doc__ = (
 )
 
 
-# ---- the patch ----------------------------------------------------------------
+# ---- the switch ---------------------------------------------------------------
 
-
-class _Patch:
-    """The patched attribute, held while the default is on or any thread is in a block."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open_blocks: list[tuple[object, Mode]] = []  # (token, mode) of every thread's open blocks, by entry
-        self.original = None  # what the patch replaced, while patched
-
-    def update(self) -> None:
-        """(Un)patch to match the current holders; call with the lock held."""
-        wanted = _process_mode.enabled or bool(self.open_blocks)
-        installed = F.scaled_dot_product_attention is scaled_dot_product_attention
-        if wanted and not installed:
-            self.original = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = scaled_dot_product_attention
-        elif not wanted and self.original is not None:
-            if installed:
-                F.scaled_dot_product_attention = self.original
-            else:
-                warnings.warn(
-                    "torch.nn.functional.scaled_dot_product_attention was replaced after flashsdpa patched it; "
-                    "flashsdpa leaves it as it is (its wrapper now passes every call to torch)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return  # keep `original`: a later wrapper may still call ours
-            self.original = None
-
-
-_patch = _Patch()
+_switch = Switch(F, "scaled_dot_product_attention", scaled_dot_product_attention, backward_follows_blocks=True)
 
 
 def is_patched() -> bool:
-    return F.scaled_dot_product_attention is scaled_dot_product_attention
+    return _switch.is_patched()
 
 
 def enable(strict: bool | None = None) -> None:
@@ -410,19 +330,12 @@ def enable(strict: bool | None = None) -> None:
         instead of falling back to torch; None reads FLASHSDPA_STRICT now.
     Idempotent; undone by `disable()`. See this module's docstring for threads and blocks.
     """
-    global _process_mode
-    mode = Mode(enabled=True, strict=strict_from_env() if strict is None else bool(strict))
-    with _patch.lock:
-        _process_mode = mode
-        _patch.update()
+    _switch.enable(strict)
 
 
 def disable() -> None:
     """Turn the process-wide default off; the original function is restored once no block is open."""
-    global _process_mode
-    with _patch.lock:
-        _process_mode = _OFF
-        _patch.update()
+    _switch.disable()
 
 
 def is_enabled() -> bool:
@@ -430,23 +343,9 @@ def is_enabled() -> bool:
     return current_mode().enabled
 
 
-@contextlib.contextmanager
 def sdpa(enabled: bool = True, *, strict: bool | None = None):
     """Within the block, this thread's SDPA calls go through flashsdpa (or, enabled=False, to torch).
 
     strict: as in `enable`; None reads FLASHSDPA_STRICT on entry.
     """
-    mode = Mode(enabled=bool(enabled), strict=strict_from_env() if strict is None else bool(strict))
-    entry = (object(), mode)
-    with _patch.lock:
-        _patch.open_blocks.append(entry)
-        _patch.update()
-    previous = getattr(_thread, "mode", None)
-    _thread.mode = mode
-    try:
-        yield
-    finally:
-        _thread.mode = previous
-        with _patch.lock:
-            _patch.open_blocks = [block for block in _patch.open_blocks if block is not entry]
-            _patch.update()
+    return _switch.block(enabled, strict=strict)

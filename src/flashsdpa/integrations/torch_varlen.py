@@ -15,38 +15,26 @@ A call flashsdpa cannot take (a tensor subclass, arguments it rejects) goes to t
 with the caller's arguments, so results and errors are torch's, and the reason is counted in
 `flashsdpa.stats()["fallbacks"]`; in strict mode (`enable(strict=True)`, `varlen(strict=True)`, or
 FLASHSDPA_STRICT=1) it raises `flashsdpa.UnsupportedError` instead. The on/off semantics are those of
-`flashsdpa.enable()` / `flashsdpa.sdpa()` (integrations/sdpa.py), without its backward-thread rule:
-varlen_attn's backward does not depend on the switch.
+`flashsdpa.enable()` / `flashsdpa.sdpa()` (integrations/sdpa.py; both use integrations/switch.py),
+without its backward-thread rule: varlen_attn's backward does not depend on the switch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
-import torch
 import torch.nn.attention.varlen as torch_varlen_module
 
-from flashsdpa import dispatch
-from flashsdpa.dispatch import UnsupportedError
-from flashsdpa.integrations.sdpa import TORCH, Mode, _tensor_reasons, strict_from_env
+from flashsdpa.integrations.switch import Mode, Switch, tensor_reasons
 from flashsdpa.varlen import check_arguments, varlen_attn as flashsdpa_varlen_attn
-
-_OFF = Mode(enabled=False, strict=False)
-_lock = threading.Lock()
-_thread = threading.local()  # .mode: the innermost varlen() block's Mode in this thread
-_state = {"process": _OFF, "blocks": 0, "original": None}
 
 
 def current_mode() -> Mode:
-    mode = getattr(_thread, "mode", None)
-    return mode if mode is not None else _state["process"]
+    """The Mode in force for a call made now from this thread."""
+    return _switch.current_mode()
 
 
 def torch_varlen_attn():
     """The function flashsdpa falls back to: the one the patch replaced, else the current one."""
-    original = _state["original"]
-    return original if original is not None else torch_varlen_module.varlen_attn
+    return _switch.torch_function()
 
 
 def unsupported_reasons(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, enable_gqa=False, seqused_k=None,
@@ -54,10 +42,10 @@ def unsupported_reasons(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, 
     """Why flashsdpa would not run this `varlen_attn` call; empty if it would. Reads no tensor value."""
     reasons = []
     for name, t in (("query", query), ("key", key), ("value", value), ("cu_seq_q", cu_seq_q)):
-        reasons.extend(_tensor_reasons(name, t))
+        reasons.extend(tensor_reasons(name, t))
     for name, t in (("cu_seq_k", cu_seq_k), ("seqused_k", seqused_k), ("block_table", block_table)):
         if t is not None:
-            reasons.extend(_tensor_reasons(name, t))
+            reasons.extend(tensor_reasons(name, t))
     if reasons:
         return reasons
     try:
@@ -89,15 +77,7 @@ def varlen_attn(*args, **kwargs):
         return torch_varlen_attn()(*args, **kwargs)
     if not reasons:
         return _call(*args, **kwargs)
-    if mode.strict:
-        raise UnsupportedError(
-            "flashsdpa cannot run this varlen_attn call (strict mode, no fallback to torch): " + "; ".join(reasons),
-            reasons,
-        )
-    if not torch.compiler.is_compiling():  # the stats lock cannot be traced
-        dispatch.record_call(TORCH)
-        for reason in reasons:
-            dispatch.record_fallback(reason)
+    _switch.fall_back(reasons, mode.strict)
     return torch_varlen_attn()(*args, **kwargs)
 
 
@@ -107,16 +87,7 @@ varlen_attn.__doc__ = (
 )
 
 
-def _update() -> None:
-    """(Un)patch to match the default and the open blocks; call with the lock held."""
-    wanted = _state["process"].enabled or _state["blocks"] > 0
-    installed = torch_varlen_module.varlen_attn is varlen_attn
-    if wanted and not installed:
-        _state["original"] = torch_varlen_module.varlen_attn
-        torch_varlen_module.varlen_attn = varlen_attn
-    elif not wanted and installed:
-        torch_varlen_module.varlen_attn = _state["original"]
-        _state["original"] = None
+_switch = Switch(torch_varlen_module, "varlen_attn", varlen_attn, backward_follows_blocks=False)
 
 
 def enable(strict: bool | None = None) -> None:
@@ -124,31 +95,14 @@ def enable(strict: bool | None = None) -> None:
 
     strict: raise instead of falling back to torch; None reads FLASHSDPA_STRICT now.
     """
-    with _lock:
-        _state["process"] = Mode(enabled=True, strict=strict_from_env() if strict is None else bool(strict))
-        _update()
+    _switch.enable(strict)
 
 
 def disable() -> None:
     """Turn the process-wide default off; torch's function is restored once no block is open."""
-    with _lock:
-        _state["process"] = _OFF
-        _update()
+    _switch.disable()
 
 
-@contextlib.contextmanager
 def varlen(enabled: bool = True, *, strict: bool | None = None):
     """Within the block, this thread's `varlen_attn` calls go through flashsdpa (or, enabled=False, to torch)."""
-    mode = Mode(enabled=bool(enabled), strict=strict_from_env() if strict is None else bool(strict))
-    with _lock:
-        _state["blocks"] += 1
-        _update()
-    previous = getattr(_thread, "mode", None)
-    _thread.mode = mode
-    try:
-        yield
-    finally:
-        _thread.mode = previous
-        with _lock:
-            _state["blocks"] -= 1
-            _update()
+    return _switch.block(enabled, strict=strict)
