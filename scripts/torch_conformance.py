@@ -1,6 +1,6 @@
 """Run PyTorch's own SDPA tests with and without `flashsdpa.enable()`; print the tests that fail only with it.
 
-    PYTHONPATH=src python scripts/torch_conformance.py /path/to/pytorch [--sample 64 | --whole] [-n 2]
+    PYTHONPATH=src python scripts/torch_conformance.py /path/to/pytorch [--sample 64 | --whole] [-n 2] [--math]
 
 The tests are the CPU classes (`...CPU`) of `test/test_transformers.py` in the
 given PyTorch source tree, which should match the installed torch version (a
@@ -13,9 +13,12 @@ as a plugin (`-p torch_conformance`): it keeps the CPU classes, samples every
 large parametrized grid (the `..._mask_vs_math_...` grid has thousands of
 cases) deterministically — the same cases every run, on every machine: those
 whose sha256 of the test id sorts first — and, in the second run, calls
-`flashsdpa.enable()` before the first test. Outcomes come from pytest's JUnit
-XML. A test "fails only with flashsdpa" when it passes (or is skipped) without
-it and fails or errors with it. Expected differences (EXPECTED below) are
+`flashsdpa.enable()` before the first test. With `--math` both runs make every
+call under `sdpa_kernel([SDPBackend.MATH])` (a test's own `sdpa_kernel` still
+wins inside it): the calls flashsdpa hands to torch's math path, compared with
+plain torch's. Outcomes come from pytest's JUnit XML (`--xml-dir` keeps them).
+A test "fails only with flashsdpa" when it passes (or is skipped) without it
+and fails or errors with it. Expected differences (EXPECTED below) are
 listed apart, with their reason; the exit status is 1 when any other test
 differs.
 """
@@ -34,7 +37,10 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import pytest
+
 ENABLE_ENV = "FLASHSDPA_CONFORMANCE_ENABLE"
+MATH_ENV = "FLASHSDPA_CONFORMANCE_MATH"  # "1": every test runs under sdpa_kernel([SDPBackend.MATH])
 SAMPLE_ENV = "FLASHSDPA_CONFORMANCE_SAMPLE"  # cases kept of each large grid; "0" keeps every case
 DEFAULT_SAMPLE = 64
 LARGE_GRID = 256  # a test function with more parametrized cases than this is sampled
@@ -89,12 +95,25 @@ def pytest_sessionstart(session):
         flashsdpa.enable()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if os.environ.get(MATH_ENV) != "1":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 # ---- the driver -------------------------------------------------------------------------------------
 
 
-def run_suite(test_dir: Path, enabled: bool, sample: int, workers: int, extra: list[str], xml: Path) -> int:
+def run_suite(test_dir: Path, enabled: bool, sample: int, workers: int, extra: list[str], xml: Path,
+              math_only: bool = False) -> int:  # fmt: skip
     env = dict(os.environ)
     env[ENABLE_ENV] = "1" if enabled else "0"
+    env[MATH_ENV] = "1" if math_only else "0"
     env[SAMPLE_ENV] = str(sample)
     # this file (the plugin) and flashsdpa importable from the tree's test/ directory
     scripts = Path(__file__).resolve().parent
@@ -106,7 +125,8 @@ def run_suite(test_dir: Path, enabled: bool, sample: int, workers: int, extra: l
         sys.executable, "-m", "pytest", TEST_FILE, "-p", "torch_conformance", "-p", "no:cacheprovider",
         "-q", "-rN", "--tb=line", f"--junitxml={xml}", *(["-n", str(workers)] if workers > 1 else []), *extra,
     ]  # fmt: skip
-    print(f"[{'with flashsdpa' if enabled else 'plain torch'}] {' '.join(command)}", flush=True)
+    label = ("with flashsdpa" if enabled else "plain torch") + (", under sdpa_kernel([MATH])" if math_only else "")
+    print(f"[{label}] {' '.join(command)}", flush=True)
     return subprocess.call(command, cwd=test_dir, env=env)
 
 
@@ -133,10 +153,11 @@ def main(argv=None) -> int:
     grid.add_argument("--whole", action="store_true", help="run every case of every grid")
     parser.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per run")
     parser.add_argument("--only", choices=["plain", "flashsdpa"], help="one run only (outcomes are printed)")
+    parser.add_argument("--math", action="store_true", help="every test under sdpa_kernel([SDPBackend.MATH])")
     parser.add_argument(
         "--xml-dir", type=Path,
-        help="keep each run's JUnit XML here (plain.xml, flashsdpa.xml); a run whose XML is already there is "
-        "not run again, so the two runs can be made apart (e.g. --only plain first)",
+        help="keep each run's JUnit XML here (plain.xml, flashsdpa.xml; plain-math.xml, ... with --math); a run "
+        "whose XML is already there is not run again, so the two runs can be made apart (e.g. --only plain first)",
     )  # fmt: skip
     parser.epilog = "Arguments after -- go to both pytest runs, e.g. -- -k mask_vs_math"
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -151,19 +172,20 @@ def main(argv=None) -> int:
     if args.only:
         runs = {args.only: runs[args.only]}
     results = {}
+    suffix = "-math" if args.math else ""
     with tempfile.TemporaryDirectory() as scratch:
         xml_dir = args.xml_dir or Path(scratch)
         xml_dir.mkdir(parents=True, exist_ok=True)
         for name, enabled in runs.items():
-            xml = xml_dir / f"{name}.xml"
+            xml = xml_dir / f"{name}{suffix}.xml"
             if args.xml_dir is not None and xml.is_file():
                 print(f"[{name}] outcomes read from {xml} (not run again)", flush=True)
             else:
-                run_suite(test_dir, enabled, sample, args.workers, pytest_args, xml)
+                run_suite(test_dir, enabled, sample, args.workers, pytest_args, xml, args.math)
             results[name] = outcomes(xml)
         for name in ("plain", "flashsdpa"):  # the other run's XML, when kept from before
-            if name not in runs and args.xml_dir is not None and (args.xml_dir / f"{name}.xml").is_file():
-                results[name] = outcomes(args.xml_dir / f"{name}.xml")
+            if name not in runs and args.xml_dir is not None and (args.xml_dir / f"{name}{suffix}.xml").is_file():
+                results[name] = outcomes(args.xml_dir / f"{name}{suffix}.xml")
 
     for name, result in results.items():
         counts = collections.Counter(result.values())
