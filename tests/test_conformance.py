@@ -19,6 +19,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.overrides import TorchFunctionMode
 
 import flashsdpa
 from flashsdpa.backends.base import poisoned_outputs
@@ -100,6 +101,28 @@ def test_causal_bias_runs_as_its_alignment(lengths, variant, compiled, enabled, 
     if L > S and variant == "lower_right":
         assert torch.equal(got[0][..., : L - S, :], torch.zeros_like(got[0][..., : L - S, :]))
         assert torch.equal(got[0][..., : L - S, :], torch_results[0][..., : L - S, :])
+
+
+def test_a_torch_function_mode_sees_a_causal_bias_call_first(enabled):
+    """Under a TorchFunctionMode the mode sees the call (with the CausalBias) as torch's function would let it;
+    the mode's own call then runs on flashsdpa as bottom-right alignment."""
+    L, S = 4, 7
+    q, k, v = qkv((1, 2, L, 8), (1, 2, S, 8), generator(195))
+    seen = []
+
+    class SeesSdpa(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                seen.append(type(kwargs["attn_mask"]).__name__)
+            return func(*args, **kwargs)
+
+    with SeesSdpa():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S))
+    assert seen == ["CausalBias"]
+    ref, _ = oracle(q, k, v, attn_mask=torch.ones(L, S, dtype=torch.bool).tril(S - L))
+    assert rel_err(out, ref) < 1e-6
+    assert_ran_on_flashsdpa(calls=1)
 
 
 # ---- TorchScript ------------------------------------------------------------------
