@@ -12,16 +12,21 @@ import torch
 
 import flashsdpa
 from flashsdpa.dispatch import UnsupportedError
+from flashsdpa.backends.base import poisoned_outputs
 from helpers import (
     HALF_DTYPES,
     Case,
+    assert_forward_close,
+    assert_grad_close,
     check_backward,
     check_forward,
     generator,
     qkv,
     random_bool_mask,
     random_float_mask,
+    rel_err,
     run,
+    variants_oracle,
 )
 from test_backward import LAYOUTS, layout_leaves
 from test_masks import MASK_DTYPES, PATTERNS, make_mask
@@ -175,18 +180,132 @@ def test_float64_mask_of_float64_queries_is_taken():
 @pytest.mark.parametrize("where", ["4-D: torch runs this kernel", "3-D: torch runs math", "math pinned"])
 def test_16bit_gradients_are_as_precise_as_torchs_own(where, monkeypatch):
     """Where torch's own call would run its math path, its 16-bit gradients have half the kernel's error:
-    flashsdpa's backward is then the tiled one (float32 throughout), else the kernel's."""
+    the kernel then runs on float32 copies (never the tiled backward), else on the 16-bit inputs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from flashsdpa.backends import aten
     from flashsdpa.backends.tiled import TiledBackend
 
-    tiled_backwards = []
-    original = TiledBackend.backward
-    monkeypatch.setattr(TiledBackend, "backward", lambda *args: tiled_backwards.append(1) or original(*args))
+    monkeypatch.setattr(TiledBackend, "backward", lambda *args: pytest.fail("the tiled backward ran"))
+    kernel_dtypes = []
+    forward_kernel, backward_kernel = aten._KERNELS
+    monkeypatch.setattr(aten, "_KERNELS", (forward_kernel, lambda *a, **k: kernel_dtypes.append(a[1].dtype) or
+                                           backward_kernel(*a, **k)))  # fmt: skip
     gen = generator(1690)
     lead = (4,) if where.startswith("3-D") else (2, 4)
     q, k, v = qkv(lead, lead, 150, 230, 64, gen, torch.bfloat16, "cpu")
     pinned = sdpa_kernel([SDPBackend.MATH]) if where == "math pinned" else contextlib.nullcontext()
     with pinned:
         check_backward("aten", Case(q, k, v, causal=True), where)
-    assert len(tiled_backwards) == (0 if where.startswith("4-D") else 1)
+    assert kernel_dtypes == [torch.bfloat16 if where.startswith("4-D") else torch.float32]
+
+
+# The variants the kernel computes (all but softcap), as `flashsdpa.attention` takes them; "alibi": "heads" for
+# (H,) slopes, "batch" for (B, H); "sinks": True.
+VARIANTS = {
+    "window": dict(window=(3, 2)),
+    "window_right": dict(window=(None, 1)),
+    "causal": dict(causal=True),
+    "causal_window": dict(causal=True, window=(4, None)),
+    "alibi_heads": dict(alibi="heads"),
+    "alibi_batch": dict(alibi="batch", causal=True),
+    "sinks": dict(sinks=True),
+    "all": dict(causal=True, window=(3, 5), alibi="batch", sinks=True),
+}
+VARIANT_SHAPES = ((7, 12), (12, 5), (13, 13))  # L < S, L > S (bottom-right: queries before key 0), L = S
+
+
+def variant_problem(variant, seq_q, seq_kv, dtype, gen, mask_kind="none"):
+    """(q, k, v, keyword arguments): B=2, Hq=4, Hkv=2 (GQA), E=8; q, k, v and sinks require grad (a float mask
+    does not: its gradient is the tiled backward's)."""
+    q, k, v = (t.requires_grad_() for t in qkv((2, 4), (2, 2), seq_q, seq_kv, 8, gen, dtype, "cpu"))
+    options = {name: value for name, value in variant.items() if name not in ("alibi", "sinks")}
+    if variant.get("alibi"):
+        slopes = torch.rand((4,) if variant["alibi"] == "heads" else (2, 4), generator=gen, dtype=torch.float64)
+        options["alibi_slopes"] = slopes.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if variant.get("sinks"):
+        options["sinks"] = (torch.randn(4, generator=gen, dtype=torch.float64) * 2).to(dtype).requires_grad_()
+    if mask_kind == "bool":  # with rows hidden whole, to meet rows that see nothing
+        options["attn_mask"] = random_bool_mask((2, 1, seq_q, seq_kv), gen, "cpu", ensure_first_key=False)
+    elif mask_kind == "float":
+        options["attn_mask"] = random_float_mask((1, 4, seq_q, seq_kv), gen, dtype, "cpu")
+    return q, k, v, options
+
+
+def outputs_and_grads(fn, leaves, grad_out):
+    out, lse = fn()
+    return out, lse, torch.autograd.grad(out, leaves, grad_out)
+
+
+def variant_results(variant, seq_q, seq_kv, alignment, dtype, gen, mask_kind="none"):
+    """{"aten", "truth" (float64 formula), "dtype" (the formula in the inputs' dtype)}: (out, lse, grads)."""
+    q, k, v, options = variant_problem(variant, seq_q, seq_kv, dtype, gen, mask_kind)
+    leaves = [q, k, v] + ([options["sinks"]] if "sinks" in options else [])
+    grad_out = torch.randn(2, 4, seq_q, 8, generator=gen, dtype=torch.float64).to(dtype)
+    oracle_options = {n: t for n, t in options.items() if n != "enable_gqa"}
+    with poisoned_outputs():
+        ours = outputs_and_grads(lambda: flashsdpa.attention(
+            q, k, v, enable_gqa=True, causal_alignment=alignment, backend="aten", return_lse=True, **options
+        ), leaves, grad_out)  # fmt: skip
+    return {
+        "aten": ours,
+        "truth": outputs_and_grads(lambda: variants_oracle(q, k, v, alignment=alignment, **oracle_options), leaves,
+                                   grad_out),
+        "dtype": outputs_and_grads(lambda: variants_oracle(q, k, v, alignment=alignment, dtype=dtype,
+                                                           **oracle_options), leaves, grad_out),
+    }  # fmt: skip
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Query blocks of 5 rows: the tiny problems here span several kernel calls, some seeing no key."""
+    from flashsdpa.backends import aten
+
+    monkeypatch.setattr(aten, "QUERY_BLOCK", 5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variants_match_the_formula_in_float64(name, alignment, mask_kind, small_blocks):
+    """Window, alignment, ALiBi and sinks on the kernel (per-block masks, the sinks' merge): out, lse, rows
+    with no visible key and the gradients of q, k, v and the sinks, against the float64 formula."""
+    gen = generator(1700 + len(name))
+    for seq_q, seq_kv in VARIANT_SHAPES:
+        results = variant_results(VARIANTS[name], seq_q, seq_kv, alignment, torch.float64, gen, mask_kind)
+        (out, lse, grads), (ref, ref_lse, ref_grads) = results["aten"], results["truth"]
+        what = f"{name} {alignment} L={seq_q} S={seq_kv} mask={mask_kind}"
+        assert rel_err(out, ref) < 1e-12, what
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"{what}: rows with no visible key"
+        finite = torch.isfinite(ref_lse)
+        assert rel_err(lse[finite], ref_lse[finite]) < 1e-12, what
+        for index, (grad, ref_grad) in enumerate(zip(grads, ref_grads)):
+            assert rel_err(grad, ref_grad) < 1e-12, f"{what}: gradient {index}"
+    assert flashsdpa.stats()["calls"] == {"aten": len(VARIANT_SHAPES)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["causal_window", "alibi_heads", "sinks", "all"])
+def test_variants_within_torchs_own_error(name, dtype, small_blocks):
+    """In 16 and 32 bits, against float64, within 1.5x the error of the same formula computed in the inputs'
+    dtype (torch has none of these variants: the formula as torch's math backend would compute it)."""
+    gen = generator(1720 + len(name))
+    results = variant_results(VARIANTS[name], 13, 21, "bottom_right", dtype, gen, "float")
+    (out, _, grads), (ref, _, ref_grads), (theirs, _, their_grads) = (
+        results[n] for n in ("aten", "truth", "dtype")
+    )
+    assert_forward_close(f"{name} out", out, ref, theirs, dtype)
+    for index, (grad, ref_grad, their_grad) in enumerate(zip(grads, ref_grads, their_grads)):
+        assert_grad_close(f"{name} gradient {index}", grad, ref_grad, their_grad, dtype)
+
+
+def test_softcap_goes_to_tiled_and_the_other_variants_stay():
+    gen = generator(1740)
+    q, k, v = qkv((1, 2), (1, 2), 9, 11, 16, gen, torch.float32, "cpu")
+    flashsdpa.attention(q, k, v, causal=True, window=(4, None), sinks=torch.zeros(2), alibi_slopes=torch.ones(2))
+    assert flashsdpa.stats() == {"calls": {"aten": 1}, "fallbacks": {}}
+    flashsdpa.reset_stats()
+    flashsdpa.attention(q, k, v, softcap=5.0)
+    stats = flashsdpa.stats()
+    assert stats["calls"] == {"tiled": 1}
+    assert any(r.startswith("aten: softcap") for r in stats["fallbacks"]), stats

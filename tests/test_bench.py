@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import sys
+import time
 import types
 import warnings
 
@@ -18,7 +19,7 @@ from flashsdpa.bench import main, report
 from flashsdpa.bench.estimate import Estimator
 from flashsdpa.bench.peers import Peer
 from flashsdpa.bench.runner import run_peer
-from flashsdpa.bench.timing import CPU_SETTINGS, CUDA_SETTINGS, Timer, quantile
+from flashsdpa.bench.timing import CPU_SETTINGS, CUDA_SETTINGS, SLOW_PEER_MIN_REPS, Timer, TimingSettings, quantile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,6 +66,8 @@ def test_quick_cpu_run_writes_rows_for_flashsdpa_and_math(tmp_path, one_thread):
                 assert entry["ms"] > 0 and entry["tflops"] > 0
                 assert entry["peak_mib"] > 0
             assert case["ratios"]["math"][mode] > 0
+            spread = case["peers"]["torch"][mode]["vs_primary"]  # timed interleaved with flashsdpa
+            assert spread["p25"] <= case["ratios"]["torch"][mode] == spread["median"] <= spread["p75"]
             # Memory is a measurement (BENCHMARKS.md compares it with torch's); here only that math, which
             # materialises the scores, shows more of it than the fused kernel.
             peaks = {peer: case["peers"][peer][mode]["peak_mib"] for peer in ("flashsdpa", "math")}
@@ -215,13 +218,46 @@ def test_estimates_fit_the_lent_gpu_call():
     assert sum(variants.estimate(c) for c in case_matrix.select(cases, "variant")) < 300
 
 
-def test_timer_on_cpu():
-    timer = Timer(torch.device("cpu"), CPU_SETTINGS)
-    counter = []
-    measurement = timer.measure([lambda: counter.append(0), lambda: counter.append(1)])
-    assert CPU_SETTINGS.min_reps <= measurement.reps <= CPU_SETTINGS.max_reps
-    assert 0 <= measurement.min_ms <= measurement.median_ms
-    assert set(counter) == {0, 1}  # both input sets were used
+def test_timer_interleaves_peers_round_by_round():
+    """Each round runs every peer once, in a rotating order, on the round's input set; the ratio is per round;
+    a slow peer runs fewer rounds; a peer that raises drops out with its exception."""
+    settings = TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=5, max_reps=9, flush_bytes=0)
+    timer = Timer(torch.device("cpu"), settings)
+    log = []
+
+    def sleeper(name, seconds, index):
+        def call():
+            log.append((name, index))
+            time.sleep(seconds)
+
+        return call
+
+    def failing():
+        log.append(("broken", 0))
+        if len([entry for entry in log if entry[0] == "broken"]) > 2:
+            raise RuntimeError("gave up")
+
+    calls = {
+        "primary": [sleeper("primary", 0.002, i) for i in range(2)],
+        "twice": [sleeper("twice", 0.004, i) for i in range(2)],
+        "slow": [sleeper("slow", 0.05, i) for i in range(2)],
+        "broken": [failing, failing],
+    }
+    result = timer.interleaved(calls, "primary")
+    assert set(result.measurements) == {"primary", "twice", "slow"}
+    assert str(result.failures["broken"]) == "gave up"
+    rounds = result.measurements["primary"].reps
+    assert 5 <= rounds <= 9 and result.measurements["twice"].reps == rounds
+    assert result.measurements["slow"].reps == SLOW_PEER_MIN_REPS  # 3 runs of 50 ms exceed the 30 ms of rounds
+    assert 1.5 < result.ratios["twice"].median < 3.0  # sleeps overshoot on a loaded machine
+    assert result.ratios["twice"].p25 <= result.ratios["twice"].median <= result.ratios["twice"].p75
+    assert result.ratios["twice"].rounds == rounds
+    # Both input sets were used, and the order rotates: without rotation the two would strictly alternate
+    # (primary, twice, primary, twice, ...); rotated, each follows itself across a round's boundary.
+    assert {i for name, i in log if name == "primary"} == {0, 1}
+    pair = [name for name, _ in log if name in ("primary", "twice")]
+    neighbours = set(zip(pair, pair[1:]))
+    assert ("primary", "primary") in neighbours and ("twice", "twice") in neighbours
     assert quantile([1.0, 2.0, 3.0], 0.5) == 2.0
 
 

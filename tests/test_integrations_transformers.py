@@ -296,9 +296,10 @@ def test_variant_models_within_eagers_own_error(kind, variant_registration, monk
                                                                                rel_err(eager, truth))
     assert rel_err(grads, eager_grads) <= FP32_TOL
     stats = flashsdpa.stats()
-    assert stats["calls"] == {"tiled": LAYERS}
-    # On the CPU, torch's fused kernel (aten) is asked first and declines the variants, by name.
-    assert all(reason.startswith("aten: ") for reason in stats["fallbacks"]), stats["fallbacks"]
+    # On the CPU, torch's fused kernel (aten) computes the window and the sinks; it declines softcap (Gemma 2),
+    # by name, to tiled.
+    assert stats["calls"] == {"tiled" if kind == "gemma2" else "aten": LAYERS}
+    assert all(reason.startswith("aten: softcap") for reason in stats["fallbacks"]), stats["fallbacks"]
     assert masks == [None] * LAYERS  # causal (+ window) only: no (B, 1, L, S) mask
 
 

@@ -24,15 +24,35 @@ non-unit last one. Where they differ this module adapts, at O(L*E) cost:
   gradients): the eager path hands them to autograd as they are, as torch's
   own call does; only the custom ops (traced, compiled) make them contiguous.
 
+The variants the kernel has no argument for, all but softcap, are computed
+on it too (`checks_variants`):
+
+* a sliding window, bottom-right alignment and ALiBi: the query rows are cut
+  into blocks of QUERY_BLOCK; each block is one kernel call on the keys it
+  sees (`Visibility.key_range`), with an additive mask in the accumulators'
+  dtype holding the visibility (0 / -inf), -slope * |i' - j| and the
+  caller's mask. Each row is complete in its call, so out and lse are the
+  kernel's own; the backward does the same per block and sums dK/dV over the
+  blocks in the accumulators' dtype (16-bit inputs: the blocks run in
+  float32, so the sum is not of rounded partials).
+* sinks: the kernel's out and lse without the sink are exact, and the sink
+  only joins each row's denominator: out * sigmoid(lse - sink) and
+  lse' = logaddexp(lse, sink). The backward is the kernel's, given that out
+  and lse' (P = exp(s - lse') is then the sinks' own P and delta is
+  rowsum(dO * out)); the sink's gradient is `ops.sink_gradient`'s.
+* softcap (tanh of each score) is not an additive mask: declined.
+
 Declined, with the reason recorded by the dispatcher, to `tiled`: other
 devices, dropout (flashsdpa's keep-mask is its own counter hash, not torch's
 generator), a value head dim other than the query's, head dim 0, causal with a
-scale <= 0, a float32 mask of float64 queries. Two backwards are the tiled
-one, which needs only the (out, lse) any correct forward gives: the gradient
-of a float mask (the kernel computes none), and 16-bit gradients where torch
+scale <= 0, a float32 mask of float64 queries, softcap. The gradient of a
+float mask (the kernel computes none) is the tiled backward's, which needs
+only the (out, lse) any correct forward gives. 16-bit gradients where torch
 itself would not run this kernel (3-D inputs, `sdpa_kernel([SDPBackend.MATH])`,
-...: `gradient_precision` says EXACT), since torch's math path then gives
-gradients at half the kernel's error and flashsdpa's are held to torch's.
+...: `gradient_precision` says EXACT) have half the kernel's 16-bit error in
+torch's math path, and flashsdpa's are held to torch's: the kernel then runs
+on float32 copies of the inputs (O(L*E) memory) and the gradients are
+rounded once.
 
 It is the kernel torch's own CPU SDPA calls, so time and memory match torch's
 (BENCHMARKS.md, issue 16); the tiled backend took 2-10x torch's time and 3-6x
@@ -44,11 +64,17 @@ from __future__ import annotations
 import torch
 
 from flashsdpa import gradient_precision
-from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, new_output
 from flashsdpa.backends.tiled import TiledBackend
 from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind, statistics_dtype
+from flashsdpa.visibility import Visibility
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# Queries per kernel call where the visibility or ALiBi is passed as a mask (`_blocked`): each call gets the
+# keys its block sees and an additive mask of (heads, QUERY_BLOCK, those keys), so a window costs
+# O(L * (window + QUERY_BLOCK)) and the mask stays small (ALiBi, L = S = 8192, H = 8: 32 MiB float32).
+QUERY_BLOCK = 128
 
 
 def _find_kernels():
@@ -79,6 +105,69 @@ def additive_mask(desc: AttentionDescriptor, mask: torch.Tensor | None, dtype: t
     return torch.zeros(compact.shape, dtype=dtype, device=mask.device).masked_fill_(~compact, float("-inf"))
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """t with its broadcast dims (stride 0) cut to size 1: the kernel broadcasts a mask itself."""
+    return t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
+
+
+def block_mask(desc: AttentionDescriptor, inputs: AttentionInputs, rows: range, keys: range) -> torch.Tensor:
+    """The additive mask of one query block: (B or 1, Hq or 1, len(rows), len(keys)) in the accumulators'
+    dtype, with the visibility (0 / -inf), ALiBi's -slope * |i' - j| and the caller's mask."""
+    acc = statistics_dtype(desc.dtype)
+    device = inputs.query.device
+    i = torch.arange(rows.start, rows.stop, device=device)
+    j = torch.arange(keys.start, keys.stop, device=device)
+    visible = Visibility.of(desc).mask(i, j)
+    mask = torch.zeros(visible.shape, dtype=acc, device=device).masked_fill_(~visible, float("-inf"))[None, None]
+    if desc.alibi:
+        slopes = _compact(inputs.alibi_slopes).to(acc)[..., None, None]  # (B or 1, Hq, 1, 1)
+        mask = mask - slopes * (i.view(-1, 1) + desc.key_offset - j.view(1, -1)).abs().to(acc)
+    if inputs.mask is not None:
+        given = _compact(inputs.mask[..., rows.start : rows.stop, keys.start : keys.stop])
+        mask = mask.masked_fill(~given, float("-inf")) if desc.mask is MaskKind.BOOL else mask + given.to(acc)
+    return mask
+
+
+def _blocks(desc: AttentionDescriptor):
+    """(query rows, keys they see) per kernel call of the blocked path; rows that see no key: an empty range."""
+    visibility = Visibility.of(desc)
+    for start in range(0, desc.seq_q, QUERY_BLOCK):
+        rows = range(start, min(start + QUERY_BLOCK, desc.seq_q))
+        lo, hi = visibility.key_range(rows.start, rows.stop)
+        yield rows, range(lo, max(lo, hi))
+
+
+def _blocked(desc: AttentionDescriptor) -> bool:
+    """Whether the visibility or ALiBi needs the per-block masks (module docstring)."""
+    visibility = Visibility.of(desc)
+    plain = visibility.unrestricted or (
+        desc.causal and visibility.left < 0 and visibility.right == 0 and visibility.offset == 0
+    )
+    return desc.alibi or not plain
+
+
+def _mark_empty_rows(additive: torch.Tensor, lse: torch.Tensor) -> None:
+    """Set lse to -inf, in place, on rows of one block whose additive mask is -inf everywhere (candidates: the
+    rows the kernel gave lse 0)."""
+    batch, head, row = (lse == 0).nonzero(as_tuple=True)
+    if row.numel() == 0:
+        return
+    full = additive.expand(*lse.shape, additive.shape[-1])
+    empty = torch.isneginf(full[batch, head, row]).all(dim=-1)
+    lse[batch[empty], head[empty], row[empty]] = float("-inf")
+
+
+def _add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention without the sinks (out, lse) turned into attention with them (module docstring); a row with
+    no visible key (lse -inf) keeps its zeros and gets the sink's logit as lse. Computed in float64 and
+    rounded once: in float32 the rounding of the share and of lse' put the sinks' gradient, a sum with
+    cancellation, at up to 6x the tiled backend's error (1.5e-6 against 2.4e-7, measured)."""
+    wide = lse.double()
+    sink = sinks.double().view(1, -1, 1)
+    share = torch.where(torch.isneginf(wide), 0.0, torch.sigmoid(wide - sink))
+    return (out.double() * share.unsqueeze(-1)).to(out.dtype), torch.logaddexp(wide, sink).to(lse.dtype)
+
+
 def _mark_rows_without_keys(desc: AttentionDescriptor, mask: torch.Tensor | None, lse: torch.Tensor) -> None:
     """Set lse to -inf, in place, on rows where the mask (with causal) hides every key.
 
@@ -101,11 +190,12 @@ def _mark_rows_without_keys(desc: AttentionDescriptor, mask: torch.Tensor | None
 
 class AtenBackend(Backend):
     name = "aten"
+    checks_variants = True
 
     @staticmethod
     def _exact_gradients(desc: AttentionDescriptor, inputs: AttentionInputs) -> bool:
         """16-bit gradients that torch would compute on its float32-internal math path."""
-        if desc.dtype not in (torch.float16, torch.bfloat16):
+        if desc.dtype not in _SIXTEEN_BIT:
             return False
         return gradient_precision.at_backward(desc, inputs) is GradientPrecision.EXACT
 
@@ -123,33 +213,73 @@ class AtenBackend(Backend):
             reasons.append(f"value head dim {desc.head_dim_v} differs from the query's {desc.head_dim}")
         if desc.head_dim == 0:
             reasons.append("head dim 0 (the kernel gives NaN log-sum-exps)")
-        if desc.causal and desc.scale <= 0.0:
+        if desc.causal and desc.scale <= 0.0 and not _blocked(desc):
             # measured: NaN rows (scale 0) and wrong ones (scale < 0), every dtype
             reasons.append(f"causal with scale {desc.scale} (the kernel scales its causal -inf fill)")
         if desc.mask is MaskKind.FLOAT and desc.mask_dtype not in (desc.dtype, statistics_dtype(desc.dtype)):
             # measured: a float32 mask with float64 queries is read as float64 (a wrong answer, no error)
             reasons.append(f"a {desc.mask_dtype} mask with {desc.dtype} queries (the kernel reads masks of the "
                            "query's dtype or of its accumulators only)")
+        if desc.softcap:
+            reasons.append("softcap: a tanh of each score, which the kernel cannot take as an additive mask")
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         forward_kernel, _ = _KERNELS
         q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
-        mask = additive_mask(desc, inputs.mask, q.dtype)
-        out, lse = forward_kernel(q, k, v, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
-        _mark_rows_without_keys(desc, inputs.mask, lse)
+        if _blocked(desc):
+            out = new_output((desc.batch, desc.heads_q, desc.seq_q, desc.head_dim_v), desc.dtype, q.device)
+            lse = new_output((desc.batch, desc.heads_q, desc.seq_q), statistics_dtype(desc.dtype), q.device)
+            for rows, keys in _blocks(desc):
+                part = slice(rows.start, rows.stop)
+                if not keys:
+                    out[..., part, :], lse[..., part] = 0.0, float("-inf")
+                    continue
+                mask = block_mask(desc, inputs, rows, keys)
+                seen = slice(keys.start, keys.stop)
+                o, l = forward_kernel(q[..., part, :], k[..., seen, :], v[..., seen, :], 0.0, False, attn_mask=mask,
+                                      scale=desc.scale)  # fmt: skip
+                _mark_empty_rows(mask, l)
+                out[..., part, :], lse[..., part] = o, l
+        else:
+            mask = additive_mask(desc, inputs.mask, q.dtype)
+            out, lse = forward_kernel(q, k, v, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
+            _mark_rows_without_keys(desc, inputs.mask, lse)
+        if desc.sinks:
+            out, lse = _add_sinks(out, lse, inputs.sinks)
         return out, lse
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
-        if needed.mask or self._exact_gradients(desc, inputs):
-            # No score gradient from the kernel / torch's math-path precision (module docstring).
+        if needed.mask:  # the kernel computes no score gradient
             return TiledBackend().backward(desc, inputs, out, lse, grad_out, needed)
         _, backward_kernel = _KERNELS
-        q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
-        mask = additive_mask(desc, inputs.mask, q.dtype)
-        if inputs.mask is not None:
+        tensors = (grad_out, inputs.query, inputs.key, inputs.value, out)
+        blocked = _blocked(desc)
+        if desc.dtype in _SIXTEEN_BIT and (blocked or self._exact_gradients(desc, inputs)):
+            # float32 copies: torch's math-path precision, and dK/dV summed over blocks unrounded (module docstring)
+            tensors = tuple(t.float() for t in tensors)
+        d_out, q, k, v, out = (_unit_last_stride(t) for t in tensors)
+        if inputs.mask is not None or blocked:
             lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # the kernel's own value on rows without keys
-        dq, dk, dv = backward_kernel(
-            _unit_last_stride(grad_out), q, k, v, out, lse, 0.0, desc.causal, attn_mask=mask, scale=desc.scale
-        )
-        return (dq if needed.query else None, dk if needed.key else None, dv if needed.value else None, None)
+        if not blocked:
+            mask = additive_mask(desc, inputs.mask, q.dtype)
+            if mask is not None and mask.dtype not in (q.dtype, statistics_dtype(q.dtype)):
+                mask = mask.to(q.dtype)  # a 16-bit float mask with the float32 copies
+            dq, dk, dv = backward_kernel(d_out, q, k, v, out, lse, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
+        else:
+            dq = torch.zeros_like(q)
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            for rows, keys in _blocks(desc):
+                if not keys:
+                    continue
+                part, seen = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
+                mask = block_mask(desc, inputs, rows, keys)
+                gq, gk, gv = backward_kernel(
+                    d_out[..., part, :], q[..., part, :], k[..., seen, :], v[..., seen, :], out[..., part, :],
+                    lse[..., part], 0.0, False, attn_mask=mask, scale=desc.scale,
+                )  # fmt: skip
+                dq[..., part, :] = gq
+                dk[..., seen, :] += gk
+                dv[..., seen, :] += gv
+        grads = (dq if needed.query else None, dk if needed.key else None, dv if needed.value else None)
+        return (*(None if g is None else g.to(desc.dtype) for g in grads), None)

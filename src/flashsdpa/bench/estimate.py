@@ -25,9 +25,10 @@ CUDA_TFLOPS_16BIT = {
 CUDA_TFLOPS_FP32 = {"flashsdpa": (40, 30), "flashsdpa-tf32": (120, 90), "efficient": (47, 40), "math": (26, 26)}
 CUDA_DECODE_BYTES_PER_S = {"math": 0.08e12}  # others ~2.5e12 (K+V read)
 CUDA_DECODE_DEFAULT = 2.5e12
-# Assumed speeds on the 2-core CPU machine, TFLOP/s (any dtype, forward and backward); guesses.
-CPU_TFLOPS = {"flashsdpa": 0.05, "torch": 0.05, "math": 0.02, "flex": 0.03}
-CPU_TFLOPS_DEFAULT = 0.02
+# Speeds on the 2-core CPU machine, TFLOP/s (any dtype, forward and backward): roughly the quiet-machine
+# run of the dense rows (BENCHMARKS.md, issue 16; flashsdpa and torch 0.15-1.1, math 0.02-0.2).
+CPU_TFLOPS = {"flashsdpa": 0.25, "torch": 0.25, "math": 0.06, "flex": 0.06}
+CPU_TFLOPS_DEFAULT = 0.06
 
 # Seconds of compilation the first time a kernel is needed (guesses).
 FLASHSDPA_JIT_S = {"fwd": 2.0, "bwd": 4.0}  # per new KernelKey
@@ -102,7 +103,8 @@ class Estimator:
             for mode in modes:
                 run_ms = self._run_ms(peer, case, mode)
                 seconds += self._compile_seconds(peer, case, mode)
-                seconds += estimated_measure_seconds(self.settings, run_ms) + run_ms / 1e3
+                lead_ms = self._run_ms(case.peers[0], case, mode) if peer != case.peers[0] else None
+                seconds += estimated_measure_seconds(self.settings, run_ms, lead_ms) + run_ms / 1e3
                 if mode == "bwd":  # the forwards kept for the backward
                     seconds += self.sets * self._run_ms(peer, case, "fwd") / 1e3
         return seconds

@@ -5,7 +5,7 @@ The document written to results.json::
     {"schema": 1,
      "meta": {device, driver, versions, date, timing settings, conventions, args},
      "cases": [{name, group, shape fields, flops, status ("ran" / "skipped"),
-                "peers": {peer: {"fwd": {"status": "ok", "ms", "tflops", "peak_mib", ...}
+                "peers": {peer: {"fwd": {"status": "ok", "ms", "tflops", "peak_mib", "vs_primary", ...}
                                  | {"status": "n/a", "reason"}, "bwd": ..., "first_call_s"}},
                 "ratios": {peer: {mode: flashsdpa speed / peer speed}},
                 "check": {"flashsdpa": {reference, max_rel_err, ok, rel_err_vs}}, ...}],
@@ -114,7 +114,10 @@ def cell(case: dict, peer: str, mode: str) -> str:
         return "n/a"
     text = number(entry.get(metric_name(case["group"])))
     ratio = case.get("ratios", {}).get(peer, {}).get(mode)
-    if ratio:
+    spread = entry.get("vs_primary")
+    if ratio and spread:
+        text += f" ({ratio:.2f}x {spread['p25']:.2f}-{spread['p75']:.2f})"
+    elif ratio:
         text += f" ({ratio:.2f}x)"
     if isinstance(entry.get("peak_mib"), (int, float)):
         text += f" {entry['peak_mib']:.3g} MiB"
@@ -185,8 +188,9 @@ LEGEND = (
     "Peers: torch = torch SDPA as it chooses; cudnn, flash, efficient, math = torch SDPA pinned to "
     "CUDNN_ATTENTION, FLASH_ATTENTION, EFFICIENT_ATTENTION, MATH (sdpa_kernel); flex = compiled FlexAttention. "
     "Cells: the peer's TFLOP/s (decode: TB/s of K+V read), in brackets flashsdpa's speed over the peer's "
-    "(> 1: flashsdpa faster), then the peak MiB one call adds (fwd: a forward; bwd: a forward and its "
-    "backward). FLOPs: 4*B*H*L*S*d forward (causal: visible pairs only), backward 2.5x, timed alone. "
+    "(> 1: flashsdpa faster; the peers are timed interleaved, round by round on the same inputs: the median "
+    "of the per-round ratios, then their interquartile range), then the peak MiB one call adds (fwd: a "
+    "forward; bwd: a forward and its backward). FLOPs: 4*B*H*L*S*d forward (causal: visible pairs only), backward 2.5x, timed alone. "
     "'err vs ref': flashsdpa's relative error against the first of cudnn/flash/efficient/math/flex, for the "
     "variants against their float64 formula (fwd: "
     "output; bwd: worst gradient). '1st call s': flashsdpa's first call, JIT included."
@@ -203,8 +207,9 @@ FLEX_COMPILES = {
 def settings_line(meta: dict) -> str:
     timing = meta.get("timing", {})
     text = (
-        f"Timing: median of {timing.get('min_reps')}-{timing.get('max_reps')} runs ({timing.get('rep_ms')} ms) "
-        f"after {timing.get('warmup_ms')} ms of warm-up"
+        f"Timing: the peers of a case interleaved, {timing.get('min_reps')}-{timing.get('max_reps')} rounds "
+        f"({timing.get('rep_ms')} ms of flashsdpa's calls) after {timing.get('warmup_ms')} ms of warm-up; a peer "
+        "over 2x slower runs fewer; medians"
     )
     if timing.get("flush_bytes"):
         text += f", {timing['flush_bytes'] >> 20} MiB L2 flush before each run"
@@ -284,16 +289,27 @@ def geometric_mean(values: list[float]) -> float:
 
 
 def summary_lines(document: dict) -> list[str]:
-    lines = ["flashsdpa speed over each peer, geometric mean over the cases both ran (cases):"]
+    lines = [
+        "flashsdpa speed over each peer, geometric mean over the cases both ran (cases), "
+        "then the lowest case's ratio with its interquartile range over the rounds:"
+    ]
     for group, cases in grouped(document):
         for mode in ("fwd", "bwd"):
             parts = []
             for peer in peer_order(cases):
-                values = [c["ratios"][peer][mode] for c in cases if c.get("ratios", {}).get(peer, {}).get(mode)]
-                if values:
-                    parts.append(f"{peer} {geometric_mean(values):.2f}x ({len(values)})")
+                ran = [c for c in cases if c.get("ratios", {}).get(peer, {}).get(mode)]
+                if not ran:
+                    continue
+                values = [c["ratios"][peer][mode] for c in ran]
+                text = f"{peer} {geometric_mean(values):.2f}x ({len(values)})"
+                low = min(ran, key=lambda c: c["ratios"][peer][mode])
+                spread = low["peers"][peer][mode].get("vs_primary")
+                text += f", lowest {low['ratios'][peer][mode]:.2f}x"
+                if spread:
+                    text += f" [{spread['p25']:.2f}-{spread['p75']:.2f}]"
+                parts.append(text + f" {case_label(low)}")
             if parts:
-                lines.append(f"  {group} {mode}: " + ", ".join(parts))
+                lines.append(f"  {group} {mode}: " + "; ".join(parts))
     memory = memory_lines(document)
     if memory:
         lines += ["flashsdpa's peak added memory over each peer's, geometric mean (cases; < 1: flashsdpa less):"]

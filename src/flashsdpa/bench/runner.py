@@ -1,18 +1,21 @@
 """Running one case: every peer on the same inputs, timed, and checked against each other.
 
-Per peer: its set-up (untimed), a first forward call timed on the host clock
-(for flashsdpa this includes Triton's JIT: `first_call_s`), the forward timed
-by `Timer.measure`, then, for cases with a backward, one forward per input set
-kept with its graph and the backward alone timed as
-`torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)`: no
-forward and no gradient accumulation inside the timed region. The forward is
-timed on inputs that require grad (the training forward) when the case has a
-backward. A peer that raises is recorded as n/a with the reason; one that
-fails only in the backward keeps its forward numbers.
+Per peer, in turn: its set-up (untimed) and a first forward call timed on the
+host clock (for flashsdpa this includes Triton's JIT: `first_call_s`). Then
+the forwards of all peers are timed together, interleaved round by round on
+the same input sets (`Timer.interleaved`: each peer's median, and its time
+over flashsdpa's per round, median and interquartile range, as `vs_primary`).
+For cases with a backward, the same again: per peer one forward per input set
+kept with its graph and a first backward, then the backwards timed
+interleaved, each as `torch.autograd.grad(out, (q, k, v), grad_out,
+retain_graph=True)`: no forward and no gradient accumulation inside the timed
+region. The forward is timed on inputs that require grad (the training
+forward) when the case has a backward. A peer that raises is recorded as n/a
+with the reason; one that fails only in the backward keeps its forward numbers.
 
-After the timings, the peak memory one call adds (`bench.memory`): for the
-forward, one forward (its output included); for the backward, one forward
-and its backward together.
+After each mode's timings, the peak memory one call adds (`bench.memory`),
+peer by peer: for the forward, one forward (its output included); for the
+backward, one forward and its backward together.
 
 Each flashsdpa output (and gradients) is compared with every peer's by the
 relative Frobenius error ||a - b|| / ||b||; the verdict uses the first of
@@ -29,6 +32,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -102,54 +106,120 @@ def metrics(case: Case, mode: str, measurement: Measurement) -> dict:
     return entry
 
 
+@dataclass
+class _Timed:
+    """A peer of the case being run: its PeerRun and the callables its mode times, one per input set."""
+
+    peer: Peer
+    run: PeerRun
+    forward: Callable[[InputSet], torch.Tensor] | None = None
+    calls: list[Callable[[], object]] | None = None
+
+
+def run_peers(peers: dict[str, Peer], case: Case, sets: list[InputSet], timer: Timer, device: torch.device) -> dict:
+    """Every peer on the case (module docstring): per mode, each peer's set-up and first call in turn, then
+    all of them timed interleaved (`Timer.interleaved`), then each one's peak memory. {name: PeerRun}."""
+    timed = {name: _Timed(peer, PeerRun()) for name, peer in peers.items()}
+    for name, entry in timed.items():
+        reasons = entry.peer.unavailable_reasons(case, device)
+        if reasons:
+            entry.run.modes = {mode: {"status": "n/a", "reason": "; ".join(reasons)} for mode in case.modes}
+        else:
+            _attempt(entry, case, device, lambda e=entry: _set_up_forward(e, case, sets, timer, device))
+    _time_mode(timed, case, sets, "fwd", timer, device)
+    if case.backward:
+        for entry in timed.values():
+            if entry.forward is not None and entry.run.ms("fwd") is not None:
+                _attempt(entry, case, device, lambda e=entry: _set_up_backward(e, case, sets, timer, device))
+        _time_mode(timed, case, sets, "bwd", timer, device)
+    for entry in timed.values():
+        entry.calls = entry.forward = None
+    return {name: entry.run for name, entry in timed.items()}
+
+
 def run_peer(peer: Peer, case: Case, sets: list[InputSet], timer: Timer, device: torch.device) -> PeerRun:
-    run = PeerRun()
-    reasons = peer.unavailable_reasons(case, device)
-    if reasons:
-        run.modes = {mode: {"status": "n/a", "reason": "; ".join(reasons)} for mode in case.modes}
-        return run
+    """One peer alone on the case."""
+    return run_peers({peer.name: peer}, case, sets, timer, device)[peer.name]
+
+
+def _attempt(entry: _Timed, case: Case, device: torch.device, step: Callable[[], None]) -> None:
+    """Runs one set-up step; a refusal, compile failure or OOM makes the modes it had not filled n/a."""
     with recording_warnings() as caught:
         try:
-            time_peer(run, peer, case, sets, timer, device)
-        except Exception as error:  # a refusal, a compile failure or OOM: n/a, never a crash
-            reason = failure_reason(error, caught)
-            for mode in case.modes:
-                run.modes.setdefault(mode, {"status": "n/a", "reason": reason})
-    if device.type == "cuda" and len(run.modes) != sum(m.get("status") == "ok" for m in run.modes.values()):
+            step()
+        except Exception as error:  # n/a with the reason, never a crash
+            _give_up(entry, case, device, failure_reason(error, caught))
+
+
+def _give_up(entry: _Timed, case: Case, device: torch.device, reason: str) -> None:
+    for mode in case.modes:
+        if entry.run.modes.get(mode, {}).get("status") != "ok":
+            entry.run.modes[mode] = {"status": "n/a", "reason": reason}
+    entry.calls = entry.forward = None
+    if device.type == "cuda":
         torch.cuda.empty_cache()  # after a failure (maybe OOM), with its tensors released
-    run.notes = peer.notes()
-    return run
 
 
-def time_peer(run: PeerRun, peer: Peer, case: Case, sets: list[InputSet], timer: Timer, device: torch.device) -> None:
-    """Fills run.modes mode by mode; raises on the first failure (its tensors die with this frame)."""
+def _set_up_forward(entry: _Timed, case: Case, sets: list[InputSet], timer: Timer, device: torch.device) -> None:
+    run, peer = entry.run, entry.peer
     with peer.context():
         forward = peer.prepare(case, device)
         run.first_call_s["fwd"], out = timer.first_call(lambda: forward(sets[0]))
-        run.out = out.detach()
-        run.modes["fwd"] = metrics(case, "fwd", timer.measure([functools.partial(forward, s) for s in sets]))
-        run.modes["fwd"]["peak_mib"] = peak_added_bytes(lambda: forward(sets[0]), device) / MIB
-        if not case.backward:
-            return
-        why_not = peer.backward_unavailable(case, device)
-        if why_not is not None:
-            run.modes["bwd"] = {"status": "n/a", "reason": why_not}
-            return
-        outs = [out] + [forward(s) for s in sets[1:]]  # graphs kept: only the backward is timed
+        run.notes = peer.notes()  # right after its own first call: which backend ran, and why
+    run.out = out.detach()
+    entry.forward = forward
+    entry.calls = [functools.partial(forward, s) for s in sets]
+    run.modes["fwd"] = {"status": "pending"}
+
+
+def _set_up_backward(entry: _Timed, case: Case, sets: list[InputSet], timer: Timer, device: torch.device) -> None:
+    run, peer, forward = entry.run, entry.peer, entry.forward
+    why_not = peer.backward_unavailable(case, device)
+    if why_not is not None:
+        run.modes["bwd"] = {"status": "n/a", "reason": why_not}
+        return
+    with peer.context():
+        outs = [forward(s) for s in sets]  # graphs kept: only the backward is timed
 
         def backward(i: int):
             return torch.autograd.grad(outs[i], sets[i].differentiable, sets[i].grad_out, retain_graph=True)
 
         run.first_call_s["bwd"], grads = timer.first_call(lambda: backward(0))
-        run.grads = tuple(g.detach() for g in grads)
-        measured = timer.measure([functools.partial(backward, i) for i in range(len(sets))])
-        run.modes["bwd"] = metrics(case, "bwd", measured)
+    run.grads = tuple(g.detach() for g in grads)
+    entry.calls = [functools.partial(backward, i) for i in range(len(sets))]
+    run.modes["bwd"] = {"status": "pending"}
 
-        def forward_and_backward():
-            first = sets[0]
-            return torch.autograd.grad(forward(first), first.differentiable, first.grad_out)
 
-        run.modes["bwd"]["peak_mib"] = peak_added_bytes(forward_and_backward, device) / MIB
+def _time_mode(
+    timed: dict[str, _Timed], case: Case, sets: list[InputSet], mode: str, timer: Timer, device: torch.device
+) -> None:
+    """The peers set up for `mode`, timed interleaved; then each one's peak memory."""
+    ready = {name: e for name, e in timed.items() if e.run.modes.get(mode, {}).get("status") == "pending"}
+    if not ready:
+        return
+    with recording_warnings() as caught:
+        measured = timer.interleaved(
+            {name: e.calls for name, e in ready.items()}, PRIMARY, {name: e.peer.context for name, e in ready.items()}
+        )
+    for name, error in measured.failures.items():
+        _give_up(ready[name], case, device, failure_reason(error, caught))
+    for name, measurement in measured.measurements.items():
+        entry = ready[name]
+        entry.run.modes[mode] = metrics(case, mode, measurement)
+        if name in measured.ratios:
+            entry.run.modes[mode]["vs_primary"] = measured.ratios[name].describe()
+    for name, entry in ready.items():
+        if entry.run.modes[mode].get("status") != "ok":
+            continue
+        forward, first = entry.forward, sets[0]
+        with entry.peer.context():
+            if mode == "fwd":
+                peak = peak_added_bytes(lambda: forward(first), device)
+            else:  # a forward and its backward together
+                peak = peak_added_bytes(
+                    lambda: torch.autograd.grad(forward(first), first.differentiable, first.grad_out), device
+                )
+        entry.run.modes[mode]["peak_mib"] = peak / MIB
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -228,7 +298,8 @@ def check(case: Case, runs: dict[str, PeerRun], exact: PeerRun | None = None) ->
 
 
 def ratios(case: Case, runs: dict[str, PeerRun]) -> dict:
-    """flashsdpa's speed over each peer's per mode (peer time / flashsdpa time; > 1: flashsdpa faster)."""
+    """flashsdpa's speed over each peer's per mode (peer time / flashsdpa time; > 1: flashsdpa faster): the
+    median of the per-round ratios where both were timed interleaved, else the ratio of the medians."""
     primary = runs.get(PRIMARY)
     table = {}
     for name, run in runs.items():
@@ -237,7 +308,10 @@ def ratios(case: Case, runs: dict[str, PeerRun]) -> dict:
         table[name] = {}
         for mode in case.modes:
             mine, theirs = primary.ms(mode), run.ms(mode)
-            table[name][mode] = theirs / mine if mine and theirs else None
+            paired = run.modes.get(mode, {}).get("vs_primary")
+            table[name][mode] = paired["median"] if paired and mine and theirs else (
+                theirs / mine if mine and theirs else None
+            )  # fmt: skip
     return table
 
 
@@ -245,7 +319,7 @@ def run_case(case: Case, peers: dict[str, Peer], timer: Timer, device: torch.dev
     start = time.perf_counter()
     count = input_set_count(case, device)
     sets = make_input_sets(case, device, count, seed)
-    runs = {name: run_peer(peers[name], case, sets, timer, device) for name in case.peers}
+    runs = run_peers({name: peers[name] for name in case.peers}, case, sets, timer, device)
     exact = exact_run(case, sets[0], device) if case.variant else None
     result = {
         **case.describe(),

@@ -1,24 +1,30 @@
-"""Timing one callable: the median of many runs after a warm-up, as triton.testing.do_bench does.
+"""Timing callables: the median of many runs after a warm-up, as triton.testing.do_bench does.
 
 On CUDA each run sits between two CUDA events, and a 256 MiB buffer is
 zeroed before it (outside the events) so that no run finds its inputs in the
 L2 cache left warm by the previous one. The callables are rotated: the runner
 passes one per input set, several sets when one set would fit in L2. On CPU
 the host clock times each (synchronous) run and nothing is flushed.
+
+The peers of one case are timed interleaved (`Timer.interleaved`): round by
+round, each peer runs once on the round's input set, in an order that rotates
+every round, so a drift of the machine (another process, clock, cache, memory
+state) falls on every peer alike. Each peer keeps its own median; the ratio
+of two peers is taken per round (same round, same inputs) and reported as
+the median of those ratios with their interquartile range, the part of a
+ratio that is noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager, Sequence
 
 import torch
-
-ESTIMATE_RUNS = 5  # runs that size the warm-up and the repeat count, as do_bench does
-
 
 @dataclass(frozen=True)
 class TimingSettings:
@@ -36,8 +42,15 @@ class TimingSettings:
 # repeat count kept between 5 and 200 so that neither a 20 ms backward nor a
 # 0.1 ms decode step costs more than a fraction of a second.
 CUDA_SETTINGS = TimingSettings(warmup_ms=25.0, rep_ms=100.0, min_reps=5, max_reps=200, flush_bytes=256 << 20)
-# CPU calls of the CPU matrix take 5 ms to 5 s: at least 5 timed runs, half a second of them.
-CPU_SETTINGS = TimingSettings(warmup_ms=50.0, rep_ms=500.0, min_reps=5, max_reps=50, flush_bytes=0)
+# CPU calls of the CPU matrix take 5 ms to 5 s. A ratio of two peers within a few per cent needs
+# more rounds than a single time does (the spread of one run on two shared cores is ~5-10%):
+# at least 11 rounds, 3 s of them, at most 101.
+CPU_SETTINGS = TimingSettings(warmup_ms=200.0, rep_ms=3000.0, min_reps=11, max_reps=101, flush_bytes=0)
+# A peer this many times slower than the primary one runs only as many rounds as its own time
+# allows (at least SLOW_PEER_MIN_REPS, no warm-up round): math's 5 s calls must not set the
+# rounds of two 0.1 s kernels.
+SLOW_PEER_FACTOR = 2.0
+SLOW_PEER_MIN_REPS = 3
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,28 @@ class Measurement:
 
     def describe(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RatioSpread:
+    """A peer's time over the primary's, per round both ran: median and interquartile range."""
+
+    median: float
+    p25: float
+    p75: float
+    rounds: int
+
+    def describe(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Interleaved:
+    """What `Timer.interleaved` measured: per peer a Measurement or the exception that stopped it."""
+
+    measurements: dict[str, Measurement] = field(default_factory=dict)
+    ratios: dict[str, RatioSpread] = field(default_factory=dict)  # peer -> its time / the primary's
+    failures: dict[str, BaseException] = field(default_factory=dict)
 
 
 def quantile(sorted_values: list[float], q: float) -> float:
@@ -81,47 +116,108 @@ class Timer:
         self.synchronize()
         return time.perf_counter() - start, result
 
-    def _timed_runs(self, fns: Sequence[Callable[[], object]], count: int) -> list[float]:
-        """Milliseconds of each of `count` runs, rotating through `fns`."""
-        if not self.is_cuda:
-            times = []
-            for i in range(count):
+    def _timed_call(self, fn: Callable[[], object], context: Callable[[], ContextManager]) -> float:
+        """Milliseconds of one synchronised call of fn, `context` entered outside the timed region."""
+        with context():
+            if not self.is_cuda:
                 start = time.perf_counter()
-                fns[i % len(fns)]()
-                times.append((time.perf_counter() - start) * 1e3)
-            return times
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
-        for i in range(count):
+                fn()
+                return (time.perf_counter() - start) * 1e3
             if self._flush_buffer is not None:
                 self._flush_buffer.zero_()
-            starts[i].record()
-            fns[i % len(fns)]()
-            ends[i].record()
-        torch.cuda.synchronize(self.device)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
 
-    def measure(self, fns: Sequence[Callable[[], object]]) -> Measurement:
-        """Median over runs of `fns` (rotated), after a warm-up sized like do_bench's."""
+    def interleaved(
+        self,
+        calls: dict[str, Sequence[Callable[[], object]]],
+        primary: str,
+        contexts: dict[str, Callable[[], ContextManager]] | None = None,
+    ) -> Interleaved:
+        """Times every peer's calls (one per input set) round by round (module docstring).
+
+        The rounds are sized on `primary` (the first peer if it is not there) as `measure` sizes its
+        repetitions; a peer more than SLOW_PEER_FACTOR times slower runs in the first of them only, as
+        many as its own time allows. A peer whose call raises drops out with the exception recorded."""
         s = self.settings
-        estimate_ms = max(statistics.median(self._timed_runs(fns, ESTIMATE_RUNS)), 1e-3)
-        warmup = min(s.max_reps, max(1, math.ceil(s.warmup_ms / estimate_ms)))
-        reps = min(s.max_reps, max(s.min_reps, math.ceil(s.rep_ms / estimate_ms)))
-        self._timed_runs(fns, warmup)
-        times = sorted(self._timed_runs(fns, reps))
-        return Measurement(
-            median_ms=statistics.median(times),
-            p20_ms=quantile(times, 0.2),
-            p80_ms=quantile(times, 0.8),
-            min_ms=times[0],
-            reps=reps,
-        )
+        contexts = contexts or {}
+        context = {name: contexts.get(name, contextlib.nullcontext) for name in calls}
+        result = Interleaved()
+        estimates = {}
+        for name, fns in calls.items():  # one call each (after the caller's first call) sizes the rounds
+            try:
+                estimates[name] = max(self._timed_call(fns[0], context[name]), 1e-3)
+            except Exception as error:  # noqa: BLE001 - the caller records the reason
+                result.failures[name] = error
+        if not estimates:
+            return result
+        lead = primary if primary in estimates else next(iter(estimates))
+        rounds = min(s.max_reps, max(s.min_reps, math.ceil(s.rep_ms / estimates[lead])))
+        slow = {name for name, ms in estimates.items() if ms > SLOW_PEER_FACTOR * estimates[lead]}
+        target = {
+            name: min(rounds, max(SLOW_PEER_MIN_REPS, math.ceil(s.rep_ms / ms))) if name in slow else rounds
+            for name, ms in estimates.items()
+        }  # fmt: skip
+        round_ms = sum(ms for name, ms in estimates.items() if name not in slow)
+        warmup = min(s.max_reps, max(1, math.ceil(s.warmup_ms / round_ms)))
+        times: dict[str, list[float | None]] = {name: [] for name in estimates}
+        for index in range(warmup + rounds):
+            if index < warmup:  # the slow peers' sizing call was their warm-up
+                active = [name for name in estimates if name not in result.failures and name not in slow]
+            else:
+                active = [n for n in estimates if n not in result.failures and len(times[n]) < target[n]]
+            if not active:
+                break
+            shift = index % len(active)
+            for name in active[shift:] + active[:shift]:
+                fns = calls[name]
+                try:
+                    ms = self._timed_call(fns[index % len(fns)], context[name])
+                except Exception as error:  # noqa: BLE001
+                    result.failures[name] = error
+                    continue
+                if index >= warmup:
+                    times[name].append(ms)
+            if index >= warmup:
+                for name in estimates:  # rounds a peer sat out stay aligned with the others
+                    if len(times[name]) < index - warmup + 1:
+                        times[name].append(None)
+        for name, values in times.items():
+            ran = sorted(v for v in values if v is not None)
+            if name in result.failures or not ran:
+                continue
+            result.measurements[name] = Measurement(
+                median_ms=statistics.median(ran), p20_ms=quantile(ran, 0.2), p80_ms=quantile(ran, 0.8),
+                min_ms=ran[0], reps=len(ran),
+            )  # fmt: skip
+        if lead in result.measurements:
+            for name in result.measurements:
+                if name == lead:
+                    continue
+                per_round = sorted(
+                    theirs / mine for theirs, mine in zip(times[name], times[lead]) if theirs and mine
+                )
+                if per_round:
+                    result.ratios[name] = RatioSpread(
+                        statistics.median(per_round), quantile(per_round, 0.25), quantile(per_round, 0.75),
+                        len(per_round),
+                    )  # fmt: skip
+        return result
 
 
-def estimated_measure_seconds(settings: TimingSettings, run_ms: float) -> float:
-    """Rough wall time of `Timer.measure` on a callable of `run_ms` (for time estimates)."""
+def estimated_measure_seconds(settings: TimingSettings, run_ms: float, lead_ms: float | None = None) -> float:
+    """Rough wall time of one peer's share of `Timer.interleaved` on a callable of `run_ms`, the primary
+    peer's call taking `lead_ms` (None: this is the primary); for time estimates."""
     flush_ms = settings.flush_bytes / 2.5e9  # a memset at ~2.5 TB/s
     run_ms = max(run_ms, 1e-3)
-    warmup = min(settings.max_reps, max(1, math.ceil(settings.warmup_ms / run_ms)))
-    reps = min(settings.max_reps, max(settings.min_reps, math.ceil(settings.rep_ms / run_ms)))
-    return (ESTIMATE_RUNS + warmup + reps) * (run_ms + flush_ms) / 1e3 + 0.02
+    lead_ms = run_ms if lead_ms is None else max(lead_ms, 1e-3)
+    rounds = min(settings.max_reps, max(settings.min_reps, math.ceil(settings.rep_ms / lead_ms)))
+    if run_ms > SLOW_PEER_FACTOR * lead_ms:
+        calls = 1 + min(rounds, max(SLOW_PEER_MIN_REPS, math.ceil(settings.rep_ms / run_ms)))
+    else:
+        calls = 1 + min(settings.max_reps, max(1, math.ceil(settings.warmup_ms / lead_ms))) + rounds
+    return calls * (run_ms + flush_ms) / 1e3 + 0.02
