@@ -27,8 +27,8 @@ def small_problem(device, dtype=torch.float16, head_dim=16, seq_q=None):
 
 @pytest.mark.parametrize(
     "dtype, head_dim, reason",
-    [(torch.float64, 16, "float64"), (torch.float16, 300, "head dim"), (torch.float16, 0, "head dim 0")],
-    ids=["float64", "head_dim_300", "head_dim_0"],
+    [(torch.float64, 16, "float64"), (torch.float16, 520, "head dim"), (torch.float16, 0, "head dim 0")],
+    ids=["float64", "head_dim_520", "head_dim_0"],
 )
 def test_pinned_triton_raises_unsupported(dtype, head_dim, reason, device):
     q, k, v = small_problem(device, dtype, head_dim)
@@ -46,8 +46,8 @@ def test_pinned_triton_raises_unsupported(dtype, head_dim, reason, device):
 
 
 def test_reasons_list_every_problem(device):
-    """float64 and head dim 300 at once: both reasons are given."""
-    q, k, v = small_problem(device, torch.float64, 300)
+    """float64 and head dim 520 at once: both reasons are given."""
+    q, k, v = small_problem(device, torch.float64, 520)
     with pytest.raises(flashsdpa.UnsupportedError) as info:
         flashsdpa.attention(q, k, v, backend="triton")
     assert len(info.value.reasons) == 2
@@ -87,7 +87,7 @@ def test_automatic_fallback_records_reason(device, monkeypatch):
     assert stats["calls"] == {"tiled": 1}
     ((reason, count),) = stats["fallbacks"].items()
     assert reason.startswith("triton:") and "float64" in reason and count == 1
-    q, k, v = small_problem(device, torch.float16, 300)
+    q, k, v = small_problem(device, torch.float16, 520)
     flashsdpa.attention(q, k, v)
     flashsdpa.attention(q, k, v)
     stats = flashsdpa.stats()

@@ -95,12 +95,17 @@ class ForwardConfig:
 #          396, L4096 423 (128x128 w8 s2 maxnreg 128: 379, 433); causal 64x64
 #          w4 s3: L4096c 399 (128x64 w4 s3: 365).
 #   d<=32 take d=64's shapes and d=256 its first guess: not measured.
+#   d=512 (head dims 257-512, padded): 64x32 w8 s2, the one shape of those
+#          compiled for sm_90 (compile_sm90 --d512, Triton 3.6) whose 64 x 512
+#          float32 accumulator fits without spills (243-255 registers, 192 KB of
+#          shared memory, window+softcap+ALiBi+sinks included). Not timed.
 SM90_16BIT_BLOCKS = {
     16: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
     32: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
     64: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
     128: {False: (128, 64, 8, 2, 128), True: (128, 64, 8, 2, 128)},
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
+    512: {False: (64, 32, 8, 2, None), True: (64, 32, 8, 2, None)},
 }
 # Problems with at least LONG_KEYS keys, where they differ. d=64: 128x128 w8
 # s2 maxnreg 128 (H100 sweeps of 2026-11-26, kernel time, against the table's
@@ -126,6 +131,7 @@ SM90_FP32_HALVES_BLOCKS = {
     64: (128, 64, 8, 2, None),
     128: (128, 64, 8, 2, None),
     256: (64, 32, 4, 2, None),
+    512: (16, 16, 4, 2, None),  # unreachable: full-precision float32 is declined over MAX_FP32_HEAD_DIM
 }
 # float32 with the opt-in tf32 precision (one tf32 product): 112 TFLOP/s at
 # d=128, L=4096 with 128x64 w8 s2 on the H100, relative error 1.1e-3 to 1.8e-3.
@@ -135,6 +141,8 @@ SM90_TF32_BLOCKS = {
     64: (128, 64, 8, 2, None),
     128: (128, 64, 8, 2, None),
     256: (64, 16, 4, 2, None),
+    # spills 700-736 B (compile_sm90 --d512; 32x16 w4 2264 B, 32x16 w8 1892 B, 64x16 w8 s1 2372 B): not timed
+    512: (16, 16, 4, 2, None),
 }
 
 # Left for Triton's own scratch (barriers, reductions). Triton's own count
