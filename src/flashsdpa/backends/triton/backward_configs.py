@@ -1,6 +1,6 @@
 """Block shapes of the backward kernels, per kernel variant.
 
-Only `KernelKey` fields (and the GPU's compute capability) choose a shape, so
+Only `KernelKey` fields (its variant flags included; and the GPU's compute capability) choose a shape, so
 one choice serves every sequence length, batch, head count and scale. The
 launcher asks for it once per key through `kernel_cache`.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
-from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, KernelKey, MaskKind
+from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dq_table = SM90_16BIT_ROUNDED_DQ
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
+    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key)):
+        dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
     budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
     # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
@@ -211,15 +213,10 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     )
 
 
-def with_variant_tiles(config: BackwardConfig, desc: AttentionDescriptor, capability: tuple[int, int] | None
-                       ) -> BackwardConfig:
-    """`config` with the dK/dV tile of SM90_16BIT_VARIANT_DKDV where `desc` has softcap, ALiBi or a window
-    (the tile tables key on KernelKey, which does not hold them)."""
-    table_key = max(64, padded_head_dim(desc.kernel_key))
-    if (capability is None or desc.dtype == torch.float32 or table_key not in SM90_16BIT_VARIANT_DKDV
-            or not (desc.softcap > 0.0 or desc.alibi or desc.windowed)):
-        return config
-    return replace(config, dkdv=TileShape(*SM90_16BIT_VARIANT_DKDV[table_key]))
+def windowed(key: KernelKey) -> bool:
+    """Whether the key's band has a window's edge: a lower bound, or an upper one without causal (in the
+    canonical form `validation.check_variants` gives, causal leaves a window no right side)."""
+    return key.bounded_below or (key.bounded_above and not key.causal)
 
 
 def block_widths(key: KernelKey) -> tuple[int, int]:

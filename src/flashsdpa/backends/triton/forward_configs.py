@@ -1,7 +1,7 @@
 """Block shapes and launch settings of the forward kernels, as small pure functions.
 
 Everything compiled into a forward kernel variant is chosen here from the
-`KernelKey` (plus the GPU's compute capability), never from sequence lengths,
+`KernelKey` (its variant flags included; plus the GPU's compute capability), never from sequence lengths,
 batch, heads or the softmax scale, so one compiled variant serves every problem
 with the same key. Run-time choices that do not recompile anything (which
 kernel serves a problem, how many key splits flash decoding uses) are here too.
@@ -13,7 +13,7 @@ settings and the entries marked "not measured" are still first guesses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +49,7 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    """What a forward kernel variant compiles in (besides the KernelKey's own fields)."""
+    """What a forward kernel variant compiles in (besides the KernelKey's own fields): a function of the key."""
 
     block_m: int  # query rows per program
     block_n: int  # keys per loop step
@@ -145,6 +145,11 @@ SM90_TF32_BLOCKS = {
     512: (16, 16, 4, 2, None),
 }
 
+# VARIANT_REGISTERS: where softcap or ALiBi transform the scores, the forward drops the tables' register
+# cap. compile_sm90 --variants (bf16, sm_90, Triton 3.6): capped at 168 (d=64) and 128 (d=128), softcap
+# spilled 100 bytes, ALiBi 32, all four variants 40; uncapped none, and no serialised wgmma. Not timed on
+# the H100.
+
 # Left for Triton's own scratch (barriers, reductions). Triton's own count
 # for 128x128 tiles, 3 stages, d=128 bf16 is 225 KB against this estimate's
 # 224 KB, so the sm90 tables (checked against Triton's count by compiling
@@ -216,6 +221,8 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
     else:
         blocks = fit_forward_blocks(key, blocks, shared_memory_limit(capability))
     block_m, block_n, num_warps, num_stages, max_registers = blocks
+    if key.softcap or key.alibi:
+        max_registers = None  # see VARIANT_REGISTERS
     # TMA exists from sm90 on; the interpreter runs the descriptor path too so CI covers it.
     tile_loads = "host" if interpreted or capability >= (9, 0) else "pointers"
     return ForwardConfig(
@@ -233,16 +240,6 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
         warp_specialize=False,
         decode=choose_decode_config(key, interpreted),
     )
-
-
-def with_variant_registers(config: ForwardConfig, desc: AttentionDescriptor) -> ForwardConfig:
-    """`config` without its register cap where softcap or ALiBi transform the scores (the tables key on
-    KernelKey, which does not hold them). compile_sm90 --variants (bf16, sm_90, Triton 3.6): capped at 168
-    (d=64) and 128 (d=128), softcap spilled 100 bytes, ALiBi 32, all four variants 40; uncapped none, and
-    no serialised wgmma. Not timed on the H100."""
-    if config.max_registers is None or not (desc.softcap > 0.0 or desc.alibi):
-        return config
-    return replace(config, max_registers=None)
 
 
 def uses_decode_kernel(desc: AttentionDescriptor) -> bool:
