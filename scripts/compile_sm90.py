@@ -12,7 +12,7 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --variants | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --variants | --d512 | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -196,7 +196,14 @@ VARIANTS = [
     for d in (64, 128) for c, v in ((True, "window"), (True, "window+bottom_right"), (False, "softcap"),
                                     (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
 ] + [Problem(BF16, 128, heads=(8, 2), seq=(1, 4099), backward=False, variant="window+softcap+alibi+sinks")]
-FULL = QUICK + VARIANTS + [
+# Head dims 257-512 (Gemma's global layers): padded to 512 tiles.
+D512 = [
+    *(Problem(BF16, 512, causal=c, gradients=g) for c in (False, True) for g in ("rounded", "exact")),
+    Problem(FP16, 512, 512), Problem(BF16, 384, 320, causal=True), Problem(BF16, 512, mask="pad"),
+    Problem(BF16, 512, causal=True, variant="window+softcap+alibi+sinks"),
+    Problem(FP32, 512, precision="tf32"), Problem(BF16, 512, heads=(8, 2), seq=(1, 4099), backward=False),
+]
+FULL = QUICK + VARIANTS + D512 + [
     *(Problem(BF16, d, causal=c, gradients="exact") for d in (64, 128, 256) for c in (False, True)),
     Problem(FP16, 64, mask="pad", gradients="exact"), Problem(BF16, 128, mask="float", gradients="exact"),
     *(Problem(dtype, d, causal=c, precision=p) for dtype, p in ((BF16, "ieee"), (FP32, "ieee"), (FP32, "tf32"))
@@ -254,6 +261,7 @@ def report(rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a handful of problems instead of the full list")
+    parser.add_argument("--d512", action="store_true", help="only the problems with head dims 257-512")
     parser.add_argument("--masks", action="store_true", help="only the problems with a mask")
     parser.add_argument("--variants", action="store_true", help="only the variants' problems (window, softcap, ...)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
@@ -261,7 +269,7 @@ def main() -> int:
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    problems = list(dict.fromkeys(HOPPER if args.hopper else QUICK if args.quick else VARIANTS if args.variants else FULL))
+    problems = list(dict.fromkeys(HOPPER if args.hopper else D512 if args.d512 else QUICK if args.quick else VARIANTS if args.variants else FULL))
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(problem.mask) == args.masks]
     if args.match:

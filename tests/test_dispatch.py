@@ -13,7 +13,7 @@ import torch
 import flashsdpa
 from flashsdpa import dispatch
 from flashsdpa.cache import KernelCache
-from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind
+from flashsdpa.descriptor import Alignment, AttentionDescriptor, GradientPrecision, MaskKind
 from helpers import Case, assert_forward_close, check_forward, generator, oracle, qkv, run, seq
 
 
@@ -27,8 +27,8 @@ def small_problem(device, dtype=torch.float16, head_dim=16, seq_q=None):
 
 @pytest.mark.parametrize(
     "dtype, head_dim, reason",
-    [(torch.float64, 16, "float64"), (torch.float16, 300, "head dim"), (torch.float16, 0, "head dim 0")],
-    ids=["float64", "head_dim_300", "head_dim_0"],
+    [(torch.float64, 16, "float64"), (torch.float16, 520, "head dim"), (torch.float16, 0, "head dim 0")],
+    ids=["float64", "head_dim_520", "head_dim_0"],
 )
 def test_pinned_triton_raises_unsupported(dtype, head_dim, reason, device):
     q, k, v = small_problem(device, dtype, head_dim)
@@ -46,8 +46,8 @@ def test_pinned_triton_raises_unsupported(dtype, head_dim, reason, device):
 
 
 def test_reasons_list_every_problem(device):
-    """float64 and head dim 300 at once: both reasons are given."""
-    q, k, v = small_problem(device, torch.float64, 300)
+    """float64 and head dim 520 at once: both reasons are given."""
+    q, k, v = small_problem(device, torch.float64, 520)
     with pytest.raises(flashsdpa.UnsupportedError) as info:
         flashsdpa.attention(q, k, v, backend="triton")
     assert len(info.value.reasons) == 2
@@ -87,7 +87,7 @@ def test_automatic_fallback_records_reason(device, monkeypatch):
     assert stats["calls"] == {"tiled": 1}
     ((reason, count),) = stats["fallbacks"].items()
     assert reason.startswith("triton:") and "float64" in reason and count == 1
-    q, k, v = small_problem(device, torch.float16, 300)
+    q, k, v = small_problem(device, torch.float16, 520)
     flashsdpa.attention(q, k, v)
     flashsdpa.attention(q, k, v)
     stats = flashsdpa.stats()
@@ -206,7 +206,8 @@ def test_kernel_key_holds_only_compiled_fields():
     key = AttentionDescriptor(**base).kernel_key
     for same in [dict(scale=0.1), dict(scale=10.0), dict(seq_q=1000, seq_kv=3), dict(batch_shape=(7,)),
                  dict(heads_q=8, heads_kv=4), dict(dropout_p=0.1, scale=2.0), dict(head_dim=33, head_dim_v=64),
-                 dict(gradients=GradientPrecision.ROUNDED)]:  # the backward's precision keys its own config
+                 dict(gradients=GradientPrecision.ROUNDED),  # the backward's precision keys its own config
+                 dict(alignment=Alignment.BOTTOM_RIGHT)]:  # the band's diagonals are run-time values
         other = AttentionDescriptor(**{**base, **same}).kernel_key
         if "dropout_p" in same:
             assert other != key and other.dropout and not key.dropout
@@ -215,8 +216,13 @@ def test_kernel_key_holds_only_compiled_fields():
             assert other == key and hash(other) == hash(key), f"{same} changed the kernel key"
     for different in [dict(dtype=torch.bfloat16), dict(causal=True), dict(head_dim=65, head_dim_v=65),
                       dict(head_dim_v=128), dict(heads_kv=4), dict(device_type="cpu"),
-                      dict(mask=MaskKind.BOOL, mask_dtype=torch.bool)]:
+                      dict(mask=MaskKind.BOOL, mask_dtype=torch.bool), dict(window_left=3), dict(window_right=0),
+                      dict(softcap=5.0), dict(alibi=True), dict(sinks=True)]:
         assert AttentionDescriptor(**{**base, **different}).kernel_key != key, f"{different} kept the kernel key"
+    # the variants' sizes and values are run-time values: only their flags are compiled in
+    for flagged, other in [(dict(window_left=3), dict(window_left=300)), (dict(softcap=5.0), dict(softcap=0.5)),
+                           (dict(causal=True, window_left=2), dict(causal=True, window_left=9))]:
+        assert AttentionDescriptor(**{**base, **flagged}).kernel_key == AttentionDescriptor(**{**base, **other}).kernel_key
     assert "scale" not in {f for f in type(key).__dataclass_fields__}
 
 

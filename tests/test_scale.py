@@ -108,15 +108,22 @@ def test_switching_scales_between_calls(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_switching_scales_in_backward(backend, device):
+    """Alternating scales in the backward: every gradient right, and (triton) no kernel variant that Triton
+    compiles (under the interpreter: would compile) after the first call."""
+    from triton_compiles import triton_compiles
+
     gen = generator(23)
     q, k, v = qkv((1, 2), (1, 2), seq(18), seq(21), 16, gen, torch.float32, device)
-    check_backward(backend, Case(q, k, v, scale=0.3, causal=True), "scale=0.3")
-    variants = flashsdpa.cache_info().variants
+    with triton_compiles() as compiled_first:
+        check_backward(backend, Case(q, k, v, scale=0.3, causal=True), "scale=0.3")
     jit = triton_jit_cache_sizes() if device == "cuda" and backend == "triton" else None
-    first = check_backward(backend, Case(q, k, v, scale=1.7, causal=True), "scale=1.7")
-    second = check_backward(backend, Case(q, k, v, scale=0.3, causal=True), "scale=0.3 again")
+    with triton_compiles() as compiled_later:
+        first = check_backward(backend, Case(q, k, v, scale=1.7, causal=True), "scale=1.7")
+        second = check_backward(backend, Case(q, k, v, scale=0.3, causal=True), "scale=0.3 again")
     assert not torch.equal(first[0], second[0])
-    assert flashsdpa.cache_info().variants == variants
+    if backend == "triton" and device == "cpu":
+        assert len(compiled_first) > 0 and compiled_later.keys <= compiled_first.keys, (
+            "triton compiled a new variant for a new scale")
     if jit is not None:
         assert triton_jit_cache_sizes() == jit
 

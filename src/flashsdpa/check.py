@@ -237,6 +237,7 @@ def default_cases(device: torch.device, quick: bool) -> list[Case]:
         Case("GQA 4:1, Ev=24", (1, 8, 2, 17, 33, 72), head_dim_v=24),
         Case("decode L=1", (2, 8, 2, 1, 100, 128)),
         Case("d=256", (1, 1, 1, 16, 20, 256)),
+        Case("d=512 causal", (1, 1, 1, 17, 21, 512), causal=True),
         *variant_cases(),
     ]
     return cases

@@ -1,10 +1,12 @@
 """What one attention problem is, and which part of it is compiled into a kernel.
 
 `AttentionDescriptor` describes a whole call (shapes, dtypes, options and the
-resolved softmax scale). `KernelKey` keeps only fields that shape generated
-code (the Triton backend's kernel specs, backends/triton/kernel_specs.py, add the
-variants and tiles and name every compiled-in choice); run-time values (the scale, sequence lengths, batch and head counts,
-strides, pointers, the dropout probability and seed) never enter it, so a
+resolved softmax scale). `KernelKey` keeps only the problem's fields that shape
+generated code, the variants' flags included: the block-shape tables key on it,
+and every Triton kernel spec (backends/triton/kernel_specs.py) is built from it,
+the tables' choice for it and the launch's layout flags. Run-time values (the
+scale, sequence lengths, batch and head counts, strides, pointers, the dropout
+probability and seed, a window's sizes, softcap's value) never enter it, so a
 kernel compiled for one scale serves every scale and can never be reused for a
 problem it was not built for.
 """
@@ -75,6 +77,13 @@ class KernelKey:
     dropout: bool
     gqa: bool
     fp32_precision: Fp32Precision
+    # The variants compiled in: which sides of the visible band (flashsdpa/visibility.py) bound it, and the
+    # terms of the score transform. The band's diagonals and softcap's value are run-time values.
+    bounded_below: bool  # a window's left side
+    bounded_above: bool  # causal, or a window's right side
+    softcap: bool
+    alibi: bool
+    sinks: bool
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,11 @@ class AttentionDescriptor:
             dropout=self.dropout_p > 0.0,
             gqa=self.heads_q != self.heads_kv,
             fp32_precision=self.fp32_precision,
+            bounded_below=self.window_left >= 0,
+            bounded_above=self.causal or self.window_right >= 0,
+            softcap=self.softcap > 0.0,
+            alibi=self.alibi,
+            sinks=self.sinks,
         )
 
     def flops(self, backward: bool = False) -> float:

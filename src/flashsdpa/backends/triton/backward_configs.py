@@ -1,6 +1,6 @@
 """Block shapes of the backward kernels, per kernel variant.
 
-Only `KernelKey` fields (and the GPU's compute capability) choose a shape, so
+Only `KernelKey` fields (its variant flags included; and the GPU's compute capability) choose a shape, so
 one choice serves every sequence length, batch, head count and scale. The
 launcher asks for it once per key through `kernel_cache`.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
-from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, KernelKey, MaskKind
+from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,17 @@ SM90_16BIT_DKDV = {
     64: (32, 128, 4, 2),  # 159 TFLOP/s (32x128 w8: 132, 64x128 w8: 143, 32x64 w4: 139)
     128: (64, 128, 8, 2),  # 175 (16x128 w8: 141, 32x64 w4: 174, 32x128 w8: 164)
     256: (16, 64, 8, 2),  # 96-98 KB; spills 0-24 B, 128-144 B with causal and a mask or dropout
+    # 131 KB, no spill (compile_sm90 --d512: 32x16 w8 s2 spilled 8-40 B with causal or a mask, 16x16 w4
+    # 20-692 B, 16x32 w8 12-868 B; 64x16 w8 s1 none, but 224 KB of shared memory). Not timed.
+    512: (32, 16, 8, 1),
 }
 # dQ program: Q, dO and one fp32 accumulator (block_m x d) stay; K/V stream.
 SM90_16BIT_DQ = {
     64: (128, 64, 4, 2),  # 138 (128x64 w8: 134; 64x64 w4, 128x32: 135-136)
     128: (64, 64, 4, 2),  # 163 (128x32 w8: 144, 128x64 w8: 164, 128x64 w4: 107)
     256: (64, 32, 8, 2),  # 128-136 KB; spills 40 B only with causal and a mask
+    # 99 KB, no spill (64x16 w8 s1: 2.6-15 KB, 32x16 w4: 28-164 B, 32x32 w8: 48-56 B). Not timed.
+    512: (32, 16, 8, 2),
 }
 # ROUNDED precision (16-bit inputs where torch would run a fused kernel):
 # fewer products and no row pass, so the tiles differ. From a sweep on the
@@ -97,6 +102,7 @@ SM90_16BIT_ROUNDED_DKDV = {
     64: (128, 64, 4, 2),  # 333 (32x128 w4 s3: 311, 64x64 w4: 275, 64x128 w8: 253)
     128: (64, 128, 8, 2),  # 354 (64x64 w4: 336, 32x64 w4 s3: 336, 128x64 w8: 204)
     256: (64, 64, 8, 2),  # 161 (32x64 w8: 139, 64x64 w8 s1: 131, the EXACT table's 16x64 w8: 107)
+    512: (32, 16, 8, 1),  # the EXACT table's (no spill): not timed
 }
 # Non-causal d=128 streams Q/dO three stages deep since the row statistics
 # load unmasked (H100, 2026-11-26, whole backward with TMA loads and early dP):
@@ -114,6 +120,7 @@ SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
     128: (128, 64, 8, 3),  # 375 (128x128 w8: 363, 128x32 w4 s3: 353, 64x64 w4: 352)
     256: (64, 64, 4, 2),  # 133 (128x32 w8: 132, 64x32 w4 s1: 130, the EXACT table's 64x32 w8: 108)
+    512: (32, 16, 8, 2),  # the EXACT table's (no spill): not timed
 }
 # float32 (tf32x3: three tensor-core products per dot, with split operands
 # held twice in shared memory and registers) is the accuracy path, not the
@@ -124,11 +131,13 @@ SM90_FP32_DKDV = {
     64: (32, 64, 8, 2),  # 96-104 KB; spills 0-16 B, 120-384 B with causal and a mask or dropout
     128: (16, 32, 4, 1),  # 80 KB; spills 240-376 B
     256: (16, 16, 4, 1),  # 96 KB; spills 448-840 B
+    512: (16, 16, 8, 1),  # tf32 only (full precision is declined over 128); spills 20-36 B (w4: 736-1148)
 }
 SM90_FP32_DQ = {
     64: (64, 32, 4, 2),  # 96-104 KB; no spill (float mask 48-72 B)
     128: (16, 32, 4, 1),  # 48 KB; no spill (32 x 32 spilled 1.2 KB)
     256: (16, 16, 8, 1),  # 80 KB; spills 650-850 B (4 warps: 1.6-2.4 KB)
+    512: (16, 16, 8, 1),  # tf32 only; spills 1424-1448 B (w4: 1732-1764)
 }
 
 # Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
@@ -183,6 +192,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dq_table = SM90_16BIT_ROUNDED_DQ
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
+    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key)):
+        dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
     budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
     # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
@@ -202,15 +213,10 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     )
 
 
-def with_variant_tiles(config: BackwardConfig, desc: AttentionDescriptor, capability: tuple[int, int] | None
-                       ) -> BackwardConfig:
-    """`config` with the dK/dV tile of SM90_16BIT_VARIANT_DKDV where `desc` has softcap, ALiBi or a window
-    (the tile tables key on KernelKey, which does not hold them)."""
-    table_key = max(64, padded_head_dim(desc.kernel_key))
-    if (capability is None or desc.dtype == torch.float32 or table_key not in SM90_16BIT_VARIANT_DKDV
-            or not (desc.softcap > 0.0 or desc.alibi or desc.windowed)):
-        return config
-    return replace(config, dkdv=TileShape(*SM90_16BIT_VARIANT_DKDV[table_key]))
+def windowed(key: KernelKey) -> bool:
+    """Whether the key's band has a window's edge: a lower bound, or an upper one without causal (in the
+    canonical form `validation.check_variants` gives, causal leaves a window no right side)."""
+    return key.bounded_below or (key.bounded_above and not key.causal)
 
 
 def block_widths(key: KernelKey) -> tuple[int, int]:

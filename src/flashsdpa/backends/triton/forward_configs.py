@@ -1,7 +1,7 @@
 """Block shapes and launch settings of the forward kernels, as small pure functions.
 
 Everything compiled into a forward kernel variant is chosen here from the
-`KernelKey` (plus the GPU's compute capability), never from sequence lengths,
+`KernelKey` (its variant flags included; plus the GPU's compute capability), never from sequence lengths,
 batch, heads or the softmax scale, so one compiled variant serves every problem
 with the same key. Run-time choices that do not recompile anything (which
 kernel serves a problem, how many key splits flash decoding uses) are here too.
@@ -13,7 +13,7 @@ settings and the entries marked "not measured" are still first guesses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +49,7 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    """What a forward kernel variant compiles in (besides the KernelKey's own fields)."""
+    """What a forward kernel variant compiles in (besides the KernelKey's own fields): a function of the key."""
 
     block_m: int  # query rows per program
     block_n: int  # keys per loop step
@@ -95,12 +95,17 @@ class ForwardConfig:
 #          396, L4096 423 (128x128 w8 s2 maxnreg 128: 379, 433); causal 64x64
 #          w4 s3: L4096c 399 (128x64 w4 s3: 365).
 #   d<=32 take d=64's shapes and d=256 its first guess: not measured.
+#   d=512 (head dims 257-512, padded): 64x32 w8 s2, the one shape of those
+#          compiled for sm_90 (compile_sm90 --d512, Triton 3.6) whose 64 x 512
+#          float32 accumulator fits without spills (243-255 registers, 192 KB of
+#          shared memory, window+softcap+ALiBi+sinks included). Not timed.
 SM90_16BIT_BLOCKS = {
     16: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
     32: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
     64: {False: (128, 64, 4, 3, 168), True: (64, 64, 4, 3, None)},
     128: {False: (128, 64, 8, 2, 128), True: (128, 64, 8, 2, 128)},
     256: {False: (64, 64, 4, 2, None), True: (64, 64, 4, 2, None)},
+    512: {False: (64, 32, 8, 2, None), True: (64, 32, 8, 2, None)},
 }
 # Problems with at least LONG_KEYS keys, where they differ. d=64: 128x128 w8
 # s2 maxnreg 128 (H100 sweeps of 2026-11-26, kernel time, against the table's
@@ -126,6 +131,7 @@ SM90_FP32_HALVES_BLOCKS = {
     64: (128, 64, 8, 2, None),
     128: (128, 64, 8, 2, None),
     256: (64, 32, 4, 2, None),
+    512: (16, 16, 4, 2, None),  # unreachable: full-precision float32 is declined over MAX_FP32_HEAD_DIM
 }
 # float32 with the opt-in tf32 precision (one tf32 product): 112 TFLOP/s at
 # d=128, L=4096 with 128x64 w8 s2 on the H100, relative error 1.1e-3 to 1.8e-3.
@@ -135,7 +141,14 @@ SM90_TF32_BLOCKS = {
     64: (128, 64, 8, 2, None),
     128: (128, 64, 8, 2, None),
     256: (64, 16, 4, 2, None),
+    # spills 700-736 B (compile_sm90 --d512; 32x16 w4 2264 B, 32x16 w8 1892 B, 64x16 w8 s1 2372 B): not timed
+    512: (16, 16, 4, 2, None),
 }
+
+# VARIANT_REGISTERS: where softcap or ALiBi transform the scores, the forward drops the tables' register
+# cap. compile_sm90 --variants (bf16, sm_90, Triton 3.6): capped at 168 (d=64) and 128 (d=128), softcap
+# spilled 100 bytes, ALiBi 32, all four variants 40; uncapped none, and no serialised wgmma. Not timed on
+# the H100.
 
 # Left for Triton's own scratch (barriers, reductions). Triton's own count
 # for 128x128 tiles, 3 stages, d=128 bf16 is 225 KB against this estimate's
@@ -208,6 +221,8 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
     else:
         blocks = fit_forward_blocks(key, blocks, shared_memory_limit(capability))
     block_m, block_n, num_warps, num_stages, max_registers = blocks
+    if key.softcap or key.alibi:
+        max_registers = None  # see VARIANT_REGISTERS
     # TMA exists from sm90 on; the interpreter runs the descriptor path too so CI covers it.
     tile_loads = "host" if interpreted or capability >= (9, 0) else "pointers"
     return ForwardConfig(
@@ -225,16 +240,6 @@ def choose_forward_config(key: KernelKey, capability: tuple[int, int] | None, lo
         warp_specialize=False,
         decode=choose_decode_config(key, interpreted),
     )
-
-
-def with_variant_registers(config: ForwardConfig, desc: AttentionDescriptor) -> ForwardConfig:
-    """`config` without its register cap where softcap or ALiBi transform the scores (the tables key on
-    KernelKey, which does not hold them). compile_sm90 --variants (bf16, sm_90, Triton 3.6): capped at 168
-    (d=64) and 128 (d=128), softcap spilled 100 bytes, ALiBi 32, all four variants 40; uncapped none, and
-    no serialised wgmma. Not timed on the H100."""
-    if config.max_registers is None or not (desc.softcap > 0.0 or desc.alibi):
-        return config
-    return replace(config, max_registers=None)
 
 
 def uses_decode_kernel(desc: AttentionDescriptor) -> bool:

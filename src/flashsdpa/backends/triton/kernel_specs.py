@@ -4,10 +4,14 @@ A spec names every compiled-in choice of one kernel (dtype-dependent flags,
 padded head dims, tiles, variant flags) and nothing that varies per call
 (lengths, scale, strides, the band's diagonals, softcap's value): its fields
 are the kernel's constexpr parameters, lower-cased, plus the launch options.
-It is built in one function per kernel (`*_spec`), it is what the launchers
-key their compiled launchers on (`launcher(kernel, **spec.launch_arguments())`),
-and it is where the constexpr arguments come from.
-tests/test_kernel_specs.py checks the fields against the kernels' constexpr names.
+It is built in one function per kernel (`*_spec`) from the descriptor's
+`KernelKey` (the problem's compiled-in fields, variants included), the head
+dims, the block-shape tables' config for that key and the launch's layout flags
+(tile loads, mask seed, split group, which outputs): nothing else. It is what
+the launchers key their compiled launchers on (`launcher(kernel,
+**spec.launch_arguments())`), and where the constexpr arguments come from.
+tests/test_kernel_specs.py checks the fields against the kernels' constexpr
+names, and that two problems with one key, head dims and config get one spec.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from flashsdpa.backends.triton.launch_common import KERNEL_MASK_KIND, visible_band
+from flashsdpa.backends.triton.launch_common import KERNEL_MASK_KIND
 from flashsdpa.descriptor import AttentionDescriptor
 
 # Fields that are launch options, not constexpr parameters (Triton's names as values).
@@ -53,9 +57,8 @@ class ScoreVariant:
 
 
 def score_variant(desc: AttentionDescriptor) -> ScoreVariant:
-    band = visible_band(desc)
-    return ScoreVariant(band.bounded_below, band.bounded_above, int(KERNEL_MASK_KIND[desc.mask]), desc.softcap > 0.0,
-                        desc.alibi)
+    key = desc.kernel_key
+    return ScoreVariant(key.bounded_below, key.bounded_above, int(KERNEL_MASK_KIND[key.mask]), key.softcap, key.alibi)
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,9 @@ def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: 
     key = desc.kernel_key
     return ForwardKernelSpec(
         **dataclasses.asdict(score_variant(desc)),
-        sinks=desc.sinks,
+        sinks=key.sinks,
         mask_rows_broadcast=key.mask_rows_broadcast,
-        dropout=desc.dropout_p > 0.0,
+        dropout=key.dropout,
         block_m=config.block_m,
         block_n=config.block_n,
         block_d=key.block_head_dim,
@@ -124,7 +127,7 @@ def decode_split_spec(desc: AttentionDescriptor, config) -> DecodeSplitKernelSpe
     key, decode = desc.kernel_key, config.decode
     return DecodeSplitKernelSpec(
         **dataclasses.asdict(score_variant(desc)),
-        sinks=desc.sinks,
+        sinks=key.sinks,
         block_m=decode.block_m,
         block_n=decode.block_n,
         block_d=key.block_head_dim,

@@ -26,7 +26,6 @@ from flashsdpa.backends.triton.backward_configs import (
     BackwardConfig,
     backward_config,
     block_widths,
-    with_variant_tiles,
 )
 from flashsdpa.backends.triton.backward_kernels import (
     attention_backward_dkdv_kernel,
@@ -83,7 +82,6 @@ def attention_backward(
         config = kernel_cache.get(
             ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
         )
-        config = with_variant_tiles(config, desc, capability)
     if needed.mask and not config.renormalize_rows:
         # The mask gradient is dS itself: the exact row pass keeps delta from
         # the half-precision output's rounding (it put dmask at 2x torch's error).
@@ -267,7 +265,7 @@ def _new_backward_launch_plan(
         dq_sizes=dq_sizes if sizes_per_call else (),
         dq=main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, config.dq, dq_sizes,
                        compute_dq=computed.query, write_dmask=computed.mask, row_stats=dq_row_stats,
-                       sinks=desc.sinks) if run_dq else None,
+                       sinks=desc.kernel_key.sinks) if run_dq else None,
         dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
         dkdv=main_kernel(attention_backward_dkdv_kernel, BackwardDkdvKernelSpec, config.dkdv, dkdv_sizes,

@@ -2,7 +2,7 @@
 
 `attention_forward(desc, inputs)` is what `TritonBackend.forward` calls. It
 takes the compiled-variant config from `kernel_cache` (keyed on
-`desc.kernel_key`), then runs either the main kernel or, for a handful of query
+`desc.kernel_key`, which the kernel specs are built from), then runs either the main kernel or, for a handful of query
 rows, flash decoding. `launch_main_kernel` and `launch_decode_kernels` take an
 explicit config (and split count) so tests and benchmarks can pin a path.
 Inputs are read through their strides as they are; the query alone is copied:
@@ -36,7 +36,6 @@ from flashsdpa.backends.triton.forward_configs import (
     choose_forward_config,
     decode_split_count,
     uses_decode_kernel,
-    with_variant_registers,
 )
 from flashsdpa.backends.triton.kernel_specs import DecodeSplitKernelSpec, decode_split_spec, forward_spec
 from flashsdpa.backends.triton.launch_common import (
@@ -79,7 +78,6 @@ def attention_forward(
             ("forward", desc.kernel_key, capability, long_keys),
             lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
         )
-        config = with_variant_registers(config, desc)
     if uses_decode_kernel(desc):
         return launch_decode_kernels(desc, inputs, config)
     return launch_main_kernel(desc, inputs, config)
