@@ -25,6 +25,13 @@ LOAD_DEVICE_DESCRIPTORS = tl.constexpr(1)
 # builds once per call and passes as kernel arguments.
 LOAD_HOST_DESCRIPTORS = tl.constexpr(2)
 
+# VARLEN values: whether a kernel reads one (batch, head) problem per program or packed sequences, whose
+# offsets it loads from cu_seq_q / cu_seq_k (and their key counts) on the device, and how each sequence's
+# queries align with its keys (the visible band's diagonals and ALiBi's offset follow the sequence's lengths).
+VARLEN_OFF = tl.constexpr(0)
+VARLEN_TOP_LEFT = tl.constexpr(1)  # query i of a sequence sits at its key i
+VARLEN_BOTTOM_RIGHT = tl.constexpr(2)  # the sequence's last query sits at its last key
+
 
 @triton.jit
 def load_rows(

@@ -78,10 +78,11 @@ class ForwardKernelSpec(ScoreVariant, KernelSpec):
     num_warps: int
     num_stages: int
     max_registers: int | None
+    varlen: int = 0  # common_kernels.VARLEN_*
 
 
 def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: bool,
-                 warp_specialize: bool) -> ForwardKernelSpec:
+                 warp_specialize: bool, varlen: int = 0) -> ForwardKernelSpec:
     key = desc.kernel_key
     return ForwardKernelSpec(
         **dataclasses.asdict(score_variant(desc)),
@@ -101,6 +102,7 @@ def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: 
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         max_registers=config.max_registers,
+        varlen=varlen,
     )
 
 
