@@ -24,6 +24,7 @@ time; and for a backend that declines windows or the bottom-right alignment
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch
 from flashsdpa import dispatch
 from flashsdpa.api import _pinned_backend_outside_compile
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, PackedSequences, new_output
-from flashsdpa.descriptor import Alignment, AttentionDescriptor, Fp32Precision, statistics_dtype
+from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.ops import sink_gradient
 from flashsdpa.validation import CallOptions, _check_small_tensor, describe
@@ -209,6 +210,13 @@ def _head_major(t: Tensor) -> Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
+def _packed_view(t: Tensor) -> Tensor:
+    """(n, H, E) -> a (1, H, n, E) view with batch stride 0, as a packed batch's kernels read it (the
+    sequence index takes the batch's place; (H, n) -> (1, H, n) likewise)."""
+    t = t.transpose(0, 1) if t.dim() == 3 else t
+    return t.as_strided((1, *t.shape), (0, *t.stride()), t.storage_offset())
+
+
 def _key_tokens(key: Tensor, block_table: Tensor | None, seq: Sequence) -> tuple[Tensor, Tensor | None]:
     """Sequence `seq`'s keys (k_len, Hkv, E): a view of packed keys, or gathered from its pages; and for
     pages, the flat (pages * page_size) token index of each key (for scattering gradients back)."""
@@ -261,25 +269,26 @@ class _Runner:
             requested = o.backend or dispatch.pinned_backend()
             names = (requested,) if requested else dispatch.AUTOMATIC_ORDER.get(self.query.device.type, ())
             count, heads_q = cu_seq_q.shape[0] - 1, self.query.shape[1]
-            desc = AttentionDescriptor(
-                batch_shape=(count,), heads_q=heads_q, heads_kv=self.key.shape[1], seq_q=max_q, seq_kv=max_k,
-                head_dim=self.query.shape[2], head_dim_v=self.value.shape[2], dtype=self.query.dtype,
-                device_type=self.query.device.type, causal=o.causal, dropout_p=o.dropout_p, scale=o.scale,
-                fp32_precision=Fp32Precision(o.fp32_precision), window_left=o.window_left,
-                window_right=o.window_right,
-                alignment=Alignment.BOTTOM_RIGHT if o.bottom_right else Alignment.TOP_LEFT,
-                softcap=o.softcap, alibi=self.alibi_slopes is not None, sinks=self.sinks is not None,
-            )  # fmt: skip
+            q, k, v = _packed_view(self.query), _packed_view(self.key), _packed_view(self.value)
+            # The whole batch as N sequences of the longest lengths (bounds the kernels' grids); each
+            # sequence's alignment follows its own lengths in the kernels.
+            visibility = o.visibility(max_q, max_k)
+            causal = visibility.right == 0 and visibility.left < 0
+            left, right = (-1, -1) if causal else (visibility.left, visibility.right)
+            call = CallOptions(o.dropout_p, causal, o.scale, left, right,
+                               "bottom_right" if o.bottom_right else "top_left", o.softcap, o.fp32_precision,
+                               self.gradients)  # fmt: skip
+            desc = describe(q, k, v, None, call, self.alibi_slopes is not None, self.sinks is not None)
+            desc = dataclasses.replace(desc, batch_shape=(count,), seq_q=max_q, seq_kv=max_k)
             for name in names:
                 backend = dispatch.get_backend(name)
                 if backend.runs_packed and not backend.packed_unsupported_reasons(desc, self.query.device):
                     slopes = self.alibi_slopes
                     if slopes is not None:  # one row per sequence (stride 0 for shared slopes)
                         slopes = slopes.expand(count, heads_q)
-                    inputs = AttentionInputs(_head_major(self.query), _head_major(self.key), _head_major(self.value),
-                                             None, self.seed, slopes, self.sinks)  # fmt: skip
+                    inputs = AttentionInputs(q, k, v, None, self.seed, slopes, self.sinks)
                     key_counts = seqused_k if seqused_k is not None else cu_seq_k[1:] - cu_seq_k[:-1]
-                    return backend, desc, inputs, PackedSequences(cu_seq_q, cu_seq_k, key_counts)
+                    return backend, desc, inputs, PackedSequences(cu_seq_q, cu_seq_k, key_counts, seqused_k is None)
         return None
 
     def plan(self, seq: Sequence) -> tuple[Backend, _Problem]:
@@ -439,9 +448,19 @@ def _(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slope
 def backward_impl(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes,
                   sinks, dropout_seed, max_q, max_k, needed, *options):  # fmt: skip
     opts = VarlenOptions(*options)
-    packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     runner = _Runner(query, key, value, block_table, alibi_slopes, sinks, opts, dropout_seed, "auto")
     need = GradientsNeeded(*needed, mask=False)
+    packed_run = runner.packed(cu_seq_q, cu_seq_k, seqused_k, max_q, max_k)
+    if packed_run is not None:
+        if opts.validate:
+            sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
+        backend, desc, inputs, packing = packed_run
+        grads = backend.packed_backward(desc, inputs, _packed_view(out), _packed_view(lse), _packed_view(grad_out),
+                                        need, packing)  # fmt: skip
+        dispatch.record_call(backend.name)
+        # (1, H, n, E) views of packed (n, H, E) gradients
+        return tuple(query.new_empty(0) if g is None else g[0].transpose(0, 1) for g in grads[:3])
+    packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     acc = statistics_dtype(query.dtype)
     dq = new_output(query.shape, query.dtype, query.device) if need.query else None
     # Keys outside every sequence (beyond seqused_k, or pages no sequence reads) get zero gradients;

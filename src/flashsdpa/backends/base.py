@@ -74,6 +74,7 @@ class PackedSequences:
     cu_seq_q: torch.Tensor  # (N + 1,) int32 or int64
     cu_seq_k: torch.Tensor  # (N + 1,) or (N,): key start offsets
     key_counts: torch.Tensor  # (N,)
+    covers_keys: bool = True  # every key row belongs to a sequence (False: zero gradients for the others)
 
 
 @dataclass(frozen=True)

@@ -121,5 +121,8 @@ class TritonBackend(Backend):
     def packed_forward(self, desc: AttentionDescriptor, inputs: AttentionInputs, packing: PackedSequences):
         return _launchers()[0].packed_attention_forward(desc, inputs, packing)
 
+    def packed_backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded, packing: PackedSequences):
+        return _launchers()[1].attention_backward(desc, inputs, out, lse, grad_out, needed, packing=packing)
+
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         return _launchers()[1].attention_backward(desc, inputs, out, lse, grad_out, needed)

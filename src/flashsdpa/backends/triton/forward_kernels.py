@@ -41,12 +41,12 @@ from flashsdpa.backends.triton.common_kernels import (
     MASK_BOOL,
     MASK_FLOAT,
     MASK_NONE,
-    VARLEN_BOTTOM_RIGHT,
     VARLEN_OFF,
     load_rows,
     mask_seed,
     matmul,
     matmul_split,
+    packed_sequence,
     split_tf32,
     to_dtype,
 )
@@ -482,24 +482,17 @@ def attention_forward_kernel(
     m_start = m_block * BLOCK_M
     lse_head_ptr = lse_ptr + bh.to(tl.int64) * seq_q
     if VARLEN != VARLEN_OFF:
-        q_first = tl.load(cu_seq_q_ptr + batch).to(tl.int64)
-        k_first = tl.load(cu_seq_k_ptr + batch).to(tl.int64)
-        lse_head_ptr = lse_ptr + head.to(tl.int64) * seq_q + q_first
-        seq_q = (tl.load(cu_seq_q_ptr + batch + 1) - q_first).to(tl.int32)
-        seq_kv = tl.load(key_counts_ptr + batch).to(tl.int32)
+        total_q = seq_q
+        q_first, k_first, seq_q, seq_kv, lowest_diagonal, highest_diagonal, key_offset = packed_sequence(
+            cu_seq_q_ptr, cu_seq_k_ptr, key_counts_ptr, batch, lowest_diagonal, highest_diagonal, VARLEN)
         if m_start >= seq_q:
             return
+        lse_head_ptr = lse_ptr + head.to(tl.int64) * total_q + q_first
         # The sequence's rows as a batch of one (the launcher passes batch strides of 0).
         q_ptr += q_first * stride_qm
         out_ptr += q_first * stride_om
         k_ptr += k_first * stride_kn
         v_ptr += k_first * stride_vn
-        key_offset = 0
-        if VARLEN == VARLEN_BOTTOM_RIGHT:
-            key_offset = seq_kv - seq_q
-        # Kept within [-seq_q, seq_kv] like the launcher's diagonals (int32 whatever the window).
-        lowest_diagonal = tl.maximum(lowest_diagonal + key_offset, -seq_q)
-        highest_diagonal = tl.minimum(highest_diagonal + key_offset, seq_kv)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

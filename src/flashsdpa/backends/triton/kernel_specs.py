@@ -158,6 +158,7 @@ class BackwardCommon(ScoreVariant):
     mask_seed: bool
     num_warps: int
     num_stages: int
+    varlen: int = 0  # common_kernels.VARLEN_*
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class BackwardDkdvKernelSpec(BackwardCommon, KernelSpec):
 
 
 def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple[int, int],
-                    mask_seed: bool) -> dict:
+                    mask_seed: bool, varlen: int = 0) -> dict:
     """The shared fields of the dQ and dK/dV specs, for the kernel whose tile is `tile`."""
     key = desc.kernel_key
     return dict(
@@ -203,4 +204,5 @@ def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple
         mask_seed=mask_seed,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
+        varlen=varlen,
     )

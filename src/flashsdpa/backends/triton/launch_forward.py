@@ -52,6 +52,8 @@ from flashsdpa.backends.triton.launch_common import (
     host_descriptor_strides,
     mask_argument,
     on_device,
+    packed_alignment,
+    packed_diagonals,
     seeds_with_mask,
     sm_count,
     tensor_descriptor_compatible,
@@ -60,9 +62,8 @@ from flashsdpa.backends.triton.launch_common import (
 )
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
-from flashsdpa.descriptor import Alignment, AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
 from flashsdpa.dropout import drop_threshold
-from flashsdpa.visibility import Visibility
 
 # As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
 DEVICE_DESCRIPTORS = int(common_kernels.LOAD_DEVICE_DESCRIPTORS)
@@ -302,9 +303,7 @@ def packed_attention_forward(
     tile_loads = common_kernels.LOAD_POINTERS
     if config.tile_loads in ("host", "device") and all(tensor_descriptor_compatible(t) for t in tensors):
         tile_loads = common_kernels.LOAD_DEVICE_DESCRIPTORS
-    alignment = common_kernels.VARLEN_BOTTOM_RIGHT if desc.alignment is Alignment.BOTTOM_RIGHT else \
-        common_kernels.VARLEN_TOP_LEFT  # fmt: skip
-    spec = forward_spec(desc, config, tile_loads, False, False, int(alignment))
+    spec = forward_spec(desc, config, tile_loads, False, False, packed_alignment(desc))
     kernel = launcher(forward_kernels.attention_forward_kernel, **spec.launch_arguments())
     lowest, highest = packed_diagonals(desc)
     seed_lo, seed_hi = inputs.dropout_seed if desc.dropout_p > 0.0 else (0, 0)
@@ -329,14 +328,6 @@ def packed_attention_forward(
         else:
             launch()
     return out, lse
-
-
-def packed_diagonals(desc: AttentionDescriptor) -> tuple[int, int]:
-    """The band's diagonals relative to each sequence's aligned position (the kernel adds its offset),
-    kept within the lengths' bounds so that they stay int32 whatever the window (see `visible_band`)."""
-    band = Visibility.of(desc)
-    bound = desc.seq_q + desc.seq_kv
-    return (max(-band.left, -bound) if band.left >= 0 else 0), (min(band.right, bound) if band.right >= 0 else 0)
 
 
 def choose_tile_loads(config: ForwardConfig, tensors) -> tuple[int, list | None]:
