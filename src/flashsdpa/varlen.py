@@ -272,10 +272,10 @@ class _Runner:
             q, k, v = _packed_view(self.query), _packed_view(self.key), _packed_view(self.value)
             # The whole batch as N sequences of the longest lengths (bounds the kernels' grids); each
             # sequence's alignment follows its own lengths in the kernels.
+            # Causal (right = 0) stays causal with a window, as `flashsdpa.attention` gives it: the kernels'
+            # tile tables key on it.
             visibility = o.visibility(max_q, max_k)
-            causal = visibility.right == 0 and visibility.left < 0
-            left, right = (-1, -1) if causal else (visibility.left, visibility.right)
-            call = CallOptions(o.dropout_p, causal, o.scale, left, right,
+            call = CallOptions(o.dropout_p, visibility.right == 0, o.scale, visibility.left, visibility.right,
                                "bottom_right" if o.bottom_right else "top_left", o.softcap, o.fp32_precision,
                                self.gradients)  # fmt: skip
             desc = describe(q, k, v, None, call, self.alibi_slopes is not None, self.sinks is not None)
