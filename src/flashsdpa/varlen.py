@@ -300,26 +300,34 @@ class _Runner:
         masked = self._problem(seq, as_mask=True) if can_mask else None
         device = self.query.device
         requested = o.backend or dispatch.pinned_backend()
-        names = (requested,) if requested else dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER)
-        skipped = []
-        for name in names:
-            backend = dispatch.get_backend(name)
+        if requested:  # it runs the problem, or its masked form, or raises
+            backend = dispatch.get_backend(requested)
             reasons = dispatch.backend_reasons(backend, problem.desc, device)
-            chosen = problem if not reasons else None
-            if chosen is None and masked is not None and not dispatch.backend_reasons(backend, masked.desc, device):
-                chosen = masked
-            if chosen is not None:
-                for reason in skipped:  # automatic only: a requested backend runs or raises
-                    if reason not in self.recorded:
-                        self.recorded.add(reason)
-                        dispatch.record_fallback(reason)
-                return backend, chosen
-            skipped.extend(reasons if requested else (f"{name}: {r}" for r in reasons))
-        if requested:
+            if not reasons:
+                return backend, problem
+            if masked is not None and not dispatch.backend_reasons(backend, masked.desc, device):
+                return backend, masked
             raise dispatch.UnsupportedError(f"backend {requested!r} cannot run this varlen sequence: "
-                                            + "; ".join(skipped), skipped)  # fmt: skip
-        raise dispatch.UnsupportedError("no flashsdpa backend can run this varlen sequence: " + "; ".join(skipped),
-                                        skipped)  # fmt: skip
+                                            + "; ".join(reasons), reasons)  # fmt: skip
+        name, skipped = dispatch.automatic_choice(problem.desc, device)
+        chosen = problem
+        if masked is not None:
+            # The masked form where an earlier backend takes it; the reasons recorded are the problem's own
+            # for the backends before the chosen one.
+            order = dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER)
+            masked_name, _ = dispatch.automatic_choice(masked.desc, device)
+            if masked_name is not None and (name is None or order.index(masked_name) < order.index(name)):
+                name, chosen = masked_name, masked
+                earlier = order[: order.index(masked_name)]
+                skipped = [reason for reason in skipped if reason.split(": ", 1)[0] in earlier]
+        if name is None:
+            raise dispatch.UnsupportedError("no flashsdpa backend can run this varlen sequence: " + "; ".join(skipped),
+                                            skipped)  # fmt: skip
+        for reason in skipped:
+            if reason not in self.recorded:
+                self.recorded.add(reason)
+                dispatch.record_fallback(reason)
+        return dispatch.get_backend(name), chosen
 
     def _problem(self, seq: Sequence, as_mask: bool) -> _Problem:
         o = self.options
