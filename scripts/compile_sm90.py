@@ -12,7 +12,8 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --variants | --d512 | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --masks | --no-masks | --hopper]
+                                   [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -160,9 +161,14 @@ class Problem:
     # The variants (flashsdpa.attention's arguments): "window", "bottom_right", "softcap", "alibi", "sinks",
     # joined by "+".
     variant: str = ""
+    # Sequence lengths of a packed batch (flashsdpa.varlen_attn, the same lengths for queries and keys)
+    # instead of the dense (batch, L, S) problem.
+    packed: tuple[int, ...] = ()
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
+        if self.packed:
+            return self.run_packed()
         new = lambda *shape: torch.randn(*shape, dtype=self.dtype, requires_grad=self.backward)  # noqa: E731
         q, k, v = new(batch, hq, seq_q, self.head_dim), new(batch, hkv, seq_kv, self.head_dim), new(
             batch, hkv, seq_kv, self.head_dim_v or self.head_dim)
@@ -180,6 +186,26 @@ class Problem:
         )
         out = flashsdpa.attention(q, k, v, causal=self.causal, attn_mask=mask, dropout_p=self.dropout,
                                   enable_gqa=hq != hkv, backend=self.backend, fp32_precision=self.precision, **variants)
+        if self.backward:
+            out.backward(torch.ones_like(out))
+
+    def run_packed(self) -> None:
+        (hq, hkv), total = self.heads, sum(self.packed)
+        new = lambda *shape: torch.randn(*shape, dtype=self.dtype, requires_grad=self.backward)  # noqa: E731
+        q, k, v = new(total, hq, self.head_dim), new(total, hkv, self.head_dim), new(
+            total, hkv, self.head_dim_v or self.head_dim)
+        cu = torch.tensor([0, *torch.tensor(self.packed).cumsum(0).tolist()], dtype=torch.int32)
+        gradient_precision.pinned = GradientPrecision(self.gradients)
+        names = set(filter(None, self.variant.split("+")))
+        out = flashsdpa.varlen_attn(
+            q, k, v, cu, cu, max(self.packed), max(self.packed), enable_gqa=hq != hkv, causal=self.causal,
+            window_size=(256, 0) if "window" in names else (-1, -1),
+            causal_alignment="bottom_right" if "bottom_right" in names else "top_left",
+            softcap=30.0 if "softcap" in names else None,
+            alibi_slopes=torch.rand(hq) if "alibi" in names else None,
+            sinks=torch.randn(hq, requires_grad=self.backward) if "sinks" in names else None,
+            dropout_p=self.dropout, backend=self.backend, fp32_precision=self.precision, validate=False,
+        )  # fmt: skip
         if self.backward:
             out.backward(torch.ones_like(out))
 
@@ -203,7 +229,15 @@ D512 = [
     Problem(BF16, 512, causal=True, variant="window+softcap+alibi+sinks"),
     Problem(FP32, 512, precision="tf32"), Problem(BF16, 512, heads=(8, 2), seq=(1, 4099), backward=False),
 ]
-FULL = QUICK + VARIANTS + D512 + [
+# Packed batches (varlen_attn): the triton kernels' VARLEN load path, plain and with the variants.
+PACKED_LENGTHS = (1, 37, 300, 5)
+PACKED = [
+    Problem(BF16, d, causal=c, heads=(4, 2), packed=PACKED_LENGTHS, variant=v)
+    for d in (64, 128) for c, v in ((False, ""), (True, ""), (True, "window+bottom_right"), (False, "softcap"),
+                                    (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
+] + [Problem(BF16, 128, causal=True, dropout=0.1, packed=PACKED_LENGTHS), Problem(FP32, 64, packed=PACKED_LENGTHS),
+     Problem(FP32, 128, causal=True, precision="tf32", packed=PACKED_LENGTHS)]
+FULL = QUICK + VARIANTS + D512 + PACKED + [
     *(Problem(BF16, d, causal=c, gradients="exact") for d in (64, 128, 256) for c in (False, True)),
     Problem(FP16, 64, mask="pad", gradients="exact"), Problem(BF16, 128, mask="float", gradients="exact"),
     *(Problem(dtype, d, causal=c, precision=p) for dtype, p in ((BF16, "ieee"), (FP32, "ieee"), (FP32, "tf32"))
@@ -264,12 +298,14 @@ def main() -> int:
     parser.add_argument("--d512", action="store_true", help="only the problems with head dims 257-512")
     parser.add_argument("--masks", action="store_true", help="only the problems with a mask")
     parser.add_argument("--variants", action="store_true", help="only the variants' problems (window, softcap, ...)")
+    parser.add_argument("--packed", action="store_true", help="only the packed batches (varlen_attn)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    problems = list(dict.fromkeys(HOPPER if args.hopper else D512 if args.d512 else QUICK if args.quick else VARIANTS if args.variants else FULL))
+    problems = list(dict.fromkeys(HOPPER if args.hopper else D512 if args.d512 else QUICK if args.quick
+                                  else VARIANTS if args.variants else PACKED if args.packed else FULL))
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(problem.mask) == args.masks]
     if args.match:

@@ -24,6 +24,7 @@ time; and for a backend that declines windows or the bottom-right alignment
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import torch
 
 from flashsdpa import dispatch
 from flashsdpa.api import _pinned_backend_outside_compile
-from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, new_output
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, PackedSequences, new_output
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, statistics_dtype
 from flashsdpa.dropout import draw_seed, split_seed
 from flashsdpa.ops import sink_gradient
@@ -60,10 +61,11 @@ class VarlenOptions:
     dropout_p: float
     backend: str  # "" = automatic (or the `use_backend` pin)
     fp32_precision: str
+    validate: bool  # read the offsets on the host to check them (see `varlen_attn`)
 
     def as_op_arguments(self) -> tuple:
         return (self.scale, self.causal, self.window_left, self.window_right, self.bottom_right, self.softcap,
-                self.dropout_p, self.backend, self.fp32_precision)  # fmt: skip
+                self.dropout_p, self.backend, self.fp32_precision, self.validate)  # fmt: skip
 
     def visibility(self, seq_q: int, seq_kv: int) -> Visibility:
         """A sequence's visible keys (per-sequence alignment: offset S_i - L_i bottom-right)."""
@@ -208,6 +210,13 @@ def _head_major(t: Tensor) -> Tensor:
     return t.transpose(0, 1).unsqueeze(0)
 
 
+def _packed_view(t: Tensor) -> Tensor:
+    """(n, H, E) -> a (1, H, n, E) view with batch stride 0, as a packed batch's kernels read it (the
+    sequence index takes the batch's place; (H, n) -> (1, H, n) likewise)."""
+    t = t.transpose(0, 1) if t.dim() == 3 else t
+    return t.as_strided((1, *t.shape), (0, *t.stride()), t.storage_offset())
+
+
 def _key_tokens(key: Tensor, block_table: Tensor | None, seq: Sequence) -> tuple[Tensor, Tensor | None]:
     """Sequence `seq`'s keys (k_len, Hkv, E): a view of packed keys, or gathered from its pages; and for
     pages, the flat (pages * page_size) token index of each key (for scattering gradients back)."""
@@ -250,6 +259,38 @@ class _Runner:
         self.gradients = gradients
         self.recorded: set[str] = set()
 
+    def packed(self, cu_seq_q: Tensor, cu_seq_k: Tensor | None, seqused_k: Tensor | None, max_q: int,
+               max_k: int) -> tuple[Backend, AttentionDescriptor, AttentionInputs, PackedSequences] | None:
+        """The backend that runs the whole batch in one call (`Backend.runs_packed`) and its problem, or None
+        (paged keys, a requested backend without it, or one that declines the problem): then each sequence
+        runs on its own. Reads no tensor value on the host."""
+        if self.block_table is None and self.query.shape[0] and self.key.shape[0]:
+            o = self.options
+            requested = o.backend or dispatch.pinned_backend()
+            names = (requested,) if requested else dispatch.AUTOMATIC_ORDER.get(self.query.device.type, ())
+            count, heads_q = cu_seq_q.shape[0] - 1, self.query.shape[1]
+            q, k, v = _packed_view(self.query), _packed_view(self.key), _packed_view(self.value)
+            # The whole batch as N sequences of the longest lengths (bounds the kernels' grids); each
+            # sequence's alignment follows its own lengths in the kernels.
+            # Causal (right = 0) stays causal with a window, as `flashsdpa.attention` gives it: the kernels'
+            # tile tables key on it.
+            visibility = o.visibility(max_q, max_k)
+            call = CallOptions(o.dropout_p, visibility.right == 0, o.scale, visibility.left, visibility.right,
+                               "bottom_right" if o.bottom_right else "top_left", o.softcap, o.fp32_precision,
+                               self.gradients)  # fmt: skip
+            desc = describe(q, k, v, None, call, self.alibi_slopes is not None, self.sinks is not None)
+            desc = dataclasses.replace(desc, batch_shape=(count,), seq_q=max_q, seq_kv=max_k)
+            for name in names:
+                backend = dispatch.get_backend(name)
+                if backend.runs_packed and not backend.packed_unsupported_reasons(desc, self.query.device):
+                    slopes = self.alibi_slopes
+                    if slopes is not None:  # one row per sequence (stride 0 for shared slopes)
+                        slopes = slopes.expand(count, heads_q)
+                    inputs = AttentionInputs(q, k, v, None, self.seed, slopes, self.sinks)
+                    key_counts = seqused_k if seqused_k is not None else cu_seq_k[1:] - cu_seq_k[:-1]
+                    return backend, desc, inputs, PackedSequences(cu_seq_q, cu_seq_k, key_counts, seqused_k is None)
+        return None
+
     def plan(self, seq: Sequence) -> tuple[Backend, _Problem]:
         """The backend for sequence `seq` and the problem in the form it takes."""
         problem = self._problem(seq, as_mask=False)
@@ -259,26 +300,34 @@ class _Runner:
         masked = self._problem(seq, as_mask=True) if can_mask else None
         device = self.query.device
         requested = o.backend or dispatch.pinned_backend()
-        names = (requested,) if requested else dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER)
-        skipped = []
-        for name in names:
-            backend = dispatch.get_backend(name)
+        if requested:  # it runs the problem, or its masked form, or raises
+            backend = dispatch.get_backend(requested)
             reasons = dispatch.backend_reasons(backend, problem.desc, device)
-            chosen = problem if not reasons else None
-            if chosen is None and masked is not None and not dispatch.backend_reasons(backend, masked.desc, device):
-                chosen = masked
-            if chosen is not None:
-                for reason in skipped:  # automatic only: a requested backend runs or raises
-                    if reason not in self.recorded:
-                        self.recorded.add(reason)
-                        dispatch.record_fallback(reason)
-                return backend, chosen
-            skipped.extend(reasons if requested else (f"{name}: {r}" for r in reasons))
-        if requested:
+            if not reasons:
+                return backend, problem
+            if masked is not None and not dispatch.backend_reasons(backend, masked.desc, device):
+                return backend, masked
             raise dispatch.UnsupportedError(f"backend {requested!r} cannot run this varlen sequence: "
-                                            + "; ".join(skipped), skipped)  # fmt: skip
-        raise dispatch.UnsupportedError("no flashsdpa backend can run this varlen sequence: " + "; ".join(skipped),
-                                        skipped)  # fmt: skip
+                                            + "; ".join(reasons), reasons)  # fmt: skip
+        name, skipped = dispatch.automatic_choice(problem.desc, device)
+        chosen = problem
+        if masked is not None:
+            # The masked form where an earlier backend takes it; the reasons recorded are the problem's own
+            # for the backends before the chosen one.
+            order = dispatch.AUTOMATIC_ORDER.get(device.type, dispatch.DEFAULT_ORDER)
+            masked_name, _ = dispatch.automatic_choice(masked.desc, device)
+            if masked_name is not None and (name is None or order.index(masked_name) < order.index(name)):
+                name, chosen = masked_name, masked
+                earlier = order[: order.index(masked_name)]
+                skipped = [reason for reason in skipped if reason.split(": ", 1)[0] in earlier]
+        if name is None:
+            raise dispatch.UnsupportedError("no flashsdpa backend can run this varlen sequence: " + "; ".join(skipped),
+                                            skipped)  # fmt: skip
+        for reason in skipped:
+            if reason not in self.recorded:
+                self.recorded.add(reason)
+                dispatch.record_fallback(reason)
+        return dispatch.get_backend(name), chosen
 
     def _problem(self, seq: Sequence, as_mask: bool) -> _Problem:
         o = self.options
@@ -318,13 +367,32 @@ def _is_empty(seq: Sequence) -> bool:
     return seq.q_len == 0 or seq.k_len == 0
 
 
+def _dropout_seed(opts: VarlenOptions, sequences_count: int, heads_q: int) -> Tensor:
+    """A fresh seed, int64 (2,) (empty without dropout), whose second half plus sequence * Hq + head stays
+    below 2**31: each sequence's heads draw the streams of batch items of a (N, Hq) batch, on the host
+    (per sequence) or in a kernel (packed), without wrapping."""
+    if opts.dropout_p == 0.0:
+        return torch.empty(0, dtype=torch.int64)
+    seed = draw_seed()
+    seed[1] %= max(1, 2**31 - sequences_count * heads_q)
+    return seed
+
+
 def forward_impl(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k,
                  *options):  # fmt: skip
     opts = VarlenOptions(*options)
-    packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
-    dropout_seed = draw_seed() if opts.dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
-    runner = _Runner(query, key, value, block_table, alibi_slopes, sinks, opts, dropout_seed, "auto")
     total_q, heads_q = query.shape[0], query.shape[1]
+    dropout_seed = _dropout_seed(opts, cu_seq_q.shape[0] - 1, heads_q)
+    runner = _Runner(query, key, value, block_table, alibi_slopes, sinks, opts, dropout_seed, "auto")
+    packed_run = runner.packed(cu_seq_q, cu_seq_k, seqused_k, max_q, max_k)
+    if packed_run is not None:
+        if opts.validate:
+            sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
+        backend, desc, inputs, packing = packed_run
+        out, lse = backend.packed_forward(desc, inputs, packing)
+        dispatch.record_call(backend.name)
+        return out[0].transpose(0, 1), lse[0], dropout_seed
+    packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     out = new_output((total_q, heads_q, value.shape[-1]), query.dtype, query.device)
     lse = new_output((heads_q, total_q), statistics_dtype(query.dtype), query.device)
     backends_used = set()
@@ -366,17 +434,19 @@ def varlen_forward(
     dropout_p: float,
     backend: str,
     fp32_precision: str,
+    validate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out (T_q, Hq, Ev), lse (Hq, T_q) and the dropout seed (int64 (2,), empty without dropout)."""
     return forward_impl(
         query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k,
-        scale, causal, window_left, window_right, bottom_right, softcap, dropout_p, backend, fp32_precision,
+        scale, causal, window_left, window_right, bottom_right, softcap, dropout_p, backend, fp32_precision, validate,
     )  # fmt: skip
 
 
 @varlen_forward.register_fake
 def _(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, max_q, max_k, scale,
-      causal, window_left, window_right, bottom_right, softcap, dropout_p, backend, fp32_precision):  # fmt: skip
+      causal, window_left, window_right, bottom_right, softcap, dropout_p, backend, fp32_precision,
+      validate):  # fmt: skip
     total_q, heads_q = query.shape[0], query.shape[1]
     out = query.new_empty(total_q, heads_q, value.shape[-1])
     lse = query.new_empty(heads_q, total_q, dtype=statistics_dtype(query.dtype))
@@ -386,9 +456,19 @@ def _(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slope
 def backward_impl(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes,
                   sinks, dropout_seed, max_q, max_k, needed, *options):  # fmt: skip
     opts = VarlenOptions(*options)
-    packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     runner = _Runner(query, key, value, block_table, alibi_slopes, sinks, opts, dropout_seed, "auto")
     need = GradientsNeeded(*needed, mask=False)
+    packed_run = runner.packed(cu_seq_q, cu_seq_k, seqused_k, max_q, max_k)
+    if packed_run is not None:
+        if opts.validate:
+            sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
+        backend, desc, inputs, packing = packed_run
+        grads = backend.packed_backward(desc, inputs, _packed_view(out), _packed_view(lse), _packed_view(grad_out),
+                                        need, packing)  # fmt: skip
+        dispatch.record_call(backend.name)
+        # (1, H, n, E) views of packed (n, H, E) gradients
+        return tuple(query.new_empty(0) if g is None else g[0].transpose(0, 1) for g in grads[:3])
+    packed = sequences(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     acc = statistics_dtype(query.dtype)
     dq = new_output(query.shape, query.dtype, query.device) if need.query else None
     # Keys outside every sequence (beyond seqused_k, or pages no sequence reads) get zero gradients;
@@ -449,12 +529,13 @@ def varlen_backward(
     dropout_p: float,
     backend: str,
     fp32_precision: str,
+    validate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv); a gradient not `needed` comes back empty (the sinks': `ops.sink_gradient`)."""
     return backward_impl(
         grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks,
         dropout_seed, max_q, max_k, needed, scale, causal, window_left, window_right, bottom_right, softcap,
-        dropout_p, backend, fp32_precision,
+        dropout_p, backend, fp32_precision, validate,
     )  # fmt: skip
 
 
@@ -528,6 +609,7 @@ def varlen_attn(
     dropout_p: float = 0.0,
     backend: str | None = None,
     fp32_precision: str = "ieee",
+    validate: bool | None = None,
 ):
     """Attention over packed variable-length sequences; torch 2.13's `varlen_attn` signature and semantics.
 
@@ -554,6 +636,13 @@ def varlen_attn(
     The score variants of `flashsdpa.attention`, per sequence: `softcap`, `alibi_slopes` (Hq,) or
     (N, Hq) float32 (bias -slope * |p - j|), `sinks` (Hq,) (differentiable); they run on the backends
     that compute variants (reference, tiled and triton; the others decline them with a reason).
+
+    `validate`: read the offsets (and seqused_k) on the host and check them (non-decreasing from 0,
+    totals, `max_q`/`max_k` bounds) before any kernel runs; None (default) = only for CPU tensors,
+    where reading them costs nothing. The triton backend's packed kernel reads them on the device
+    (no host synchronisation, so a step can be graph-captured); unvalidated, a sequence longer than
+    `max_q` gets only its first `max_q` rows (rounded up to a query block) written. The per-sequence
+    path (other backends, paged keys, the backward) always reads them on the host.
     """
     check_arguments(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gqa, seqused_k, block_table)
     if len(window_size) != 2:
@@ -597,6 +686,7 @@ def varlen_attn(
         dropout_p=float(dropout_p),
         backend=backend or _pinned_backend_outside_compile(),
         fp32_precision=precision,
+        validate=bool(validate) or (validate is None and query.device.type == "cpu"),
     )
     out, lse, _ = varlen_forward(
         query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, sinks, int(max_q), int(max_k),

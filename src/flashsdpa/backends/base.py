@@ -62,6 +62,22 @@ class AttentionInputs:
 
 
 @dataclass(frozen=True)
+class PackedSequences:
+    """Where each of N packed sequences lies, as device tensors a backend's kernels read (no host copy).
+
+    With a descriptor of batch N, seq_q = max_q and seq_kv = max_k (bounds on the lengths), and inputs
+    whose query is the (1, Hq, total_q, E) view of the packed rows (keys likewise): sequence b is query
+    rows [cu_seq_q[b], cu_seq_q[b + 1]) and key rows [cu_seq_k[b], cu_seq_k[b] + key_counts[b]).
+    Causal alignment, windows and ALiBi's offset follow each sequence's own lengths.
+    """
+
+    cu_seq_q: torch.Tensor  # (N + 1,) int32 or int64
+    cu_seq_k: torch.Tensor  # (N + 1,) or (N,): key start offsets
+    key_counts: torch.Tensor  # (N,)
+    covers_keys: bool = True  # every key row belongs to a sequence (False: zero gradients for the others)
+
+
+@dataclass(frozen=True)
 class GradientsNeeded:
     query: bool = True
     key: bool = True
@@ -75,6 +91,9 @@ class Backend(abc.ABC):
     # sinks: `AttentionDescriptor.variants`). A backend that does not declare it is never given a problem
     # with one: dispatch declines it there itself, so a new backend cannot ignore a variant silently.
     checks_variants: ClassVar[bool] = False
+    # Whether the backend runs a whole packed batch in one call (`packed_unsupported_reasons`,
+    # `packed_forward`, `packed_backward`); others get one call per sequence (flashsdpa.varlen).
+    runs_packed: ClassVar[bool] = False
 
     @abc.abstractmethod
     def unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded, PackedSequences
 from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, MaskKind
 
@@ -112,6 +112,17 @@ class TritonBackend(Backend):
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         return _launchers()[0].attention_forward(desc, inputs)
+
+    runs_packed = True
+
+    def packed_unsupported_reasons(self, desc: AttentionDescriptor, device: torch.device) -> list[str]:
+        return self.unsupported_reasons(desc, device) + _launchers()[0].packed_unsupported_reasons(desc)
+
+    def packed_forward(self, desc: AttentionDescriptor, inputs: AttentionInputs, packing: PackedSequences):
+        return _launchers()[0].packed_attention_forward(desc, inputs, packing)
+
+    def packed_backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded, packing: PackedSequences):
+        return _launchers()[1].attention_backward(desc, inputs, out, lse, grad_out, needed, packing=packing)
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         return _launchers()[1].attention_backward(desc, inputs, out, lse, grad_out, needed)

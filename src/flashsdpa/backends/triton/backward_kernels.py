@@ -47,8 +47,10 @@ from flashsdpa.backends.triton.common_kernels import (
     MASK_BOOL,
     MASK_FLOAT,
     MASK_NONE,
+    VARLEN_OFF,
     mask_seed,
     matmul,
+    packed_sequence,
     round_to_bfloat16,
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
@@ -132,7 +134,7 @@ def _lse_log2_rows(LSE, batch, head, offs_m, stride_lseb, stride_lseh, stride_ls
 
 @triton.jit
 def attention_backward_preprocess_kernel(
-    O, DO, LSE, DELTA, LSE_LOG2,
+    O, DO, LSE, DELTA, LSE_LOG2, CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS,
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_dob, stride_doh, stride_dom, stride_dok,
     stride_lseb, stride_lseh, stride_lsem,
@@ -141,17 +143,25 @@ def attention_backward_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     COMPUTE_DELTA: tl.constexpr,
+    VARLEN: tl.constexpr = VARLEN_OFF,
 ):
     """DELTA[bh, i] = sum_k dO[i, k] * O[i, k]; LSE_LOG2[bh, i] = lse * log2(e), or +inf where lse = -inf.
 
     DELTA and LSE_LOG2 are contiguous (B * Hq, seq_q) float32. O, dO and lse
-    are read through their strides (dO may be an expanded view).
+    are read through their strides (dO may be an expanded view). VARLEN: B
+    packed sequences (common_kernels.VARLEN; seq_q is the longest), each
+    sequence's rows at the start of its (sequence, head) stats rows.
     """
     pid = tl.program_id(0)
     query_blocks = tl.cdiv(stats_stride, BLOCK_M)
     bh = (pid // query_blocks).to(tl.int64)
     batch = bh // heads_q
     head = bh % heads_q
+    if VARLEN != VARLEN_OFF:
+        q_first, _, seq_q, _, _, _, _ = packed_sequence(CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS, batch, 0, 0, VARLEN)
+        O += q_first * stride_om
+        DO += q_first * stride_dom
+        LSE += q_first * stride_lsem
     offs_m = (pid % query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in_stats = offs_m < stats_stride
 
@@ -272,7 +282,7 @@ def _dkdv_query_block(
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dkdv_kernel(
-    Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE, ALIBI_SLOPES,
+    Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE, ALIBI_SLOPES, CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -292,6 +302,7 @@ def attention_backward_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
     GQA: tl.constexpr,
+    VARLEN: tl.constexpr = VARLEN_OFF,
 ):
     """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group (GQA: gqa_group > 1).
 
@@ -305,6 +316,9 @@ def attention_backward_dkdv_kernel(
     TILE_LOADS == LOAD_HOST_DESCRIPTORS: Q and DO are 4-D TMA descriptors
     (BLOCK_M rows per tile), else tensors read through pointers. EARLY_DP: see
     BackwardConfig.dkdv_early_dp.
+    VARLEN: B packed sequences, as in the forward kernel (seq_q, seq_kv: the
+    longest; diagonals relative to each sequence's aligned position; batch
+    strides 0): a program past its sequence's last key block exits.
     """
     pid = tl.program_id(0)
     key_blocks = tl.cdiv(seq_kv, BLOCK_N)
@@ -325,6 +339,17 @@ def attention_backward_dkdv_kernel(
         group_size = gqa_group
         out_head = head_kv
     start_n = (pid % key_blocks) * BLOCK_N
+    if VARLEN != VARLEN_OFF:
+        q_first, k_first, seq_q, seq_kv, lowest_diagonal, highest_diagonal, key_offset = packed_sequence(
+            CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS, batch, lowest_diagonal, highest_diagonal, VARLEN)
+        if start_n >= seq_kv:
+            return
+        Q += q_first * stride_qm
+        DO += q_first * stride_dom
+        K += k_first * stride_kn
+        V += k_first * stride_vn
+        DK += k_first * stride_dkn
+        DV += k_first * stride_dvn
     offs_n = start_n + tl.arange(0, BLOCK_N)
 
     k = _load_rows(K + batch * stride_kb + head_kv * stride_kh, offs_n, stride_kn, stride_kk, seq_kv,
@@ -543,7 +568,8 @@ def _dq_key_block(
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dq_kernel(
-    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE, ALIBI_SLOPES, SINK_LOGITS,
+    Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE, ALIBI_SLOPES, SINK_LOGITS, CU_SEQ_Q, CU_SEQ_K,
+    KEY_COUNTS,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -563,6 +589,7 @@ def attention_backward_dq_kernel(
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
+    VARLEN: tl.constexpr = VARLEN_OFF,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -589,6 +616,8 @@ def attention_backward_dq_kernel(
     writes both for the dK/dV kernel: one launch and one pass over dO fewer
     (the launcher needs the dK/dV kernel's BLOCK_M to divide this one's, so
     these rows cover every row it reads). Otherwise O and LSE are unused.
+    VARLEN: B packed sequences, as in the dK/dV kernel; a program past its
+    sequence's last query block exits.
     """
     pid = tl.program_id(0)
     query_blocks = tl.cdiv(seq_q, BLOCK_M)
@@ -600,6 +629,18 @@ def attention_backward_dq_kernel(
     if BOUNDED_ABOVE and not BOUNDED_BELOW:
         query_block = query_blocks - 1 - query_block
     start_m = query_block * BLOCK_M
+    if VARLEN != VARLEN_OFF:
+        q_first, k_first, seq_q, seq_kv, lowest_diagonal, highest_diagonal, key_offset = packed_sequence(
+            CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS, batch, lowest_diagonal, highest_diagonal, VARLEN)
+        if start_m >= seq_q:
+            return
+        Q += q_first * stride_qm
+        DO += q_first * stride_dom
+        DQ += q_first * stride_dqm
+        O += q_first * stride_om
+        LSE += q_first * stride_lsem
+        K += k_first * stride_kn
+        V += k_first * stride_vn
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)

@@ -25,6 +25,13 @@ LOAD_DEVICE_DESCRIPTORS = tl.constexpr(1)
 # builds once per call and passes as kernel arguments.
 LOAD_HOST_DESCRIPTORS = tl.constexpr(2)
 
+# VARLEN values: whether a kernel reads one (batch, head) problem per program or packed sequences, whose
+# offsets it loads from cu_seq_q / cu_seq_k (and their key counts) on the device, and how each sequence's
+# queries align with its keys (the visible band's diagonals and ALiBi's offset follow the sequence's lengths).
+VARLEN_OFF = tl.constexpr(0)
+VARLEN_TOP_LEFT = tl.constexpr(1)  # query i of a sequence sits at its key i
+VARLEN_BOTTOM_RIGHT = tl.constexpr(2)  # the sequence's last query sits at its last key
+
 
 @triton.jit
 def load_rows(
@@ -169,3 +176,23 @@ def mask_seed(mask_tile, IS_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
     else:
         seed = tl.where(mask_tile.to(tl.float32) > 0, 0.0, -0.0)
     return tl.broadcast_to(seed, [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def packed_sequence(cu_seq_q_ptr, cu_seq_k_ptr, key_counts_ptr, index, lowest_diagonal, highest_diagonal,
+                    VARLEN: tl.constexpr):
+    """Packed sequence `index` (see VARLEN): (q_first, k_first, seq_q, seq_kv, lowest_diagonal,
+    highest_diagonal, key_offset). q_first and k_first are its first query and key rows (int64);
+    the launcher's diagonals are relative to the sequence's aligned position, the returned ones
+    absolute, kept within [-seq_q, seq_kv] as the launchers keep theirs (int32 whatever the window)."""
+    q_first = tl.load(cu_seq_q_ptr + index).to(tl.int64)
+    k_first = tl.load(cu_seq_k_ptr + index).to(tl.int64)
+    seq_q = (tl.load(cu_seq_q_ptr + index + 1) - q_first).to(tl.int32)
+    seq_kv = tl.load(key_counts_ptr + index).to(tl.int32)
+    if VARLEN == VARLEN_BOTTOM_RIGHT:
+        key_offset = seq_kv - seq_q
+    else:
+        key_offset = seq_kv * 0
+    lowest = tl.maximum(lowest_diagonal + key_offset, -seq_q)
+    highest = tl.minimum(highest_diagonal + key_offset, seq_kv)
+    return q_first, k_first, seq_q, seq_kv, lowest, highest, key_offset

@@ -41,10 +41,12 @@ from flashsdpa.backends.triton.common_kernels import (
     MASK_BOOL,
     MASK_FLOAT,
     MASK_NONE,
+    VARLEN_OFF,
     load_rows,
     mask_seed,
     matmul,
     matmul_split,
+    packed_sequence,
     split_tf32,
     to_dtype,
 )
@@ -382,6 +384,9 @@ def attention_forward_kernel(
     v_unscale_ptr,
     alibi_ptr,
     sinks_ptr,
+    cu_seq_q_ptr,
+    cu_seq_k_ptr,
+    key_counts_ptr,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -438,6 +443,7 @@ def attention_forward_kernel(
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     MASK_SEED: tl.constexpr = False,
+    VARLEN: tl.constexpr = VARLEN_OFF,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); writes out rows and lse.
 
@@ -451,6 +457,17 @@ def attention_forward_kernel(
     SOFTCAP, ALIBI (float32 slopes at alibi_ptr, (batch, head) strides) and
     key_offset are score_kernels'; SINKS: a float32 logit per query head at
     sinks_ptr (see attend_keys).
+
+    VARLEN (not VARLEN_OFF): packed sequences, `batch` of them. q/out are
+    (1, heads_q, total_q, E) views of the packed (total_q, heads_q, E) rows,
+    k/v likewise; sequence b is query rows [cu_seq_q[b], cu_seq_q[b + 1]) and
+    key_counts[b] key rows from cu_seq_k[b] (int32 or int64, read here).
+    seq_q is total_q (lse is (heads_q, total_q)), seq_kv unused; each
+    program takes its sequence's own lengths, and one past its sequence's
+    last query block exits. num_m_blocks covers the longest sequence. The
+    diagonals are relative to the sequence's aligned position (key_offset
+    unused): VARLEN_BOTTOM_RIGHT adds its key count minus its query count.
+    Not with FP16_HALVES, a mask or host descriptors.
     """
     pid = tl.program_id(0)
     bh = pid // num_m_blocks  # batch * heads_q + query head, the dropout stream index
@@ -463,6 +480,19 @@ def attention_forward_kernel(
     head = bh % heads_q
     kv_head = head // gqa_group
     m_start = m_block * BLOCK_M
+    lse_head_ptr = lse_ptr + bh.to(tl.int64) * seq_q
+    if VARLEN != VARLEN_OFF:
+        total_q = seq_q
+        q_first, k_first, seq_q, seq_kv, lowest_diagonal, highest_diagonal, key_offset = packed_sequence(
+            cu_seq_q_ptr, cu_seq_k_ptr, key_counts_ptr, batch, lowest_diagonal, highest_diagonal, VARLEN)
+        if m_start >= seq_q:
+            return
+        lse_head_ptr = lse_ptr + head.to(tl.int64) * total_q + q_first
+        # The sequence's rows as a batch of one (the launcher passes batch strides of 0).
+        q_ptr += q_first * stride_qm
+        out_ptr += q_first * stride_om
+        k_ptr += k_first * stride_kn
+        v_ptr += k_first * stride_vn
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -566,4 +596,4 @@ def attention_forward_kernel(
         out = to_dtype(out, out_ptr.dtype.element_ty, WIDEN_DOT_OPERANDS)
         out_ptrs = out_head_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_dv[None, :] * stride_ok
         tl.store(out_ptrs, out, mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < head_dim_v))
-    tl.store(lse_ptr + bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    tl.store(lse_head_ptr + offs_m, lse, mask=offs_m < seq_q)

@@ -81,10 +81,11 @@ class ForwardKernelSpec(ScoreVariant, KernelSpec):
     num_warps: int
     num_stages: int
     max_registers: int | None
+    varlen: int = 0  # common_kernels.VARLEN_*
 
 
 def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: bool,
-                 warp_specialize: bool) -> ForwardKernelSpec:
+                 warp_specialize: bool, varlen: int = 0) -> ForwardKernelSpec:
     key = desc.kernel_key
     return ForwardKernelSpec(
         **dataclasses.asdict(score_variant(desc)),
@@ -104,6 +105,7 @@ def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: 
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         max_registers=config.max_registers,
+        varlen=varlen,
     )
 
 
@@ -159,6 +161,7 @@ class BackwardCommon(ScoreVariant):
     mask_seed: bool
     num_warps: int
     num_stages: int
+    varlen: int = 0  # common_kernels.VARLEN_*
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class BackwardDkdvKernelSpec(BackwardCommon, KernelSpec):
 
 
 def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple[int, int],
-                    mask_seed: bool) -> dict:
+                    mask_seed: bool, varlen: int = 0) -> dict:
     """The shared fields of the dQ and dK/dV specs, for the kernel whose tile is `tile`."""
     key = desc.kernel_key
     return dict(
@@ -204,4 +207,5 @@ def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple
         mask_seed=mask_seed,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
+        varlen=varlen,
     )

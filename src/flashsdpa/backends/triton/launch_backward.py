@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from flashsdpa import gradient_precision
-from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, new_output
+from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, PackedSequences, new_output
 from flashsdpa.backends.triton.backward_configs import (
     BackwardConfig,
     backward_config,
@@ -45,6 +45,8 @@ from flashsdpa.backends.triton.launch_common import (
     host_descriptor_strides,
     mask_argument,
     on_device,
+    packed_alignment,
+    packed_diagonals,
     seeds_with_mask,
     score_arguments,
     sm_count,
@@ -63,8 +65,14 @@ def attention_backward(
     grad_out: torch.Tensor,
     needed: GradientsNeeded,
     config: BackwardConfig | None = None,
+    packing: PackedSequences | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv, dmask) for `desc`; see `Backend.backward`. Requires seq_q, seq_kv >= 1.
+
+    `packing`: a packed batch (see `PackedSequences`; every tensor a (1, H, total, d) view whose batch
+    stride is 0, out and lse too): the kernels read each sequence's offsets on the device, and the
+    gradients come back as such views of packed (total, H, d) tensors. No mask; dK/dV reads q and dO
+    through pointers, one program per kv head.
 
     `config` pins the block shapes and precision (tests, benchmarks); by
     default they come from `kernel_cache`, keyed on the descriptor's
@@ -82,15 +90,23 @@ def attention_backward(
         config = kernel_cache.get(
             ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
         )
+    if packing is not None and config.dkdv_tile_loads != "pointers":
+        config = dataclasses.replace(config, dkdv_tile_loads="pointers")  # 4-D descriptors step by batch
     if needed.mask and not config.renormalize_rows:
         # The mask gradient is dS itself: the exact row pass keeps delta from
         # the half-precision output's rounding (it put dmask at 2x torch's error).
         config = dataclasses.replace(config, renormalize_rows=True)
     batch, heads_q, seq_q, head_dim = query.shape
     heads_kv, seq_kv, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
-    dq = new_output(query.shape, desc.dtype, device) if needed.query else None
-    dk = new_output(key.shape, desc.dtype, device) if needed.key else None
-    dv = new_output(value.shape, desc.dtype, device) if needed.value else None
+    if packing is None:
+        dq = new_output(query.shape, desc.dtype, device) if needed.query else None
+        dk = new_output(key.shape, desc.dtype, device) if needed.key else None
+        dv = new_output(value.shape, desc.dtype, device) if needed.value else None
+    else:
+        zeroed = not packing.covers_keys  # key rows of no sequence: their gradient is 0
+        dq = _packed_gradient(query, desc.dtype, False) if needed.query else None
+        dk = _packed_gradient(key, desc.dtype, zeroed) if needed.key else None
+        dv = _packed_gradient(value, desc.dtype, zeroed) if needed.value else None
     dmask = new_output((batch, heads_q, seq_q, seq_kv), torch.float32, device) if needed.mask else None
 
     computed = needed
@@ -110,7 +126,7 @@ def attention_backward(
 
     # Scratch, not outputs: every element is written before it is read. One allocation, its rows
     # 16-byte aligned: delta, lse in base 2 and, with renormalized rows, the row scales.
-    row_count = batch * heads_q * stats_row_stride(seq_q)
+    row_count = desc.batch * heads_q * stats_row_stride(desc.seq_q)  # per sequence of a packed batch
     scratch = torch.empty((3 if config.renormalize_rows else 2, row_count), dtype=torch.float32, device=device)
     parts = scratch.unbind(0)
     delta, lse_log2, row_scale = parts[0], parts[1], parts[-1] if config.renormalize_rows else parts[0]
@@ -121,9 +137,12 @@ def attention_backward(
     alibi, sinks, alibi_strides = score_arguments(desc, inputs, stand_in)
     q_source, do_source, tile_loads = _streamed_tiles(config, desc, query, grad_out) if run_dkdv else (
         query, grad_out, int(LOAD_POINTERS))
-    split_group = run_dkdv and splits_gqa_group(desc, config, device)
+    split_group = run_dkdv and packing is None and splits_gqa_group(desc, config, device)
+    varlen = 0 if packing is None else packed_alignment(desc)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
-                                tile_loads, split_group)
+                                tile_loads, split_group, varlen)
+    # The packed batch's offsets (stand-ins, never read, without one)
+    sequences = (stand_in,) * 3 if packing is None else (packing.cu_seq_q, packing.cu_seq_k, packing.key_counts)
     run_time = ()  # with dropout, the arguments after the strides (the seeds change per call)
     if desc.dropout_p > 0.0:
         if inputs.dropout_seed is None:
@@ -135,7 +154,7 @@ def attention_backward(
         if plan.preprocess is not None:
             plan.preprocess(
                 plan.preprocess_grid,
-                out, grad_out, lse, delta, lse_log2, *out.stride(), *grad_out.stride(), *lse.stride(),
+                out, grad_out, lse, delta, lse_log2, *sequences, *out.stride(), *grad_out.stride(), *lse.stride(),
             )  # fmt: skip
 
         input_strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride())
@@ -144,7 +163,7 @@ def attention_backward(
                 plan.dq_grid,
                 query, key, value, mask, grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                out, lse, alibi, sinks,
+                out, lse, alibi, sinks, *sequences,
                 *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *alibi_strides, *plan.dq_sizes,
                 *run_time,
             )  # fmt: skip
@@ -157,7 +176,7 @@ def attention_backward(
                 plan.dkdv_grid,
                 q_source, key, value, mask, do_source,
                 stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
-                delta, lse_log2, row_scale, alibi,
+                delta, lse_log2, row_scale, alibi, *sequences,
                 *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
                 *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
@@ -167,6 +186,13 @@ def attention_backward(
                         gradient.copy_(shares.unflatten(1, (heads_kv, heads_q // heads_kv)).sum(2))
 
     return dq, dk, dv, dmask
+
+
+def _packed_gradient(like: torch.Tensor, dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
+    """A (1, H, total, d) view, batch stride 0, of a new packed (total, H, d) gradient."""
+    _, heads, total, width = like.shape
+    packed = (torch.zeros if zeroed else new_output)((total, heads, width), dtype=dtype, device=like.device)
+    return packed.as_strided((1, heads, total, width), (0, *packed.transpose(0, 1).stride()))
 
 
 def splits_gqa_group(desc: AttentionDescriptor, config: BackwardConfig, device: torch.device) -> bool:
@@ -214,27 +240,31 @@ _backward_plans = RecentValues()
 
 def backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int, split_group: bool,
+    mask_seed: bool, tile_loads: int, split_group: bool, varlen: int = 0,
 ) -> BackwardLaunchPlan:
+    """`varlen`: the kernels' VARLEN (a packed batch: `launch_common.packed_alignment`), else 0."""
     kernels = (id(attention_backward_preprocess_kernel), id(attention_backward_dq_kernel),
                id(attention_backward_dkdv_kernel))  # the kernel objects, as in launch_forward.main_launch_plan
-    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, kernels)
+    plan_key = (desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, varlen, kernels)
     plan = _backward_plans.get(plan_key)
     if plan is None:
         plan = _backward_plans.keep(plan_key, _new_backward_launch_plan(
-            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group,
+            desc, config, computed, run_dq, run_dkdv, mask_seed, tile_loads, split_group, varlen,
         ))  # fmt: skip
     return plan
 
 
 def _new_backward_launch_plan(
     desc: AttentionDescriptor, config: BackwardConfig, computed: GradientsNeeded, run_dq: bool, run_dkdv: bool,
-    mask_seed: bool, tile_loads: int, split_group: bool,
+    mask_seed: bool, tile_loads: int, split_group: bool, varlen: int,
 ) -> BackwardLaunchPlan:
     kernel_key = desc.kernel_key
     batch, heads_q, heads_kv, seq_q, seq_kv = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q, desc.seq_kv
     block_d, block_dv = block_widths(kernel_key)
     band = visible_band(desc)
+    # A packed batch's diagonals are relative to each sequence's aligned position (the kernels add its offset).
+    lowest, highest, key_offset = (band.lowest_diagonal, band.highest_diagonal, desc.key_offset) if not varlen \
+        else (*packed_diagonals(desc), 0)  # fmt: skip
     stats_stride = stats_row_stride(seq_q)
     # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
     # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
@@ -244,9 +274,10 @@ def _new_backward_launch_plan(
         HEAD_DIM_V=desc.head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
         # delta is for whatever is built from dS; with renormalized rows the dQ kernel computes it
         COMPUTE_DELTA=(computed.query or computed.key or computed.mask) and not config.renormalize_rows,
+        VARLEN=varlen,
     ).bind(seq_q, heads_q, stats_stride)  # fmt: skip
     scale, gqa_group = float(desc.scale), heads_q // heads_kv
-    diagonals = (band.lowest_diagonal, band.highest_diagonal, desc.key_offset, float(desc.softcap))
+    diagonals = (lowest, highest, key_offset, float(desc.softcap))
     dq_sizes = (scale, seq_q, seq_kv, heads_q, gqa_group, stats_stride, *diagonals)
     dkdv_sizes = (scale, seq_q, seq_kv, heads_kv, gqa_group, stats_stride, *diagonals)
     # Without dropout every argument after the strides is the plan's: bound once. With it the
@@ -255,7 +286,7 @@ def _new_backward_launch_plan(
 
     def main_kernel(kernel, spec_type, tile, sizes: tuple, **flags) -> BoundLaunch:
         bound = () if sizes_per_call else (*sizes, 0, 0, 0, 1.0)
-        spec = spec_type(**backward_common(desc, config, tile, (block_d, block_dv), mask_seed), **flags)
+        spec = spec_type(**backward_common(desc, config, tile, (block_d, block_dv), mask_seed, varlen), **flags)
         return launcher(kernel, **spec.launch_arguments()).bind(*bound)
 
     return BackwardLaunchPlan(

@@ -15,7 +15,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.triton import common_kernels, cuda_capability
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import Alignment, AttentionDescriptor, MaskKind
 from flashsdpa.visibility import Visibility
 
 KERNEL_MASK_KIND = {
@@ -186,3 +186,19 @@ def score_arguments(desc: AttentionDescriptor, inputs: AttentionInputs, stand_in
     alibi = inputs.alibi_slopes if desc.alibi else stand_in
     sinks = inputs.sinks if desc.sinks else stand_in
     return alibi, sinks, (tuple(alibi.stride()) if desc.alibi else (0, 0))
+
+
+def packed_alignment(desc: AttentionDescriptor) -> int:
+    """The kernels' VARLEN for a packed batch of `desc` (common_kernels.VARLEN_*)."""
+    if desc.alignment is Alignment.BOTTOM_RIGHT:
+        return int(common_kernels.VARLEN_BOTTOM_RIGHT)
+    return int(common_kernels.VARLEN_TOP_LEFT)
+
+
+def packed_diagonals(desc: AttentionDescriptor) -> tuple[int, int]:
+    """The band's diagonals of a packed batch, relative to each sequence's aligned position (the kernels
+    add its offset), kept within the lengths' bounds so that they stay int32 whatever the window (see
+    `visible_band`; the band's flags are `visible_band(desc)`'s)."""
+    band = Visibility.of(desc)
+    bound = desc.seq_q + desc.seq_kv
+    return (max(-band.left, -bound) if band.left >= 0 else 0), (min(band.right, bound) if band.right >= 0 else 0)

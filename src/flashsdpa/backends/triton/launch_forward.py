@@ -21,12 +21,13 @@ decoding).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from flashsdpa.backends.base import AttentionInputs, new_output
+from flashsdpa.backends.base import AttentionInputs, PackedSequences, new_output
 from flashsdpa.backends.triton import common_kernels, decode_kernels, forward_kernels
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, DirectLaunch, launcher
 from flashsdpa.backends.triton.forward_configs import (
@@ -50,6 +51,8 @@ from flashsdpa.backends.triton.launch_common import (
     host_descriptor_strides,
     mask_argument,
     on_device,
+    packed_alignment,
+    packed_diagonals,
     seeds_with_mask,
     sm_count,
     tensor_descriptor_compatible,
@@ -58,7 +61,7 @@ from flashsdpa.backends.triton.launch_common import (
 )
 from flashsdpa.backends.triton.launch_halves import split_key_blocks_into_halves, split_rows_into_halves
 from flashsdpa.cache import RecentValues, kernel_cache
-from flashsdpa.descriptor import AttentionDescriptor
+from flashsdpa.descriptor import AttentionDescriptor, MaskKind
 from flashsdpa.dropout import drop_threshold
 
 # As a plain int: comparing with the tl.constexpr itself costs ~1 us a call.
@@ -244,12 +247,81 @@ def launch_main_kernel(
     def launch() -> None:
         kernel(
             plan.grid,
-            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales, alibi, sinks,
+            q_arg, k_arg, v_arg, mask, out_arg, lse, *unscales, alibi, sinks, lse, lse, lse,
             *strides[0], *strides[1], *strides[2], *mask_strides, *strides[3], *alibi_strides, *run_time,
         )  # fmt: skip
 
     with on_device(q.device):
         if plan.tile_loads == DEVICE_DESCRIPTORS:
+            run_with_scratch_allocator(q.device, launch)
+        else:
+            launch()
+    return out, lse
+
+
+def packed_forward_config(desc: AttentionDescriptor, capability: tuple[int, int] | None) -> ForwardConfig:
+    """The main kernel's config for a packed batch: the dense problem's of the longest sequences, with
+    float32 products split in the kernel (tf32x3) rather than into float16 halves (whose value unscales
+    come per BLOCK_N keys of each head, which a sequence's key rows do not start on)."""
+    long_keys = desc.seq_kv >= LONG_KEYS
+    config = kernel_cache.get(
+        ("forward", desc.kernel_key, capability, long_keys),
+        lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
+    )
+    config = with_variant_registers(config, desc)
+    if config.split_products:
+        config = dataclasses.replace(config, split_products=False)
+    return config
+
+
+def packed_unsupported_reasons(desc: AttentionDescriptor) -> list[str]:
+    """Why the main kernel cannot run `desc` as a packed batch (the triton backend's reasons come first)."""
+    if desc.mask is not MaskKind.NONE:
+        return ["triton's packed-sequence kernel takes no attention mask"]
+    return []
+
+
+def packed_attention_forward(
+    desc: AttentionDescriptor, inputs: AttentionInputs, packing: PackedSequences, config: ForwardConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (1, Hq, total_q, Ev) and lse (1, Hq, total_q) of a packed batch (see `PackedSequences`), in one
+    launch: one program per (query block of the longest sequence, query head, sequence); programs past
+    their sequence's last query block exit at once."""
+    q = kernel_query(desc, inputs)
+    k, v = inputs.key, inputs.value
+    if config is None:
+        config = packed_forward_config(desc, device_capability(q.device))
+    out, lse = allocate_outputs(desc, q)
+    total_q = q.shape[2]
+    num_m_blocks = cdiv(desc.seq_q, config.block_m)
+    programs = num_m_blocks * desc.batch * desc.heads_q
+    if programs > MAX_GRID_X:
+        raise ValueError(f"triton forward: {programs} programs exceed the grid limit of {MAX_GRID_X}")
+    tensors = q, k, v, out
+    tile_loads = common_kernels.LOAD_POINTERS
+    if config.tile_loads in ("host", "device") and all(tensor_descriptor_compatible(t) for t in tensors):
+        tile_loads = common_kernels.LOAD_DEVICE_DESCRIPTORS
+    spec = forward_spec(desc, config, tile_loads, False, False, packed_alignment(desc))
+    kernel = launcher(forward_kernels.attention_forward_kernel, **spec.launch_arguments())
+    lowest, highest = packed_diagonals(desc)
+    seed_lo, seed_hi = inputs.dropout_seed if desc.dropout_p > 0.0 else (0, 0)
+    dropout = (drop_threshold(desc.dropout_p), seed_lo, seed_hi, 1.0 / (1.0 - desc.dropout_p)) \
+        if desc.dropout_p > 0.0 else (0, 0, 0, 1.0)  # fmt: skip
+    alibi, sinks, alibi_strides = score_arguments(desc, inputs, lse)
+    # Batch strides of 0: each program moves its pointers to its sequence's first row.
+    strides = [(0, *t.stride()[1:]) for t in tensors]
+
+    def launch() -> None:
+        kernel(
+            (programs,),
+            q, k, v, q, out, lse, lse, lse, lse, alibi, sinks, packing.cu_seq_q, packing.cu_seq_k, packing.key_counts,
+            *strides[0], *strides[1], *strides[2], 0, 0, 0, 0, *strides[3], *alibi_strides,
+            desc.heads_q, desc.heads_q // desc.heads_kv, total_q, desc.seq_kv, desc.head_dim, desc.head_dim_v,
+            num_m_blocks, lowest, highest, 0, kernel_scale(desc), float(desc.softcap), *dropout,
+        )  # fmt: skip
+
+    with on_device(q.device):
+        if tile_loads == DEVICE_DESCRIPTORS:
             run_with_scratch_allocator(q.device, launch)
         else:
             launch()
