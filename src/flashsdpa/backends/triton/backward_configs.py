@@ -17,7 +17,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
+from flashsdpa.backends.triton.common_configs import (
+    dot_precision,
+    padded_head_dim,
+    shared_memory_limit,
+    uses_split_products,
+)
 from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, KernelKey, MaskKind
 
 
@@ -56,6 +61,10 @@ class BackwardConfig:
     # products each for dV, dK and dQ) rather than rounded once, as FA2 rounds
     # them; see backward_kernels._accumulate_product.
     split_operands: bool
+    # float32 at full precision: q, k, v and dO split into float16 halves
+    # once per call (launch_halves), P and dS split in the kernels, three
+    # float16 products per product (backward_kernels._accumulate_product).
+    fp16_halves: bool = False
     # How the dK/dV kernel reads the Q and dO tiles it streams: "pointers"
     # (masked loads) or "host" (TMA through 4-D descriptors the launcher
     # builds, where both tensors qualify; sm90+).
@@ -166,6 +175,7 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=exact,
         split_operands=exact and sixteen_bit,
+        fp16_halves=uses_split_products(key),
         dkdv_tile_loads="host" if sixteen_bit else "pointers",
         dkdv_early_dp=sixteen_bit,
     )
@@ -197,6 +207,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         widen_dot_operands=False,
         renormalize_rows=exact,
         split_operands=exact and not fp32,
+        fp16_halves=uses_split_products(key),
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
     )
