@@ -17,8 +17,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
-from flashsdpa.descriptor import GradientPrecision, KernelKey, MaskKind
+from flashsdpa.backends.triton.common_configs import (
+    dot_precision,
+    padded_head_dim,
+    shared_memory_limit,
+    uses_split_products,
+)
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, KernelKey, MaskKind
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,10 @@ class BackwardConfig:
     # products each for dV, dK and dQ) rather than rounded once, as FA2 rounds
     # them; see backward_kernels._accumulate_product.
     split_operands: bool
+    # float32 at full precision: q, k, v and dO split into float16 halves
+    # once per call (launch_halves), P and dS split in the kernels, three
+    # float16 products per product (backward_kernels._accumulate_product).
+    fp16_halves: bool = False
     # How the dK/dV kernel reads the Q and dO tiles it streams: "pointers"
     # (masked loads) or "host" (TMA through 4-D descriptors the launcher
     # builds, where both tensors qualify; sm90+).
@@ -122,11 +131,10 @@ SM90_16BIT_ROUNDED_DQ = {
     256: (64, 64, 4, 2),  # 133 (128x32 w8: 132, 64x32 w4 s1: 130, the EXACT table's 64x32 w8: 108)
     512: (32, 16, 8, 2),  # the EXACT table's (no spill): not timed
 }
-# float32 (tf32x3: three tensor-core products per dot, with split operands
-# held twice in shared memory and registers) is the accuracy path, not the
-# fast one: small tiles, and spills remain at d >= 128 with any dK/dV shape
-# tried. The dQ kernel's extra row pass (renormalize_rows) holds two more
-# score-sized tiles, hence its smaller tiles than the 16-bit ones.
+# float32 with fp32_precision="tf32" (one tf32 product per dot; these shapes
+# were chosen for the tf32x3 products the full-precision path had before it
+# took float16 halves). The dQ kernel's extra row pass (renormalize_rows)
+# holds two more score-sized tiles, hence its smaller tiles than the 16-bit ones.
 SM90_FP32_DKDV = {
     64: (32, 64, 8, 2),  # 96-104 KB; spills 0-16 B, 120-384 B with causal and a mask or dropout
     128: (16, 32, 4, 1),  # 80 KB; spills 240-376 B
@@ -138,6 +146,22 @@ SM90_FP32_DQ = {
     128: (16, 32, 4, 1),  # 48 KB; no spill (32 x 32 spilled 1.2 KB)
     256: (16, 16, 8, 1),  # 80 KB; spills 650-850 B (4 warps: 1.6-2.4 KB)
     512: (16, 16, 8, 1),  # tf32 only; spills 1424-1448 B (w4: 1732-1764)
+}
+# float32 at full precision (fp16_halves; head dims to 128, see TritonBackend's
+# supports): offline sm_90 compiles only (Triton 3.6, 2026-12-05; registers,
+# spills, and whether the products became wgmma or mma.sync), not yet timed.
+# Each product is three float16 products and each P / dS product adds a
+# float32 tile live beside its accumulator (IEEE adds), so the tiles are
+# smaller than the 16-bit EXACT ones at d=128.
+SM90_FP32_HALVES_DKDV = {
+    64: (32, 128, 8, 2),  # 99 KB; no spill, wgmma (64x64 w8: 8 B causal; 32x128 w4: 1-1.8 KB)
+    # 103 KB; wgmma; spills 4 B, 260 B causal. No spill: 32x32 w8 s2 (70 KB) and 16x32 w4,
+    # but their 32-key blocks run mma.sync; 32x64 w8 spills 228-756 B, 64x64 w8 0.5-1.1 KB.
+    128: (16, 64, 8, 2),
+}
+SM90_FP32_HALVES_DQ = {
+    64: (128, 64, 8, 2),  # 132 KB; no spill, wgmma (64x64 w4 / w8 and 128x32 w8: no spill either)
+    128: (128, 32, 8, 2),  # 197 KB; no spill, wgmma (64x32 w4: 96 B, 64x64 w8: 244-264 B, 128x64 w8: 332-428 B)
 }
 
 # Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
@@ -175,6 +199,7 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=exact,
         split_operands=exact and sixteen_bit,
+        fp16_halves=uses_split_products(key),
         dkdv_tile_loads="host" if sixteen_bit else "pointers",
         dkdv_early_dp=sixteen_bit,
     )
@@ -183,7 +208,9 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
 def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> BackwardConfig:
     fp32 = key.dtype == torch.float32
     table_key = max(64, padded_head_dim(key))
-    if fp32:
+    if fp32 and uses_split_products(key):
+        dkdv_table, dq_table = SM90_FP32_HALVES_DKDV, SM90_FP32_HALVES_DQ
+    elif fp32:
         dkdv_table, dq_table = SM90_FP32_DKDV, SM90_FP32_DQ
     elif exact:
         dkdv_table, dq_table = SM90_16BIT_DKDV, SM90_16BIT_DQ
@@ -208,6 +235,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         widen_dot_operands=False,
         renormalize_rows=exact,
         split_operands=exact and not fp32,
+        fp16_halves=uses_split_products(key),
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
     )
@@ -243,11 +271,11 @@ def dkdv_shared_memory(key: KernelKey, tile: TileShape) -> int:
     """Bytes of the dK/dV kernel's operand tiles: K and V resident, Q and dO (and mask) per stage.
 
     Without a mask this matches Triton's own figure for sm_90 compiles within
-    1 KB (masks are over-counted); float32 (tf32x3) keeps the resident tiles
-    twice (split operands).
+    1 KB (masks are over-counted); a float32 element is 4 bytes as float32 or
+    as two float16 halves.
     """
     width = sum(block_widths(key))
-    resident = tile.block_n * width * _element_bytes(key) * (2 if key.dtype == torch.float32 else 1)
+    resident = tile.block_n * width * _element_bytes(key)
     per_stage = tile.block_m * width * _element_bytes(key) + _mask_tile_bytes(key, tile)
     return resident + tile.num_stages * per_stage
 
@@ -255,7 +283,7 @@ def dkdv_shared_memory(key: KernelKey, tile: TileShape) -> int:
 def dq_shared_memory(key: KernelKey, tile: TileShape) -> int:
     """Bytes of the dQ kernel's operand tiles: Q and dO resident, K and V (and mask) per stage."""
     width = sum(block_widths(key))
-    resident = tile.block_m * width * _element_bytes(key) * (2 if key.dtype == torch.float32 else 1)
+    resident = tile.block_m * width * _element_bytes(key)
     per_stage = tile.block_n * width * _element_bytes(key) + _mask_tile_bytes(key, tile)
     return resident + tile.num_stages * per_stage
 

@@ -50,10 +50,12 @@ from flashsdpa.backends.triton.common_kernels import (
     VARLEN_OFF,
     mask_seed,
     matmul,
+    matmul_split,
     packed_sequence,
     round_to_bfloat16,
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
+from flashsdpa.backends.triton.halves_kernels import row_scaled_halves
 from flashsdpa.backends.triton.score_kernels import scores_of_products
 from flashsdpa.backends.triton.visibility_kernels import blocks_seen, visible
 
@@ -97,15 +99,61 @@ def _dot_operand(x, like, WIDEN_DOT_OPERANDS: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_product(x, other, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
-                        SPLIT_OPERANDS: tl.constexpr):
+def _row_halves(lo_base, unscale_base, rows, stride_row, stride_col, n_rows, WIDTH: tl.constexpr,
+                BLOCK_WIDTH: tl.constexpr):
+    """(lo, unscale) of rows `rows` of a matrix split into float16 halves (launch_halves): the lo halves
+    (as `_load_rows` loads the hi ones, from lo_base) and the power of two that undoes each row's scale
+    (1 past n_rows). A tile's "halves" in this module are this pair, None without FP16_HALVES."""
+    lo = _load_rows(lo_base, rows, stride_row, stride_col, n_rows, WIDTH, BLOCK_WIDTH)
+    unscale = tl.load(unscale_base + rows, mask=rows < n_rows, other=1.0)
+    return lo, unscale
+
+
+@triton.jit
+def _head_dim_product(a, b, a_halves, b_halves, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
+                      FP16_HALVES: tl.constexpr):
+    """a @ b^T + acc (acc may be None): a product over the head dim (S = q k^T, dP = dO v^T, or transposed).
+
+    FP16_HALVES: a and b are hi halves and a_halves, b_halves their (lo,
+    unscale) (`_row_halves`): three float16 products (common_kernels.matmul_split),
+    each row's and column's unscale applied after, acc added last.
+    """
+    if FP16_HALVES:
+        a_lo, a_unscale = a_halves
+        b_lo, b_unscale = b_halves
+        product = matmul_split(a, a_lo, tl.trans(b), tl.trans(b_lo)) * a_unscale[:, None] * b_unscale[None, :]
+        if acc is not None:
+            product += acc
+        return product
+    return matmul(a, tl.trans(b), acc, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+
+
+@triton.jit
+def _accumulate_product(x, other, other_halves, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
+                        SPLIT_OPERANDS: tl.constexpr, FP16_HALVES: tl.constexpr):
     """acc + x @ other: x (P or dS, float32) rounded to other's dtype for the tensor cores.
 
     SPLIT_OPERANDS (16-bit inputs): x as hi + lo, two 16-bit products.
     Rounding P and dS once (as FA2 does) put dV, dQ and dK at 1.6-1.7x the
     error of torch's float32-internal math on the H100 (float16, E=1: dV
     4.3e-4 against 2.5e-4); the second product takes that rounding out.
+
+    FP16_HALVES (float32 inputs): `other` is the hi half of rows that were
+    scaled each by its own power of two, other_halves their (lo, unscale).
+    The rows are the product's inner dimension, so their unscales go into
+    x's columns (exact: powers of two), and x is then split in registers
+    into float16 halves, each of its rows scaled on its own
+    (halves_kernels.row_scaled_halves): three float16 products, unscaled
+    per row of x, added to acc with IEEE adds (see matmul). A row of x is
+    one row of dV, dK or dQ, so each output row keeps float32's relative
+    accuracy however small its values are (a fixed scale, as the forward
+    gives P, would not: a key that every query barely sees has a tiny column
+    of P and a tiny dV row).
     """
+    if FP16_HALVES:
+        other_lo, other_unscale = other_halves
+        x_hi, x_lo, x_unscale = row_scaled_halves(x * other_unscale[None, :])
+        return acc + matmul_split(x_hi, x_lo, other, other_lo) * x_unscale[:, None]
     hi = _dot_operand(x, other, WIDEN_DOT_OPERANDS)
     acc = matmul(hi, other, acc, DOT_PRECISION, WIDEN_DOT_OPERANDS)
     if SPLIT_OPERANDS:
@@ -179,8 +227,8 @@ def attention_backward_preprocess_kernel(
 
 @triton.jit
 def _dkdv_query_block(
-    dk_acc, dv_acc, k, v, start_m, offs_n,
-    batch, head, q_base, do_base, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
+    dk_acc, dv_acc, k, v, key_halves, value_halves, start_m, offs_n,
+    batch, head, q_base, do_base, query_halves_at, mask_base, row_stats_base, DELTA, LSE_LOG2, ROW_SCALE,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
     mask_row_t,
     score_scale_log2, band, transform, seq_q, seq_kv, dropout_key, drop_threshold, keep_scale,
@@ -191,7 +239,7 @@ def _dkdv_query_block(
     MASK_KIND: tl.constexpr, MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
+    FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr,
 ):
     """Adds one query block's contribution to a key block's dK and dV accumulators.
 
@@ -202,6 +250,9 @@ def _dkdv_query_block(
     never stored, so neither needs a bounds mask on the scores.
     APPLY_EDGE_MASK: the block holds pairs outside the visible band `band` =
     (lowest, highest) diagonal (see visibility_kernels), zeroed in P.
+    FP16_HALVES: k, v, q and dO are hi halves; key_halves and value_halves
+    the key block's (lo, unscale), query_halves_at = (q's lo base, dO's lo
+    base, q's unscale base, dO's unscale base) where the query block's are.
     """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if TILE_LOADS == LOAD_HOST_DESCRIPTORS:  # 4-D descriptors: TMA zero-fills rows past seq_q, columns past d
@@ -210,6 +261,13 @@ def _dkdv_query_block(
     else:
         q = _load_rows(q_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
         grad_out = _load_rows(do_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
+    query_halves = None
+    grad_out_halves = None
+    if FP16_HALVES:
+        q_lo_base, do_lo_base, q_unscale_base, do_unscale_base = query_halves_at
+        query_halves = _row_halves(q_lo_base, q_unscale_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
+        grad_out_halves = _row_halves(do_lo_base, do_unscale_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V,
+                                      BLOCK_DV)
     if RENORMALIZE:
         lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
     else:
@@ -226,10 +284,12 @@ def _dkdv_query_block(
     seed_t = None
     if MASK_SEED:  # the mask enters the product's accumulator for the layout's sake (see forward_kernels.mask_seed)
         seed_t = mask_seed(mask_t, MASK_KIND == MASK_BOOL, offs_n.shape[0], BLOCK_M)
-    products_t = matmul(k, tl.trans(q), seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+    products_t = _head_dim_product(k, q, key_halves, query_halves, seed_t, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                                   FP16_HALVES)
     if COMPUTE_DK and EARLY_DP:
         # Issued before the softmax needs scores_t, so the tensor cores run it while exp2 runs.
-        grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        grad_probs_t = _head_dim_product(v, grad_out, value_halves, grad_out_halves, None, DOT_PRECISION,
+                                         WIDEN_DOT_OPERANDS, FP16_HALVES)
     if SOFTCAP or ALIBI:
         # Natural-unit scores from the one score transform (score_kernels), then base 2.
         scale, softcap, slope, key_offset = transform
@@ -262,27 +322,30 @@ def _dkdv_query_block(
             dropped_probs_t = tl.where(keep_t, probs_t * keep_scale, 0.0)
         else:
             dropped_probs_t = probs_t
-        dv_acc = _accumulate_product(dropped_probs_t, grad_out, dv_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS,
-                                     SPLIT_OPERANDS)
+        dv_acc = _accumulate_product(dropped_probs_t, grad_out, grad_out_halves, dv_acc, DOT_PRECISION,
+                                     WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, FP16_HALVES)
     if COMPUTE_DK:
         if RENORMALIZE:
             delta = tl.load(DELTA + row_stats_base + offs_m, mask=offs_m < seq_q, other=0.0)
         else:
             delta = tl.load(DELTA + row_stats_base + offs_m)
         if not EARLY_DP:
-            grad_probs_t = matmul(v, tl.trans(grad_out), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+            grad_probs_t = _head_dim_product(v, grad_out, value_halves, grad_out_halves, None, DOT_PRECISION,
+                                             WIDEN_DOT_OPERANDS, FP16_HALVES)
         if DROPOUT:
             grad_probs_t = tl.where(keep_t, grad_probs_t * keep_scale, 0.0)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
         if SOFTCAP:
             grad_scores_t = grad_scores_t * derivative_t  # by scale * q.k: softcap's chain rule
-        dk_acc = _accumulate_product(grad_scores_t, q, dk_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
+        dk_acc = _accumulate_product(grad_scores_t, q, query_halves, dk_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                                     SPLIT_OPERANDS, FP16_HALVES)
     return dk_acc, dv_acc
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dkdv_kernel(
     Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE, ALIBI_SLOPES, CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS,
+    Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -300,6 +363,7 @@ def attention_backward_dkdv_kernel(
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
+    FP16_HALVES: tl.constexpr,
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
     GQA: tl.constexpr,
     VARLEN: tl.constexpr = VARLEN_OFF,
@@ -319,7 +383,14 @@ def attention_backward_dkdv_kernel(
     VARLEN: B packed sequences, as in the forward kernel (seq_q, seq_kv: the
     longest; diagonals relative to each sequence's aligned position; batch
     strides 0): a program past its sequence's last key block exits.
+    FP16_HALVES (float32 problems, through pointers only): Q, K, V and DO
+    are float16 halves from launch_halves.split_rows_into_halves, each
+    tensor's lo halves as many heads past its hi ones as it has heads, and
+    *_UNSCALE the powers of two that undo each row's scale ((B, H, rows)
+    float32); every product takes three float16 products (see
+    `_head_dim_product`, `_accumulate_product`). Otherwise *_UNSCALE are unused.
     """
+    tl.static_assert(not (FP16_HALVES and TILE_LOADS == LOAD_HOST_DESCRIPTORS), "halves load through pointers")
     pid = tl.program_id(0)
     key_blocks = tl.cdiv(seq_kv, BLOCK_N)
     heads_q = heads_kv * gqa_group
@@ -356,6 +427,14 @@ def attention_backward_dkdv_kernel(
                    HEAD_DIM, BLOCK_D)
     v = _load_rows(V + batch * stride_vb + head_kv * stride_vh, offs_n, stride_vn, stride_vk, seq_kv,
                    HEAD_DIM_V, BLOCK_DV)
+    key_halves = None
+    value_halves = None
+    if FP16_HALVES:  # the lo halves are heads_kv heads past the hi ones
+        kv_rows = (batch * heads_kv + head_kv) * seq_kv
+        key_halves = _row_halves(K + batch * stride_kb + (head_kv + heads_kv) * stride_kh, K_UNSCALE + kv_rows,
+                                 offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
+        value_halves = _row_halves(V + batch * stride_vb + (head_kv + heads_kv) * stride_vh, V_UNSCALE + kv_rows,
+                                   offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     score_scale_log2 = scale * LOG2E
@@ -377,6 +456,10 @@ def attention_backward_dkdv_kernel(
         if TILE_LOADS != LOAD_HOST_DESCRIPTORS:
             q_base = Q + batch * stride_qb + head * stride_qh
             do_base = DO + batch * stride_dob + head * stride_doh
+        query_halves_at = None
+        if FP16_HALVES:
+            query_halves_at = (q_base + heads_q * stride_qh, do_base + heads_q * stride_doh, Q_UNSCALE + bh * seq_q,
+                               DO_UNSCALE + bh * seq_q)
         mask_base = MASK + batch * stride_maskb + head * stride_maskh
         row_stats_base = bh * stats_stride
         rows_end = seq_q
@@ -400,8 +483,9 @@ def attention_backward_dkdv_kernel(
             if (part == 0 and BOUNDED_ABOVE) or part == 1 or (part == 2 and BOUNDED_BELOW):
                 for start_m in range(query_ranges[part], tl.minimum(query_ranges[part + 1], rows_end), BLOCK_M):
                     dk_acc, dv_acc = _dkdv_query_block(
-                        dk_acc, dv_acc, k, v, start_m, offs_n,
-                        batch.to(tl.int32), head.to(tl.int32), q_base, do_base, mask_base, row_stats_base, DELTA,
+                        dk_acc, dv_acc, k, v, key_halves, value_halves, start_m, offs_n,
+                        batch.to(tl.int32), head.to(tl.int32), q_base, do_base, query_halves_at, mask_base,
+                        row_stats_base, DELTA,
                         LSE_LOG2, ROW_SCALE,
                         stride_qm, stride_qk, stride_dom, stride_dok, stride_maskm, stride_maskn,
                         mask_row_t, score_scale_log2, band, transform, seq_q, seq_kv, dropout_key, drop_threshold,
@@ -409,8 +493,8 @@ def attention_backward_dkdv_kernel(
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                         part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
                         DROPOUT, RENORMALIZE,
-                        COMPUTE_DK, COMPUTE_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, MASK_SEED,
-                        TILE_LOADS, EARLY_DP,
+                        COMPUTE_DK, COMPUTE_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS, FP16_HALVES,
+                        MASK_SEED, TILE_LOADS, EARLY_DP,
                     )
 
     round_output = WIDEN_DOT_OPERANDS and not SPLIT_GROUP  # shares stay float32 until summed
@@ -435,13 +519,13 @@ def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_
 
 @triton.jit
 def _dq_probabilities(
-    q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform, rows_left,
+    q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform, rows_left,
     seq_kv,
     BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr,
+    FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
     """(P, dscore/d(scale q.k)): P = exp(s - lse) of the query rows offs_m against the keys offs_n (float32),
     0 where hidden; the derivative is softcap's (score_kernels), 1.0 without.
@@ -457,9 +541,11 @@ def _dq_probabilities(
         mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
                                   MASK_ROWS_BROADCAST)
         seed = mask_seed(mask_tile, MASK_KIND == MASK_BOOL, BLOCK_M, offs_n.shape[0])
-        products = matmul(q, tl.trans(k), seed, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        products = _head_dim_product(q, k, query_halves, key_halves, seed, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                                     FP16_HALVES)
     else:
-        products = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        products = _head_dim_product(q, k, query_halves, key_halves, None, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                                     FP16_HALVES)
         mask_tile = offs_n  # not read without a mask
         if MASK_KIND != MASK_NONE:
             mask_tile = _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_kv, BLOCK_M,
@@ -488,8 +574,26 @@ def _dq_probabilities(
 
 
 @triton.jit
+def _dq_key_tiles(k_base, v_base, key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk, seq_kv,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  FP16_HALVES: tl.constexpr):
+    """(k, v, key_halves, value_halves) of keys offs_n; the halves (see `_row_halves`) with FP16_HALVES, where
+    key_halves_at = (k's lo base, v's lo base, k's unscale base, v's unscale base)."""
+    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
+    key_halves = None
+    value_halves = None
+    if FP16_HALVES:
+        k_lo_base, v_lo_base, k_unscale_base, v_unscale_base = key_halves_at
+        key_halves = _row_halves(k_lo_base, k_unscale_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
+        value_halves = _row_halves(v_lo_base, v_unscale_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V,
+                                   BLOCK_DV)
+    return k, v, key_halves, value_halves
+
+
+@triton.jit
 def _dq_row_stats(
-    q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
+    q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, start_n, k_base, v_base, key_halves_at, mask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
     score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -497,21 +601,24 @@ def _dq_row_stats(
     APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, MASK_SEED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
     """(sum_j P[i, j], sum_j P[i, j] * dP[i, j]) over one key block, for each query row i of the block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
-    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
+    k, v, key_halves, value_halves = _dq_key_tiles(k_base, v_base, key_halves_at, offs_n, stride_kn, stride_kk,
+                                                   stride_vn, stride_vk, seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                                   BLOCK_DV, FP16_HALVES)
     probs, _ = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
+        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
         rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
         DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
+        FP16_HALVES,
         MASK_SEED,
     )
-    grad_probs = matmul(grad_out, tl.trans(v), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+    grad_probs = _head_dim_product(grad_out, v, grad_out_halves, value_halves, None, DOT_PRECISION,
+                                   WIDEN_DOT_OPERANDS, FP16_HALVES)
     if DROPOUT:
         keep = dropout_keep(dropout_key, offs_m, offs_n, drop_threshold)
         grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
@@ -520,8 +627,8 @@ def _dq_row_stats(
 
 @triton.jit
 def _dq_key_block(
-    dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
-    k_base, v_base, mask_base, dmask_base,
+    dq_acc, q, grad_out, query_halves, grad_out_halves, lse_log2, delta, row_scale, offs_m, start_n,
+    k_base, v_base, key_halves_at, mask_base, dmask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
     score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -531,7 +638,7 @@ def _dq_key_block(
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr,
+    FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
     """Adds one key block's contribution to a query block's dQ; writes its dS into dmask.
 
@@ -539,20 +646,23 @@ def _dq_key_block(
     `_dq_probabilities`).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
-    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
+    k, v, key_halves, value_halves = _dq_key_tiles(k_base, v_base, key_halves_at, offs_n, stride_kn, stride_kk,
+                                                   stride_vn, stride_vk, seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                                   BLOCK_DV, FP16_HALVES)
     probs, derivative = _dq_probabilities(
-        q, k, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
+        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
         rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
         DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
+        FP16_HALVES,
         MASK_SEED,
     )
     if RENORMALIZE:
         probs = probs * row_scale[:, None]
 
-    grad_probs = matmul(grad_out, tl.trans(v), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+    grad_probs = _head_dim_product(grad_out, v, grad_out_halves, value_halves, None, DOT_PRECISION,
+                                   WIDEN_DOT_OPERANDS, FP16_HALVES)
     if DROPOUT:
         keep = dropout_keep(dropout_key, offs_m, offs_n, drop_threshold)
         grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
@@ -562,14 +672,15 @@ def _dq_key_block(
     if SOFTCAP:
         grad_scores = grad_scores * derivative  # by scale * q.k: softcap's chain rule
     if COMPUTE_DQ:
-        dq_acc = _accumulate_product(grad_scores, k, dq_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS)
+        dq_acc = _accumulate_product(grad_scores, k, key_halves, dq_acc, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                                     SPLIT_OPERANDS, FP16_HALVES)
     return dq_acc
 
 
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dq_kernel(
     Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE, ALIBI_SLOPES, SINK_LOGITS, CU_SEQ_Q, CU_SEQ_K,
-    KEY_COUNTS,
+    KEY_COUNTS, Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -588,7 +699,7 @@ def attention_backward_dq_kernel(
     MASK_ROWS_BROADCAST: tl.constexpr,
     DROPOUT: tl.constexpr, RENORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, WRITE_DMASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
-    MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
+    FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
     VARLEN: tl.constexpr = VARLEN_OFF,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
@@ -618,7 +729,11 @@ def attention_backward_dq_kernel(
     these rows cover every row it reads). Otherwise O and LSE are unused.
     VARLEN: B packed sequences, as in the dK/dV kernel; a program past its
     sequence's last query block exits.
+
+    FP16_HALVES (float32 problems; with RENORMALIZE): Q, K, V and DO are
+    float16 halves and *_UNSCALE their rows' unscales, as in the dK/dV kernel.
     """
+    tl.static_assert(not (FP16_HALVES and ROW_STATS), "halves: delta comes from the row pass")
     pid = tl.program_id(0)
     query_blocks = tl.cdiv(seq_q, BLOCK_M)
     bh = (pid // query_blocks).to(tl.int64)
@@ -644,6 +759,19 @@ def attention_backward_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
+    query_halves = None
+    grad_out_halves = None
+    key_halves_at = None
+    if FP16_HALVES:  # each tensor's lo halves are as many heads past its hi ones as it has heads
+        heads_kv = heads_q // gqa_group
+        kv_rows = (batch * heads_kv + head_kv) * seq_kv
+        query_halves = _row_halves(Q + batch * stride_qb + (head + heads_q) * stride_qh, Q_UNSCALE + bh * seq_q, offs_m,
+                                   stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
+        grad_out_halves = _row_halves(DO + batch * stride_dob + (head + heads_q) * stride_doh, DO_UNSCALE + bh * seq_q,
+                                      offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
+        key_halves_at = (K + batch * stride_kb + (head_kv + heads_kv) * stride_kh,
+                         V + batch * stride_vb + (head_kv + heads_kv) * stride_vh, K_UNSCALE + kv_rows,
+                         V_UNSCALE + kv_rows)
     if ROW_STATS:
         lse_log2 = _lse_log2_rows(LSE, batch, head, offs_m, stride_lseb, stride_lseh, stride_lsem, seq_q)
         tl.store(LSE_LOG2 + bh * stats_stride + offs_m, lse_log2, mask=offs_m < stats_stride)
@@ -684,13 +812,14 @@ def attention_backward_dq_kernel(
             if part != 0 or BOUNDED_BELOW:
                 for start_n in range(key_ranges[part], key_ranges[part + 1], BLOCK_N):
                     block_sums, block_weighted = _dq_row_stats(
-                        q, grad_out, lse_log2, offs_m, start_n, k_base, v_base, mask_base,
+                        q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, start_n, k_base, v_base,
+                        key_halves_at, mask_base,
                         stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
                         score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                         part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
                         DROPOUT,
-                        DOT_PRECISION, WIDEN_DOT_OPERANDS, MASK_SEED,
+                        DOT_PRECISION, WIDEN_DOT_OPERANDS, FP16_HALVES, MASK_SEED,
                     )
                     row_sums += block_sums
                     weighted_sums += block_weighted
@@ -716,15 +845,15 @@ def attention_backward_dq_kernel(
             if part != 0 or BOUNDED_BELOW:
                 for start_n in range(key_ranges[part], key_ranges[part + 1], BLOCK_N):
                     dq_acc = _dq_key_block(
-                        dq_acc, q, grad_out, lse_log2, delta, row_scale, offs_m, start_n,
-                        k_base, v_base, mask_base, dmask_base,
+                        dq_acc, q, grad_out, query_halves, grad_out_halves, lse_log2, delta, row_scale, offs_m,
+                        start_n, k_base, v_base, key_halves_at, mask_base, dmask_base,
                         stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
                         score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                         part != 1, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
                         DROPOUT,
                         RENORMALIZE, COMPUTE_DQ, WRITE_DMASK, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_OPERANDS,
-                        MASK_SEED,
+                        FP16_HALVES, MASK_SEED,
                     )
         if WRITE_DMASK and (BOUNDED_BELOW or BOUNDED_ABOVE):
             # Keys outside [key_start, key_end) were skipped; their score gradient is 0.

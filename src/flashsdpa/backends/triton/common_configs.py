@@ -26,6 +26,11 @@ def dot_precision(key: KernelKey) -> str | None:
     return "tf32x3" if key.device_type == "cuda" else "ieee"
 
 
+def uses_split_products(key: KernelKey) -> bool:
+    """float32 at full precision: the main kernels multiply float16 halves of their operands (halves_kernels)."""
+    return key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.IEEE
+
+
 def shared_memory_limit(capability: tuple[int, int]) -> int:
     if capability >= (9, 0):
         return SHARED_MEMORY_BYTES[(9, 0)]

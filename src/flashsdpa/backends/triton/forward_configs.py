@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from flashsdpa.backends.triton.common_configs import dot_precision, padded_head_dim, shared_memory_limit
+from flashsdpa.backends.triton.common_configs import (
+    dot_precision,
+    padded_head_dim,
+    shared_memory_limit,
+    uses_split_products,
+)
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, KernelKey
 
 # Query rows up to which flash decoding (split-KV) replaces the main kernel.
@@ -185,10 +190,6 @@ def fit_forward_blocks(key: KernelKey, blocks: tuple, limit: int) -> tuple:
         else:
             break
     return block_m, block_n, num_warps, num_stages, max_registers
-
-
-def uses_split_products(key: KernelKey) -> bool:
-    return key.dtype == torch.float32 and key.fp32_precision is Fp32Precision.IEEE
 
 
 def choose_decode_config(key: KernelKey, interpreted: bool) -> DecodeConfig:

@@ -17,6 +17,9 @@ Infinities and NaNs stay in hi, with lo = 0 (an inf - inf rest would make a
 NaN where float32 math has an inf); a row whose only large values are
 infinite is scaled by its finite ones.
 
+The backward (backward_kernels) multiplies halves too: q, k, v and dO split
+here per row, and P and dS split in registers per row (`row_scaled_halves`).
+
 Per column, v's blocks of rows are the main kernel's key blocks: each
 block's P @ V product is unscaled before it joins the output (a per-head
 column scale would need a pass over all of v first). The kernel scales P
@@ -50,6 +53,35 @@ def scale_and_unscale(largest, UNSCALE_SHIFT: tl.constexpr):
     scale = ((scale_exponent + 127) << 23).to(tl.float32, bitcast=True)
     unscale = ((127 - scale_exponent - UNSCALE_SHIFT) << 23).to(tl.float32, bitcast=True)
     return scale, unscale
+
+
+@triton.jit
+def largest_finite(x, axis: tl.constexpr):
+    """The largest finite magnitude of x along `axis` (0 where there is none)."""
+    magnitude = tl.abs(x)
+    return tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0), axis)  # NaN < inf is false too
+
+
+@triton.jit
+def float16_halves(scaled):
+    """(hi, lo): float16 halves of float32 `scaled` (already scaled into float16's range), hi + lo ~ scaled.
+
+    An infinite or NaN hi keeps lo = 0 (see the module doc)."""
+    hi = scaled.to(tl.float16)
+    hi_wide = hi.to(tl.float32)
+    lo = tl.where(tl.abs(hi_wide) < float("inf"), scaled - hi_wide, 0.0).to(tl.float16)
+    return hi, lo
+
+
+@triton.jit
+def row_scaled_halves(x):
+    """(hi, lo, unscale) of a float32 [R, C] tile split in registers, each row scaled on its own.
+
+    As the split kernel's rows: x[r, :] ~ (hi[r, :] + lo[r, :]) * unscale[r].
+    The backward splits P and dS so before their products."""
+    scale, unscale = scale_and_unscale(largest_finite(x, 1), 0)
+    hi, lo = float16_halves(x * scale[:, None])
+    return hi, lo, unscale
 
 
 # Sizes only bound loops and offsets: specialising on them would recompile as shapes change.
@@ -91,20 +123,14 @@ def split_into_halves_kernel(
     x = tl.load(
         x_head_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc, mask=in_bounds, other=0.0
     )
-    magnitude = tl.abs(x)
-    finite_magnitude = tl.where(magnitude < float("inf"), magnitude, 0.0)  # NaN < inf is false too
     if PER_COLUMN:
-        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 0), P_HALVES_SCALE_EXPONENT)
-        scaled = x * scale[None, :]
+        scale, unscale = scale_and_unscale(largest_finite(x, 0), P_HALVES_SCALE_EXPONENT)
+        hi, lo = float16_halves(x * scale[None, :])
         unscale_offsets = (bh * n_row_blocks + row_block).to(tl.int64) * n_cols + cols
         tl.store(unscale_ptr + unscale_offsets, unscale, mask=cols < n_cols)
     else:
-        scale, unscale = scale_and_unscale(tl.max(finite_magnitude, 1), 0)
-        scaled = x * scale[:, None]
+        hi, lo, unscale = row_scaled_halves(x)
         tl.store(unscale_ptr + bh.to(tl.int64) * n_rows + rows, unscale, mask=rows < n_rows)
-    hi = scaled.to(tl.float16)
-    hi_wide = hi.to(tl.float32)
-    lo = tl.where(tl.abs(hi_wide) < float("inf"), scaled - hi_wide, 0.0).to(tl.float16)
     matrix = n_rows.to(tl.int64) * n_cols
     hi_offsets = (batch * 2 * heads + head) * matrix + rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     tl.store(halves_ptr + hi_offsets, hi, mask=in_bounds)

@@ -158,6 +158,7 @@ class BackwardCommon(ScoreVariant):
     dot_precision: str | None
     widen_dot_operands: bool
     split_operands: bool
+    fp16_halves: bool
     mask_seed: bool
     num_warps: int
     num_stages: int
@@ -204,6 +205,7 @@ def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple
         dot_precision=config.dot_precision,
         widen_dot_operands=config.widen_dot_operands,
         split_operands=config.split_operands,
+        fp16_halves=config.fp16_halves,
         mask_seed=mask_seed,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,

@@ -35,6 +35,7 @@ from flashsdpa.backends.triton.backward_kernels import (
 from flashsdpa.backends.triton.direct_launch import BoundLaunch, launcher
 from flashsdpa.backends.triton.common_kernels import LOAD_HOST_DESCRIPTORS, LOAD_POINTERS
 from flashsdpa.backends.triton.kernel_specs import BackwardDkdvKernelSpec, BackwardDqKernelSpec, backward_common
+from flashsdpa.backends.triton.launch_halves import split_rows_into_halves
 from flashsdpa.backends.triton.launch_common import (
     TMA_ALIGNMENT_BYTES,
     cdiv,
@@ -135,8 +136,15 @@ def attention_backward(
 
     mask, mask_strides = mask_argument(desc, inputs)
     alibi, sinks, alibi_strides = score_arguments(desc, inputs, stand_in)
-    q_source, do_source, tile_loads = _streamed_tiles(config, desc, query, grad_out) if run_dkdv else (
-        query, grad_out, int(LOAD_POINTERS))
+    # The main kernels' q, k, v and dO: the inputs, or (fp16_halves) their float16 halves, whose rows' unscales
+    # the kernels take too (otherwise stand-ins, never read).
+    operands, unscales = (query, key, value, grad_out), (stand_in,) * 4
+    if config.fp16_halves:
+        with on_device(device):
+            operands, unscales = zip(*(split_rows_into_halves(tensor) for tensor in operands))
+    kernel_query, kernel_key, kernel_value, kernel_grad_out = operands
+    q_source, do_source, tile_loads = _streamed_tiles(config, desc, kernel_query, kernel_grad_out) if run_dkdv else (
+        kernel_query, kernel_grad_out, int(LOAD_POINTERS))
     split_group = run_dkdv and packing is None and splits_gqa_group(desc, config, device)
     varlen = 0 if packing is None else packed_alignment(desc)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
@@ -157,13 +165,14 @@ def attention_backward(
                 out, grad_out, lse, delta, lse_log2, *sequences, *out.stride(), *grad_out.stride(), *lse.stride(),
             )  # fmt: skip
 
-        input_strides = (*query.stride(), *key.stride(), *value.stride(), *mask_strides, *grad_out.stride())
+        input_strides = (*kernel_query.stride(), *kernel_key.stride(), *kernel_value.stride(), *mask_strides,
+                         *kernel_grad_out.stride())
         if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
             plan.dq(
                 plan.dq_grid,
-                query, key, value, mask, grad_out,
+                kernel_query, kernel_key, kernel_value, mask, kernel_grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                out, lse, alibi, sinks, *sequences,
+                out, lse, alibi, sinks, *sequences, *unscales,
                 *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *alibi_strides, *plan.dq_sizes,
                 *run_time,
             )  # fmt: skip
@@ -174,9 +183,9 @@ def attention_backward(
             dv_out = _group_shares(dv, heads_q) if split_group else dv
             plan.dkdv(
                 plan.dkdv_grid,
-                q_source, key, value, mask, do_source,
+                q_source, kernel_key, kernel_value, mask, do_source,
                 stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
-                delta, lse_log2, row_scale, alibi, *sequences,
+                delta, lse_log2, row_scale, alibi, *sequences, *unscales,
                 *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
                 *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
