@@ -258,8 +258,9 @@ def cache_descriptor(q: Tensor, k_cache: Tensor, v_cache: Tensor, capacity: int,
 def _uses_paged_kernel(desc: AttentionDescriptor, device: torch.device, backend: str | None) -> bool:
     """Whether the triton backend's paged decode kernel runs this call: where triton is pinned (raising with
     its reasons if it cannot), or chosen automatically on a GPU it can serve (else its reasons are recorded
-    as fallbacks). Other backends attend over the cache gathered into (B, Hkv, capacity, E) with a mask."""
-    requested = backend or dispatch.pinned_backend()
+    as fallbacks). Other backends attend over the cache gathered into (B, Hkv, capacity, E) with a mask.
+    Under torch.compile a `use_backend` pin is not read here (see api._pinned_backend_outside_compile)."""
+    requested = backend or api._pinned_backend_outside_compile() or None
     if requested not in ("triton", None) or (requested is None and device.type != "cuda"):
         return False
     reasons = dispatch.backend_reasons(dispatch.get_backend("triton"), desc, device)
