@@ -101,6 +101,10 @@ class Visibility:
         visible = sees(position, cols, self.seq_kv, self.left, self.right)
         return visible.expand(position.shape[0], cols.shape[1])
 
+    def row_counts(self) -> list[int]:
+        """How many keys each query sees."""
+        return [max(0, hi - lo) for lo, hi in (self.key_range(i, i + 1) for i in range(self.seq_q))]
+
 
 def sees(position: torch.Tensor, cols: torch.Tensor, seq_kv, left: int, right: int) -> torch.Tensor:
     """Bool, broadcast of the arguments' shapes: True where a query at key `position` sees key `cols`
@@ -111,10 +115,6 @@ def sees(position: torch.Tensor, cols: torch.Tensor, seq_kv, left: int, right: i
     if left >= 0:
         visible = visible & (cols >= position - left)
     return visible
-
-    def row_counts(self) -> list[int]:
-        """How many keys each query sees."""
-        return [max(0, hi - lo) for lo, hi in (self.key_range(i, i + 1) for i in range(self.seq_q))]
 
 
 def _blocks(lo, hi, full_lo, full_hi, block, length) -> Iterator[Block]:
