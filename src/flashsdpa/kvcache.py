@@ -3,15 +3,22 @@
 
 The path reads no tensor value on the host and makes no output shape depend on
 data: new keys are written with index ops at positions computed on the device,
-and each batch item's key count (`cache_seqlens + new tokens`) enters as a bool
-mask of visible keys, computed on the device, over the cache's full capacity.
-So a decode step can be captured in a CUDA graph (given a backend whose kernels
-read no host value either), and one compiled graph serves every step.
+and each batch item's key count (`cache_seqlens + new tokens`) is read on the
+device. So a decode step can be captured in a CUDA graph, and one compiled
+graph serves every step.
 
-The keys attended are the cache's (B, Hkv, capacity, E) view (a contiguous cache
-is read in place; a paged one is gathered through `block_table` into that shape,
-B * capacity * Hkv * E elements for each of K and V) and the mask, (B, 1, Lq,
-capacity) bools shared by the heads.
+Two ways to attend:
+
+- the triton backend (chosen on a GPU, or pinned): its paged decode kernel
+  (backends/triton/paged_kernels.py) reads K/V in place, through `block_table`
+  for a paged cache, and only each sequence's own keys: work and bytes follow
+  the real lengths, split over the key axis (the split count from the
+  capacity and the GPU's SM count), merged in a fixed order;
+- every other backend: the cache's (B, Hkv, capacity, E) view (a contiguous
+  cache in place; a paged one gathered through `block_table` into that shape,
+  B * capacity * Hkv * E elements for each of K and V) and a (B, 1, Lq,
+  capacity) bool mask of the visible keys, through `flashsdpa.attention`
+  (work B * Lq * capacity).
 """
 
 from __future__ import annotations
@@ -187,8 +194,11 @@ def kvcache_attention(
         query 1 (position 4)                                 x x x x x
 
     `softcap` and `sinks` (Hq,) as in `flashsdpa.attention`. `alibi_slopes` (Hq,) or (B, Hq) float32
-    add -slope * |p - j|; they enter as a float (B, Hq, Lq, capacity) mask (each sequence's p differs),
-    so they run on every backend, at that much memory.
+    add -slope * |p - j|; the paged decode kernel computes them, the other backends get them as a float
+    (B, Hq, Lq, capacity) mask (each sequence's p differs), at that much memory.
+
+    Backends: the triton backend, automatic on a GPU (or pinned), runs its paged decode kernel (module
+    doc); the others attend over the gathered cache with a mask. `stats()` counts the call either way.
 
     Checks: shapes, dtypes and devices always. Value checks (cache_seqlens + n within the capacity,
     block_table entries within the pages) read tensors on the host: `validate=None` (default) runs

@@ -226,10 +226,10 @@ class PagedDecodeKernelSpec(KernelSpec):
     num_stages: int
 
 
-def paged_decode_spec(desc: AttentionDescriptor, config, paged: bool) -> PagedDecodeKernelSpec:
+def paged_decode_spec(desc: AttentionDescriptor, config, decode, paged: bool) -> PagedDecodeKernelSpec:
     """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
-    alignment (`kvcache.cache_descriptor`)."""
-    key, decode = desc.kernel_key, config.decode
+    alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`."""
+    key = desc.kernel_key
     band = visible_band(desc)
     return PagedDecodeKernelSpec(
         bounded_below=band.bounded_below,

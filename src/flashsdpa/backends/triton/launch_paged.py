@@ -10,6 +10,8 @@ every decode step and replays from a CUDA graph.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from flashsdpa.backends.base import AttentionInputs, new_output
@@ -25,6 +27,11 @@ from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.visibility import Visibility
 
 Tensor = torch.Tensor
+# Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
+# 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
+# 3.6) had 163-168 registers and 12-16 bytes of spills at d=128 (BLOCK_N=64), 163 at d=64 (BLOCK_N=128),
+# 209 at d=256; with 8, 127 / 120 / 146-174 and no spills (the contiguous cache: 99-110, none). Not timed.
+PAGED_DECODE_WARPS = 8
 
 
 def paged_decode(
@@ -53,7 +60,7 @@ def paged_decode(
     lse = new_output((batch, heads_q, seq_q), torch.float32, q.device)
     if batch * heads_q * seq_q == 0:
         return out, lse
-    decode = config.decode
+    decode = replace(config.decode, num_warps=PAGED_DECODE_WARPS)
     gqa_group = desc.gqa_group
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
@@ -79,7 +86,7 @@ def paged_decode(
         partial_lse = torch.empty(rows * num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
-    spec = paged_decode_spec(desc, config, paged)
+    spec = paged_decode_spec(desc, config, decode, paged)
     split_kernel = launcher(paged_kernels.attention_paged_decode_kernel, **spec.launch_arguments())
     with on_device(q.device):
         split_kernel(

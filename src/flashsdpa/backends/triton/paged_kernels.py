@@ -29,32 +29,36 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 
 @triton.jit
-def cache_rows(
-    cache_ptr,
+def key_rows(
     table_row_ptr,
     batch,
-    kv_head,
     cols,
-    offs_d,
     key_end,
-    width,
     page_size,
-    stride_page,
-    stride_slot,
-    stride_head,
-    stride_dim,
+    k_strides,
+    v_strides,
     stride_table_page,
     PAGED: tl.constexpr,
 ):
-    """The cache's rows for key positions `cols` of one (batch item, kv head): [len(cols), len(offs_d)],
-    zero past key_end or width. Neither the table nor the cache is read for a key past key_end."""
+    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item: int64 element
+    offsets of each key's row from the kv head's base, by the caches' (page or batch item, slot) strides.
+    The table is read once for K and V, and not for keys past key_end (their offsets are 0)."""
     in_range = cols < key_end
     if PAGED:
         page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=in_range, other=0)
-        row_offsets = page.to(tl.int64) * stride_page + (cols % page_size) * stride_slot
-    else:
-        row_offsets = batch.to(tl.int64) * stride_page + cols.to(tl.int64) * stride_slot
-    ptrs = cache_ptr + kv_head.to(tl.int64) * stride_head + row_offsets[:, None] + offs_d[None, :] * stride_dim
+        page = page.to(tl.int64)
+        slot = cols % page_size
+        return page * k_strides[0] + slot * k_strides[1], page * v_strides[0] + slot * v_strides[1], in_range
+    position = cols.to(tl.int64)
+    item = batch.to(tl.int64)
+    return item * k_strides[0] + position * k_strides[1], item * v_strides[0] + position * v_strides[1], in_range
+
+
+@triton.jit
+def cache_rows(head_ptr, row_offsets, in_range, offs_d, width, stride_dim):
+    """The rows at `row_offsets` from `head_ptr`: [len(row_offsets), len(offs_d)], zero out of range or
+    past width (nothing is read there)."""
+    ptrs = head_ptr + row_offsets[:, None] + offs_d[None, :] * stride_dim
     return tl.load(ptrs, mask=in_range[:, None] & (offs_d[None, :] < width), other=0.0)
 
 
@@ -65,11 +69,10 @@ def attend_cache_blocks(
     row_max,
     q,
     q_lo,
-    k_ptr,
-    v_ptr,
+    k_head_ptr,
+    v_head_ptr,
     table_row_ptr,
     batch,
-    kv_head,
     key_start,
     key_stop,
     query_rows,
@@ -100,14 +103,15 @@ def attend_cache_blocks(
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
     attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
     keys some row does not see (or past key_end) and are masked element by element. The strides
-    are (page or batch item, slot, head, dim)."""
+    are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
-        k = cache_rows(k_ptr, table_row_ptr, batch, kv_head, cols, offs_d, key_end, head_dim, page_size,
-                       k_strides[0], k_strides[1], k_strides[2], k_strides[3], stride_table_page, PAGED)
+        k_rows, v_rows, in_range = key_rows(table_row_ptr, batch, cols, key_end, page_size, k_strides, v_strides,
+                                            stride_table_page, PAGED)  # fmt: skip
+        k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
             qk = matmul_split(q, q_lo, k_hi, k_lo)
@@ -131,8 +135,7 @@ def attend_cache_blocks(
             p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
             alpha = tl.math.exp2((row_max - shift) * score_scale)
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = cache_rows(v_ptr, table_row_ptr, batch, kv_head, cols, offs_dv, key_end, head_dim_v, page_size,
-                       v_strides[0], v_strides[1], v_strides[2], v_strides[3], stride_table_page, PAGED)
+        v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
         if SPLIT_TF32:
             p_hi, p_lo = split_tf32(p)
             v_hi, v_lo = split_tf32(v)
@@ -269,13 +272,15 @@ def attention_paged_decode_kernel(
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     table_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_table_b
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_vh
     k_strides = (stride_k_page, stride_k_slot, stride_kh, stride_kk)
     v_strides = (stride_v_page, stride_v_slot, stride_vh, stride_vk)
     # Lower edge blocks, blocks every row sees whole, upper edge blocks (visibility_kernels).
     for part in tl.static_range(3):
         if part != 0 or BOUNDED_BELOW:
             acc, row_sum, row_max = attend_cache_blocks(
-                acc, row_sum, row_max, q, q_lo, k_ptr, v_ptr, table_row_ptr, batch, kv_head,
+                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, table_row_ptr, batch,
                 key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
