@@ -105,7 +105,6 @@ def attention_decode_split_kernel(
     head = kv_head * gqa_group + packed // seq_q
     query_row = packed % seq_q
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     q_row_ptrs = (
         q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query_row.to(tl.int64) * stride_qm
@@ -147,8 +146,32 @@ def attention_decode_split_kernel(
     )
     out, lse = finish_rows(acc, row_sum, row_max, 1.0)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
+    store_split(out, lse, row, row_valid, split, num_splits, partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
+                stride_out_row, head_dim_v, BLOCK_DV, WIDEN_DOT_OPERANDS)
+
+
+@triton.jit
+def store_split(
+    out,
+    lse,
+    row,
+    row_valid,
+    split,
+    num_splits,
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_out_row,
+    head_dim_v,
+    BLOCK_DV: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+):
+    """Stage 1's result of rows `row` (normalised out [rows, BLOCK_DV], natural lse): the split's partial
+    output (rows, num_splits, head_dim_v) and lse (rows, num_splits); with one split, the output (rows
+    stride_out_row apart) and lse (contiguous) themselves, as the merge would write them."""
+    offs_dv = tl.arange(0, BLOCK_DV)
     if num_splits == 1:
-        # One split is the whole answer: write it where the merge would.
         tl.store(
             out_ptr + row[:, None] * stride_out_row + offs_dv[None, :],
             to_dtype(out, out_ptr.dtype.element_ty, WIDEN_DOT_OPERANDS),

@@ -15,13 +15,13 @@ from dataclasses import replace
 import torch
 
 from flashsdpa.backends.base import AttentionInputs, new_output
-from flashsdpa.backends.triton import decode_kernels, paged_kernels
+from flashsdpa.backends.triton import paged_kernels
 from flashsdpa.backends.triton.direct_launch import launcher
 from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, choose_forward_config, decode_split_count
 from flashsdpa.backends.triton.kernel_specs import paged_decode_spec
 from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, on_device, \
     score_arguments, sm_count  # fmt: skip
-from flashsdpa.backends.triton.launch_forward import kernel_query, kernel_scale
+from flashsdpa.backends.triton.launch_forward import kernel_query, kernel_scale, merge_launcher
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.visibility import Visibility
@@ -98,12 +98,6 @@ def paged_decode(
             kernel_scale(desc), float(desc.softcap),
         )  # fmt: skip
         if num_splits > 1:
-            merge = launcher(
-                decode_kernels.merge_decode_splits_kernel,
-                BLOCK_SPLITS=DECODE_MAX_SPLITS,
-                BLOCK_DV=spec.block_dv,
-                ROUND_BFLOAT16=spec.widen_dot_operands,
-                num_warps=4,
-            )
+            merge = merge_launcher(spec.block_dv, spec.widen_dot_operands)
             merge((rows,), partial_out, partial_lse, out, lse, num_splits, desc.head_dim_v, desc.head_dim_v)
     return out, lse

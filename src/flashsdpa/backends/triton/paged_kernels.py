@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, matmul_split, split_tf32, to_dtype
+from flashsdpa.backends.triton.decode_kernels import store_split
 from flashsdpa.backends.triton.forward_kernels import exponent_below_max, finish_rows
 from flashsdpa.backends.triton.score_kernels import scores_of_products
 from flashsdpa.backends.triton.visibility_kernels import blocks_seen
@@ -235,7 +236,6 @@ def attention_paged_decode_kernel(
     head = kv_head * gqa_group + packed // seq_q
     query_row = packed % seq_q
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     key_end = tl.load(cache_seqlens_ptr + batch).to(tl.int32) + new_tokens
     key_offset = key_end - seq_q
@@ -290,18 +290,5 @@ def attention_paged_decode_kernel(
         row_max = row_max * softmax_scale
     out, lse = finish_rows(acc, row_sum, row_max, 1.0)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
-    if num_splits == 1:
-        tl.store(
-            out_ptr + row[:, None] * head_dim_v + offs_dv[None, :],
-            to_dtype(out, out_ptr.dtype.element_ty, WIDEN_DOT_OPERANDS),
-            mask=row_valid[:, None] & (offs_dv[None, :] < head_dim_v),
-        )
-        tl.store(lse_ptr + row, lse, mask=row_valid)
-    else:
-        partial_index = row * num_splits + split
-        tl.store(
-            partial_out_ptr + partial_index[:, None] * head_dim_v + offs_dv[None, :],
-            out,
-            mask=row_valid[:, None] & (offs_dv[None, :] < head_dim_v),
-        )
-        tl.store(partial_lse_ptr + partial_index, lse, mask=row_valid)
+    store_split(out, lse, row, row_valid, split, num_splits, partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
+                head_dim_v, head_dim_v, BLOCK_DV, WIDEN_DOT_OPERANDS)  # out is contiguous (rows, head_dim_v)
