@@ -90,20 +90,9 @@ def attention_decode_split_kernel(
     and lse themselves (rows stride_out_row apart in out, lse contiguous)
     and no merge follows.
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    batch_kv = pid // row_chunks
-    chunk = pid % row_chunks
-    batch = batch_kv // heads_kv
-    kv_head = batch_kv % heads_kv
-
-    rows_per_group = gqa_group * seq_q
-    packed = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = packed < rows_per_group
-    # Padding rows repeat the group's last row: loads stay in bounds, stores are masked.
-    packed = tl.minimum(packed, rows_per_group - 1)
-    head = kv_head * gqa_group + packed // seq_q
-    query_row = packed % seq_q
+    batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks, heads_kv, gqa_group, seq_q,
+                                                            BLOCK_M)  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
 
     q_row_ptrs = (
@@ -148,6 +137,23 @@ def attention_decode_split_kernel(
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
     store_split(out, lse, row, row_valid, split, num_splits, partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
                 stride_out_row, head_dim_v, BLOCK_DV, WIDEN_DOT_OPERANDS)
+
+
+@triton.jit
+def group_rows(pid, row_chunks, heads_kv, gqa_group, seq_q, BLOCK_M: tl.constexpr):
+    """(batch, kv_head, head, query_row, row_valid) of stage 1's program `pid` (of batch * heads_kv *
+    row_chunks): its BLOCK_M packed rows r of the kv head's group are query head kv_head * gqa_group +
+    r // seq_q, query row r % seq_q. Padding rows repeat the group's last row (loads stay in bounds);
+    row_valid masks their stores."""
+    batch_kv = pid // row_chunks
+    chunk = pid % row_chunks
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv % heads_kv
+    rows_per_group = gqa_group * seq_q
+    packed = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = packed < rows_per_group
+    packed = tl.minimum(packed, rows_per_group - 1)
+    return batch, kv_head, kv_head * gqa_group + packed // seq_q, packed % seq_q, row_valid
 
 
 @triton.jit

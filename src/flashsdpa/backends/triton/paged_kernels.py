@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, matmul_split, split_tf32, to_dtype
-from flashsdpa.backends.triton.decode_kernels import store_split
+from flashsdpa.backends.triton.decode_kernels import group_rows, store_split
 from flashsdpa.backends.triton.forward_kernels import exponent_below_max, finish_rows
 from flashsdpa.backends.triton.score_kernels import scores_of_products
 from flashsdpa.backends.triton.visibility_kernels import blocks_seen
@@ -221,20 +221,9 @@ def attention_paged_decode_kernel(
     ordered (batch, query head, query row), or with one split out (rows,
     head_dim_v) and lse (rows,) themselves.
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    heads_kv = heads_q // gqa_group
-    batch_kv = pid // row_chunks
-    chunk = pid % row_chunks
-    batch = batch_kv // heads_kv
-    kv_head = batch_kv % heads_kv
-
-    rows_per_group = gqa_group * seq_q
-    packed = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = packed < rows_per_group
-    packed = tl.minimum(packed, rows_per_group - 1)  # padding rows repeat the last: loads in bounds
-    head = kv_head * gqa_group + packed // seq_q
-    query_row = packed % seq_q
+    batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks, heads_q // gqa_group,
+                                                            gqa_group, seq_q, BLOCK_M)  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
 
     key_end = tl.load(cache_seqlens_ptr + batch).to(tl.int32) + new_tokens
