@@ -12,15 +12,16 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --masks | --no-masks | --hopper]
-                                   [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
+                                    --hopper] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
 named by kernel and a hash of its specialization), to find what spills or to
 check that a change leaves a variant's code as it was. --hopper compiles the
 hopper backend's Gluon forward kernels instead (every dtype, head dim and
-causality it takes, and GQA).
+causality it takes, and GQA). --paged compiles the paged decode kernel's
+variants (`kvcache_attention` on the triton backend).
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 import flashsdpa
-from flashsdpa import gradient_precision, validation
+from flashsdpa import gradient_precision, kvcache, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
-from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
+from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward, launch_paged
 from flashsdpa.descriptor import GradientPrecision
 from flashsdpa.dispatch import UnsupportedError
 
@@ -138,6 +139,10 @@ def patch_for_sm90() -> None:
     hopper_accepts = HopperBackend.unsupported_reasons
     HopperBackend.unsupported_reasons = lambda self, desc, device: hopper_accepts(self, desc, torch.device("cuda", 0))
     launch_forward.sm_count = hopper_launch.sm_count = lambda device: 132
+    launch_paged.device_capability = lambda device: (9, 0)
+    launch_paged.sm_count = lambda device: 132
+    cache_descriptor = kvcache.cache_descriptor
+    kvcache.cache_descriptor = lambda *a, **kw: dataclasses.replace(cache_descriptor(*a, **kw), device_type="cuda")
     JITFunction.run = compile_only_run
 
 
@@ -210,6 +215,35 @@ class Problem:
             out.backward(torch.ones_like(out))
 
 
+@dataclasses.dataclass(frozen=True)
+class PagedProblem:
+    """A `kvcache_attention` call on the triton backend (its paged decode kernel): a cache of 4 sequences."""
+
+    dtype: torch.dtype
+    head_dim: int
+    page_size: int | None = 16  # None: a contiguous cache
+    heads: tuple[int, int] = (8, 2)  # (Hq, Hkv)
+    seq_q: int = 1
+    # "causal" (the default), "plain" (not causal), "window", "softcap", "alibi", "sinks", joined by "+"
+    variant: str = "causal"
+
+    def run(self) -> None:
+        (hq, hkv), batch, capacity = self.heads, 4, 4096
+        names = set(self.variant.split("+"))
+        pages = capacity if self.page_size is None else -(-capacity // self.page_size)
+        shape = (batch, capacity, hkv, self.head_dim) if self.page_size is None else (
+            batch * pages + 1, self.page_size, hkv, self.head_dim)
+        cache = torch.randn(*shape, dtype=self.dtype)
+        table = None if self.page_size is None else torch.arange(batch * pages, dtype=torch.int32).view(batch, pages)
+        flashsdpa.kvcache_attention(
+            torch.randn(batch, self.seq_q, hq, self.head_dim, dtype=self.dtype), cache, cache,
+            cache_seqlens=torch.tensor([0, 1, 1000, capacity - self.seq_q]), block_table=table,
+            causal="plain" not in names, window_size=(256, -1) if "window" in names else (-1, -1),
+            softcap=30.0 if "softcap" in names else None, alibi_slopes=torch.rand(hq) if "alibi" in names else None,
+            sinks=torch.randn(hq) if "sinks" in names else None, backend="triton",
+        )  # fmt: skip
+
+
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 QUICK = [
     Problem(BF16, 128), Problem(BF16, 128, causal=True), Problem(BF16, 64, mask="pad", dropout=0.1),
@@ -237,7 +271,13 @@ PACKED = [
                                     (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
 ] + [Problem(BF16, 128, causal=True, dropout=0.1, packed=PACKED_LENGTHS), Problem(FP32, 64, packed=PACKED_LENGTHS),
      Problem(FP32, 128, causal=True, precision="tf32", packed=PACKED_LENGTHS)]
-FULL = QUICK + VARIANTS + D512 + PACKED + [
+# The paged decode kernel: what it compiles in (PAGED, the band's flags, the score variants) on bf16 d=64/128.
+PAGED = [
+    PagedProblem(BF16, d, page_size=p, variant=v)
+    for d in (64, 128) for p in (16, None) for v in ("causal", "plain", "window", "softcap+alibi+sinks")
+] + [PagedProblem(BF16, 128, seq_q=4), PagedProblem(FP16, 128), PagedProblem(FP32, 128), PagedProblem(BF16, 256)]
+
+FULL = QUICK + VARIANTS + D512 + PACKED + PAGED + [
     *(Problem(BF16, d, causal=c, gradients="exact") for d in (64, 128, 256) for c in (False, True)),
     Problem(FP16, 64, mask="pad", gradients="exact"), Problem(BF16, 128, mask="float", gradients="exact"),
     *(Problem(dtype, d, causal=c, precision=p) for dtype, p in ((BF16, "ieee"), (FP32, "ieee"), (FP32, "tf32"))
@@ -301,13 +341,15 @@ def main() -> int:
     parser.add_argument("--packed", action="store_true", help="only the packed batches (varlen_attn)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
+    parser.add_argument("--paged", action="store_true", help="only the paged decode kernel's problems (kvcache)")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    problems = list(dict.fromkeys(HOPPER if args.hopper else D512 if args.d512 else QUICK if args.quick
-                                  else VARIANTS if args.variants else PACKED if args.packed else FULL))
+    groups = {"hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS, "packed": PACKED, "paged": PAGED}
+    chosen = next((problems for name, problems in groups.items() if getattr(args, name)), FULL)
+    problems = list(dict.fromkeys(chosen))
     if args.masks or args.no_masks:
-        problems = [problem for problem in problems if bool(problem.mask) == args.masks]
+        problems = [problem for problem in problems if bool(getattr(problem, "mask", "")) == args.masks]
     if args.match:
         problems = [problem for problem in problems if args.match in repr(problem)]
     if args.dump is not None:

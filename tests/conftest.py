@@ -28,10 +28,11 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # interpreter ones, to find out-of-bounds accesses that only those shapes
         # make. Accuracy assertions on bfloat16 do not hold in this mode (the
         # interpreter's bfloat16 dot is wrong; the H100 configs do not work around it).
-        from flashsdpa.backends.triton import launch_backward, launch_forward
+        from flashsdpa.backends.triton import launch_backward, launch_forward, launch_paged
 
         launch_forward.device_capability = launch_backward.device_capability = lambda device: (9, 0)
-        launch_forward.sm_count = lambda device: 132
+        launch_paged.device_capability = lambda device: (9, 0)
+        launch_forward.sm_count = launch_paged.sm_count = lambda device: 132
 
 
 def pytest_configure(config):

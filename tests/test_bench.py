@@ -89,7 +89,7 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     by_group = {}
     for case in document["cases"]:
         by_group.setdefault(case["group"], []).append(case)
-    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant"}
+    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill"}
     assert {c["mask"] for c in by_group["mask"]} == {"key_padding", "bias"}
     fp32 = by_group["fp32"][0]
     assert "flashsdpa-tf32" not in fp32["peers"]  # no tf32 on a CPU
@@ -98,6 +98,11 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     assert decode["modes"] == ["fwd"] and decode["enable_gqa"]
     assert decode["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0
     assert decode["ratios"]["math"]["fwd"] > 0
+    varlen = by_group["varlen"][0]  # issue 12: packed (real tokens), paged (shuffled pages, odd page sizes)
+    assert varlen["modes"] == ["fwd", "bwd"] and varlen["peers"]["flashsdpa"]["fwd"]["tokens_per_s"] > 0
+    assert "torch-varlen" not in varlen["peers"] and "math" in varlen["peers"]  # CUDA only; padded SDPA here
+    assert {c["page_size"] for c in by_group["paged"]} == {16, 3}
+    assert all(c["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0 for c in by_group["paged"])
     for case in document["cases"]:
         assert case["check"]["flashsdpa"]["ok"], case["name"]
     markdown = (tmp_path / "results.md").read_text()
@@ -160,7 +165,7 @@ def test_plan_needs_no_gpu(capsys):
 def test_matrix_shapes_and_selection():
     full = case_matrix.full_cases()
     names = [c.name for c in full]
-    assert len(names) == len(set(names)) == 72 + 2 + 1 + 4 + 5
+    assert len(names) == len(set(names)) == 72 + 2 + 1 + 4 + 5 + 2 + 8 + 2
     assert [c.name for c in case_matrix.quick_cases()] == [
         "main/bf16-d128-L4096",
         "main/bf16-d128-L16384-causal",
@@ -177,6 +182,12 @@ def test_matrix_shapes_and_selection():
     assert causal.flops("fwd") == pytest.approx(dense.flops("fwd") / 2, rel=1e-3)
     decode = [c for c in full if c.group == "decode"]
     assert decode[0].kv_bytes == 2 * 16 * 8 * 4096 * 128 * 2
+    varlen = next(c for c in full if c.name == "varlen/bf16-d128-B10-T16404-causal")  # FLOPs on real tokens
+    per_sequence = sum(4 * 16 * 128 * n * (n + 1) / 2 for n in case_matrix.VARLEN_LENGTHS)
+    assert varlen.flops("fwd") == per_sequence < varlen.batch * 4 * 16 * 128 * 8192 * 8193 / 2 / 5
+    paged = [c for c in full if c.group == "paged"]
+    assert {(c.seq_kv, c.page_size) for c in paged} == {(n, p) for n in (4096, 16384, 32768, 131072) for p in (16, 256)}
+    assert paged[0].kv_bytes == decode[0].kv_bytes and paged[0].seq_q == 1
     assert [c.name for c in case_matrix.select(full, "main/fp16-d256-*-causal")] == [
         f"main/fp16-d256-L{n}-causal" for n in case_matrix.MAIN_SEQ_LENS
     ]

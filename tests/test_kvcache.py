@@ -1,5 +1,6 @@
 """flashsdpa.kvcache_attention: contiguous and paged caches against per-sequence float64 attention,
-in-place append, GQA, windows, no host reads on the path, bad input."""
+in-place append, GQA, windows, no host reads on the path, bad input; the triton backend's paged decode
+kernel (interpreted on CPU, bounds-checked loads): splits, variants, work proportional to the real lengths."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import flashsdpa
 from flashsdpa.backends.base import poisoned_outputs
 
-from helpers import assert_lse_close, generator, oracle, randn, rel_err
+from helpers import assert_forward_close, assert_lse_close, generator, oracle, randn, rel_err, variants_oracle
 
 BACKENDS = ("tiled", "reference")
 
@@ -147,9 +148,12 @@ def host_reads_forbidden():
                 setattr(torch.Tensor, name, method)
 
 
+@pytest.mark.parametrize("backend", ["tiled", "triton"])
 @pytest.mark.parametrize("page_size", [None, 3])
-def test_no_host_reads_on_the_path(page_size):
+def test_no_host_reads_on_the_path(page_size, backend, device):
     """The decode path (validate=False) never reads a tensor value on the host: it could be graph-captured."""
+    if backend == "triton" and not triton_available(device):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
     gen = generator(5)
     cache_k, cache_v = (randn((2, 9, 1, 8), gen, torch.float32) for _ in range(2))
     table = None
@@ -161,13 +165,16 @@ def test_no_host_reads_on_the_path(page_size):
     seqlens = torch.tensor([3, 6], dtype=torch.int32)
     with host_reads_forbidden():
         out = flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
-                                          block_table=table, validate=False, return_lse=True, backend="tiled")  # fmt: skip
+                                          block_table=table, validate=False, return_lse=True, backend=backend)  # fmt: skip
     assert torch.isfinite(out[0]).all()
     with host_reads_forbidden(), pytest.raises(AssertionError, match="host read"):  # the checker catches them
         flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, block_table=table, validate=True)
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_compiles_without_graph_breaks(backend, device):
+    if backend == "triton" and not triton_available(device):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
     gen = generator(6)
     cache_k, cache_v = (randn((2, 10, 2, 8), gen, torch.float32) for _ in range(2))
     q = randn((2, 1, 4, 8), gen, torch.float32)
@@ -175,11 +182,11 @@ def test_compiles_without_graph_breaks():
     seqlens = torch.tensor([2, 7], dtype=torch.int32)
     eager_k, eager_v = cache_k.clone(), cache_v.clone()
     eager = flashsdpa.kvcache_attention(q, eager_k, eager_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
-                                        validate=False)  # fmt: skip
+                                        validate=False, backend=backend)  # fmt: skip
 
     def step(q, cache_k, cache_v, seqlens, k_new, v_new):
         return flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
-                                           validate=False)  # fmt: skip
+                                           validate=False, backend=backend)  # fmt: skip
 
     out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, cache_k, cache_v, seqlens, k_new, v_new)
     assert torch.equal(out, eager)
@@ -311,3 +318,172 @@ def test_decode_step_replays_from_a_cuda_graph(backend):
         k_pages.copy_(pages_before[0]), v_pages.copy_(pages_before[1])
         eager = step()
         assert torch.equal(replayed, eager)
+
+
+def triton_available(device) -> bool:
+    return device != "cpu" or not flashsdpa.dispatch.BACKENDS["triton"].unsupported_reasons(
+        flashsdpa.AttentionDescriptor((1,), 1, 1, 1, 1, 16, 16, torch.float32, "cpu"), torch.device("cpu")
+    )
+
+
+@pytest.fixture
+def triton_device(device):
+    if not triton_available(device):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    return device
+
+
+def force_splits(monkeypatch, count: int) -> None:
+    """The paged decode launcher splits each sequence's keys `count` ways (rounded to whole key blocks),
+    whatever its own choice (one split for these small problems)."""
+    from flashsdpa.backends.triton import launch_paged
+
+    monkeypatch.setattr(launch_paged, "decode_split_count", lambda programs, capacity, sms: count)
+
+
+@pytest.fixture(params=[None, 3], ids=["own_splits", "3_splits"])
+def splits(request, monkeypatch):
+    """The launcher's own split count, or 3 splits merged by the merge kernel."""
+    if request.param is not None:
+        force_splits(monkeypatch, request.param)
+    return request.param
+
+
+def per_sequence(q, keys, values, lengths, dtype=torch.float64, **variants):
+    """(out (B, Lq, Hq, Ev), lse (B, Hq, Lq)) per sequence over its first lengths[b] keys in `dtype`
+    (float64: the truth; the inputs' dtype: the stand-in for torch's own error), bottom-right aligned;
+    `variants` as helpers.variants_oracle takes them (alibi_slopes (B, Hq): one row per sequence)."""
+    outs, lses = [], []
+    slopes = variants.pop("alibi_slopes", None)
+    for b, n in enumerate(lengths):
+        if n == 0 and variants.get("sinks") is None:  # no key, no sink: zeros and lse -inf
+            outs.append(torch.zeros((*q.shape[1:3], values.shape[3]), dtype=dtype))
+            lses.append(torch.full(q.shape[2:0:-1], float("-inf"), dtype=dtype))
+            continue
+        view = lambda t: t[b : b + 1, :n].transpose(1, 2)  # noqa: E731
+        out, lse = variants_oracle(
+            q[b : b + 1].transpose(1, 2), view(keys), view(values),
+            alignment="bottom_right", alibi_slopes=None if slopes is None else slopes[b], dtype=dtype, **variants,
+        )  # fmt: skip
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.stack(outs), torch.stack(lses)
+
+
+def cache_problem(lengths, new, seq_q, heads_q, heads_kv, dim, capacity, page_size, dtype, seed):
+    """Inputs of one kvcache call (moved to the device by the caller) and the caches it must leave."""
+    batch = len(lengths)
+    gen = generator(seed)
+    cache_k, cache_v = (randn((batch, capacity, heads_kv, dim), gen, dtype) for _ in range(2))
+    q = randn((batch, seq_q, heads_q, dim), gen, dtype)
+    k_new, v_new = (randn((batch, new, heads_kv, dim), gen, dtype) if new else None for _ in range(2))
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    for b, n in enumerate(lengths):
+        if new:
+            want_k[b, n : n + new], want_v[b, n : n + new] = k_new[b], v_new[b]
+    table = None
+    if page_size is not None:
+        (cache_k, table), (cache_v, _) = to_pages(cache_k, page_size, generator(seed)), to_pages(
+            cache_v, page_size, generator(seed))  # fmt: skip
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    return dict(q=q, k_cache=cache_k, v_cache=cache_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
+                block_table=table), (want_k, want_v)  # fmt: skip
+
+
+def on(device, call):
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in call.items()}
+
+
+@pytest.mark.parametrize("case", CASES + [([0, 0], 1, 1), ([0, 44], 1, 1)], ids=str)
+@pytest.mark.parametrize("page_size", [None, 1, 3, 16])
+def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits, case, page_size):
+    """float32, GQA (4 query heads on 2), empty and 1-key sequences, Lq > 1 bottom-right causal, append;
+    a full last sequence whose capacity (45) is no multiple of the key block (loads past it are masked)."""
+    lengths, new, seq_q = case
+    call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32,
+                                           seed=len(lengths) + new + (page_size or 0))  # fmt: skip
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), return_lse=True, backend="triton")
+    totals = [n + new for n in lengths]
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, causal=True)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, torch.float32, causal=True)
+    assert_forward_close("out", out, ref, stand_in, torch.float32)
+    assert_lse_close(lse.cpu(), ref_lse, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_paged_decode_16_bit(triton_device, splits, dtype):
+    lengths, new, seq_q = [9, 0, 40, 1], 2, 3
+    call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 6, 2, 32, 48, 5, dtype, seed=21)
+    with poisoned_outputs():
+        out = flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
+    totals = [n + new for n in lengths]
+    ref, _ = per_sequence(call["q"], want_k, want_v, totals, causal=True)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, causal=True)
+    assert_forward_close("out", out, ref, stand_in, dtype)
+
+
+VARIANTS = [  # (causal, window, softcap, ALiBi, sinks)
+    (True, (3, -1), None, False, False),
+    (False, (2, 1), None, False, False),
+    (False, (-1, -1), None, False, False),
+    (True, (-1, -1), 1.3, True, True),
+    (True, (4, -1), None, False, True),
+    (False, (-1, 2), 2.0, True, False),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_triton_paged_decode_variants(triton_device, splits, variant):
+    causal, window, softcap, alibi, with_sinks = variant
+    lengths, new, seq_q, heads_q = [4, 0, 21, 1], 2, 3, 4
+    call, (want_k, want_v) = cache_problem(lengths, new, seq_q, heads_q, 2, 16, 24, 3, torch.float32, seed=31)
+    gen = generator(32)
+    slopes = torch.rand(len(lengths), heads_q, generator=gen) if alibi else None
+    sinks = randn((heads_q,), gen, torch.float32) if with_sinks else None
+    options = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), **on(triton_device, options),
+                                               return_lse=True, backend="triton")  # fmt: skip
+    totals = [n + new for n in lengths]
+    semantics = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, **semantics)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, torch.float32, **semantics)
+    assert_forward_close("out", out, ref, stand_in, torch.float32)
+    assert_lse_close(lse.cpu(), ref_lse, torch.float32)
+
+
+def test_triton_paged_decode_is_deterministic(triton_device, monkeypatch):
+    """Several splits merged in a fixed order: the same bits on every call."""
+    force_splits(monkeypatch, 4)
+    call, _ = cache_problem([50, 7, 33], 0, 1, 8, 2, 16, 64, 16, torch.bfloat16, seed=41)
+    first, second = (flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton") for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_triton_paged_decode_visits_key_blocks_of_the_real_lengths(triton_device, monkeypatch):
+    """Work follows each sequence's length, not the capacity: the kernel reads len/BLOCK_N key blocks of K
+    and of V per (sequence, kv head) and no more (the kernel's row loader counted, interpreted)."""
+    if triton_device != "cpu":
+        pytest.skip("counts the interpreted kernel's loads")
+    from flashsdpa.backends.triton import paged_kernels
+    from flashsdpa.backends.triton.forward_configs import choose_decode_config
+
+    force_splits(monkeypatch, 8)  # most splits lie past the lengths
+    loads = []
+    counted = paged_kernels.cache_rows
+
+    def counting(*args):
+        loads.append(1)
+        return counted.fn(*args)
+
+    monkeypatch.setattr(paged_kernels, "cache_rows", counting)
+    lengths, capacity, heads_kv = [0, 1, 40, 130], 256, 2
+    call, _ = cache_problem(lengths, 0, 1, 4, heads_kv, 16, capacity, 16, torch.float32, seed=51)
+    key = flashsdpa.AttentionDescriptor((4,), 4, heads_kv, 1, capacity, 16, 16, torch.float32, "cpu").kernel_key
+    block_n = choose_decode_config(key, interpreted=True).block_n
+    real = 2 * heads_kv * sum(math.ceil(n / block_n) for n in lengths)  # K and V
+    for causal in (True, False):
+        loads.clear()
+        flashsdpa.kvcache_attention(**call, causal=causal, backend="triton")
+        assert len(loads) == real < 2 * heads_kv * len(lengths) * capacity // block_n // 3, causal

@@ -3,15 +3,22 @@
 
 The path reads no tensor value on the host and makes no output shape depend on
 data: new keys are written with index ops at positions computed on the device,
-and each batch item's key count (`cache_seqlens + new tokens`) enters as a bool
-mask of visible keys, computed on the device, over the cache's full capacity.
-So a decode step can be captured in a CUDA graph (given a backend whose kernels
-read no host value either), and one compiled graph serves every step.
+and each batch item's key count (`cache_seqlens + new tokens`) is read on the
+device. So a decode step can be captured in a CUDA graph, and one compiled
+graph serves every step.
 
-The keys attended are the cache's (B, Hkv, capacity, E) view (a contiguous cache
-is read in place; a paged one is gathered through `block_table` into that shape,
-B * capacity * Hkv * E elements for each of K and V) and the mask, (B, 1, Lq,
-capacity) bools shared by the heads.
+Two ways to attend:
+
+- the triton backend (chosen on a GPU, or pinned): its paged decode kernel
+  (backends/triton/paged_kernels.py) reads K/V in place, through `block_table`
+  for a paged cache, and only each sequence's own keys: work and bytes follow
+  the real lengths, split over the key axis (the split count from the
+  capacity and the GPU's SM count), merged in a fixed order;
+- every other backend: the cache's (B, Hkv, capacity, E) view (a contiguous
+  cache in place; a paged one gathered through `block_table` into that shape,
+  B * capacity * Hkv * E elements for each of K and V) and a (B, 1, Lq,
+  capacity) bool mask of the visible keys, through `flashsdpa.attention`
+  (work B * Lq * capacity).
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import math
 
 import torch
 
-from flashsdpa import api
-from flashsdpa.descriptor import statistics_dtype
+from flashsdpa import api, dispatch
+from flashsdpa.descriptor import Alignment, AttentionDescriptor, Fp32Precision, statistics_dtype
 from flashsdpa.validation import _check_small_tensor
+from flashsdpa.visibility import Visibility, sees
 
 Tensor = torch.Tensor
 
@@ -140,17 +148,6 @@ def _keys(cache: Tensor, block_table: Tensor | None, batch: int) -> Tensor:
     return cache[block_table.long()].flatten(1, 2).transpose(1, 2)
 
 
-def _visible(positions: Tensor, cols: Tensor, seq_kv: Tensor, left: int, right: int) -> Tensor:
-    """`visibility.Visibility.mask`'s rule with each sequence's key count and positions as tensors
-    (Visibility holds ints, one problem's): key j < seq_kv, j <= p + right, j >= p - left (-1: unbounded)."""
-    visible = cols < seq_kv
-    if right >= 0:
-        visible = visible & (cols <= positions + right)
-    if left >= 0:
-        visible = visible & (cols >= positions - left)
-    return visible
-
-
 def _alibi_mask(slopes: Tensor, visible: Tensor, positions: Tensor, cols: Tensor, batch: int, heads: int,
                 dtype: torch.dtype) -> Tensor:  # fmt: skip
     """The float mask -slope * |p - j| where visible, -inf elsewhere: (B, Hq, Lq, capacity), in `dtype`."""
@@ -197,8 +194,11 @@ def kvcache_attention(
         query 1 (position 4)                                 x x x x x
 
     `softcap` and `sinks` (Hq,) as in `flashsdpa.attention`. `alibi_slopes` (Hq,) or (B, Hq) float32
-    add -slope * |p - j|; they enter as a float (B, Hq, Lq, capacity) mask (each sequence's p differs),
-    so they run on every backend, at that much memory.
+    add -slope * |p - j|; the paged decode kernel computes them, the other backends get them as a float
+    (B, Hq, Lq, capacity) mask (each sequence's p differs), at that much memory.
+
+    Backends: the triton backend, automatic on a GPU (or pinned), runs its paged decode kernel (module
+    doc); the others attend over the gathered cache with a mask. `stats()` counts the call either way.
 
     Checks: shapes, dtypes and devices always. Value checks (cache_seqlens + n within the capacity,
     block_table entries within the pages) read tensors on the host: `validate=None` (default) runs
@@ -216,19 +216,27 @@ def kvcache_attention(
     if not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int64, device=q.device)
     new_tokens = 0 if k_new is None else k_new.shape[1]
+    desc = cache_descriptor(q, k_cache, v_cache, _capacity(k_cache, block_table), scale=scale, causal=causal,
+                            window_size=window_size, softcap=softcap, alibi=alibi_slopes is not None,
+                            sinks=sinks is not None, fp32_precision=fp32_precision)  # fmt: skip
+    paged_kernel = _uses_paged_kernel(desc, q.device, backend)
     if validate or (validate is None and q.device.type == "cpu"):
         _validate_values(k_cache, cache_seqlens, new_tokens, block_table)
     if k_new is not None:
         append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    if paged_kernel:
+        slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32).expand(batch, heads_q)
+        out, lse = _paged_decode(q, k_cache, v_cache, cache_seqlens, block_table, slopes, sinks, new_tokens,
+                                 desc.scale, causal, desc.window_left, desc.window_right, desc.softcap,
+                                 fp32_precision)  # fmt: skip
+        return (out.transpose(1, 2), lse) if return_lse else out.transpose(1, 2)
     keys, values = _keys(k_cache, block_table, batch), _keys(v_cache, block_table, batch)
     seq_kv = (cache_seqlens.long() + new_tokens).view(batch, 1, 1, 1)
-    left, right = int(window_size[0]), int(window_size[1])
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    band = Visibility.of(desc)
     rows = torch.arange(seq_q, device=q.device).view(-1, 1)
     cols = torch.arange(keys.shape[2], device=q.device).view(1, -1)
     positions = rows + (seq_kv - seq_q)  # (B, 1, Lq, 1): each sequence's bottom-right aligned positions
-    mask = _visible(positions, cols, seq_kv, left, right)  # (B, 1, Lq, capacity)
+    mask = sees(positions, cols, seq_kv, band.left, band.right)  # (B, 1, Lq, capacity)
     if alibi_slopes is not None:
         mask = _alibi_mask(alibi_slopes, mask, positions, cols, batch, heads_q, statistics_dtype(q.dtype))
     result = api.attention(
@@ -239,3 +247,87 @@ def kvcache_attention(
         out, lse = result
         return out.transpose(1, 2), lse
     return result.transpose(1, 2)
+
+
+def cache_descriptor(q: Tensor, k_cache: Tensor, v_cache: Tensor, capacity: int, *, scale, causal: bool,
+                     window_size: tuple[int, int], softcap, alibi: bool, sinks: bool,
+                     fp32_precision: str) -> AttentionDescriptor:  # fmt: skip
+    """The problem of q (B, Lq, Hq, E) over `capacity` keys per sequence, bottom-right aligned: what the
+    triton backend is asked about and what picks its kernel variant (each sequence's own key count is
+    read on the device). A window side past every key is clamped (it changes nothing and stays an int32)."""
+    batch, seq_q, heads_q, head_dim = q.shape
+    left, right = (min(int(side), capacity + seq_q) for side in window_size)
+    return AttentionDescriptor(
+        (batch,), heads_q, k_cache.shape[2], seq_q, capacity, head_dim, v_cache.shape[3], q.dtype, q.device.type,
+        causal=causal, scale=scale, fp32_precision=Fp32Precision(fp32_precision), window_left=left,
+        window_right=right, alignment=Alignment.BOTTOM_RIGHT, softcap=float(softcap or 0.0), alibi=alibi,
+        sinks=sinks,
+    )  # fmt: skip
+
+
+def _uses_paged_kernel(desc: AttentionDescriptor, device: torch.device, backend: str | None) -> bool:
+    """Whether the triton backend's paged decode kernel runs this call: where triton is pinned (raising with
+    its reasons if it cannot), or chosen automatically on a GPU it can serve (else its reasons are recorded
+    as fallbacks). Other backends attend over the cache gathered into (B, Hkv, capacity, E) with a mask.
+    Under torch.compile a `use_backend` pin is not read here (see api._pinned_backend_outside_compile)."""
+    requested = backend or api._pinned_backend_outside_compile() or None
+    if requested not in ("triton", None) or (requested is None and device.type != "cuda"):
+        return False
+    reasons = dispatch.backend_reasons(dispatch.get_backend("triton"), desc, device)
+    if reasons and requested == "triton":
+        raise dispatch.UnsupportedError("backend 'triton' cannot run this problem: " + "; ".join(reasons), reasons)
+    for reason in reasons:
+        dispatch.record_fallback(f"triton paged decode: {reason}")
+    return not reasons
+
+
+def _paged_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, new_tokens, scale, causal,
+                  window_left, window_right, softcap, fp32_precision) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq)) from the triton backend's paged decode kernel; through the
+    custom op when traced (torch.compile), straight to its body otherwise (the op's dispatch costs host time)."""
+    arguments = (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, new_tokens, scale, causal,
+                 window_left, window_right, softcap, fp32_precision)  # fmt: skip
+    if torch.compiler.is_compiling():
+        return paged_decode_op(*arguments)
+    return _paged_decode_impl(*arguments)
+
+
+def _paged_decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, new_tokens, scale,
+                       causal, window_left, window_right, softcap, fp32_precision):  # fmt: skip
+    from flashsdpa.backends.triton.launch_paged import paged_decode  # imported on the first triton call
+
+    desc = cache_descriptor(q, k_cache, v_cache, _capacity(k_cache, block_table), scale=scale, causal=causal,
+                            window_size=(window_left, window_right), softcap=softcap,
+                            alibi=alibi_slopes is not None, sinks=sinks is not None,
+                            fp32_precision=fp32_precision)  # fmt: skip
+    dispatch.record_call("triton")
+    return paged_decode(desc, q, k_cache, v_cache, cache_seqlens, block_table, new_tokens, alibi_slopes, sinks)
+
+
+@torch.library.custom_op("flashsdpa::kvcache_paged_decode", mutates_args=())
+def paged_decode_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
+    new_tokens: int,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    fp32_precision: str,
+) -> tuple[Tensor, Tensor]:
+    """`_paged_decode_impl` as a custom op (its fake below), so torch.compile traces the call whole."""
+    return _paged_decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, new_tokens,
+                              scale, causal, window_left, window_right, softcap, fp32_precision)  # fmt: skip
+
+
+@paged_decode_op.register_fake
+def _(q, k_cache, v_cache, *_rest):
+    batch, seq_q, heads_q, _ = q.shape
+    out = q.new_empty((batch, heads_q, seq_q, v_cache.shape[3]))
+    return out, q.new_empty((batch, heads_q, seq_q), dtype=torch.float32)

@@ -98,16 +98,23 @@ class Visibility:
         """Bool (len(rows), len(cols)): True where query rows[a] sees key cols[b] (rows, cols: 1-D positions)."""
         position = rows.view(-1, 1) + self.offset
         cols = cols.view(1, -1)
-        visible = (cols >= 0) & (cols < self.seq_kv)
-        if self.right >= 0:
-            visible = visible & (cols <= position + self.right)
-        if self.left >= 0:
-            visible = visible & (cols >= position - self.left)
+        visible = sees(position, cols, self.seq_kv, self.left, self.right)
         return visible.expand(position.shape[0], cols.shape[1])
 
     def row_counts(self) -> list[int]:
         """How many keys each query sees."""
         return [max(0, hi - lo) for lo, hi in (self.key_range(i, i + 1) for i in range(self.seq_q))]
+
+
+def sees(position: torch.Tensor, cols: torch.Tensor, seq_kv, left: int, right: int) -> torch.Tensor:
+    """Bool, broadcast of the arguments' shapes: True where a query at key `position` sees key `cols`
+    among seq_kv keys (an int, or a tensor: one count per sequence) under the window (left, right)."""
+    visible = (cols >= 0) & (cols < seq_kv)
+    if right >= 0:
+        visible = visible & (cols <= position + right)
+    if left >= 0:
+        visible = visible & (cols >= position - left)
+    return visible
 
 
 def _blocks(lo, hi, full_lo, full_hi, block, length) -> Iterator[Block]:

@@ -11,8 +11,15 @@ short by its time budget still has them):
 - fp32: the same shape with float32 inputs (flashsdpa precise and tf32).
 - decode: one query row, q (16, 32, 1, 128) against K/V (16, 8, S, 128) with
   enable_gqa; forward only, reported as bytes of K+V read per second too.
-- variant (last; `--cases variant` runs it alone): window 4096 in causal 32k,
+- variant (`--cases variant` runs it alone): window 4096 in causal 32k,
   softcap, sinks and ALiBi at d=128, causal L=4096, bf16, and a causal d=512 row.
+- varlen, paged, prefill (issue 12; last): a packed batch of mixed lengths,
+  causal, forward and backward (`flashsdpa.varlen_attn` against torch's
+  `varlen_attn` and padded SDPA; FLOPs and tokens on real tokens only); paged
+  decode, one query row per sequence over 4k-128k cached keys in pages of 16
+  and 256 (`flashsdpa.kvcache_attention` against torch's SDPA on the same keys
+  unpaged; TB/s of K+V read); chunked prefill, 512 new queries bottom-right
+  causal over a paged cache.
 
 On a CPU (`--device cpu`), CPU-sized cases at B=1, H=8 against the peers a
 CPU user has (torch's SDPA as it chooses, its math path, FlexAttention
@@ -33,11 +40,11 @@ it exercises the same code paths, for tests.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import Alignment, AttentionDescriptor, MaskKind
 
 TOKENS_PER_BATCH = 16384
 MODEL_WIDTH = 2048  # heads * head_dim in the main group
@@ -56,6 +63,20 @@ MAIN_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math", "flex")
 MASK_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
 FP32_PEERS = ("flashsdpa", "flashsdpa-tf32", "cudnn", "flash", "efficient", "math")
 DECODE_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
+# Issue 12. varlen: torch's packed `varlen_attn` (CUDA) and SDPA on the batch padded to its longest sequence
+# ("torch" as it chooses, and math). paged/prefill: torch's SDPA on the same keys in a contiguous cache.
+VARLEN_PEERS = ("flashsdpa", "torch-varlen", "torch", "math")
+PAGED_PEERS = ("flashsdpa", "flash", "cudnn", "efficient", "math")
+PREFILL_PEERS = ("flashsdpa", "flash", "efficient", "math")
+# Groups whose forward is reported as bytes of K+V read per second, and those that read a KV cache.
+KV_BYTES_GROUPS = ("decode", "paged")
+CACHE_GROUPS = ("paged", "prefill")
+# A packed batch of mixed lengths (16,404 tokens), and the paged decode shapes.
+VARLEN_LENGTHS = (1, 37, 1000, 5, 4096, 2048, 300, 8192, 512, 213)
+PAGED_SEQ_LENS = (4096, 16384, 32768, 131072)
+PAGE_SIZES = (16, 256)
+PREFILL_CHUNK = 512
+PREFILL_SEQ_LENS = (4096, 32768)
 
 # The CPU matrix: B=1, H=8 as a CPU user would run one layer's attention.
 CPU_BATCH = 1
@@ -107,6 +128,10 @@ class Case:
     softcap: float | None = None
     alibi: bool = False
     sinks: bool = False
+    # Issue 12's groups: each sequence's length (varlen: its queries and keys; paged/prefill: its cached keys,
+    # every one seq_kv, as torch's unpaged peers attend to all of them) and flashsdpa's cache page size.
+    lengths: tuple[int, ...] = ()
+    page_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.mask not in ("none", "key_padding", "bias"):
@@ -117,6 +142,11 @@ class Case:
             raise ValueError(f"Case: heads_q={self.heads_q} is not a multiple of heads_kv={self.heads_kv}")
         if self.mask == "key_padding" and not 0 < self.padded_keys < self.seq_kv:
             raise ValueError(f"Case: padded_keys={self.padded_keys} must be in (0, seq_kv={self.seq_kv})")
+        if self.lengths and (len(self.lengths) != self.batch or max(self.lengths) != self.seq_kv):
+            raise ValueError(f"Case: lengths {self.lengths} must be batch={self.batch} lengths of at most "
+                             f"seq_kv={self.seq_kv}, one of them seq_kv")  # fmt: skip
+        if self.group in CACHE_GROUPS and (set(self.lengths) != {self.seq_kv} or not self.page_size):
+            raise ValueError(f"Case: a {self.group} row needs every length = seq_kv and a page size")
 
     @property
     def name(self) -> str:
@@ -124,6 +154,13 @@ class Case:
         dtype = DTYPE_NAMES.get(self.dtype, str(self.dtype))
         if self.group == "decode":
             return f"decode/{dtype}-d{self.head_dim}-S{self.seq_kv}"
+        if self.group == "varlen":
+            return f"varlen/{dtype}-d{self.head_dim}-B{self.batch}-T{sum(self.lengths)}" + (
+                "-causal" if self.causal else "")
+        if self.group == "paged":
+            return f"paged/{dtype}-d{self.head_dim}-S{self.seq_kv}-page{self.page_size}"
+        if self.group == "prefill":
+            return f"prefill/{dtype}-d{self.head_dim}-L{self.seq_q}-S{self.seq_kv}-page{self.page_size}"
         stem = f"{dtype}-d{self.head_dim}-L{self.seq_q}" + ("-causal" if self.causal else "")
         if self.mask != "none":
             stem = f"{self.mask.replace('_', '-')}-{stem}"
@@ -161,7 +198,13 @@ class Case:
         return ("fwd", "bwd") if self.backward else ("fwd",)
 
     @property
+    def tokens_q(self) -> int:
+        """Query tokens of one call (varlen: the real ones, packed)."""
+        return sum(self.lengths) if self.group == "varlen" else self.batch * self.seq_q
+
+    @property
     def descriptor(self) -> AttentionDescriptor:
+        """The problem as one SDPA call (issue 12's groups: padded to seq_kv; `flops` counts per sequence)."""
         mask_kind = {"none": MaskKind.NONE, "key_padding": MaskKind.BOOL, "bias": MaskKind.FLOAT}[self.mask]
         return AttentionDescriptor(
             batch_shape=(self.batch,),
@@ -180,12 +223,20 @@ class Case:
             softcap=self.softcap or 0.0,
             alibi=self.alibi,
             sinks=self.sinks,
+            alignment=Alignment.BOTTOM_RIGHT if self.group in CACHE_GROUPS else Alignment.TOP_LEFT,
         )
 
     def flops(self, mode: str) -> float:
         """4*B*H*L*S*d for the forward (causal and window count only the visible
-        pairs), 2.5x that for the backward: `AttentionDescriptor.flops`."""
-        return self.descriptor.flops(backward=(mode == "bwd"))
+        pairs), 2.5x that for the backward: `AttentionDescriptor.flops`. With
+        `lengths`, summed over the sequences at their real lengths (no padding)."""
+        if not self.lengths:
+            return self.descriptor.flops(backward=(mode == "bwd"))
+        return sum(
+            replace(self.descriptor, batch_shape=(1,), seq_q=n if self.group == "varlen" else self.seq_q,
+                    seq_kv=n).flops(backward=(mode == "bwd"))
+            for n in self.lengths
+        )  # fmt: skip
 
     @property
     def element_size(self) -> int:
@@ -193,13 +244,14 @@ class Case:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of K and V, each read once by an ideal kernel."""
-        return 2 * self.batch * self.heads_kv * self.seq_kv * self.head_dim * self.element_size
+        """Bytes of K and V, each read once by an ideal kernel (with `lengths`: the real keys)."""
+        keys = sum(self.lengths) if self.lengths else self.batch * self.seq_kv
+        return 2 * keys * self.heads_kv * self.head_dim * self.element_size
 
     @property
     def input_bytes(self) -> int:
         """Bytes of one input set: q, k, v, the mask and (for the backward) grad_out."""
-        q = self.batch * self.heads_q * self.seq_q * self.head_dim * self.element_size
+        q = self.tokens_q * self.heads_q * self.head_dim * self.element_size
         mask = {
             "none": 0,
             "key_padding": self.batch * self.seq_kv,
@@ -231,6 +283,8 @@ class Case:
             "modes": list(self.modes),
             "flops": {mode: self.flops(mode) for mode in self.modes},
             "kv_bytes": self.kv_bytes,
+            **({"lengths": list(self.lengths), "tokens": self.tokens_q} if self.lengths else {}),
+            **({"page_size": self.page_size} if self.page_size else {}),
         }
 
 
@@ -291,7 +345,43 @@ def full_cases() -> list[Case]:
     ]
     # The variants last: the rest fills one lent-GPU call, so a budget-cut run loses them, not fp16's rows
     # (`--cases variant` runs them alone).
-    return main_group(torch.bfloat16) + mask + fp32 + decode + main_group(torch.float16) + gpu_variant_cases()
+    return (main_group(torch.bfloat16) + mask + fp32 + decode + main_group(torch.float16) + gpu_variant_cases()
+            + kv_layout_cases())
+
+
+def kv_layout_cases(smoke: bool = False, device_type: str = "cuda") -> list[Case]:
+    """Issue 12's rows (module docstring), bf16: varlen at d=64 and 128 (H=16), paged decode as the decode
+    group's shape (B=16, H=32/8, d=128) per length and page size, chunked prefill (B=4, H=32/8, d=128, pages
+    of 256). `smoke`: one tiny row of each, odd page size included."""
+    if smoke:
+        varlen = [dict(lengths=(1, 37, 20, 5), head_dim=16, heads_q=2, heads_kv=2)]
+        paged = [(128, 16), (100, 3)]
+        prefill = [dict(seq_q=4, seq_kv=64, page_size=16)]
+        shape = dict(batch=2, heads_q=4, heads_kv=2, head_dim=16)
+    else:
+        varlen = [dict(lengths=VARLEN_LENGTHS, head_dim=d, heads_q=16, heads_kv=16) for d in (128, 64)]
+        paged = [(length, page) for length in PAGED_SEQ_LENS for page in PAGE_SIZES]
+        prefill = [dict(seq_q=PREFILL_CHUNK, seq_kv=length, page_size=256) for length in PREFILL_SEQ_LENS]
+        shape = dict(batch=16, heads_q=32, heads_kv=8, head_dim=128)
+    peers = lambda names: on_device(names, device_type)  # noqa: E731
+    rows = [
+        Case(group="varlen", batch=len(v["lengths"]), seq_q=max(v["lengths"]), seq_kv=max(v["lengths"]),
+             dtype=torch.bfloat16, causal=True, peers=peers(VARLEN_PEERS), **v)
+        for v in varlen
+    ]
+    rows += [
+        # One query row sees every key, causal or not: not causal, as torch's top-left is_causal would differ.
+        Case(group="paged", seq_q=1, seq_kv=length, lengths=(length,) * shape["batch"], page_size=page,
+             dtype=torch.bfloat16, backward=False, peers=peers(PAGED_PEERS), **shape)
+        for length, page in paged
+    ]
+    prefill_shape = dict(shape, batch=2 if smoke else 4)
+    rows += [
+        Case(group="prefill", lengths=(p["seq_kv"],) * prefill_shape["batch"], dtype=torch.bfloat16, causal=True,
+             backward=False, peers=peers(PREFILL_PEERS), **p, **prefill_shape)
+        for p in prefill
+    ]
+    return rows
 
 
 def variant_options(name: str, window: int) -> dict:
@@ -382,7 +472,7 @@ def smoke_cases(quick: bool, device_type: str = "cpu") -> list[Case]:
         Case(group="variant", dtype=torch.float32, causal=True, peers=on_device(VARIANT_PEERS, device_type),
              **variant_options(name, 16), **small)
         for name in VARIANTS
-    ]  # fmt: skip
+    ] + kv_layout_cases(smoke=True, device_type=device_type)  # fmt: skip
 
 
 def matrix(device_type: str, quick: bool, smoke: bool = False) -> list[Case]:
@@ -421,6 +511,14 @@ class InputSet:
     mask: torch.Tensor | None
     grad_out: torch.Tensor | None
     sinks: torch.Tensor | None = None  # (H,) float32 sink logits of a sinks case
+    # varlen: query/key/value packed (tokens, H, E), and their cumulative offsets (B + 1,) int32
+    cu_seqlens: torch.Tensor | None = None
+    # paged/prefill: key/value as torch's peers read them, (B, Hkv, S, E); flashsdpa reads the same keys
+    # from shuffled pages (pages, page_size, Hkv, E) through block_table (B, pages per sequence)
+    k_pages: torch.Tensor | None = None
+    v_pages: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+    cache_seqlens: torch.Tensor | None = None
 
     @property
     def differentiable(self) -> tuple[torch.Tensor, ...]:
@@ -440,6 +538,9 @@ def make_input_sets(case: Case, device: torch.device, count: int, seed: int) -> 
     for _ in range(count):
         q_shape = (case.batch, case.heads_q, case.seq_q, case.head_dim)
         kv_shape = (case.batch, case.heads_kv, case.seq_kv, case.head_dim)
+        if case.group == "varlen":
+            q_shape, kv_shape = (case.tokens_q, case.heads_q, case.head_dim), (case.tokens_q, case.heads_kv,
+                                                                                case.head_dim)  # fmt: skip
         if case.mask == "key_padding":
             mask = torch.ones(case.batch, 1, 1, case.seq_kv, dtype=torch.bool, device=device)
             mask[..., case.seq_kv - case.padded_keys :] = False
@@ -457,4 +558,29 @@ def make_input_sets(case: Case, device: torch.device, count: int, seed: int) -> 
                 sinks=randn(case.heads_q, dtype=torch.float32) if case.sinks else None,
             )
         )
+        layout = sets[-1]
+        if case.group == "varlen":
+            offsets = torch.tensor((0, *case.lengths), device=device).cumsum(0)
+            layout.cu_seqlens = offsets.to(torch.int32)
+        elif case.group in CACHE_GROUPS:
+            layout.k_pages, layout.block_table = paged_copy(layout.key, case.page_size, generator)
+            layout.v_pages, _ = paged_copy(layout.value, case.page_size, generator, layout.block_table)
+            layout.cache_seqlens = torch.tensor(case.lengths, dtype=torch.int32, device=device)
     return sets
+
+
+def paged_copy(cache: torch.Tensor, page_size: int, generator: torch.Generator,
+               block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(pages (B * P, page_size, Hkv, E), block_table (B, P) int32): `cache` (B, Hkv, S, E) in pages of
+    page_size, P = ceil(S / page_size), placed in a random order (as a serving allocator leaves them), or
+    in `block_table`'s."""
+    batch, heads, length, dim = cache.shape
+    per_sequence = -(-length // page_size)
+    padded = cache.new_zeros(batch, per_sequence * page_size, heads, dim)
+    padded[:, :length] = cache.detach().transpose(1, 2)
+    if block_table is None:
+        order = torch.randperm(batch * per_sequence, generator=generator, device=cache.device)
+        block_table = order.view(batch, per_sequence).to(torch.int32)
+    pages = torch.empty_like(padded).view(batch * per_sequence, page_size, heads, dim)
+    pages[block_table.flatten().long()] = padded.view(batch * per_sequence, page_size, heads, dim)
+    return pages, block_table

@@ -9,7 +9,7 @@ be replaced.
 
 from __future__ import annotations
 
-from flashsdpa.bench.cases import Case
+from flashsdpa.bench.cases import KV_BYTES_GROUPS, Case
 from flashsdpa.bench.peers import MATH_SCORE_LIMIT_BYTES
 from flashsdpa.bench.timing import TimingSettings, estimated_measure_seconds
 
@@ -75,7 +75,7 @@ class Estimator:
         return cost
 
     def _run_ms(self, peer: str, case: Case, mode: str) -> float:
-        if case.group == "decode":
+        if case.group in KV_BYTES_GROUPS:
             rate = CUDA_DECODE_BYTES_PER_S.get(peer, CUDA_DECODE_DEFAULT) if self.device_type == "cuda" else 1e10
             return case.kv_bytes / rate * 1e3
         if self.device_type != "cuda":

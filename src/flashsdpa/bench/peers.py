@@ -22,6 +22,15 @@
   every shape (dynamic=False: the fastest kernels, a compile per shape);
   "dynamic" compiles once per dtype/head dim/causality with symbolic sizes.
 
+Issue 12's groups (cases.py): on a varlen row flashsdpa runs `varlen_attn`,
+torch-varlen torch's `torch.nn.attention.varlen.varlen_attn` (CUDA, 16-bit),
+and the SDPA peers the batch padded to its longest sequence (pad, SDPA with a
+causal + key-padding mask, unpad: what a caller with packed data does, all
+timed); on a paged or prefill row flashsdpa runs `kvcache_attention` on the
+paged cache and the SDPA peers read the same keys as one contiguous (B, Hkv,
+S, E) tensor (prefill: bottom-right causal, `causal_lower_right`). Flex is not
+set up for them (n/a with the reason).
+
 Every peer's `prepare` does its per-shape set-up (outside the timed region) and
 returns the forward to time; `context` is entered around every call of it.
 """
@@ -36,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flashsdpa.bench.cases import Case, InputSet
+from flashsdpa.bench.cases import CACHE_GROUPS, Case, InputSet
 
 MATH_SCORE_LIMIT_BYTES = 8 * 10**9  # ~8 GB of scores: past this, math is skipped
 FLEX_MODES = ("static", "dynamic", "off")
@@ -78,6 +87,28 @@ class FlashSdpaPeer(Peer):
 
         flashsdpa.reset_stats()
         slopes = case.alibi_slopes(device) if case.alibi else None
+        if case.group == "varlen":
+            longest = case.seq_kv
+
+            def forward_packed(inputs: InputSet) -> torch.Tensor:
+                return flashsdpa.varlen_attn(
+                    inputs.query, inputs.key, inputs.value, inputs.cu_seqlens, inputs.cu_seqlens, longest, longest,
+                    window_size=(-1, 0) if case.causal else (-1, -1), enable_gqa=case.gqa,
+                    fp32_precision=self.fp32_precision,
+                )  # fmt: skip
+
+            return forward_packed
+        if case.group in CACHE_GROUPS:
+
+            def forward_paged(inputs: InputSet) -> torch.Tensor:
+                out = flashsdpa.kvcache_attention(
+                    inputs.query.transpose(1, 2), inputs.k_pages, inputs.v_pages, cache_seqlens=inputs.cache_seqlens,
+                    block_table=inputs.block_table, causal=case.causal, validate=False,
+                    fp32_precision=self.fp32_precision,
+                )  # fmt: skip
+                return out.transpose(1, 2)
+
+            return forward_paged
 
         def forward(inputs: InputSet) -> torch.Tensor:
             return flashsdpa.attention(
@@ -134,6 +165,18 @@ class TorchSdpaPeer(Peer):
         return sdpa_kernel(getattr(SDPBackend, self.backend_name))
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
+        if case.group == "varlen":
+            return padded_sdpa(case, device)
+        if case.group == "prefill":
+            from torch.nn.attention.bias import causal_lower_right
+
+            bias = causal_lower_right(case.seq_q, case.seq_kv)
+
+            def forward_prefill(inputs: InputSet) -> torch.Tensor:
+                return F.scaled_dot_product_attention(inputs.query, inputs.key, inputs.value, attn_mask=bias,
+                                                      enable_gqa=case.gqa)  # fmt: skip
+
+            return forward_prefill
         if case.variant:
             bias = variant_bias(case, device, case.dtype)
 
@@ -151,6 +194,56 @@ class TorchSdpaPeer(Peer):
                 is_causal=case.causal,
                 enable_gqa=case.gqa,
             )
+
+        return forward
+
+
+def padded_sdpa(case: Case, device: torch.device) -> Forward:
+    """SDPA on a varlen row's packed (tokens, H, E) inputs padded to (B, H, longest, E), with a causal and
+    key-padding bool mask, its output unpadded to (tokens, H, E); the index tensors made here, untimed."""
+    lengths = torch.tensor(case.lengths, device=device)
+    batch_of = torch.repeat_interleave(torch.arange(case.batch, device=device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(case.tokens_q, device=device) - starts[batch_of]
+    cols = torch.arange(case.seq_kv, device=device)
+    visible = (cols.view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1)).expand(-1, 1, case.seq_q, -1)
+    if case.causal:
+        visible = visible & (cols.view(1, -1) <= cols.view(-1, 1))
+    # Padded queries (past their sequence) still see key 0, so no row is empty (torch would give NaN).
+
+    def pad(packed: torch.Tensor) -> torch.Tensor:
+        padded = packed.new_zeros(case.batch, case.seq_kv, *packed.shape[1:])
+        return padded.index_put((batch_of, position), packed).transpose(1, 2)
+
+    def forward(inputs: InputSet) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(pad(inputs.query), pad(inputs.key), pad(inputs.value),
+                                             attn_mask=visible, enable_gqa=case.gqa)  # fmt: skip
+        return out.transpose(1, 2)[batch_of, position]
+
+    return forward
+
+
+class TorchVarlenPeer(Peer):
+    """torch.nn.attention.varlen.varlen_attn (torch 2.13: CUDA only, bf16/fp16, FlashAttention 2) on varlen rows."""
+
+    name = "torch-varlen"
+
+    def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
+        if case.group != "varlen":
+            return ["torch's varlen_attn takes packed sequences: varlen rows only"]
+        if device.type != "cuda" or case.dtype not in (torch.float16, torch.bfloat16):
+            return ["torch's varlen_attn runs CUDA bf16/fp16 only (torch 2.13)"]
+        return []
+
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        from torch.nn.attention.varlen import varlen_attn
+
+        longest = case.seq_kv
+
+        def forward(inputs: InputSet) -> torch.Tensor:
+            return varlen_attn(inputs.query, inputs.key, inputs.value, inputs.cu_seqlens, inputs.cu_seqlens, longest,
+                               longest, window_size=(-1, 0) if case.causal else (-1, -1),
+                               enable_gqa=case.gqa)  # fmt: skip
 
         return forward
 
@@ -272,6 +365,9 @@ class FlexPeer(Peer):
             reasons.append("FlexAttention turned off (--flex off)")
         if case.mask == "bias":
             reasons.append("a dense float bias is an attn_mask, not a FlexAttention score_mod: not benchmarked")
+        if case.group in ("varlen", *CACHE_GROUPS):
+            reasons.append("FlexAttention's packed and paged forms (document masks, paged block masks) are not "
+                           "set up in this bench")  # fmt: skip
         if case.sinks and device.type == "cpu":
             reasons.append(
                 "FlexAttention has no sink term; with_sinks needs its log-sum-exp, which compiled Flex does not "
@@ -338,6 +434,7 @@ def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
         TorchSdpaPeer("flash", "FLASH_ATTENTION"),
         TorchSdpaPeer("efficient", "EFFICIENT_ATTENTION"),
         TorchSdpaPeer("math", "MATH"),
+        TorchVarlenPeer(),
         FlexPeer(flex_mode),
     ]
     return {peer.name: peer for peer in peers}

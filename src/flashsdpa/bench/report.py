@@ -19,10 +19,12 @@ import math
 import os
 from pathlib import Path
 
+from flashsdpa.bench.cases import KV_BYTES_GROUPS
 from flashsdpa.bench.environment import headline
 
 SCHEMA = 1
-GROUP_ORDER = ("main", "mask", "fp32", "decode", "variant", "cpu", "cpu-mask", "cpu-variant")
+GROUP_ORDER = ("main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill", "cpu", "cpu-mask",
+               "cpu-variant")
 GROUP_TITLES = {
     "main": "TFLOP/s; 16384 tokens per batch (B = 16384 / L) and H = 2048 / d, unless shown",
     "mask": "TFLOP/s with attn_mask: bool key padding (B, 1, 1, S), last keys masked; float bias (1, H, L, S)",
@@ -30,6 +32,12 @@ GROUP_TITLES = {
     "decode": "TB/s of K+V read; one query row, enable_gqa",
     "variant": "TFLOP/s of flashsdpa.attention's variants (window, softcap, sinks, ALiBi; top-left causal) and d=512; "
     "math runs them on materialised scores; FLOPs count visible pairs only",
+    "varlen": "TFLOP/s on real tokens of a packed batch of mixed lengths, causal: flashsdpa.varlen_attn, torch's "
+    "varlen_attn, SDPA padded to the longest sequence (pad and unpad timed)",
+    "paged": "TB/s of K+V read; one query row per sequence; flashsdpa.kvcache_attention on a paged cache (shuffled "
+    "pages), torch's SDPA on the same keys unpaged",
+    "prefill": "TFLOP/s; chunked prefill: the new queries bottom-right causal over a paged cache (torch: unpaged, "
+    "causal_lower_right)",
     "cpu": "TFLOP/s on a CPU, B=1, H=8; peak MiB a call adds",
     "cpu-mask": "TFLOP/s on a CPU with attn_mask: bool key padding (B, 1, 1, S), last S/8 keys masked; "
     "float bias (1, H, L, S); peak MiB a call adds",
@@ -77,7 +85,7 @@ def number(value: float | None) -> str:
 
 
 def metric_name(group: str) -> str:
-    return "kv_tbps" if group == "decode" else "tflops"
+    return "kv_tbps" if group in KV_BYTES_GROUPS else "tflops"
 
 
 def peer_order(cases: list[dict]) -> list[str]:
@@ -91,9 +99,16 @@ def peer_order(cases: list[dict]) -> list[str]:
 
 def case_label(case: dict) -> str:
     parts = [case["dtype"], f"d={case['head_dim']}"]
-    if case["group"] == "decode":
+    if case["group"] in KV_BYTES_GROUPS or case["group"] == "prefill":
+        if case["group"] == "prefill":
+            parts.append(f"L={case['seq_q']}")
         parts += [f"S={case['seq_kv']}", f"B={case['batch']}", f"H={case['heads_q']}/{case['heads_kv']}"]
+        if case.get("page_size"):
+            parts.append(f"page={case['page_size']}")
         return " ".join(parts)
+    if case["group"] == "varlen":
+        parts += [f"B={case['batch']}", f"T={case.get('tokens')}", f"max={case['seq_kv']}", f"H={case['heads_q']}"]
+        return " ".join(parts + (["causal"] if case.get("causal") else []))
     parts.append(f"L={case['seq_q']}" if case["seq_q"] == case["seq_kv"] else f"L={case['seq_q']} S={case['seq_kv']}")
     standard = (case["batch"], case["heads_q"]) == (16384 // case["seq_q"], 2048 // case["head_dim"])
     if case["group"] != "main" or not standard:

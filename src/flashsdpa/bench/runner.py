@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from flashsdpa.bench.cases import Case, InputSet, make_input_sets
+from flashsdpa.bench.cases import KV_BYTES_GROUPS, Case, InputSet, make_input_sets
 from flashsdpa.bench.memory import peak_added_bytes
 from flashsdpa.bench.peers import (
     MATH_SCORE_LIMIT_BYTES,
@@ -51,7 +51,8 @@ from flashsdpa.bench.timing import Measurement, Timer
 PRIMARY = "flashsdpa"
 EXACT = "float64"  # the float64 formula a variant case is checked against
 # flex last: the only reference left for the GPU's window row at 32k (too large for math and float64).
-CHECK_REFERENCES = (EXACT, "cudnn", "flash", "efficient", "math", "flex")
+# torch-varlen and torch (padded SDPA as torch chooses) check the varlen rows too large for math.
+CHECK_REFERENCES = (EXACT, "cudnn", "flash", "efficient", "math", "flex", "torch-varlen", "torch")
 # Largest relative error between flashsdpa and a torch peer, over the output and
 # the three gradients, that passes: a few times the error each has against
 # float64 (bf16 ~2e-3, fp16 ~3e-4, fp32 ~7e-7; see shared/PEERS.md).
@@ -101,8 +102,10 @@ def metrics(case: Case, mode: str, measurement: Measurement) -> dict:
         "p80_ms": measurement.p80_ms,
         "reps": measurement.reps,
     }
-    if case.group == "decode" and mode == "fwd":
+    if case.group in KV_BYTES_GROUPS and mode == "fwd":
         entry["kv_tbps"] = case.kv_bytes / seconds / 1e12
+    if case.group == "varlen":
+        entry["tokens_per_s"] = case.tokens_q / seconds
     return entry
 
 

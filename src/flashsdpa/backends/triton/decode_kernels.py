@@ -90,22 +90,10 @@ def attention_decode_split_kernel(
     and lse themselves (rows stride_out_row apart in out, lse contiguous)
     and no merge follows.
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    batch_kv = pid // row_chunks
-    chunk = pid % row_chunks
-    batch = batch_kv // heads_kv
-    kv_head = batch_kv % heads_kv
-
-    rows_per_group = gqa_group * seq_q
-    packed = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = packed < rows_per_group
-    # Padding rows repeat the group's last row: loads stay in bounds, stores are masked.
-    packed = tl.minimum(packed, rows_per_group - 1)
-    head = kv_head * gqa_group + packed // seq_q
-    query_row = packed % seq_q
+    batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks, heads_kv, gqa_group, seq_q,
+                                                            BLOCK_M)  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
 
     q_row_ptrs = (
         q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + query_row.to(tl.int64) * stride_qm
@@ -147,8 +135,49 @@ def attention_decode_split_kernel(
     )
     out, lse = finish_rows(acc, row_sum, row_max, 1.0)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
+    store_split(out, lse, row, row_valid, split, num_splits, partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
+                stride_out_row, head_dim_v, BLOCK_DV, WIDEN_DOT_OPERANDS)
+
+
+@triton.jit
+def group_rows(pid, row_chunks, heads_kv, gqa_group, seq_q, BLOCK_M: tl.constexpr):
+    """(batch, kv_head, head, query_row, row_valid) of stage 1's program `pid` (of batch * heads_kv *
+    row_chunks): its BLOCK_M packed rows r of the kv head's group are query head kv_head * gqa_group +
+    r // seq_q, query row r % seq_q. Padding rows repeat the group's last row (loads stay in bounds);
+    row_valid masks their stores."""
+    batch_kv = pid // row_chunks
+    chunk = pid % row_chunks
+    batch = batch_kv // heads_kv
+    kv_head = batch_kv % heads_kv
+    rows_per_group = gqa_group * seq_q
+    packed = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = packed < rows_per_group
+    packed = tl.minimum(packed, rows_per_group - 1)
+    return batch, kv_head, kv_head * gqa_group + packed // seq_q, packed % seq_q, row_valid
+
+
+@triton.jit
+def store_split(
+    out,
+    lse,
+    row,
+    row_valid,
+    split,
+    num_splits,
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_out_row,
+    head_dim_v,
+    BLOCK_DV: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+):
+    """Stage 1's result of rows `row` (normalised out [rows, BLOCK_DV], natural lse): the split's partial
+    output (rows, num_splits, head_dim_v) and lse (rows, num_splits); with one split, the output (rows
+    stride_out_row apart) and lse (contiguous) themselves, as the merge would write them."""
+    offs_dv = tl.arange(0, BLOCK_DV)
     if num_splits == 1:
-        # One split is the whole answer: write it where the merge would.
         tl.store(
             out_ptr + row[:, None] * stride_out_row + offs_dv[None, :],
             to_dtype(out, out_ptr.dtype.element_ty, WIDEN_DOT_OPERANDS),

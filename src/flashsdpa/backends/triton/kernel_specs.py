@@ -211,3 +211,49 @@ def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple
         num_stages=tile.num_stages,
         varlen=varlen,
     )
+
+
+@dataclass(frozen=True)
+class PagedDecodeKernelSpec(KernelSpec):
+    """paged_kernels.attention_paged_decode_kernel (its band follows each sequence's length: only the flags
+    are compiled in)."""
+
+    bounded_below: bool
+    bounded_above: bool
+    paged: bool
+    softcap: bool
+    alibi: bool
+    sinks: bool
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    dot_precision: str | None
+    widen_dot_operands: bool
+    split_tf32: bool
+    num_warps: int
+    num_stages: int
+
+
+def paged_decode_spec(desc: AttentionDescriptor, config, decode, paged: bool) -> PagedDecodeKernelSpec:
+    """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
+    alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`."""
+    key = desc.kernel_key
+    band = visible_band(desc)
+    return PagedDecodeKernelSpec(
+        bounded_below=band.bounded_below,
+        bounded_above=band.bounded_above,
+        paged=paged,
+        softcap=desc.softcap > 0.0,
+        alibi=desc.alibi,
+        sinks=desc.sinks,
+        block_m=decode.block_m,
+        block_n=decode.block_n,
+        block_d=key.block_head_dim,
+        block_dv=key.block_head_dim_v,
+        dot_precision=config.dot_precision,
+        widen_dot_operands=config.widen_dot_operands,
+        split_tf32=config.split_products,
+        num_warps=decode.num_warps,
+        num_stages=decode.num_stages,
+    )

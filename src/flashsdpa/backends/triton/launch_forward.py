@@ -414,18 +414,18 @@ def decode_launchers(spec: DecodeSplitKernelSpec) -> tuple[DirectLaunch, DirectL
     found = _decode_launchers.get((spec, kernels))  # the kernel objects, as in main_launch_plan
     if found is None:
         split = launcher(decode_kernels.attention_decode_split_kernel, **spec.launch_arguments())
-        merge = launcher(
-            decode_kernels.merge_decode_splits_kernel,
-            BLOCK_SPLITS=DECODE_MAX_SPLITS,
-            BLOCK_DV=spec.block_dv,
-            ROUND_BFLOAT16=spec.widen_dot_operands,
-            num_warps=4,
-        )
+        merge = merge_launcher(spec.block_dv, spec.widen_dot_operands)
         found = _decode_launchers.keep((spec, kernels), (split, merge))
     return found
 
 
 _decode_launchers = RecentValues()  # (split, merge) DirectLaunch pairs
+
+
+def merge_launcher(block_dv: int, round_bfloat16: bool) -> DirectLaunch:
+    """merge_decode_splits_kernel's launcher for output rows of block_dv (padded) values."""
+    return launcher(decode_kernels.merge_decode_splits_kernel, BLOCK_SPLITS=DECODE_MAX_SPLITS, BLOCK_DV=block_dv,
+                    ROUND_BFLOAT16=round_bfloat16, num_warps=4)  # fmt: skip
 
 
 def launch_decode_kernels(

@@ -1,0 +1,103 @@
+"""Launcher of flash decoding over a KV cache (paged_kernels): argument plumbing and split choice.
+
+`paged_decode(desc, ...)` runs `kvcache_attention`'s attention on the triton
+backend. `desc` (from `kvcache.cache_descriptor`) describes the problem with the
+cache's capacity as its key count: everything the launch decides on the host
+follows from it and from tensor shapes, never from a tensor's values
+(cache_seqlens and block_table are read by the kernel), so one launch serves
+every decode step and replays from a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from flashsdpa.backends.base import AttentionInputs, new_output
+from flashsdpa.backends.triton import paged_kernels
+from flashsdpa.backends.triton.direct_launch import launcher
+from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, choose_forward_config, decode_split_count
+from flashsdpa.backends.triton.kernel_specs import paged_decode_spec
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, on_device, \
+    score_arguments, sm_count  # fmt: skip
+from flashsdpa.backends.triton.launch_forward import kernel_query, kernel_scale, merge_launcher
+from flashsdpa.cache import kernel_cache
+from flashsdpa.descriptor import AttentionDescriptor
+from flashsdpa.visibility import Visibility
+
+Tensor = torch.Tensor
+# Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
+# 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
+# 3.6) had 163-168 registers and 12-16 bytes of spills at d=128 (BLOCK_N=64), 163 at d=64 (BLOCK_N=128),
+# 209 at d=256; with 8, 127 / 120 / 146-174 and no spills (the contiguous cache: 99-110, none). Not timed.
+PAGED_DECODE_WARPS = 8
+
+
+def paged_decode(
+    desc: AttentionDescriptor,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    new_tokens: int,
+    alibi_slopes: Tensor | None,
+    sinks: Tensor | None,
+    num_splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """out (B, Hq, Lq, Ev) in q's dtype and lse (B, Hq, Lq) float32 of q (B, Lq, Hq, E) over each sequence's
+    first cache_seqlens[b] + new_tokens keys of the caches (paged with `block_table`, else contiguous).
+    `alibi_slopes` (B, Hq) (stride 0 over a broadcast batch). `num_splits` (default: from the capacity and
+    the SM count) pins the split count, rounded so every split holds whole key blocks."""
+    capability = device_capability(q.device)
+    config = kernel_cache.get(
+        ("forward", desc.kernel_key, capability, False),
+        lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
+    )
+    batch, heads_q, heads_kv, seq_q = desc.batch, desc.heads_q, desc.heads_kv, desc.seq_q
+    out = new_output((batch, heads_q, seq_q, desc.head_dim_v), desc.dtype, q.device)
+    lse = new_output((batch, heads_q, seq_q), torch.float32, q.device)
+    if batch * heads_q * seq_q == 0:
+        return out, lse
+    decode = replace(config.decode, num_warps=PAGED_DECODE_WARPS)
+    gqa_group = desc.gqa_group
+    row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
+    programs_per_split = batch * heads_kv * row_chunks
+    if programs_per_split > MAX_GRID_X:
+        raise ValueError(f"triton paged decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
+    capacity = max(desc.seq_kv, 1)
+    if num_splits is None:
+        num_splits = decode_split_count(programs_per_split, capacity, sm_count(q.device))
+    num_splits = max(1, min(num_splits, DECODE_MAX_SPLITS, MAX_GRID_YZ))
+    split_len = cdiv(cdiv(capacity, num_splits), decode.block_n) * decode.block_n
+    num_splits = cdiv(capacity, split_len)
+
+    inputs = AttentionInputs(q, k_cache, v_cache, alibi_slopes=alibi_slopes, sinks=sinks)
+    query = kernel_query(desc, inputs)
+    alibi, sink_logits, alibi_strides = score_arguments(desc, inputs, lse)
+    band = Visibility.of(desc)
+    paged = block_table is not None
+    table = block_table if paged else cache_seqlens  # never read unless paged
+    table_strides = tuple(block_table.stride()) if paged else (0, 0)
+    rows = batch * heads_q * seq_q
+    if num_splits > 1:
+        partial_out = torch.empty(rows * num_splits * desc.head_dim_v, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(rows * num_splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
+    spec = paged_decode_spec(desc, config, decode, paged)
+    split_kernel = launcher(paged_kernels.attention_paged_decode_kernel, **spec.launch_arguments())
+    with on_device(q.device):
+        split_kernel(
+            (programs_per_split, num_splits),
+            query, k_cache, v_cache, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi, sink_logits,
+            *query.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *alibi_strides,
+            heads_q, gqa_group, seq_q, new_tokens, desc.head_dim, desc.head_dim_v, row_chunks, num_splits,
+            split_len, k_cache.shape[1] if paged else 1, max(band.left, 0), max(band.right, 0),
+            kernel_scale(desc), float(desc.softcap),
+        )  # fmt: skip
+        if num_splits > 1:
+            merge = merge_launcher(spec.block_dv, spec.widen_dot_operands)
+            merge((rows,), partial_out, partial_lse, out, lse, num_splits, desc.head_dim_v, desc.head_dim_v)
+    return out, lse

@@ -1,0 +1,283 @@
+"""Flash decoding over a KV cache: keys read through `block_table` (or a contiguous cache), lengths on the device.
+
+`kvcache_attention`'s kernel. Each batch item b attends to its first
+K_b = cache_seqlens[b] + new_tokens keys, read on the device (never on the
+host, so a decode step replays from a CUDA graph), with its queries
+bottom-right aligned: query i sits at key position K_b - seq_q + i. Key j of
+item b lives in
+
+    paged:       cache[block_table[b, j // page_size], j % page_size, kv_head]
+    contiguous:  cache[b, j, kv_head]
+
+any page size (each key row's address is computed on its own, so a block of
+keys may span pages). As in decode_kernels, the gqa_group * seq_q query rows
+of one kv head share one program (K and V are read once per group), the keys
+are split across programs (the split count follows the capacity, a host
+value; a split past K_b visits no key block), and the splits are merged in a
+fixed order by decode_kernels.merge_decode_splits_kernel. The scores are
+score_kernels' and the visible keys visibility_kernels' (a band around the
+diagonal j - i = K_b - seq_q, computed per item).
+"""
+
+import triton
+import triton.language as tl
+
+from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, matmul_split, split_tf32, to_dtype
+from flashsdpa.backends.triton.decode_kernels import group_rows, store_split
+from flashsdpa.backends.triton.forward_kernels import exponent_below_max, finish_rows
+from flashsdpa.backends.triton.score_kernels import scores_of_products
+from flashsdpa.backends.triton.visibility_kernels import blocks_seen
+
+
+@triton.jit
+def key_rows(
+    table_row_ptr,
+    batch,
+    cols,
+    key_end,
+    page_size,
+    k_strides,
+    v_strides,
+    stride_table_page,
+    PAGED: tl.constexpr,
+):
+    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item: int64 element
+    offsets of each key's row from the kv head's base, by the caches' (page or batch item, slot) strides.
+    The table is read once for K and V, and not for keys past key_end (their offsets are 0)."""
+    in_range = cols < key_end
+    if PAGED:
+        page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=in_range, other=0)
+        page = page.to(tl.int64)
+        slot = cols % page_size
+        return page * k_strides[0] + slot * k_strides[1], page * v_strides[0] + slot * v_strides[1], in_range
+    position = cols.to(tl.int64)
+    item = batch.to(tl.int64)
+    return item * k_strides[0] + position * k_strides[1], item * v_strides[0] + position * v_strides[1], in_range
+
+
+@triton.jit
+def cache_rows(head_ptr, row_offsets, in_range, offs_d, width, stride_dim):
+    """The rows at `row_offsets` from `head_ptr`: [len(row_offsets), len(offs_d)], zero out of range or
+    past width (nothing is read there)."""
+    ptrs = head_ptr + row_offsets[:, None] + offs_d[None, :] * stride_dim
+    return tl.load(ptrs, mask=in_range[:, None] & (offs_d[None, :] < width), other=0.0)
+
+
+@triton.jit
+def attend_cache_blocks(
+    acc,
+    row_sum,
+    row_max,
+    q,
+    q_lo,
+    k_head_ptr,
+    v_head_ptr,
+    table_row_ptr,
+    batch,
+    key_start,
+    key_stop,
+    query_rows,
+    key_end,
+    head_dim,
+    head_dim_v,
+    page_size,
+    k_strides,
+    v_strides,
+    stride_table_page,
+    score_scale,
+    band,
+    transform,
+    EDGE: tl.constexpr,
+    NATURAL_UNITS: tl.constexpr,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    PAGED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+    SPLIT_TF32: tl.constexpr,
+):
+    """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
+    attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
+    keys some row does not see (or past key_end) and are masked element by element. The strides
+    are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(key_start, key_stop, BLOCK_N):
+        cols = start_n + offs_n
+        k_rows, v_rows, in_range = key_rows(table_row_ptr, batch, cols, key_end, page_size, k_strides, v_strides,
+                                            stride_table_page, PAGED)  # fmt: skip
+        k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
+        if SPLIT_TF32:
+            k_hi, k_lo = split_tf32(tl.trans(k))
+            qk = matmul_split(q, q_lo, k_hi, k_lo)
+        else:
+            qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        if EDGE or NATURAL_UNITS:
+            softcap, slope, key_offset = transform
+            scores, _ = scores_of_products(
+                qk, query_rows[:, None], cols[None, :], score_scale, softcap, slope, key_offset, qk, key_end,
+                band[0], band[1], NATURAL_UNITS, SOFTCAP, ALIBI, 0, EDGE, BOUNDED_BELOW, BOUNDED_ABOVE,
+            )
+        else:
+            scores = qk
+        # A row that has seen no visible key keeps a max of -inf and is shifted by 0 (forward_kernels' doc).
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        if NATURAL_UNITS:
+            p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
+            alpha = tl.math.exp2((row_max - shift) * LOG2E)
+        else:
+            p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
+            alpha = tl.math.exp2((row_max - shift) * score_scale)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
+        if SPLIT_TF32:
+            p_hi, p_lo = split_tf32(p)
+            v_hi, v_lo = split_tf32(v)
+            acc = acc * alpha[:, None] + matmul_split(p_hi, p_lo, v_hi, v_lo)
+        else:
+            p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
+            acc = matmul(p, v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+# Lengths, counts and the window only enter divisions and bounds: specialising
+# on them would only recompile whenever a shape changes class.
+@triton.jit(do_not_specialize=["heads_q", "gqa_group", "seq_q", "new_tokens", "row_chunks", "split_len",
+                               "page_size", "window_left", "window_right"])
+def attention_paged_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_table_ptr,
+    cache_seqlens_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    alibi_ptr,
+    sinks_ptr,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_qk,
+    stride_k_page,
+    stride_k_slot,
+    stride_kh,
+    stride_kk,
+    stride_v_page,
+    stride_v_slot,
+    stride_vh,
+    stride_vk,
+    stride_table_b,
+    stride_table_page,
+    stride_alibi_b,
+    stride_alibi_h,
+    heads_q,
+    gqa_group,
+    seq_q,
+    new_tokens,
+    head_dim,
+    head_dim_v,
+    row_chunks,
+    num_splits,
+    split_len,
+    page_size,
+    window_left,
+    window_right,
+    softmax_scale,
+    softcap,
+    BOUNDED_BELOW: tl.constexpr,
+    BOUNDED_ABOVE: tl.constexpr,
+    PAGED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WIDEN_DOT_OPERANDS: tl.constexpr,
+    SPLIT_TF32: tl.constexpr,
+):
+    """Stage 1: one key range of one (batch item, kv head) against its query rows.
+
+    q (B, seq_q, Hq, E) by its strides; caches by (page, slot, head, dim)
+    strides (contiguous: (batch item, position, head, dim)); block_table
+    (B, pages per item); cache_seqlens (B,). Query row r of the packed group
+    is head kv_head * gqa_group + r // seq_q, query r % seq_q. The visible band
+    is K_b - seq_q - window_left <= j - i (BOUNDED_BELOW) and
+    j - i <= K_b - seq_q + window_right (BOUNDED_ABOVE; causal is right = 0).
+    Grid: (batch * heads_kv * row_chunks, num_splits). Writes partial
+    (rows, num_splits, head_dim_v) outputs and (rows, num_splits) lse, rows
+    ordered (batch, query head, query row), or with one split out (rows,
+    head_dim_v) and lse (rows,) themselves.
+    """
+    split = tl.program_id(1)
+    batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks, heads_q // gqa_group,
+                                                            gqa_group, seq_q, BLOCK_M)  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_D)
+
+    key_end = tl.load(cache_seqlens_ptr + batch).to(tl.int32) + new_tokens
+    key_offset = key_end - seq_q
+    lowest_diagonal = key_offset - window_left
+    highest_diagonal = key_offset + window_right
+    split_start = split * split_len
+    # A split past key_end is empty (not a range ending below its start).
+    split_stop = tl.maximum(tl.minimum(split_start + split_len, key_end), split_start)
+    key_ranges = blocks_seen(
+        tl.min(query_row, 0), tl.max(query_row, 0), split_start, split_stop,
+        lowest_diagonal, highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
+    )
+
+    q_row_ptrs = (
+        q_ptr + batch.to(tl.int64) * stride_qb + query_row.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
+    )
+    q = tl.load(q_row_ptrs[:, None] + offs_d[None, :] * stride_qk, mask=offs_d[None, :] < head_dim, other=0.0)
+    q_lo = q
+    if SPLIT_TF32:
+        q, q_lo = split_tf32(q)
+    slope = 0.0
+    if ALIBI:  # one slope per row: the rows span a GQA group's heads
+        slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)[:, None]
+    NATURAL_UNITS: tl.constexpr = SOFTCAP or ALIBI or SINKS
+    if NATURAL_UNITS:
+        score_scale = softmax_scale
+    else:
+        score_scale = softmax_scale * LOG2E
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if SINKS:  # the sink joins the first split's softmax; the merge weighs it in once
+        row_max = tl.where(split == 0, tl.load(sinks_ptr + head).to(tl.float32), float("-inf"))
+        row_sum = tl.where(row_max == float("-inf"), 0.0, 1.0)
+    else:
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    table_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_table_b
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_vh
+    k_strides = (stride_k_page, stride_k_slot, stride_kh, stride_kk)
+    v_strides = (stride_v_page, stride_v_slot, stride_vh, stride_vk)
+    # Lower edge blocks, blocks every row sees whole, upper edge blocks (visibility_kernels).
+    for part in tl.static_range(3):
+        if part != 0 or BOUNDED_BELOW:
+            acc, row_sum, row_max = attend_cache_blocks(
+                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, table_row_ptr, batch,
+                key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
+                k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
+                (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
+                ALIBI, PAGED, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32,
+            )  # fmt: skip
+    if not NATURAL_UNITS:
+        row_max = row_max * softmax_scale
+    out, lse = finish_rows(acc, row_sum, row_max, 1.0)
+    row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row
+    store_split(out, lse, row, row_valid, split, num_splits, partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr,
+                head_dim_v, head_dim_v, BLOCK_DV, WIDEN_DOT_OPERANDS)  # out is contiguous (rows, head_dim_v)
