@@ -137,7 +137,9 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
         dst = pt * (dpt - gl.expand_dims(delta, 0))
         dst_op = gl.convert_layout(dst.to(dtype), op_layout)
         dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
+        retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
+        dv = retired[0]
+        dk = retired[1]
         mbarrier.arrive(q_empty.index(stage), count=1)
 
     # The group's K and V rows are read by its own products alone, all retired: they take dK and dV.
