@@ -1,7 +1,12 @@
 """The hopper backend's forward on an H100/H200: accuracy against float64, then TFLOP/s beside its peers.
 
 Run from the repo root on the GPU machine:
-    PYTHONPATH=src python scripts/bench_hopper_gpu.py [--rows d128L4096,d128L16384c,...] [--no-flex]
+    PYTHONPATH=src python scripts/bench_hopper_gpu.py [--rows d128L4096,d128L16384c,...] [--no-flex] [--backward]
+
+--backward times the backward alone (each peer's forward graph kept) instead:
+the hopper backend with its Gluon backward ("gluon") and with triton's
+("hopper"), the triton backend, cuDNN and torch flash; TFLOP/s count 2.5x the
+forward's products.
 
 Accuracy: relative Frobenius error of out (and the largest lse error) against
 float64 math, for hopper, the triton backend and cuDNN on the same inputs.
@@ -137,15 +142,71 @@ def timing(rows: list[str], flex: bool, variants: list[str]) -> None:
         print(f"{row:<14}" + "".join(f"{r:9.0f}" for r in rates) + f"{rates[0] / rates[2]:8.3f}", flush=True)
 
 
+class GluonBackward(PinnedFlashSdpa):
+    """hopper with its Gluon backward taken at every head dim its kernels cover."""
+
+    def __init__(self):
+        super().__init__("hopper")
+        self.name = "gluon"
+
+    @contextlib.contextmanager
+    def context(self):
+        from flashsdpa.backends.hopper import backward_specs
+
+        enabled = backward_specs.GLUON_BACKWARD_HEAD_DIMS
+        backward_specs.GLUON_BACKWARD_HEAD_DIMS = backward_specs.BACKWARD_HEAD_DIMS
+        try:
+            with flashsdpa.use_backend("hopper"):
+                yield
+        finally:
+            backward_specs.GLUON_BACKWARD_HEAD_DIMS = enabled
+
+
+def backward_timing(rows: list[str]) -> None:
+    peers = make_peers("static")
+    order = [GluonBackward(), PinnedFlashSdpa("hopper"), PinnedFlashSdpa("triton"), peers["cudnn"], peers["flash"]]
+    print("\nbackward alone, TFLOP/s (bf16, median of do_bench; ratios = gluon / cudnn, gluon / hopper)")
+    print(f"{'row':<14}" + "".join(f"{peer.name:>9}" for peer in order) + f"{'/cudnn':>8}{'/hopper':>8}")
+    for row in rows:
+        head_dim, length, causal = parse_row(row)
+        case = main_case(torch.bfloat16, head_dim, length, causal)
+        inputs = make_input_sets(case, torch.device("cuda"), 1, seed=length + head_dim)[0]
+        leaves = (inputs.query, inputs.key, inputs.value)
+        rates = []
+        for peer in order:
+            try:
+                forward = peer.prepare(case, torch.device("cuda"))
+                with peer.context():
+                    flashsdpa.reset_stats()
+                    out = forward(inputs)
+                    grad = lambda: torch.autograd.grad(out, leaves, inputs.grad_out, retain_graph=True)  # noqa: E731
+                    grad()
+                    ms = triton.testing.do_bench(grad, warmup=100, rep=400, return_mode="median")
+                    fallbacks = flashsdpa.stats().get("fallbacks")
+                    if fallbacks:
+                        print(f"  {peer.name} on {row}: fallbacks {fallbacks}")
+                rates.append(case.flops("bwd") / ms * 1e-9)
+                del out
+            except Exception as error:  # noqa: BLE001 - a peer that refuses a row is reported, not fatal
+                print(f"  {peer.name} on {row}: {type(error).__name__}: {str(error)[:200]}")
+                rates.append(float("nan"))
+        print(f"{row:<14}" + "".join(f"{r:9.0f}" for r in rates) + f"{rates[0] / rates[3]:8.3f}"
+              f"{rates[0] / rates[1]:8.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=HEADLINE, help=f"default: the headline rows; more: {MORE}")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--backward", action="store_true", help="time the backward instead (no accuracy table)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
           "cudnn", torch.backends.cudnn.version(), flush=True)
+    if args.backward:
+        backward_timing(args.rows.split(","))
+        return
     if not args.skip_accuracy:
         accuracy()
     timing(args.rows.split(","), not args.no_flex, args.variants.split(","))

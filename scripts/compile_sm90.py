@@ -19,9 +19,10 @@ failed or overflowed shared memory.
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
 named by kernel and a hash of its specialization), to find what spills or to
 check that a change leaves a variant's code as it was. --hopper compiles the
-hopper backend's Gluon forward kernels instead (every dtype, head dim and
-causality it takes, and GQA). --paged compiles the paged decode kernel's
-variants (`kvcache_attention` on the triton backend).
+hopper backend's Gluon kernels instead (forward and backward, every dtype,
+head dim and causality they take, and GQA).
+--paged compiles the paged decode kernel's variants (`kvcache_attention`
+on the triton backend).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import flashsdpa
 from flashsdpa import gradient_precision, kvcache, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
+from flashsdpa.backends.hopper import backward_specs as hopper_backward_specs
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward, launch_paged
 from flashsdpa.descriptor import GradientPrecision
@@ -143,6 +145,7 @@ def patch_for_sm90() -> None:
     launch_paged.sm_count = lambda device: 132
     cache_descriptor = kvcache.cache_descriptor
     kvcache.cache_descriptor = lambda *a, **kw: dataclasses.replace(cache_descriptor(*a, **kw), device_type="cuda")
+    hopper_backward_specs.GLUON_BACKWARD_HEAD_DIMS = hopper_backward_specs.BACKWARD_HEAD_DIMS  # compile them all
     JITFunction.run = compile_only_run
 
 
@@ -299,7 +302,8 @@ FULL = QUICK + VARIANTS + D512 + PACKED + PAGED + [
 ]
 
 HOPPER = [
-    Problem(dtype, d, causal=c, heads=heads, seq=(300, 300), backward=False, backend="hopper")
+    Problem(dtype, d, causal=c, heads=heads, seq=(300, 300), backward=d in hopper_backward_specs.BACKWARD_HEAD_DIMS,
+            backend="hopper")
     for dtype in (BF16, FP16) for d in (64, 128, 256) for c in (False, True) for heads in ((2, 2), (4, 2))
 ]
 

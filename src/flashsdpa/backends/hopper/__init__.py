@@ -4,9 +4,11 @@ It takes the forward of bf16/fp16 problems at head dims 64, 128 and 256
 (the same for values), non-causal or causal (top-left), with GQA, no mask
 and no dropout, on a GPU of compute capability 9.0; `unsupported_reasons`
 says why for anything else, which the automatic choice sends to the triton
-backend. The backward has no Hopper kernel yet: it runs the triton backend's
-(which reads this forward's out and lse as its own). Gluon kernels do not run
-under Triton's interpreter, so this backend never takes CPU tensors.
+backend. Its backward runs the Gluon kernels (`backward_kernels.py`) where
+`gluon_backward_reasons` finds none against them, else the triton backend's
+backward (which reads this forward's out and lse as its own), with the reason
+recorded as a fallback. Gluon kernels do not run under Triton's interpreter,
+so this backend never takes CPU tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import torch
 
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
+from flashsdpa.backends.hopper import backward_specs
 from flashsdpa.backends.hopper.forward_specs import DTYPES, HEAD_DIMS
 from flashsdpa.backends.triton import TritonBackend, cuda_capability
 from flashsdpa.descriptor import AttentionDescriptor, MaskKind
@@ -37,6 +40,31 @@ def _launcher():
     from flashsdpa.backends.hopper import launch_forward
 
     return launch_forward
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_launcher():
+    from flashsdpa.backends.hopper import launch_backward
+
+    return launch_backward
+
+
+def gluon_backward_reasons(desc: AttentionDescriptor, inputs: AttentionInputs, grad_out: torch.Tensor) -> list[str]:
+    """Why the Gluon backward does not take a problem this backend's forward took (empty: it does)."""
+    reasons = []
+    if desc.head_dim not in backward_specs.BACKWARD_HEAD_DIMS:
+        reasons.append(f"the Gluon backward takes head dims {backward_specs.BACKWARD_HEAD_DIMS}, not {desc.head_dim}")
+    elif desc.head_dim not in backward_specs.GLUON_BACKWARD_HEAD_DIMS:
+        reasons.append(f"triton's backward is the faster at head dim {desc.head_dim} (backward_specs)")
+    if desc.scale == 0:
+        reasons.append("the Gluon backward takes a nonzero scale")
+    if desc.seq_kv == 1:
+        reasons.append("one key: dq and dk are exactly 0, which triton's backward writes (the kernels: rounding noise)")
+    if desc.seq_q == 0 or desc.seq_kv == 0 or desc.batch * desc.heads_q == 0:
+        reasons.append("the Gluon backward takes no empty problem")
+    if not _launcher().tma_readable(inputs.query, inputs.key, inputs.value, grad_out):
+        reasons.append("q, k, v or dO strides or alignment are not TMA-readable")
+    return reasons
 
 
 class HopperBackend(Backend):
@@ -76,4 +104,11 @@ class HopperBackend(Backend):
         return launcher.attention_forward(desc, inputs)
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
-        return self._triton.backward(desc, inputs, out, lse, grad_out, needed)
+        reasons = gluon_backward_reasons(desc, inputs, grad_out)
+        if reasons:
+            from flashsdpa import dispatch  # (dispatch imports the backends)
+
+            dispatch.record_fallback(f"hopper backward: {'; '.join(reasons)}; ran triton's")
+            return self._triton.backward(desc, inputs, out, lse, grad_out, needed)
+        dq, dk, dv = _backward_launcher().attention_backward(desc, inputs, out, lse, grad_out)
+        return (dq if needed.query else None, dk if needed.key else None, dv if needed.value else None, None)

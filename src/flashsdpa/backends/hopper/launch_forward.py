@@ -37,7 +37,7 @@ def tma_readable(*tensors: torch.Tensor) -> bool:
 _descriptor_fields = RecentValues()
 
 
-def _descriptor(tensor: torch.Tensor, rows: int):
+def tma_descriptor(tensor: torch.Tensor, rows: int):
     """A TMA descriptor of a 4-D tensor that passed `tma_readable`, with blocks of (1, 1, rows, head_dim)."""
     key = (tensor.shape, tensor.stride(), tensor.dtype, rows)
     fields = _descriptor_fields.get(key)
@@ -73,8 +73,8 @@ def attention_forward(
         raise ValueError(f"hopper forward: {num_tiles} tiles exceed the grid limit of {MAX_GRID_X}")
     programs = min(num_tiles, sm_count(q.device)) if spec.persistent else num_tiles
     # (q_desc's block is a tile's rows; each consumer stores O by its own rows.)
-    descriptors = (_descriptor(q, spec.rows_per_program), _descriptor(k, spec.block_n),
-                   _descriptor(v, spec.block_n), _descriptor(out, spec.block_m))
+    descriptors = (tma_descriptor(q, spec.rows_per_program), tma_descriptor(k, spec.block_n),
+                   tma_descriptor(v, spec.block_n), tma_descriptor(out, spec.block_m))
     with on_device(q.device):
         kernels.hopper_attention_forward_kernel[(programs,)](
             *descriptors, lse,

@@ -1,0 +1,326 @@
+"""Gluon backward kernels for Hopper (sm_90): warp-specialised dK/dV and dQ, each program owning its outputs.
+
+With P = exp2(S * qk_scale - lse2) (S = Q K^T raw, `qk_scale` = softmax
+scale * log2(e), lse2 the row log-sum-exp in base 2 from the preprocess)
+and delta = rowsum(dO * O):
+
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q,  dQ = scale dS K.
+
+`hopper_attention_backward_dkdv_kernel`: a program owns `2 * BLOCK_N` keys of
+one (batch, key head); its producer warp loads K and V once, then streams the
+Q and dO blocks (`BLOCK_M` rows) of every query head of the GQA group through
+a ring of `STAGES` slots; each of the two consumer warp groups keeps dK and dV
+of its `BLOCK_N` keys in registers and per block computes S^T = K Q^T and
+dP^T = V dO^T (both issued before either is waited for), P^T, dV += P^T dO,
+dS^T, dK += dS^T Q. Its results leave through its own rows of the K and V
+tiles (TMA stores).
+
+`hopper_attention_backward_dq_kernel`: a program owns `2 * BLOCK_M` query rows
+of one (batch, query head); its producer loads Q and dO once and streams the
+K and V blocks; each consumer group per block computes S and dP, dS, and
+dQ += dS K, and stores dQ through its rows of the Q tile.
+
+Causal masks are top-left aligned (key j visible to row i when j <= i). The
+lse2 and delta rows are read unmasked from the preprocess's scratch, whose row
+stride is a multiple of 128 (rows past the sequence: lse2 = +inf, delta = 0,
+so their P is 0). Rows and keys past the sequence ends load as zeros through
+the TMA descriptors' bounds and are never stored.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.jit
+def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr):
+    """(batch, key head, first key, first query block, query blocks a head) of this program; the key blocks
+    of one head are adjacent, first keys first (with causal masks, the longest programs start first)."""
+    pid = gl.program_id(0)
+    n_block = pid % num_n_blocks
+    batch_head = pid // num_n_blocks
+    first_key = n_block * (2 * BLOCK_N)
+    m_start = 0
+    if CAUSAL:
+        m_start = first_key // BLOCK_M
+    m_blocks = gl.maximum(gl.cdiv(seq_q, BLOCK_M) - m_start, 0)
+    return batch_head // heads_kv, batch_head % heads_kv, first_key, m_start, m_blocks
+
+
+@gluon.jit
+def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
+                         heads_kv, gqa_group, seq_q, num_n_blocks,
+                         CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Producer: K and V of the program's keys, then Q and dO of each (query head, query block) in order."""
+    kv_ready, q_ready, q_empty = barriers
+    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL,
+                                                              BLOCK_M, BLOCK_N)
+    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [batch, head_kv, first_key, 0], kv_ready, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [batch, head_kv, first_key, 0], kv_ready, v_smem)
+    for i in range(gqa_group * m_blocks):
+        head_q = head_kv * gqa_group + i // m_blocks
+        first_row = (m_start + i % m_blocks) * BLOCK_M
+        stage = i % STAGES
+        # An "empty" barrier completes phase 0 when both consumers first free its slot; the first pass over
+        # the ring waits on the (already complete) phase before that.
+        mbarrier.wait(q_empty.index(stage), ((i // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
+                                        q_smem.index(stage))
+        tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
+                                        do_smem.index(stage))
+
+
+@gluon.jit
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr, delta_ptr,
+                             heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale, scale,
+                             GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's."""
+    kv_ready, q_ready, q_empty = barriers
+    HEAD_DIM: gl.constexpr = k_smem.shape[3]  # (1, 1, keys, head_dim)
+    dtype: gl.constexpr = k_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL,
+                                                              BLOCK_M, BLOCK_N)
+    group_key = first_key + GROUP * BLOCK_N
+    heads_q = heads_kv * gqa_group
+    # This group's keys of the K and V tiles: 2-D for the products, 4-D for the gradients' TMA stores.
+    k = k_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
+    v = v_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
+    keys = group_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
+    st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
+    mbarrier.wait(kv_ready, 0)
+
+    for i in range(gqa_group * m_blocks):
+        head_q = head_kv * gqa_group + i // m_blocks
+        first_row = (m_start + i % m_blocks) * BLOCK_M
+        stage = i % STAGES
+        rows = first_row + gl.arange(0, BLOCK_M, layout=row_layout)
+        stats = (batch * heads_q + head_q) * stats_stride + rows
+        lse2 = gl.load(lse2_ptr + stats)
+        delta = gl.load(delta_ptr + stats)
+        mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+        q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        q_t = q.permute((1, 0))
+        do_t = do.permute((1, 0))
+        st_token = warpgroup_mma(k, q_t, st_zero, use_acc=False, is_async=True)
+        dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
+        # Products retire in order: with one outstanding, S^T is done and dP^T may still run.
+        st = warpgroup_mma_wait(1, deps=[st_token, k, q_t])[0]
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        if CAUSAL:
+            if first_row < group_key + BLOCK_N:  # a block that reaches above the diagonal
+                pt = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0), pt, 0.0)
+        pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+        dv_token = warpgroup_mma(pt_op, do, dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        dst_op = gl.convert_layout(dst.to(dtype), op_layout)
+        dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
+        retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
+        dv = retired[0]
+        dk = retired[1]
+        mbarrier.arrive(q_empty.index(stage), count=1)
+
+    # The group's K and V rows are read by its own products alone, all retired: they take dK and dV.
+    k.store((dk * scale).to(dtype))
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [batch, head_kv, group_key, 0],
+                                    k_smem.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
+    tma.async_copy_shared_to_global(dv_desc, [batch, head_kv, group_key, 0],
+                                    v_smem.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def hopper_attention_backward_dkdv_kernel(
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr,
+    heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale, scale,
+    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+):
+    """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
+    gl.static_assert(BLOCK_N == 64, "a consumer warp group owns 64 keys (one wgmma row block)")
+    dtype: gl.constexpr = k_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
+
+    barriers = (kv_ready, q_ready, q_empty)
+    gl.warp_specialize([
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                                    delta_ptr, heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale,
+                                    scale, 0, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                                    delta_ptr, heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale,
+                                    scale, 1, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
+                                heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
+
+
+@gluon.jit
+def _dq_tile(heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr):
+    """(batch, query head, key head, first row, key blocks) of this program; with causal masks the longest
+    row tiles (last rows) start first."""
+    pid = gl.program_id(0)
+    m_block = pid % num_m_blocks
+    if CAUSAL:
+        m_block = num_m_blocks - 1 - m_block
+    batch_head = pid // num_m_blocks
+    head_q = batch_head % heads_q
+    first_row = m_block * (2 * BLOCK_M)
+    key_end = seq_kv
+    if CAUSAL:
+        key_end = gl.minimum(seq_kv, first_row + 2 * BLOCK_M)
+    return batch_head // heads_q, head_q, head_q // gqa_group, first_row, gl.cdiv(key_end, BLOCK_N)
+
+
+@gluon.jit
+def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
+                       heads_q, gqa_group, seq_kv, num_m_blocks,
+                       CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Producer: Q and dO of the program's rows, then K and V of each key block."""
+    q_ready, kv_ready, kv_empty = barriers
+    batch, head_q, head_kv, first_row, key_blocks = _dq_tile(heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL,
+                                                             BLOCK_M, BLOCK_N)
+    mbarrier.expect(q_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready, do_smem)
+    for j in range(key_blocks):
+        stage = j % STAGES
+        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(kv_ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch, head_kv, j * BLOCK_N, 0], kv_ready.index(stage),
+                                        k_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [batch, head_kv, j * BLOCK_N, 0], kv_ready.index(stage),
+                                        v_smem.index(stage))
+
+
+@gluon.jit
+def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                           heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
+                           GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr):
+    """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's."""
+    q_ready, kv_ready, kv_empty = barriers
+    HEAD_DIM: gl.constexpr = q_smem.shape[3]  # (1, 1, rows, head_dim)
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+
+    batch, head_q, head_kv, tile_row, key_blocks = _dq_tile(heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL,
+                                                            BLOCK_M, BLOCK_N)
+    first_row = tile_row + GROUP * BLOCK_M
+    # Key blocks from `masked_from` on need the sequence-end or causal mask.
+    masked_from = seq_kv // BLOCK_N
+    if CAUSAL:
+        masked_from = gl.minimum(masked_from, (first_row + 1) // BLOCK_N)
+    rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    stats = (batch * heads_q + head_q) * stats_stride + rows
+    lse2 = gl.expand_dims(gl.load(lse2_ptr + stats), 1)
+    delta = gl.expand_dims(gl.load(delta_ptr + stats), 1)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
+    # This group's rows of the Q and dO tiles: 2-D for the products, 4-D for dQ's TMA store.
+    q = q_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
+    do = do_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
+    mbarrier.wait(q_ready, 0)
+
+    for j in range(key_blocks):
+        stage = j % STAGES
+        mbarrier.wait(kv_ready.index(stage), (j // STAGES) & 1)
+        k = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
+        v_t = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        k_t = k.permute((1, 0))
+        s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+        dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
+        p = gl.exp2(s * qk_scale - lse2)
+        if j >= masked_from:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            visible = gl.expand_dims(cols < seq_kv, 0)
+            if CAUSAL:
+                visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
+            p = gl.where(visible, p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=[dp_token, do, v_t])[0]
+        ds = p * (dp - delta)
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dq_token = warpgroup_mma(ds_op, k, dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=[dq_token, k])[0]
+        mbarrier.arrive(kv_empty.index(stage), count=1)
+
+    # The group's Q rows are read by its own products alone, all retired: they take dQ.
+    q.store((dq * scale).to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dq_desc, [batch, head_q, first_row, 0],
+                                    q_smem.slice(GROUP * BLOCK_M, BLOCK_M, dim=2))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def hopper_attention_backward_dq_kernel(
+    q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr,
+    heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
+    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+):
+    """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
+    gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer group
+
+    barriers = (q_ready, kv_ready, kv_empty)
+    gl.warp_specialize([
+        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                                  heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
+                                  0, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                                  heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
+                                  1, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
+                              heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -1,0 +1,85 @@
+"""Launcher of the Hopper backward kernels: row statistics, descriptors, grids and arguments; no computation of its own."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from flashsdpa.backends.base import AttentionInputs, new_output
+from flashsdpa.backends.hopper.backward_specs import HopperBackwardSpec, backward_spec
+from flashsdpa.backends.hopper.launch_forward import LOG2E, tma_descriptor, tma_readable
+from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
+from flashsdpa.backends.triton.launch_backward import stats_row_stride
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device
+from flashsdpa.descriptor import AttentionDescriptor
+
+PREPROCESS_BLOCK_M = 128  # (stats_row_stride is a multiple of it)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The kernel module, imported on first use (Gluon needs a CUDA build of Triton)."""
+    from flashsdpa.backends.hopper import backward_kernels
+
+    return backward_kernels
+
+
+def backward_readable(inputs: AttentionInputs, out: torch.Tensor, grad_out: torch.Tensor) -> bool:
+    """Whether the kernels' TMA descriptors can read q, k, v and dO (out is read by pointers)."""
+    return tma_readable(inputs.query, inputs.key, inputs.value, grad_out)
+
+
+def attention_backward(
+    desc: AttentionDescriptor, inputs: AttentionInputs, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, spec: HopperBackwardSpec | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in desc.dtype, the shapes of q, k, v (GQA: dk, dv summed over each group's query heads).
+
+    lse is the forward's (natural log, (B, Hq, L) float32); q, k, v and grad_out must pass
+    `backward_readable`, and desc.scale be nonzero (the backend checks)."""
+    spec = spec or backward_spec(desc.head_dim)
+    kernels = _kernels()
+    q, k, v = inputs.query, inputs.key, inputs.value
+    batch, heads_q, heads_kv = desc.batch, desc.heads_q, desc.heads_kv
+    seq_q, seq_kv, device = desc.seq_q, desc.seq_kv, q.device
+    dq = new_output(q.shape, desc.dtype, device)
+    dk = new_output(k.shape, desc.dtype, device)
+    dv = new_output(v.shape, desc.dtype, device)
+
+    # Row statistics (scratch, every row written): delta = rowsum(dO * O) and lse in base 2, rows padded to
+    # stats_stride (past seq_q: lse2 +inf, delta 0) so that the kernels read whole blocks unmasked.
+    stats_stride = stats_row_stride(seq_q)
+    stats = torch.empty((2, batch * heads_q * stats_stride), dtype=torch.float32, device=device)
+    delta, lse2 = stats.unbind(0)
+
+    num_n_blocks = cdiv(seq_kv, 2 * spec.dkdv_block_n)
+    num_m_blocks = cdiv(seq_q, 2 * spec.dq_block_m)
+    dkdv_programs = num_n_blocks * batch * heads_kv
+    dq_programs = num_m_blocks * batch * heads_q
+    if max(dkdv_programs, dq_programs) > MAX_GRID_X:
+        raise ValueError(f"hopper backward: {max(dkdv_programs, dq_programs)} programs exceed the grid limit")
+    scale = float(desc.scale)
+    common = dict(CAUSAL=desc.causal, CONSUMER_REGISTERS=spec.consumer_registers,
+                  PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
+    with on_device(device):
+        attention_backward_preprocess_kernel[(cdiv(stats_stride, PREPROCESS_BLOCK_M) * batch * heads_q,)](
+            out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(),
+            seq_q, heads_q, stats_stride,
+            HEAD_DIM_V=desc.head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=desc.head_dim_v, COMPUTE_DELTA=True,
+        )
+        kernels.hopper_attention_backward_dkdv_kernel[(dkdv_programs,)](
+            tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
+            tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
+            tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n), lse2, delta,
+            heads_kv, desc.gqa_group, seq_q, num_n_blocks, stats_stride, scale * LOG2E, scale,
+            BLOCK_M=spec.dkdv_block_m, BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, **common,
+        )
+        kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
+            tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
+            tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
+            tma_descriptor(dq, spec.dq_block_m), lse2, delta,
+            heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, scale * LOG2E, scale,
+            BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages, **common,
+        )
+    return dq, dk, dv
