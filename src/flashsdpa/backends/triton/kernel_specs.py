@@ -239,14 +239,13 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, paged: bool) ->
     """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
     alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`."""
     key = desc.kernel_key
-    band = visible_band(desc)
     return PagedDecodeKernelSpec(
-        bounded_below=band.bounded_below,
-        bounded_above=band.bounded_above,
+        bounded_below=key.bounded_below,
+        bounded_above=key.bounded_above,
         paged=paged,
-        softcap=desc.softcap > 0.0,
-        alibi=desc.alibi,
-        sinks=desc.sinks,
+        softcap=key.softcap,
+        alibi=key.alibi,
+        sinks=key.sinks,
         block_m=decode.block_m,
         block_n=decode.block_n,
         block_d=key.block_head_dim,
