@@ -73,18 +73,20 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32 (natural log); see `Backend.forward`."""
     if config is None:
-        device = inputs.query.device
-        # The capability is part of the key: tiles and TMA use differ per GPU generation.
-        capability = device_capability(device)
-        long_keys = desc.seq_kv >= LONG_KEYS
-        config = kernel_cache.get(
-            ("forward", desc.kernel_key, capability, long_keys),
-            lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
-        )
+        config = forward_config(desc, device_capability(inputs.query.device))
     if uses_decode_kernel(desc):
         return launch_decode_kernels(desc, inputs, config)
     return launch_main_kernel(desc, inputs, config)
 
+
+def forward_config(desc: AttentionDescriptor, capability: tuple[int, int] | None) -> ForwardConfig:
+    """The forward's tiles for `desc` on a GPU of `capability` (part of the key: tiles and TMA use differ per
+    GPU generation)."""
+    long_keys = desc.seq_kv >= LONG_KEYS
+    return kernel_cache.get(
+        ("forward", desc.kernel_key, capability, long_keys),
+        lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
+    )
 
 
 def allocate_outputs(desc: AttentionDescriptor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,12 +265,7 @@ def packed_forward_config(desc: AttentionDescriptor, capability: tuple[int, int]
     """The main kernel's config for a packed batch: the dense problem's of the longest sequences, with
     float32 products split in the kernel (tf32x3) rather than into float16 halves (whose value unscales
     come per BLOCK_N keys of each head, which a sequence's key rows do not start on)."""
-    long_keys = desc.seq_kv >= LONG_KEYS
-    config = kernel_cache.get(
-        ("forward", desc.kernel_key, capability, long_keys),
-        lambda cache_key: choose_forward_config(cache_key[1], capability, cache_key[3]),
-    )
-    config = with_variant_registers(config, desc)
+    config = forward_config(desc, capability)
     if config.split_products:
         config = dataclasses.replace(config, split_products=False)
     return config
