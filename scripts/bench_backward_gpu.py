@@ -6,6 +6,7 @@ Usage (from the repo root, PYTHONPATH=src):
     python scripts/bench_backward_gpu.py breakdown        # GPU time per backward kernel
     python scripts/bench_backward_gpu.py sweep d=128 causal=1 [dtype=bf16] [L=4096] [kernel=dkdv|dq] [precision=exact|rounded] [quick=1]
         [tiles=64x128x8x2,...] [loads=pointers,host] [early=0,1]
+    (dtype=fp32: the full-precision float16-halves backward; its out/lse come from flashsdpa's forward)
 out/lse for the benchmarks come from torch's flash forward (natural-log lse, float32).
 """
 import itertools
@@ -116,7 +117,11 @@ def correct():
 
 def bench_inputs(dtype, B, H, L, d, causal):
     q, k, v, grad_out = (torch.randn(B, H, L, d, device=DEV, dtype=dtype) for _ in range(4))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+    if dtype == torch.float32:  # torch's flash kernel refuses float32: flashsdpa's own forward
+        import flashsdpa
+        out, lse = flashsdpa.attention(q, k, v, causal=causal, backend="triton", return_lse=True)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
     desc = descriptor(q, k, v, None, "none", causal, None, 0.0)
     return desc, AttentionInputs(q, k, v), out, lse, grad_out
 
@@ -184,7 +189,7 @@ def sweep(options):
     d = int(options.get("d", 128))
     causal = options.get("causal", "0") == "1"
     L = int(options.get("L", 4096))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[options.get("dtype", "bf16")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[options.get("dtype", "bf16")]
     B, H = 16384 // L, 2048 // d
     desc, inputs, out, lse, grad_out = bench_inputs(dtype, B, H, L, d, causal)
     flops = desc.flops(backward=True)

@@ -17,14 +17,19 @@ from flashsdpa.backends import base
 from flashsdpa.backends.base import poisoned_outputs
 from helpers import (
     BACKENDS,
+    FP32_FLOOR_GRAD,
+    GRAD_TOL,
+    SPLIT_PRODUCTS_TORCH_FACTOR,
     Case,
     check_backward,
     generator,
+    oracle,
     qkv,
     randn,
     random_bool_mask,
     random_float_mask,
     seq,
+    torch_sdpa,
 )
 
 
@@ -454,3 +459,56 @@ def test_run_helper_poisons(device):
         with poisoned_outputs():
             pass
         assert torch.isnan(base.new_output((3,), torch.float32, device)).all(), "nesting must restore the flag"
+
+
+# The triton float32 backward multiplies float16 halves (launch_halves, backward_kernels.FP16_HALVES): q, k, v
+# and dO split per row once per call, P and dS split per row in the kernels, each row with its own power of two.
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"enable_gqa": True}], ids=["plain", "causal", "gqa"])
+def test_float32_gradients_of_faint_keys_and_spread_rows(options, device):
+    """Every row of dq, dk and dv within the float32 bar of its own size, against float64 and torch's own
+    per-row error: keys that every query barely sees (P ~ e**-20 of the others: their dK and dV rows are
+    that small) and rows of dO and v spread over 8 decades. A fixed power-of-two scale for P's and dS's halves
+    (as the forward gives P, which is <= 1) fails it (seen by swapping one in): the spread rows overflow float16
+    (NaN in dq), and at e**-60 the faint keys' dK and dV rows were flushed to zero (relative error 1.0)."""
+    from flashsdpa.backends.triton import launch_backward
+
+    gen = generator(75)
+    seq_q, seq_kv, heads_kv = seq(37), seq(45), 1 if options.get("enable_gqa") else 2
+    q, k, v = qkv((1, 2), (1, heads_kv), seq_q, seq_kv, 24, gen, torch.float32, device)
+    v = v * 10.0 ** (torch.rand(1, heads_kv, seq_kv, 1, generator=gen) * 8 - 4).to(device)
+    grad_out = randn((1, 2, seq_q, 24), gen, torch.float32, device)
+    grad_out = grad_out * 10.0 ** (torch.rand(1, 2, seq_q, 1, generator=gen) * 8 - 4).to(device)
+    faint = torch.tensor([3, seq_kv // 2, seq_kv - 1])
+    mask = torch.zeros(seq_q, seq_kv, device=device)
+    mask[:, faint] = -20.0
+
+    splits = []
+    original = launch_backward.split_rows_into_halves
+
+    def spy(tensor):
+        splits.append(tensor.shape)
+        return original(tensor)
+
+    def gradients(attend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with poisoned_outputs():
+            out = attend(*leaves, mask.to(dtype))
+        out.backward(grad_out.to(dtype))
+        return [leaf.grad for leaf in leaves]
+
+    causal, gqa = options.get("causal", False), options.get("enable_gqa", False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launch_backward, "split_rows_into_halves", spy)
+        ours = gradients(lambda *a: flashsdpa.attention(*a[:3], attn_mask=a[3], backend="triton", **options),
+                         torch.float32)
+    assert len(splits) == 4, f"q, k, v and dO split once each: {splits}"
+    ref = gradients(lambda *a: oracle(*a, causal=causal, enable_gqa=gqa)[0], torch.float64)
+    theirs = gradients(lambda *a: torch_sdpa(*a, causal, None, gqa), torch.float32)
+    for name, mine, truth, torch_grad in zip(("dq", "dk", "dv"), ours, ref, theirs):
+        rows = truth.norm(dim=-1) > 0  # (causal: the first query sees one key, its dq is exactly 0)
+        row_err = ((mine.double() - truth).norm(dim=-1) / truth.norm(dim=-1))[rows].amax().item()
+        torch_row_err = ((torch_grad.double() - truth).norm(dim=-1) / truth.norm(dim=-1))[rows].amax().item()
+        bar = min(GRAD_TOL[torch.float32], max(FP32_FLOOR_GRAD, SPLIT_PRODUCTS_TORCH_FACTOR * torch_row_err))
+        assert row_err <= bar, f"{options} {name}: worst row {row_err:.3g} over {bar:.3g} (torch {torch_row_err:.3g})"

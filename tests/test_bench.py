@@ -165,7 +165,9 @@ def test_plan_needs_no_gpu(capsys):
 def test_matrix_shapes_and_selection():
     full = case_matrix.full_cases()
     names = [c.name for c in full]
-    assert len(names) == len(set(names)) == 72 + 2 + 1 + 4 + 5 + 2 + 8 + 2
+    assert len(names) == len(set(names)) == 72 + 2 + 4 + 4 + 5 + 2 + 8 + 2
+    assert [c.name for c in case_matrix.select(full, "fp32")] == [
+        "fp32/fp32-d128-L4096", "fp32/fp32-d128-L4096-causal", "fp32/fp32-d64-L4096", "fp32/fp32-d64-L4096-causal"]
     assert [c.name for c in case_matrix.quick_cases()] == [
         "main/bf16-d128-L4096",
         "main/bf16-d128-L16384-causal",

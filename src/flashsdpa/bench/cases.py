@@ -8,7 +8,8 @@ short by its time budget still has them):
   causal and not, bf16 then fp16; forward and backward.
 - mask: d=128, B=4, H=16, L=S=4096, bf16, with a bool key-padding mask
   (B, 1, 1, S) whose last 512 keys are masked, or a float bias (1, H, L, S).
-- fp32: the same shape with float32 inputs (flashsdpa precise and tf32).
+- fp32: the same shape with float32 inputs (flashsdpa precise and tf32), at d=128
+  and d=64, causal and not.
 - decode: one query row, q (16, 32, 1, 128) against K/V (16, 8, S, 128) with
   enable_gqa; forward only, reported as bytes of K+V read per second too.
 - variant (`--cases variant` runs it alone): window 4096 in causal 32k,
@@ -54,6 +55,7 @@ MAIN_DTYPES = (torch.bfloat16, torch.float16)
 # The headline rows of `--quick`: (head_dim, seq_len, causal), bf16.
 QUICK_ROWS = ((128, 4096, False), (128, 16384, True), (64, 4096, False), (128, 1024, False))
 DECODE_SEQ_LENS = (4096, 8192, 16384, 32768)
+FP32_HEAD_DIMS = (128, 64)  # d=128 first: the row earlier benchmarks quote
 PADDED_KEYS = 512  # keys masked out at the end of each row in the key-padding case
 
 # Peers per group, flashsdpa first (the one every ratio is taken against).
@@ -327,7 +329,12 @@ def full_cases() -> list[Case]:
         Case(group="mask", dtype=torch.bfloat16, mask="key_padding", padded_keys=PADDED_KEYS, peers=MASK_PEERS, **side),
         Case(group="mask", dtype=torch.bfloat16, mask="bias", peers=MASK_PEERS, **side),
     ]
-    fp32 = [Case(group="fp32", dtype=torch.float32, peers=FP32_PEERS, **side)]
+    # float32 forward and backward at d=64 and 128, causal and not (the halves backward's rows, issue 14).
+    fp32 = [
+        Case(group="fp32", dtype=torch.float32, peers=FP32_PEERS, causal=causal, **{**side, "head_dim": d})
+        for d in FP32_HEAD_DIMS
+        for causal in (False, True)
+    ]
     decode = [
         Case(
             group="decode",

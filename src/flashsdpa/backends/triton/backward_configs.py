@@ -131,9 +131,9 @@ SM90_16BIT_ROUNDED_DQ = {
     256: (64, 64, 4, 2),  # 133 (128x32 w8: 132, 64x32 w4 s1: 130, the EXACT table's 64x32 w8: 108)
     512: (32, 16, 8, 2),  # the EXACT table's (no spill): not timed
 }
-# float32 with fp32_precision="tf32" (one tf32 product per dot; these shapes
-# were chosen for the tf32x3 products the full-precision path had before it
-# took float16 halves). The dQ kernel's extra row pass (renormalize_rows)
+# float32 with fp32_precision="tf32" (one tf32 product per dot). Shapes from
+# offline compiles of split tf32 (tf32x3, three products per dot; not re-swept
+# for one product). The dQ kernel's extra row pass (renormalize_rows)
 # holds two more score-sized tiles, hence its smaller tiles than the 16-bit ones.
 SM90_FP32_DKDV = {
     64: (32, 64, 8, 2),  # 96-104 KB; spills 0-16 B, 120-384 B with causal and a mask or dropout
@@ -252,7 +252,8 @@ def block_widths(key: KernelKey) -> tuple[int, int]:
 
     float32 pads both to the wider one: Triton 3.6's tf32x3 dK/dV kernel made
     an illegal address on the H100 with widths 16 and 64 (E=64/Ev=8 and
-    E=16/Ev=40), while equal widths, and tf32 products, ran.
+    E=16/Ev=40), while equal widths, and tf32 products, ran. The float16
+    halves products pad the same way (unequal widths not tried on a GPU).
     """
     if key.dtype == torch.float32:
         width = max(key.block_head_dim, key.block_head_dim_v)

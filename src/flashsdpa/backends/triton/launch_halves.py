@@ -1,4 +1,4 @@
-"""Launcher of `halves_kernels`: float32 q, k and v as float16 halves for the main forward kernel.
+"""Launcher of `halves_kernels`: float32 q, k and v (and the backward's dO) as float16 halves for the main kernels.
 
 Each split reads its float32 tensor through its strides once and writes the
 same number of bytes (two float16 halves), plus a small float32 buffer of
@@ -20,7 +20,7 @@ SPLIT_WARPS = 8
 
 
 def split_rows_into_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, R, C) float32 as (halves, unscale), each row scaled on its own (q and k).
+    """x (B, H, R, C) float32 as (halves, unscale), each row scaled on its own (q and k; the backward's v and dO).
 
     halves: (B, 2H, R, C) float16, the hi halves in heads [0, H) and the lo
     halves in [H, 2H); unscale: (B, H, R) float32.
