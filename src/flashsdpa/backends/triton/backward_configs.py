@@ -202,13 +202,14 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
     )
 
 
-def with_variant_tiles(config: BackwardConfig, desc: AttentionDescriptor, capability: tuple[int, int] | None
-                       ) -> BackwardConfig:
+def with_variant_tiles(config: BackwardConfig, desc: AttentionDescriptor, capability: tuple[int, int] | None,
+                       packed: bool = False) -> BackwardConfig:
     """`config` with the dK/dV tile of SM90_16BIT_VARIANT_DKDV where `desc` has softcap, ALiBi or a window
-    (the tile tables key on KernelKey, which does not hold them)."""
+    (the tile tables key on KernelKey, which does not hold them), or is a `packed` batch (compile_sm90
+    --packed, bf16: the tables' tiles spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none)."""
     table_key = max(64, padded_head_dim(desc.kernel_key))
     if (capability is None or desc.dtype == torch.float32 or table_key not in SM90_16BIT_VARIANT_DKDV
-            or not (desc.softcap > 0.0 or desc.alibi or desc.windowed)):
+            or not (desc.softcap > 0.0 or desc.alibi or desc.windowed or packed)):
         return config
     return replace(config, dkdv=TileShape(*SM90_16BIT_VARIANT_DKDV[table_key]))
 
