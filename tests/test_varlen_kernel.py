@@ -17,6 +17,7 @@ from flashsdpa.backends.triton import backward_kernels, forward_kernels
 
 from helpers import assert_forward_close, assert_lse_close, generator, randn, rel_err
 from test_kvcache import host_reads_forbidden
+from test_triton_variants import counted
 from test_varlen import VARIANTS, Lse, offsets, packed
 
 # One ragged batch with what test_varlen.RAGGED's three hold: equal lengths, an empty query and an empty key
@@ -169,18 +170,6 @@ def test_dropout_gradients_equal_the_per_sequence_path(device):
         assert rel_err(got, want) <= 1e-5
 
 
-def _counted(monkeypatch, module, name) -> list:
-    calls = []
-    original = getattr(module, name)
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counting)
-    return calls
-
-
 def test_work_is_the_sum_of_the_sequences_work(monkeypatch, device):
     """Lengths (2, 37, 150, 5), a scaled-down (1, 37, 1000, 5), causal: the packed kernels visit exactly the
     key blocks (forward, dQ) and query blocks (dK/dV) the four sequences' own dense problems visit, under a
@@ -188,9 +177,9 @@ def test_work_is_the_sum_of_the_sequences_work(monkeypatch, device):
     problems all take the main kernel, whose loads are counted; a 1-token sequence's dense backward skips
     its dQ, so the shortest here has 2.)"""
     lens = [2, 37, 150, 5]
-    loads = _counted(monkeypatch, forward_kernels, "load_rows")  # q once a program, k and v per key block
-    dq_blocks = _counted(monkeypatch, backward_kernels, "_dq_key_block")
-    dkdv_blocks = _counted(monkeypatch, backward_kernels, "_dkdv_query_block")
+    loads = counted(monkeypatch, forward_kernels, "load_rows")  # q once a program, k and v per key block
+    dq_blocks = counted(monkeypatch, backward_kernels, "_dq_key_block")
+    dkdv_blocks = counted(monkeypatch, backward_kernels, "_dkdv_query_block")
     gen = generator(47)
     q, k, v = (t.to(device).requires_grad_() for t in packed(lens, lens, 1, 1, 16, gen, torch.bfloat16))
     cu = offsets(lens).to(device)

@@ -7,19 +7,28 @@ on padding. Keys and values may instead be paged, (pages, page_size, Hkv, E),
 with `block_table` (N, max_pages) naming each sequence's pages in order and
 `seqused_k` (N,) its key count.
 
-How it runs: one custom op (`flashsdpa::varlen_forward`, and a backward op)
-reads the offsets on the host and runs the chosen backend once per sequence on
-views of the packed tensors (a paged sequence's keys are gathered from its
-pages, one sequence at a time), so the work is sum_i L_i * S_i, never
-N * max_q * max_k, and no padded tensor exists. Reading the offsets is a host
-synchronisation on a GPU; under `torch.compile(fullgraph=True)` the loop
-stays inside the op and the graph does not break. Backends: reference and
-tiled on any device; the automatic choice runs each sequence on the first
-backend that takes it (aten, then tiled, on a CPU; hopper, then triton, on CUDA).
+How it runs: two custom ops (`flashsdpa::varlen_forward` and a backward op).
+On a backend that runs a packed batch whole (`Backend.runs_packed`: triton),
+each kernel is one launch over (query or key blocks of the longest sequence,
+heads, sequences) whose programs read their sequence's offsets from cu_seq_q /
+cu_seq_k (and seqused_k) on the device and exit past its end: no host read of
+the offsets (`validate` asks for one), no padded tensor, work sum_i L_i * S_i.
+Otherwise (other backends, paged keys) the op reads the offsets on the host
+and runs the chosen backend once per sequence on views of the packed tensors
+(a paged sequence's keys are gathered from its pages, one sequence at a
+time); the work is the same sum, and reading the offsets is a host
+synchronisation on a GPU. Under `torch.compile(fullgraph=True)` either stays
+inside the op and the graph does not break. Backends: reference and tiled on
+any device; the automatic choice takes the packed triton kernels where they
+take the problem, else runs each sequence on the first backend that takes it
+(aten, then tiled, on a CPU; hopper, then triton, on CUDA).
 
-Memory beyond the outputs: for paged keys, one sequence's gathered keys at a
-time; and for a backend that declines windows or the bottom-right alignment
-(aten, hopper), a bool (L_i, S_i) mask of the sequence's visible keys.
+Memory beyond the outputs: the packed triton backward's row statistics,
+3 * N * Hq * max_q float32 (rows rounded up to 128), and zeroed dK/dV where
+seqused_k leaves key rows outside every sequence; for paged keys, one
+sequence's gathered keys at a time; and for a backend that declines windows
+or the bottom-right alignment (aten, hopper), a bool (L_i, S_i) mask of the
+sequence's visible keys.
 """
 
 from __future__ import annotations
@@ -275,7 +284,8 @@ class _Runner:
             # Causal (right = 0) stays causal with a window, as `flashsdpa.attention` gives it: the kernels'
             # tile tables key on it.
             visibility = o.visibility(max_q, max_k)
-            call = CallOptions(o.dropout_p, visibility.right == 0, o.scale, visibility.left, visibility.right,
+            causal = visibility.right == 0
+            call = CallOptions(o.dropout_p, causal, o.scale, visibility.left, -1 if causal else visibility.right,
                                "bottom_right" if o.bottom_right else "top_left", o.softcap, o.fp32_precision,
                                self.gradients)  # fmt: skip
             desc = describe(q, k, v, None, call, self.alibi_slopes is not None, self.sinks is not None)

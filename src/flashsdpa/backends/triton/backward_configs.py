@@ -169,9 +169,13 @@ BACKWARD_SHARED_MEMORY_HEADROOM = 16 * 1024
 
 
 def backward_config(
-    key: KernelKey, capability: tuple[int, int] | None, precision: GradientPrecision = GradientPrecision.EXACT
+    key: KernelKey,
+    capability: tuple[int, int] | None,
+    precision: GradientPrecision = GradientPrecision.EXACT,
+    packed: bool = False,
 ) -> BackwardConfig:
-    """The shapes for `key` on a GPU of `capability` (None: the CPU interpreter), at `precision`.
+    """The shapes for `key` on a GPU of `capability` (None: the CPU interpreter), at `precision`, for a
+    `packed` batch (varlen) or not.
 
     float32 is computed EXACT whatever `precision` says (gradient_precision.py).
     """
@@ -180,7 +184,7 @@ def backward_config(
     exact = precision is GradientPrecision.EXACT or key.dtype == torch.float32
     if capability is None:
         return interpreter_config(key, exact)
-    return cuda_config(key, capability, exact)
+    return cuda_config(key, capability, exact, packed)
 
 
 def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
@@ -205,7 +209,7 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
     )
 
 
-def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> BackwardConfig:
+def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed: bool = False) -> BackwardConfig:
     fp32 = key.dtype == torch.float32
     table_key = max(64, padded_head_dim(key))
     if fp32 and uses_split_products(key):
@@ -219,7 +223,9 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool) -> Bac
         dq_table = SM90_16BIT_ROUNDED_DQ
     dkdv = TileShape(*dkdv_table[table_key])
     dq = TileShape(*dq_table[table_key])
-    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key)):
+    # Softcap, ALiBi, a window's edge, or a packed batch (compile_sm90 --packed, bf16: the tables' tiles
+    # spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none).
+    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
     budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and

@@ -73,7 +73,7 @@ def attention_backward(
     `packing`: a packed batch (see `PackedSequences`; every tensor a (1, H, total, d) view whose batch
     stride is 0, out and lse too): the kernels read each sequence's offsets on the device, and the
     gradients come back as such views of packed (total, H, d) tensors. No mask; dK/dV reads q and dO
-    through pointers, one program per kv head.
+    through pointers, one program per query head with GQA (SPLIT_GROUP).
 
     `config` pins the block shapes and precision (tests, benchmarks); by
     default they come from `kernel_cache`, keyed on the descriptor's
@@ -89,7 +89,8 @@ def attention_backward(
         capability = device_capability(device)  # tiles differ per GPU generation
         precision = gradient_precision.at_backward(desc, inputs)
         config = kernel_cache.get(
-            ("backward", desc.kernel_key, capability, precision), lambda cache_key: backward_config(*cache_key[1:])
+            ("backward", desc.kernel_key, capability, precision, packing is not None),
+            lambda cache_key: backward_config(*cache_key[1:]),
         )
     if packing is not None and config.dkdv_tile_loads != "pointers":
         config = dataclasses.replace(config, dkdv_tile_loads="pointers")  # 4-D descriptors step by batch
@@ -145,7 +146,9 @@ def attention_backward(
     kernel_query, kernel_key, kernel_value, kernel_grad_out = operands
     q_source, do_source, tile_loads = _streamed_tiles(config, desc, kernel_query, kernel_grad_out) if run_dkdv else (
         kernel_query, kernel_grad_out, int(LOAD_POINTERS))
-    split_group = run_dkdv and packing is None and splits_gqa_group(desc, config, device)
+    # A packed batch splits every GQA group: its dK/dV group loop spilled 32-272 B on sm_90 (compile_sm90 --packed).
+    split_group = run_dkdv and (desc.heads_q != desc.heads_kv if packing is not None
+                                else splits_gqa_group(desc, config, device))
     varlen = 0 if packing is None else packed_alignment(desc)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
                                 tile_loads, split_group, varlen)
@@ -179,8 +182,8 @@ def attention_backward(
 
         if run_dkdv:
             # SPLIT_GROUP: each query head's float32 share, summed over its group below
-            dk_out = _group_shares(dk, heads_q) if split_group else dk
-            dv_out = _group_shares(dv, heads_q) if split_group else dv
+            dk_out = _group_shares(dk, heads_q, packing) if split_group else dk
+            dv_out = _group_shares(dv, heads_q, packing) if split_group else dv
             plan.dkdv(
                 plan.dkdv_grid,
                 q_source, kernel_key, kernel_value, mask, do_source,
@@ -220,11 +223,18 @@ def splits_gqa_group(desc: AttentionDescriptor, config: BackwardConfig, device: 
     return programs < 2 * sm_count(device)
 
 
-def _group_shares(gradient: torch.Tensor | None, heads_q: int) -> torch.Tensor | None:
+def _group_shares(gradient: torch.Tensor | None, heads_q: int, packing: PackedSequences | None = None
+                  ) -> torch.Tensor | None:
+    """Each query head's float32 share of `gradient`; for a packed batch, a (1, Hq, total, d) view with batch
+    stride 0 (zeroed where key rows lie outside every sequence, as the gradient is)."""
     if gradient is None:
         return None
     batch, _, seq_kv, width = gradient.shape
-    return torch.empty((batch, heads_q, seq_kv, width), dtype=torch.float32, device=gradient.device)
+    if packing is None:
+        return torch.empty((batch, heads_q, seq_kv, width), dtype=torch.float32, device=gradient.device)
+    shares = (torch.empty if packing.covers_keys else torch.zeros)((heads_q, seq_kv, width), dtype=torch.float32,
+                                                                   device=gradient.device)  # fmt: skip
+    return shares.as_strided((1, heads_q, seq_kv, width), (0, *shares.stride()))
 
 
 @dataclass(frozen=True)
