@@ -278,7 +278,11 @@ PACKED = [
 PAGED = [
     PagedProblem(BF16, d, page_size=p, variant=v)
     for d in (64, 128) for p in (16, None) for v in ("causal", "plain", "window", "softcap+alibi+sinks")
-] + [PagedProblem(BF16, 128, seq_q=4), PagedProblem(FP16, 128), PagedProblem(FP32, 128), PagedProblem(BF16, 256)]
+] + [PagedProblem(FP16, 128), PagedProblem(FP32, 128), PagedProblem(BF16, 256)] + [
+    PagedProblem(dtype, d, seq_q=32, variant=v)  # 64 packed rows a program (chunked prefill)
+    for dtype, d, v in ((BF16, 64, "causal"), (BF16, 128, "causal"), (BF16, 128, "window+softcap+alibi+sinks"),
+                        (BF16, 256, "causal"), (FP32, 128, "causal"))
+]
 
 FULL = QUICK + VARIANTS + D512 + PACKED + PAGED + [
     *(Problem(BF16, d, causal=c, gradients="exact") for d in (64, 128, 256) for c in (False, True)),

@@ -411,9 +411,11 @@ def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits,
     assert_lse_close(lse.cpu(), ref_lse, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_paged_decode_16_bit(triton_device, splits, dtype):
-    lengths, new, seq_q = [9, 0, 40, 1], 2, 3
+@pytest.mark.parametrize("dtype, seq_q", [(torch.bfloat16, 3), (torch.float16, 9)])
+def test_triton_paged_decode_16_bit(triton_device, splits, dtype, seq_q):
+    """3 GQA heads x 3 query rows fill one 16-row program; x 9 rows take the 64-row programs of chunked
+    prefill (launch_paged.PAGED_MANY_ROWS_BLOCK_M)."""
+    lengths, new = [9, 0, 40, 1], 2
     call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 6, 2, 32, 48, 5, dtype, seed=21)
     with poisoned_outputs():
         out = flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")

@@ -32,6 +32,13 @@ Tensor = torch.Tensor
 # 3.6) had 163-168 registers and 12-16 bytes of spills at d=128 (BLOCK_N=64), 163 at d=64 (BLOCK_N=128),
 # 209 at d=256; with 8, 127 / 120 / 146-174 and no spills (the contiguous cache: 99-110, none). Not timed.
 PAGED_DECODE_WARPS = 8
+# Packed rows per program: flash decoding's 16 (a GQA group's heads at one query row each), or for 16-bit
+# inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
+# a program reads its keys once for 64 rows rather than 16, in blocks of at most 64 keys. compile_sm90
+# --paged (bf16, sm_90, 8 warps): 154-176 registers at d=128, no spills; d=64 with 128-key blocks took
+# 255 registers, float32 (split tf32 products) spilled 436 bytes.
+PAGED_MANY_ROWS_BLOCK_M = 64
+PAGED_MANY_ROWS_BLOCK_N = 64
 
 
 def paged_decode(
@@ -62,6 +69,8 @@ def paged_decode(
         return out, lse
     decode = replace(config.decode, num_warps=PAGED_DECODE_WARPS)
     gqa_group = desc.gqa_group
+    if gqa_group * seq_q > decode.block_m and desc.dtype != torch.float32:
+        decode = replace(decode, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(decode.block_n, PAGED_MANY_ROWS_BLOCK_N))
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
     if programs_per_split > MAX_GRID_X:
