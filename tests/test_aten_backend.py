@@ -262,6 +262,7 @@ def small_blocks(monkeypatch):
     from flashsdpa.backends import aten
 
     monkeypatch.setattr(aten, "QUERY_BLOCK", 5)
+    monkeypatch.setattr(aten, "WINDOW_QUERY_BLOCK", 5)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])

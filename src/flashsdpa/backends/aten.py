@@ -27,14 +27,21 @@ non-unit last one. Where they differ this module adapts, at O(L*E) cost:
 The variants the kernel has no argument for, all but softcap, are computed
 on it too (`checks_variants`):
 
-* a sliding window, bottom-right alignment and ALiBi: the query rows are cut
-  into blocks of QUERY_BLOCK; each block is one kernel call on the keys it
-  sees (`Visibility.key_range`), with an additive mask in the accumulators'
-  dtype holding the visibility (0 / -inf), -slope * |i' - j| and the
-  caller's mask. Each row is complete in its call, so out and lse are the
-  kernel's own; the backward does the same per block and sums dK/dV over the
-  blocks in the accumulators' dtype (16-bit inputs: the blocks run in
-  float32, so the sum is not of rounded partials).
+* a sliding window, bottom-right alignment and ALiBi: both depend on a
+  (query, key) pair only through d = i' - j (i' the query's aligned
+  position), so over the keys in reverse order (j' = S - 1 - j) they are a
+  function of i + j': the whole (L, S) additive mask (0 / -inf visibility,
+  -slope * |d|) is a strided view (strides 1, 1) of one vector of L + S - 1
+  values per head, `Band`, which the kernel reads as it is (measured: it
+  takes overlapping strides). K and V are reversed once (copies of O(S*E)).
+  The query rows are cut into blocks (`query_block`); each block is one kernel
+  call on the keys it sees (`Visibility.key_range`), so a window costs
+  O(L * (window + block)), with its slice of the view, plus the caller's
+  mask where there is one (then materialised per block). Each row is
+  complete in its call, so out and lse are the kernel's own; the backward
+  does the same per block and sums dK/dV over the blocks in the
+  accumulators' dtype (16-bit inputs: the blocks run in float32, so the sum
+  is not of rounded partials).
 * sinks: the kernel's out and lse without the sink are exact, and the sink
   only joins each row's denominator: out * sigmoid(lse - sink) and
   lse' = logaddexp(lse, sink). The backward is the kernel's, given that out
@@ -61,6 +68,8 @@ its memory there (issue 16's measurements).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from flashsdpa import gradient_precision
@@ -71,10 +80,11 @@ from flashsdpa.visibility import Visibility
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-# Queries per kernel call where the visibility or ALiBi is passed as a mask (`_blocked`): each call gets the
-# keys its block sees and an additive mask of (heads, QUERY_BLOCK, those keys), so a window costs
-# O(L * (window + QUERY_BLOCK)) and the mask stays small (ALiBi, L = S = 8192, H = 8: 32 MiB float32).
-QUERY_BLOCK = 128
+# Queries per kernel call on the blocked path (`Band`): a window's block sees window + block keys, a causal
+# one the whole diagonal block, computed whole (the kernel skips no masked pairs); fewer, larger calls
+# elsewhere.
+WINDOW_QUERY_BLOCK = 128
+QUERY_BLOCK = 512
 
 
 def _find_kernels():
@@ -101,7 +111,7 @@ def additive_mask(desc: AttentionDescriptor, mask: torch.Tensor | None, dtype: t
     mask's compact shape (broadcast dims, stride 0 in the canonical view, kept at size 1)."""
     if mask is None or desc.mask is MaskKind.FLOAT:
         return mask
-    compact = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    compact = _compact(mask)
     return torch.zeros(compact.shape, dtype=dtype, device=mask.device).masked_fill_(~compact, float("-inf"))
 
 
@@ -110,40 +120,58 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
 
 
-def block_mask(desc: AttentionDescriptor, inputs: AttentionInputs, rows: range, keys: range) -> torch.Tensor:
-    """The additive mask of one query block: (B or 1, Hq or 1, len(rows), len(keys)) in the accumulators'
-    dtype, with the visibility (0 / -inf), ALiBi's -slope * |i' - j| and the caller's mask."""
-    acc = statistics_dtype(desc.dtype)
-    device = inputs.query.device
-    i = torch.arange(rows.start, rows.stop, device=device)
-    j = torch.arange(keys.start, keys.stop, device=device)
-    visible = Visibility.of(desc).mask(i, j)
-    mask = torch.zeros(visible.shape, dtype=acc, device=device).masked_fill_(~visible, float("-inf"))[None, None]
-    if desc.alibi:
-        slopes = _compact(inputs.alibi_slopes).to(acc)[..., None, None]  # (B or 1, Hq, 1, 1)
-        mask = mask - slopes * (i.view(-1, 1) + desc.key_offset - j.view(1, -1)).abs().to(acc)
-    if inputs.mask is not None:
-        given = _compact(inputs.mask[..., rows.start : rows.stop, keys.start : keys.stop])
-        mask = mask.masked_fill(~given, float("-inf")) if desc.mask is MaskKind.BOOL else mask + given.to(acc)
-    return mask
-
-
-def _blocks(desc: AttentionDescriptor):
-    """(query rows, keys they see) per kernel call of the blocked path; rows that see no key: an empty range."""
-    visibility = Visibility.of(desc)
-    for start in range(0, desc.seq_q, QUERY_BLOCK):
-        rows = range(start, min(start + QUERY_BLOCK, desc.seq_q))
-        lo, hi = visibility.key_range(rows.start, rows.stop)
-        yield rows, range(lo, max(lo, hi))
-
-
 def _blocked(desc: AttentionDescriptor) -> bool:
-    """Whether the visibility or ALiBi needs the per-block masks (module docstring)."""
+    """Whether the visibility or ALiBi needs the band and the query blocks (module docstring)."""
     visibility = Visibility.of(desc)
     plain = visibility.unrestricted or (
         desc.causal and visibility.left < 0 and visibility.right == 0 and visibility.offset == 0
     )
     return desc.alibi or not plain
+
+
+def query_block(desc: AttentionDescriptor) -> int:
+    return WINDOW_QUERY_BLOCK if desc.window_left >= 0 else QUERY_BLOCK
+
+
+class Band:
+    """The blocked path's additive mask over the keys in reverse order (module docstring): entry (i, j') of
+    `view` is that of query i and key S - 1 - j', in the accumulators' dtype."""
+
+    def __init__(self, desc: AttentionDescriptor, inputs: AttentionInputs):
+        self.desc, self.inputs = desc, inputs
+        acc = statistics_dtype(desc.dtype)
+        device = inputs.query.device
+        seq_q, seq_kv = desc.seq_q, desc.seq_kv
+        length = seq_q + seq_kv - 1
+        # Entry n = i + j' holds the pair (i, j = S - 1 - j'): d = i' - j = n + key_offset - (S - 1). Visibility
+        # decides it on one virtual query row that sees the n-th last of `length` keys at that same d.
+        virtual = dataclasses.replace(Visibility.of(desc), seq_q=1, seq_kv=length, offset=desc.key_offset + seq_q - 1)
+        n = torch.arange(length, device=device)
+        visible = virtual.mask(torch.zeros(1, dtype=torch.long, device=device), length - 1 - n)[0]
+        band = torch.zeros(length, dtype=acc, device=device).masked_fill_(~visible, float("-inf"))[None, None]
+        if desc.alibi:
+            slopes = _compact(inputs.alibi_slopes).to(acc)[..., None]  # (B or 1, Hq, 1)
+            band = band - slopes * (n + desc.key_offset - (seq_kv - 1)).abs().to(acc)
+        self.view = band.as_strided((*band.shape[:2], seq_q, seq_kv), (*band.stride()[:2], 1, 1))
+
+    def blocks(self):
+        """(query rows, the keys they see, those keys reversed) per kernel call; rows that see no key: empty."""
+        desc, visibility, size = self.desc, Visibility.of(self.desc), query_block(self.desc)
+        for start in range(0, desc.seq_q, size):
+            rows = range(start, min(start + size, desc.seq_q))
+            lo, hi = visibility.key_range(rows.start, rows.stop)
+            keys = range(lo, max(lo, hi))
+            yield rows, keys, range(desc.seq_kv - keys.stop, desc.seq_kv - keys.start)
+
+    def mask(self, rows: range, keys: range, reversed_keys: range) -> torch.Tensor:
+        """The additive mask of one block's call: the band's slice, with the caller's mask (materialised)."""
+        mask = self.view[..., rows.start : rows.stop, reversed_keys.start : reversed_keys.stop]
+        if self.inputs.mask is None:
+            return mask
+        given = _compact(self.inputs.mask[..., rows.start : rows.stop, keys.start : keys.stop]).flip(-1)
+        if self.desc.mask is MaskKind.BOOL:
+            return mask.masked_fill(~given, float("-inf"))
+        return mask + given.to(mask.dtype)
 
 
 def _mark_empty_rows(additive: torch.Tensor, lse: torch.Tensor) -> None:
@@ -228,15 +256,17 @@ class AtenBackend(Backend):
         forward_kernel, _ = _KERNELS
         q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
         if _blocked(desc):
+            band = Band(desc, inputs)
+            k, v = k.flip(-2), v.flip(-2)  # copies: the band's keys run backwards
             out = new_output((desc.batch, desc.heads_q, desc.seq_q, desc.head_dim_v), desc.dtype, q.device)
             lse = new_output((desc.batch, desc.heads_q, desc.seq_q), statistics_dtype(desc.dtype), q.device)
-            for rows, keys in _blocks(desc):
+            for rows, keys, backwards in band.blocks():
                 part = slice(rows.start, rows.stop)
                 if not keys:
                     out[..., part, :], lse[..., part] = 0.0, float("-inf")
                     continue
-                mask = block_mask(desc, inputs, rows, keys)
-                seen = slice(keys.start, keys.stop)
+                mask = band.mask(rows, keys, backwards)
+                seen = slice(backwards.start, backwards.stop)
                 o, l = forward_kernel(q[..., part, :], k[..., seen, :], v[..., seen, :], 0.0, False, attn_mask=mask,
                                       scale=desc.scale)  # fmt: skip
                 _mark_empty_rows(mask, l)
@@ -267,19 +297,20 @@ class AtenBackend(Backend):
                 mask = mask.to(q.dtype)  # a 16-bit float mask with the float32 copies
             dq, dk, dv = backward_kernel(d_out, q, k, v, out, lse, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
         else:
-            dq = torch.zeros_like(q)
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-            for rows, keys in _blocks(desc):
+            band = Band(desc, inputs)
+            k, v = k.flip(-2), v.flip(-2)  # copies: the band's keys run backwards; so do dK and dV below
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            for rows, keys, backwards in band.blocks():
                 if not keys:
                     continue
-                part, seen = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
-                mask = block_mask(desc, inputs, rows, keys)
+                part, seen = slice(rows.start, rows.stop), slice(backwards.start, backwards.stop)
                 gq, gk, gv = backward_kernel(
                     d_out[..., part, :], q[..., part, :], k[..., seen, :], v[..., seen, :], out[..., part, :],
-                    lse[..., part], 0.0, False, attn_mask=mask, scale=desc.scale,
+                    lse[..., part], 0.0, False, attn_mask=band.mask(rows, keys, backwards), scale=desc.scale,
                 )  # fmt: skip
                 dq[..., part, :] = gq
                 dk[..., seen, :] += gk
                 dv[..., seen, :] += gv
+            dk, dv = dk.flip(-2), dv.flip(-2)
         grads = (dq if needed.query else None, dk if needed.key else None, dv if needed.value else None)
         return (*(None if g is None else g.to(desc.dtype) for g in grads), None)
