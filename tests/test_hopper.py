@@ -104,9 +104,9 @@ def test_same_bits_every_call():
 
 @sm90_only
 @pytest.mark.parametrize("causal", [False, True])
-def test_chosen_automatically_and_its_backward_runs_triton(causal):
-    """bf16 d=128 on sm_90 goes to hopper with no fallback; the backward (triton's) takes its out and lse
-    (held to the dtype's bar: the 1.5x-torch rule is the triton backward's own tests')."""
+def test_chosen_automatically_with_a_backward(causal):
+    """bf16 d=128 on sm_90 goes to hopper with no fallback; the backward (Gluon, or triton's where torch's is
+    EXACT) takes its out and lse (held to the dtype's bar: the 1.5x-torch rule is in the backward tests)."""
     gen = generator(11)
     q, k, v = (t.requires_grad_() for t in qkv((2, 4), (2, 2), 300, 411, 128, gen, torch.bfloat16, "cuda"))
     dispatch.reset_stats()
