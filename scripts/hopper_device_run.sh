@@ -27,3 +27,4 @@ for log in pytest_forward pytest_backward; do
   [ -f "$OUT/$log.log" ] && { echo "== $log"; grep -E "^FAILED|^ERROR|Error|error" "$OUT/$log.log" | head -12; tail -1 "$OUT/$log.log"; }
 done
 for log in backward bench forward; do [ -f "$OUT/$log.log" ] && { echo "== $log"; tail -32 "$OUT/$log.log"; }; done
+true

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import flashsdpa
-from flashsdpa import dispatch
+from flashsdpa import dispatch, gradient_precision
 from flashsdpa.backends import hopper
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.hopper import backward_specs
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dispatch import UnsupportedError
 from flashsdpa.backends.base import poisoned_outputs
-from helpers import ON_CUDA, Case, assert_grad_close, check_backward, check_forward, generator, oracle, qkv
+from helpers import ON_CUDA, Case, assert_grad_close, check_backward, check_forward, generator, oracle, qkv, randn
 
 ON_SM90 = ON_CUDA and torch.cuda.get_device_capability() == (9, 0)
 sm90_only = pytest.mark.skipif(not ON_SM90, reason="the hopper kernels need an sm_90 GPU")
@@ -104,9 +104,9 @@ def test_same_bits_every_call():
 
 @sm90_only
 @pytest.mark.parametrize("causal", [False, True])
-def test_chosen_automatically_and_its_backward_runs_triton(causal):
-    """bf16 d=128 on sm_90 goes to hopper with no fallback; the backward (triton's) takes its out and lse
-    (held to the dtype's bar: the 1.5x-torch rule is the triton backward's own tests')."""
+def test_chosen_automatically_with_a_backward(causal):
+    """bf16 d=128 on sm_90 goes to hopper with no fallback; the backward (Gluon, or triton's where torch's is
+    EXACT) takes its out and lse (held to the dtype's bar: the 1.5x-torch rule is in the backward tests)."""
     gen = generator(11)
     q, k, v = (t.requires_grad_() for t in qkv((2, 4), (2, 2), 300, 411, 128, gen, torch.bfloat16, "cuda"))
     dispatch.reset_stats()
@@ -142,17 +142,18 @@ def gluon_backward(monkeypatch):
 
 def test_gluon_backward_reasons(gluon_backward):
     """What the Gluon backward leaves to triton's (no GPU needed: the reasons read shapes and strides)."""
-    def reasons(head_dim=128, seq_kv=47, scale=None, grad_out_offset=0):
+    def reasons(head_dim=128, seq_kv=47, scale=None, grad_out_offset=0, gradients=GradientPrecision.ROUNDED):
         q = torch.randn(2, 4, 33, head_dim, dtype=torch.bfloat16)
         k = v = torch.randn(2, 2, seq_kv, head_dim, dtype=torch.bfloat16)
         grad_out = torch.randn(2, 4, 33, head_dim + grad_out_offset, dtype=torch.bfloat16)[..., grad_out_offset:]
-        desc = describe(head_dim=head_dim, head_dim_v=head_dim, seq_kv=seq_kv,
+        desc = describe(head_dim=head_dim, head_dim_v=head_dim, seq_kv=seq_kv, gradients=gradients,
                         **({} if scale is None else dict(scale=scale)))
         return hopper.gluon_backward_reasons(desc, AttentionInputs(q, k, v), grad_out)
 
     assert reasons() == [] and reasons(head_dim=64) == []
     assert reasons(head_dim=256) == ["the Gluon backward takes head dims (64, 128), not 256"]
     assert reasons(scale=0.0) == ["the Gluon backward takes a nonzero scale"]
+    assert "float32-internal one (EXACT)" in reasons(gradients=GradientPrecision.EXACT)[0]
     assert "one key" in reasons(seq_kv=1)[0]
     assert reasons(grad_out_offset=1) == ["q, k, v or dO strides or alignment are not TMA-readable"]
     backward_specs.GLUON_BACKWARD_HEAD_DIMS = (64,)  # (the fixture restores it)
@@ -162,44 +163,57 @@ def test_gluon_backward_reasons(gluon_backward):
 BACKWARD_SHAPES = [(2, 2, 77, 300), (4, 2, 300, 77), (3, 1, 257, 513), (2, 2, 1024, 1024)]
 
 
+def check_gluon_backward(monkeypatch, case: Case, what: str, gen) -> None:
+    """The 1.5x-torch rule on whichever backward the backend picks; where that is triton's (torch's backward
+    here is its float32-internal one), the Gluon kernels again, pinned to ROUNDED, at the dtype's bar."""
+    dispatch.reset_stats()
+    check_backward("hopper", case, what, gen=gen)
+    fallbacks = dispatch.stats()["fallbacks"]
+    assert all("EXACT" in reason for reason in fallbacks), fallbacks
+    if fallbacks:
+        monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
+        dispatch.reset_stats()
+        check_backward("hopper", case, f"{what} (rounded)", gen=gen, check_torch=False)
+        assert dispatch.stats()["fallbacks"] == {}
+        monkeypatch.setattr(gradient_precision, "pinned", None)
+
+
 @sm90_only
 @pytest.mark.parametrize("head_dim", backward_specs.BACKWARD_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gluon_backward_against_float64(gluon_backward, head_dim, dtype, causal, shape):
+def test_gluon_backward_against_float64(gluon_backward, monkeypatch, head_dim, dtype, causal, shape):
     heads_q, heads_kv, seq_q, seq_kv = shape
     gen = generator(hash((head_dim, causal, shape, "backward")) % 2**31)
     q, k, v = qkv((2, heads_q), (2, heads_kv), seq_q, seq_kv, head_dim, gen, dtype, "cuda")
-    dispatch.reset_stats()
-    check_backward("hopper", Case(q, k, v, causal=causal, enable_gqa=heads_q != heads_kv),
-                   f"d={head_dim} {dtype} causal={causal} {shape}", gen=gen)
-    assert dispatch.stats() == {"calls": {"hopper": 1}, "fallbacks": {}}
+    check_gluon_backward(monkeypatch, Case(q, k, v, causal=causal, enable_gqa=heads_q != heads_kv),
+                         f"d={head_dim} {dtype} causal={causal} {shape}", gen)
 
 
 @sm90_only
-def test_gluon_backward_of_strided_views_and_scales(gluon_backward):
+def test_gluon_backward_of_strided_views_and_scales(gluon_backward, monkeypatch):
     """(B, L, H, E) storage seen as (B, H, L, E); a negative and a large scale."""
     gen = generator(17)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv((2, 4), (2, 2), 301, 299, 128, gen,
                                                                           torch.bfloat16, "cuda"))
     for scale in (-0.2, 1.5):
-        dispatch.reset_stats()
-        check_backward("hopper", Case(q, k, v, scale=scale, causal=True, enable_gqa=True), f"scale={scale}",
-                       gen=gen)
-        assert dispatch.stats()["fallbacks"] == {}
+        check_gluon_backward(monkeypatch, Case(q, k, v, scale=scale, causal=True, enable_gqa=True),
+                             f"scale={scale}", gen)
 
 
 @sm90_only
 def test_gluon_backward_same_bits_every_call(gluon_backward):
     gen = generator(23)
-    q, k, v = (t.requires_grad_() for t in qkv((2, 8), (2, 2), 700, 513, 64, gen, torch.bfloat16, "cuda"))
-    grad_out = torch.randn(2, 8, 700, 64, dtype=torch.bfloat16, device="cuda", generator=gen)
+    q, k, v = (t.requires_grad_() for t in qkv((2, 8), (2, 8), 700, 513, 64, gen, torch.bfloat16, "cuda"))
+    grad_out = randn((2, 8, 700, 64), gen, torch.bfloat16, "cuda")
 
     def gradients():
-        out = flashsdpa.attention(q, k, v, causal=True, enable_gqa=True, backend="hopper")
+        out = flashsdpa.attention(q, k, v, causal=True, backend="hopper")
         return torch.autograd.grad(out, (q, k, v), grad_out)
 
+    dispatch.reset_stats()
     first = gradients()
+    assert dispatch.stats()["fallbacks"] == {}
     for _ in range(3):
         assert all(torch.equal(a, b) for a, b in zip(gradients(), first))

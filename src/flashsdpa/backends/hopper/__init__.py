@@ -21,7 +21,8 @@ from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
 from flashsdpa.backends.hopper import backward_specs
 from flashsdpa.backends.hopper.forward_specs import DTYPES, HEAD_DIMS
 from flashsdpa.backends.triton import TritonBackend, cuda_capability
-from flashsdpa.descriptor import AttentionDescriptor, MaskKind
+from flashsdpa import gradient_precision
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind
 
 SM90 = (9, 0)
 
@@ -56,6 +57,9 @@ def gluon_backward_reasons(desc: AttentionDescriptor, inputs: AttentionInputs, g
         reasons.append(f"the Gluon backward takes head dims {backward_specs.BACKWARD_HEAD_DIMS}, not {desc.head_dim}")
     elif desc.head_dim not in backward_specs.GLUON_BACKWARD_HEAD_DIMS:
         reasons.append(f"triton's backward is the faster at head dim {desc.head_dim} (backward_specs)")
+    if gradient_precision.at_backward(desc, inputs) is not GradientPrecision.ROUNDED:
+        reasons.append("torch's backward here is its float32-internal one (EXACT): the Gluon kernels round P and dS "
+                       "once, as torch's fused kernels do")
     if desc.scale == 0:
         reasons.append("the Gluon backward takes a nonzero scale")
     if desc.seq_kv == 1:

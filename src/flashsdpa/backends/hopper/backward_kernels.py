@@ -39,6 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from flashsdpa.backends.hopper.forward_kernels import tile_coords  # (the dQ kernel's tiles are the forward's)
+
 
 @gluon.jit
 def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -189,31 +191,13 @@ def hopper_attention_backward_dkdv_kernel(
 
 
 @gluon.jit
-def _dq_tile(heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr):
-    """(batch, query head, key head, first row, key blocks) of this program; with causal masks the longest
-    row tiles (last rows) start first."""
-    pid = gl.program_id(0)
-    m_block = pid % num_m_blocks
-    if CAUSAL:
-        m_block = num_m_blocks - 1 - m_block
-    batch_head = pid // num_m_blocks
-    head_q = batch_head % heads_q
-    first_row = m_block * (2 * BLOCK_M)
-    key_end = seq_kv
-    if CAUSAL:
-        key_end = gl.minimum(seq_kv, first_row + 2 * BLOCK_M)
-    return batch_head // heads_q, head_q, head_q // gqa_group, first_row, gl.cdiv(key_end, BLOCK_N)
-
-
-@gluon.jit
 def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                        heads_q, gqa_group, seq_kv, num_m_blocks,
                        CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Producer: Q and dO of the program's rows, then K and V of each key block."""
     q_ready, kv_ready, kv_empty = barriers
-    batch, head_q, head_kv, first_row, key_blocks = _dq_tile(heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL,
-                                                             BLOCK_M, BLOCK_N)
+    batch, head_q, head_kv, first_row, key_blocks = tile_coords(gl.program_id(0), heads_q, gqa_group, seq_kv,
+                                                                num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
     mbarrier.expect(q_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready, q_smem)
     tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready, do_smem)
@@ -242,8 +226,8 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
                                                          instr_shape=[16, HEAD_DIM, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
 
-    batch, head_q, head_kv, tile_row, key_blocks = _dq_tile(heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL,
-                                                            BLOCK_M, BLOCK_N)
+    batch, head_q, head_kv, tile_row, key_blocks = tile_coords(gl.program_id(0), heads_q, gqa_group, seq_kv,
+                                                               num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
     first_row = tile_row + GROUP * BLOCK_M
     # Key blocks from `masked_from` on need the sequence-end or causal mask.
     masked_from = seq_kv // BLOCK_N

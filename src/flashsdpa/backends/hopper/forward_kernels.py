@@ -42,7 +42,7 @@ LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _tile_coords(tile, heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+def tile_coords(tile, heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr):
     """(batch, query head, key head, first row, key blocks) of `tile`; row tiles of one head are adjacent
     (their programs share its K/V in L2), longest causal tiles first."""
@@ -68,7 +68,7 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, he
     loaded = 0  # key blocks loaded so far, over every tile: their ring position
     count = 0  # tiles started by this program
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head_q, head_kv, first_row, key_blocks = _tile_coords(tile, heads_q, gqa_group, seq_kv,
+        batch, head_q, head_kv, first_row, key_blocks = tile_coords(tile, heads_q, gqa_group, seq_kv,
                                                                      num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
         q_slot = count % Q_BUFFERS
         # An "empty" barrier completes phase 0 when the consumers first free its slot; the first pass
@@ -150,7 +150,7 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
     count = 0
     rounds = 0  # product issues so far (PINGPONG turns)
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head_q, head_kv, tile_row, key_blocks = _tile_coords(tile, heads_q, gqa_group, seq_kv,
+        batch, head_q, head_kv, tile_row, key_blocks = tile_coords(tile, heads_q, gqa_group, seq_kv,
                                                                     num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
         first_row = tile_row + GROUP * BLOCK_M
         # Key blocks from `masked_from` on need the sequence-end or causal mask.
