@@ -511,8 +511,8 @@ def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_
 
 @triton.jit
 def _dq_probabilities(
-    q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform, rows_left,
-    seq_kv,
+    q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2,
+    band, transform, rows_left, seq_kv,
     BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -587,8 +587,8 @@ def _dq_row_stats(
         key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
                                                 seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     probs, _ = _dq_probabilities(
-        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
-        rows_left,
+        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn,
+        score_scale_log2, band, transform, rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
         DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
@@ -632,8 +632,8 @@ def _dq_key_block(
         key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
                                                 seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     probs, derivative = _dq_probabilities(
-        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
-        rows_left,
+        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn,
+        score_scale_log2, band, transform, rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
         DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
