@@ -110,6 +110,27 @@ def _row_halves(lo_base, unscale_base, rows, stride_row, stride_col, n_rows, WID
 
 
 @triton.jit
+def _pair_halves(halves_at, rows, stride_row_a, stride_col_a, stride_row_b, stride_col_b, n_rows,
+                 WIDTH_A: tl.constexpr, WIDTH_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(a's halves, b's halves) of rows `rows` of two matrices split alike (q and dO, or k and v), where
+    halves_at = (a's lo base, b's lo base, a's unscale base, b's unscale base)."""
+    a_lo_base, b_lo_base, a_unscale_base, b_unscale_base = halves_at
+    a_halves = _row_halves(a_lo_base, a_unscale_base, rows, stride_row_a, stride_col_a, n_rows, WIDTH_A, BLOCK_A)
+    b_halves = _row_halves(b_lo_base, b_unscale_base, rows, stride_row_b, stride_col_b, n_rows, WIDTH_B, BLOCK_B)
+    return a_halves, b_halves
+
+
+@triton.jit
+def _key_halves_at(K, V, K_UNSCALE, V_UNSCALE, batch, head_kv, heads_kv, seq_kv, stride_kb, stride_kh, stride_vb,
+                   stride_vh):
+    """`_pair_halves`'s halves_at for the kv head's k and v: their lo halves are heads_kv heads past the hi
+    ones (launch_halves), their unscales (B, Hkv, seq_kv) rows."""
+    kv_rows = (batch * heads_kv + head_kv) * seq_kv
+    return (K + batch * stride_kb + (head_kv + heads_kv) * stride_kh,
+            V + batch * stride_vb + (head_kv + heads_kv) * stride_vh, K_UNSCALE + kv_rows, V_UNSCALE + kv_rows)
+
+
+@triton.jit
 def _head_dim_product(a, b, a_halves, b_halves, acc, DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr,
                       FP16_HALVES: tl.constexpr):
     """a @ b^T + acc (acc may be None): a product over the head dim (S = q k^T, dP = dO v^T, or transposed).
@@ -264,10 +285,8 @@ def _dkdv_query_block(
     query_halves = None
     grad_out_halves = None
     if FP16_HALVES:
-        q_lo_base, do_lo_base, q_unscale_base, do_unscale_base = query_halves_at
-        query_halves = _row_halves(q_lo_base, q_unscale_base, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
-        grad_out_halves = _row_halves(do_lo_base, do_unscale_base, offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V,
-                                      BLOCK_DV)
+        query_halves, grad_out_halves = _pair_halves(query_halves_at, offs_m, stride_qm, stride_qk, stride_dom,
+                                                     stride_dok, seq_q, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     if RENORMALIZE:
         lse_log2 = tl.load(LSE_LOG2 + row_stats_base + offs_m, mask=offs_m < seq_q, other=float("inf"))
     else:
@@ -429,12 +448,11 @@ def attention_backward_dkdv_kernel(
                    HEAD_DIM_V, BLOCK_DV)
     key_halves = None
     value_halves = None
-    if FP16_HALVES:  # the lo halves are heads_kv heads past the hi ones
-        kv_rows = (batch * heads_kv + head_kv) * seq_kv
-        key_halves = _row_halves(K + batch * stride_kb + (head_kv + heads_kv) * stride_kh, K_UNSCALE + kv_rows,
-                                 offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
-        value_halves = _row_halves(V + batch * stride_vb + (head_kv + heads_kv) * stride_vh, V_UNSCALE + kv_rows,
-                                   offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
+    if FP16_HALVES:
+        key_halves_at = _key_halves_at(K, V, K_UNSCALE, V_UNSCALE, batch, head_kv, heads_kv, seq_kv, stride_kb,
+                                       stride_kh, stride_vb, stride_vh)
+        key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
+                                                seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     score_scale_log2 = scale * LOG2E
@@ -519,8 +537,8 @@ def _dq_mask_tile(mask_base, offs_n, stride_maskm, stride_maskn, rows_left, seq_
 
 @triton.jit
 def _dq_probabilities(
-    q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform, rows_left,
-    seq_kv,
+    q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2,
+    band, transform, rows_left, seq_kv,
     BLOCK_M: tl.constexpr, APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     MASK_KIND: tl.constexpr,
@@ -574,24 +592,6 @@ def _dq_probabilities(
 
 
 @triton.jit
-def _dq_key_tiles(k_base, v_base, key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk, seq_kv,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  FP16_HALVES: tl.constexpr):
-    """(k, v, key_halves, value_halves) of keys offs_n; the halves (see `_row_halves`) with FP16_HALVES, where
-    key_halves_at = (k's lo base, v's lo base, k's unscale base, v's unscale base)."""
-    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
-    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    key_halves = None
-    value_halves = None
-    if FP16_HALVES:
-        k_lo_base, v_lo_base, k_unscale_base, v_unscale_base = key_halves_at
-        key_halves = _row_halves(k_lo_base, k_unscale_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
-        value_halves = _row_halves(v_lo_base, v_unscale_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V,
-                                   BLOCK_DV)
-    return k, v, key_halves, value_halves
-
-
-@triton.jit
 def _dq_row_stats(
     q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, start_n, k_base, v_base, key_halves_at, mask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
@@ -605,12 +605,16 @@ def _dq_row_stats(
 ):
     """(sum_j P[i, j], sum_j P[i, j] * dP[i, j]) over one key block, for each query row i of the block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v, key_halves, value_halves = _dq_key_tiles(k_base, v_base, key_halves_at, offs_n, stride_kn, stride_kk,
-                                                   stride_vn, stride_vk, seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                                   BLOCK_DV, FP16_HALVES)
+    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
+    key_halves = None
+    value_halves = None
+    if FP16_HALVES:  # (key_halves_at: see `_pair_halves`)
+        key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
+                                                seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     probs, _ = _dq_probabilities(
-        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
-        rows_left,
+        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn,
+        score_scale_log2, band, transform, rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
         DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
@@ -646,12 +650,16 @@ def _dq_key_block(
     `_dq_probabilities`).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k, v, key_halves, value_halves = _dq_key_tiles(k_base, v_base, key_halves_at, offs_n, stride_kn, stride_kk,
-                                                   stride_vn, stride_vk, seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                                   BLOCK_DV, FP16_HALVES)
+    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
+    key_halves = None
+    value_halves = None
+    if FP16_HALVES:  # (key_halves_at: see `_pair_halves`)
+        key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
+                                                seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     probs, derivative = _dq_probabilities(
-        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn, score_scale_log2, band, transform,
-        rows_left,
+        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn,
+        score_scale_log2, band, transform, rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
         DOT_PRECISION,
         WIDEN_DOT_OPERANDS,
@@ -759,19 +767,18 @@ def attention_backward_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
+    query_halves_at = None
+    key_halves_at = None
     query_halves = None
     grad_out_halves = None
-    key_halves_at = None
     if FP16_HALVES:  # each tensor's lo halves are as many heads past its hi ones as it has heads
-        heads_kv = heads_q // gqa_group
-        kv_rows = (batch * heads_kv + head_kv) * seq_kv
-        query_halves = _row_halves(Q + batch * stride_qb + (head + heads_q) * stride_qh, Q_UNSCALE + bh * seq_q, offs_m,
-                                   stride_qm, stride_qk, seq_q, HEAD_DIM, BLOCK_D)
-        grad_out_halves = _row_halves(DO + batch * stride_dob + (head + heads_q) * stride_doh, DO_UNSCALE + bh * seq_q,
-                                      offs_m, stride_dom, stride_dok, seq_q, HEAD_DIM_V, BLOCK_DV)
-        key_halves_at = (K + batch * stride_kb + (head_kv + heads_kv) * stride_kh,
-                         V + batch * stride_vb + (head_kv + heads_kv) * stride_vh, K_UNSCALE + kv_rows,
-                         V_UNSCALE + kv_rows)
+        query_halves_at = (Q + batch * stride_qb + (head + heads_q) * stride_qh,
+                           DO + batch * stride_dob + (head + heads_q) * stride_doh, Q_UNSCALE + bh * seq_q,
+                           DO_UNSCALE + bh * seq_q)
+        key_halves_at = _key_halves_at(K, V, K_UNSCALE, V_UNSCALE, batch, head_kv, heads_q // gqa_group, seq_kv,
+                                       stride_kb, stride_kh, stride_vb, stride_vh)
+        query_halves, grad_out_halves = _pair_halves(query_halves_at, offs_m, stride_qm, stride_qk, stride_dom,
+                                                     stride_dok, seq_q, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     if ROW_STATS:
         lse_log2 = _lse_log2_rows(LSE, batch, head, offs_m, stride_lseb, stride_lseh, stride_lsem, seq_q)
         tl.store(LSE_LOG2 + bh * stats_stride + offs_m, lse_log2, mask=offs_m < stats_stride)
