@@ -27,6 +27,13 @@ switches, CUDA allocations and the driver's launch.
 With `--device cuda` (on a GPU machine) nothing is patched: the same calls
 run for real and the script prints the host time per call (enqueue time: the
 GPU is synchronised between batches, outside the timing), beside torch's SDPA.
+
+With `--device cpu-aten` nothing is patched either: flashsdpa's CPU path (the
+`aten` backend, torch's own fused CPU kernel) and torch's SDPA run the same
+problems on the CPU, their calls alternated batch by batch, and the
+difference of the two is flashsdpa's host time: on tiny tensors, where the
+kernel costs ~5 us, and on the smallest dense row of the CPU bench (B=1, H=8,
+L=1024, d=64, float32, causal), where it is a fraction of the kernel's time.
 """
 
 from __future__ import annotations
@@ -146,6 +153,58 @@ def per_call_us(fn, calls: int, warmup: int, batch: int = 10, sync=lambda: None)
     return statistics.median(times) / 1000, min(times) / 1000
 
 
+def alternated_us(fns: dict, calls: int, warmup: int, batch: int) -> dict:
+    """{name: (median, best)} microseconds per call, the callables' batches alternated (rotating order)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for index in range(max(1, calls // batch)):
+        for name in names[index % len(names):] + names[: index % len(names)]:
+            start = time.perf_counter_ns()
+            for _ in range(batch):
+                fns[name]()
+            times[name].append((time.perf_counter_ns() - start) / batch)
+    return {name: (statistics.median(t) / 1000, min(t) / 1000) for name, t in times.items()}
+
+
+def aten_pairs() -> dict:
+    """{case: {"flashsdpa": fn, "torch": fn, "calls": n}} on the CPU, the same tensors for both."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    torch.manual_seed(0)
+    pairs = {}
+    for label, shape, calls in (("tiny (1,1,1,8)", (1, 1, 1, 8), 3000), ("B=1 H=8 L=1024 d=64 fp32", (1, 8, 1024, 64), 40)):
+        q, k, v = (torch.randn(*shape) for _ in range(3))
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        grad = torch.randn(*shape)
+        for mode, ours, theirs in (
+            ("causal forward", lambda q=q, k=k, v=v: flashsdpa.attention(q, k, v, causal=True),
+             lambda q=q, k=k, v=v: sdpa(q, k, v, is_causal=True)),
+            ("causal forward + backward",
+             lambda qg=qg, kg=kg, vg=vg, g=grad: torch.autograd.grad(
+                 flashsdpa.attention(qg, kg, vg, causal=True), (qg, kg, vg), g),
+             lambda qg=qg, kg=kg, vg=vg, g=grad: torch.autograd.grad(
+                 sdpa(qg, kg, vg, is_causal=True), (qg, kg, vg), g)),
+        ):  # fmt: skip
+            pairs[f"{label} {mode}"] = {"flashsdpa": ours, "torch": theirs, "calls": calls}
+    return pairs
+
+
+def main_aten(calls_scale: float) -> None:
+    print(f"flashsdpa from {flashsdpa.__file__}, torch {torch.__version__}, CPU, {torch.get_num_threads()} threads: "
+          "flashsdpa (aten backend) against torch's SDPA, batches alternated; us per call, median (best batch)")
+    for name, pair in aten_pairs().items():
+        calls = max(4, int(pair["calls"] * calls_scale))
+        batch = 10 if calls >= 100 else 1
+        result = alternated_us({"flashsdpa": pair["flashsdpa"], "torch": pair["torch"]}, calls, min(200, calls), batch)
+        (ours, our_best), (theirs, their_best) = result["flashsdpa"], result["torch"]
+        print(f"{name:50s} flashsdpa {ours:9.1f} ({our_best:.1f})  torch {theirs:9.1f} ({their_best:.1f})  "
+              f"difference {ours - theirs:+8.1f} ({our_best - their_best:+.1f})")
+    print("dispatch:", flashsdpa.stats())
+
+
 def cases(device: str) -> dict:
     torch.manual_seed(0)
     new = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16, device=device)  # noqa: E731
@@ -196,9 +255,13 @@ def main() -> None:
     parser.add_argument("--profile", metavar="CASE", help="cProfile the case whose name starts with CASE")
     parser.add_argument("--no-direct", action="store_true",
                         help="launch every kernel through JITFunction.run (flashsdpa's direct launches off)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: real tensors and launches on a GPU (--launch is ignored), host time per call")
+    parser.add_argument("--device", choices=("cpu", "cuda", "cpu-aten"), default="cpu",
+                        help="cuda: real tensors and launches on a GPU (--launch is ignored), host time per call; "
+                        "cpu-aten: flashsdpa's CPU path against torch's SDPA (module docstring)")
     args = parser.parse_args()
+    if args.device == "cpu-aten":
+        main_aten(args.calls / 2000)
+        return
     sync = lambda: None  # noqa: E731
     if args.device == "cpu":
         pretend_sm90(args.launch)

@@ -121,12 +121,9 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked(desc: AttentionDescriptor) -> bool:
-    """Whether the visibility or ALiBi needs the band and the query blocks (module docstring)."""
-    visibility = Visibility.of(desc)
-    plain = visibility.unrestricted or (
-        desc.causal and visibility.left < 0 and visibility.right == 0 and visibility.offset == 0
-    )
-    return desc.alibi or not plain
+    """Whether the visibility or ALiBi needs the band and the query blocks (module docstring): all but no
+    mask or top-left causal. (From the descriptor's fields, not `Visibility`: every call asks, twice.)"""
+    return desc.alibi or desc.windowed or (desc.causal and desc.key_offset != 0)
 
 
 def query_block(desc: AttentionDescriptor) -> int:
@@ -313,4 +310,4 @@ class AtenBackend(Backend):
                 dv[..., seen, :] += gv
             dk, dv = dk.flip(-2), dv.flip(-2)
         grads = (dq if needed.query else None, dk if needed.key else None, dv if needed.value else None)
-        return (*(None if g is None else g.to(desc.dtype) for g in grads), None)
+        return (*(g if g is None or g.dtype == desc.dtype else g.to(desc.dtype) for g in grads), None)
