@@ -177,17 +177,19 @@ def backward_config(
     """The shapes for `key` on a GPU of `capability` (None: the CPU interpreter), at `precision`, for a
     `packed` batch (varlen) or not.
 
-    float32 is computed EXACT whatever `precision` says (gradient_precision.py).
+    float32 is computed EXACT whatever `precision` says (gradient_precision.py). A packed batch's float32
+    takes the kernels' tf32x3 products, not float16 halves, as the packed forward does: the halves' row
+    unscales are indexed by batch, and a packed batch's sequences share one batch row.
     """
     if precision is GradientPrecision.AUTO:
         raise ValueError("backward_config: resolve GradientPrecision.AUTO first (gradient_precision.at_backward)")
     exact = precision is GradientPrecision.EXACT or key.dtype == torch.float32
     if capability is None:
-        return interpreter_config(key, exact)
+        return interpreter_config(key, exact, packed)
     return cuda_config(key, capability, exact, packed)
 
 
-def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
+def interpreter_config(key: KernelKey, exact: bool, packed: bool = False) -> BackwardConfig:
     # Every program is run by numpy, so small tiles keep tests fast, and they
     # make the short sequences used in tests span several blocks. block_m !=
     # block_n in each kernel on purpose: the causal block arithmetic must not
@@ -203,7 +205,7 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=exact,
         split_operands=exact and sixteen_bit,
-        fp16_halves=uses_split_products(key),
+        fp16_halves=uses_split_products(key) and not packed,
         dkdv_tile_loads="host" if sixteen_bit else "pointers",
         dkdv_early_dp=sixteen_bit,
     )
@@ -212,7 +214,7 @@ def interpreter_config(key: KernelKey, exact: bool) -> BackwardConfig:
 def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed: bool = False) -> BackwardConfig:
     fp32 = key.dtype == torch.float32
     table_key = max(64, padded_head_dim(key))
-    if fp32 and uses_split_products(key):
+    if fp32 and uses_split_products(key) and not packed:
         dkdv_table, dq_table = SM90_FP32_HALVES_DKDV, SM90_FP32_HALVES_DQ
     elif fp32:
         dkdv_table, dq_table = SM90_FP32_DKDV, SM90_FP32_DQ
@@ -241,7 +243,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         widen_dot_operands=False,
         renormalize_rows=exact,
         split_operands=exact and not fp32,
-        fp16_halves=uses_split_products(key),
+        fp16_halves=uses_split_products(key) and not packed,
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
     )
