@@ -63,7 +63,7 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem
                          heads_kv, gqa_group, seq_q, num_n_blocks,
                          CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Producer: K and V of the program's keys, then Q and dO of each (query head, query block) in order."""
-    kv_ready, q_ready, q_empty = barriers
+    kv_ready, q_ready, q_empty, ds_ready = barriers
     batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL,
                                                               BLOCK_M, BLOCK_N)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -84,12 +84,50 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem
 
 
 @gluon.jit
-def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr, delta_ptr,
-                             heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale, scale,
+def _ordered_dq_add(k_smem, ds_smem, ds_ready, dst, dq_acc_ptr, dq_turns_ptr, i, batch, head_q, heads_q, n_block,
+                    first_row, rows, stats_stride, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """FUSED_DQ: this block's dQ partial over the program's 2 * BLOCK_N keys, half the head dim a group, added into
+    the float32 accumulator after the previous key block's program added its own (same order every call).
+
+    Both groups' dS^T go to slot i % 2 of `ds_smem`, joined by an mbarrier; group GROUP computes
+    dQ^T[its half] = K^T[its half] dS^T. `dq_turns` counts, per (batch, query head, row block, half), the
+    key blocks that have added."""
+    HEAD_DIM: gl.constexpr = k_smem.shape[3]
+    HALF: gl.constexpr = HEAD_DIM // 2
+    gl.static_assert(HALF == 64, "the fused dQ splits head dim 128 into two 64-row wgmma blocks")
+    dtype: gl.constexpr = k_smem.dtype
+    dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])
+    slot = i % 2
+    ds = ds_smem.index(slot)  # (2 * BLOCK_N keys, BLOCK_M rows)
+    ds.slice(GROUP * BLOCK_N, BLOCK_N).store(dst.to(dtype))
+    fence_async_shared()
+    mbarrier.arrive(ds_ready.index(slot), count=1)
+    mbarrier.wait(ds_ready.index(slot), (i // 2) & 1)
+    k_t = k_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * HALF, HALF, dim=1).permute((1, 0))
+    dqt_token = warpgroup_mma(k_t, ds, gl.zeros([HALF, BLOCK_M], gl.float32, dqt_layout), use_acc=False,
+                              is_async=True)
+    dqt = warpgroup_mma_wait(0, deps=[dqt_token, k_t, ds])[0]
+    head_rows = (batch * heads_q + head_q).to(gl.int64) * stats_stride
+    turn = dq_turns_ptr + ((head_rows + first_row) // BLOCK_M) * 2 + GROUP
+    while gl.atomic_add(turn, 0, sem="acquire") < n_block:
+        pass
+    cols = GROUP * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, dqt_layout))
+    dq_rows = gl.convert_layout(rows, gl.SliceLayout(0, dqt_layout))
+    pointers = dq_acc_ptr + gl.expand_dims((head_rows + dq_rows) * HEAD_DIM, 0) + gl.expand_dims(cols, 1)
+    gl.atomic_add(pointers, dqt, sem="relaxed")
+    gl.thread_barrier()
+    gl.atomic_add(turn, 1, sem="release")
+
+
+@gluon.jit
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                             delta_ptr, dq_acc_ptr, dq_turns_ptr, heads_kv, gqa_group, seq_q, num_n_blocks,
+                             stats_stride, qk_scale, scale,
                              GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSED_DQ: gl.constexpr):
     """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's."""
-    kv_ready, q_ready, q_empty = barriers
+    kv_ready, q_ready, q_empty, ds_ready = barriers
     HEAD_DIM: gl.constexpr = k_smem.shape[3]  # (1, 1, keys, head_dim)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -139,6 +177,9 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
         dst = pt * (dpt - gl.expand_dims(delta, 0))
         dst_op = gl.convert_layout(dst.to(dtype), op_layout)
         dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
+        if FUSED_DQ:
+            _ordered_dq_add(k_smem, ds_smem, ds_ready, dst, dq_acc_ptr, dq_turns_ptr, i, batch, head_q, heads_q,
+                            first_key // (2 * BLOCK_N), first_row, rows, stats_stride, GROUP, BLOCK_M, BLOCK_N)
         retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
         dv = retired[0]
         dk = retired[1]
@@ -157,10 +198,10 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
 
 @gluon.jit
 def hopper_attention_backward_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr,
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr,
     heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale, scale,
     CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    FUSED_DQ: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
     gl.static_assert(BLOCK_N == 64, "a consumer warp group owns 64 keys (one wgmma row block)")
@@ -172,19 +213,30 @@ def hopper_attention_backward_dkdv_kernel(
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # FUSED_DQ: both groups' dS^T of a block, in two slots (a slot is rewritten two blocks later, after the
+    # joining barrier of the block between has shown both groups done with it).
+    DS_SLOTS: gl.constexpr = 2 if FUSED_DQ else 1
+    ds_smem = gl.allocate_shared_memory(
+        dtype, [DS_SLOTS, 2 * BLOCK_N if FUSED_DQ else 8, BLOCK_M if FUSED_DQ else 8],
+        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)
 
-    barriers = (kv_ready, q_ready, q_empty)
+    barriers = (kv_ready, q_ready, q_empty, ds_ready)
     gl.warp_specialize([
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                                    delta_ptr, heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale,
-                                    scale, 0, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                                    delta_ptr, heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale,
-                                    scale, 1, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dk_desc, dv_desc, barriers,
+                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, heads_kv, gqa_group, seq_q,
+                                    num_n_blocks, stats_stride, qk_scale, scale, 0, CAUSAL, BLOCK_M, BLOCK_N,
+                                    STAGES, FUSED_DQ)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dk_desc, dv_desc, barriers,
+                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, heads_kv, gqa_group, seq_q,
+                                    num_n_blocks, stats_stride, qk_scale, scale, 1, CAUSAL, BLOCK_M, BLOCK_N,
+                                    STAGES, FUSED_DQ)),
         (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                                 heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
