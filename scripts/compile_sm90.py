@@ -12,7 +12,8 @@ shared memory; status SERIAL where ptxas serialised the variant's wgmma
 instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
-    python scripts/compile_sm90.py [--quick | --variants | --masks | --no-masks | --hopper] [--match TEXT] [--dump DIR]
+    python scripts/compile_sm90.py [--quick | --variants | --masks | --no-masks | --hopper | --hopper-fused-dq]
+        [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -49,6 +50,7 @@ from flashsdpa import gradient_precision, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import backward_specs as hopper_backward_specs
+from flashsdpa.backends.hopper import launch_backward as hopper_launch_backward
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward
 from flashsdpa.descriptor import GradientPrecision
@@ -261,10 +263,16 @@ def main() -> int:
     parser.add_argument("--variants", action="store_true", help="only the variants' problems (window, softcap, ...)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
+    parser.add_argument("--hopper-fused-dq", action="store_true",
+                        help="the hopper backward's fused-dQ variant (HopperBackwardSpec.fused_dq, head dim 128)")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
     problems = list(dict.fromkeys(HOPPER if args.hopper else QUICK if args.quick else VARIANTS if args.variants else FULL))
+    if args.hopper_fused_dq:
+        problems = [problem for problem in HOPPER if problem.head_dim == 128]
+        spec = hopper_launch_backward.backward_spec
+        hopper_launch_backward.backward_spec = lambda d: dataclasses.replace(spec(d), fused_dq=True)
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(problem.mask) == args.masks]
     if args.match:
