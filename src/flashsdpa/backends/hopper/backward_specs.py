@@ -40,6 +40,9 @@ class HopperBackwardSpec:
     dkdv_stages: int  # Q/dO ring depth
     dq_block_n: int  # keys streamed a step
     dq_stages: int  # K/V ring depth
+    # dQ inside the dK/dV kernel (5 products a tile pair, not 7): partials added into a float32 accumulator in
+    # key-block order (`_ordered_dq_add`), no dQ kernel. Head dim 128 only. Compiles for sm_90; never run on a GPU.
+    fused_dq: bool = False
     dq_block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
     consumer_registers: int = 240
     producer_registers: int = 24
