@@ -64,7 +64,8 @@ def attention_backward(
                   PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
     with on_device(device):
         attention_backward_preprocess_kernel[(cdiv(stats_stride, PREPROCESS_BLOCK_M) * batch * heads_q,)](
-            out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(),
+            out, grad_out, lse, delta, lse2, delta, delta, delta,  # (no packed batch: offsets not read)
+            *out.stride(), *grad_out.stride(), *lse.stride(),
             seq_q, heads_q, stats_stride,
             HEAD_DIM_V=desc.head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=desc.head_dim_v, COMPUTE_DELTA=True,
         )
