@@ -468,24 +468,27 @@ def test_triton_paged_decode_visits_key_blocks_of_the_real_lengths(triton_device
     and of V per (sequence, kv head) and no more (the kernel's row loader counted, interpreted)."""
     if triton_device != "cpu":
         pytest.skip("counts the interpreted kernel's loads")
-    from flashsdpa.backends.triton import paged_kernels
-    from flashsdpa.backends.triton.forward_configs import choose_decode_config
+    from flashsdpa.backends.triton import launch_paged, paged_kernels
 
     force_splits(monkeypatch, 8)  # most splits lie past the lengths
-    loads = []
-    counted = paged_kernels.cache_rows
+    loads, specs = [], []
+    counted, spec_of = paged_kernels.cache_rows, launch_paged.paged_decode_spec
 
     def counting(*args):
         loads.append(1)
         return counted.fn(*args)
 
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
     monkeypatch.setattr(paged_kernels, "cache_rows", counting)
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
     lengths, capacity, heads_kv = [0, 1, 40, 130], 256, 2
     call, _ = cache_problem(lengths, 0, 1, 4, heads_kv, 16, capacity, 16, torch.float32, seed=51)
-    key = flashsdpa.AttentionDescriptor((4,), 4, heads_kv, 1, capacity, 16, 16, torch.float32, "cpu").kernel_key
-    block_n = choose_decode_config(key, interpreted=True).block_n
-    real = 2 * heads_kv * sum(math.ceil(n / block_n) for n in lengths)  # K and V
     for causal in (True, False):
         loads.clear()
         flashsdpa.kvcache_attention(**call, causal=causal, backend="triton")
+        block_n = specs[-1].block_n
+        real = 2 * heads_kv * sum(math.ceil(n / block_n) for n in lengths)  # K and V
         assert len(loads) == real < 2 * heads_kv * len(lengths) * capacity // block_n // 3, causal
