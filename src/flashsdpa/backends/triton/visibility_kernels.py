@@ -97,11 +97,12 @@ def visible(
     # vector), never as a [rows, cols] tile of differences: the causal dK/dV
     # kernel spilled 108 bytes on sm_90 with the tile, 60 without.
     if BOUNDED_ABOVE:
-        seen = cols <= rows + highest_diagonal
+        if CHECK_KEY_END:  # one comparison: cols < key_end <=> cols <= key_end - 1
+            seen = cols <= tl.minimum(rows + highest_diagonal, key_end - 1)
+        else:
+            seen = cols <= rows + highest_diagonal
         if BOUNDED_BELOW:
             seen = seen & (cols >= rows + lowest_diagonal)
-        if CHECK_KEY_END:
-            seen = seen & (cols < key_end)
     elif BOUNDED_BELOW:
         seen = cols >= rows + lowest_diagonal
         if CHECK_KEY_END:
