@@ -224,7 +224,7 @@ def settings_line(meta: dict) -> str:
     text = (
         f"Timing: the peers of a case interleaved, {timing.get('min_reps')}-{timing.get('max_reps')} rounds "
         f"({timing.get('rep_ms')} ms of flashsdpa's calls) after {timing.get('warmup_ms')} ms of warm-up; a peer "
-        "over 2x slower runs fewer; medians"
+        "over 4x slower runs fewer; medians"
     )
     if timing.get("flush_bytes"):
         text += f", {timing['flush_bytes'] >> 20} MiB L2 flush before each run"

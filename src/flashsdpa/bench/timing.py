@@ -26,6 +26,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+
 @dataclass(frozen=True)
 class TimingSettings:
     warmup_ms: float  # time spent warming up, in runs of the estimated length
@@ -49,7 +50,7 @@ CPU_SETTINGS = TimingSettings(warmup_ms=200.0, rep_ms=3000.0, min_reps=11, max_r
 # A peer this many times slower than the primary one runs only as many rounds as its own time
 # allows (at least SLOW_PEER_MIN_REPS, no warm-up round): math's 5 s calls must not set the
 # rounds of two 0.1 s kernels.
-SLOW_PEER_FACTOR = 2.0
+SLOW_PEER_FACTOR = 4.0
 SLOW_PEER_MIN_REPS = 3
 
 
@@ -116,8 +117,10 @@ class Timer:
         self.synchronize()
         return time.perf_counter() - start, result
 
-    def _timed_call(self, fn: Callable[[], object], context: Callable[[], ContextManager]) -> float:
-        """Milliseconds of one synchronised call of fn, `context` entered outside the timed region."""
+    def _timed_call(self, fn: Callable[[], object], context: Callable[[], ContextManager]):
+        """One call of fn, `context` entered outside the timed region: its milliseconds on a CPU; on CUDA its
+        (start, end) events, read by `_milliseconds` after a synchronisation (no per-call synchronisation:
+        the flush before each call keeps the GPU busy while the host enqueues the call, as in do_bench)."""
         with context():
             if not self.is_cuda:
                 start = time.perf_counter()
@@ -129,6 +132,12 @@ class Timer:
             start.record()
             fn()
             end.record()
+            return start, end
+
+    def _milliseconds(self, timed) -> float:
+        if not self.is_cuda:
+            return timed
+        start, end = timed
         end.synchronize()
         return start.elapsed_time(end)
 
@@ -140,8 +149,8 @@ class Timer:
     ) -> Interleaved:
         """Times every peer's calls (one per input set) round by round (module docstring).
 
-        The rounds are sized on `primary` (the first peer if it is not there) as `measure` sizes its
-        repetitions; a peer more than SLOW_PEER_FACTOR times slower runs in the first of them only, as
+        The rounds are sized on `primary` (the first peer if it is not there) as do_bench sizes its
+        repetitions (rep_ms of its calls, within min_reps and max_reps, after warmup_ms); a peer more than SLOW_PEER_FACTOR times slower runs in the first of them only, as
         many as its own time allows. A peer whose call raises drops out with the exception recorded."""
         s = self.settings
         contexts = contexts or {}
@@ -150,7 +159,7 @@ class Timer:
         estimates = {}
         for name, fns in calls.items():  # one call each (after the caller's first call) sizes the rounds
             try:
-                estimates[name] = max(self._timed_call(fns[0], context[name]), 1e-3)
+                estimates[name] = max(self._milliseconds(self._timed_call(fns[0], context[name])), 1e-3)
             except Exception as error:  # noqa: BLE001 - the caller records the reason
                 result.failures[name] = error
         if not estimates:
@@ -164,7 +173,7 @@ class Timer:
         }  # fmt: skip
         round_ms = sum(ms for name, ms in estimates.items() if name not in slow)
         warmup = min(s.max_reps, max(1, math.ceil(s.warmup_ms / round_ms)))
-        times: dict[str, list[float | None]] = {name: [] for name in estimates}
+        times: dict[str, list] = {name: [] for name in estimates}  # per round: `_timed_call`'s result or None
         for index in range(warmup + rounds):
             if index < warmup:  # the slow peers' sizing call was their warm-up
                 active = [name for name in estimates if name not in result.failures and name not in slow]
@@ -186,6 +195,8 @@ class Timer:
                 for name in estimates:  # rounds a peer sat out stay aligned with the others
                     if len(times[name]) < index - warmup + 1:
                         times[name].append(None)
+        self.synchronize()
+        times = {name: [t if t is None else self._milliseconds(t) for t in runs] for name, runs in times.items()}
         for name, values in times.items():
             ran = sorted(v for v in values if v is not None)
             if name in result.failures or not ran:
