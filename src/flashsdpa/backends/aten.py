@@ -41,7 +41,8 @@ on it too (`checks_variants`):
   complete in its call, so out and lse are the kernel's own; the backward
   does the same per block and sums dK/dV over the blocks in the
   accumulators' dtype (16-bit inputs: the blocks run in float32, so the sum
-  is not of rounded partials).
+  is not of rounded partials). Where every query sees every key (a
+  bottom-right causal decode step) it is one plain call (`kernel_causal`).
 * sinks: the kernel's out and lse without the sink are exact, and the sink
   only joins each row's denominator: out * sigmoid(lse - sink) and
   lse' = logaddexp(lse, sink). The backward is the kernel's, given that out
