@@ -310,3 +310,17 @@ def test_softcap_goes_to_tiled_and_the_other_variants_stay():
     stats = flashsdpa.stats()
     assert stats["calls"] == {"tiled": 1}
     assert any(r.startswith("aten: softcap") for r in stats["fallbacks"]), stats
+
+
+def test_a_decode_step_is_one_plain_call(monkeypatch):
+    """Bottom-right causal with one query row (a KV-cache decode step) sees every key: one kernel call,
+    not causal, no band (no reversed copy of the cache)."""
+    from flashsdpa.backends import aten
+
+    monkeypatch.setattr(aten, "Band", lambda *args: pytest.fail("the band was built"))
+    gen = generator(1750)
+    q, k, v = qkv((2, 4), (2, 2), 1, 37, 16, gen, torch.float64, "cpu")
+    out = flashsdpa.attention(q, k, v, causal=True, causal_alignment="bottom_right", enable_gqa=True)
+    ref, _ = variants_oracle(q, k, v, causal=True, alignment="bottom_right")
+    assert rel_err(out, ref) < 1e-12
+    assert flashsdpa.stats() == {"calls": {"aten": 1}, "fallbacks": {}}

@@ -41,7 +41,8 @@ on it too (`checks_variants`):
   complete in its call, so out and lse are the kernel's own; the backward
   does the same per block and sums dK/dV over the blocks in the
   accumulators' dtype (16-bit inputs: the blocks run in float32, so the sum
-  is not of rounded partials).
+  is not of rounded partials). Where every query sees every key (a
+  bottom-right causal decode step) it is one plain call (`kernel_causal`).
 * sinks: the kernel's out and lse without the sink are exact, and the sink
   only joins each row's denominator: out * sigmoid(lse - sink) and
   lse' = logaddexp(lse, sink). The backward is the kernel's, given that out
@@ -120,10 +121,17 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
 
 
-def _blocked(desc: AttentionDescriptor) -> bool:
-    """Whether the visibility or ALiBi needs the band and the query blocks (module docstring): all but no
-    mask or top-left causal. (From the descriptor's fields, not `Visibility`: every call asks, twice.)"""
-    return desc.alibi or desc.windowed or (desc.causal and desc.key_offset != 0)
+def kernel_causal(desc: AttentionDescriptor) -> bool | None:
+    """The kernel's causal flag where one call computes the problem: no ALiBi, and every query sees every
+    key or top-left causal holds (a decode step's bottom-right causal row sees all its keys); None where
+    the band and the query blocks are needed (module docstring). (The common case from the descriptor's
+    fields alone: every call asks, twice.)"""
+    if desc.alibi:
+        return None
+    if not desc.windowed and (not desc.causal or desc.key_offset == 0):
+        return desc.causal
+    lo, hi = Visibility.of(desc).full_key_range(0, desc.seq_q)
+    return False if lo <= 0 and hi >= desc.seq_kv else None
 
 
 def query_block(desc: AttentionDescriptor) -> int:
@@ -193,7 +201,9 @@ def _add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tup
     return (out.double() * share.unsqueeze(-1)).to(out.dtype), torch.logaddexp(wide, sink).to(lse.dtype)
 
 
-def _mark_rows_without_keys(desc: AttentionDescriptor, mask: torch.Tensor | None, lse: torch.Tensor) -> None:
+def _mark_rows_without_keys(
+    desc: AttentionDescriptor, causal: bool, mask: torch.Tensor | None, lse: torch.Tensor
+) -> None:
     """Set lse to -inf, in place, on rows where the mask (with causal) hides every key.
 
     The kernel gives those rows lse 0; any row it gives 0 is a candidate, and
@@ -207,7 +217,7 @@ def _mark_rows_without_keys(desc: AttentionDescriptor, mask: torch.Tensor | None
         return
     scores_mask = mask[batch, head, row]  # (candidates, S)
     visible = scores_mask if desc.mask is MaskKind.BOOL else ~torch.isneginf(scores_mask)
-    if desc.causal:
+    if causal:
         visible = visible & (torch.arange(desc.seq_kv, device=row.device) <= row.unsqueeze(-1))
     empty = ~visible.any(dim=-1)
     lse[batch[empty], head[empty], row[empty]] = float("-inf")
@@ -238,7 +248,7 @@ class AtenBackend(Backend):
             reasons.append(f"value head dim {desc.head_dim_v} differs from the query's {desc.head_dim}")
         if desc.head_dim == 0:
             reasons.append("head dim 0 (the kernel gives NaN log-sum-exps)")
-        if desc.causal and desc.scale <= 0.0 and not _blocked(desc):
+        if desc.scale <= 0.0 and kernel_causal(desc):
             # measured: NaN rows (scale 0) and wrong ones (scale < 0), every dtype
             reasons.append(f"causal with scale {desc.scale} (the kernel scales its causal -inf fill)")
         if desc.mask is MaskKind.FLOAT and desc.mask_dtype not in (desc.dtype, statistics_dtype(desc.dtype)):
@@ -252,7 +262,8 @@ class AtenBackend(Backend):
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         forward_kernel, _ = _KERNELS
         q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
-        if _blocked(desc):
+        causal = kernel_causal(desc)
+        if causal is None:
             band = Band(desc, inputs)
             k, v = k.flip(-2), v.flip(-2)  # copies: the band's keys run backwards
             out = new_output((desc.batch, desc.heads_q, desc.seq_q, desc.head_dim_v), desc.dtype, q.device)
@@ -270,8 +281,8 @@ class AtenBackend(Backend):
                 out[..., part, :], lse[..., part] = o, l
         else:
             mask = additive_mask(desc, inputs.mask, q.dtype)
-            out, lse = forward_kernel(q, k, v, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
-            _mark_rows_without_keys(desc, inputs.mask, lse)
+            out, lse = forward_kernel(q, k, v, 0.0, causal, attn_mask=mask, scale=desc.scale)
+            _mark_rows_without_keys(desc, causal, inputs.mask, lse)
         if desc.sinks:
             out, lse = _add_sinks(out, lse, inputs.sinks)
         return out, lse
@@ -281,7 +292,8 @@ class AtenBackend(Backend):
             return TiledBackend().backward(desc, inputs, out, lse, grad_out, needed)
         _, backward_kernel = _KERNELS
         tensors = (grad_out, inputs.query, inputs.key, inputs.value, out)
-        blocked = _blocked(desc)
+        causal = kernel_causal(desc)
+        blocked = causal is None
         if desc.dtype in _SIXTEEN_BIT and (blocked or self._exact_gradients(desc, inputs)):
             # float32 copies: torch's math-path precision, and dK/dV summed over blocks unrounded (module docstring)
             tensors = tuple(t.float() for t in tensors)
@@ -292,7 +304,7 @@ class AtenBackend(Backend):
             mask = additive_mask(desc, inputs.mask, q.dtype)
             if mask is not None and mask.dtype not in (q.dtype, statistics_dtype(q.dtype)):
                 mask = mask.to(q.dtype)  # a 16-bit float mask with the float32 copies
-            dq, dk, dv = backward_kernel(d_out, q, k, v, out, lse, 0.0, desc.causal, attn_mask=mask, scale=desc.scale)
+            dq, dk, dv = backward_kernel(d_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=desc.scale)
         else:
             band = Band(desc, inputs)
             k, v = k.flip(-2), v.flip(-2)  # copies: the band's keys run backwards; so do dK and dV below
