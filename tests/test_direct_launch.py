@@ -193,15 +193,15 @@ def real_kernel_arguments(name: str) -> tuple[JITFunction, tuple, dict]:
             "SINKS": False, "MASK_ROWS_BROADCAST": False, "DROPOUT": False, "BLOCK_M": 128,
             "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_DV": 128, "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False,
             "FP16_HALVES": False, "TILE_LOADS": 0, "WARP_SPECIALIZE": False}
-    args = (q, k, k, q, q, out, out, f32, f32, f32, f32, *strides, *strides, *strides, 0, 0, 0, 0, *strides, *strides,
-            *strides, 0, 0, 0.088, 1024, 1024, 8, 2, 1024, 0, 0, 0, 0.0, 0, 0, 0, 1.0)
+    args = (q, k, k, q, q, out, out, f32, f32, f32, f32, f32, f32, f32, f32, *strides, *strides, *strides, 0, 0, 0, 0,
+            *strides, *strides, *strides, 0, 0, 0.088, 1024, 1024, 8, 2, 1024, 0, 0, 0, 0.0, 0, 0, 0, 1.0)
     return as_jit(backward_kernels.attention_backward_dkdv_kernel), args, {
         "HEAD_DIM": 128, "HEAD_DIM_V": 128, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 128, "BLOCK_DV": 128,
         "BOUNDED_BELOW": False, "BOUNDED_ABOVE": False, "SOFTCAP": False, "ALIBI": False, "MASK_KIND": 0,
         "MASK_ROWS_BROADCAST": False, "DROPOUT": False,
         "RENORMALIZE": False,
         "COMPUTE_DK": True, "COMPUTE_DV": True, "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False,
-        "SPLIT_OPERANDS": False, "MASK_SEED": False, "TILE_LOADS": 0, "EARLY_DP": True, "SPLIT_GROUP": False, "GQA": False}
+        "SPLIT_OPERANDS": False, "FP16_HALVES": False, "MASK_SEED": False, "TILE_LOADS": 0, "EARLY_DP": True, "SPLIT_GROUP": False, "GQA": False}
 
 
 @pytest.mark.parametrize("name", ["decode split", "forward", "dkdv"])
