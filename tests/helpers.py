@@ -57,7 +57,8 @@ TORCH_ERROR_FACTOR = 1.5
 # interpreter runs that arithmetic too, while torch's CPU kernels round each
 # float32 dot product once, so on small problems with large scores its error
 # reaches 2-3x torch's own (measured: d=16-32, scale 4-4.6, 21-70 keys: up to
-# 3.0x, mean 1.3-1.6x; at the default scale 0.96-1.2x). On the H100 the same
+# 3.0x, mean 1.3-1.6x; at the default scale 0.96-1.2x; the backward's
+# gradients, on the same products: 1.54x seen, d=8, scale 4.3). On the H100 the same
 # kernel's error is below torch's own (d=128, L=4096: 4.1e-7 and 3.1e-6 at
 # scales 0.088 and 10, against 7.3e-7 and 3.7e-6). The absolute bar (2e-6)
 # holds either way.
@@ -337,8 +338,8 @@ def assert_forward_close(what, got, ref, torch_out, dtype, torch_ratio=True, tor
                           torch_factor)
 
 
-def assert_grad_close(what, got, ref, torch_grad, dtype, torch_ratio=True):
-    return _assert_within(what, got, ref, torch_grad, dtype, GRAD_TOL, FP32_FLOOR_GRAD, torch_ratio)
+def assert_grad_close(what, got, ref, torch_grad, dtype, torch_ratio=True, torch_factor=TORCH_ERROR_FACTOR):
+    return _assert_within(what, got, ref, torch_grad, dtype, GRAD_TOL, FP32_FLOOR_GRAD, torch_ratio, torch_factor)
 
 
 def assert_lse_close(lse, ref_lse, input_dtype=torch.float32, atol=LSE_ATOL):
@@ -494,6 +495,8 @@ def check_backward(
         lead = output_lead_shape(view_q, view_k, view_v, case.enable_gqa)
         keep = keep_mask_for(seed_pair, dropout_p, lead, view_q.shape[-2], view_k.shape[-2], case.q.device)
 
+    # The triton backward multiplies float32 as float16 halves too (see SPLIT_PRODUCTS_TORCH_FACTOR).
+    torch_factor = SPLIT_PRODUCTS_TORCH_FACTOR if backend == "triton" and dtype == torch.float32 else TORCH_ERROR_FACTOR
     ours = _leaves(inputs, flags)
     torch.manual_seed(torch_seed)
     with poisoned_outputs():
@@ -538,6 +541,7 @@ def check_backward(
             grads.append(mine.grad)
             continue
         # The bar follows the precision of the computation (the query dtype), also for a float32 mask's grad.
-        assert_grad_close(f"{what} {name}", mine.grad, reference.grad, torch_grad, dtype, check_torch is True)
+        assert_grad_close(f"{what} {name}", mine.grad, reference.grad, torch_grad, dtype, check_torch is True,
+                          torch_factor)
         grads.append(mine.grad)
     return grads
