@@ -163,6 +163,8 @@ def test_no_host_reads_on_the_path(page_size, backend, device):
     q = randn((2, 2, 2, 8), gen, torch.float32)
     k_new, v_new = (randn((2, 2, 1, 8), gen, torch.float32) for _ in range(2))
     seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    q, cache_k, cache_v, k_new, v_new, seqlens = (t.to(device) for t in (q, cache_k, cache_v, k_new, v_new, seqlens))
+    table = None if table is None else table.to(device)
     with host_reads_forbidden():
         out = flashsdpa.kvcache_attention(q, cache_k, cache_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
                                           block_table=table, validate=False, return_lse=True, backend=backend)  # fmt: skip
@@ -180,6 +182,7 @@ def test_compiles_without_graph_breaks(backend, device):
     q = randn((2, 1, 4, 8), gen, torch.float32)
     k_new, v_new = (randn((2, 1, 2, 8), gen, torch.float32) for _ in range(2))
     seqlens = torch.tensor([2, 7], dtype=torch.int32)
+    q, cache_k, cache_v, k_new, v_new, seqlens = (t.to(device) for t in (q, cache_k, cache_v, k_new, v_new, seqlens))
     eager_k, eager_v = cache_k.clone(), cache_v.clone()
     eager = flashsdpa.kvcache_attention(q, eager_k, eager_v, cache_seqlens=seqlens, k_new=k_new, v_new=v_new,
                                         validate=False, backend=backend)  # fmt: skip

@@ -51,11 +51,12 @@ ALIGNMENTS = ("top_left", "bottom_right")
 B, HQ, HKV, E, EV = 2, 4, 2, 8, 6
 
 
-def problem(variant: dict, seq_q, seq_kv, dtype, gen, mask_kind="none", scale=None, dims=(B, HQ, HKV, E, EV)):
-    """(q, k, v, flashsdpa keyword arguments); q, k, v, sinks and a float mask require grad.
-    dims: (B, Hq, Hkv, E, Ev)."""
+def problem(variant: dict, seq_q, seq_kv, dtype, gen, mask_kind="none", scale=None, dims=(B, HQ, HKV, E, EV),
+            device="cpu"):
+    """(q, k, v, flashsdpa keyword arguments) on `device` (drawn on the CPU); q, k, v, sinks and a float mask
+    require grad. dims: (B, Hq, Hkv, E, Ev)."""
     B, HQ, HKV, E, EV = dims  # noqa: N806
-    q, k, v = qkv((B, HQ), (B, HKV), seq_q, seq_kv, E, gen, dtype, "cpu", head_dim_v=EV)
+    q, k, v = qkv((B, HQ), (B, HKV), seq_q, seq_kv, E, gen, dtype, device, head_dim_v=EV)
     options = {name: value for name, value in variant.items() if name not in ("alibi", "sinks")}
     options["enable_gqa"] = True
     if scale is not None:
@@ -64,13 +65,13 @@ def problem(variant: dict, seq_q, seq_kv, dtype, gen, mask_kind="none", scale=No
         shape = (HQ,) if variant["alibi"] == "heads" else (B, HQ)
         options["alibi_slopes"] = torch.rand(shape, generator=gen, dtype=torch.float64).to(
             torch.float64 if dtype == torch.float64 else torch.float32
-        )
+        ).to(device)
     if variant.get("sinks"):
-        options["sinks"] = (randn((HQ,), gen, torch.float64) * 2).to(dtype).requires_grad_()
+        options["sinks"] = (randn((HQ,), gen, torch.float64) * 2).to(dtype).to(device).requires_grad_()
     if mask_kind == "bool":  # with rows and whole heads hidden, to meet rows that see nothing
-        options["attn_mask"] = random_bool_mask((B, 1, seq_q, seq_kv), gen, "cpu", ensure_first_key=False)
+        options["attn_mask"] = random_bool_mask((B, 1, seq_q, seq_kv), gen, device, ensure_first_key=False)
     elif mask_kind == "float":
-        options["attn_mask"] = random_float_mask((1, HQ, seq_q, seq_kv), gen, dtype, "cpu").requires_grad_()
+        options["attn_mask"] = random_float_mask((1, HQ, seq_q, seq_kv), gen, dtype, device).requires_grad_()
     for t in (q, k, v):
         t.requires_grad_()
     return q, k, v, options

@@ -66,7 +66,10 @@ def _check(lens_q, lens_k, dtype, device, gen, gradients=True, heads=(2, 1), dim
                                        **options)  # fmt: skip
     assert dispatch.stats()["calls"] == ({"triton": 2} if gradients else {"triton": 1}), dispatch.stats()
     q64, k64, v64, sinks64 = _float64([q, k, v, sinks])
-    ref_options = dict(options, sinks=sinks64) if sinks is not None else options
+    # the reference runs on the CPU: every tensor option goes there too (alibi_slopes; sinks as float64 leaves)
+    ref_options = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in options.items()}
+    if sinks is not None:
+        ref_options["sinks"] = sinks64
     ref_out, ref_lse, ref_grads = _run(q64, k64, v64, lens_q, lens_k, "reference",
                                        None if grad is None else grad.cpu().double(), **ref_options)  # fmt: skip
     assert out.shape == ref_out.shape and out.dtype == dtype

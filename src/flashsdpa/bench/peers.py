@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import inspect
 import warnings
 from typing import Callable
 
@@ -223,8 +225,33 @@ def padded_sdpa(case: Case, device: torch.device) -> Forward:
     return forward
 
 
+@functools.cache
+def torch_varlen_parameters() -> frozenset[str]:
+    """The parameter names of the installed torch's varlen_attn (torch 2.11's has no enable_gqa)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_keywords(case: Case) -> dict | None:
+    """The keyword arguments that ask the installed torch's varlen_attn for the case's causality and GQA, only
+    those its signature takes (enable_gqa only for unequal heads); None where it has no way to say causal."""
+    parameters = torch_varlen_parameters()
+    keywords = {}
+    if "window_size" in parameters:
+        keywords["window_size"] = (-1, 0) if case.causal else (-1, -1)
+    elif "is_causal" in parameters:
+        keywords["is_causal"] = case.causal
+    elif case.causal:
+        return None
+    if case.gqa and "enable_gqa" in parameters:  # without the keyword, its flash kernel takes grouped heads
+        keywords["enable_gqa"] = True
+    return keywords
+
+
 class TorchVarlenPeer(Peer):
-    """torch.nn.attention.varlen.varlen_attn (torch 2.13: CUDA only, bf16/fp16, FlashAttention 2) on varlen rows."""
+    """torch.nn.attention.varlen.varlen_attn (torch 2.11-2.13: CUDA only, bf16/fp16, FlashAttention 2) on varlen
+    rows."""
 
     name = "torch-varlen"
 
@@ -233,17 +260,19 @@ class TorchVarlenPeer(Peer):
             return ["torch's varlen_attn takes packed sequences: varlen rows only"]
         if device.type != "cuda" or case.dtype not in (torch.float16, torch.bfloat16):
             return ["torch's varlen_attn runs CUDA bf16/fp16 only (torch 2.13)"]
+        if torch_varlen_keywords(case) is None:
+            return [f"this torch's varlen_attn takes no causal argument ({torch.__version__})"]
         return []
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
         from torch.nn.attention.varlen import varlen_attn
 
         longest = case.seq_kv
+        keywords = torch_varlen_keywords(case)
 
         def forward(inputs: InputSet) -> torch.Tensor:
             return varlen_attn(inputs.query, inputs.key, inputs.value, inputs.cu_seqlens, inputs.cu_seqlens, longest,
-                               longest, window_size=(-1, 0) if case.causal else (-1, -1),
-                               enable_gqa=case.gqa)  # fmt: skip
+                               longest, **keywords)  # fmt: skip
 
         return forward
 
