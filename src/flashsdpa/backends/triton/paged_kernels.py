@@ -30,23 +30,21 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 
 @triton.jit
-def key_rows(
-    table_row_ptr,
-    batch,
-    cols,
-    key_end,
-    page_size,
-    k_strides,
-    v_strides,
-    stride_table_page,
-    PAGED: tl.constexpr,
-):
-    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item: int64 element
-    offsets of each key's row from the kv head's base, by the caches' (page or batch item, slot) strides.
-    The table is read once for K and V, and not for keys past key_end (their offsets are 0)."""
+def block_pages(table_row_ptr, cols, key_end, page_size, stride_table_page, PAGED: tl.constexpr):
+    """The page number of each key position `cols` of one batch item (0 past key_end, where the table is not
+    read; 0 everywhere for a contiguous cache)."""
+    if PAGED:
+        return tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=cols < key_end, other=0)
+    return tl.zeros_like(cols)
+
+
+@triton.jit
+def key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED: tl.constexpr):
+    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item, whose page numbers
+    are `page` (block_pages): int64 element offsets of each key's row from the kv head's base, by the caches'
+    (page or batch item, slot) strides."""
     in_range = cols < key_end
     if PAGED:
-        page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=in_range, other=0)
         page = page.to(tl.int64)
         slot = cols % page_size
         return page * k_strides[0] + slot * k_strides[1], page * v_strides[0] + slot * v_strides[1], in_range
@@ -108,10 +106,14 @@ def attend_cache_blocks(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # The next block's page numbers are read one iteration ahead, so that a block's K/V addresses do not wait
+    # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
+    # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
+    page = block_pages(table_row_ptr, key_start + offs_n, key_end, page_size, stride_table_page, PAGED)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
-        k_rows, v_rows, in_range = key_rows(table_row_ptr, batch, cols, key_end, page_size, k_strides, v_strides,
-                                            stride_table_page, PAGED)  # fmt: skip
+        k_rows, v_rows, in_range = key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED)
+        page = block_pages(table_row_ptr, cols + BLOCK_N, key_end, page_size, stride_table_page, PAGED)
         k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
