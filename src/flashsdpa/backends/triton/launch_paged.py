@@ -95,7 +95,8 @@ def paged_decode(
         partial_lse = torch.empty(rows * num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
-    spec = paged_decode_spec(desc, config, decode, paged)
+    page_size = k_cache.shape[1] if paged else None
+    spec = paged_decode_spec(desc, config, decode, page_size)
     split_kernel = launcher(paged_kernels.attention_paged_decode_kernel, **spec.launch_arguments())
     with on_device(q.device):
         split_kernel(
@@ -103,7 +104,7 @@ def paged_decode(
             query, k_cache, v_cache, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi, sink_logits,
             *query.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *alibi_strides,
             heads_q, gqa_group, seq_q, new_tokens, desc.head_dim, desc.head_dim_v, row_chunks, num_splits,
-            split_len, k_cache.shape[1] if paged else 1, max(band.left, 0), max(band.right, 0),
+            split_len, page_size or 1, max(band.left, 0), max(band.right, 0),
             kernel_scale(desc), float(desc.softcap),
         )  # fmt: skip
         if num_splits > 1:
