@@ -35,12 +35,14 @@ def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_p
     """The page numbers of the key block at `start` (positions start + offs_n) of one batch item: one per
     key, or with BLOCK_IN_ONE_PAGE (page_size a multiple of the block, `start` a multiple of the block) the
     block's one page, a scalar. 0 past key_end, where the table is not read, and for a contiguous cache."""
-    if PAGED:
-        if BLOCK_IN_ONE_PAGE:
-            return tl.load(table_row_ptr + (start // page_size) * stride_table_page, mask=start < key_end, other=0)
+    if PAGED and BLOCK_IN_ONE_PAGE:
+        page = tl.load(table_row_ptr + (start // page_size) * stride_table_page, mask=start < key_end, other=0)
+    elif PAGED:
         cols = start + offs_n
-        return tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=cols < key_end, other=0)
-    return tl.zeros_like(offs_n)
+        page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=cols < key_end, other=0)
+    else:
+        page = tl.zeros_like(offs_n)
+    return page  # one return: Triton checks every return statement's type, even under a constexpr `if`
 
 
 @triton.jit
