@@ -29,8 +29,9 @@ from flashsdpa.visibility import Visibility
 Tensor = torch.Tensor
 # Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
 # 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
-# 3.6) had 163-168 registers and 12-16 bytes of spills at d=128 (BLOCK_N=64), 163 at d=64 (BLOCK_N=128),
-# 209 at d=256; with 8, 127 / 120 / 146-174 and no spills (the contiguous cache: 99-110, none). Not timed.
+# 3.6, pages of 16 keys, page numbers read a block ahead) takes 146-196 registers and spills 4 bytes with
+# softcap+ALiBi+sinks at d=128; with 8, 108-141 at d=128, 114-121 at d=64, 174 at d=256 and no spills
+# (pages holding whole blocks: 106 / 112 / 128; the contiguous cache: 80-114). Not timed.
 PAGED_DECODE_WARPS = 8
 # Packed rows per program: flash decoding's 16 (a GQA group's heads at one query row each), or for 16-bit
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
