@@ -398,10 +398,11 @@ def on(device, call):
 
 
 @pytest.mark.parametrize("case", CASES + [([0, 0], 1, 1), ([0, 44], 1, 1)], ids=str)
-@pytest.mark.parametrize("page_size", [None, 1, 3, 16])
+@pytest.mark.parametrize("page_size", [None, 1, 3, 16, 32])
 def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits, case, page_size):
     """float32, GQA (4 query heads on 2), empty and 1-key sequences, Lq > 1 bottom-right causal, append;
-    a full last sequence whose capacity (45) is no multiple of the key block (loads past it are masked)."""
+    a full last sequence whose capacity (45) is no multiple of the key block (loads past it are masked).
+    Pages of 16 and 32 keys hold whole 16-key blocks (one table read per block, see the next test)."""
     lengths, new, seq_q = case
     call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32,
                                            seed=len(lengths) + new + (page_size or 0))  # fmt: skip
@@ -412,6 +413,26 @@ def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits,
     stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, torch.float32, causal=True)
     assert_forward_close("out", out, ref, stand_in, torch.float32)
     assert_lse_close(lse.cpu(), ref_lse, torch.float32)
+
+
+def test_triton_paged_decode_reads_one_page_per_block_where_pages_hold_whole_blocks(triton_device, monkeypatch):
+    """The kernel reads one table entry per key block (BLOCK_IN_ONE_PAGE) exactly where the page size is a
+    multiple of the key block: the float32 d=16 problems above (16-key blocks) at pages of 16 and 32 keys."""
+    from flashsdpa.backends.triton import launch_paged
+
+    specs, spec_of = [], launch_paged.paged_decode_spec
+
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    for page_size in (None, 3, 16, 32):
+        call, _ = cache_problem([5, 44], 1, 1, 4, 2, 16, 45, page_size, torch.float32, seed=61)
+        flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
+        spec = specs[-1]
+        assert spec.block_n == 16, spec
+        assert spec.block_in_one_page == (page_size in (16, 32)), (page_size, spec)
 
 
 @pytest.mark.parametrize("dtype, seq_q", [(torch.bfloat16, 3), (torch.float16, 9)])

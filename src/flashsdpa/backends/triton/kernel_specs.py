@@ -221,6 +221,7 @@ class PagedDecodeKernelSpec(KernelSpec):
     bounded_below: bool
     bounded_above: bool
     paged: bool
+    block_in_one_page: bool  # paged, page_size a multiple of block_n: one table read and page per key block
     softcap: bool
     alibi: bool
     sinks: bool
@@ -235,14 +236,16 @@ class PagedDecodeKernelSpec(KernelSpec):
     num_stages: int
 
 
-def paged_decode_spec(desc: AttentionDescriptor, config, decode, paged: bool) -> PagedDecodeKernelSpec:
+def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None) -> PagedDecodeKernelSpec:
     """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
-    alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`."""
+    alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`, over a
+    cache of pages of `page_size` keys (None: contiguous)."""
     key = desc.kernel_key
     return PagedDecodeKernelSpec(
         bounded_below=key.bounded_below,
         bounded_above=key.bounded_above,
-        paged=paged,
+        paged=page_size is not None,
+        block_in_one_page=page_size is not None and page_size % decode.block_n == 0,
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,

@@ -29,8 +29,9 @@ from flashsdpa.visibility import Visibility
 Tensor = torch.Tensor
 # Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
 # 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
-# 3.6) had 163-168 registers and 12-16 bytes of spills at d=128 (BLOCK_N=64), 163 at d=64 (BLOCK_N=128),
-# 209 at d=256; with 8, 127 / 120 / 146-174 and no spills (the contiguous cache: 99-110, none). Not timed.
+# 3.6, pages of 16 keys, page numbers read a block ahead) takes 146-196 registers and spills 4 bytes with
+# softcap+ALiBi+sinks at d=128; with 8, 108-141 at d=128, 114-121 at d=64, 174 at d=256 and no spills
+# (pages holding whole blocks: 106 / 112 / 128; the contiguous cache: 80-114). Not timed.
 PAGED_DECODE_WARPS = 8
 # Packed rows per program: flash decoding's 16 (a GQA group's heads at one query row each), or for 16-bit
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
@@ -95,7 +96,8 @@ def paged_decode(
         partial_lse = torch.empty(rows * num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
-    spec = paged_decode_spec(desc, config, decode, paged)
+    page_size = k_cache.shape[1] if paged else None
+    spec = paged_decode_spec(desc, config, decode, page_size)
     split_kernel = launcher(paged_kernels.attention_paged_decode_kernel, **spec.launch_arguments())
     with on_device(q.device):
         split_kernel(
@@ -103,7 +105,7 @@ def paged_decode(
             query, k_cache, v_cache, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi, sink_logits,
             *query.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *alibi_strides,
             heads_q, gqa_group, seq_q, new_tokens, desc.head_dim, desc.head_dim_v, row_chunks, num_splits,
-            split_len, k_cache.shape[1] if paged else 1, max(band.left, 0), max(band.right, 0),
+            split_len, page_size or 1, max(band.left, 0), max(band.right, 0),
             kernel_scale(desc), float(desc.softcap),
         )  # fmt: skip
         if num_splits > 1:

@@ -30,23 +30,28 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 
 @triton.jit
-def key_rows(
-    table_row_ptr,
-    batch,
-    cols,
-    key_end,
-    page_size,
-    k_strides,
-    v_strides,
-    stride_table_page,
-    PAGED: tl.constexpr,
-):
-    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item: int64 element
-    offsets of each key's row from the kv head's base, by the caches' (page or batch item, slot) strides.
-    The table is read once for K and V, and not for keys past key_end (their offsets are 0)."""
+def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_page, PAGED: tl.constexpr,
+                BLOCK_IN_ONE_PAGE: tl.constexpr):
+    """The page numbers of the key block at `start` (positions start + offs_n) of one batch item: one per
+    key, or with BLOCK_IN_ONE_PAGE (page_size a multiple of the block, `start` a multiple of the block) the
+    block's one page, a scalar. 0 past key_end, where the table is not read, and for a contiguous cache."""
+    if PAGED and BLOCK_IN_ONE_PAGE:
+        page = tl.load(table_row_ptr + (start // page_size) * stride_table_page, mask=start < key_end, other=0)
+    elif PAGED:
+        cols = start + offs_n
+        page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=cols < key_end, other=0)
+    else:
+        page = tl.zeros_like(offs_n)
+    return page  # one return: Triton checks every return statement's type, even under a constexpr `if`
+
+
+@triton.jit
+def key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED: tl.constexpr):
+    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item, whose page numbers
+    are `page` (block_pages: one per key, or the block's one page): int64 element offsets of each key's row from the kv head's base, by the caches'
+    (page or batch item, slot) strides."""
     in_range = cols < key_end
     if PAGED:
-        page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=in_range, other=0)
         page = page.to(tl.int64)
         slot = cols % page_size
         return page * k_strides[0] + slot * k_strides[1], page * v_strides[0] + slot * v_strides[1], in_range
@@ -94,6 +99,7 @@ def attend_cache_blocks(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     PAGED: tl.constexpr,
+    BLOCK_IN_ONE_PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -108,10 +114,16 @@ def attend_cache_blocks(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # The next block's page numbers are read one iteration ahead, so that a block's K/V addresses do not wait
+    # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
+    # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
+    page = block_pages(table_row_ptr, key_start, offs_n, key_end, page_size, stride_table_page, PAGED,
+                       BLOCK_IN_ONE_PAGE)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
-        k_rows, v_rows, in_range = key_rows(table_row_ptr, batch, cols, key_end, page_size, k_strides, v_strides,
-                                            stride_table_page, PAGED)  # fmt: skip
+        k_rows, v_rows, in_range = key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED)
+        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_n, key_end, page_size, stride_table_page, PAGED,
+                           BLOCK_IN_ONE_PAGE)
         k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
@@ -197,6 +209,7 @@ def attention_paged_decode_kernel(
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
     PAGED: tl.constexpr,
+    BLOCK_IN_ONE_PAGE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
@@ -273,7 +286,7 @@ def attention_paged_decode_kernel(
                 key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
-                ALIBI, PAGED, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32,
+                ALIBI, PAGED, BLOCK_IN_ONE_PAGE, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32,
             )  # fmt: skip
     if not NATURAL_UNITS:
         row_max = row_max * softmax_scale
