@@ -280,6 +280,8 @@ PAGED = [
     PagedProblem(BF16, d, page_size=p, variant=v)
     for d in (64, 128) for p in (16, None) for v in ("causal", "plain", "window", "softcap+alibi+sinks")
 ] + [PagedProblem(FP16, 128), PagedProblem(FP32, 128), PagedProblem(BF16, 256)] + [
+    PagedProblem(BF16, d, page_size=256, seq_q=q) for d in (64, 128) for q in (1, 32)  # a key block in one page
+] + [
     PagedProblem(dtype, d, seq_q=32, variant=v)  # 64 packed rows a program (chunked prefill)
     for dtype, d, v in ((BF16, 64, "causal"), (BF16, 128, "causal"), (BF16, 128, "window+softcap+alibi+sinks"),
                         (BF16, 256, "causal"), (FP32, 128, "causal"))
