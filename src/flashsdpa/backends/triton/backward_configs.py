@@ -125,6 +125,10 @@ SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8
 # Not timed on the H100 (the plain 64x64 w4 ran at 275 / 336 TFLOP/s against the
 # tables' 333 / 354).
 SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
+# 16-bit dK/dV of a packed batch with dropout at d=128: the 64x64 w8 tile above spilled 28 B causal and
+# serialised its wgmma (compile_sm90 --packed, bf16, sm_90); 64x32 w8 s2 none, 172 registers (32x64 w8:
+# SERIAL; 64x64 w8 s1: 144 B; 64x64 w4: 208 B). Not timed.
+SM90_16BIT_PACKED_DROPOUT_DKDV = {128: (64, 32, 8, 2)}
 # 16-bit dQ of a packed batch (varlen) at d=128: the table's 128x64 w8 tile spilled 12 B causal (compile_sm90
 # --packed, bf16, sm_90, Triton 3.6); 128x32 w8 s3 none at 175-241 registers (64x64 w4 spilled 12-104 B,
 # 64x64 w8 and 64x32 w4 none at up to 255 / 226). Not timed.
@@ -233,6 +237,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     # spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none).
     if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
+    if not fp32 and packed and key.dropout and table_key in SM90_16BIT_PACKED_DROPOUT_DKDV:
+        dkdv = TileShape(*SM90_16BIT_PACKED_DROPOUT_DKDV[table_key])
     if not fp32 and packed and table_key in SM90_16BIT_PACKED_DQ:
         dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
     budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM

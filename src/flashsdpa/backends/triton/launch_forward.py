@@ -264,10 +264,13 @@ def launch_main_kernel(
 def packed_forward_config(desc: AttentionDescriptor, capability: tuple[int, int] | None) -> ForwardConfig:
     """The main kernel's config for a packed batch: the dense problem's of the longest sequences, with
     float32 products split in the kernel (tf32x3) rather than into float16 halves (whose value unscales
-    come per BLOCK_N keys of each head, which a sequence's key rows do not start on)."""
+    come per BLOCK_N keys of each head, which a sequence's key rows do not start on), and with dropout without
+    the table's register cap (compile_sm90 --packed, bf16 d=128 causal, sm_90: capped at 128 it spilled 152 B)."""
     config = forward_config(desc, capability)
     if config.split_products:
         config = dataclasses.replace(config, split_products=False)
+    if desc.kernel_key.dropout and config.max_registers is not None:
+        config = dataclasses.replace(config, max_registers=None)
     return config
 
 
