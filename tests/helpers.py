@@ -373,8 +373,8 @@ def record_backward_precisions(monkeypatch) -> list:
 
     class Recorder:
         def get(self, key, build):
-            if key[0] == "backward":
-                seen.append(key[-1])
+            if key[0] == "backward":  # ("backward", kernel key, capability, precision, packed)
+                seen.append(key[3])
             return cache.get(key, build)
 
     monkeypatch.setattr(launch_backward, "kernel_cache", Recorder())
