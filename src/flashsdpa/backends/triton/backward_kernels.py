@@ -592,27 +592,28 @@ def _dq_probabilities(
 
 
 @triton.jit
-def _dq_row_stats(
-    q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, start_n, k_base, v_base, key_halves_at, mask_base,
+def _dq_key_block_products(
+    q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, offs_n, k_base, v_base, key_halves_at, mask_base,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
     score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
     MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr,
 ):
-    """(sum_j P[i, j], sum_j P[i, j] * dP[i, j]) over one key block, for each query row i of the block."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    """One key block's keys (and their halves), P, softcap's derivative and dP = dO V^T (dropout applied) for
+    a query block: what the dQ row pass and the dQ step both start from. Without FP16_HALVES the returned
+    key halves are k itself, never read (a jit helper may not return None)."""
     k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    key_halves = None
-    value_halves = None
+    key_halves = k
+    value_halves = v
     if FP16_HALVES:  # (key_halves_at: see `_pair_halves`)
         key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
                                                 seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    probs, _ = _dq_probabilities(
+    probs, derivative = _dq_probabilities(
         q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn,
         score_scale_log2, band, transform, rows_left,
         seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
@@ -626,6 +627,30 @@ def _dq_row_stats(
     if DROPOUT:
         keep = dropout_keep(dropout_key, offs_m, offs_n, drop_threshold)
         grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
+    return k, key_halves, probs, derivative, grad_probs
+
+
+@triton.jit
+def _dq_row_stats(
+    q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, start_n, k_base, v_base, key_halves_at, mask_base,
+    stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+    score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    APPLY_EDGE_MASK: tl.constexpr, BOUNDED_BELOW: tl.constexpr, BOUNDED_ABOVE: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+    MASK_ROWS_BROADCAST: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr,
+):
+    """(sum_j P[i, j], sum_j P[i, j] * dP[i, j]) over one key block, for each query row i of the block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    _, _, probs, _, grad_probs = _dq_key_block_products(
+        q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, offs_n, k_base, v_base, key_halves_at, mask_base,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+        score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
+        ALIBI, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS, FP16_HALVES, MASK_SEED,
+    )
     return tl.sum(probs, axis=1), tl.sum(probs * grad_probs, axis=1)
 
 
@@ -650,30 +675,15 @@ def _dq_key_block(
     `_dq_probabilities`).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, offs_n, stride_kn, stride_kk, seq_kv, HEAD_DIM, BLOCK_D)
-    v = _load_rows(v_base, offs_n, stride_vn, stride_vk, seq_kv, HEAD_DIM_V, BLOCK_DV)
-    key_halves = None
-    value_halves = None
-    if FP16_HALVES:  # (key_halves_at: see `_pair_halves`)
-        key_halves, value_halves = _pair_halves(key_halves_at, offs_n, stride_kn, stride_kk, stride_vn, stride_vk,
-                                                seq_kv, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    probs, derivative = _dq_probabilities(
-        q, k, query_halves, key_halves, lse_log2, offs_m, offs_n, mask_base, stride_maskm, stride_maskn,
-        score_scale_log2, band, transform, rows_left,
-        seq_kv, BLOCK_M, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP, ALIBI, MASK_KIND, MASK_ROWS_BROADCAST,
-        DOT_PRECISION,
-        WIDEN_DOT_OPERANDS,
-        FP16_HALVES,
-        MASK_SEED,
+    k, key_halves, probs, derivative, grad_probs = _dq_key_block_products(
+        q, grad_out, query_halves, grad_out_halves, lse_log2, offs_m, offs_n, k_base, v_base, key_halves_at, mask_base,
+        stride_kn, stride_kk, stride_vn, stride_vk, stride_maskm, stride_maskn,
+        score_scale_log2, band, transform, rows_left, seq_kv, dropout_key, drop_threshold, keep_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, APPLY_EDGE_MASK, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
+        ALIBI, MASK_KIND, MASK_ROWS_BROADCAST, DROPOUT, DOT_PRECISION, WIDEN_DOT_OPERANDS, FP16_HALVES, MASK_SEED,
     )
     if RENORMALIZE:
         probs = probs * row_scale[:, None]
-
-    grad_probs = _head_dim_product(grad_out, v, grad_out_halves, value_halves, None, DOT_PRECISION,
-                                   WIDEN_DOT_OPERANDS, FP16_HALVES)
-    if DROPOUT:
-        keep = dropout_keep(dropout_key, offs_m, offs_n, drop_threshold)
-        grad_probs = tl.where(keep, grad_probs * keep_scale, 0.0)
     grad_scores = probs * (grad_probs - delta[:, None])
     if WRITE_DMASK:
         _store_tile(dmask_base, grad_scores, tl.arange(0, BLOCK_M), offs_n, seq_kv, 1, rows_left, seq_kv)
