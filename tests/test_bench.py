@@ -373,26 +373,30 @@ def test_variant_rows_run_and_report(tmp_path, one_thread):
     assert "## variant" in markdown and "causal window16" in markdown
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_expresses_each_variant():
-    """The Flex peer's mask_mod, score_mod and sink rescaling give the variant's float64 formula (eager Flex)."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+def test_flex_peer_compiles_each_variant_with_symbolic_sizes(monkeypatch):
+    """The Flex peer's calls (mask_mod, score_mod, sinks through the log-sum-exp) under the bench's dynamic compile
+    give the variant's float64 formula, output and gradients. Compiled with fullgraph=True, so a graph break
+    inside Flex's op fails here: a float captured by the score_mod (softcap) did, where CUDA's compile of the
+    training path failed ("all unwrapped values must be FakeTensor"). The CPU refuses Flex's backward before
+    tracing it; with that check lifted, it traces the training path a GPU compiles (aot_eager: no inductor)."""
+    import torch.nn.attention.flex_attention as flex_module
 
-    from flashsdpa.bench.peers import flex_mask_mod, flex_score_mod, variant_bias, variant_math, with_sinks
+    from flashsdpa.bench.peers import flex_forward, raise_recompile_limit, variant_bias, variant_math
 
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    raise_recompile_limit()
+    flex = torch.compile(flex_module.flex_attention, dynamic=True, fullgraph=True, backend="aot_eager")
     device = torch.device("cpu")
     for case in case_matrix.select(case_matrix.smoke_cases(quick=False), "variant"):
-        inputs = case_matrix.make_input_sets(dataclasses.replace(case, backward=False), device, 1, seed=3)[0]
-        q, k, v = inputs.query, inputs.key, inputs.value
-        block_mask = create_block_mask(flex_mask_mod(case), None, None, case.seq_q, case.seq_kv, device="cpu")
-        out, aux = flex_attention(
-            q, k, v, score_mod=flex_score_mod(case, device), block_mask=block_mask, return_aux=AuxRequest(lse=True)
-        )
-        if case.sinks:
-            out = with_sinks(out, aux.lse, inputs.sinks)
+        inputs = case_matrix.make_input_sets(case, device, 1, seed=3)[0]
+        out = flex_forward(case, device, flex)(inputs)
+        grads = torch.autograd.grad(out, inputs.differentiable, inputs.grad_out)
+        q, k, v = (t.detach().double().requires_grad_() for t in inputs.differentiable)
         sinks = None if inputs.sinks is None else inputs.sinks.double()
-        exact = variant_math(case, q.double(), k.double(), v.double(), variant_bias(case, device, torch.float64), sinks)
-        assert (out.double() - exact).norm() / exact.norm() < 1e-5, case.name
+        exact = variant_math(case, q, k, v, variant_bias(case, device, torch.float64), sinks)
+        exact_grads = torch.autograd.grad(exact, (q, k, v), inputs.grad_out.double())
+        for name, mine, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (exact, *exact_grads)):
+            assert (mine.double() - theirs).norm() / theirs.norm() < 1e-5, (case.name, name)
 
 
 def test_float64_reference_of_a_variant_slices_batch_and_heads():

@@ -346,10 +346,16 @@ def flex_mask_mod(case: Case):
 
 
 def flex_score_mod(case: Case, device: torch.device):
-    """The case's softcap and ALiBi as a FlexAttention score_mod, in `flashsdpa.attention`'s order (None: neither)."""
+    """The case's softcap and ALiBi as a FlexAttention score_mod, in `flashsdpa.attention`'s order (None: neither).
+
+    Every number the score_mod reads is a tensor on `device` that it captures (Flex passes captured tensors to
+    its kernels as buffers). A captured Python float would not do: under `torch.compile(..., dynamic=True)`
+    dynamo turns it into a 0-d tensor input and reads it back with `.item()` inside the score_mod, a
+    data-dependent graph break in the middle of Flex's higher-order op (torch 2.11 on CUDA: "all unwrapped
+    values must be FakeTensor, int, or SymInt"; torch 2.13 on a CPU: an inductor LoweringException)."""
     if case.softcap is None and not case.alibi:
         return None
-    softcap = case.softcap
+    softcap = None if case.softcap is None else torch.tensor(case.softcap, dtype=torch.float32, device=device)
     slopes = case.alibi_slopes(device) if case.alibi else None
 
     def score_mod(score, batch, head, query_index, key_index):
@@ -377,6 +383,31 @@ def raise_recompile_limit(limit: int = 100_000) -> None:
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), limit))
+
+
+def flex_forward(case: Case, device: torch.device, flex: Callable, inference: bool = False) -> Forward:
+    """The case as calls of `flex` (flex_attention, compiled or not): its block mask made here, once (untimed),
+    its score_mod, GQA, and the sinks applied to Flex's output through its log-sum-exp (`with_sinks`).
+    `inference`: q, k, v detached first."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    block_mask = None
+    mask_mod = flex_mask_mod(case)
+    if mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device)
+    extra = {"enable_gqa": True} if case.gqa else {}
+    score_mod = flex_score_mod(case, device)
+    if score_mod is not None:
+        extra["score_mod"] = score_mod
+
+    def forward(inputs: InputSet) -> torch.Tensor:
+        q, k, v = (t.detach() if inference else t for t in (inputs.query, inputs.key, inputs.value))
+        if inputs.sinks is None:
+            return flex(q, k, v, block_mask=block_mask, **extra)
+        out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), **extra)
+        return with_sinks(out, aux.lse, inputs.sinks)
+
+    return forward
 
 
 class FlexPeer(Peer):
@@ -425,30 +456,9 @@ class FlexPeer(Peer):
         return self._compiled
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
-        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
-
-        flex = self.compiled()
-        block_mask = None
-        mask_mod = flex_mask_mod(case)
-        if mask_mod is not None:
-            block_mask = create_block_mask(
-                mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
-            )
-        extra = {"enable_gqa": True} if case.gqa else {}
-        score_mod = flex_score_mod(case, device)
-        if score_mod is not None:
-            extra["score_mod"] = score_mod
         # Where Flex has no backward, its forward runs on inputs that do not require grad (else it raises).
         inference = self.backward_unavailable(case, device) is not None
-
-        def forward(inputs: InputSet) -> torch.Tensor:
-            q, k, v = (t.detach() if inference else t for t in (inputs.query, inputs.key, inputs.value))
-            if inputs.sinks is None:
-                return flex(q, k, v, block_mask=block_mask, **extra)
-            out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), **extra)
-            return with_sinks(out, aux.lse, inputs.sinks)
-
-        return forward
+        return flex_forward(case, device, self.compiled(), inference)
 
     def notes(self) -> dict:
         return {"compile": self.mode}
