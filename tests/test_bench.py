@@ -88,7 +88,7 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     by_group = {}
     for case in document["cases"]:
         by_group.setdefault(case["group"], []).append(case)
-    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill"}
+    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill", "decode-graph"}
     assert {c["mask"] for c in by_group["mask"]} == {"key_padding", "bias"}
     fp32 = by_group["fp32"][0]
     assert "flashsdpa-tf32" not in fp32["peers"]  # no tf32 on a CPU
@@ -102,11 +102,20 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     assert "torch-varlen" not in varlen["peers"] and "math" in varlen["peers"]  # CUDA only; padded SDPA here
     assert {c["page_size"] for c in by_group["paged"]} == {16, 3}
     assert all(c["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0 for c in by_group["paged"])
+    graph = by_group["decode-graph"][0]  # issue 14: host time per call; the CUDA-graph peers need a GPU
+    assert graph["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0
+    host = {key: graph["peers"]["flashsdpa"]["fwd"][key] for key in ("host_p20_us", "host_us", "host_p80_us")}
+    assert 0 < host["host_p20_us"] <= host["host_us"] <= host["host_p80_us"], host
+    assert "host_us" not in by_group["paged"][0]["peers"]["flashsdpa"]["fwd"]
+    for peer in ("flashsdpa-graph", "flash-graph"):
+        assert graph["peers"][peer]["fwd"] == {"status": "n/a",
+                                               "reason": "CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"}
     for case in document["cases"]:
         assert case["check"]["flashsdpa"]["ok"], case["name"]
     markdown = (tmp_path / "results.md").read_text()
-    for group in ("## main", "## mask", "## fp32", "## decode", "n/a:", "geometric mean"):
+    for group in ("## main", "## mask", "## fp32", "## decode", "## decode-graph", "n/a:", "geometric mean"):
         assert group in markdown
+    assert f" host {host['host_us']:.3g} us" in markdown
 
 
 def test_time_budget_skips_cases_with_a_reason(tmp_path, one_thread, capsys):
@@ -121,7 +130,7 @@ def test_from_json_merges_runs(tmp_path, one_thread):
     first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
     smoke = ["--device", "cpu", "--smoke", "--flex", "off"]
     assert main([*smoke, "--quick", "--cases", "causal", "--out", str(first)]) == 0
-    assert main([*smoke, "--cases", "decode", "--out", str(second)]) == 0
+    assert main([*smoke, "--cases", "decode/", "--out", str(second)]) == 0
     arguments = ["--from-json", str(first / "results.json"), str(second / "results.json"), "--out", str(merged)]
     assert main(arguments) == 0
     document = load(merged)
@@ -164,7 +173,7 @@ def test_plan_needs_no_gpu(capsys):
 def test_matrix_shapes_and_selection():
     full = case_matrix.full_cases()
     names = [c.name for c in full]
-    assert len(names) == len(set(names)) == 72 + 2 + 4 + 4 + 5 + 2 + 8 + 2
+    assert len(names) == len(set(names)) == 72 + 2 + 4 + 4 + 5 + 2 + 8 + 2 + 3
     assert [c.name for c in case_matrix.select(full, "fp32")] == [
         "fp32/fp32-d128-L4096", "fp32/fp32-d128-L4096-causal", "fp32/fp32-d64-L4096", "fp32/fp32-d64-L4096-causal"]
     assert [c.name for c in case_matrix.quick_cases()] == [
@@ -189,10 +198,14 @@ def test_matrix_shapes_and_selection():
     paged = [c for c in full if c.group == "paged"]
     assert {(c.seq_kv, c.page_size) for c in paged} == {(n, p) for n in (4096, 16384, 32768, 131072) for p in (16, 256)}
     assert paged[0].kv_bytes == decode[0].kv_bytes and paged[0].seq_q == 1
+    graph = case_matrix.select(full, "decode-graph")
+    assert [c.name for c in graph] == ["decode-graph/bf16-d128-B1-S4096-page16", "decode-graph/bf16-d128-B16-S4096-page16",
+                                       "decode-graph/bf16-d128-B16-S32768-page256"]
+    assert all(c.peers == ("flashsdpa", "flashsdpa-graph", "flash", "flash-graph") and c.modes == ("fwd",) for c in graph)
     assert [c.name for c in case_matrix.select(full, "main/fp16-d256-*-causal")] == [
         f"main/fp16-d256-L{n}-causal" for n in case_matrix.MAIN_SEQ_LENS
     ]
-    assert len(case_matrix.select(full, "decode,mask")) == 6
+    assert len(case_matrix.select(full, "decode/,mask")) == 6 and len(case_matrix.select(full, "decode")) == 7
     assert case_matrix.select(full, "none") == []
 
 
@@ -217,7 +230,8 @@ def test_cpu_matrix():
     ]
     for case in full:
         assert case.peers == ("flashsdpa", "torch", "math", "flex") and case.backward
-    assert all(set(c.peers) <= set(case_matrix.CPU_PEERS) for c in case_matrix.smoke_cases(quick=False))
+    for case in case_matrix.smoke_cases(quick=False):  # a CUDA-graph peer stays, to say why it did not run
+        assert {p for p in case.peers if not p.endswith("-graph")} <= set(case_matrix.CPU_PEERS), case.name
 
 
 def test_estimates_fit_the_lent_gpu_call():

@@ -31,6 +31,10 @@ paged cache and the SDPA peers read the same keys as one contiguous (B, Hkv,
 S, E) tensor (prefill: bottom-right causal, `causal_lower_right`). Flex is not
 set up for them (n/a with the reason).
 
+Issue 14's decode-graph rows add flashsdpa-graph and flash-graph
+(`CudaGraphPeer`): the same forward as flashsdpa's and flash's, captured in a
+CUDA graph per input set and replayed.
+
 Every peer's `prepare` does its per-shape set-up (outside the timed region) and
 returns the forward to time; `context` is entered around every call of it.
 """
@@ -47,7 +51,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flashsdpa.bench.cases import CACHE_GROUPS, Case, InputSet
+from flashsdpa.bench.cases import CACHE_GROUPS, GRAPH_SUFFIX, Case, InputSet
 
 MATH_SCORE_LIMIT_BYTES = 8 * 10**9  # ~8 GB of scores: past this, math is skipped
 FLEX_MODES = ("static", "dynamic", "off")
@@ -464,6 +468,58 @@ class FlexPeer(Peer):
         return {"compile": self.mode}
 
 
+def captured(call: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, its output): `call` once on a side stream (which compiles any kernel and warms torch's
+    allocator, as CUDA graphs require), then captured; `graph.replay()` recomputes the output in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
+class CudaGraphPeer(Peer):
+    """Another peer's forward captured in a CUDA graph, one graph per input set (its inputs and output are the
+    graph's own memory), each call a replay: a serving loop's decode step, whose launches then cost the host one
+    replay. The first call of an input set captures its graph (untimed: the runner's first call and the
+    timer's sizing call capture them). Forward only."""
+
+    def __init__(self, inner: Peer):
+        self.inner = inner
+        self.name = inner.name + GRAPH_SUFFIX
+
+    def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
+        if device.type != "cuda":
+            return ["CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"]
+        return self.inner.unavailable_reasons(case, device)
+
+    def backward_unavailable(self, case: Case, device: torch.device) -> str | None:
+        return "a replayed CUDA graph has no autograd graph: forward only"
+
+    def context(self):
+        return self.inner.context()
+
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        forward = self.inner.prepare(case, device)
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # id(InputSet) -> (graph, output)
+
+        def replay(inputs: InputSet) -> torch.Tensor:
+            if id(inputs) not in graphs:
+                graphs[id(inputs)] = captured(lambda: forward(inputs), device)
+            graph, out = graphs[id(inputs)]
+            graph.replay()
+            return out
+
+        return replay
+
+    def notes(self) -> dict:
+        return self.inner.notes()
+
+
 def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
     peers: list[Peer] = [
         FlashSdpaPeer(),
@@ -475,6 +531,8 @@ def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
         TorchSdpaPeer("math", "MATH"),
         TorchVarlenPeer(),
         FlexPeer(flex_mode),
+        CudaGraphPeer(FlashSdpaPeer()),
+        CudaGraphPeer(TorchSdpaPeer("flash", "FLASH_ATTENTION")),
     ]
     return {peer.name: peer for peer in peers}
 
