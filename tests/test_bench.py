@@ -199,9 +199,11 @@ def test_matrix_shapes_and_selection():
     assert {(c.seq_kv, c.page_size) for c in paged} == {(n, p) for n in (4096, 16384, 32768, 131072) for p in (16, 256)}
     assert paged[0].kv_bytes == decode[0].kv_bytes and paged[0].seq_q == 1
     graph = case_matrix.select(full, "decode-graph")
-    assert [c.name for c in graph] == ["decode-graph/bf16-d128-B1-S4096-page16", "decode-graph/bf16-d128-B16-S4096-page16",
-                                       "decode-graph/bf16-d128-B16-S32768-page256"]
-    assert all(c.peers == ("flashsdpa", "flashsdpa-graph", "flash", "flash-graph") and c.modes == ("fwd",) for c in graph)
+    assert [c.name for c in graph] == [
+        "decode-graph/bf16-d128-B1-S4096-page16", "decode-graph/bf16-d128-B16-S4096-page16",
+        "decode-graph/bf16-d128-B16-S32768-page256"]  # fmt: skip
+    for case in graph:
+        assert case.peers == ("flashsdpa", "flashsdpa-graph", "flash", "flash-graph") and case.modes == ("fwd",)
     assert [c.name for c in case_matrix.select(full, "main/fp16-d256-*-causal")] == [
         f"main/fp16-d256-L{n}-causal" for n in case_matrix.MAIN_SEQ_LENS
     ]
