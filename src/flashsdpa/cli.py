@@ -6,6 +6,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 
 def _device(name: str | None):
@@ -27,12 +28,16 @@ def cmd_check(args) -> int:
     print(f"flashsdpa check on {device} ({_device_name(device)}), torch {torch.__version__}", flush=True)
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     passed = failed = declined = 0
+    calls_s, start = 0.0, time.perf_counter()
     for row in run_check(device, quick=args.quick):
         print(format_row(row), flush=True)
         declined += bool(row.note) and row.ok
         passed += row.ok and not row.note
         failed += not row.ok
-    print(f"\n{passed} passed, {failed} failed, {declined} declined (served by another backend)")
+        calls_s += row.seconds if row.what == "out" else 0.0  # one "out" row per flashsdpa call
+    print(f"\n{passed} passed, {failed} failed, {declined} declined (served by another backend) in "
+          f"{time.perf_counter() - start:.0f} s, {calls_s:.0f} s of them in flashsdpa's calls (on a GPU mostly "
+          "Triton compiling each kernel variant's first call; the rest: inputs, float64 and torch references)")
     return 1 if failed else 0
 
 
