@@ -415,6 +415,37 @@ def test_flex_peer_compiles_each_variant_with_symbolic_sizes(monkeypatch):
             assert (mine.double() - theirs).norm() / theirs.norm() < 1e-5, (case.name, name)
 
 
+def test_cuda_graph_peer_captures_each_input_set_once_and_replays_it(monkeypatch):
+    """The graph peer captures one graph per input set (its first call) and answers every later call of that set
+    with a replay into the captured output (the capture itself needs a GPU: faked here by an eager call)."""
+    from flashsdpa.bench import peers
+
+    graphs = []
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    def capture(call, device):
+        graphs.append(Graph())
+        return graphs[-1], call()
+
+    monkeypatch.setattr(peers, "captured", capture)
+    device = torch.device("cpu")
+    case = case_matrix.select(case_matrix.smoke_cases(quick=False), "decode-graph")[0]
+    sets = case_matrix.make_input_sets(case, device, 2, seed=1)
+    peer = peers.CudaGraphPeer(peers.FlashSdpaPeer())
+    assert peer.name == "flashsdpa-graph" and peer.backward_unavailable(case, device)
+    assert peer.unavailable_reasons(case, device) == ["CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"]
+    forward = peer.prepare(case, device)
+    first, second, again = forward(sets[0]), forward(sets[1]), forward(sets[0])
+    assert len(graphs) == 2 and [g.replays for g in graphs] == [2, 1] and again is first
+    torch.testing.assert_close(second, peers.FlashSdpaPeer().prepare(case, device)(sets[1]), rtol=0, atol=0)
+
+
 def test_float64_reference_of_a_variant_slices_batch_and_heads():
     """exact_run computes one batch item and key/value head group at a time: the same as the whole problem."""
     from flashsdpa.bench.peers import variant_bias, variant_math
