@@ -54,7 +54,7 @@ SUMMARY = re.compile(r"========= (ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY
 REPORT = re.compile(r"^========= (?! )(.+)$")
 KERNEL = re.compile(r"^=========\s+at (?:0x[0-9a-f]+ in )?([A-Za-z_][\w:<>]*)")
 # The passes' shares of --budget-s.
-SHARES = {"plain": 0.3, "memcheck": 0.4, "racecheck": 0.3}
+SHARES = {"plain": 0.35, "memcheck": 0.4, "racecheck": 0.25}
 
 
 @dataclasses.dataclass(frozen=True)
