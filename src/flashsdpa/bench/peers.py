@@ -483,10 +483,11 @@ def captured(call: Callable[[], torch.Tensor], device: torch.device) -> tuple[to
 
 
 class CudaGraphPeer(Peer):
-    """Another peer's forward captured in a CUDA graph, one graph per input set (its inputs and output are the
-    graph's own memory), each call a replay: a serving loop's decode step, whose launches then cost the host one
-    replay. The first call of an input set captures its graph (untimed: the runner's first call and the
-    timer's sizing call capture them). Forward only."""
+    """Another peer's forward captured in a CUDA graph, one graph per input set (reading that set's tensors, its
+    output in the graph's memory pool), each call a replay: a serving loop's decode step, whose launches then
+    cost the host one replay. The first call of an input set captures its graph: set 0 in the runner's first
+    call, the others in the timer's warm-up rounds, which reach every set first wherever a round of calls
+    takes under warmup_ms / sets (decode-sized calls do). Forward only."""
 
     def __init__(self, inner: Peer):
         self.inner = inner
