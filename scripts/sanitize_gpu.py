@@ -6,7 +6,8 @@ and its backward where it has one: the triton backend's forward and backward
 all of them at once, float32 halves and tf32, head dim 512, the exact 16-bit
 gradients), its flash decoding, paged decode (pages, contiguous cache, 32
 query rows), packed varlen; the hopper backend's Gluon forward and backward
-at head dims 64 and 128, causal and not, and GQA.
+at head dims 64 and 128, causal and not, GQA, and the variants (a problem the
+pinned backend refuses is "declined": shown, not a finding).
 
 Three passes, each in child processes of this script:
 
@@ -203,6 +204,10 @@ PROBLEMS = [
     Problem("hopper fp16 d128 GQA 4/2 causal", dtype="float16", head_dim=128, heads=(4, 2), causal=True,
             seq=(300, 300), backend="hopper"),
     Problem("hopper bf16 d256 forward", head_dim=256, seq=(300, 300), backward=False, backend="hopper"),
+    # the Gluon kernels' variants (where the hopper backend takes them; else "declined", not a finding)
+    Problem("hopper every variant d128 GQA", head_dim=128, heads=(4, 2), causal=True, seq=(300, 300),
+            variant=ALL_VARIANTS + "+bottom_right", backend="hopper", race=True),
+    Problem("hopper window d64", head_dim=64, causal=True, seq=(300, 300), variant="window", backend="hopper"),
 ]
 
 
