@@ -88,7 +88,7 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     by_group = {}
     for case in document["cases"]:
         by_group.setdefault(case["group"], []).append(case)
-    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill"}
+    assert set(by_group) == {"main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill", "decode-graph"}
     assert {c["mask"] for c in by_group["mask"]} == {"key_padding", "bias"}
     fp32 = by_group["fp32"][0]
     assert "flashsdpa-tf32" not in fp32["peers"]  # no tf32 on a CPU
@@ -102,11 +102,20 @@ def test_cpu_smoke_matrix_covers_every_group(tmp_path, one_thread):
     assert "torch-varlen" not in varlen["peers"] and "math" in varlen["peers"]  # CUDA only; padded SDPA here
     assert {c["page_size"] for c in by_group["paged"]} == {16, 3}
     assert all(c["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0 for c in by_group["paged"])
+    graph = by_group["decode-graph"][0]  # issue 14: host time per call; the CUDA-graph peers need a GPU
+    assert graph["peers"]["flashsdpa"]["fwd"]["kv_tbps"] > 0
+    host = {key: graph["peers"]["flashsdpa"]["fwd"][key] for key in ("host_p20_us", "host_us", "host_p80_us")}
+    assert 0 < host["host_p20_us"] <= host["host_us"] <= host["host_p80_us"], host
+    assert "host_us" not in by_group["paged"][0]["peers"]["flashsdpa"]["fwd"]
+    for peer in ("flashsdpa-graph", "flash-graph"):
+        assert graph["peers"][peer]["fwd"] == {"status": "n/a",
+                                               "reason": "CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"}
     for case in document["cases"]:
         assert case["check"]["flashsdpa"]["ok"], case["name"]
     markdown = (tmp_path / "results.md").read_text()
-    for group in ("## main", "## mask", "## fp32", "## decode", "n/a:", "geometric mean"):
+    for group in ("## main", "## mask", "## fp32", "## decode", "## decode-graph", "n/a:", "geometric mean"):
         assert group in markdown
+    assert f" host {host['host_us']:.3g} us" in markdown
 
 
 def test_time_budget_skips_cases_with_a_reason(tmp_path, one_thread, capsys):
@@ -121,7 +130,7 @@ def test_from_json_merges_runs(tmp_path, one_thread):
     first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
     smoke = ["--device", "cpu", "--smoke", "--flex", "off"]
     assert main([*smoke, "--quick", "--cases", "causal", "--out", str(first)]) == 0
-    assert main([*smoke, "--cases", "decode", "--out", str(second)]) == 0
+    assert main([*smoke, "--cases", "decode/", "--out", str(second)]) == 0
     arguments = ["--from-json", str(first / "results.json"), str(second / "results.json"), "--out", str(merged)]
     assert main(arguments) == 0
     document = load(merged)
@@ -164,7 +173,7 @@ def test_plan_needs_no_gpu(capsys):
 def test_matrix_shapes_and_selection():
     full = case_matrix.full_cases()
     names = [c.name for c in full]
-    assert len(names) == len(set(names)) == 72 + 2 + 4 + 4 + 5 + 2 + 8 + 2
+    assert len(names) == len(set(names)) == 72 + 2 + 4 + 4 + 5 + 2 + 8 + 2 + 3
     assert [c.name for c in case_matrix.select(full, "fp32")] == [
         "fp32/fp32-d128-L4096", "fp32/fp32-d128-L4096-causal", "fp32/fp32-d64-L4096", "fp32/fp32-d64-L4096-causal"]
     assert [c.name for c in case_matrix.quick_cases()] == [
@@ -189,10 +198,16 @@ def test_matrix_shapes_and_selection():
     paged = [c for c in full if c.group == "paged"]
     assert {(c.seq_kv, c.page_size) for c in paged} == {(n, p) for n in (4096, 16384, 32768, 131072) for p in (16, 256)}
     assert paged[0].kv_bytes == decode[0].kv_bytes and paged[0].seq_q == 1
+    graph = case_matrix.select(full, "decode-graph")
+    assert [c.name for c in graph] == [
+        "decode-graph/bf16-d128-B1-S4096-page16", "decode-graph/bf16-d128-B16-S4096-page16",
+        "decode-graph/bf16-d128-B16-S32768-page256"]  # fmt: skip
+    for case in graph:
+        assert case.peers == ("flashsdpa", "flashsdpa-graph", "flash", "flash-graph") and case.modes == ("fwd",)
     assert [c.name for c in case_matrix.select(full, "main/fp16-d256-*-causal")] == [
         f"main/fp16-d256-L{n}-causal" for n in case_matrix.MAIN_SEQ_LENS
     ]
-    assert len(case_matrix.select(full, "decode,mask")) == 6
+    assert len(case_matrix.select(full, "decode/,mask")) == 6 and len(case_matrix.select(full, "decode")) == 7
     assert case_matrix.select(full, "none") == []
 
 
@@ -217,7 +232,8 @@ def test_cpu_matrix():
     ]
     for case in full:
         assert case.peers == ("flashsdpa", "torch", "math", "flex") and case.backward
-    assert all(set(c.peers) <= set(case_matrix.CPU_PEERS) for c in case_matrix.smoke_cases(quick=False))
+    for case in case_matrix.smoke_cases(quick=False):  # a CUDA-graph peer stays, to say why it did not run
+        assert {p for p in case.peers if not p.endswith("-graph")} <= set(case_matrix.CPU_PEERS), case.name
 
 
 def test_estimates_fit_the_lent_gpu_call():
@@ -373,26 +389,61 @@ def test_variant_rows_run_and_report(tmp_path, one_thread):
     assert "## variant" in markdown and "causal window16" in markdown
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_expresses_each_variant():
-    """The Flex peer's mask_mod, score_mod and sink rescaling give the variant's float64 formula (eager Flex)."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+def test_flex_peer_compiles_each_variant_with_symbolic_sizes(monkeypatch):
+    """The Flex peer's calls (mask_mod, score_mod, sinks through the log-sum-exp) under the bench's dynamic compile
+    give the variant's float64 formula, output and gradients. Compiled with fullgraph=True, so a graph break
+    inside Flex's op fails here: a float captured by the score_mod (softcap) did, where CUDA's compile of the
+    training path failed ("all unwrapped values must be FakeTensor"). The CPU refuses Flex's backward before
+    tracing it; with that check lifted, it traces the training path a GPU compiles (aot_eager: no inductor)."""
+    import torch.nn.attention.flex_attention as flex_module
 
-    from flashsdpa.bench.peers import flex_mask_mod, flex_score_mod, variant_bias, variant_math, with_sinks
+    from flashsdpa.bench.peers import flex_forward, raise_recompile_limit, variant_bias, variant_math
 
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    raise_recompile_limit()
+    flex = torch.compile(flex_module.flex_attention, dynamic=True, fullgraph=True, backend="aot_eager")
     device = torch.device("cpu")
     for case in case_matrix.select(case_matrix.smoke_cases(quick=False), "variant"):
-        inputs = case_matrix.make_input_sets(dataclasses.replace(case, backward=False), device, 1, seed=3)[0]
-        q, k, v = inputs.query, inputs.key, inputs.value
-        block_mask = create_block_mask(flex_mask_mod(case), None, None, case.seq_q, case.seq_kv, device="cpu")
-        out, aux = flex_attention(
-            q, k, v, score_mod=flex_score_mod(case, device), block_mask=block_mask, return_aux=AuxRequest(lse=True)
-        )
-        if case.sinks:
-            out = with_sinks(out, aux.lse, inputs.sinks)
+        inputs = case_matrix.make_input_sets(case, device, 1, seed=3)[0]
+        out = flex_forward(case, device, flex)(inputs)
+        grads = torch.autograd.grad(out, inputs.differentiable, inputs.grad_out)
+        q, k, v = (t.detach().double().requires_grad_() for t in inputs.differentiable)
         sinks = None if inputs.sinks is None else inputs.sinks.double()
-        exact = variant_math(case, q.double(), k.double(), v.double(), variant_bias(case, device, torch.float64), sinks)
-        assert (out.double() - exact).norm() / exact.norm() < 1e-5, case.name
+        exact = variant_math(case, q, k, v, variant_bias(case, device, torch.float64), sinks)
+        exact_grads = torch.autograd.grad(exact, (q, k, v), inputs.grad_out.double())
+        for name, mine, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (exact, *exact_grads)):
+            assert (mine.double() - theirs).norm() / theirs.norm() < 1e-5, (case.name, name)
+
+
+def test_cuda_graph_peer_captures_each_input_set_once_and_replays_it(monkeypatch):
+    """The graph peer captures one graph per input set (its first call) and answers every later call of that set
+    with a replay into the captured output (the capture itself needs a GPU: faked here by an eager call)."""
+    from flashsdpa.bench import peers
+
+    graphs = []
+
+    class Graph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    def capture(call, device):
+        graphs.append(Graph())
+        return graphs[-1], call()
+
+    monkeypatch.setattr(peers, "captured", capture)
+    device = torch.device("cpu")
+    case = case_matrix.select(case_matrix.smoke_cases(quick=False), "decode-graph")[0]
+    sets = case_matrix.make_input_sets(case, device, 2, seed=1)
+    peer = peers.CudaGraphPeer(peers.FlashSdpaPeer())
+    assert peer.name == "flashsdpa-graph" and peer.backward_unavailable(case, device)
+    assert peer.unavailable_reasons(case, device) == ["CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"]
+    forward = peer.prepare(case, device)
+    first, second, again = forward(sets[0]), forward(sets[1]), forward(sets[0])
+    assert len(graphs) == 2 and [g.replays for g in graphs] == [2, 1] and again is first
+    torch.testing.assert_close(second, peers.FlashSdpaPeer().prepare(case, device)(sets[1]), rtol=0, atol=0)
 
 
 def test_float64_reference_of_a_variant_slices_batch_and_heads():

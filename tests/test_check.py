@@ -31,3 +31,24 @@ def test_variant_rows_pass_on_tiled_and_triton():
         assert ("dsinks" in [r.what for r in rows]) == (case.sinks and case.name.startswith("grad"))
     (row,) = run_case(cases[0], "triton", torch.float16, torch.device("cpu"), False, 2)
     assert row.ok and not row.note.startswith("declined:"), row
+
+
+def test_cli_runs_the_dtypes_asked_and_reports_its_time(monkeypatch, capsys):
+    """`--dtypes` passes on its dtypes (one per process splits a GPU's compiles); a name it does not take is an
+    error before anything runs; the last line gives the seconds in flashsdpa's calls."""
+    from flashsdpa import check, cli
+
+    asked = []
+
+    def run_check(device, quick=False, dtypes=None):
+        asked.append(dtypes)
+        yield check.Row("case", "tiled", "float16", "out", 0.0, 1e-4, 1e-4, 1e-3, True, seconds=2.6)
+        yield check.Row("case", "tiled", "float16", "dq", 0.0, 1e-4, 1e-4, 1e-3, True, seconds=2.6)
+
+    monkeypatch.setattr(check, "run_check", run_check)
+    assert cli.main(["check", "--device", "cpu", "--dtypes", "float16,bfloat16"]) == 0
+    assert asked == [[torch.float16, torch.bfloat16]]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("2 passed, 0 failed, 0 declined (served by another backend) in ")
+    assert ", 3 s of them in flashsdpa's calls" in last  # the one call's 2.6 s, counted once
+    assert cli.main(["check", "--device", "cpu", "--dtypes", "float64"]) == 2 and len(asked) == 1

@@ -6,6 +6,10 @@ import argparse
 import os
 import platform
 import sys
+import time
+
+
+CHECK_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _device(name: str | None):
@@ -23,16 +27,25 @@ def cmd_check(args) -> int:
 
     from flashsdpa.check import HEADER, format_row, run_check
 
+    names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CHECK_DTYPES]
+    if unknown or not names:
+        print(f"flashsdpa check: --dtypes takes {', '.join(CHECK_DTYPES)}, got {args.dtypes!r}", file=sys.stderr)
+        return 2
     device = _device(args.device)
     print(f"flashsdpa check on {device} ({_device_name(device)}), torch {torch.__version__}", flush=True)
     print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     passed = failed = declined = 0
-    for row in run_check(device, quick=args.quick):
+    calls_s, start = 0.0, time.perf_counter()
+    for row in run_check(device, quick=args.quick, dtypes=[getattr(torch, name) for name in names]):
         print(format_row(row), flush=True)
         declined += bool(row.note) and row.ok
         passed += row.ok and not row.note
         failed += not row.ok
-    print(f"\n{passed} passed, {failed} failed, {declined} declined (served by another backend)")
+        calls_s += row.seconds if row.what == "out" else 0.0  # one "out" row per flashsdpa call
+    print(f"\n{passed} passed, {failed} failed, {declined} declined (served by another backend) in "
+          f"{time.perf_counter() - start:.0f} s, {calls_s:.0f} s of them in flashsdpa's calls (on a GPU mostly "
+          "Triton compiling each kernel variant's first call; the rest: inputs, float64 and torch references)")
     return 1 if failed else 0
 
 
@@ -86,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     check.add_argument("--quick", action="store_true", help="fewer sizes")
     check.add_argument("--interpret", action="store_true", help="also run the Triton kernels on CPU (interpreter)")
+    check.add_argument("--dtypes", default=",".join(CHECK_DTYPES),
+                       help="comma-separated, of %(default)s (one per process spreads a GPU's first-call "
+                       "compiles over the host's cores)")  # fmt: skip
     check.set_defaults(func=cmd_check)
     info = sub.add_parser("info", help="versions, device and which backends are usable")
     info.add_argument("--device")

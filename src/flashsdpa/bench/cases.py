@@ -21,6 +21,11 @@ short by its time budget still has them):
   and 256 (`flashsdpa.kvcache_attention` against torch's SDPA on the same keys
   unpaged; TB/s of K+V read); chunked prefill, 512 new queries bottom-right
   causal over a paged cache.
+- decode-graph (issue 14; after paged): the paged decode step eager and
+  captured in a CUDA graph and replayed (`-graph` peers), against torch flash's
+  unpaged decode the same two ways: time per call or replay, and the host's
+  time to enqueue one (`host_us`); at B=1 (where the host's time shows) and
+  B=16. On a CPU the graph peers are n/a with the reason.
 
 On a CPU (`--device cpu`), CPU-sized cases at B=1, H=8 against the peers a
 CPU user has (torch's SDPA as it chooses, its math path, FlexAttention
@@ -70,15 +75,24 @@ DECODE_PEERS = ("flashsdpa", "cudnn", "flash", "efficient", "math")
 VARLEN_PEERS = ("flashsdpa", "torch-varlen", "torch", "math")
 PAGED_PEERS = ("flashsdpa", "flash", "cudnn", "efficient", "math")
 PREFILL_PEERS = ("flashsdpa", "flash", "efficient", "math")
-# Groups whose forward is reported as bytes of K+V read per second, and those that read a KV cache.
-KV_BYTES_GROUPS = ("decode", "paged")
-CACHE_GROUPS = ("paged", "prefill")
+# Issue 14: the paged decode step and torch flash's unpaged one, each called eagerly and replayed from a CUDA
+# graph (the "-graph" peers, `peers.CudaGraphPeer`).
+GRAPH_SUFFIX = "-graph"
+DECODE_GRAPH_PEERS = ("flashsdpa", "flashsdpa" + GRAPH_SUFFIX, "flash", "flash" + GRAPH_SUFFIX)
+# Groups whose forward is reported as bytes of K+V read per second, those that read a KV cache, and those whose
+# forward also reports the host's time per call (`Timer.host_time`).
+KV_BYTES_GROUPS = ("decode", "paged", "decode-graph")
+CACHE_GROUPS = ("paged", "prefill", "decode-graph")
+HOST_TIME_GROUPS = ("decode-graph",)
 # A packed batch of mixed lengths (16,404 tokens), and the paged decode shapes.
 VARLEN_LENGTHS = (1, 37, 1000, 5, 4096, 2048, 300, 8192, 512, 213)
 PAGED_SEQ_LENS = (4096, 16384, 32768, 131072)
 PAGE_SIZES = (16, 256)
 PREFILL_CHUNK = 512
 PREFILL_SEQ_LENS = (4096, 32768)
+# decode-graph rows, (batch, cached keys, page size): one sequence (~17 MB of K+V, a few microseconds of GPU
+# time: the host's time per call decides the step) and the paged group's B=16.
+DECODE_GRAPH_ROWS = ((1, 4096, 16), (16, 4096, 16), (16, 32768, 256))
 
 # The CPU matrix: B=1, H=8 as a CPU user would run one layer's attention.
 CPU_BATCH = 1
@@ -161,6 +175,8 @@ class Case:
                 "-causal" if self.causal else "")
         if self.group == "paged":
             return f"paged/{dtype}-d{self.head_dim}-S{self.seq_kv}-page{self.page_size}"
+        if self.group == "decode-graph":
+            return f"decode-graph/{dtype}-d{self.head_dim}-B{self.batch}-S{self.seq_kv}-page{self.page_size}"
         if self.group == "prefill":
             return f"prefill/{dtype}-d{self.head_dim}-L{self.seq_q}-S{self.seq_kv}-page{self.page_size}"
         stem = f"{dtype}-d{self.head_dim}-L{self.seq_q}" + ("-causal" if self.causal else "")
@@ -359,16 +375,19 @@ def full_cases() -> list[Case]:
 def kv_layout_cases(smoke: bool = False, device_type: str = "cuda") -> list[Case]:
     """Issue 12's rows (module docstring), bf16: varlen at d=64 and 128 (H=16), paged decode as the decode
     group's shape (B=16, H=32/8, d=128) per length and page size, chunked prefill (B=4, H=32/8, d=128, pages
-    of 256). `smoke`: one tiny row of each, odd page size included."""
+    of 256); issue 14's decode-graph rows (H=32/8, d=128, DECODE_GRAPH_ROWS). `smoke`: one tiny row of each,
+    odd page size included."""
     if smoke:
         varlen = [dict(lengths=(1, 37, 20, 5), head_dim=16, heads_q=2, heads_kv=2)]
         paged = [(128, 16), (100, 3)]
         prefill = [dict(seq_q=4, seq_kv=64, page_size=16)]
+        graph_rows = [(2, 128, 16)]
         shape = dict(batch=2, heads_q=4, heads_kv=2, head_dim=16)
     else:
         varlen = [dict(lengths=VARLEN_LENGTHS, head_dim=d, heads_q=16, heads_kv=16) for d in (128, 64)]
         paged = [(length, page) for length in PAGED_SEQ_LENS for page in PAGE_SIZES]
         prefill = [dict(seq_q=PREFILL_CHUNK, seq_kv=length, page_size=256) for length in PREFILL_SEQ_LENS]
+        graph_rows = DECODE_GRAPH_ROWS
         shape = dict(batch=16, heads_q=32, heads_kv=8, head_dim=128)
     peers = lambda names: on_device(names, device_type)  # noqa: E731
     rows = [
@@ -387,6 +406,11 @@ def kv_layout_cases(smoke: bool = False, device_type: str = "cuda") -> list[Case
         Case(group="prefill", lengths=(p["seq_kv"],) * prefill_shape["batch"], dtype=torch.bfloat16, causal=True,
              backward=False, peers=peers(PREFILL_PEERS), **p, **prefill_shape)
         for p in prefill
+    ]
+    rows += [
+        Case(group="decode-graph", seq_q=1, seq_kv=length, lengths=(length,) * batch, page_size=page,
+             dtype=torch.bfloat16, backward=False, peers=peers(DECODE_GRAPH_PEERS), **dict(shape, batch=batch))
+        for batch, length, page in graph_rows
     ]
     return rows
 
@@ -414,10 +438,12 @@ def gpu_variant_cases() -> list[Case]:
 
 
 def on_device(peers: tuple[str, ...], device_type: str) -> tuple[str, ...]:
-    """The peers that can run on the device: on a CPU, flashsdpa, torch's own choice, math and Flex."""
+    """The peers that can run on the device: on a CPU, flashsdpa, torch's own choice, math and Flex; a CUDA-graph
+    peer stays, to say why it did not run."""
     if device_type == "cuda":
         return peers
-    return tuple(p for p in peers if p in CPU_PEERS) + tuple(p for p in CPU_PEERS if p not in peers)
+    kept = tuple(p for p in peers if p in CPU_PEERS or p.endswith(GRAPH_SUFFIX))
+    return kept + tuple(p for p in CPU_PEERS if p not in peers)
 
 
 def cpu_cases(quick: bool) -> list[Case]:

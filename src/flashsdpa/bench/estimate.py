@@ -9,9 +9,9 @@ be replaced.
 
 from __future__ import annotations
 
-from flashsdpa.bench.cases import KV_BYTES_GROUPS, Case
+from flashsdpa.bench.cases import GRAPH_SUFFIX, HOST_TIME_GROUPS, KV_BYTES_GROUPS, Case
 from flashsdpa.bench.peers import MATH_SCORE_LIMIT_BYTES
-from flashsdpa.bench.timing import TimingSettings, estimated_measure_seconds
+from flashsdpa.bench.timing import HOST_TIMED_CALLS, HOST_WARMUP_CALLS, TimingSettings, estimated_measure_seconds
 
 # Assumed speeds on an H100, TFLOP/s for 16-bit inputs (forward, backward).
 CUDA_TFLOPS_16BIT = {
@@ -35,6 +35,7 @@ FLASHSDPA_JIT_S = {"fwd": 2.0, "bwd": 4.0}  # per new KernelKey
 FLEX_COMPILE_S = {"fwd": 8.0, "bwd": 12.0}  # per new shape ("static") or per group ("dynamic")
 FLEX_COMPILE_S_CPU = 40.0  # inductor's C++ for one forward, with gcc on the 2-core machine
 CASE_OVERHEAD_S = {"cuda": 0.5, "cpu": 0.05}  # inputs, checks, block masks, empty_cache
+HOST_CALL_S = 1e-4  # a call's host time, added to its run time where the host time is measured (a guess)
 REFUSAL_S = 0.05
 
 
@@ -60,8 +61,8 @@ class Estimator:
     def _compile_seconds(self, peer: str, case: Case, mode: str) -> float:
         if self.device_type != "cuda" and peer != "flex":
             return 0.0
-        if peer.startswith("flashsdpa"):
-            key = (peer, case.descriptor.kernel_key, mode, case.seq_q <= 16)
+        if peer.startswith("flashsdpa"):  # a CUDA-graph peer replays the kernels its eager peer compiled
+            key = (peer.removesuffix(GRAPH_SUFFIX), case.descriptor.kernel_key, mode, case.seq_q <= 16)
             cost = FLASHSDPA_JIT_S[mode]
         elif peer == "flex":
             shape = (case.batch, case.heads_q, case.seq_q, case.seq_kv) if self.flex_mode == "static" else ()
@@ -107,6 +108,8 @@ class Estimator:
                 seconds += estimated_measure_seconds(self.settings, run_ms, lead_ms) + run_ms / 1e3
                 if mode == "bwd":  # the forwards kept for the backward
                     seconds += self.sets * self._run_ms(peer, case, "fwd") / 1e3
+                elif case.group in HOST_TIME_GROUPS:
+                    seconds += (HOST_WARMUP_CALLS + HOST_TIMED_CALLS) * (run_ms / 1e3 + HOST_CALL_S)
         return seconds
 
 

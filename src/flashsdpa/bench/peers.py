@@ -31,6 +31,10 @@ paged cache and the SDPA peers read the same keys as one contiguous (B, Hkv,
 S, E) tensor (prefill: bottom-right causal, `causal_lower_right`). Flex is not
 set up for them (n/a with the reason).
 
+Issue 14's decode-graph rows add flashsdpa-graph and flash-graph
+(`CudaGraphPeer`): the same forward as flashsdpa's and flash's, captured in a
+CUDA graph per input set and replayed.
+
 Every peer's `prepare` does its per-shape set-up (outside the timed region) and
 returns the forward to time; `context` is entered around every call of it.
 """
@@ -47,7 +51,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flashsdpa.bench.cases import CACHE_GROUPS, Case, InputSet
+from flashsdpa.bench.cases import CACHE_GROUPS, GRAPH_SUFFIX, Case, InputSet
 
 MATH_SCORE_LIMIT_BYTES = 8 * 10**9  # ~8 GB of scores: past this, math is skipped
 FLEX_MODES = ("static", "dynamic", "off")
@@ -346,10 +350,16 @@ def flex_mask_mod(case: Case):
 
 
 def flex_score_mod(case: Case, device: torch.device):
-    """The case's softcap and ALiBi as a FlexAttention score_mod, in `flashsdpa.attention`'s order (None: neither)."""
+    """The case's softcap and ALiBi as a FlexAttention score_mod, in `flashsdpa.attention`'s order (None: neither).
+
+    Every number the score_mod reads is a tensor on `device` that it captures (Flex passes captured tensors to
+    its kernels as buffers). A captured Python float would not do: under `torch.compile(..., dynamic=True)`
+    dynamo turns it into a 0-d tensor input and reads it back with `.item()` inside the score_mod, a
+    data-dependent graph break in the middle of Flex's higher-order op (torch 2.11 on CUDA: "all unwrapped
+    values must be FakeTensor, int, or SymInt"; torch 2.13 on a CPU: an inductor LoweringException)."""
     if case.softcap is None and not case.alibi:
         return None
-    softcap = case.softcap
+    softcap = None if case.softcap is None else torch.tensor(case.softcap, dtype=torch.float32, device=device)
     slopes = case.alibi_slopes(device) if case.alibi else None
 
     def score_mod(score, batch, head, query_index, key_index):
@@ -377,6 +387,31 @@ def raise_recompile_limit(limit: int = 100_000) -> None:
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), limit))
+
+
+def flex_forward(case: Case, device: torch.device, flex: Callable, inference: bool = False) -> Forward:
+    """The case as calls of `flex` (flex_attention, compiled or not): its block mask made here, once (untimed),
+    its score_mod, GQA, and the sinks applied to Flex's output through its log-sum-exp (`with_sinks`).
+    `inference`: q, k, v detached first."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    block_mask = None
+    mask_mod = flex_mask_mod(case)
+    if mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device)
+    extra = {"enable_gqa": True} if case.gqa else {}
+    score_mod = flex_score_mod(case, device)
+    if score_mod is not None:
+        extra["score_mod"] = score_mod
+
+    def forward(inputs: InputSet) -> torch.Tensor:
+        q, k, v = (t.detach() if inference else t for t in (inputs.query, inputs.key, inputs.value))
+        if inputs.sinks is None:
+            return flex(q, k, v, block_mask=block_mask, **extra)
+        out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), **extra)
+        return with_sinks(out, aux.lse, inputs.sinks)
+
+    return forward
 
 
 class FlexPeer(Peer):
@@ -425,33 +460,65 @@ class FlexPeer(Peer):
         return self._compiled
 
     def prepare(self, case: Case, device: torch.device) -> Forward:
-        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
-
-        flex = self.compiled()
-        block_mask = None
-        mask_mod = flex_mask_mod(case)
-        if mask_mod is not None:
-            block_mask = create_block_mask(
-                mask_mod, B=None, H=None, Q_LEN=case.seq_q, KV_LEN=case.seq_kv, device=device
-            )
-        extra = {"enable_gqa": True} if case.gqa else {}
-        score_mod = flex_score_mod(case, device)
-        if score_mod is not None:
-            extra["score_mod"] = score_mod
         # Where Flex has no backward, its forward runs on inputs that do not require grad (else it raises).
         inference = self.backward_unavailable(case, device) is not None
-
-        def forward(inputs: InputSet) -> torch.Tensor:
-            q, k, v = (t.detach() if inference else t for t in (inputs.query, inputs.key, inputs.value))
-            if inputs.sinks is None:
-                return flex(q, k, v, block_mask=block_mask, **extra)
-            out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), **extra)
-            return with_sinks(out, aux.lse, inputs.sinks)
-
-        return forward
+        return flex_forward(case, device, self.compiled(), inference)
 
     def notes(self) -> dict:
         return {"compile": self.mode}
+
+
+def captured(call: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, its output): `call` once on a side stream (which compiles any kernel and warms torch's
+    allocator, as CUDA graphs require), then captured; `graph.replay()` recomputes the output in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
+class CudaGraphPeer(Peer):
+    """Another peer's forward captured in a CUDA graph, one graph per input set (reading that set's tensors, its
+    output in the graph's memory pool), each call a replay: a serving loop's decode step, whose launches then
+    cost the host one replay. The first call of an input set captures its graph: set 0 in the runner's first
+    call, the others in the timer's warm-up rounds, which reach every set first wherever a round of calls
+    takes under warmup_ms / sets (decode-sized calls do). Forward only."""
+
+    def __init__(self, inner: Peer):
+        self.inner = inner
+        self.name = inner.name + GRAPH_SUFFIX
+
+    def unavailable_reasons(self, case: Case, device: torch.device) -> list[str]:
+        if device.type != "cuda":
+            return ["CUDA graphs need a CUDA device (torch.cuda.CUDAGraph)"]
+        return self.inner.unavailable_reasons(case, device)
+
+    def backward_unavailable(self, case: Case, device: torch.device) -> str | None:
+        return "a replayed CUDA graph has no autograd graph: forward only"
+
+    def context(self):
+        return self.inner.context()
+
+    def prepare(self, case: Case, device: torch.device) -> Forward:
+        forward = self.inner.prepare(case, device)
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # id(InputSet) -> (graph, output)
+
+        def replay(inputs: InputSet) -> torch.Tensor:
+            if id(inputs) not in graphs:
+                graphs[id(inputs)] = captured(lambda: forward(inputs), device)
+            graph, out = graphs[id(inputs)]
+            graph.replay()
+            return out
+
+        return replay
+
+    def notes(self) -> dict:
+        return self.inner.notes()
 
 
 def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
@@ -465,6 +532,8 @@ def make_peers(flex_mode: str = "static") -> dict[str, Peer]:
         TorchSdpaPeer("math", "MATH"),
         TorchVarlenPeer(),
         FlexPeer(flex_mode),
+        CudaGraphPeer(FlashSdpaPeer()),
+        CudaGraphPeer(TorchSdpaPeer("flash", "FLASH_ATTENTION")),
     ]
     return {peer.name: peer for peer in peers}
 

@@ -23,8 +23,8 @@ from flashsdpa.bench.cases import KV_BYTES_GROUPS
 from flashsdpa.bench.environment import headline
 
 SCHEMA = 1
-GROUP_ORDER = ("main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill", "cpu", "cpu-mask",
-               "cpu-variant")
+GROUP_ORDER = ("main", "mask", "fp32", "decode", "variant", "varlen", "paged", "prefill", "decode-graph", "cpu",
+               "cpu-mask", "cpu-variant")
 GROUP_TITLES = {
     "main": "TFLOP/s; 16384 tokens per batch (B = 16384 / L) and H = 2048 / d, unless shown",
     "mask": "TFLOP/s with attn_mask: bool key padding (B, 1, 1, S), last keys masked; float bias (1, H, L, S)",
@@ -38,6 +38,9 @@ GROUP_TITLES = {
     "pages), torch's SDPA on the same keys unpaged",
     "prefill": "TFLOP/s; chunked prefill: the new queries bottom-right causal over a paged cache (torch: unpaged, "
     "causal_lower_right)",
+    "decode-graph": "TB/s of K+V read per call; the paged decode step (flashsdpa) and torch flash's unpaged one, "
+    "called eagerly and replayed from a CUDA graph (-graph); 'host': the host's microseconds to return from one "
+    "call or replay, made with the GPU idle (enqueue time; on a CPU the whole call)",
     "cpu": "TFLOP/s on a CPU, B=1, H=8; peak MiB a call adds",
     "cpu-mask": "TFLOP/s on a CPU with attn_mask: bool key padding (B, 1, 1, S), last S/8 keys masked; "
     "float bias (1, H, L, S); peak MiB a call adds",
@@ -136,6 +139,8 @@ def cell(case: dict, peer: str, mode: str) -> str:
         text += f" ({ratio:.2f}x)"
     if isinstance(entry.get("peak_mib"), (int, float)):
         text += f" {entry['peak_mib']:.3g} MiB"
+    if isinstance(entry.get("host_us"), (int, float)):
+        text += f" host {entry['host_us']:.3g} us"
     return text
 
 

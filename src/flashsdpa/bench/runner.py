@@ -15,7 +15,9 @@ with the reason; one that fails only in the backward keeps its forward numbers.
 
 After each mode's timings, the peak memory one call adds (`bench.memory`),
 peer by peer: for the forward, one forward (its output included); for the
-backward, one forward and its backward together.
+backward, one forward and its backward together. On a decode-graph row, each
+peer's forward also gets the host's time per call (`Timer.host_time`:
+`host_us`, with its 20th and 80th percentiles).
 
 Each flashsdpa output (and gradients) is compared with every peer's by the
 relative Frobenius error ||a - b|| / ||b||; the verdict uses the first of
@@ -36,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from flashsdpa.bench.cases import KV_BYTES_GROUPS, Case, InputSet, make_input_sets
+from flashsdpa.bench.cases import HOST_TIME_GROUPS, KV_BYTES_GROUPS, Case, InputSet, make_input_sets
 from flashsdpa.bench.memory import peak_added_bytes
 from flashsdpa.bench.peers import (
     MATH_SCORE_LIMIT_BYTES,
@@ -223,6 +225,10 @@ def _time_mode(
                     lambda: torch.autograd.grad(forward(first), first.differentiable, first.grad_out), device
                 )
         entry.run.modes[mode]["peak_mib"] = peak / MIB
+        if mode == "fwd" and case.group in HOST_TIME_GROUPS:
+            host = timer.host_time(entry.calls, entry.peer.context)
+            entry.run.modes[mode].update(host_us=host.median_ms * 1e3, host_p20_us=host.p20_ms * 1e3,
+                                         host_p80_us=host.p80_ms * 1e3)  # fmt: skip
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -13,6 +13,12 @@ state) falls on every peer alike. Each peer keeps its own median; the ratio
 of two peers is taken per round (same round, same inputs) and reported as
 the median of those ratios with their interquartile range, the part of a
 ratio that is noise.
+
+`Timer.host_time` measures the other side of a call: the host's time to
+return from it, each call made with the GPU idle (synchronised before the
+call, outside the timing), so that no queue of earlier work can make the host
+wait. On CUDA that is the time to enqueue the call's work (a call that
+synchronises inside shows its GPU time too); on a CPU the whole call.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ CPU_SETTINGS = TimingSettings(warmup_ms=200.0, rep_ms=3000.0, min_reps=11, max_r
 # rounds of two 0.1 s kernels.
 SLOW_PEER_FACTOR = 4.0
 SLOW_PEER_MIN_REPS = 3
+# `Timer.host_time`: calls timed after HOST_WARMUP_CALLS untimed ones (a decode step's enqueue takes 10-100 us).
+HOST_TIMED_CALLS = 50
+HOST_WARMUP_CALLS = 5
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,25 @@ class Timer:
         start, end = timed
         end.synchronize()
         return start.elapsed_time(end)
+
+    def host_time(
+        self, calls: Sequence[Callable[[], object]], context: Callable[[], ContextManager] = contextlib.nullcontext
+    ) -> Measurement:
+        """The host's milliseconds per call (module docstring), `calls` taken in turn, `context` entered
+        outside the timing; HOST_TIMED_CALLS of them after HOST_WARMUP_CALLS."""
+        times = []
+        for index in range(HOST_WARMUP_CALLS + HOST_TIMED_CALLS):
+            with context():
+                self.synchronize()
+                start = time.perf_counter()
+                calls[index % len(calls)]()
+                elapsed_ms = (time.perf_counter() - start) * 1e3
+            if index >= HOST_WARMUP_CALLS:
+                times.append(elapsed_ms)
+        self.synchronize()
+        times.sort()
+        return Measurement(median_ms=statistics.median(times), p20_ms=quantile(times, 0.2),
+                           p80_ms=quantile(times, 0.8), min_ms=times[0], reps=len(times))  # fmt: skip
 
     def interleaved(
         self,
