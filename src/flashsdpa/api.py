@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashsdpa import dispatch, gradient_precision, ops
+from flashsdpa import call_plans, dispatch, gradient_precision, ops
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision
 from flashsdpa.validation import (
     CallOptions,
@@ -132,6 +132,11 @@ def attention(
     """
     variants = dict(window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
                     sinks=sinks)  # fmt: skip
+    signature = call_plans.signature(call_plans.ATTENTION, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa,
+                                     backend, fp32_precision, **variants)  # fmt: skip
+    call = call_plans.prepared(signature, q, k, v, attn_mask, causal, enable_gqa, backend, **variants)
+    if call is not None:  # this signature's first call was validated, described and given a backend
+        return run(call, return_lse)
     call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision, **variants)
     # Edge values torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
     # zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite
@@ -147,7 +152,7 @@ def attention(
         out = out * (0.0 if finite else math.nan)
         lse = lse if finite else torch.full_like(lse, math.nan)
         return (out, lse) if return_lse else out
-    return run(call, return_lse)
+    return run(call_plans.keep(signature, call, (q, k, v, attn_mask)), return_lse)
 
 
 @dataclass
@@ -159,6 +164,8 @@ class PreparedCall:
     options: CallOptions
     backend: str | None
     _desc: AttentionDescriptor | None = None
+    # The backend that runs it, where it is known before the run (call_plans.py); None: chosen when it runs.
+    choice: dispatch.Choice | None = None
 
     @property
     def desc(self) -> AttentionDescriptor:
