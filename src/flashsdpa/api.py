@@ -130,13 +130,13 @@ def attention(
     zeros, with or without a sink. The returned lse includes the sink:
     log(exp(sink) + sum_j exp(s_j)); -inf for an empty row without a sink.
     """
-    variants = dict(window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
-                    sinks=sinks)  # fmt: skip
-    signature = call_plans.signature(call_plans.ATTENTION, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa,
-                                     backend, fp32_precision, **variants)  # fmt: skip
-    call = call_plans.prepared(signature, q, k, v, attn_mask, causal, enable_gqa, backend, **variants)
+    signature, call = call_plans.lookup(call_plans.ATTENTION, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa,
+                                        backend, fp32_precision, window, causal_alignment, softcap, alibi_slopes,
+                                        sinks)  # fmt: skip
     if call is not None:  # this signature's first call was validated, described and given a backend
         return run(call, return_lse)
+    variants = dict(window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
+                    sinks=sinks)  # fmt: skip
     call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision, **variants)
     # Edge values torch accepts whose output needs no kernel: dropout_p = 1 drops every weight (out = 0,
     # zero gradients, lse as without dropout), and a non-finite scale makes every score non-finite

@@ -25,6 +25,7 @@ Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -130,19 +131,20 @@ def _window(window) -> tuple:
 _SCALAR_TYPES = frozenset((bool, int, float, str, type(None)))
 
 
-def prepared(
-    signature, q, k, v, attn_mask, causal, enable_gqa, backend=None,
-    *, window=None, causal_alignment="top_left", softcap=None, alibi_slopes=None, sinks=None,
+def lookup(
+    entry, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa, backend=None, fp32_precision="ieee",
+    window=None, causal_alignment="top_left", softcap=None, alibi_slopes=None, sinks=None,
 ):  # fmt: skip
-    """The call as `api.prepare` would give it, from the plan of `signature`; None where there is none."""
-    from flashsdpa.api import PreparedCall  # (api imports this module)
-
+    """(the call's signature, the call as `api.prepare` would give it from that signature's plan); the call is
+    None where there is no plan, the signature None where no plan may be made or used."""
+    key = signature(entry, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa, backend, fp32_precision, window,
+                    causal_alignment, softcap, alibi_slopes, sinks)  # fmt: skip
     try:
-        plan = _plans.get(signature) if signature is not None else None
+        plan = None if key is None else _plans.get(key)
     except TypeError:  # an unhashable window side: no plan
-        return None
+        return None, None
     if plan is None:
-        return None
+        return key, None
     expansion = plan.expansion
     if expansion is None:
         canon = canonicalize(q, k, v, attn_mask, enable_gqa)
@@ -154,7 +156,14 @@ def prepared(
     variants = plan.variants
     if variants is None:
         variants = check_variants(canon, causal, window, causal_alignment, softcap, alibi_slopes, sinks)
-    return PreparedCall(canon, variants, plan.options, backend, plan.desc, plan.choice)
+    return key, _PreparedCall()(canon, variants, plan.options, backend, plan.desc, plan.choice)
+
+
+@functools.cache
+def _PreparedCall():  # noqa: N802 - the class, imported on first use (api imports this module)
+    from flashsdpa.api import PreparedCall
+
+    return PreparedCall
 
 
 def keep(signature, call, given: tuple):

@@ -278,11 +278,17 @@ def _plain_eager(tensors) -> bool:
         or torch._C._autograd._profiler_enabled()  # the profiler records the op by name
         or forward_ad._current_level >= 0  # forward-mode AD
         or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
+        or not all(_plain_tensor(t) for t in tensors)
+    )
+
+
+def _plain_tensor(t) -> bool:
+    return t is None or (
         # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
-        or any(type(t) is not Tensor or t.is_meta for t in tensors if t is not None)
+        type(t) is Tensor and not t.is_meta
         # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
         # run under torch's legacy vmap, which has no interpreter on the stack
-        or any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+        and not torch._C._functorch.is_legacy_batchedtensor(t)
     )
 
 

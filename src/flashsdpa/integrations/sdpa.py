@@ -204,12 +204,9 @@ def torch_sdpa():
 
 def _route(arguments: tuple, strict: bool, torch_call):
     """Run `arguments` (torch's SDPA arguments, in order) on flashsdpa, else `torch_call()`."""
-    signature = call_plans.signature(call_plans.SDPA, *arguments)
-    if signature is not None:
-        query, key, value, attn_mask, _, is_causal, _, enable_gqa = arguments
-        call = call_plans.prepared(signature, query, key, value, attn_mask, is_causal, enable_gqa)
-        if call is not None:  # this signature's first call passed the checks below
-            return api.run(call)
+    signature, call = call_plans.lookup(call_plans.SDPA, *arguments)
+    if call is not None:  # this signature's first call passed the checks below
+        return api.run(call)
     reasons, call = _check(*arguments)
     if reasons:
         _switch.fall_back(reasons, strict)
