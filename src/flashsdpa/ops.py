@@ -278,17 +278,16 @@ def _plain_eager(tensors) -> bool:
         or torch._C._autograd._profiler_enabled()  # the profiler records the op by name
         or forward_ad._current_level >= 0  # forward-mode AD
         or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
-        or not all(_plain_tensor(t) for t in tensors)
-    )
-
-
-def _plain_tensor(t) -> bool:
-    return t is None or (
-        # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
-        type(t) is Tensor and not t.is_meta
-        # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
-        # run under torch's legacy vmap, which has no interpreter on the stack
-        and not torch._C._functorch.is_legacy_batchedtensor(t)
+    ) and all(
+        t is None
+        or (
+            # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
+            type(t) is Tensor and not t.is_meta
+            # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
+            # run under torch's legacy vmap, which has no interpreter on the stack
+            and not torch._C._functorch.is_legacy_batchedtensor(t)
+        )
+        for t in tensors
     )
 
 
