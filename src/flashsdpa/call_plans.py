@@ -25,14 +25,13 @@ Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 from torch.autograd import forward_ad
 
-from flashsdpa import dispatch, gradient_precision
+from flashsdpa import api, dispatch, gradient_precision  # (api imports this module: api.PreparedCall is read at calls)
 from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.validation import Canonical, CallOptions, Variants, canonicalize, check_variants
@@ -42,6 +41,7 @@ ATTENTION = "attention"
 SDPA = "sdpa"
 
 Tensor = torch.Tensor
+_SCALAR_TYPES = frozenset((bool, int, float, str, type(None)))  # the scalar option types plans take
 _NO_EXPANSION = (None, None, None, None)
 
 
@@ -128,9 +128,6 @@ def _window(window) -> tuple:
     return (*window, *map(type, window))
 
 
-_SCALAR_TYPES = frozenset((bool, int, float, str, type(None)))
-
-
 def lookup(
     entry, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa, backend=None, fp32_precision="ieee",
     window=None, causal_alignment="top_left", softcap=None, alibi_slopes=None, sinks=None,
@@ -156,14 +153,7 @@ def lookup(
     variants = plan.variants
     if variants is None:
         variants = check_variants(canon, causal, window, causal_alignment, softcap, alibi_slopes, sinks)
-    return key, _PreparedCall()(canon, variants, plan.options, backend, plan.desc, plan.choice)
-
-
-@functools.cache
-def _PreparedCall():  # noqa: N802 - the class, imported on first use (api imports this module)
-    from flashsdpa.api import PreparedCall
-
-    return PreparedCall
+    return key, api.PreparedCall(canon, variants, plan.options, backend, plan.desc, plan.choice)
 
 
 def keep(signature, call, given: tuple):
@@ -201,4 +191,5 @@ def _expansion(given: tuple, canonical: tuple) -> tuple | None:
         ):
             return None
         shapes.append(c.shape)
-    return tuple(shapes)
+    shapes = tuple(shapes)
+    return _NO_EXPANSION if shapes == _NO_EXPANSION else shapes
