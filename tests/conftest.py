@@ -68,10 +68,13 @@ def _cuda_faults_stay_in_their_test():
 
 @pytest.fixture(autouse=True)
 def _clean_flashsdpa_state():
-    """Each test starts with no pinned backend and zeroed stats, and leaves none behind."""
-    from flashsdpa import dispatch
+    """Each test starts with no pinned backend, zeroed stats and no call plans, and leaves none behind.
+    (Plans take the backends' code as fixed for the process: a test that patches a backend must not meet
+    another test's plans.)"""
+    from flashsdpa import call_plans, dispatch
 
     assert dispatch.pinned_backend() is None, "a previous test leaked a use_backend pin"
     flashsdpa.reset_stats()
+    call_plans.clear()
     yield
     flashsdpa.reset_stats()

@@ -100,17 +100,20 @@ def test_dropout_gqa_and_precision_are_in_the_key(backend, device):
 
 
 def test_calls_differing_in_gradient_precision(device, monkeypatch):
-    """Same tensors, other backward precisions (chosen at the forward, cached with the descriptor):
-    each backward gets its own call's. torch's answer is stood in for ("fused": ROUNDED)."""
-    fused = {"answer": True}
-    monkeypatch.setattr(gradient_precision, "torch_runs_fused_kernel", lambda *arguments: fused["answer"])
+    """Same tensors, other backward precisions (chosen at the forward, cached with the descriptor and the
+    call plan): each backward gets its own call's. torch's answer is stood in for ("fused": ROUNDED), read
+    as torch's is from the flags `sdpa_kernel` sets."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    monkeypatch.setattr(gradient_precision, "torch_runs_fused_kernel",
+                        lambda *arguments: torch.backends.cuda.flash_sdp_enabled())  # fmt: skip
     precisions = record_backward_precisions(monkeypatch)
     q, k, v = (t.to(torch.bfloat16) for t in _tensors(device))
     expected = []
     for requires_grad, answer in ((False, True), (True, True), (True, False), (True, True)):
-        fused["answer"] = answer
         leaves = [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
-        out = flashsdpa.attention(*leaves, backend="triton")  # no grad: EXACT, and no backward
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH] if answer else [SDPBackend.MATH]):
+            out = flashsdpa.attention(*leaves, backend="triton")  # no grad: EXACT, and no backward
         if requires_grad:
             out.backward(torch.ones_like(out))
             expected.append(GradientPrecision.ROUNDED if answer else GradientPrecision.EXACT)

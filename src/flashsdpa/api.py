@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashsdpa import dispatch, gradient_precision, ops
+from flashsdpa import call_plans, dispatch, gradient_precision, ops
 from flashsdpa.descriptor import AttentionDescriptor, Fp32Precision, GradientPrecision
 from flashsdpa.validation import (
     CallOptions,
@@ -130,6 +130,11 @@ def attention(
     zeros, with or without a sink. The returned lse includes the sink:
     log(exp(sink) + sum_j exp(s_j)); -inf for an empty row without a sink.
     """
+    signature, call = call_plans.lookup(call_plans.ATTENTION, q, k, v, attn_mask, dropout_p, causal, scale, enable_gqa,
+                                        backend, fp32_precision, window, causal_alignment, softcap, alibi_slopes,
+                                        sinks)  # fmt: skip
+    if call is not None:  # this signature's first call was validated, described and given a backend
+        return run(call, return_lse)
     variants = dict(window=window, causal_alignment=causal_alignment, softcap=softcap, alibi_slopes=alibi_slopes,
                     sinks=sinks)  # fmt: skip
     call = prepare(q, k, v, causal, scale, attn_mask, dropout_p, enable_gqa, backend, fp32_precision, **variants)
@@ -147,7 +152,7 @@ def attention(
         out = out * (0.0 if finite else math.nan)
         lse = lse if finite else torch.full_like(lse, math.nan)
         return (out, lse) if return_lse else out
-    return run(call, return_lse)
+    return run(call_plans.keep(signature, call, (q, k, v, attn_mask)), return_lse)
 
 
 @dataclass
@@ -159,6 +164,8 @@ class PreparedCall:
     options: CallOptions
     backend: str | None
     _desc: AttentionDescriptor | None = None
+    # The backend that runs it, where it is known before the run (call_plans.py); None: chosen when it runs.
+    choice: dispatch.Choice | None = None
 
     @property
     def desc(self) -> AttentionDescriptor:

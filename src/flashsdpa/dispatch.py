@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -101,20 +102,43 @@ def reset_stats() -> None:
         _stats.fallbacks.clear()
 
 
-def choose_backend(desc: AttentionDescriptor, device: torch.device, requested: str | None = None) -> str:
-    """Name of the backend that will run `desc`; records fallbacks; raises UnsupportedError."""
+class Choice(NamedTuple):  # a NamedTuple: made on every call that has no call plan, in a third of a dataclass's time
+    """Which backend runs a problem, and the reasons of the backends the automatic choice skipped before it
+    (recorded as fallbacks each time the choice is used)."""
+
+    backend: str
+    fallbacks: tuple[str, ...] = ()
+
+
+def decide(desc: AttentionDescriptor, device: torch.device, requested: str | None = None) -> Choice:
+    """The backend that will run `desc` (`requested`, else the pin, else the automatic choice); records
+    nothing; raises UnsupportedError."""
     requested = requested or pinned_backend()
     if requested is not None:
         reasons = backend_reasons(get_backend(requested), desc, device)
         if reasons:
             raise UnsupportedError(f"backend {requested!r} cannot run this problem: " + "; ".join(reasons), reasons)
-        return requested
+        return Choice(requested)
     name, skipped = automatic_choice(desc, device)
     if name is None:
         raise UnsupportedError("no flashsdpa backend can run this problem: " + "; ".join(skipped), skipped)
-    for reason in skipped:
+    return Choice(name, tuple(skipped))
+
+
+def choose_backend(desc: AttentionDescriptor, device: torch.device, requested: str | None = None) -> str:
+    """Name of the backend that will run `desc`; records fallbacks; raises UnsupportedError."""
+    choice = decide(desc, device, requested)
+    for reason in choice.fallbacks:
         record_fallback(reason)
-    return name
+    return choice.backend
+
+
+def record_run(choice: Choice) -> None:
+    """One run of `choice`: its fallbacks and the call, as `choose_backend` and `record_call` count them."""
+    with _stats.lock:
+        for reason in choice.fallbacks:
+            _stats.fallbacks[reason] += 1
+        _stats.calls[choice.backend] += 1
 
 
 def backend_reasons(backend: Backend, desc: AttentionDescriptor, device: torch.device) -> list[str]:

@@ -55,10 +55,13 @@ def _empty_forward(desc, q, sinks):
     return out, torch.full(shape, float("-inf"), dtype=statistics_dtype(q.dtype), device=q.device)
 
 
-def forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks):
-    """The body of `attention_forward` (see there) for a described problem, without the op's dispatcher layers."""
-    name = dispatch.choose_backend(desc, query.device, backend or None)
-    dispatch.record_call(name)
+def forward_impl(desc, backend, query, key, value, mask, alibi_slopes, sinks, choice=None):
+    """The body of `attention_forward` (see there) for a described problem, without the op's dispatcher layers.
+    `choice`: the dispatcher's answer for this problem where the caller has it (call_plans.py), else asked here."""
+    if choice is None:
+        choice = dispatch.decide(desc, query.device, backend or None)
+    dispatch.record_run(choice)
+    name = choice.backend
     dropout_seed = draw_seed() if desc.dropout_p > 0.0 else torch.empty(0, dtype=torch.int64)
     if _is_degenerate(desc):
         return (*_empty_forward(desc, query, sinks), dropout_seed)
@@ -275,11 +278,16 @@ def _plain_eager(tensors) -> bool:
         or torch._C._autograd._profiler_enabled()  # the profiler records the op by name
         or forward_ad._current_level >= 0  # forward-mode AD
         or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
-        # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
-        or any(type(t) is not Tensor or t.is_meta for t in tensors if t is not None)
-        # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
-        # run under torch's legacy vmap, which has no interpreter on the stack
-        or any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+    ) and all(
+        t is None
+        or (
+            # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
+            type(t) is Tensor and not t.is_meta
+            # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
+            # run under torch's legacy vmap, which has no interpreter on the stack
+            and not torch._C._functorch.is_legacy_batchedtensor(t)
+        )
+        for t in tensors
     )
 
 
@@ -290,21 +298,22 @@ class _EagerAttention(torch.autograd.Function):
     the arguments through `inspect.signature` on every call (~30 us)."""
 
     @staticmethod
-    def forward(ctx, desc, backend, *tensors):
-        output = forward_impl(desc, backend, *tensors)
+    def forward(ctx, desc, backend, choice, *tensors):
+        output = forward_impl(desc, backend, *tensors, choice)
         _save(ctx, tensors, output)
         ctx.desc, ctx.options, ctx.backend = desc, None, backend
-        ctx.tensors_at = 2
+        ctx.tensors_at = 3
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_seed):
-        return None, None, *_backward(ctx, grad_out, grad_lse, grad_seed)
+        return None, None, None, *_backward(ctx, grad_out, grad_lse, grad_seed)
 
 
 def forward(call: PreparedCall, backend: str):
     """`attention_forward(...)` of a prepared call, skipping the op's layers where nothing can observe them (see
-    `_plain_eager`): then the call's descriptor is built (once) and carried to the backward."""
+    `_plain_eager`): then the call's descriptor is built (once) and carried to the backward, and the backend
+    choice a call plan holds (`PreparedCall.choice`) is used as it is."""
     c, w = call.canon, call.variants
     tensors = (c.query, c.key, c.value, c.mask, w.alibi_slopes, w.sinks)
     if not _plain_eager(tensors):
@@ -317,5 +326,7 @@ def forward(call: PreparedCall, backend: str):
         # below autograd (inside another op's implementation) the op records no graph either
         and not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
     )  # fmt: skip
-    desc = call.desc
-    return _EagerAttention.apply(desc, backend, *tensors) if needs_graph else forward_impl(desc, backend, *tensors)
+    desc, choice = call.desc, call.choice
+    if needs_graph:
+        return _EagerAttention.apply(desc, backend, choice, *tensors)
+    return forward_impl(desc, backend, *tensors, choice)

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import handle_torch_function, has_torch_function
 
-from flashsdpa import api, dispatch, validation
+from flashsdpa import api, call_plans, dispatch, validation
 from flashsdpa.integrations.switch import (  # noqa: F401 (STRICT_ENV, TORCH: re-exported for callers of this module)
     STRICT_ENV,
     TORCH,
@@ -204,11 +204,14 @@ def torch_sdpa():
 
 def _route(arguments: tuple, strict: bool, torch_call):
     """Run `arguments` (torch's SDPA arguments, in order) on flashsdpa, else `torch_call()`."""
+    signature, call = call_plans.lookup(call_plans.SDPA, *arguments)
+    if call is not None:  # this signature's first call passed the checks below
+        return api.run(call)
     reasons, call = _check(*arguments)
     if reasons:
         _switch.fall_back(reasons, strict)
         return torch_call()
-    return api.run(call)
+    return api.run(call_plans.keep(signature, call, arguments[:4]))
 
 
 def route(
