@@ -239,7 +239,7 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dkdv_kernel(
     q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr,
     heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
@@ -378,7 +378,7 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dq_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,

@@ -264,7 +264,7 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slope
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_forward_kernel(
     q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, sinks_ptr,
     heads_q, gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform,
