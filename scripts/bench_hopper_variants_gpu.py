@@ -33,7 +33,9 @@ import triton
 import flashsdpa
 from flashsdpa.backends.base import poisoned_outputs
 from flashsdpa.bench.cases import gpu_variant_cases, make_input_sets
-from flashsdpa.bench.peers import FlashSdpaPeer, FlexPeer
+from flashsdpa.bench.peers import FlexPeer
+
+from bench_hopper_gpu import PinnedFlashSdpa  # (scripts/ is the script's own folder, first on sys.path)
 
 # name: (attention keyword arguments, head dim, (L, S)); B=2, Hq=8, Hkv=2, bf16. Chosen so that few kernel
 # variants compile (flags and head dim): L > S bottom-right has rows before key 0, which see no key.
@@ -112,17 +114,6 @@ def accuracy(device: str = "cuda", backends: tuple[str, ...] = ("hopper",)) -> N
         del ref, q, k, v, leaves64
 
 
-class Pinned(FlashSdpaPeer):
-    """flashsdpa with one backend pinned (`flashsdpa.use_backend`)."""
-
-    def __init__(self, backend: str):
-        super().__init__(backend)
-        self.backend = backend
-
-    def context(self):
-        return flashsdpa.use_backend(self.backend)
-
-
 def time_peer(peer, case, inputs, device) -> tuple[float, float, str]:
     """(forward TFLOP/s, backward TFLOP/s, note) of one peer on one case; NaN where it fails."""
     leaves = inputs.differentiable
@@ -155,7 +146,7 @@ def timing(flex: bool, budget: float, start: float) -> None:
     inputs = {}
     for case in cases:
         inputs[case.name] = make_input_sets(case, device, 1, seed=7)[0]
-        for peer in (Pinned("hopper"), Pinned("triton")):
+        for peer in (PinnedFlashSdpa("hopper"), PinnedFlashSdpa("triton")):
             results[case.name, peer.name] = time_peer(peer, case, inputs[case.name], device)
             print(f"  {case.name} {peer.name}: {results[case.name, peer.name]}", flush=True)
     if flex:
