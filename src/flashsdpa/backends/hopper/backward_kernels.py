@@ -358,11 +358,11 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
             s, derivative = transformed_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope,
                                                VARIANTS)
         p = gl.exp2(s * qk_scale - lse2)
-        if VARIANTS.softcap:  # dS = P softcap' (dP - delta): one tile fewer live while dP completes
-            p = p * derivative
         if is_edge(j * BLOCK_N, whole, VARIANTS.bounded_below):
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             p = hide_unseen(p, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), seq_kv, band, VARIANTS, True, 0.0)
+        if VARIANTS.softcap:  # dS = P softcap' (dP - delta): one tile fewer live while dP completes
+            p = p * derivative
         dp = warpgroup_mma_wait(0, deps=[dp_token, do, v_t])[0]
         ds = p * (dp - delta)
         ds_op = gl.convert_layout(ds.to(dtype), op_layout)
