@@ -95,6 +95,9 @@ def row_slope(slopes_ptr, transform, batch, head_q, VARIANTS: gl.constexpr):
 
 @gluon.jit
 def transformed_scores(s, rows, cols, transform, slope, VARIANTS: gl.constexpr):
-    """(scores in natural units, d scores / d (scale q.k)) of raw products `s`: scale, softcap, ALiBi."""
+    """(scores in natural units, d scores / d (scale q.k)) of raw products `s`: scale, softcap, ALiBi.
+
+    softcap's tanh is the absolute-error one (`score_kernels.tanh_absolute`): the kernels round P to 16 bits,
+    and its few live values keep the bf16 d=128 dK/dV kernel's spills near the plain kernel's."""
     return scores_of_products(s, rows, cols, transform[0], transform[1], slope, transform[2], None, 0, 0, 0,
-                              True, VARIANTS.softcap, VARIANTS.alibi, MASK_NONE, False, False, False)
+                              True, VARIANTS.softcap, VARIANTS.alibi, MASK_NONE, False, False, False, True)
