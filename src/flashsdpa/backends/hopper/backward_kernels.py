@@ -195,9 +195,9 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
         q_t = q.permute((1, 0))
         do_t = do.permute((1, 0))
         st_token = warpgroup_mma(k, q_t, st_zero, use_acc=False, is_async=True)
-        if VARIANTS.softcap:
-            # dP^T is issued once softcap's transform is done (its accumulator is not live during it): on sm_90
-            # the bf16 d=128 causal kernel spills 40 B so, 196 issued first.
+        if VARIANTS.natural_units:
+            # dP^T is issued once the score transform is done (its accumulator is not live during it): on sm_90
+            # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
             st = warpgroup_mma_wait(0, deps=[st_token, k, q_t])[0]
         else:
             dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
@@ -209,6 +209,7 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
         pt_op = gl.convert_layout(pt.to(dtype), op_layout)
         if VARIANTS.softcap:  # dS^T = P^T softcap' (dP^T - delta), P^T itself now in pt_op: one tile fewer live
             pt = pt * derivative
+        if VARIANTS.natural_units:
             dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
         dv_token = warpgroup_mma(pt_op, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]

@@ -20,9 +20,10 @@ from flashsdpa.backends.triton.launch_common import visible_band
 from flashsdpa.descriptor import AttentionDescriptor
 
 COMPUTED = ("window", "bottom-right alignment", "softcap", "ALiBi", "sinks")
-# Per head dim. At 128 the dK/dV kernel has no registers to spare for ALiBi's distance tile (compile_sm90:
-# 248/296 B of spill stores/loads against the plain kernel's 20/28): triton's backward runs it.
-BACKWARD_COMPUTED = {64: COMPUTED, 128: ("window", "bottom-right alignment", "softcap", "sinks")}
+# Per head dim (a variant left out runs triton's backward). At 128 the dK/dV kernel spills with ALiBi
+# (compile_sm90, bf16: 44 B of spill stores non-causal, 192 causal, against 20 and 72 without it): its
+# row of scripts/bench_hopper_variants_gpu.py says whether it still beats triton's backward there.
+BACKWARD_COMPUTED = {64: COMPUTED, 128: COMPUTED}
 
 
 @dataclass(frozen=True)
