@@ -132,7 +132,7 @@ def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale
     derivative = 1.0
     if VARIANTS.natural_units:
         st, derivative = transformed_scores(st, gl.expand_dims(rows, 0), gl.expand_dims(keys, 1), transform, slope,
-                                            VARIANTS)
+                                            VARIANTS, True)
     pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
     if VARIANTS.banded:
         # (The mirrored band: its lower side is the band's upper one; rows past seq_q need no mask.)
@@ -372,11 +372,11 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
             s, derivative = transformed_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope,
                                                VARIANTS)
         p = gl.exp2(s * qk_scale - lse2)
+        if VARIANTS.softcap:  # dS = P softcap' (dP - delta): one tile fewer live while dP completes
+            p = p * derivative  # (inf * 0 = NaN only where lse is -inf, a row every edge mask hides whole)
         if is_edge(j * BLOCK_N, whole, VARIANTS.bounded_below):
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             p = hide_unseen(p, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), seq_kv, band, VARIANTS, True, 0.0)
-        if VARIANTS.softcap:  # dS = P softcap' (dP - delta): one tile fewer live while dP completes
-            p = p * derivative
         dp = warpgroup_mma_wait(0, deps=[dp_token, do, v_t])[0]
         ds = p * (dp - delta)
         ds_op = gl.convert_layout(ds.to(dtype), op_layout)

@@ -94,10 +94,11 @@ def row_slope(slopes_ptr, transform, batch, head_q, VARIANTS: gl.constexpr):
 
 
 @gluon.jit
-def transformed_scores(s, rows, cols, transform, slope, VARIANTS: gl.constexpr):
+def transformed_scores(s, rows, cols, transform, slope, VARIANTS: gl.constexpr, ABSOLUTE_TANH: gl.constexpr = False):
     """(scores in natural units, d scores / d (scale q.k)) of raw products `s`: scale, softcap, ALiBi.
 
-    softcap's tanh is the absolute-error one (`score_kernels.tanh_absolute`): the kernels round P to 16 bits,
-    and its few live values keep the bf16 d=128 dK/dV kernel's spills near the plain kernel's."""
+    ABSOLUTE_TANH: softcap's tanh is `score_kernels.tanh_absolute` (enough where P is rounded to 16 bits);
+    the dK/dV kernel takes it for its fewer live values (sm_90, bf16 d=128 causal softcap: 40 B of spill
+    stores, 156 with the polynomial one), the others spill more with it (the forward 92 B, not 0)."""
     return scores_of_products(s, rows, cols, transform[0], transform[1], slope, transform[2], None, 0, 0, 0,
-                              True, VARIANTS.softcap, VARIANTS.alibi, MASK_NONE, False, False, False, True)
+                              True, VARIANTS.softcap, VARIANTS.alibi, MASK_NONE, False, False, False, ABSOLUTE_TANH)
