@@ -13,14 +13,15 @@ instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
-                                    --hopper | --hopper-fused-dq] [--match TEXT] [--dump DIR]
+                                    --hopper | --hopper-variants | --hopper-fused-dq] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
 named by kernel and a hash of its specialization), to find what spills or to
 check that a change leaves a variant's code as it was. --hopper compiles the
 hopper backend's Gluon kernels instead (forward and backward, every dtype,
-head dim and causality they take, and GQA).
+head dim and causality they take, GQA and the variants; --hopper-variants:
+the variants alone).
 --paged compiles the paged decode kernel's variants (`kvcache_attention`
 on the triton backend).
 """
@@ -313,6 +314,15 @@ HOPPER = [
             backend="hopper")
     for dtype in (BF16, FP16) for d in (64, 128, 256) for c in (False, True) for heads in ((2, 2), (4, 2))
 ]
+# The variants on the hopper kernels (compare with the plain problems' rows: no new spills or SERIAL).
+HOPPER_VARIANTS = [
+    Problem(BF16, d, causal=c, heads=(4, 2), variant=v, backward=d in hopper_backward_specs.BACKWARD_HEAD_DIMS,
+            backend="hopper")
+    for d in (64, 128, 256) for c, v in ((True, "window"), (True, "window+bottom_right"),
+                                         (False, "softcap"), (False, "alibi"), (False, "sinks"),
+                                         (True, "window+softcap+alibi+sinks"))
+]
+HOPPER += HOPPER_VARIANTS
 
 
 def describe_row(row: dict, fixed: dict) -> str:
@@ -352,13 +362,15 @@ def main() -> int:
     parser.add_argument("--packed", action="store_true", help="only the packed batches (varlen_attn)")
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
+    parser.add_argument("--hopper-variants", action="store_true", help="the hopper kernels' variants alone")
     parser.add_argument("--paged", action="store_true", help="only the paged decode kernel's problems (kvcache)")
     parser.add_argument("--hopper-fused-dq", action="store_true",
                         help="the hopper backward's fused-dQ variant (HopperBackwardSpec.fused_dq, head dim 128)")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    groups = {"hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS, "packed": PACKED, "paged": PAGED}
+    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS,
+              "packed": PACKED, "paged": PAGED}
     chosen = next((problems for name, problems in groups.items() if getattr(args, name)), FULL)
     problems = list(dict.fromkeys(chosen))
     if args.hopper_fused_dq:

@@ -14,11 +14,13 @@ import flashsdpa
 from flashsdpa import dispatch, gradient_precision
 from flashsdpa.backends import hopper
 from flashsdpa.backends.base import AttentionInputs
-from flashsdpa.backends.hopper import backward_specs
-from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind
+from flashsdpa.backends.hopper import backward_specs, variants
+from flashsdpa.descriptor import Alignment, AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dispatch import UnsupportedError
 from flashsdpa.backends.base import poisoned_outputs
 from helpers import ON_CUDA, Case, assert_grad_close, check_backward, check_forward, generator, oracle, qkv, randn
+from test_triton_variants import assert_matches_formula
+from test_variants import leaves, oracle_of, problem, run_and_grads
 
 ON_SM90 = ON_CUDA and torch.cuda.get_device_capability() == (9, 0)
 sm90_only = pytest.mark.skipif(not ON_SM90, reason="the hopper kernels need an sm_90 GPU")
@@ -58,6 +60,16 @@ def test_reasons_on_an_sm90_device(monkeypatch):
     for words, desc in declined.items():
         reasons = backend.unsupported_reasons(desc, device)
         assert len(reasons) == 1 and words in reasons[0], (words, reasons)
+    taken = {  # every variant, alone and together: the backend checks them itself (capabilities as data)
+        "window": describe(causal=True, window_left=16), "bottom-right alignment": describe(
+            causal=True, alignment=Alignment.BOTTOM_RIGHT), "softcap": describe(softcap=30.0),
+        "ALiBi": describe(alibi=True), "sinks": describe(sinks=True),
+        "all": describe(causal=True, window_left=5, window_right=3, alignment=Alignment.BOTTOM_RIGHT, softcap=2.0,
+                        alibi=True, sinks=True),
+    }
+    assert backend.checks_variants and set(variants.COMPUTED) == {name for name in taken if name != "all"}
+    for name, desc in taken.items():
+        assert desc.variants and dispatch.backend_reasons(backend, desc, device) == [], name
     for capability in ((8, 0), (8, 9), (10, 0), (12, 0)):  # wgmma is sm_90's alone
         monkeypatch.setattr(hopper, "cuda_capability", lambda device: capability)
         assert backend.unsupported_reasons(describe(), device) == [
@@ -156,6 +168,15 @@ def test_gluon_backward_reasons(gluon_backward):
     assert "float32-internal one (EXACT)" in reasons(gradients=GradientPrecision.EXACT)[0]
     assert "one key" in reasons(seq_kv=1)[0]
     assert reasons(grad_out_offset=1) == ["q, k, v or dO strides or alignment are not TMA-readable"]
+    for head_dim, taken in variants.BACKWARD_COMPUTED.items():  # the variants, as the table says
+        for name, fields in (("window", dict(window_left=8)), ("softcap", dict(softcap=5.0)),
+                             ("ALiBi", dict(alibi=True)), ("sinks", dict(sinks=True))):
+            q = torch.randn(2, 4, 33, head_dim, dtype=torch.bfloat16)
+            k = torch.randn(2, 2, 47, head_dim, dtype=torch.bfloat16)
+            desc = describe(head_dim=head_dim, head_dim_v=head_dim, gradients=GradientPrecision.ROUNDED, **fields)
+            got = hopper.gluon_backward_reasons(desc, AttentionInputs(q, k, k), q)
+            assert got == ([] if name in taken else
+                           [f"the Gluon backward does not compute {name} at head dim {head_dim}"]), (name, got)
     backward_specs.GLUON_BACKWARD_HEAD_DIMS = (64,)  # (the fixture restores it)
     assert reasons() == ["triton's backward is the faster at head dim 128 (backward_specs)"]
 
@@ -203,14 +224,18 @@ def test_gluon_backward_of_strided_views_and_scales(gluon_backward, monkeypatch)
 
 
 @sm90_only
-def test_gluon_backward_same_bits_every_call(gluon_backward):
+@pytest.mark.parametrize("head_dim,heads_kv,variant", [
+    (64, 8, {}), (128, 4, dict(window=(200, None), causal_alignment="bottom_right", softcap=20.0, enable_gqa=True)),
+])
+def test_gluon_backward_same_bits_every_call(gluon_backward, head_dim, heads_kv, variant):
     gen = generator(23)
-    q, k, v = (t.requires_grad_() for t in qkv((2, 8), (2, 8), 700, 513, 64, gen, torch.bfloat16, "cuda"))
-    grad_out = randn((2, 8, 700, 64), gen, torch.bfloat16, "cuda")
+    q, k, v = (t.requires_grad_() for t in qkv((2, 8), (2, heads_kv), 700, 513, head_dim, gen, torch.bfloat16,
+                                               "cuda"))
+    grad_out = randn((2, 8, 700, head_dim), gen, torch.bfloat16, "cuda")
 
     def gradients():
-        out = flashsdpa.attention(q, k, v, causal=True, backend="hopper")
-        return torch.autograd.grad(out, (q, k, v), grad_out)
+        out = flashsdpa.attention(q, k, v, causal=True, backend="hopper", **variant)
+        return out, *torch.autograd.grad(out, (q, k, v), grad_out)
 
     dispatch.reset_stats()
     first = gradients()
@@ -266,3 +291,64 @@ def test_fused_dq_variant_in_a_subprocess():
         assert result["stats"] == {}, result
         assert result["same_bits"], result
         assert max(result["errors"]) < 2e-2, result  # the bf16 gradient bar (helpers.GRAD_TOL)
+
+
+# The variants on the GPU: each against the float64 formula (test_triton_variants' check, with the hopper backend
+# pinned and head dims its kernels take). Windows of tens of keys over a few hundred, so that tiles see whole blocks
+# and edge blocks; L > S bottom-right puts the first queries before key 0 (rows that see no key: out 0, lse -inf).
+HOPPER_VARIANTS = {
+    "causal_window": dict(causal=True, window=(70, None)),
+    "window": dict(window=(90, 40)),
+    "window_right": dict(window=(None, 33)),
+    "causal": dict(causal=True),
+    "softcap": dict(softcap=1.5),
+    "alibi": dict(alibi="batch"),
+    "sinks": dict(sinks=True),
+    "all": dict(causal=True, window=(100, 5), softcap=2.0, alibi="heads", sinks=True),
+}
+VARIANT_SHAPES = (((300, 517), "top_left"), ((517, 300), "bottom_right"), ((129, 700), "bottom_right"))
+
+
+def check_hopper_variant(name, seq_q, seq_kv, alignment, head_dim, dtype, seed=0):
+    gen = generator(seed)
+    dims = (2, 4, 2, head_dim, head_dim)
+    q, k, v, options = problem(HOPPER_VARIANTS[name], seq_q, seq_kv, dtype, gen, dims=dims, device="cuda")
+    tensors = leaves(q, k, v, options)
+    grad_out = randn((2, 4, seq_q, head_dim), gen, dtype, "cuda")
+    dispatch.reset_stats()
+    with poisoned_outputs():
+        ours = run_and_grads(
+            lambda: flashsdpa.attention(q, k, v, causal_alignment=alignment, backend="hopper", return_lse=True,
+                                        **options),
+            tensors, grad_out,
+        )  # fmt: skip
+    fallbacks = dispatch.stats()["fallbacks"]
+    truth = run_and_grads(lambda: oracle_of(q, k, v, options, alignment), tensors, grad_out)
+    theirs = run_and_grads(lambda: oracle_of(q, k, v, options, alignment, dtype=dtype), tensors, grad_out)
+    what = f"hopper {name} L={seq_q} S={seq_kv} {alignment} d={head_dim} {dtype} (fallbacks {fallbacks})"
+    assert_matches_formula(what, ours, truth, theirs, options, grad_out, dtype)
+    return fallbacks
+
+
+@sm90_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name", list(HOPPER_VARIANTS))
+def test_variants_against_float64(gluon_backward, monkeypatch, name, head_dim):
+    """Forward and Gluon backward (pinned ROUNDED: torch has no variants to ask) of each variant and alignment."""
+    monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
+    for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES):
+        fallbacks = check_hopper_variant(name, seq_q, seq_kv, alignment, head_dim, torch.bfloat16, seed=number)
+        if name in ("alibi", "all") and "ALiBi" not in variants.BACKWARD_COMPUTED[head_dim]:
+            assert all("does not compute" in reason for reason in fallbacks), fallbacks
+        else:
+            assert fallbacks == {}, fallbacks
+    check_hopper_variant(name, 300, 517, "bottom_right", head_dim, torch.float16, seed=7)
+
+
+@sm90_only
+@pytest.mark.parametrize("name", ["causal_window", "all"])
+def test_variants_forward_at_head_dim_256(name):
+    """d=256: the forward's one-Q-buffer tiles (its backward is triton's)."""
+    for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES):
+        check_hopper_variant(name, seq_q, seq_kv, alignment, 256, torch.bfloat16, seed=number)
+

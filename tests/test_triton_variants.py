@@ -38,8 +38,13 @@ def check_triton(name, seq_q, seq_kv, alignment, dtype, device, mask_kind="none"
         )  # fmt: skip
     truth = run_and_grads(lambda: oracle_of(q, k, v, options, alignment), tensors, grad_out)
     theirs = run_and_grads(lambda: oracle_of(q, k, v, options, alignment, dtype=dtype), tensors, grad_out)
-    (out, lse, grads), (ref, ref_lse, ref_grads), (their_out, _, their_grads) = ours, truth, theirs
     what = f"{name} L={seq_q} S={seq_kv} {alignment} mask={mask_kind} {dtype}"
+    assert_matches_formula(what, ours, truth, theirs, options, grad_out, dtype)
+
+
+def assert_matches_formula(what, ours, truth, theirs, options, grad_out, dtype):
+    """ours, truth (the formula in float64) and theirs (in `dtype`): (out, lse, gradients by leaf) each."""
+    (out, lse, grads), (ref, ref_lse, ref_grads), (their_out, _, their_grads) = ours, truth, theirs
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"{what}: rows with no visible key differ"
     assert_forward_close(f"{what} out", out, ref, their_out, dtype)
     finite = torch.isfinite(ref_lse)

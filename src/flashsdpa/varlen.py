@@ -27,7 +27,7 @@ Memory beyond the outputs: the packed triton backward's row statistics,
 3 * N * Hq * max_q float32 (rows rounded up to 128), and zeroed dK/dV where
 seqused_k leaves key rows outside every sequence; for paged keys, one
 sequence's gathered keys at a time; and for a backend that declines windows
-or the bottom-right alignment (aten, hopper), a bool (L_i, S_i) mask of the
+or the bottom-right alignment (aten), a bool (L_i, S_i) mask of the
 sequence's visible keys.
 """
 
@@ -251,7 +251,7 @@ class _Runner:
     """Builds each sequence's problem and picks its backend, recording each fallback reason once per call.
 
     A sequence's visible keys go to the backend as descriptor fields (causal, window, alignment), so that it
-    skips the key blocks no query sees. A backend that declines those fields (aten and hopper: windows
+    skips the key blocks no query sees. A backend that declines those fields (aten: windows
     and the bottom-right alignment) gets them as a bool mask instead where the call has no score variant (softcap,
     ALiBi and sinks need the fields), rather than the problem going to a slower backend.
     """

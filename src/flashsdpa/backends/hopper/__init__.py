@@ -1,10 +1,11 @@
 """The Hopper backend: a warp-specialised Gluon forward for sm_90 (H100, H200).
 
 It takes the forward of bf16/fp16 problems at head dims 64, 128 and 256
-(the same for values), non-causal or causal (top-left), with GQA, no mask
-and no dropout, on a GPU of compute capability 9.0; `unsupported_reasons`
-says why for anything else, which the automatic choice sends to the triton
-backend. Its backward runs the Gluon kernels (`backward_kernels.py`) where
+(the same for values), non-causal or causal, with GQA and the variants of
+`variants.COMPUTED` (windows, either causal alignment, softcap, ALiBi,
+sinks), no mask and no dropout, on a GPU of compute capability 9.0;
+`unsupported_reasons` says why for anything else, which the automatic choice
+sends to the triton backend. Its backward runs the Gluon kernels (`backward_kernels.py`) where
 `gluon_backward_reasons` finds none against them, else the triton backend's
 backward (which reads this forward's out and lse as its own), with the reason
 recorded as a fallback. Gluon kernels do not run under Triton's interpreter,
@@ -18,7 +19,7 @@ import functools
 import torch
 
 from flashsdpa.backends.base import AttentionInputs, Backend, GradientsNeeded
-from flashsdpa.backends.hopper import backward_specs
+from flashsdpa.backends.hopper import backward_specs, variants
 from flashsdpa.backends.hopper.forward_specs import DTYPES, HEAD_DIMS
 from flashsdpa.backends.triton import TritonBackend, cuda_capability
 from flashsdpa import gradient_precision
@@ -64,6 +65,9 @@ def gluon_backward_reasons(desc: AttentionDescriptor, inputs: AttentionInputs, g
         reasons.append("the Gluon backward takes a nonzero scale")
     if desc.seq_kv == 1:
         reasons.append("one key: dq and dk are exactly 0, which triton's backward writes (the kernels: rounding noise)")
+    taken = variants.BACKWARD_COMPUTED.get(desc.head_dim, ())
+    if untaken := [name for name in desc.variants if name not in taken]:
+        reasons.append(f"the Gluon backward does not compute {', '.join(untaken)} at head dim {desc.head_dim}")
     if desc.seq_q == 0 or desc.seq_kv == 0 or desc.batch * desc.heads_q == 0:
         reasons.append("the Gluon backward takes no empty problem")
     if not _launcher().tma_readable(inputs.query, inputs.key, inputs.value, grad_out):
@@ -73,6 +77,7 @@ def gluon_backward_reasons(desc: AttentionDescriptor, inputs: AttentionInputs, g
 
 class HopperBackend(Backend):
     name = "hopper"
+    checks_variants = True  # (variants.COMPUTED)
 
     def __init__(self):
         self._triton = TritonBackend()
@@ -96,6 +101,8 @@ class HopperBackend(Backend):
             reasons.append("hopper kernels take no attention mask")
         if desc.dropout_p > 0.0:
             reasons.append("hopper kernels have no dropout")
+        if untaken := [name for name in desc.variants if name not in variants.COMPUTED]:
+            reasons.append(f"hopper kernels do not compute {', '.join(untaken)}")
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):

@@ -20,7 +20,11 @@ of one (batch, query head); its producer loads Q and dO once and streams the
 K and V blocks; each consumer group per block computes S and dP, dS, and
 dQ += dS K, and stores dQ through its rows of the Q tile.
 
-Causal masks are top-left aligned (key j visible to row i when j <= i). The
+The variants (`VARIANTS`, see variant_kernels): each loop visits the blocks
+its rows (dQ) or keys (dK/dV) see, and masks P in the edge blocks alone;
+with softcap or ALiBi, S becomes the transformed scores (natural units,
+`qk_scale` = log2(e)) and dS takes softcap's derivative. Sinks need nothing
+here: lse holds them (their gradient is `ops.sink_gradient`'s). The
 lse2 and delta rows are read unmasked from the preprocess's scratch, whose row
 stride is a multiple of 128 (rows past the sequence: lse2 = +inf, delta = 0,
 so their P is 0). Rows and keys past the sequence ends load as zeros through
@@ -40,10 +44,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashsdpa.backends.hopper.forward_kernels import tile_coords  # (the dQ kernel's tiles are the forward's)
+from flashsdpa.backends.hopper.variant_kernels import (
+    hide_unseen,
+    is_edge,
+    query_blocks_seen,
+    row_slope,
+    transformed_scores,
+    whole_keys,
+    whole_queries,
+)
 
 
 @gluon.jit
-def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
                BLOCK_N: gl.constexpr):
     """(batch, key head, first key, first query block, query blocks a head) of this program; the key blocks
     of one head are adjacent, first keys first (with causal masks, the longest programs start first)."""
@@ -51,21 +64,19 @@ def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL: gl.constexpr, B
     n_block = pid % num_n_blocks
     batch_head = pid // num_n_blocks
     first_key = n_block * (2 * BLOCK_N)
-    m_start = 0
-    if CAUSAL:
-        m_start = first_key // BLOCK_M
-    m_blocks = gl.maximum(gl.cdiv(seq_q, BLOCK_M) - m_start, 0)
+    m_start, m_blocks = query_blocks_seen(first_key, first_key + 2 * BLOCK_N - 1, seq_q, band, VARIANTS, BLOCK_M)
     return batch_head // heads_kv, batch_head % heads_kv, first_key, m_start, m_blocks
 
 
 @gluon.jit
 def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                         heads_kv, gqa_group, seq_q, num_n_blocks,
-                         CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                         heads_kv, gqa_group, seq_q, num_n_blocks, band,
+                         VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         STAGES: gl.constexpr):
     """Producer: K and V of the program's keys, then Q and dO of each (query head, query block) in order."""
     kv_ready, q_ready, q_empty, ds_ready = barriers
-    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL,
-                                                              BLOCK_M, BLOCK_N)
+    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
+                                                              VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [batch, head_kv, first_key, 0], kv_ready, k_smem)
     tma.async_copy_global_to_shared(v_desc, [batch, head_kv, first_key, 0], kv_ready, v_smem)
@@ -115,10 +126,34 @@ def _ordered_dq_add(dqt, dq_smem, dq_acc_ptr, dq_turns_ptr, batch, head_q, heads
 
 
 @gluon.jit
+def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale, band, transform, slope,
+                        VARIANTS: gl.constexpr):
+    """(P^T, d scores / d (scale q.k)) of raw S^T = K Q^T for query `rows` (starting at first_row) and `keys`."""
+    derivative = 1.0
+    if VARIANTS.natural_units:
+        st, derivative = transformed_scores(st, gl.expand_dims(rows, 0), gl.expand_dims(keys, 1), transform, slope,
+                                            VARIANTS, True)
+    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+    if VARIANTS.banded:
+        # (The mirrored band: its lower side is the band's upper one; rows past seq_q need no mask.)
+        if is_edge(first_row, whole, VARIANTS.bounded_above, VARIANTS.bounded_below):
+            if VARIANTS.bounded_below:
+                pt = hide_unseen(pt, gl.expand_dims(rows, 0), gl.expand_dims(keys, 1), seq_kv, band, VARIANTS, False,
+                                 0.0)
+            else:
+                # The band moved by its diagonal onto the keys (a vector the loop does not change): the same
+                # pairs, one row vector fewer a step (sm_90, bf16 d=128 causal GQA: 72 B of spill stores, not 120;
+                # with a window's lower side too, 176 against 124 unmoved).
+                pt = hide_unseen(pt, gl.expand_dims(rows, 0), gl.expand_dims(keys - band[1], 1), seq_kv,
+                                 (band[0] - band[1], 0), VARIANTS, False, 0.0)
+    return pt, derivative
+
+
+@gluon.jit
 def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                             delta_ptr, dq_acc_ptr, dq_turns_ptr, heads_kv, gqa_group, seq_q, num_n_blocks,
-                             stats_stride, qk_scale, scale,
-                             GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                             delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv,
+                             num_n_blocks, stats_stride, qk_scale, scale, band, transform,
+                             GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
                              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSED_DQ: gl.constexpr):
     """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's."""
     kv_ready, q_ready, q_empty, ds_ready = barriers
@@ -131,10 +166,12 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
 
-    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL,
-                                                              BLOCK_M, BLOCK_N)
+    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
+                                                              VARIANTS, BLOCK_M, BLOCK_N)
     group_key = first_key + GROUP * BLOCK_N
     heads_q = heads_kv * gqa_group
+    # Query blocks outside `whole` need the element mask (the band's edges; keys past seq_kv are not stored).
+    whole = whole_queries(group_key, group_key + BLOCK_N - 1, seq_q, band, VARIANTS, BLOCK_M)
     # This group's keys of the K and V tiles: 2-D for the products, 4-D for the gradients' TMA stores.
     k = k_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
     v = v_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
@@ -158,14 +195,22 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
         q_t = q.permute((1, 0))
         do_t = do.permute((1, 0))
         st_token = warpgroup_mma(k, q_t, st_zero, use_acc=False, is_async=True)
-        dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
-        # Products retire in order: with one outstanding, S^T is done and dP^T may still run.
-        st = warpgroup_mma_wait(1, deps=[st_token, k, q_t])[0]
-        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
-        if CAUSAL:
-            if first_row < group_key + BLOCK_N:  # a block that reaches above the diagonal
-                pt = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0), pt, 0.0)
+        if VARIANTS.natural_units:
+            # dP^T is issued once the score transform is done (its accumulator is not live during it): on sm_90
+            # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
+            st = warpgroup_mma_wait(0, deps=[st_token, k, q_t])[0]
+        else:
+            dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
+            # Products retire in order: with one outstanding, S^T is done and dP^T may still run.
+            st = warpgroup_mma_wait(1, deps=[st_token, k, q_t])[0]
+        pt, derivative = _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale, band,
+                                             transform, row_slope(slopes_ptr, transform, batch, head_q, VARIANTS),
+                                             VARIANTS)
         pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+        if VARIANTS.softcap:  # dS^T = P^T softcap' (dP^T - delta), P^T itself now in pt_op: one tile fewer live
+            pt = pt * derivative
+        if VARIANTS.natural_units:
+            dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
         dv_token = warpgroup_mma(pt_op, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]
         dst = pt * (dpt - gl.expand_dims(delta, 0))
@@ -208,11 +253,11 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr,
-    heads_kv, gqa_group, seq_q, num_n_blocks, stats_stride, qk_scale, scale,
-    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr,
+    heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
+    VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     FUSED_DQ: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
@@ -245,43 +290,44 @@ def hopper_attention_backward_dkdv_kernel(
     barriers = (kv_ready, q_ready, q_empty, ds_ready)
     gl.warp_specialize([
         (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, dk_desc, dv_desc, barriers,
-                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, heads_kv, gqa_group, seq_q,
-                                    num_n_blocks, stats_stride, qk_scale, scale, 0, CAUSAL, BLOCK_M, BLOCK_N,
-                                    STAGES, FUSED_DQ)),
+                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr, heads_kv, gqa_group,
+                                    seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform, 0,
+                                    VARIANTS, BLOCK_M, BLOCK_N, STAGES, FUSED_DQ)),
         (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, dk_desc, dv_desc, barriers,
-                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, heads_kv, gqa_group, seq_q,
-                                    num_n_blocks, stats_stride, qk_scale, scale, 1, CAUSAL, BLOCK_M, BLOCK_N,
-                                    STAGES, FUSED_DQ)),
+                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr, heads_kv, gqa_group,
+                                    seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform, 1,
+                                    VARIANTS, BLOCK_M, BLOCK_N, STAGES, FUSED_DQ)),
         (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                                heads_kv, gqa_group, seq_q, num_n_blocks, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
 
 @gluon.jit
 def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                       heads_q, gqa_group, seq_kv, num_m_blocks,
-                       CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                       heads_q, gqa_group, seq_kv, num_m_blocks, band,
+                       VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Producer: Q and dO of the program's rows, then K and V of each key block."""
     q_ready, kv_ready, kv_empty = barriers
-    batch, head_q, head_kv, first_row, key_blocks = tile_coords(gl.program_id(0), heads_q, gqa_group, seq_kv,
-                                                                num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
+    batch, head_q, head_kv, first_row, first_block, end_block = tile_coords(
+        gl.program_id(0), heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(q_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready, q_smem)
     tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready, do_smem)
-    for j in range(key_blocks):
-        stage = j % STAGES
-        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+    for i in range(end_block - first_block):
+        stage = i % STAGES
+        key = (first_block + i) * BLOCK_N
+        mbarrier.wait(kv_empty.index(stage), ((i // STAGES) & 1) ^ 1)
         mbarrier.expect(kv_ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch, head_kv, j * BLOCK_N, 0], kv_ready.index(stage),
+        tma.async_copy_global_to_shared(k_desc, [batch, head_kv, key, 0], kv_ready.index(stage),
                                         k_smem.index(stage))
-        tma.async_copy_global_to_shared(v_desc, [batch, head_kv, j * BLOCK_N, 0], kv_ready.index(stage),
+        tma.async_copy_global_to_shared(v_desc, [batch, head_kv, key, 0], kv_ready.index(stage),
                                         v_smem.index(stage))
 
 
 @gluon.jit
-def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
-                           heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                           GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr,
+                           heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
+                           GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            STAGES: gl.constexpr):
     """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's."""
     q_ready, kv_ready, kv_empty = barriers
@@ -293,13 +339,12 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
                                                          instr_shape=[16, HEAD_DIM, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
 
-    batch, head_q, head_kv, tile_row, key_blocks = tile_coords(gl.program_id(0), heads_q, gqa_group, seq_kv,
-                                                               num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
+    batch, head_q, head_kv, tile_row, first_block, end_block = tile_coords(
+        gl.program_id(0), heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
     first_row = tile_row + GROUP * BLOCK_M
-    # Key blocks from `masked_from` on need the sequence-end or causal mask.
-    masked_from = seq_kv // BLOCK_N
-    if CAUSAL:
-        masked_from = gl.minimum(masked_from, (first_row + 1) // BLOCK_N)
+    # Key blocks outside `whole` need the element mask (the sequence end, the band's edges).
+    whole = whole_keys(first_row, first_row + BLOCK_M - 1, seq_kv, band, VARIANTS, BLOCK_N)
+    slope = row_slope(slopes_ptr, transform, batch, head_q, VARIANTS)
     rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     stats = (batch * heads_q + head_q) * stats_stride + rows
     lse2 = gl.expand_dims(gl.load(lse2_ptr + stats), 1)
@@ -311,22 +356,27 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
     do = do_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
     mbarrier.wait(q_ready, 0)
 
-    for j in range(key_blocks):
-        stage = j % STAGES
-        mbarrier.wait(kv_ready.index(stage), (j // STAGES) & 1)
+    for i in range(end_block - first_block):
+        j = first_block + i
+        stage = i % STAGES
+        mbarrier.wait(kv_ready.index(stage), (i // STAGES) & 1)
         k = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_t = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         k_t = k.permute((1, 0))
         s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
         dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
-        p = gl.exp2(s * qk_scale - lse2)
-        if j >= masked_from:
+        derivative = 1.0
+        if VARIANTS.natural_units:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            visible = gl.expand_dims(cols < seq_kv, 0)
-            if CAUSAL:
-                visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
-            p = gl.where(visible, p, 0.0)
+            s, derivative = transformed_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope,
+                                               VARIANTS)
+        p = gl.exp2(s * qk_scale - lse2)
+        if VARIANTS.softcap:  # dS = P softcap' (dP - delta): one tile fewer live while dP completes
+            p = p * derivative  # (inf * 0 = NaN only where lse is -inf, a row every edge mask hides whole)
+        if is_edge(j * BLOCK_N, whole, VARIANTS.bounded_below):
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            p = hide_unseen(p, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), seq_kv, band, VARIANTS, True, 0.0)
         dp = warpgroup_mma_wait(0, deps=[dp_token, do, v_t])[0]
         ds = p * (dp - delta)
         ds_op = gl.convert_layout(ds.to(dtype), op_layout)
@@ -342,11 +392,11 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dq_kernel(
-    q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr,
-    heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
+    heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
+    VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
@@ -367,11 +417,11 @@ def hopper_attention_backward_dq_kernel(
     barriers = (q_ready, kv_ready, kv_empty)
     gl.warp_specialize([
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
-                                  heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  0, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                  slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
+                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
-                                  heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  1, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                  slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
+                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
         (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                              heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                              heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

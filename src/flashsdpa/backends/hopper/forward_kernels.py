@@ -18,12 +18,16 @@ plain, non-persistent launch). Its warps split into partitions:
   other, so one group's softmax also runs under the other's products.
 
 Scores are kept in base 2 (`qk_scale` = softmax scale * log2(e), positive:
-the launcher negates q for a negative scale); the row log-sum-exp is written
-in natural log. Causal masks are top-left aligned (key j visible to row i
-when j <= i). Q, K, V and O go through 4-D host TMA descriptors (batch,
-heads, rows, head_dim), whose bounds clip tiles at the sequence ends:
-out-of-range rows load as zeros and are never stored. O leaves through the
-consumer's own rows of its tile's Q slot.
+the launcher negates q for a negative scale; log2(e) alone where softcap or
+ALiBi transform the scores, which then are in natural units); the row
+log-sum-exp is written in natural log. The variants (`VARIANTS`, see
+variant_kernels): a tile visits the key blocks its rows see (causal, windows,
+either alignment), masks only the edge blocks, and a row that sees no key
+gets out 0 and lse -inf; a sink logit starts each row's softmax (a key of
+weight exp(sink) and no value row). Q, K, V and O go through 4-D host TMA
+descriptors (batch, heads, rows, head_dim), whose bounds clip tiles at the
+sequence ends: out-of-range rows load as zeros and are never stored. O
+leaves through the consumer's own rows of its tile's Q slot.
 """
 
 from __future__ import annotations
@@ -38,38 +42,47 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from flashsdpa.backends.hopper.variant_kernels import (
+    hide_unseen,
+    is_edge,
+    key_blocks_seen,
+    row_slope,
+    transformed_scores,
+    whole_keys,
+)
+
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
 
 
 @gluon.jit
-def tile_coords(tile, heads_q, gqa_group, seq_kv, num_m_blocks, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr):
-    """(batch, query head, key head, first row, key blocks) of `tile`; row tiles of one head are adjacent
-    (their programs share its K/V in L2), longest causal tiles first."""
+def tile_coords(tile, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr):
+    """(batch, query head, key head, first row, first key block, end key block) of `tile`; row tiles of one
+    head are adjacent (their programs share its K/V in L2), longest causal tiles first."""
     m_block = tile % num_m_blocks
-    if CAUSAL:
+    if VARIANTS.longest_rows_last:
         m_block = num_m_blocks - 1 - m_block
     batch_head = tile // num_m_blocks
     head_q = batch_head % heads_q
     first_row = m_block * (2 * BLOCK_M)
-    key_end = seq_kv
-    if CAUSAL:
-        key_end = gl.minimum(seq_kv, first_row + 2 * BLOCK_M)
-    return batch_head // heads_q, head_q, head_q // gqa_group, first_row, gl.cdiv(key_end, BLOCK_N)
+    first_block, end_block = key_blocks_seen(first_row, first_row + 2 * BLOCK_M - 1, seq_kv, band, VARIANTS,
+                                             BLOCK_N)
+    return batch_head // heads_q, head_q, head_q // gqa_group, first_row, first_block, end_block
 
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, heads_q, gqa_group, seq_kv,
-                    num_m_blocks, num_tiles,
-                    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    num_m_blocks, num_tiles, band,
+                    VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                     Q_BUFFERS: gl.constexpr):
     """Producer: each tile's Q, then K and V of its key blocks into the ring of `STAGES` slots."""
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns = barriers
     loaded = 0  # key blocks loaded so far, over every tile: their ring position
     count = 0  # tiles started by this program
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head_q, head_kv, first_row, key_blocks = tile_coords(tile, heads_q, gqa_group, seq_kv,
-                                                                     num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
+        batch, head_q, head_kv, first_row, first_block, end_block = tile_coords(
+            tile, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
         q_slot = count % Q_BUFFERS
         # An "empty" barrier completes phase 0 when the consumers first free its slot; the first pass
         # over a ring waits on the (already complete) phase before that.
@@ -77,7 +90,7 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, he
         mbarrier.expect(q_ready.index(q_slot), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready.index(q_slot),
                                         q_smem.index(q_slot))
-        for j in range(key_blocks):
+        for j in range(first_block, end_block):
             stage = loaded % STAGES
             free_phase = ((loaded // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(stage), free_phase)
@@ -109,28 +122,33 @@ def _pass_turn(turns, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_block(s, m_i, l_i, j, first_row, seq_kv, masked_from, qk_scale,
-                   CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   s_layout: gl.constexpr):
-    """Online-softmax step on raw scores `s` of key block j: (p, new max, alpha, new row sum)."""
-    if j >= masked_from:
+def _softmax_block(s, m_i, l_i, j, rows, whole, seq_kv, band, transform, slope, qk_scale,
+                   VARIANTS: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax step on raw products `s` of key block j for query `rows` ([BLOCK_M]; `whole`: their
+    whole key blocks, variant_kernels): (p, new max, alpha, new row sum)."""
+    if VARIANTS.natural_units:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        visible = gl.expand_dims(cols < seq_kv, 0)
-        if CAUSAL:
-            rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-            visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1))
-        s = gl.where(visible, s, float("-inf"))
+        s, _ = transformed_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope, VARIANTS)
+    edge = is_edge(j * BLOCK_N, whole, VARIANTS.bounded_below)
+    if edge:
+        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = hide_unseen(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), seq_kv, band, VARIANTS, True,
+                        float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    m_used = m_new
+    if VARIANTS.banded:
+        if edge:  # a row that has seen no key yet: its p and alpha are 0, not exp2(-inf + inf)
+            m_used = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_used)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_used, 1))
     l_new = l_i * alpha + gl.sum(p, 1)
     return p, m_new, alpha, l_new
 
 
 @gluon.jit
-def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads_q, gqa_group, seq_q, seq_kv,
-                        num_m_blocks, num_tiles, qk_scale,
-                        GROUP: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slopes_ptr, sinks_ptr, heads_q, gqa_group,
+                        seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform,
+                        GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr):
     """Consumer warp group GROUP: rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of every tile of this program."""
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns = barriers
@@ -150,13 +168,14 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
     count = 0
     rounds = 0  # product issues so far (PINGPONG turns)
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        batch, head_q, head_kv, tile_row, key_blocks = tile_coords(tile, heads_q, gqa_group, seq_kv,
-                                                                    num_m_blocks, CAUSAL, BLOCK_M, BLOCK_N)
+        batch, head_q, head_kv, tile_row, first_block, end_block = tile_coords(
+            tile, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
+        key_blocks = end_block - first_block
         first_row = tile_row + GROUP * BLOCK_M
-        # Key blocks from `masked_from` on need the sequence-end or causal mask.
-        masked_from = seq_kv // BLOCK_N
-        if CAUSAL:
-            masked_from = gl.minimum(masked_from, (first_row + 1) // BLOCK_N)
+        rows = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        # Key blocks outside `whole` need the element mask (the sequence end, the band's edges).
+        whole = whole_keys(first_row, first_row + BLOCK_M - 1, seq_kv, band, VARIANTS, BLOCK_N)
+        slope = row_slope(slopes_ptr, transform, batch, head_q, VARIANTS)
 
         q_slot = count % Q_BUFFERS
         q_tile = q_smem.index(q_slot)
@@ -182,8 +201,12 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
         mbarrier.arrive(k_empty.index(stage), count=1)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        p, m_i, alpha, l_i = _softmax_block(s, m_i, l_i, 0, first_row, seq_kv, masked_from, qk_scale,
-                                            CAUSAL, BLOCK_M, BLOCK_N, s_layout)
+        if VARIANTS.sinks:  # the sink: a key of logit `sink` (natural units) and no value row
+            sink = gl.load(sinks_ptr + head_q)
+            m_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout)) + sink * LOG2E
+            l_i = gl.where(m_i == float("-inf"), 0.0, 1.0)
+        p, m_i, alpha, l_i = _softmax_block(s, m_i, l_i, first_block, rows, whole, seq_kv, band, transform, slope,
+                                            qk_scale, VARIANTS, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM_V], gl.float32, o_layout)
 
@@ -204,8 +227,8 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
             # Products retire in order: with one left outstanding, S is done and P V may still run.
             s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
             mbarrier.arrive(k_empty.index(stage), count=1)
-            p, m_i, alpha, l_i = _softmax_block(s, m_i, l_i, j, first_row, seq_kv, masked_from, qk_scale,
-                                                CAUSAL, BLOCK_M, BLOCK_N, s_layout)
+            p, m_i, alpha, l_i = _softmax_block(s, m_i, l_i, first_block + j, rows, whole, seq_kv, band, transform,
+                                                slope, qk_scale, VARIANTS, BLOCK_N, s_layout)
             acc = warpgroup_mma_wait(0, deps=[acc_token, v])[0]
             mbarrier.arrive(v_empty.index(previous), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
@@ -223,11 +246,14 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
         mbarrier.arrive(v_empty.index(last), count=1)
 
         l_o = gl.convert_layout(l_i, o_rows)
-        acc = acc / gl.expand_dims(l_o, 1)
+        if VARIANTS.banded or VARIANTS.sinks:  # a row that saw no key (nor sink): out 0, lse -inf
+            acc = acc / gl.expand_dims(gl.where(l_o == 0.0, 1.0, l_o), 1)
+        else:
+            acc = acc / gl.expand_dims(l_o, 1)
         # lse in natural log; rows past the sequence end are not stored.
-        rows = first_row + gl.arange(0, BLOCK_M, layout=o_rows)
+        out_rows = first_row + gl.arange(0, BLOCK_M, layout=o_rows)
         lse = (gl.convert_layout(m_i, o_rows) + gl.log2(l_o)) * LN2
-        gl.store(lse_ptr + (batch * heads_q + head_q) * seq_q + rows, lse, mask=rows < seq_q)
+        gl.store(lse_ptr + (batch * heads_q + head_q) * seq_q + out_rows, lse, mask=out_rows < seq_q)
         q.store(acc.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [batch, head_q, first_row, 0], q_rows)
@@ -238,15 +264,19 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_forward_kernel(
-    q_desc, k_desc, v_desc, o_desc, lse_ptr,
-    heads_q, gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale,
-    CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, sinks_ptr,
+    heads_q, gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform,
+    VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
     PRODUCER_REGISTERS: gl.constexpr,
 ):
-    """out and lse of `num_tiles` tiles (`2 * BLOCK_M` query rows of one batch and query head each)."""
+    """out and lse of `num_tiles` tiles (`2 * BLOCK_M` query rows of one batch and query head each).
+
+    band: (lowest_diagonal, highest_diagonal); transform: (scale, softcap, key_offset, ALiBi slope strides of
+    batch and head); slopes_ptr (ALiBi, float32) and sinks_ptr (float32, one logit a query head) are read only
+    where VARIANTS says so (variant_kernels)."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS] + q_desc.block_type.shape, q_desc.layout)
@@ -272,12 +302,12 @@ def hopper_attention_forward_kernel(
 
     barriers = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns)
     gl.warp_specialize([
-        (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads_q, gqa_group, seq_q, seq_kv,
-                               num_m_blocks, num_tiles, qk_scale, 0, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS,
-                               PINGPONG)),
-        (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, heads_q, gqa_group, seq_q, seq_kv,
-                               num_m_blocks, num_tiles, qk_scale, 1, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS,
-                               PINGPONG)),
+        (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slopes_ptr, sinks_ptr, heads_q,
+                               gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform, 0,
+                               VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS, PINGPONG)),
+        (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slopes_ptr, sinks_ptr, heads_q,
+                               gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform, 1,
+                               VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS, PINGPONG)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, heads_q, gqa_group, seq_kv,
-                           num_m_blocks, num_tiles, CAUSAL, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
+                           num_m_blocks, num_tiles, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

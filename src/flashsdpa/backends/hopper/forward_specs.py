@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flashsdpa.backends.hopper.variants import HopperVariants
+
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -24,7 +26,7 @@ class HopperForwardSpec:
     """Everything the forward kernel is compiled with besides the dtype (which its descriptors carry)."""
 
     head_dim: int
-    causal: bool
+    variants: HopperVariants  # compiled in as VARIANTS
     block_n: int  # key rows a stage holds
     stages: int  # K/V ring depth
     q_buffers: int  # Q slots: 2 lets the producer load the next tile's Q while this one finishes
@@ -46,8 +48,9 @@ class HopperForwardSpec:
 _TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 1)}
 
 
-def forward_spec(head_dim: int, causal: bool) -> HopperForwardSpec:
-    """The table's tiles; persistent programs for non-causal problems only.
+def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
+    """The table's tiles; persistent programs for problems without a band only (a band's tiles see unequal
+    key ranges, as causal ones do).
 
     H100, bf16 (BENCHMARKS.md, issue 14): persistent programs beat one program
     per tile non-causal (d=128 L=4096 603 vs 571 TFLOP/s, d=64 455 vs 432), but
@@ -57,5 +60,5 @@ def forward_spec(head_dim: int, causal: bool) -> HopperForwardSpec:
     d=128 L=4096 non-causal and -1 to -3% elsewhere: off.
     """
     block_n, stages, q_buffers = _TILES[head_dim]
-    return HopperForwardSpec(head_dim=head_dim, causal=causal, block_n=block_n, stages=stages, q_buffers=q_buffers,
-                             persistent=not causal)
+    return HopperForwardSpec(head_dim=head_dim, variants=variants, block_n=block_n, stages=stages,
+                             q_buffers=q_buffers, persistent=not variants.banded)

@@ -9,6 +9,7 @@ import torch
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.hopper.backward_specs import HopperBackwardSpec, backward_spec
 from flashsdpa.backends.hopper.launch_forward import LOG2E, tma_descriptor, tma_readable
+from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, score_arguments
 from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
 from flashsdpa.backends.triton.launch_backward import stats_row_stride
 from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device
@@ -60,7 +61,12 @@ def attention_backward(
     if max(dkdv_programs, dq_programs) > MAX_GRID_X:
         raise ValueError(f"hopper backward: {max(dkdv_programs, dq_programs)} programs exceed the grid limit")
     scale = float(desc.scale)
-    common = dict(CAUSAL=desc.causal, CONSUMER_REGISTERS=spec.consumer_registers,
+    variants = HopperVariants.of(desc)
+    transform, (slopes, _) = score_arguments(desc, inputs, scale, delta)
+    band = band_arguments(desc)
+    # Raw products are scaled in the exponent; transformed scores are in natural units already.
+    qk_scale = LOG2E if variants.natural_units else scale * LOG2E
+    common = dict(VARIANTS=variants, CONSUMER_REGISTERS=spec.consumer_registers,
                   PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
     with on_device(device):
         attention_backward_preprocess_kernel[(cdiv(stats_stride, PREPROCESS_BLOCK_M) * batch * heads_q,)](
@@ -79,7 +85,8 @@ def attention_backward(
             tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
             tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
             tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n), lse2, delta,
-            dq_acc, dq_turns, heads_kv, desc.gqa_group, seq_q, num_n_blocks, stats_stride, scale * LOG2E, scale,
+            dq_acc, dq_turns, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale,
+            scale, band, transform,
             BLOCK_M=spec.dkdv_block_m, BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, FUSED_DQ=spec.fused_dq,
             **common,
         )
@@ -89,8 +96,8 @@ def attention_backward(
         kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
             tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
             tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
-            tma_descriptor(dq, spec.dq_block_m), lse2, delta,
-            heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, scale * LOG2E, scale,
+            tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
+            heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
             BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages, **common,
         )
     return dq, dk, dv

@@ -8,6 +8,7 @@ import torch
 
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.hopper.forward_specs import HopperForwardSpec, forward_spec
+from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, score_arguments
 from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, host_descriptor_strides, on_device, sm_count
 from flashsdpa.backends.triton.launch_forward import allocate_outputs, kernel_query, kernel_scale
 from flashsdpa.cache import RecentValues
@@ -62,11 +63,16 @@ def attention_forward(
     """out (B, Hq, L, Ev) in desc.dtype and lse (B, Hq, L) float32 (natural log); see `Backend.forward`.
 
     q, k, v must pass `tma_readable` (the backend checks)."""
-    spec = spec or forward_spec(desc.head_dim, desc.causal)
+    variants = HopperVariants.of(desc)
+    spec = spec or forward_spec(desc.head_dim, variants)
     kernels, _, _ = _gluon()
     q = kernel_query(desc, inputs)
     k, v = inputs.key, inputs.value
     out, lse = allocate_outputs(desc, q)
+    scale = kernel_scale(desc)
+    transform, (slopes, sinks) = score_arguments(desc, inputs, scale, lse)
+    # Raw products are scaled in the exponent; transformed scores are in natural units already.
+    qk_scale = LOG2E if variants.natural_units else scale * LOG2E
     num_m_blocks = cdiv(desc.seq_q, spec.rows_per_program)
     num_tiles = num_m_blocks * desc.batch * desc.heads_q
     if num_tiles > MAX_GRID_X:
@@ -77,10 +83,10 @@ def attention_forward(
                    tma_descriptor(v, spec.block_n), tma_descriptor(out, spec.block_m))
     with on_device(q.device):
         kernels.hopper_attention_forward_kernel[(programs,)](
-            *descriptors, lse,
-            desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles,
-            kernel_scale(desc) * LOG2E,
-            CAUSAL=desc.causal, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+            *descriptors, lse, slopes, sinks,
+            desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles, qk_scale,
+            band_arguments(desc), transform,
+            VARIANTS=spec.variants, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
             Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong,
             CONSUMER_REGISTERS=spec.consumer_registers, PRODUCER_REGISTERS=spec.producer_registers,
             num_warps=spec.num_warps, maxnreg=spec.max_registers,

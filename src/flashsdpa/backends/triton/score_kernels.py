@@ -39,6 +39,13 @@ def tanh(x):
 
 
 @triton.jit
+def tanh_absolute(x):
+    """tanh of float32 x to about 1e-7 absolute (not relative near 0): one exp2 and one division, for scores
+    whose probabilities are rounded to 16 bits, where a softcapped score needs only its absolute error small."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # (2 log2(e): exp(2x))
+
+
+@triton.jit
 def scores_of_products(
     qk,
     rows,
@@ -58,6 +65,7 @@ def scores_of_products(
     APPLY_EDGE_MASK: tl.constexpr,
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
+    ABSOLUTE_TANH: tl.constexpr = False,
 ):
     """(scores, dscores/ds) of a tile of raw products `qk`, in the module doc's order.
 
@@ -68,12 +76,16 @@ def scores_of_products(
     masks applied (valid only without softcap, ALiBi and a float mask).
     The derivative (of the final score by scale * q.k) is softcap's 1 - tanh^2
     with SOFTCAP, else 1.0; the backward multiplies the score gradient by it.
+    ABSOLUTE_TANH: softcap's tanh is `tanh_absolute` (16-bit kernels), else `tanh`.
     """
     derivative = 1.0
     if NATURAL_UNITS:
         scores = qk * scale
         if SOFTCAP:
-            capped = tanh(scores / softcap)
+            if ABSOLUTE_TANH:
+                capped = tanh_absolute(scores / softcap)
+            else:
+                capped = tanh(scores / softcap)
             scores = softcap * capped
             derivative = 1.0 - capped * capped
         if ALIBI:
