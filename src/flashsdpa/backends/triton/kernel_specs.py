@@ -221,7 +221,9 @@ class PagedDecodeKernelSpec(KernelSpec):
     bounded_below: bool
     bounded_above: bool
     paged: bool
-    block_in_one_page: bool  # paged, page_size a multiple of block_n: one table read and page per key block
+    # Paged: the page size where it is a power of two (compiled in: a key's page and slot without a division,
+    # and one table read per key block where the pages hold whole blocks), else 0 (a division per key).
+    fixed_page_size: int
     softcap: bool
     alibi: bool
     sinks: bool
@@ -245,7 +247,7 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int 
         bounded_below=key.bounded_below,
         bounded_above=key.bounded_above,
         paged=page_size is not None,
-        block_in_one_page=page_size is not None and page_size % decode.block_n == 0,
+        fixed_page_size=fixed_page_size(page_size),
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,
@@ -259,3 +261,9 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int 
         num_warps=decode.num_warps,
         num_stages=decode.num_stages,
     )
+
+
+
+def fixed_page_size(page_size: int | None) -> int:
+    """PagedDecodeKernelSpec.fixed_page_size of pages of `page_size` keys (None: a contiguous cache)."""
+    return page_size if page_size is not None and page_size & (page_size - 1) == 0 else 0

@@ -17,7 +17,8 @@ import torch
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.triton import paged_kernels
 from flashsdpa.backends.triton.direct_launch import launcher
-from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, choose_forward_config, decode_split_count
+from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, DecodeConfig, choose_forward_config, \
+    decode_split_count  # fmt: skip
 from flashsdpa.backends.triton.kernel_specs import paged_decode_spec
 from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, on_device, \
     score_arguments, sm_count  # fmt: skip
@@ -42,6 +43,14 @@ PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
 
 
+def paged_tiles(decode: DecodeConfig, group_rows: int, dtype: torch.dtype) -> DecodeConfig:
+    """The paged program's tiles from flash decoding's (`decode`), for `group_rows` packed rows per kv head."""
+    decode = replace(decode, num_warps=PAGED_DECODE_WARPS)
+    if group_rows > decode.block_m and dtype != torch.float32:
+        decode = replace(decode, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(decode.block_n, PAGED_MANY_ROWS_BLOCK_N))
+    return decode
+
+
 def paged_decode(
     desc: AttentionDescriptor,
     q: Tensor,
@@ -53,11 +62,13 @@ def paged_decode(
     alibi_slopes: Tensor | None,
     sinks: Tensor | None,
     num_splits: int | None = None,
+    tiles: DecodeConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """out (B, Hq, Lq, Ev) in q's dtype and lse (B, Hq, Lq) float32 of q (B, Lq, Hq, E) over each sequence's
     first cache_seqlens[b] + new_tokens keys of the caches (paged with `block_table`, else contiguous).
     `alibi_slopes` (B, Hq) (stride 0 over a broadcast batch). `num_splits` (default: from the capacity and
-    the SM count) pins the split count, rounded so every split holds whole key blocks."""
+    the SM count) pins the split count, rounded so every split holds whole key blocks; `tiles` (default:
+    paged_tiles) pins the program's rows, key block, warps and stages (scripts/sweep_paged_gpu.py)."""
     capability = device_capability(q.device)
     config = kernel_cache.get(
         ("forward", desc.kernel_key, capability, False),
@@ -68,10 +79,8 @@ def paged_decode(
     lse = new_output((batch, heads_q, seq_q), torch.float32, q.device)
     if batch * heads_q * seq_q == 0:
         return out, lse
-    decode = replace(config.decode, num_warps=PAGED_DECODE_WARPS)
     gqa_group = desc.gqa_group
-    if gqa_group * seq_q > decode.block_m and desc.dtype != torch.float32:
-        decode = replace(decode, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(decode.block_n, PAGED_MANY_ROWS_BLOCK_N))
+    decode = tiles or paged_tiles(config.decode, gqa_group * seq_q, desc.dtype)
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
     if programs_per_split > MAX_GRID_X:

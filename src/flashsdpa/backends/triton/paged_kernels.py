@@ -10,8 +10,8 @@ item b lives in
     contiguous:  cache[b, j, kv_head]
 
 any page size (each key row's address is computed on its own, so a block of
-keys may span pages). As in decode_kernels, the gqa_group * seq_q query rows
-of one kv head share one program (K and V are read once per group), the keys
+keys may span pages; a power-of-two page size is compiled in: FIXED_PAGE_SIZE).
+As in decode_kernels, the gqa_group * seq_q query rows of one kv head share one program (K and V are read once per group), the keys
 are split across programs (the split count follows the capacity, a host
 value; a split past K_b visits no key block), and the splits are merged in a
 fixed order by decode_kernels.merge_decode_splits_kernel. The scores are
@@ -31,12 +31,18 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 @triton.jit
 def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_page, PAGED: tl.constexpr,
-                BLOCK_IN_ONE_PAGE: tl.constexpr):
-    """The page numbers of the key block at `start` (positions start + offs_n) of one batch item: one per
-    key, or with BLOCK_IN_ONE_PAGE (page_size a multiple of the block, `start` a multiple of the block) the
-    block's one page, a scalar. 0 past key_end, where the table is not read, and for a contiguous cache."""
-    if PAGED and BLOCK_IN_ONE_PAGE:
-        page = tl.load(table_row_ptr + (start // page_size) * stride_table_page, mask=start < key_end, other=0)
+                FIXED_PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The page numbers of the key block at `start` (a multiple of BLOCK_N; keys start + offs_n) of one batch
+    item: one per key, or where the pages hold whole blocks (FIXED_PAGE_SIZE >= BLOCK_N) the block's one
+    page, a scalar. With FIXED_PAGE_SIZE (the page size compiled in, a power of two) a key's table index is
+    start's plus a constant; else (0: the page_size argument) it costs a division per key. 0 past key_end,
+    where the table is not read, and for a contiguous cache."""
+    if PAGED and FIXED_PAGE_SIZE >= BLOCK_N:
+        index = start // FIXED_PAGE_SIZE
+        page = tl.load(table_row_ptr + index * stride_table_page, mask=start < key_end, other=0)
+    elif PAGED and FIXED_PAGE_SIZE > 0:
+        index = start // FIXED_PAGE_SIZE + offs_n // FIXED_PAGE_SIZE
+        page = tl.load(table_row_ptr + index * stride_table_page, mask=start + offs_n < key_end, other=0)
     elif PAGED:
         cols = start + offs_n
         page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=cols < key_end, other=0)
@@ -46,14 +52,22 @@ def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_p
 
 
 @triton.jit
-def key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED: tl.constexpr):
-    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item, whose page numbers
-    are `page` (block_pages: one per key, or the block's one page): int64 element offsets of each key's row from the kv head's base, by the caches'
-    (page or batch item, slot) strides."""
+def key_rows(page, batch, start, offs_n, key_end, page_size, k_strides, v_strides, PAGED: tl.constexpr,
+             FIXED_PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(K row offsets, V row offsets, in range) of the keys start + offs_n of one batch item (`start` a
+    multiple of BLOCK_N), whose page numbers are `page` (block_pages, under the same FIXED_PAGE_SIZE):
+    int64 element offsets of each key's row from the kv head's base, by the caches' (page or batch item,
+    slot) strides."""
+    cols = start + offs_n
     in_range = cols < key_end
     if PAGED:
+        if FIXED_PAGE_SIZE >= BLOCK_N:
+            slot = start % FIXED_PAGE_SIZE + offs_n
+        elif FIXED_PAGE_SIZE > 0:
+            slot = offs_n % FIXED_PAGE_SIZE
+        else:
+            slot = cols % page_size
         page = page.to(tl.int64)
-        slot = cols % page_size
         return page * k_strides[0] + slot * k_strides[1], page * v_strides[0] + slot * v_strides[1], in_range
     position = cols.to(tl.int64)
     item = batch.to(tl.int64)
@@ -99,7 +113,7 @@ def attend_cache_blocks(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     PAGED: tl.constexpr,
-    BLOCK_IN_ONE_PAGE: tl.constexpr,
+    FIXED_PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -118,12 +132,13 @@ def attend_cache_blocks(
     # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
     # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
     page = block_pages(table_row_ptr, key_start, offs_n, key_end, page_size, stride_table_page, PAGED,
-                       BLOCK_IN_ONE_PAGE)
+                       FIXED_PAGE_SIZE, BLOCK_N)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
-        k_rows, v_rows, in_range = key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED)
+        k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
+                                            PAGED, FIXED_PAGE_SIZE, BLOCK_N)
         page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_n, key_end, page_size, stride_table_page, PAGED,
-                           BLOCK_IN_ONE_PAGE)
+                           FIXED_PAGE_SIZE, BLOCK_N)
         k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
@@ -209,7 +224,7 @@ def attention_paged_decode_kernel(
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
     PAGED: tl.constexpr,
-    BLOCK_IN_ONE_PAGE: tl.constexpr,
+    FIXED_PAGE_SIZE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
@@ -286,7 +301,8 @@ def attention_paged_decode_kernel(
                 key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
-                ALIBI, PAGED, BLOCK_IN_ONE_PAGE, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32,
+                ALIBI, PAGED, FIXED_PAGE_SIZE, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS,
+                SPLIT_TF32,
             )  # fmt: skip
     if not NATURAL_UNITS:
         row_max = row_max * softmax_scale
