@@ -11,12 +11,13 @@ item b lives in
 
 any page size (each key row's address is computed on its own, so a block of
 keys may span pages; a power-of-two page size is compiled in: FIXED_PAGE_SIZE).
-As in decode_kernels, the gqa_group * seq_q query rows of one kv head share one program (K and V are read once per group), the keys
-are split across programs (the split count follows the capacity, a host
-value; a split past K_b visits no key block), and the splits are merged in a
-fixed order by decode_kernels.merge_decode_splits_kernel. The scores are
-score_kernels' and the visible keys visibility_kernels' (a band around the
-diagonal j - i = K_b - seq_q, computed per item).
+As in decode_kernels, the gqa_group * seq_q query rows of one kv head share
+one program (K and V are read once per group), the keys are split across
+programs (the split count follows the capacity, a host value; a split past K_b
+visits no key block), and the splits are merged in a fixed order by
+decode_kernels.merge_decode_splits_kernel. The scores are score_kernels' and
+the visible keys visibility_kernels' (a band around the diagonal
+j - i = K_b - seq_q, computed per item).
 """
 
 import triton
