@@ -437,6 +437,40 @@ def test_triton_paged_decode_compiles_in_power_of_two_page_sizes(triton_device, 
         assert spec.fixed_page_size == fixed, (page_size, spec)
 
 
+@pytest.mark.parametrize("page_size", [None, 16, 32])
+def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, page_size):
+    """K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): a contiguous cache and pages holding whole
+    16-key blocks, the last sequence's capacity (45) no multiple of the block, keys past each length in the
+    cache set to inf (read by the box, never used)."""
+    from flashsdpa.backends.triton import launch_paged
+
+    monkeypatch.setattr(launch_paged, "PAGED_TMA_BLOCKS", True)
+    specs, spec_of = [], launch_paged.paged_decode_spec
+
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    lengths, new, seq_q = [5, 0, 17, 43], 1, 2
+    call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32, seed=71)
+    totals = [n + new for n in lengths]
+    table = call["block_table"]
+    for cache in (call["k_cache"], call["v_cache"]):  # every slot past a sequence's keys
+        for b, n in enumerate(totals):
+            if page_size is None:
+                cache[b, n:] = float("inf")
+            for j in range(n, table.shape[1] * page_size if page_size else 0):
+                cache[table[b, j // page_size], j % page_size] = float("inf")
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), return_lse=True, backend="triton")
+    assert specs[-1].tma_blocks, specs[-1]
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, causal=True)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, torch.float32, causal=True)
+    assert_forward_close("out", out, ref, stand_in, torch.float32)
+    assert_lse_close(lse.cpu(), ref_lse, torch.float32)
+
+
 @pytest.mark.parametrize("dtype, seq_q", [(torch.bfloat16, 3), (torch.float16, 9)])
 def test_triton_paged_decode_16_bit(triton_device, splits, dtype, seq_q):
     """3 GQA heads x 3 query rows fill one 16-row program; x 9 rows take the 64-row programs of chunked

@@ -224,6 +224,7 @@ class PagedDecodeKernelSpec(KernelSpec):
     # Paged: the page size where it is a power of two (compiled in: a key's page and slot without a division,
     # and one table read per key block where the pages hold whole blocks), else 0 (a division per key).
     fixed_page_size: int
+    tma_blocks: bool  # K/V blocks by TMA boxes (launch_paged.tma_block_views), not per-row addresses
     softcap: bool
     alibi: bool
     sinks: bool
@@ -238,16 +239,18 @@ class PagedDecodeKernelSpec(KernelSpec):
     num_stages: int
 
 
-def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None) -> PagedDecodeKernelSpec:
+def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None,
+                      tma_blocks: bool = False) -> PagedDecodeKernelSpec:  # fmt: skip
     """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
     alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`, over a
-    cache of pages of `page_size` keys (None: contiguous)."""
+    cache of pages of `page_size` keys (None: contiguous), its K/V blocks read by TMA if `tma_blocks`."""
     key = desc.kernel_key
     return PagedDecodeKernelSpec(
         bounded_below=key.bounded_below,
         bounded_above=key.bounded_above,
         paged=page_size is not None,
         fixed_page_size=fixed_page_size(page_size),
+        tma_blocks=tma_blocks,
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,

@@ -19,9 +19,9 @@ from flashsdpa.backends.triton import paged_kernels
 from flashsdpa.backends.triton.direct_launch import launcher
 from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, DecodeConfig, choose_forward_config, \
     decode_split_count  # fmt: skip
-from flashsdpa.backends.triton.kernel_specs import paged_decode_spec
-from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, on_device, \
-    score_arguments, sm_count  # fmt: skip
+from flashsdpa.backends.triton.kernel_specs import fixed_page_size, paged_decode_spec
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, \
+    host_descriptor, host_descriptor_strides, on_device, score_arguments, sm_count  # fmt: skip
 from flashsdpa.backends.triton.launch_forward import kernel_query, kernel_scale, merge_launcher
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
@@ -41,6 +41,23 @@ PAGED_DECODE_WARPS = 8
 # 255 registers, float32 (split tf32 products) spilled 436 bytes.
 PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
+
+# K/V blocks by TMA (spec field tma_blocks) where the cache allows it (a contiguous cache, or power-of-two
+# pages holding whole key blocks; TMA-readable strides; sm_90+ or the interpreter). Off by default until
+# timed against the per-row cp.async loads (scripts/sweep_paged_gpu.py).
+PAGED_TMA_BLOCKS = False
+
+
+def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, block_n: int,
+                    capability: tuple[int, int] | None) -> tuple | None:  # fmt: skip
+    """((K view, strides), (V view, strides)) of the caches as (page or batch item, head, slot, dim) for
+    TMA descriptors of whole key blocks, or None where the blocks are read row by row."""
+    whole_blocks = page_size is None or (fixed_page_size(page_size) and page_size % block_n == 0)
+    if not PAGED_TMA_BLOCKS or not whole_blocks or (capability is not None and capability < (9, 0)):
+        return None
+    views = tuple(cache.permute(0, 2, 1, 3) for cache in (k_cache, v_cache))
+    strides = tuple(host_descriptor_strides(view) for view in views)
+    return None if None in strides else tuple(zip(views, strides))
 
 
 def paged_tiles(decode: DecodeConfig, group_rows: int, dtype: torch.dtype) -> DecodeConfig:
@@ -106,12 +123,19 @@ def paged_decode(
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
     page_size = k_cache.shape[1] if paged else None
-    spec = paged_decode_spec(desc, config, decode, page_size)
+    tma_views = tma_block_views(k_cache, v_cache, page_size, decode.block_n, capability)
+    spec = paged_decode_spec(desc, config, decode, page_size, tma_views is not None)
+    k_desc, v_desc = k_cache, v_cache  # not read unless spec.tma_blocks
+    if tma_views is not None:
+        (k_view, k_tma), (v_view, v_tma) = tma_views
+        k_desc = host_descriptor(k_view, k_tma, spec.block_n, spec.block_d)
+        v_desc = host_descriptor(v_view, v_tma, spec.block_n, spec.block_dv)
     split_kernel = launcher(paged_kernels.attention_paged_decode_kernel, **spec.launch_arguments())
     with on_device(q.device):
         split_kernel(
             (programs_per_split, num_splits),
-            query, k_cache, v_cache, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi, sink_logits,
+            query, k_cache, v_cache, k_desc, v_desc, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi,
+            sink_logits,
             *query.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *alibi_strides,
             heads_q, gqa_group, seq_q, new_tokens, desc.head_dim, desc.head_dim_v, row_chunks, num_splits,
             split_len, page_size or 1, max(band.left, 0), max(band.right, 0),

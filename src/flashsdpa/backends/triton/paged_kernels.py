@@ -84,6 +84,18 @@ def cache_rows(head_ptr, row_offsets, in_range, offs_d, width, stride_dim):
 
 
 @triton.jit
+def cache_block(desc, page, kv_head, slot, in_range, EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Rows [slot, slot + BLOCK_N) of page `page` (a contiguous cache: batch item) of kv head `kv_head` by
+    TMA, `desc` a host descriptor of the cache viewed as (page, head, slot, dim): zero past the head dim, and
+    in EDGE blocks past key_end (`in_range`; rows there are read, holding whatever the cache holds)."""
+    tile = desc.load([page, kv_head, slot, 0]).reshape([BLOCK_N, BLOCK_D])
+    if EDGE:
+        tile = tl.where(in_range[:, None], tile, 0.0)
+    return tile
+
+
+@triton.jit
 def attend_cache_blocks(
     acc,
     row_sum,
@@ -92,8 +104,11 @@ def attend_cache_blocks(
     q_lo,
     k_head_ptr,
     v_head_ptr,
+    k_desc,
+    v_desc,
     table_row_ptr,
     batch,
+    kv_head,
     key_start,
     key_stop,
     query_rows,
@@ -115,6 +130,7 @@ def attend_cache_blocks(
     ALIBI: tl.constexpr,
     PAGED: tl.constexpr,
     FIXED_PAGE_SIZE: tl.constexpr,
+    TMA_BLOCKS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -125,7 +141,9 @@ def attend_cache_blocks(
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
     attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
     keys some row does not see (or past key_end) and are masked element by element. The strides
-    are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head."""
+    are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head. TMA_BLOCKS
+    (a contiguous cache, or pages holding whole blocks): each block is one TMA box of k_desc / v_desc
+    (cache_block) instead of per-row addresses."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -138,9 +156,16 @@ def attend_cache_blocks(
         cols = start_n + offs_n
         k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
                                             PAGED, FIXED_PAGE_SIZE, BLOCK_N)
+        if TMA_BLOCKS and PAGED:  # the block's box (pages holding whole blocks)
+            box_page, box_slot = page, start_n % FIXED_PAGE_SIZE
+        else:
+            box_page, box_slot = batch, start_n
         page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_n, key_end, page_size, stride_table_page, PAGED,
                            FIXED_PAGE_SIZE, BLOCK_N)
-        k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
+        if TMA_BLOCKS:
+            k = cache_block(k_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_D)
+        else:
+            k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
             qk = matmul_split(q, q_lo, k_hi, k_lo)
@@ -164,7 +189,10 @@ def attend_cache_blocks(
             p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
             alpha = tl.math.exp2((row_max - shift) * score_scale)
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
+        if TMA_BLOCKS:
+            v = cache_block(v_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_DV)
+        else:
+            v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
         if SPLIT_TF32:
             p_hi, p_lo = split_tf32(p)
             v_hi, v_lo = split_tf32(v)
@@ -184,6 +212,8 @@ def attention_paged_decode_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    k_desc,
+    v_desc,
     block_table_ptr,
     cache_seqlens_ptr,
     partial_out_ptr,
@@ -226,6 +256,7 @@ def attention_paged_decode_kernel(
     BOUNDED_ABOVE: tl.constexpr,
     PAGED: tl.constexpr,
     FIXED_PAGE_SIZE: tl.constexpr,
+    TMA_BLOCKS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
@@ -241,7 +272,10 @@ def attention_paged_decode_kernel(
 
     q (B, seq_q, Hq, E) by its strides; caches by (page, slot, head, dim)
     strides (contiguous: (batch item, position, head, dim)); block_table
-    (B, pages per item); cache_seqlens (B,). Query row r of the packed group
+    (B, pages per item); cache_seqlens (B,). With TMA_BLOCKS, k_desc and
+    v_desc are host descriptors of the caches viewed as (page or batch item,
+    head, slot, dim) with (1, 1, BLOCK_N, BLOCK_D or BLOCK_DV) boxes (else
+    unused). Query row r of the packed group
     is head kv_head * gqa_group + r // seq_q, query r % seq_q. The visible band
     is K_b - seq_q - window_left <= j - i (BOUNDED_BELOW) and
     j - i <= K_b - seq_q + window_right (BOUNDED_ABOVE; causal is right = 0).
@@ -298,12 +332,12 @@ def attention_paged_decode_kernel(
     for part in tl.static_range(3):
         if part != 0 or BOUNDED_BELOW:
             acc, row_sum, row_max = attend_cache_blocks(
-                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, table_row_ptr, batch,
+                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
                 key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
-                ALIBI, PAGED, FIXED_PAGE_SIZE, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS,
-                SPLIT_TF32,
+                ALIBI, PAGED, FIXED_PAGE_SIZE, TMA_BLOCKS, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
+                WIDEN_DOT_OPERANDS, SPLIT_TF32,
             )  # fmt: skip
     if not NATURAL_UNITS:
         row_max = row_max * softmax_scale
