@@ -13,6 +13,8 @@ FIXED_PAGE_SIZE).
 1. Every choice of GRID at S = 16384 and 32768 (the bar's lengths), both page sizes.
 2. The best choices of 1 by page size (geometric mean of the ratio), "default" and "divide" at S = 4096 to
    131072, and (page 0) the launcher's default over a contiguous (B, S, Hkv, d) cache.
+Choices marked "tma" read K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): pages of 256 keys and
+the contiguous cache only.
 
 Timing: CUDA events around one call (with the merge launch where there are splits), L2 flushed (256 MiB
 zeroed) before each and the GPU kept busy while the host enqueues, median of REPS after WARMUP calls.
@@ -76,12 +78,13 @@ class Choice:
     block_n: int | None = None
     stages: int | None = None
     divide: bool = False  # the page size not compiled in (a division per key)
+    tma: bool = False  # K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS; pages holding whole blocks)
 
     @property
     def label(self) -> str:
         if self.warps is None:
-            return "divide" if self.divide else "default"
-        return f"s{self.splits} w{self.warps} n{self.block_n} st{self.stages}"
+            return "divide" if self.divide else ("default tma" if self.tma else "default")
+        return f"s{self.splits} w{self.warps} n{self.block_n} st{self.stages}" + (" tma" if self.tma else "")
 
     @property
     def tiles(self) -> DecodeConfig | None:
@@ -104,19 +107,30 @@ def grid() -> list[Choice]:
     return [Choice(s, w, n, st) for s in (1, 2, 3, 4, 8, 16) for w, n, st in tiles]
 
 
+def tma_grid() -> list[Choice]:
+    """TMA boxes (pages of 256 keys and the contiguous cache only): 4 and 8 warps, splits to 8."""
+    if SMOKE:
+        return [Choice(2, 4, 16, 2, tma=True)]
+    tiles = [(w, n, st) for w in (4, 8) for n in (32, 64, 128) for st in (2, 3, 4) if n * st <= 384]
+    return [Choice(s, w, n, st, tma=True) for s in (1, 2, 3, 4, 8) for w, n, st in tiles]
+
+
 BASELINES = [Choice(None), Choice(None, divide=True)]
+TMA_BASELINE = Choice(None, tma=True)
 
 
 @contextmanager
-def per_key_division(enabled: bool):
-    """The launcher's spec with fixed_page_size 0 (the page size divided per key) while enabled."""
-    spec_of = launch_paged.paged_decode_spec
-    if enabled:
+def launch_switches(choice: Choice):
+    """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide, and
+    PAGED_TMA_BLOCKS as choice.tma, while inside."""
+    spec_of, tma = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS
+    if choice.divide:
         launch_paged.paged_decode_spec = lambda *a: dataclasses.replace(spec_of(*a), fixed_page_size=0)
+    launch_paged.PAGED_TMA_BLOCKS = choice.tma
     try:
         yield
     finally:
-        launch_paged.paged_decode_spec = spec_of
+        launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS = spec_of, tma
 
 
 @dataclasses.dataclass
@@ -199,7 +213,7 @@ def flashsdpa_call(problem: Problem, cache, choice: Choice):
     )  # fmt: skip
 
     def call():
-        with per_key_division(choice.divide):
+        with launch_switches(choice):
             return launch_paged.paged_decode(desc, problem.q, k_pages, v_pages, seqlens, table, 0, None, None,
                                              num_splits=choice.splits, tiles=choice.tiles)[0]  # fmt: skip
 
@@ -263,22 +277,26 @@ def geomean(values) -> float:
 
 def main() -> None:
     choices = grid() + BASELINES
+    by_page = {page: choices for page in PAGE_SIZES}
+    by_page[PAGE_SIZES[-1]] = choices + tma_grid() + [TMA_BASELINE]  # pages holding whole blocks
     if args.warm:
         index, count = map(int, args.warm.split("/"))
-        # one choice per compiled variant (Triton specialises a split count of 1)
-        variants = {(c.warps, c.block_n, c.stages, c.splits in (1, None), c.divide): c for c in choices}
-        mine = [c for i, c in enumerate(variants.values()) if i % count == index]
-        share = {page: mine for page in PAGE_SIZES} | {0: BASELINES[:1]}
+        # one choice per compiled variant (Triton specialises a split count of 1), per page size
+        share = {}
+        for page, page_choices in [*by_page.items(), (0, [BASELINES[0], TMA_BASELINE])]:
+            variants = {(c.warps, c.block_n, c.stages, c.splits in (1, None), c.divide, c.tma): c
+                        for c in page_choices}  # fmt: skip
+            share[page] = [c for i, c in enumerate(variants.values()) if i % count == index]
         run_phase(ALL_LENGTHS[:1], share, [], seed=0)
         return
     warm_in_workers(choices)
     rows: list[dict] = []
-    run_phase(BAR_LENGTHS, {page: choices for page in PAGE_SIZES}, rows, seed=1, deadline_s=0.7 * args.budget_s)
+    run_phase(BAR_LENGTHS, by_page, rows, seed=1, deadline_s=0.7 * args.budget_s)
     best = {}
     print("\nphase 1 (S = " + ", ".join(map(str, BAR_LENGTHS)) + "): geometric-mean ratio, best first")
     for page_size in PAGE_SIZES:
         scored = []
-        for choice in choices:
+        for choice in by_page[page_size]:
             mine = [r for r in rows if r["page"] == page_size and r["choice"] == choice.label and "ratio" in r]
             if len(mine) == len(BAR_LENGTHS):
                 scored.append((geomean(r["ratio"] for r in mine), max(r["err"] for r in mine), choice))
@@ -287,13 +305,15 @@ def main() -> None:
             print(f"  page {page_size:4d}  {choice.label:18s}  {score:.3f}x  err {err:.1e}")
         best[page_size] = [choice for _, _, choice in scored[:KEEP_BEST]]
         best[page_size] += [c for c in BASELINES if c not in best[page_size]]
+        if page_size == PAGE_SIZES[-1] and TMA_BASELINE not in best[page_size]:
+            best[page_size].append(TMA_BASELINE)
     failed = [r for r in rows if "error" in r and r["error"] != "over budget"]
     for r in failed[:10]:
         print(f"  failed: page {r['page']} {r['choice']} S={r['length']}: {r['error']}")
     skipped = sum(r.get("error") == "over budget" for r in rows)
     if skipped:
         print(f"  {skipped} of {len(rows)} rows not timed (over the budget of --budget-s)")
-    best[0] = BASELINES[:1]  # flashsdpa's contiguous cache, for comparison
+    best[0] = [BASELINES[0], TMA_BASELINE]  # flashsdpa's contiguous cache, for comparison
     phase2: list[dict] = []
     run_phase(ALL_LENGTHS, best, phase2, seed=2, deadline_s=args.budget_s)
     if os.environ.get("OUT"):
