@@ -42,6 +42,8 @@ from pathlib import Path
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+# This checkout's flashsdpa before any other on PYTHONPATH (a driver script may set it to another tree's src).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import torch
 import torch.nn.functional as F
