@@ -17,10 +17,11 @@ FIXED_PAGE_SIZE).
 Choices marked "tma" read K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): pages of 256 keys and
 the contiguous cache only.
 
-Timing: CUDA events around one call (with the merge launch where there are splits), L2 flushed (256 MiB
-zeroed) before each and the GPU kept busy while the host enqueues, median of REPS after WARMUP calls.
-TB/s counts K+V read once (2 * B * Hkv * S * d * 2 bytes); ratio = flashsdpa TB/s / torch flash TB/s,
-torch flash timed in the same process on the same keys (sdpa_kernel(FLASH_ATTENTION), enable_gqa).
+Timing (interleaved_ms): CUDA events around one call (with the merge launch where there are splits), L2
+flushed (256 MiB zeroed) before each, REPS rounds calling every choice of one (length, page size) and torch
+flash once in a rotating order, medians. TB/s counts K+V read once (2 * B * Hkv * S * d * 2 bytes); ratio =
+flashsdpa TB/s / torch flash TB/s of the same rounds (sdpa_kernel(FLASH_ATTENTION), enable_gqa, the same
+keys unpaged).
 err: relative error of the whole output against torch flash's (||out - torch|| / ||torch||; bf16 rounding
 alone gives ~3e-3). Every variant is compiled first by --jobs worker processes (Triton's disk cache), so
 the timed process only loads them. Writes $OUT/sweep_paged.json (every row) when OUT is set.
@@ -97,25 +98,21 @@ class Choice:
 
 
 def grid() -> list[Choice]:
-    """Splits x tiles. One or two warps keep a program's row reductions within a warp or two (BLOCK_M = 16
-    puts one warp on the rows, so more warps split the keys and reduce across warps through shared memory
-    with a barrier); smaller programs then need more splits to fill the SMs."""
+    """Splits x tiles: the choices within ~15% of the best in the first H100 run (NOTES, issue 14: one and
+    two warps, 32-key blocks in 2 stages and 3 or 16 splits were all slower)."""
     if SMOKE:
         return [Choice(s, 4, 16, 2) for s in (1, 3)] + [Choice(2, 8, 32, 3)]
-    # compile_sm90-style compiles (bf16 d=128): 1 warp spills 84 B at 32-key blocks in 2 stages over pages of
-    # 16 keys (640 B at 64 keys in 3), 2 warps 32 B at 64 keys in 3 stages (468 B at 128): larger ones left out
-    tiles = [(1, 32, 2), (2, 32, 2), (2, 32, 3), (2, 64, 2)]
-    tiles += [(w, n, st) for w in (4, 8) for n in (32, 64, 128) for st in (2, 3, 4)
-              if n * st <= 384]  # 128-key blocks in 4 stages overflow shared memory (4 * 128 * 256 * 2 B)
-    return [Choice(s, w, n, st) for s in (1, 2, 3, 4, 8, 16) for w, n, st in tiles]
+    tiles = [(2, 32, 3), (2, 64, 2), (4, 32, 3), (4, 32, 4), (8, 32, 4)]
+    tiles += [(w, n, st) for w in (4, 8) for n, st in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3))]
+    return [Choice(s, w, n, st) for s in (1, 2, 4) for w, n, st in tiles]
 
 
 def tma_grid() -> list[Choice]:
-    """TMA boxes (pages of 256 keys and the contiguous cache only): 4 and 8 warps, splits to 8."""
+    """TMA boxes (pages of 256 keys and the contiguous cache only)."""
     if SMOKE:
         return [Choice(2, 4, 16, 2, tma=True)]
-    tiles = [(w, n, st) for w in (4, 8) for n in (32, 64, 128) for st in (2, 3, 4) if n * st <= 384]
-    return [Choice(s, w, n, st, tma=True) for s in (1, 2, 3, 4, 8) for w, n, st in tiles]
+    tiles = [(4, 64, 3), (4, 128, 3), (8, 64, 3), (8, 64, 4), (8, 128, 3)]
+    return [Choice(s, w, n, st, tma=True) for s in (1, 2) for w, n, st in tiles]
 
 
 BASELINES = [Choice(None), Choice(None, divide=True)]
@@ -144,8 +141,8 @@ class Problem:
     q: torch.Tensor  # (B, 1, Hq, d), flashsdpa's layout
     k: torch.Tensor  # (B, Hkv, S, d)
     v: torch.Tensor
+    q_bhsd: torch.Tensor  # (B, Hq, 1, d), torch's layout
     reference: torch.Tensor  # torch flash's output (B, Hq, 1, d)
-    torch_ms: float
 
     @property
     def kv_bytes(self) -> int:
@@ -162,26 +159,37 @@ def torch_flash(q_bhsd, k, v):
 FLUSH = None if SMOKE else torch.empty(256 << 20 >> 2, dtype=torch.int32, device=DEVICE)
 
 
-def median_ms(fn) -> float:
-    """Median milliseconds of one call of fn, L2 flushed before each (CUDA events), after WARMUP calls."""
+def interleaved_ms(calls: dict) -> dict:
+    """Median milliseconds of one call of each of `calls` (name -> function), timed in REPS rounds that call
+    each once in a rotating order, so that a drift of the GPU's clocks reaches every choice alike (the first
+    run timed the choices one after another: one variant read 0.382 ms early and 0.413 ms late). L2 is
+    flushed before each call; nothing synchronises within a round (the flush keeps the GPU busy while the
+    host enqueues the next call, as the bench's timer does)."""
+    names = list(calls)
     for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(REPS):
-        if SMOKE:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-            continue
-        FLUSH.zero_()
-        torch.cuda._sleep(200_000)  # ~0.1 ms of GPU work, so the call is enqueued before the start event fires
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for name in names:
+            calls[name]()
+    times = {name: [] for name in names}
+    for round_index in range(REPS):
+        shift = round_index % len(names)
+        pending = []
+        for name in names[shift:] + names[:shift]:
+            if SMOKE:
+                begin = time.perf_counter()
+                calls[name]()
+                times[name].append((time.perf_counter() - begin) * 1e3)
+                continue
+            FLUSH.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            calls[name]()
+            end.record()
+            pending.append((name, start, end))
+        if not SMOKE:
+            torch.cuda.synchronize()
+        for name, start, end in pending:
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def make_problem(length: int, seed: int) -> Problem:
@@ -190,13 +198,7 @@ def make_problem(length: int, seed: int) -> Problem:
     new = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.bfloat16)  # noqa: E731
     q_bhsd = new(BATCH, HEADS_Q, 1, HEAD_DIM)
     k, v = new(BATCH, HEADS_KV, length, HEAD_DIM), new(BATCH, HEADS_KV, length, HEAD_DIM)
-    try:
-        reference = torch_flash(q_bhsd, k, v)
-        torch_ms = 0.0 if args.warm else median_ms(lambda: torch_flash(q_bhsd, k, v))
-    except RuntimeError as error:  # no flash kernel here: torch's own choice is the reference, no ratio
-        print(f"torch flash failed at S={length}: {str(error)[:200]}", flush=True)
-        reference, torch_ms = F.scaled_dot_product_attention(q_bhsd, k, v, enable_gqa=True), 0.0
-    return Problem(length, q_bhsd.transpose(1, 2).contiguous(), k, v, reference, torch_ms)
+    return Problem(length, q_bhsd.transpose(1, 2).contiguous(), k, v, q_bhsd, torch_flash(q_bhsd, k, v))
 
 
 def paged(problem: Problem, page_size: int, seed: int):
@@ -227,40 +229,47 @@ def flashsdpa_call(problem: Problem, cache, choice: Choice):
     return call
 
 
-def measure(problem: Problem, page_size: int, cache, choice: Choice) -> dict:
-    row = dict(length=problem.length, page=page_size, choice=choice.label, torch_ms=problem.torch_ms)
+def first_call(problem: Problem, page_size: int, cache, choice: Choice) -> tuple[dict, object]:
+    """(row, call): the choice's first call (compiling or loading its kernel) checked against torch flash;
+    call is None where it failed."""
+    row = dict(length=problem.length, page=page_size, choice=choice.label)
     call = flashsdpa_call(problem, cache, choice)
     try:
         out = call()
         ref = problem.reference.float()
         row["err"] = float((out.float() - ref).norm() / ref.norm())
-        if args.warm:
-            return row
-        row["ms"] = median_ms(call)
     except Exception as error:  # noqa: BLE001 - a choice that does not compile or fit is a row of the table
         row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
-        return row
-    row["tbps"] = problem.kv_bytes / row["ms"] / 1e9
-    row["torch_tbps"] = problem.kv_bytes / problem.torch_ms / 1e9 if problem.torch_ms else float("nan")
-    row["ratio"] = problem.torch_ms / row["ms"] if problem.torch_ms else float("nan")
-    return row
+        call = None
+    return row, call
 
 
 def run_phase(lengths, choices_by_page, rows: list, seed: int, deadline_s: float = math.inf) -> None:
-    """Times every choice at every length into `rows`; a choice reached after deadline_s (seconds since the
-    start) is a row "over budget"."""
+    """Times every choice at every length into `rows`, with torch flash in the same rounds (interleaved_ms);
+    a choice reached after deadline_s (seconds since the start) is a row "over budget"."""
     for length in lengths:
         problem = make_problem(length, seed + length)
-        if not args.warm and problem.torch_ms:
-            print(f"S={length}: torch flash {problem.kv_bytes / problem.torch_ms / 1e9:.2f} TB/s "
-                  f"({problem.torch_ms:.3f} ms)", flush=True)  # fmt: skip
         for page_size, choices in choices_by_page.items():
             cache = paged(problem, page_size, seed + page_size)
+            calls, timed = {}, []
             for choice in choices:
                 if time.perf_counter() - START > deadline_s:
                     rows.append(dict(length=length, page=page_size, choice=choice.label, error="over budget"))
                     continue
-                rows.append(measure(problem, page_size, cache, choice))
+                row, call = first_call(problem, page_size, cache, choice)
+                rows.append(row)
+                if call is not None:
+                    calls[choice.label], timed = call, [*timed, row]
+            if calls and not args.warm:
+                calls["torch flash"] = lambda: torch_flash(problem.q_bhsd, problem.k, problem.v)
+                ms = interleaved_ms(calls)
+                for row in timed:
+                    row.update(ms=ms[row["choice"]], torch_ms=ms["torch flash"])
+                    row["tbps"] = problem.kv_bytes / row["ms"] / 1e9
+                    row["torch_tbps"] = problem.kv_bytes / row["torch_ms"] / 1e9
+                    row["ratio"] = row["torch_ms"] / row["ms"]
+                print(f"S={length} page {page_size}: torch flash {problem.kv_bytes / ms['torch flash'] / 1e9:.2f} "
+                      f"TB/s, {len(timed)} choices timed", flush=True)  # fmt: skip
             del cache
         del problem
         if not SMOKE:
@@ -330,8 +339,9 @@ def main() -> None:
     print(f"\npaged decode, bf16 B={BATCH} Hq={HEADS_Q}/{HEADS_KV} d={HEAD_DIM}, {card}, torch {torch.__version__}; "
           f"TB/s of K+V (ratio to torch flash) [err]; {time.perf_counter() - START:.0f} s")  # fmt: skip
     print("page choice              " + "".join(f"{'S=' + str(n):>22s}" for n in ALL_LENGTHS))
-    torch_line = {r["length"]: r.get("torch_tbps") for r in phase2 if "torch_tbps" in r}
-    print("     torch flash          " + "".join(f"{torch_line.get(n, float('nan')):>22.2f}" for n in ALL_LENGTHS))
+    torch_line = {n: statistics.median([r["torch_tbps"] for r in phase2 if r["length"] == n and "torch_tbps" in r]
+                                       or [float("nan")]) for n in ALL_LENGTHS}  # fmt: skip
+    print("     torch flash (median) " + "".join(f"{torch_line[n]:>22.2f}" for n in ALL_LENGTHS))
     for page_size, choices in best.items():
         for choice in choices:
             cells = []
