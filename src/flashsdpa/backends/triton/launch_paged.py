@@ -31,8 +31,14 @@ Tensor = torch.Tensor
 # Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
 # 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
 # 3.6, pages of 16 keys, page numbers read a block ahead) takes 146-196 registers and spills 4 bytes with
-# softcap+ALiBi+sinks at d=128; with 8, 108-141 at d=128, 114-121 at d=64, 174 at d=256 and no spills
-# (pages holding whole blocks: 106 / 112 / 128; the contiguous cache: 80-114). Not timed.
+# softcap+ALiBi+sinks at d=128; with 8, 98-141 at d=128 and no spills.
+# Timed on one H100 80GB (scripts/sweep_paged_gpu.py, 2026-12-05, bf16 B=16 Hq/Hkv=32/8 d=128, one query
+# row, S=16384, pages of 16, medians of 15 calls timed one after another, ~8% run-to-run drift; torch
+# flash 0.367 ms): these tiles (64 keys, 8 warps, 3 stages, one split) 0.382 ms; 4 warps x 128 keys x 3
+# stages 0.371 (255 registers, 4-12 B spilled with a window or softcap+ALiBi+sinks), 8 x 64 x 4 0.380, 4 x
+# 64 x 4 0.382, 8 x 128 x 3 0.383; two splits at best 0.373 (4 x 128 x 2, 4 x 32 x 4), four or more
+# 0.40-0.46; 1 or 2 warps 0.38-0.84 with 2-4 splits. Over S = 4k-128k the 4 x 128 x 3 tiles read 0-6%
+# more than these (pages of 16 and 256), within the drift: these stay.
 PAGED_DECODE_WARPS = 8
 # Packed rows per program: flash decoding's 16 (a GQA group's heads at one query row each), or for 16-bit
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
@@ -43,8 +49,10 @@ PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
 
 # K/V blocks by TMA (spec field tma_blocks) where the cache allows it (a contiguous cache, or power-of-two
-# pages holding whole key blocks; TMA-readable strides; sm_90+ or the interpreter). Off by default until
-# timed against the per-row cp.async loads (scripts/sweep_paged_gpu.py).
+# pages holding whole key blocks; TMA-readable strides; sm_90+ or the interpreter). Off: on the H100 (the
+# sweep above, default tiles, one split) TMA boxes read 1.35 / 2.24 / 2.44 / 3.06 TB/s at S = 4k / 16k /
+# 32k / 128k over pages of 256 keys against 2.53 / 2.64 / 2.74 / 3.03 for the per-row cp.async copies
+# (contiguous cache: 1.34 / 2.30 / 2.50 / 3.11 against 2.55 / 2.83 / 2.87 / 3.11).
 PAGED_TMA_BLOCKS = False
 
 
