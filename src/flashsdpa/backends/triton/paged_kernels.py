@@ -144,6 +144,7 @@ def attend_cache_blocks(
     are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head. TMA_BLOCKS
     (a contiguous cache, or pages holding whole blocks): each block is one TMA box of k_desc / v_desc
     (cache_block) instead of per-row addresses."""
+    tl.static_assert(not (TMA_BLOCKS and PAGED) or FIXED_PAGE_SIZE >= BLOCK_N, "a TMA box needs a block in one page")
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
