@@ -231,8 +231,10 @@ class PagedProblem:
     seq_q: int = 1
     # "causal" (the default), "plain" (not causal), "window", "softcap", "alibi", "sinks", joined by "+"
     variant: str = "causal"
+    tma: bool = False  # launch_paged.PAGED_TMA_BLOCKS (K/V blocks as TMA boxes where the cache allows)
 
     def run(self) -> None:
+        launch_paged.PAGED_TMA_BLOCKS = self.tma
         (hq, hkv), batch, capacity = self.heads, 4, 4096
         names = set(self.variant.split("+"))
         pages = capacity if self.page_size is None else -(-capacity // self.page_size)
@@ -282,6 +284,9 @@ PAGED = [
     for d in (64, 128) for p in (16, None) for v in ("causal", "plain", "window", "softcap+alibi+sinks")
 ] + [PagedProblem(FP16, 128), PagedProblem(FP32, 128), PagedProblem(BF16, 256)] + [
     PagedProblem(BF16, d, page_size=256, seq_q=q) for d in (64, 128) for q in (1, 32)  # a key block in one page
+] + [
+    PagedProblem(BF16, d, page_size=p, tma=True, variant=v)  # TMA boxes
+    for d in (64, 128) for p in (256, None) for v in ("plain", "softcap+alibi+sinks")
 ] + [
     PagedProblem(dtype, d, seq_q=32, variant=v)  # 64 packed rows a program (chunked prefill)
     for dtype, d, v in ((BF16, 64, "causal"), (BF16, 128, "causal"), (BF16, 128, "window+softcap+alibi+sinks"),

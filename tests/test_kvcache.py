@@ -398,11 +398,12 @@ def on(device, call):
 
 
 @pytest.mark.parametrize("case", CASES + [([0, 0], 1, 1), ([0, 44], 1, 1)], ids=str)
-@pytest.mark.parametrize("page_size", [None, 1, 3, 16, 32])
+@pytest.mark.parametrize("page_size", [None, 1, 3, 8, 16, 32])
 def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits, case, page_size):
     """float32, GQA (4 query heads on 2), empty and 1-key sequences, Lq > 1 bottom-right causal, append;
     a full last sequence whose capacity (45) is no multiple of the key block (loads past it are masked).
-    Pages of 16 and 32 keys hold whole 16-key blocks (one table read per block, see the next test)."""
+    Pages of 16 and 32 keys hold whole 16-key blocks (one table read per block), pages of 1 and 8 keys
+    divide them (page sizes compiled in, see the next test), pages of 3 keys are divided per key."""
     lengths, new, seq_q = case
     call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32,
                                            seed=len(lengths) + new + (page_size or 0))  # fmt: skip
@@ -415,9 +416,10 @@ def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits,
     assert_lse_close(lse.cpu(), ref_lse, torch.float32)
 
 
-def test_triton_paged_decode_reads_one_page_per_block_where_pages_hold_whole_blocks(triton_device, monkeypatch):
-    """The kernel reads one table entry per key block (BLOCK_IN_ONE_PAGE) exactly where the page size is a
-    multiple of the key block: the float32 d=16 problems above (16-key blocks) at pages of 16 and 32 keys."""
+def test_triton_paged_decode_compiles_in_power_of_two_page_sizes(triton_device, monkeypatch):
+    """The kernel compiles in a power-of-two page size (FIXED_PAGE_SIZE; one table read per key block where
+    the pages hold whole blocks); any other page size is divided per key (0): the float32 d=16 problems
+    above (16-key blocks)."""
     from flashsdpa.backends.triton import launch_paged
 
     specs, spec_of = [], launch_paged.paged_decode_spec
@@ -427,12 +429,46 @@ def test_triton_paged_decode_reads_one_page_per_block_where_pages_hold_whole_blo
         return specs[-1]
 
     monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
-    for page_size in (None, 3, 16, 32):
+    for page_size, fixed in ((None, 0), (3, 0), (1, 1), (8, 8), (16, 16), (32, 32)):
         call, _ = cache_problem([5, 44], 1, 1, 4, 2, 16, 45, page_size, torch.float32, seed=61)
         flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
         spec = specs[-1]
         assert spec.block_n == 16, spec
-        assert spec.block_in_one_page == (page_size in (16, 32)), (page_size, spec)
+        assert spec.fixed_page_size == fixed, (page_size, spec)
+
+
+@pytest.mark.parametrize("page_size", [None, 16, 32])
+def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, page_size):
+    """K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): a contiguous cache and pages holding whole
+    16-key blocks, the last sequence's capacity (45) no multiple of the block, keys past each length in the
+    cache set to inf (read by the box, never used)."""
+    from flashsdpa.backends.triton import launch_paged
+
+    monkeypatch.setattr(launch_paged, "PAGED_TMA_BLOCKS", True)
+    specs, spec_of = [], launch_paged.paged_decode_spec
+
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    lengths, new, seq_q = [5, 0, 17, 43], 1, 2
+    call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32, seed=71)
+    totals = [n + new for n in lengths]
+    table = call["block_table"]
+    for cache in (call["k_cache"], call["v_cache"]):  # every slot past a sequence's keys
+        for b, n in enumerate(totals):
+            if page_size is None:
+                cache[b, n:] = float("inf")
+            for j in range(n, table.shape[1] * page_size if page_size else 0):
+                cache[table[b, j // page_size], j % page_size] = float("inf")
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), return_lse=True, backend="triton")
+    assert specs[-1].tma_blocks, specs[-1]
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, causal=True)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, torch.float32, causal=True)
+    assert_forward_close("out", out, ref, stand_in, torch.float32)
+    assert_lse_close(lse.cpu(), ref_lse, torch.float32)
 
 
 @pytest.mark.parametrize("dtype, seq_q", [(torch.bfloat16, 3), (torch.float16, 9)])

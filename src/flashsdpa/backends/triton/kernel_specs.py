@@ -221,7 +221,13 @@ class PagedDecodeKernelSpec(KernelSpec):
     bounded_below: bool
     bounded_above: bool
     paged: bool
-    block_in_one_page: bool  # paged, page_size a multiple of block_n: one table read and page per key block
+    # Paged: the page size where it is a power of two (compiled in: a key's page and slot without a division,
+    # and one table read per key block where the pages hold whole blocks), else 0 (a division per key). H100,
+    # bf16 d=128 B=16 Hq/Hkv=32/8 (scripts/sweep_paged_gpu.py): 2.51 / 2.66 / 2.84 TB/s at S = 16k / 32k /
+    # 128k over pages of 16 keys against 2.19 / 2.41 / 2.61 dividing; pages of 256: 2.64 / 2.74 / 3.03
+    # against 2.29 / 2.42 / 2.80.
+    fixed_page_size: int
+    tma_blocks: bool  # K/V blocks by TMA boxes (launch_paged.tma_block_views), not per-row addresses
     softcap: bool
     alibi: bool
     sinks: bool
@@ -236,16 +242,18 @@ class PagedDecodeKernelSpec(KernelSpec):
     num_stages: int
 
 
-def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None) -> PagedDecodeKernelSpec:
+def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None,
+                      tma_blocks: bool = False) -> PagedDecodeKernelSpec:  # fmt: skip
     """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
     alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`, over a
-    cache of pages of `page_size` keys (None: contiguous)."""
+    cache of pages of `page_size` keys (None: contiguous), its K/V blocks read by TMA if `tma_blocks`."""
     key = desc.kernel_key
     return PagedDecodeKernelSpec(
         bounded_below=key.bounded_below,
         bounded_above=key.bounded_above,
         paged=page_size is not None,
-        block_in_one_page=page_size is not None and page_size % decode.block_n == 0,
+        fixed_page_size=fixed_page_size(page_size),
+        tma_blocks=tma_blocks,
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,
@@ -259,3 +267,9 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int 
         num_warps=decode.num_warps,
         num_stages=decode.num_stages,
     )
+
+
+
+def fixed_page_size(page_size: int | None) -> int:
+    """PagedDecodeKernelSpec.fixed_page_size of pages of `page_size` keys (None: a contiguous cache)."""
+    return page_size if page_size is not None and page_size & (page_size - 1) == 0 else 0

@@ -17,10 +17,11 @@ import torch
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.triton import paged_kernels
 from flashsdpa.backends.triton.direct_launch import launcher
-from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, choose_forward_config, decode_split_count
-from flashsdpa.backends.triton.kernel_specs import paged_decode_spec
-from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, on_device, \
-    score_arguments, sm_count  # fmt: skip
+from flashsdpa.backends.triton.forward_configs import DECODE_MAX_SPLITS, DecodeConfig, choose_forward_config, \
+    decode_split_count  # fmt: skip
+from flashsdpa.backends.triton.kernel_specs import fixed_page_size, paged_decode_spec
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, MAX_GRID_YZ, cdiv, device_capability, \
+    host_descriptor, host_descriptor_strides, on_device, score_arguments, sm_count  # fmt: skip
 from flashsdpa.backends.triton.launch_forward import kernel_query, kernel_scale, merge_launcher
 from flashsdpa.cache import kernel_cache
 from flashsdpa.descriptor import AttentionDescriptor
@@ -30,8 +31,14 @@ Tensor = torch.Tensor
 # Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
 # 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
 # 3.6, pages of 16 keys, page numbers read a block ahead) takes 146-196 registers and spills 4 bytes with
-# softcap+ALiBi+sinks at d=128; with 8, 108-141 at d=128, 114-121 at d=64, 174 at d=256 and no spills
-# (pages holding whole blocks: 106 / 112 / 128; the contiguous cache: 80-114). Not timed.
+# softcap+ALiBi+sinks at d=128; with 8, 98-141 at d=128 and no spills.
+# Timed on one H100 80GB (scripts/sweep_paged_gpu.py, 2026-12-05, bf16 B=16 Hq/Hkv=32/8 d=128, one query
+# row, S=16384, pages of 16, medians of 15 calls timed one after another, ~8% run-to-run drift; torch
+# flash 0.367 ms): these tiles (64 keys, 8 warps, 3 stages, one split) 0.382 ms; 4 warps x 128 keys x 3
+# stages 0.371 (255 registers, 4-12 B spilled with a window or softcap+ALiBi+sinks), 8 x 64 x 4 0.380, 4 x
+# 64 x 4 0.382, 8 x 128 x 3 0.383; two splits at best 0.373 (4 x 128 x 2, 4 x 32 x 4), four or more
+# 0.40-0.46; 1 or 2 warps 0.38-0.84 with 2-4 splits. Over S = 4k-128k the 4 x 128 x 3 tiles read 0-6%
+# more than these (pages of 16 and 256), within the drift: these stay.
 PAGED_DECODE_WARPS = 8
 # Packed rows per program: flash decoding's 16 (a GQA group's heads at one query row each), or for 16-bit
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
@@ -40,6 +47,33 @@ PAGED_DECODE_WARPS = 8
 # 255 registers, float32 (split tf32 products) spilled 436 bytes.
 PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
+
+# K/V blocks by TMA (spec field tma_blocks) where the cache allows it (a contiguous cache, or power-of-two
+# pages holding whole key blocks; TMA-readable strides; sm_90+ or the interpreter). Off: on the H100 (the
+# sweep above, default tiles, one split) TMA boxes read 1.35 / 2.24 / 2.44 / 3.06 TB/s at S = 4k / 16k /
+# 32k / 128k over pages of 256 keys against 2.53 / 2.64 / 2.74 / 3.03 for the per-row cp.async copies
+# (contiguous cache: 1.34 / 2.30 / 2.50 / 3.11 against 2.55 / 2.83 / 2.87 / 3.11).
+PAGED_TMA_BLOCKS = False
+
+
+def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, block_n: int,
+                    capability: tuple[int, int] | None) -> tuple | None:  # fmt: skip
+    """((K view, strides), (V view, strides)) of the caches as (page or batch item, head, slot, dim) for
+    TMA descriptors of whole key blocks, or None where the blocks are read row by row."""
+    whole_blocks = page_size is None or (fixed_page_size(page_size) and page_size % block_n == 0)
+    if not PAGED_TMA_BLOCKS or not whole_blocks or (capability is not None and capability < (9, 0)):
+        return None
+    views = tuple(cache.permute(0, 2, 1, 3) for cache in (k_cache, v_cache))
+    strides = tuple(host_descriptor_strides(view) for view in views)
+    return None if None in strides else tuple(zip(views, strides))
+
+
+def paged_tiles(decode: DecodeConfig, group_rows: int, dtype: torch.dtype) -> DecodeConfig:
+    """The paged program's tiles from flash decoding's (`decode`), for `group_rows` packed rows per kv head."""
+    decode = replace(decode, num_warps=PAGED_DECODE_WARPS)
+    if group_rows > decode.block_m and dtype != torch.float32:
+        decode = replace(decode, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(decode.block_n, PAGED_MANY_ROWS_BLOCK_N))
+    return decode
 
 
 def paged_decode(
@@ -53,11 +87,13 @@ def paged_decode(
     alibi_slopes: Tensor | None,
     sinks: Tensor | None,
     num_splits: int | None = None,
+    tiles: DecodeConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """out (B, Hq, Lq, Ev) in q's dtype and lse (B, Hq, Lq) float32 of q (B, Lq, Hq, E) over each sequence's
     first cache_seqlens[b] + new_tokens keys of the caches (paged with `block_table`, else contiguous).
     `alibi_slopes` (B, Hq) (stride 0 over a broadcast batch). `num_splits` (default: from the capacity and
-    the SM count) pins the split count, rounded so every split holds whole key blocks."""
+    the SM count) pins the split count, rounded so every split holds whole key blocks; `tiles` (default:
+    paged_tiles) pins the program's rows, key block, warps and stages (scripts/sweep_paged_gpu.py)."""
     capability = device_capability(q.device)
     config = kernel_cache.get(
         ("forward", desc.kernel_key, capability, False),
@@ -68,10 +104,8 @@ def paged_decode(
     lse = new_output((batch, heads_q, seq_q), torch.float32, q.device)
     if batch * heads_q * seq_q == 0:
         return out, lse
-    decode = replace(config.decode, num_warps=PAGED_DECODE_WARPS)
     gqa_group = desc.gqa_group
-    if gqa_group * seq_q > decode.block_m and desc.dtype != torch.float32:
-        decode = replace(decode, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(decode.block_n, PAGED_MANY_ROWS_BLOCK_N))
+    decode = tiles or paged_tiles(config.decode, gqa_group * seq_q, desc.dtype)
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
     if programs_per_split > MAX_GRID_X:
@@ -97,12 +131,19 @@ def paged_decode(
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
     page_size = k_cache.shape[1] if paged else None
-    spec = paged_decode_spec(desc, config, decode, page_size)
+    tma_views = tma_block_views(k_cache, v_cache, page_size, decode.block_n, capability)
+    spec = paged_decode_spec(desc, config, decode, page_size, tma_views is not None)
+    k_desc, v_desc = k_cache, v_cache  # not read unless spec.tma_blocks
+    if tma_views is not None:
+        (k_view, k_tma), (v_view, v_tma) = tma_views
+        k_desc = host_descriptor(k_view, k_tma, spec.block_n, spec.block_d)
+        v_desc = host_descriptor(v_view, v_tma, spec.block_n, spec.block_dv)
     split_kernel = launcher(paged_kernels.attention_paged_decode_kernel, **spec.launch_arguments())
     with on_device(q.device):
         split_kernel(
             (programs_per_split, num_splits),
-            query, k_cache, v_cache, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi, sink_logits,
+            query, k_cache, v_cache, k_desc, v_desc, table, cache_seqlens, partial_out, partial_lse, out, lse, alibi,
+            sink_logits,
             *query.stride(), *k_cache.stride(), *v_cache.stride(), *table_strides, *alibi_strides,
             heads_q, gqa_group, seq_q, new_tokens, desc.head_dim, desc.head_dim_v, row_chunks, num_splits,
             split_len, page_size or 1, max(band.left, 0), max(band.right, 0),

@@ -10,13 +10,14 @@ item b lives in
     contiguous:  cache[b, j, kv_head]
 
 any page size (each key row's address is computed on its own, so a block of
-keys may span pages). As in decode_kernels, the gqa_group * seq_q query rows
-of one kv head share one program (K and V are read once per group), the keys
-are split across programs (the split count follows the capacity, a host
-value; a split past K_b visits no key block), and the splits are merged in a
-fixed order by decode_kernels.merge_decode_splits_kernel. The scores are
-score_kernels' and the visible keys visibility_kernels' (a band around the
-diagonal j - i = K_b - seq_q, computed per item).
+keys may span pages; a power-of-two page size is compiled in: FIXED_PAGE_SIZE).
+As in decode_kernels, the gqa_group * seq_q query rows of one kv head share
+one program (K and V are read once per group), the keys are split across
+programs (the split count follows the capacity, a host value; a split past K_b
+visits no key block), and the splits are merged in a fixed order by
+decode_kernels.merge_decode_splits_kernel. The scores are score_kernels' and
+the visible keys visibility_kernels' (a band around the diagonal
+j - i = K_b - seq_q, computed per item).
 """
 
 import triton
@@ -31,12 +32,18 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 @triton.jit
 def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_page, PAGED: tl.constexpr,
-                BLOCK_IN_ONE_PAGE: tl.constexpr):
-    """The page numbers of the key block at `start` (positions start + offs_n) of one batch item: one per
-    key, or with BLOCK_IN_ONE_PAGE (page_size a multiple of the block, `start` a multiple of the block) the
-    block's one page, a scalar. 0 past key_end, where the table is not read, and for a contiguous cache."""
-    if PAGED and BLOCK_IN_ONE_PAGE:
-        page = tl.load(table_row_ptr + (start // page_size) * stride_table_page, mask=start < key_end, other=0)
+                FIXED_PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The page numbers of the key block at `start` (a multiple of BLOCK_N; keys start + offs_n) of one batch
+    item: one per key, or where the pages hold whole blocks (FIXED_PAGE_SIZE >= BLOCK_N) the block's one
+    page, a scalar. With FIXED_PAGE_SIZE (the page size compiled in, a power of two) a key's table index is
+    start's plus a constant; else (0: the page_size argument) it costs a division per key. 0 past key_end,
+    where the table is not read, and for a contiguous cache."""
+    if PAGED and FIXED_PAGE_SIZE >= BLOCK_N:
+        index = start // FIXED_PAGE_SIZE
+        page = tl.load(table_row_ptr + index * stride_table_page, mask=start < key_end, other=0)
+    elif PAGED and FIXED_PAGE_SIZE > 0:
+        index = start // FIXED_PAGE_SIZE + offs_n // FIXED_PAGE_SIZE
+        page = tl.load(table_row_ptr + index * stride_table_page, mask=start + offs_n < key_end, other=0)
     elif PAGED:
         cols = start + offs_n
         page = tl.load(table_row_ptr + (cols // page_size) * stride_table_page, mask=cols < key_end, other=0)
@@ -46,14 +53,22 @@ def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_p
 
 
 @triton.jit
-def key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED: tl.constexpr):
-    """(K row offsets, V row offsets, in range) of key positions `cols` of one batch item, whose page numbers
-    are `page` (block_pages: one per key, or the block's one page): int64 element offsets of each key's row from the kv head's base, by the caches'
-    (page or batch item, slot) strides."""
+def key_rows(page, batch, start, offs_n, key_end, page_size, k_strides, v_strides, PAGED: tl.constexpr,
+             FIXED_PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(K row offsets, V row offsets, in range) of the keys start + offs_n of one batch item (`start` a
+    multiple of BLOCK_N), whose page numbers are `page` (block_pages, under the same FIXED_PAGE_SIZE):
+    int64 element offsets of each key's row from the kv head's base, by the caches' (page or batch item,
+    slot) strides."""
+    cols = start + offs_n
     in_range = cols < key_end
     if PAGED:
+        if FIXED_PAGE_SIZE >= BLOCK_N:
+            slot = start % FIXED_PAGE_SIZE + offs_n
+        elif FIXED_PAGE_SIZE > 0:
+            slot = offs_n % FIXED_PAGE_SIZE
+        else:
+            slot = cols % page_size
         page = page.to(tl.int64)
-        slot = cols % page_size
         return page * k_strides[0] + slot * k_strides[1], page * v_strides[0] + slot * v_strides[1], in_range
     position = cols.to(tl.int64)
     item = batch.to(tl.int64)
@@ -69,6 +84,18 @@ def cache_rows(head_ptr, row_offsets, in_range, offs_d, width, stride_dim):
 
 
 @triton.jit
+def cache_block(desc, page, kv_head, slot, in_range, EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Rows [slot, slot + BLOCK_N) of page `page` (a contiguous cache: batch item) of kv head `kv_head` by
+    TMA, `desc` a host descriptor of the cache viewed as (page, head, slot, dim): zero past the head dim, and
+    in EDGE blocks past key_end (`in_range`; rows there are read, holding whatever the cache holds)."""
+    tile = desc.load([page, kv_head, slot, 0]).reshape([BLOCK_N, BLOCK_D])
+    if EDGE:
+        tile = tl.where(in_range[:, None], tile, 0.0)
+    return tile
+
+
+@triton.jit
 def attend_cache_blocks(
     acc,
     row_sum,
@@ -77,8 +104,11 @@ def attend_cache_blocks(
     q_lo,
     k_head_ptr,
     v_head_ptr,
+    k_desc,
+    v_desc,
     table_row_ptr,
     batch,
+    kv_head,
     key_start,
     key_stop,
     query_rows,
@@ -99,7 +129,8 @@ def attend_cache_blocks(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     PAGED: tl.constexpr,
-    BLOCK_IN_ONE_PAGE: tl.constexpr,
+    FIXED_PAGE_SIZE: tl.constexpr,
+    TMA_BLOCKS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -110,7 +141,10 @@ def attend_cache_blocks(
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
     attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
     keys some row does not see (or past key_end) and are masked element by element. The strides
-    are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head."""
+    are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head. TMA_BLOCKS
+    (a contiguous cache, or pages holding whole blocks): each block is one TMA box of k_desc / v_desc
+    (cache_block) instead of per-row addresses."""
+    tl.static_assert(not (TMA_BLOCKS and PAGED) or FIXED_PAGE_SIZE >= BLOCK_N, "a TMA box needs a block in one page")
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -118,13 +152,21 @@ def attend_cache_blocks(
     # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
     # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
     page = block_pages(table_row_ptr, key_start, offs_n, key_end, page_size, stride_table_page, PAGED,
-                       BLOCK_IN_ONE_PAGE)
+                       FIXED_PAGE_SIZE, BLOCK_N)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
-        k_rows, v_rows, in_range = key_rows(page, batch, cols, key_end, page_size, k_strides, v_strides, PAGED)
+        k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
+                                            PAGED, FIXED_PAGE_SIZE, BLOCK_N)
+        if TMA_BLOCKS and PAGED:  # the block's box (pages holding whole blocks)
+            box_page, box_slot = page, start_n % FIXED_PAGE_SIZE
+        else:
+            box_page, box_slot = batch, start_n
         page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_n, key_end, page_size, stride_table_page, PAGED,
-                           BLOCK_IN_ONE_PAGE)
-        k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
+                           FIXED_PAGE_SIZE, BLOCK_N)
+        if TMA_BLOCKS:
+            k = cache_block(k_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_D)
+        else:
+            k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
             qk = matmul_split(q, q_lo, k_hi, k_lo)
@@ -148,7 +190,10 @@ def attend_cache_blocks(
             p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
             alpha = tl.math.exp2((row_max - shift) * score_scale)
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
+        if TMA_BLOCKS:
+            v = cache_block(v_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_DV)
+        else:
+            v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
         if SPLIT_TF32:
             p_hi, p_lo = split_tf32(p)
             v_hi, v_lo = split_tf32(v)
@@ -168,6 +213,8 @@ def attention_paged_decode_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    k_desc,
+    v_desc,
     block_table_ptr,
     cache_seqlens_ptr,
     partial_out_ptr,
@@ -209,7 +256,8 @@ def attention_paged_decode_kernel(
     BOUNDED_BELOW: tl.constexpr,
     BOUNDED_ABOVE: tl.constexpr,
     PAGED: tl.constexpr,
-    BLOCK_IN_ONE_PAGE: tl.constexpr,
+    FIXED_PAGE_SIZE: tl.constexpr,
+    TMA_BLOCKS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
@@ -225,7 +273,10 @@ def attention_paged_decode_kernel(
 
     q (B, seq_q, Hq, E) by its strides; caches by (page, slot, head, dim)
     strides (contiguous: (batch item, position, head, dim)); block_table
-    (B, pages per item); cache_seqlens (B,). Query row r of the packed group
+    (B, pages per item); cache_seqlens (B,). With TMA_BLOCKS, k_desc and
+    v_desc are host descriptors of the caches viewed as (page or batch item,
+    head, slot, dim) with (1, 1, BLOCK_N, BLOCK_D or BLOCK_DV) boxes (else
+    unused). Query row r of the packed group
     is head kv_head * gqa_group + r // seq_q, query r % seq_q. The visible band
     is K_b - seq_q - window_left <= j - i (BOUNDED_BELOW) and
     j - i <= K_b - seq_q + window_right (BOUNDED_ABOVE; causal is right = 0).
@@ -282,11 +333,12 @@ def attention_paged_decode_kernel(
     for part in tl.static_range(3):
         if part != 0 or BOUNDED_BELOW:
             acc, row_sum, row_max = attend_cache_blocks(
-                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, table_row_ptr, batch,
+                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
                 key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
-                ALIBI, PAGED, BLOCK_IN_ONE_PAGE, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32,
+                ALIBI, PAGED, FIXED_PAGE_SIZE, TMA_BLOCKS, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
+                WIDEN_DOT_OPERANDS, SPLIT_TF32,
             )  # fmt: skip
     if not NATURAL_UNITS:
         row_max = row_max * softmax_scale

@@ -1,0 +1,357 @@
+"""flashsdpa's paged decode over a grid of launch choices, against torch flash on the same keys unpaged.
+
+Run from the repo root on the GPU (under 2 minutes: --budget-s 100 by default; a short table last):
+    PYTHONPATH=src python scripts/sweep_paged_gpu.py [--jobs N] [--budget-s S] [--smoke]
+
+The shapes are the bench's paged rows (flashsdpa.bench.cases.kv_layout_cases): bf16, B=16, Hq=32, Hkv=8,
+d=128, one query row, every sequence S keys long, pages of 16 or 256 keys placed in a random order
+(bench.cases.paged_copy), not causal. A launch choice is (splits, warps, key block, stages) given to
+launch_paged.paged_decode (num_splits, tiles); "default" is the launcher's own choice and "divide" the
+default with the page size not compiled in (fixed_page_size 0: a division per key, the kernel before
+FIXED_PAGE_SIZE).
+
+1. Every choice of grid() (and tma_grid() for pages of 256) at S = 16384 (the bar's shortest), both page
+   sizes, until 70% of --budget-s.
+2. The best choices of 1 by page size (geometric mean of the ratio), "default" and "divide" at S = 4096 to
+   131072, and (page 0) the launcher's default over a contiguous (B, S, Hkv, d) cache.
+Choices marked "tma" read K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): pages of 256 keys and
+the contiguous cache only.
+
+Timing (interleaved_ms): CUDA events around one call (with the merge launch where there are splits), L2
+flushed (256 MiB zeroed) before each, REPS rounds calling every choice of one (length, page size) and torch
+flash once in a rotating order, medians. TB/s counts K+V read once (2 * B * Hkv * S * d * 2 bytes); ratio =
+flashsdpa TB/s / torch flash TB/s of the same rounds (sdpa_kernel(FLASH_ATTENTION), enable_gqa, the same
+keys unpaged).
+err: relative error of the whole output against torch flash's (||out - torch|| / ||torch||; bf16 rounding
+alone gives ~3e-3). Every variant is compiled first by --jobs worker processes (Triton's disk cache), so
+the timed process only loads them. Writes $OUT/sweep_paged.json (every row) when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+# This checkout's flashsdpa before any other on PYTHONPATH (a driver script may set it to another tree's src).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flashsdpa import kvcache
+from flashsdpa.backends.triton import launch_paged
+from flashsdpa.backends.triton.forward_configs import DecodeConfig
+from flashsdpa.bench.cases import paged_copy
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile worker processes")
+parser.add_argument("--budget-s", type=float, default=100.0, help="stop timing after this many seconds")
+parser.add_argument("--warm", default="", help=argparse.SUPPRESS)  # "i/n": worker i of n only compiles
+parser.add_argument("--smoke", action="store_true", help="check this script on the CPU (TRITON_INTERPRET=1)")
+args = parser.parse_args()
+SMOKE = args.smoke
+if SMOKE:
+    args.jobs = 0
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+START = time.perf_counter()
+
+BATCH, HEADS_Q, HEADS_KV, HEAD_DIM = (2, 4, 2, 16) if SMOKE else (16, 32, 8, 128)
+PAGE_SIZES = (16, 256) if not SMOKE else (16, 64)
+BAR_LENGTHS = (256,) if SMOKE else (16384,)  # the shortest of the bar's lengths
+ALL_LENGTHS = (128, 256) if SMOKE else (4096, 16384, 32768, 131072)
+WARMUP, REPS = (1, 1) if SMOKE else (3, 15)
+KEEP_BEST = 5  # choices of phase 1 carried into phase 2, per page size
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    splits: int | None  # None: the launcher's own
+    warps: int | None = None  # None (with block_n, stages): the launcher's own tiles
+    block_n: int | None = None
+    stages: int | None = None
+    divide: bool = False  # the page size not compiled in (a division per key)
+    tma: bool = False  # K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS; pages holding whole blocks)
+
+    @property
+    def label(self) -> str:
+        if self.warps is None:
+            return "divide" if self.divide else ("default tma" if self.tma else "default")
+        return f"s{self.splits} w{self.warps} n{self.block_n} st{self.stages}" + (" tma" if self.tma else "")
+
+    @property
+    def tiles(self) -> DecodeConfig | None:
+        if self.warps is None:
+            return None
+        return DecodeConfig(block_m=16, block_n=self.block_n, num_warps=self.warps, num_stages=self.stages)
+
+
+def grid() -> list[Choice]:
+    """Splits x tiles: the choices within ~15% of the best in the first H100 run (NOTES, issue 14: one and
+    two warps, 32-key blocks in 2 stages and 3 or 16 splits were all slower)."""
+    if SMOKE:
+        return [Choice(s, 4, 16, 2) for s in (1, 3)] + [Choice(2, 8, 32, 3)]
+    tiles = [(2, 32, 3), (2, 64, 2), (4, 32, 3), (4, 32, 4), (8, 32, 4)]
+    tiles += [(w, n, st) for w in (4, 8) for n, st in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3))]
+    return [Choice(s, w, n, st) for s in (1, 2, 4) for w, n, st in tiles]
+
+
+def tma_grid() -> list[Choice]:
+    """TMA boxes (pages of 256 keys and the contiguous cache only)."""
+    if SMOKE:
+        return [Choice(2, 4, 16, 2, tma=True)]
+    tiles = [(4, 64, 3), (4, 128, 3), (8, 64, 3), (8, 64, 4), (8, 128, 3)]
+    return [Choice(s, w, n, st, tma=True) for s in (1, 2) for w, n, st in tiles]
+
+
+BASELINES = [Choice(None), Choice(None, divide=True)]
+TMA_BASELINE = Choice(None, tma=True)
+
+
+@contextmanager
+def launch_switches(choice: Choice):
+    """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide, and
+    PAGED_TMA_BLOCKS as choice.tma, while inside."""
+    spec_of, tma = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS
+    if choice.divide:
+        launch_paged.paged_decode_spec = lambda *a: dataclasses.replace(spec_of(*a), fixed_page_size=0)
+    launch_paged.PAGED_TMA_BLOCKS = choice.tma
+    try:
+        yield
+    finally:
+        launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS = spec_of, tma
+
+
+@dataclasses.dataclass
+class Problem:
+    """One length's keys: unpaged for torch, (B, 1, Hq, d) queries, and the paged copies by page size."""
+
+    length: int
+    q: torch.Tensor  # (B, 1, Hq, d), flashsdpa's layout
+    k: torch.Tensor  # (B, Hkv, S, d)
+    v: torch.Tensor
+    q_bhsd: torch.Tensor  # (B, Hq, 1, d), torch's layout
+    reference: torch.Tensor  # torch flash's output (B, Hq, 1, d)
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * BATCH * HEADS_KV * self.length * HEAD_DIM * self.k.element_size()
+
+
+def torch_flash(q_bhsd, k, v):
+    if SMOKE:
+        return F.scaled_dot_product_attention(q_bhsd, k, v, enable_gqa=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q_bhsd, k, v, enable_gqa=True)
+
+
+FLUSH = None if SMOKE else torch.empty(256 << 20 >> 2, dtype=torch.int32, device=DEVICE)
+
+
+def interleaved_ms(calls: dict) -> dict:
+    """Median milliseconds of one call of each of `calls` (name -> function), timed in REPS rounds that call
+    each once in a rotating order, so that a drift of the GPU's clocks reaches every choice alike (the first
+    run timed the choices one after another: one variant read 0.382 ms early and 0.413 ms late). L2 is
+    flushed before each call; nothing synchronises within a round (the flush keeps the GPU busy while the
+    host enqueues the next call, as the bench's timer does)."""
+    names = list(calls)
+    for _ in range(WARMUP):
+        for name in names:
+            calls[name]()
+    times = {name: [] for name in names}
+    for round_index in range(REPS):
+        shift = round_index % len(names)
+        pending = []
+        for name in names[shift:] + names[:shift]:
+            if SMOKE:
+                begin = time.perf_counter()
+                calls[name]()
+                times[name].append((time.perf_counter() - begin) * 1e3)
+                continue
+            FLUSH.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            calls[name]()
+            end.record()
+            pending.append((name, start, end))
+        if not SMOKE:
+            torch.cuda.synchronize()
+        for name, start, end in pending:
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def make_problem(length: int, seed: int) -> Problem:
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(seed)
+    new = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.bfloat16)  # noqa: E731
+    q_bhsd = new(BATCH, HEADS_Q, 1, HEAD_DIM)
+    k, v = new(BATCH, HEADS_KV, length, HEAD_DIM), new(BATCH, HEADS_KV, length, HEAD_DIM)
+    return Problem(length, q_bhsd.transpose(1, 2).contiguous(), k, v, q_bhsd, torch_flash(q_bhsd, k, v))
+
+
+def paged(problem: Problem, page_size: int, seed: int):
+    """(K cache, V cache, block_table, cache_seqlens): pages of page_size keys, or (page_size 0) the
+    contiguous (B, S, Hkv, d) cache kvcache_attention takes without a table."""
+    seqlens = torch.full((BATCH,), problem.length, dtype=torch.int32, device=DEVICE)
+    if page_size == 0:
+        return problem.k.transpose(1, 2).contiguous(), problem.v.transpose(1, 2).contiguous(), None, seqlens
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(seed)
+    k_pages, table = paged_copy(problem.k, page_size, gen)
+    v_pages, _ = paged_copy(problem.v, page_size, gen, table)
+    return k_pages, v_pages, table, seqlens
+
+
+def flashsdpa_call(problem: Problem, cache, choice: Choice):
+    k_pages, v_pages, table, seqlens = cache
+    desc = kvcache.cache_descriptor(
+        problem.q, k_pages, v_pages, problem.length, scale=None, causal=False,
+        window_size=(-1, -1), softcap=None, alibi=False, sinks=False, fp32_precision="ieee",
+    )  # fmt: skip
+
+    def call():
+        with launch_switches(choice):
+            return launch_paged.paged_decode(desc, problem.q, k_pages, v_pages, seqlens, table, 0, None, None,
+                                             num_splits=choice.splits, tiles=choice.tiles)[0]  # fmt: skip
+
+    return call
+
+
+def first_call(problem: Problem, page_size: int, cache, choice: Choice) -> tuple[dict, object]:
+    """(row, call): the choice's first call (compiling or loading its kernel) checked against torch flash;
+    call is None where it failed."""
+    row = dict(length=problem.length, page=page_size, choice=choice.label)
+    call = flashsdpa_call(problem, cache, choice)
+    try:
+        out = call()
+        ref = problem.reference.float()
+        row["err"] = float((out.float() - ref).norm() / ref.norm())
+    except Exception as error:  # noqa: BLE001 - a choice that does not compile or fit is a row of the table
+        row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
+        call = None
+    return row, call
+
+
+def run_phase(lengths, choices_by_page, rows: list, seed: int, deadline_s: float = math.inf) -> None:
+    """Times every choice at every length into `rows`, with torch flash in the same rounds (interleaved_ms);
+    a choice reached after deadline_s (seconds since the start) is a row "over budget"."""
+    for length in lengths:
+        problem = make_problem(length, seed + length)
+        for page_size, choices in choices_by_page.items():
+            cache = paged(problem, page_size, seed + page_size)
+            calls, timed = {}, []
+            for choice in choices:
+                if time.perf_counter() - START > deadline_s:
+                    rows.append(dict(length=length, page=page_size, choice=choice.label, error="over budget"))
+                    continue
+                row, call = first_call(problem, page_size, cache, choice)
+                rows.append(row)
+                if call is not None:
+                    calls[choice.label], timed = call, [*timed, row]
+            if calls and not args.warm:
+                calls["torch flash"] = lambda: torch_flash(problem.q_bhsd, problem.k, problem.v)
+                ms = interleaved_ms(calls)
+                for row in timed:
+                    row.update(ms=ms[row["choice"]], torch_ms=ms["torch flash"])
+                    row["tbps"] = problem.kv_bytes / row["ms"] / 1e9
+                    row["torch_tbps"] = problem.kv_bytes / row["torch_ms"] / 1e9
+                    row["ratio"] = row["torch_ms"] / row["ms"]
+                print(f"S={length} page {page_size}: torch flash {problem.kv_bytes / ms['torch flash'] / 1e9:.2f} "
+                      f"TB/s, {len(timed)} choices timed", flush=True)  # fmt: skip
+            del cache
+        del problem
+        if not SMOKE:
+            torch.cuda.empty_cache()
+
+
+def warm_in_workers(choices: list[Choice]) -> None:
+    """Compile every variant of `choices` in --jobs processes (each its share, at the smallest length)."""
+    if args.jobs <= 1:
+        return
+    workers = [subprocess.Popen([sys.executable, __file__, f"--warm={i}/{args.jobs}"]) for i in range(args.jobs)]
+    for worker in workers:
+        worker.wait()
+    print(f"compiled in {args.jobs} workers: {time.perf_counter() - START:.0f} s", flush=True)
+
+
+def geomean(values) -> float:
+    values = [v for v in values if v and not math.isnan(v)]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def main() -> None:
+    choices = grid() + BASELINES
+    by_page = {page: choices for page in PAGE_SIZES}
+    by_page[PAGE_SIZES[-1]] = choices + tma_grid() + [TMA_BASELINE]  # pages holding whole blocks
+    if args.warm:
+        index, count = map(int, args.warm.split("/"))
+        # one choice per compiled variant (Triton specialises a split count of 1), per page size
+        share = {}
+        for page, page_choices in [*by_page.items(), (0, [BASELINES[0], TMA_BASELINE])]:
+            variants = {(c.warps, c.block_n, c.stages, c.splits in (1, None), c.divide, c.tma): c
+                        for c in page_choices}  # fmt: skip
+            share[page] = [c for i, c in enumerate(variants.values()) if i % count == index]
+        run_phase(ALL_LENGTHS[:1], share, [], seed=0)
+        return
+    warm_in_workers(choices)
+    rows: list[dict] = []
+    run_phase(BAR_LENGTHS, by_page, rows, seed=1, deadline_s=0.7 * args.budget_s)
+    best = {}
+    print("\nphase 1 (S = " + ", ".join(map(str, BAR_LENGTHS)) + "): geometric-mean ratio, best first")
+    for page_size in PAGE_SIZES:
+        scored = []
+        for choice in by_page[page_size]:
+            mine = [r for r in rows if r["page"] == page_size and r["choice"] == choice.label and "ratio" in r]
+            if len(mine) == len(BAR_LENGTHS):
+                scored.append((geomean(r["ratio"] for r in mine), max(r["err"] for r in mine), choice))
+        scored.sort(key=lambda item: -item[0])
+        for score, err, choice in scored[:12]:
+            print(f"  page {page_size:4d}  {choice.label:18s}  {score:.3f}x  err {err:.1e}")
+        best[page_size] = [choice for _, _, choice in scored[:KEEP_BEST]]
+        best[page_size] += [c for c in BASELINES if c not in best[page_size]]
+        if page_size == PAGE_SIZES[-1] and TMA_BASELINE not in best[page_size]:
+            best[page_size].append(TMA_BASELINE)
+    failed = [r for r in rows if "error" in r and r["error"] != "over budget"]
+    for r in failed[:10]:
+        print(f"  failed: page {r['page']} {r['choice']} S={r['length']}: {r['error']}")
+    skipped = sum(r.get("error") == "over budget" for r in rows)
+    if skipped:
+        print(f"  {skipped} of {len(rows)} rows not timed (over the budget of --budget-s)")
+    best[0] = [BASELINES[0], TMA_BASELINE]  # flashsdpa's contiguous cache, for comparison
+    phase2: list[dict] = []
+    run_phase(ALL_LENGTHS, best, phase2, seed=2, deadline_s=args.budget_s)
+    if os.environ.get("OUT"):
+        record = json.dumps(dict(phase1=rows, phase2=phase2), indent=1)
+        Path(os.environ["OUT"], "sweep_paged.json").write_text(record)
+    card = "cpu" if SMOKE else torch.cuda.get_device_name()
+    print(f"\npaged decode, bf16 B={BATCH} Hq={HEADS_Q}/{HEADS_KV} d={HEAD_DIM}, {card}, torch {torch.__version__}; "
+          f"TB/s of K+V (ratio to torch flash) [err]; {time.perf_counter() - START:.0f} s")  # fmt: skip
+    print("page choice              " + "".join(f"{'S=' + str(n):>22s}" for n in ALL_LENGTHS))
+    torch_line = {n: statistics.median([r["torch_tbps"] for r in phase2 if r["length"] == n and "torch_tbps" in r]
+                                       or [float("nan")]) for n in ALL_LENGTHS}  # fmt: skip
+    print("     torch flash (median) " + "".join(f"{torch_line[n]:>22.2f}" for n in ALL_LENGTHS))
+    for page_size, choices in best.items():
+        for choice in choices:
+            cells = []
+            for n in ALL_LENGTHS:
+                r = next((r for r in phase2 if (r["length"], r["page"], r["choice"]) == (n, page_size, choice.label)),
+                         {})  # fmt: skip
+                cells.append(f"{r['tbps']:.2f} ({r['ratio']:.2f}x) [{r['err']:.0e}]" if "tbps" in r
+                             else r.get("error", "-")[:20])  # fmt: skip
+            print(f"{page_size:4d} {choice.label:20s}" + "".join(f"{c:>22s}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
