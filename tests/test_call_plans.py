@@ -187,8 +187,9 @@ def test_global_state_flipped_against_warm_plans(device, monkeypatch):
     """The `use_backend` pin, grad mode and the automatic order: each call takes the backend, records the
     stats and builds the graph it would without plans."""
     q, k, v = _tensors(device)
-    automatic = "aten" if device == "cpu" else dispatch.AUTOMATIC_ORDER["cuda"][0]
+    flashsdpa.reset_stats()
     flashsdpa.attention(q, k, v)
+    (automatic,) = flashsdpa.stats()["calls"]  # the dispatcher's choice (on a GPU not the first in the order)
     with flashsdpa.use_backend("reference"):
         _check(q, k, v, "pinned")
     flashsdpa.attention(q, k, v)

@@ -225,7 +225,7 @@ def test_gluon_backward_of_strided_views_and_scales(gluon_backward, monkeypatch)
 
 @sm90_only
 @pytest.mark.parametrize("head_dim,heads_kv,variant", [
-    (64, 8, {}), (128, 4, dict(window=(200, None), causal_alignment="bottom_right", softcap=20.0, enable_gqa=True)),
+    (64, 8, {}), (128, 4, dict(window=(200, None), softcap=20.0, enable_gqa=True)),
 ])
 def test_gluon_backward_same_bits_every_call(gluon_backward, head_dim, heads_kv, variant):
     gen = generator(23)

@@ -419,7 +419,7 @@ def test_triton_paged_decode_matches_per_sequence_float64(triton_device, splits,
 def test_triton_paged_decode_compiles_in_power_of_two_page_sizes(triton_device, monkeypatch):
     """The kernel compiles in a power-of-two page size (FIXED_PAGE_SIZE; one table read per key block where
     the pages hold whole blocks); any other page size is divided per key (0): the float32 d=16 problems
-    above (16-key blocks)."""
+    above, pages smaller and larger than the key block (16 keys interpreted, 64 on sm_90)."""
     from flashsdpa.backends.triton import launch_paged
 
     specs, spec_of = [], launch_paged.paged_decode_spec
@@ -432,16 +432,14 @@ def test_triton_paged_decode_compiles_in_power_of_two_page_sizes(triton_device, 
     for page_size, fixed in ((None, 0), (3, 0), (1, 1), (8, 8), (16, 16), (32, 32)):
         call, _ = cache_problem([5, 44], 1, 1, 4, 2, 16, 45, page_size, torch.float32, seed=61)
         flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
-        spec = specs[-1]
-        assert spec.block_n == 16, spec
-        assert spec.fixed_page_size == fixed, (page_size, spec)
+        assert specs[-1].fixed_page_size == fixed, (page_size, specs[-1])
 
 
-@pytest.mark.parametrize("page_size", [None, 16, 32])
-def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, page_size):
-    """K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): a contiguous cache and pages holding whole
-    16-key blocks, the last sequence's capacity (45) no multiple of the block, keys past each length in the
-    cache set to inf (read by the box, never used)."""
+@pytest.mark.parametrize("blocks_a_page", [None, 1, 2])
+def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, blocks_a_page):
+    """K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): a contiguous cache (None) and pages holding
+    one or two whole key blocks (16 keys interpreted, 64 on sm_90), the last sequence's capacity (45) no
+    multiple of the block, keys past each length in the cache set to inf (read by the box, never used)."""
     from flashsdpa.backends.triton import launch_paged
 
     monkeypatch.setattr(launch_paged, "PAGED_TMA_BLOCKS", True)
@@ -453,6 +451,11 @@ def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, page_size):
 
     monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
     lengths, new, seq_q = [5, 0, 17, 43], 1, 2
+    page_size = None
+    if blocks_a_page is not None:  # the key block the launcher picks for this problem, from a contiguous call
+        call, _ = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, None, torch.float32, seed=71)
+        flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
+        page_size = blocks_a_page * specs[-1].block_n
     call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32, seed=71)
     totals = [n + new for n in lengths]
     table = call["block_table"]
