@@ -3,8 +3,7 @@
 Run from the repo root on the GPU machine:
     PYTHONPATH=src python scripts/bench_hopper_gpu.py [--rows d128L4096,d128L16384c,...] [--no-flex] [--backward]
 
---backward times the backward alone (each peer's forward graph kept) instead
-(--fused-dq adds the variant with dQ inside the dK/dV kernel):
+--backward times the backward alone (each peer's forward graph kept) instead:
 the hopper backend with its Gluon backward ("gluon") and with triton's
 ("hopper"), the triton backend, cuDNN and torch flash; TFLOP/s count 2.5x the
 forward's products.
@@ -163,31 +162,9 @@ class GluonBackward(PinnedFlashSdpa):
             backward_specs.GLUON_BACKWARD_HEAD_DIMS = enabled
 
 
-class FusedDqBackward(GluonBackward):
-    """The Gluon backward with dQ inside the dK/dV kernel (`HopperBackwardSpec.fused_dq`, head dim 128 only)."""
-
-    def __init__(self):
-        super().__init__()
-        self.name = "fused-dq"
-
-    @contextlib.contextmanager
-    def context(self):
-        from flashsdpa.backends.hopper import launch_backward
-
-        default = launch_backward.backward_spec
-        launch_backward.backward_spec = lambda d: dataclasses.replace(default(d), fused_dq=d == 128)
-        try:
-            with super().context():
-                yield
-        finally:
-            launch_backward.backward_spec = default
-
-
-def backward_timing(rows: list[str], fused: bool) -> None:
+def backward_timing(rows: list[str]) -> None:
     peers = make_peers("static")
     order = [GluonBackward(), PinnedFlashSdpa("hopper"), PinnedFlashSdpa("triton"), peers["cudnn"], peers["flash"]]
-    if fused:
-        order.append(FusedDqBackward())
     print("\nbackward alone, TFLOP/s (bf16, median of do_bench; ratios = gluon / cudnn, gluon / hopper)")
     print(f"{'row':<14}" + "".join(f"{peer.name:>9}" for peer in order) + f"{'/cudnn':>8}{'/hopper':>8}")
     for row in rows:
@@ -224,12 +201,11 @@ def main() -> None:
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--backward", action="store_true", help="time the backward instead (no accuracy table)")
-    parser.add_argument("--fused-dq", action="store_true", help="with --backward: also the fused-dQ variant (d=128)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__,
           "cudnn", torch.backends.cudnn.version(), flush=True)
     if args.backward:
-        backward_timing(args.rows.split(","), args.fused_dq)
+        backward_timing(args.rows.split(","))
         return
     if not args.skip_accuracy:
         accuracy()

@@ -13,7 +13,7 @@ instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
-                                    --hopper | --hopper-variants | --hopper-fused-dq] [--match TEXT] [--dump DIR]
+                                    --hopper | --hopper-variants] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -53,7 +53,6 @@ from flashsdpa import gradient_precision, kvcache, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import backward_specs as hopper_backward_specs
-from flashsdpa.backends.hopper import launch_backward as hopper_launch_backward
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward, launch_paged
 from flashsdpa.descriptor import GradientPrecision
@@ -369,8 +368,6 @@ def main() -> int:
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--hopper-variants", action="store_true", help="the hopper kernels' variants alone")
     parser.add_argument("--paged", action="store_true", help="only the paged decode kernel's problems (kvcache)")
-    parser.add_argument("--hopper-fused-dq", action="store_true",
-                        help="the hopper backward's fused-dQ variant (HopperBackwardSpec.fused_dq, head dim 128)")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
@@ -378,10 +375,6 @@ def main() -> int:
               "packed": PACKED, "paged": PAGED}
     chosen = next((problems for name, problems in groups.items() if getattr(args, name)), FULL)
     problems = list(dict.fromkeys(chosen))
-    if args.hopper_fused_dq:
-        problems = [problem for problem in HOPPER if problem.head_dim == 128]
-        spec = hopper_launch_backward.backward_spec
-        hopper_launch_backward.backward_spec = lambda d: dataclasses.replace(spec(d), fused_dq=True)
     if args.masks or args.no_masks:
         problems = [problem for problem in problems if bool(getattr(problem, "mask", "")) == args.masks]
     if args.match:

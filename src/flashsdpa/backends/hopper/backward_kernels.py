@@ -74,7 +74,7 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem
                          VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                          STAGES: gl.constexpr):
     """Producer: K and V of the program's keys, then Q and dO of each (query head, query block) in order."""
-    kv_ready, q_ready, q_empty, ds_ready = barriers
+    kv_ready, q_ready, q_empty = barriers
     batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
                                                               VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -92,37 +92,6 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem
                                         q_smem.index(stage))
         tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
                                         do_smem.index(stage))
-
-
-@gluon.jit
-def _ordered_dq_add(dqt, dq_smem, dq_acc_ptr, dq_turns_ptr, batch, head_q, heads_q, n_block, first_row, stats_stride,
-                    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
-    """FUSED_DQ: adds this group's dQ^T partial (half the head dim, the program's keys) into the float32
-    accumulator after the previous key block's program added its own: the same order every call.
-
-    `dq_turns` counts, per (batch, query head, row block, half), the key blocks that have added."""
-    HALF: gl.constexpr = HEAD_DIM // 2
-    gl.static_assert(HALF == 64, "the fused dQ splits head dim 128 into two 64-row wgmma blocks")
-    # The partial goes out through shared memory in 16-byte column runs, 32 rows at a time (few live registers).
-    dq_smem.store(dqt)
-    gl.thread_barrier()
-    head_rows = (batch * heads_q + head_q).to(gl.int64) * stats_stride
-    turn = dq_turns_ptr + ((head_rows + first_row) // BLOCK_M) * 2 + GROUP
-    while gl.atomic_add(turn, 0, sem="acquire") < n_block:
-        pass
-    gl.thread_barrier()
-    add_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
-                                                warps_per_cta=[1, 4], order=[0, 1])
-    cols = GROUP * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, add_layout))
-    base = dq_acc_ptr + (head_rows + first_row) * HEAD_DIM
-    for chunk in gl.static_range(2):
-        chunk_rows = chunk * (BLOCK_M // 2) + gl.arange(0, BLOCK_M // 2, layout=gl.SliceLayout(0, add_layout))
-        pointers = base + gl.expand_dims(chunk_rows * HEAD_DIM, 0) + gl.expand_dims(cols, 1)
-        partial = dq_smem.slice(chunk * (BLOCK_M // 2), BLOCK_M // 2, dim=1).load(add_layout)
-        # (turns serialise the adds: a plain read-add-write, read at L2 past this SM's L1)
-        gl.store(pointers, gl.load(pointers, cache_modifier=".cg") + partial)
-    gl.thread_barrier()
-    gl.atomic_add(turn, 1, sem="release")
 
 
 @gluon.jit
@@ -150,13 +119,12 @@ def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale
 
 
 @gluon.jit
-def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                             delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv,
-                             num_n_blocks, stats_stride, qk_scale, scale, band, transform,
-                             GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FUSED_DQ: gl.constexpr):
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr, delta_ptr,
+                             slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale,
+                             scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's."""
-    kv_ready, q_ready, q_empty, ds_ready = barriers
+    kv_ready, q_ready, q_empty = barriers
     HEAD_DIM: gl.constexpr = k_smem.shape[3]  # (1, 1, keys, head_dim)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -214,33 +182,12 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
         dv_token = warpgroup_mma(pt_op, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]
         dst = pt * (dpt - gl.expand_dims(delta, 0))
-        if FUSED_DQ:
-            # dS^T through shared memory: the A operand of dK's product (from there, not registers) and, joined
-            # with the other group's, the B operand of dQ^T's.
-            ds = ds_smem.index(i % 2)
-            ds_own = ds.slice(GROUP * BLOCK_N, BLOCK_N)
-            ds_own.store(dst.to(dtype))
-            fence_async_shared()
-            mbarrier.arrive(ds_ready.index(i % 2), count=1)
-            dk_token = warpgroup_mma(ds_own, q, dk, is_async=True)
-            mbarrier.wait(ds_ready.index(i % 2), (i // 2) & 1)
-            k_t = k_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * (HEAD_DIM // 2), HEAD_DIM // 2,
-                                                                  dim=1).permute((1, 0))
-            dqt_token = warpgroup_mma(k_t, ds, gl.zeros([HEAD_DIM // 2, BLOCK_M], gl.float32, st_layout),
-                                      use_acc=False, is_async=True)
-            retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, dqt_token, q, do, ds, k_t])
-            dv = retired[0]
-            dk = retired[1]
-            mbarrier.arrive(q_empty.index(stage), count=1)
-            _ordered_dq_add(retired[2], dq_smem.index(GROUP), dq_acc_ptr, dq_turns_ptr, batch, head_q, heads_q,
-                            first_key // (2 * BLOCK_N), first_row, stats_stride, GROUP, HEAD_DIM, BLOCK_M)
-        else:
-            dst_op = gl.convert_layout(dst.to(dtype), op_layout)
-            dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
-            retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
-            dv = retired[0]
-            dk = retired[1]
-            mbarrier.arrive(q_empty.index(stage), count=1)
+        dst_op = gl.convert_layout(dst.to(dtype), op_layout)
+        dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
+        retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
+        dv = retired[0]
+        dk = retired[1]
+        mbarrier.arrive(q_empty.index(stage), count=1)
 
     # The group's K and V rows are read by its own products alone, all retired: they take dK and dV.
     k.store((dk * scale).to(dtype))
@@ -255,10 +202,10 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, 
 
 @gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr,
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    FUSED_DQ: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
     gl.static_assert(BLOCK_N == 64, "a consumer warp group owns 64 keys (one wgmma row block)")
@@ -270,33 +217,21 @@ def hopper_attention_backward_dkdv_kernel(
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # FUSED_DQ: both groups' dS^T of a block, in two slots (a slot is rewritten two blocks later, after the
-    # joining barrier of the block between has shown both groups done with it).
-    DS_SLOTS: gl.constexpr = 2 if FUSED_DQ else 1
-    ds_smem = gl.allocate_shared_memory(
-        dtype, [DS_SLOTS, 2 * BLOCK_N if FUSED_DQ else 8, BLOCK_M if FUSED_DQ else 8],
-        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
-    dq_smem = gl.allocate_shared_memory(  # FUSED_DQ: each group's float32 dQ^T partial on its way out
-        gl.float32, [2, BLOCK_M if FUSED_DQ else 8, BLOCK_M if FUSED_DQ else 8],
-        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
-    for i in gl.static_range(2):
-        mbarrier.init(ds_ready.index(i), count=2)
 
-    barriers = (kv_ready, q_ready, q_empty, ds_ready)
+    barriers = (kv_ready, q_ready, q_empty)
     gl.warp_specialize([
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, dk_desc, dv_desc, barriers,
-                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr, heads_kv, gqa_group,
-                                    seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform, 0,
-                                    VARIANTS, BLOCK_M, BLOCK_N, STAGES, FUSED_DQ)),
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_smem, dk_desc, dv_desc, barriers,
-                                    lse2_ptr, delta_ptr, dq_acc_ptr, dq_turns_ptr, slopes_ptr, heads_kv, gqa_group,
-                                    seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform, 1,
-                                    VARIANTS, BLOCK_M, BLOCK_N, STAGES, FUSED_DQ)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                                    delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+                                    stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N,
+                                    STAGES)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                                    delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+                                    stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N,
+                                    STAGES)),
         (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                                 heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

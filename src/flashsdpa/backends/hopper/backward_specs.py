@@ -10,9 +10,11 @@ streaming tiles by TMA, two consumer warp groups of `BLOCK` rows each):
   (batch, query head) and walks its key blocks (`dq_block_n` keys a step).
 
 Neither adds into memory another program writes, so the gradients are the
-same bits every call. Shared memory (d=128, two stages): dK/dV 64 KB of K
-and V plus 2 x 32 KB of Q and dO; dQ 64 KB of Q and dO plus 2 x 32 KB of K
-and V. Registers: 12 warps a program, so a cap of 168 a thread, re-balanced
+same bits every call. Both compute S and dP: 7 products a tile pair, against
+5 with dQ inside the dK/dV kernel, which measured slower on the H100 (NOTES,
+"Issue 14: the fused-dQ variant removed"). Shared memory (d=128, two
+stages): dK/dV 64 KB of K and V plus 2 x 32 KB of Q and dO; dQ 64 KB of Q
+and dO plus 2 x 32 KB of K and V. Registers: 12 warps a program, so a cap of 168 a thread, re-balanced
 to 240 a consumer and 24 for the producer (dK and dV accumulators: 2 x 64 a
 thread at d=128). Head dim 256 would need 2 x 128 accumulator registers a
 thread: not taken (triton's backward runs it).
@@ -40,9 +42,6 @@ class HopperBackwardSpec:
     dkdv_stages: int  # Q/dO ring depth
     dq_block_n: int  # keys streamed a step
     dq_stages: int  # K/V ring depth
-    # dQ inside the dK/dV kernel (5 products a tile pair, not 7): partials added into a float32 accumulator in
-    # key-block order (`_ordered_dq_add`), no dQ kernel. Head dim 128 only. Compiles for sm_90; never run on a GPU.
-    fused_dq: bool = False
     dq_block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
     consumer_registers: int = 240
     producer_registers: int = 24

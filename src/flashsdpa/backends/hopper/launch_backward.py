@@ -75,24 +75,13 @@ def attention_backward(
             seq_q, heads_q, stats_stride,
             HEAD_DIM_V=desc.head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=desc.head_dim_v, COMPUTE_DELTA=True,
         )
-        if spec.fused_dq:  # a float32 accumulator and, per (row block, head-dim half), the key blocks added
-            dq_acc = torch.zeros((batch, heads_q, stats_stride, desc.head_dim), dtype=torch.float32, device=device)
-            dq_turns = torch.zeros(batch * heads_q * (stats_stride // spec.dkdv_block_m) * 2, dtype=torch.int32,
-                                   device=device)
-        else:
-            dq_acc = dq_turns = delta  # (not read)
         kernels.hopper_attention_backward_dkdv_kernel[(dkdv_programs,)](
             tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
             tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
             tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n), lse2, delta,
-            dq_acc, dq_turns, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale,
-            scale, band, transform,
-            BLOCK_M=spec.dkdv_block_m, BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, FUSED_DQ=spec.fused_dq,
-            **common,
+            slopes, heads_kv, desc.gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band,
+            transform, BLOCK_M=spec.dkdv_block_m, BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, **common,
         )
-        if spec.fused_dq:
-            dq.copy_(dq_acc[:, :, :seq_q].mul_(scale))
-            return dq, dk, dv
         kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
             tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
             tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
