@@ -52,3 +52,13 @@ def test_cli_runs_the_dtypes_asked_and_reports_its_time(monkeypatch, capsys):
     assert last.startswith("2 passed, 0 failed, 0 declined (served by another backend) in ")
     assert ", 3 s of them in flashsdpa's calls" in last  # the one call's 2.6 s, counted once
     assert cli.main(["check", "--device", "cpu", "--dtypes", "float64"]) == 2 and len(asked) == 1
+
+
+def test_the_main_job_passes_on_the_cpu():
+    """`flashsdpa check` (README's main job) on this machine's CPU: every row within its bar, every decline
+    expected (tiled and aten rows, the packed and paged rows, the variants and their gradients)."""
+    from flashsdpa.check import run_check
+
+    rows = list(run_check(torch.device("cpu")))
+    failed = [r for r in rows if not r.ok]
+    assert len(rows) > 400 and not failed, failed
