@@ -261,12 +261,16 @@ class AtenBackend(Backend):
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         forward_kernel, _ = _KERNELS
-        q, k, v = (_unit_last_stride(t) for t in (inputs.query, inputs.key, inputs.value))
+        q, k, v = inputs.query, inputs.key, inputs.value
+        if desc.sinks and desc.dtype in _SIXTEEN_BIT:
+            # float32 copies: the sinks rescale the kernel's output, which is then rounded once, not twice
+            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         causal = kernel_causal(desc)
         if causal is None:
             band = Band(desc, inputs)
             k, v = k.flip(-2), v.flip(-2)  # copies: the band's keys run backwards
-            out = new_output((desc.batch, desc.heads_q, desc.seq_q, desc.head_dim_v), desc.dtype, q.device)
+            out = new_output((desc.batch, desc.heads_q, desc.seq_q, desc.head_dim_v), q.dtype, q.device)
             lse = new_output((desc.batch, desc.heads_q, desc.seq_q), statistics_dtype(desc.dtype), q.device)
             for rows, keys, backwards in band.blocks():
                 part = slice(rows.start, rows.stop)
@@ -285,7 +289,7 @@ class AtenBackend(Backend):
             _mark_rows_without_keys(desc, causal, inputs.mask, lse)
         if desc.sinks:
             out, lse = _add_sinks(out, lse, inputs.sinks)
-        return out, lse
+        return out.to(desc.dtype), lse.to(statistics_dtype(desc.dtype))
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         if needed.mask:  # the kernel computes no score gradient
