@@ -285,6 +285,8 @@ class AtenBackend(Backend):
                 out[..., part, :], lse[..., part] = o, l
         else:
             mask = additive_mask(desc, inputs.mask, q.dtype)
+            if mask is not None and mask.dtype not in (q.dtype, statistics_dtype(q.dtype)):
+                mask = mask.to(q.dtype)  # a 16-bit float mask with the float32 copies
             out, lse = forward_kernel(q, k, v, 0.0, causal, attn_mask=mask, scale=desc.scale)
             _mark_rows_without_keys(desc, causal, inputs.mask, lse)
         if desc.sinks:
