@@ -305,18 +305,14 @@ def run_check(device: torch.device, quick: bool = False, dtypes=None):
 def _per_sequence(q, k, v, cu_q, cu_k, grad_out, want_grad):
     """Bottom-right causal attention of each packed sequence by torch's SDPA, at q's dtype (torch's own
     error) or on float64 copies (the reference); returns (out (T_q, Hq, Ev), (dq, dk, dv) or None).
-    Each sequence is one 4-D call, as a torch user makes it (3-D inputs would keep torch off its fused
-    kernels, whose 16-bit gradients flashsdpa's backends follow); is_causal where the sequence has as many
-    queries as keys, else the bottom-right mask."""
+    Each sequence is one 4-D call with the bottom-right mask, as a torch user makes it (3-D inputs would
+    keep torch off its fused kernels, whose 16-bit gradients flashsdpa's backends follow)."""
     q, k, v = (t.detach().clone().requires_grad_(want_grad) for t in (q, k, v))
     outs = []
     for (q0, q1), (k0, k1) in zip(zip(cu_q[:-1], cu_q[1:]), zip(cu_k[:-1], cu_k[1:])):
         qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, n, E)
-        if q1 - q0 == k1 - k0:
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        else:
-            visible = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, enable_gqa=True)
+        visible = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, enable_gqa=True)
         outs.append(torch.nan_to_num(out[0]).transpose(0, 1))
     out = torch.cat(outs)
     grads = torch.autograd.grad(out, (q, k, v), grad_out) if want_grad else None
