@@ -108,10 +108,14 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def additive_mask(desc: AttentionDescriptor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """The mask as the kernel takes it: float masks as given; bool masks as 0/-inf in `dtype`, at the
-    mask's compact shape (broadcast dims, stride 0 in the canonical view, kept at size 1)."""
-    if mask is None or desc.mask is MaskKind.FLOAT:
-        return mask
+    """The mask as the kernel takes it for queries of `dtype`: float masks as given where the kernel reads
+    their dtype (`dtype`'s or its accumulators'), else in `dtype` (a 16-bit mask with the float32 copies the
+    backend makes); bool masks as 0/-inf in `dtype`, at the mask's compact shape (broadcast dims, stride 0
+    in the canonical view, kept at size 1)."""
+    if mask is None:
+        return None
+    if desc.mask is MaskKind.FLOAT:
+        return mask if mask.dtype in (dtype, statistics_dtype(dtype)) else mask.to(dtype)
     compact = _compact(mask)
     return torch.zeros(compact.shape, dtype=dtype, device=mask.device).masked_fill_(~compact, float("-inf"))
 
@@ -285,8 +289,6 @@ class AtenBackend(Backend):
                 out[..., part, :], lse[..., part] = o, l
         else:
             mask = additive_mask(desc, inputs.mask, q.dtype)
-            if mask is not None and mask.dtype not in (q.dtype, statistics_dtype(q.dtype)):
-                mask = mask.to(q.dtype)  # a 16-bit float mask with the float32 copies
             out, lse = forward_kernel(q, k, v, 0.0, causal, attn_mask=mask, scale=desc.scale)
             _mark_rows_without_keys(desc, causal, inputs.mask, lse)
         if desc.sinks:
@@ -308,8 +310,6 @@ class AtenBackend(Backend):
             lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # the kernel's own value on rows without keys
         if not blocked:
             mask = additive_mask(desc, inputs.mask, q.dtype)
-            if mask is not None and mask.dtype not in (q.dtype, statistics_dtype(q.dtype)):
-                mask = mask.to(q.dtype)  # a 16-bit float mask with the float32 copies
             dq, dk, dv = backward_kernel(d_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=desc.scale)
         else:
             band = Band(desc, inputs)
