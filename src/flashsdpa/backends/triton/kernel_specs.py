@@ -110,10 +110,9 @@ def forward_spec(desc: AttentionDescriptor, config, tile_loads: int, mask_seed: 
 
 
 @dataclass(frozen=True)
-class DecodeSplitKernelSpec(ScoreVariant, KernelSpec):
-    """decode_kernels.attention_decode_split_kernel."""
+class DecodeTiles:
+    """The tiles and products flash decoding's kernels (the split kernel and the paged one) compile in."""
 
-    sinks: bool
     block_m: int
     block_n: int
     block_d: int
@@ -125,11 +124,10 @@ class DecodeSplitKernelSpec(ScoreVariant, KernelSpec):
     num_stages: int
 
 
-def decode_split_spec(desc: AttentionDescriptor, config) -> DecodeSplitKernelSpec:
-    key, decode = desc.kernel_key, config.decode
-    return DecodeSplitKernelSpec(
-        **dataclasses.asdict(score_variant(desc)),
-        sinks=key.sinks,
+def decode_tiles(desc: AttentionDescriptor, config, decode) -> DecodeTiles:
+    """`desc`'s decode tiles (`decode`, a DecodeConfig) and products under the forward `config`."""
+    key = desc.kernel_key
+    return DecodeTiles(
         block_m=decode.block_m,
         block_n=decode.block_n,
         block_d=key.block_head_dim,
@@ -139,6 +137,21 @@ def decode_split_spec(desc: AttentionDescriptor, config) -> DecodeSplitKernelSpe
         split_tf32=config.split_products,
         num_warps=decode.num_warps,
         num_stages=decode.num_stages,
+    )
+
+
+@dataclass(frozen=True)
+class DecodeSplitKernelSpec(ScoreVariant, DecodeTiles, KernelSpec):
+    """decode_kernels.attention_decode_split_kernel."""
+
+    sinks: bool
+
+
+def decode_split_spec(desc: AttentionDescriptor, config) -> DecodeSplitKernelSpec:
+    return DecodeSplitKernelSpec(
+        **dataclasses.asdict(score_variant(desc)),
+        **dataclasses.asdict(decode_tiles(desc, config, config.decode)),
+        sinks=desc.kernel_key.sinks,
     )
 
 
@@ -214,7 +227,7 @@ def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple
 
 
 @dataclass(frozen=True)
-class PagedDecodeKernelSpec(KernelSpec):
+class PagedDecodeKernelSpec(DecodeTiles, KernelSpec):
     """paged_kernels.attention_paged_decode_kernel (its band follows each sequence's length: only the flags
     are compiled in)."""
 
@@ -231,15 +244,6 @@ class PagedDecodeKernelSpec(KernelSpec):
     softcap: bool
     alibi: bool
     sinks: bool
-    block_m: int
-    block_n: int
-    block_d: int
-    block_dv: int
-    dot_precision: str | None
-    widen_dot_operands: bool
-    split_tf32: bool
-    num_warps: int
-    num_stages: int
 
 
 def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None,
@@ -257,15 +261,7 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int 
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,
-        block_m=decode.block_m,
-        block_n=decode.block_n,
-        block_d=key.block_head_dim,
-        block_dv=key.block_head_dim_v,
-        dot_precision=config.dot_precision,
-        widen_dot_operands=config.widen_dot_operands,
-        split_tf32=config.split_products,
-        num_warps=decode.num_warps,
-        num_stages=decode.num_stages,
+        **dataclasses.asdict(decode_tiles(desc, config, decode)),
     )
 
 
