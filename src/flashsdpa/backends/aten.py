@@ -293,7 +293,7 @@ class AtenBackend(Backend):
             _mark_rows_without_keys(desc, causal, inputs.mask, lse)
         if desc.sinks:
             out, lse = _add_sinks(out, lse, inputs.sinks)
-        return out.to(desc.dtype), lse.to(statistics_dtype(desc.dtype))
+        return out.to(desc.dtype), lse  # (out: float32 where the sinks took float32 copies)
 
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         if needed.mask:  # the kernel computes no score gradient
