@@ -10,8 +10,9 @@ barrier, once to start the partitions and once more, before the kernel's
 return, with the "exit" state. Every write is thus ordered before every read
 of the same bytes by that barrier; compute-sanitizer's racecheck nevertheless
 reports each worker warp's load as a "Potential RAW hazard" against the
-default group's store (H100, CUDA 13, every Gluon kernel of the hopper
-backend and the reference kernel below, which touches no shared memory).
+default group's store (H100: each Gluon kernel of the hopper backend; the
+reference kernel below, whose partitions touch no shared memory, shows what
+the dispatch alone draws).
 
 `dispatch_accesses` finds those instructions in a kernel's SASS (nvdisasm -c);
 `is_dispatch_hazard` says whether a racecheck report is between them alone:
@@ -40,7 +41,7 @@ from triton.experimental.gluon import language as gl
 
 # The partitions of the hopper kernels: the default group and workers of 4 and 1 warps (a consumer group and
 # the producer), with the forward's registers and cap (forward_specs.HopperForwardSpec).
-REFERENCE_PARTITIONS = 3
+REFERENCE_PARTITIONS = 3  # the default's and the two workers' (the kernel's list)
 REFERENCE_WARPS = 4
 REFERENCE_REGISTERS = (240, 24)
 REFERENCE_MAX_REGISTERS = 168
