@@ -7,7 +7,10 @@ all of them at once, float32 halves and tf32, head dim 512, the exact 16-bit
 gradients), its flash decoding, paged decode (pages, contiguous cache, 32
 query rows), packed varlen; the hopper backend's Gluon forward and backward
 at head dims 64 and 128, causal and not, GQA, and the variants (a problem the
-pinned backend refuses is "declined": shown, not a finding).
+pinned backend refuses is "declined": shown, not a finding); and first, a
+reference: a Gluon kernel that only calls gl.warp_specialize with the hopper
+kernels' partitions (default group, workers of 4 and 1 warps, their registers)
+and bodies that touch no shared memory (scripts/warp_specialize_dispatch.py).
 
 Three passes, each in child processes of this script:
 
@@ -17,21 +20,32 @@ Three passes, each in child processes of this script:
 2. `compute-sanitizer --tool memcheck` over every problem, with torch's
    caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1: each tensor its
    own allocation, so a read past a tensor's end is outside any allocation);
-3. `compute-sanitizer --tool racecheck` (shared-memory hazards; slower) over
-   the problems marked `race`: one of each kernel family (which also run
-   first under memcheck, so that a pass stopped at its time limit has them).
+3. `compute-sanitizer --tool racecheck --racecheck-report hazard` (shared-
+   memory hazards, each with its address and threads; slower) over the
+   problems marked `race`: the reference, then one of each kernel family
+   (which also run first under memcheck, so that a pass stopped at its time
+   limit has them).
+
+racecheck reports Triton's own warp-specialize dispatch in every Gluon kernel:
+each worker warp's load of its state byte against the default group's store
+of it, which a CTA-wide barrier orders (warp_specialize_dispatch's docstring
+gives the SASS). A hazard whose accesses are all that dispatch's (found in
+the kernel's SASS, from its cubin in Triton's cache) is counted apart ("+N
+ws"), not as a finding; the reference shows the pattern on its own.
 
 The child prints a marker line before and after each problem (synchronised
 before the second); a sanitizer report between the two is that problem's
 finding. A report is a line of the sanitizer's own output ("========= "
 followed by text, not by the indented detail lines) other than its banners and
 summaries; each finding is shown with the kernel it names. The total per pass
-is the sanitizer's own summary line. The table comes last: one row per
+is the sanitizer's own summary line (a hazard it counted but did not print is
+a finding: it cannot be classified). The table comes last: one row per
 problem, its memcheck and racecheck findings, then the totals; exit 1 on any
-finding or failed problem.
+finding (the dispatch's hazards are none), failed problem, or problem a
+sanitizer pass did not reach (not checked).
 
 Usage (GPU machine, repo root; logs under $OUT, default /tmp/out):
-    python scripts/sanitize_gpu.py [--tools memcheck,racecheck] [--match TEXT] [--list] [--budget-s 190]
+    python scripts/sanitize_gpu.py [--tools memcheck,racecheck] [--match TEXT] [--list] [--budget-s 130]
 """
 
 from __future__ import annotations
@@ -51,18 +65,24 @@ MARK = "@@sanitize"
 PLAIN_PROCESSES = 8  # compiles side by side (the H100 host has 16 cores)
 DEVICE = "cuda"
 BANNERS = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "RACECHECK SUMMARY", "LEAK SUMMARY", "Target application returned")
-SUMMARY = re.compile(r"========= (ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: (\d+) hazards? displayed.*)")
+SUMMARY = re.compile(r"========= (ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: (\d+) hazards? displayed"
+                     r"(?: \((\d+) errors?, (\d+) warnings?\))?)")
 REPORT = re.compile(r"^========= (?! )(.+)$")
 KERNEL = re.compile(r"^=========\s+at (?:0x[0-9a-f]+ in )?([A-Za-z_][\w:<>]*)")
 # The passes' shares of --budget-s.
 SHARES = {"plain": 0.35, "memcheck": 0.4, "racecheck": 0.25}
+# Each tool's own options: racecheck prints every hazard with its address and threads (what tells the
+# warp-specialize dispatch's apart), without host backtraces.
+TOOL_OPTIONS = {"memcheck": ["--print-limit", "20"],
+                "racecheck": ["--racecheck-report", "hazard", "--show-backtrace", "no", "--print-limit", "10000"]}
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One call: `op` "attention" (flashsdpa.attention, q (1, Hq, L, E)), "varlen" (flashsdpa.varlen_attn over
-    `packed` sequences) or "kvcache" (flashsdpa.kvcache_attention, L queries over 3 cached sequences of up to
-    S keys, in pages of `page_size`, or a contiguous cache where None)."""
+    `packed` sequences), "kvcache" (flashsdpa.kvcache_attention, L queries over 3 cached sequences of up to
+    S keys, in pages of `page_size`, or a contiguous cache where None) or "dispatch" (the warp-specialize
+    reference kernel, warp_specialize_dispatch)."""
 
     name: str
     op: str = "attention"
@@ -92,6 +112,14 @@ class Problem:
         from flashsdpa.descriptor import GradientPrecision
 
         device, dtype = torch.device(DEVICE), getattr(torch, self.dtype)
+        if self.op == "dispatch":
+            if torch.cuda.get_device_capability(device) < (9, 0):
+                return "declined: gl.warp_specialize's register re-balancing (setmaxnreg) needs sm_90"
+            from warp_specialize_dispatch import run_reference
+
+            run_reference(device)
+            torch.cuda.synchronize()
+            return "ok"
         generator = torch.Generator(device=device).manual_seed(0)
         grad = self.backward and self.op != "kvcache"
 
@@ -164,6 +192,9 @@ class Problem:
 
 ALL_VARIANTS = "window+softcap+alibi+sinks"
 PROBLEMS = [
+    # Triton's warp-specialize dispatch alone: the baseline of the hopper kernels' racecheck reports
+    Problem("hopper reference: warp-specialize dispatch", op="dispatch", backward=False, backend="hopper",
+            race=True),
     # triton: forward and backward
     Problem("triton dense bf16 d64", race=True),
     Problem("triton causal bf16 d128", head_dim=128, causal=True, race=True),
@@ -245,15 +276,33 @@ def find_sanitizer() -> str | None:
 
 
 @dataclasses.dataclass
+class Finding:
+    """One report of the sanitizer: its first line, the kernel it names, its detail lines, and whether it lies
+    between the warp-specialize dispatch's own accesses (racecheck; then it is not counted as a finding)."""
+
+    text: str
+    kernel: str | None = None
+    lines: list[str] = dataclasses.field(default_factory=list)
+    dispatch: bool = False
+
+
+@dataclasses.dataclass
 class PassResult:
     outcomes: dict = dataclasses.field(default_factory=dict)  # problem -> (seconds, outcome)
-    findings: dict = dataclasses.field(default_factory=dict)  # problem (or "(outside a problem)") -> [text]
+    findings: dict = dataclasses.field(default_factory=dict)  # problem (or "(outside a problem)") -> [Finding]
     summary_count: int | None = None
+    undisplayed: int = 0  # hazards racecheck counted but did not print
     note: str = ""
+
+    def count(self, name: str | None = None, dispatch: bool = False) -> int:
+        """Findings (dispatch=True: the dispatch's hazards instead) of one problem, or of all."""
+        found = self.findings.get(name, []) if name is not None else sum(self.findings.values(), [])
+        return sum(1 for finding in found if finding.dispatch == dispatch)
 
 
 def parse(log: str, result: PassResult) -> None:
-    """Markers, the sanitizer's reports between them (each with the kernel it names), its summary count."""
+    """Markers, the sanitizer's reports between them (each with the kernel it names and its detail lines), its
+    summary count."""
     current, last_report = "(outside a problem)", None
     for line in log.splitlines():
         if line.startswith(MARK):
@@ -268,15 +317,43 @@ def parse(log: str, result: PassResult) -> None:
         summary = SUMMARY.match(line)
         if summary:
             result.summary_count = int(summary.group(2) or summary.group(3))
+            if summary.group(4) is not None:
+                result.undisplayed = int(summary.group(4)) + int(summary.group(5)) - result.summary_count
+            last_report = None
             continue
         report = REPORT.match(line)
         if report and not report.group(1).startswith(BANNERS):
-            last_report = [report.group(1).strip()]
+            last_report = Finding(report.group(1).strip(), lines=[line])
             result.findings.setdefault(current, []).append(last_report)
             continue
+        if last_report is None:
+            continue
+        last_report.lines.append(line)
         kernel = KERNEL.match(line)
-        if kernel and last_report is not None and len(last_report) == 1:
-            last_report.append(kernel.group(1))
+        if kernel and last_report.kernel is None:
+            last_report.kernel = kernel.group(1)
+
+
+def classify_dispatch(result: PassResult) -> None:
+    """Marks the racecheck reports between the warp-specialize dispatch's own accesses, as found in the SASS of
+    the kernel's compiled variants in Triton's cache (warp_specialize_dispatch)."""
+    from warp_specialize_dispatch import cached_dispatch, is_dispatch_hazard, parse_accesses
+
+    dispatch_of: dict[str, list] = {}
+    for finding in sum(result.findings.values(), []):
+        address, accesses = parse_accesses(finding.lines)
+        kernels = {access.kernel for access in accesses}
+        if len(kernels) != 1:
+            continue
+        kernel = kernels.pop()
+        finding.kernel = finding.kernel or kernel
+        if kernel not in dispatch_of:
+            try:
+                dispatch_of[kernel] = cached_dispatch(kernel)
+            except (OSError, subprocess.CalledProcessError) as error:  # no cubin read: its reports stay findings
+                dispatch_of[kernel] = []
+                result.note += f"{'; ' if result.note else ''}SASS of {kernel} not read ({error})"
+        finding.dispatch = any(is_dispatch_hazard(address, accesses, found) for found in dispatch_of[kernel])
 
 
 def run_pass(tool: str, problems: list[Problem], sanitizer: str | None, out: Path, seconds: float) -> PassResult:
@@ -292,7 +369,7 @@ def run_pass(tool: str, problems: list[Problem], sanitizer: str | None, out: Pat
     else:
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
         ordered = sorted(problems, key=lambda p: not p.race)  # one of each kernel family first
-        commands = [[sanitizer, "--tool", tool, "--print-limit", "20", *base, *(p.name for p in ordered)]]
+        commands = [[sanitizer, "--tool", tool, *TOOL_OPTIONS.get(tool, []), *base, *(p.name for p in ordered)]]
     logs = [out / f"sanitize-{tool}-{index}.log" for index in range(len(commands))]
     processes = []
     for command, log in zip(commands, logs):
@@ -309,21 +386,31 @@ def run_pass(tool: str, problems: list[Problem], sanitizer: str | None, out: Pat
             result.note = f"stopped at its time limit ({seconds:.0f} s)"
     for log in logs:
         parse(log.read_text(errors="replace"), result)
+    if tool == "racecheck":
+        classify_dispatch(result)
     return result
 
 
 def cell(result: PassResult | None, problem: Problem) -> str:
     if result is None:
         return "-"
-    findings = result.findings.get(problem.name, [])
+    findings, dispatch = result.count(problem.name), result.count(problem.name, dispatch=True)
     if problem.name not in result.outcomes:
-        return "not reached" + (f" ({len(findings)} findings)" if findings else "")
+        return "not reached" + (f" ({findings} findings)" if findings else "")
     outcome = result.outcomes[problem.name][1]
     if outcome.startswith("declined"):
         return "declined"
     if outcome.startswith("error"):
-        return f"FAILED, {len(findings)} findings"
-    return f"{len(findings)}" if findings else "0"
+        return f"FAILED, {findings} findings"
+    return f"{findings}" + (f" +{dispatch} ws" if dispatch else "")
+
+
+def describe_count(result: PassResult) -> str:
+    """"N findings", with the warp-specialize dispatch's hazards and the unprinted ones where there are any."""
+    dispatch = result.count(dispatch=True)
+    return (f"{result.count() + result.undisplayed} findings"
+            + (f" ({result.undisplayed} not printed)" if result.undisplayed else "")
+            + (f" (+{dispatch} hazards of the warp-specialize dispatch)" if dispatch else ""))
 
 
 def main() -> int:
@@ -332,14 +419,14 @@ def main() -> int:
     parser.add_argument("--tools", default="memcheck,racecheck", help="sanitizer tools, in order (default %(default)s)")
     parser.add_argument("--match", help="only the problems whose name contains this text")
     parser.add_argument("--list", action="store_true", help="list the problems and exit")
-    parser.add_argument("--budget-s", type=float, default=190.0, help="the whole run's seconds (default %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=130.0, help="the whole run's seconds (default %(default)s)")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
     problems = [p for p in PROBLEMS if not args.match or args.match in p.name]
     if args.list:
         for problem in problems:
-            print(f"{problem.name:36} {'racecheck' if problem.race else ''}")
+            print(f"{problem.name:44} {'racecheck' if problem.race else ''}")
         return 0
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -357,20 +444,32 @@ def main() -> int:
         share = SHARES.get(tool, 0.3) / sum(SHARES.get(t, 0.3) for t in passes[index:])
         results[tool] = run_pass(tool, chosen, sanitizer, out, (args.budget_s - (time.monotonic() - start)) * share)
         result = results[tool]
-        count = sum(len(found) for found in result.findings.values())
         print(f"{tool}: {len(result.outcomes)}/{len(chosen)} problems ran in {time.monotonic() - start:.0f} s, "
-              f"{count} findings" + (f" (sanitizer summary: {result.summary_count})"
-                                    if result.summary_count is not None else "")
+              f"{describe_count(result)}" + (f" (sanitizer summary: {result.summary_count})"
+                                             if result.summary_count is not None else "")
               + (f"; {result.note}" if result.note else ""), flush=True)  # fmt: skip
     failed = False
     for tool, result in results.items():
         if result is None:
             continue
         for name, found in result.findings.items():
-            for report in found[:5]:
-                print(f"  {tool} | {name} | {' | '.join(report)}")
-            if len(found) > 5:
-                print(f"  {tool} | {name} | ... {len(found) - 5} more (log: {out}/sanitize-{tool}-*.log)")
+            shown = [finding for finding in found if not finding.dispatch]
+            for finding in shown[:5]:
+                print(f"  {tool} | {name} | {finding.text}" + (f" | {finding.kernel}" if finding.kernel else ""))
+            if len(shown) > 5:
+                print(f"  {tool} | {name} | ... {len(shown) - 5} more (log: {out}/sanitize-{tool}-*.log)")
+            dispatch = sorted({finding.kernel for finding in found if finding.dispatch})
+            if dispatch:
+                print(f"  {tool} | {name} | {len(found) - len(shown)} hazards between Triton's warp-specialize "
+                      f"state load and stores (not findings): {', '.join(dispatch)}")
+            failed = failed or bool(shown)
+        if result.undisplayed > 0:
+            print(f"  {tool} | {result.undisplayed} hazards counted but not printed (not classified: findings)")
+            failed = True
+        unreached = [p.name for p in problems if (tool != "racecheck" or p.race) and p.name not in result.outcomes]
+        if unreached and tool != "plain":
+            print(f"  {tool} | {len(unreached)} problems not reached (not checked): {', '.join(unreached[:4])}"
+                  + (", ..." if len(unreached) > 4 else ""))
             failed = True
         for name, (_, outcome) in result.outcomes.items():
             if outcome.startswith("error"):
@@ -379,13 +478,16 @@ def main() -> int:
             elif outcome.startswith("declined") and tool == "plain":
                 print(f"  declined | {name} | {outcome[:200]}")
     print()
-    header = f"{'problem':38} {'plain':>8} " + " ".join(f"{tool:>12}" for tool in tools)
+    if "racecheck" in tools:
+        print("racecheck: findings, then \"+N ws\": hazards between Triton's warp-specialize state load and stores "
+              "(scripts/warp_specialize_dispatch.py)")
+    header = f"{'problem':44} {'plain':>8} " + " ".join(f"{tool:>12}" for tool in tools)
     print(header)
     for problem in problems:
         plain = results["plain"].outcomes.get(problem.name, ("", "not reached"))[1].split(":")[0]
         row = " ".join(f"{cell(results[tool], problem) if tool != 'racecheck' or problem.race else '':>12}"
                        for tool in tools)  # fmt: skip
-        print(f"{problem.name:38} {plain:>8} {row}")
+        print(f"{problem.name:44} {plain:>8} {row}")
     totals = []
     for tool in tools:
         result = results[tool]
@@ -393,9 +495,8 @@ def main() -> int:
             totals.append(f"{tool}: not run (no compute-sanitizer)")
             failed = True
             continue
-        count = sum(len(found) for found in result.findings.values())
         summary = "" if result.summary_count is None else f", sanitizer's summary {result.summary_count}"
-        totals.append(f"{tool}: {count} findings in {len(result.outcomes)} problems{summary}")
+        totals.append(f"{tool}: {describe_count(result)} in {len(result.outcomes)} problems{summary}")
     print("total: " + "; ".join(totals) + f"; {time.monotonic() - start:.0f} s")
     return 1 if failed else 0
 
