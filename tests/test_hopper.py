@@ -18,7 +18,8 @@ from flashsdpa.backends.hopper import backward_specs, variants
 from flashsdpa.descriptor import Alignment, AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dispatch import UnsupportedError
 from flashsdpa.backends.base import poisoned_outputs
-from helpers import ON_CUDA, Case, assert_grad_close, check_backward, check_forward, generator, oracle, qkv, randn
+from helpers import (ON_CUDA, Case, assert_forward_close, assert_grad_close, assert_lse_close, check_backward,
+                     check_forward, generator, oracle, qkv, randn)
 from test_triton_variants import assert_matches_formula
 from test_variants import leaves, oracle_of, problem, run_and_grads
 
@@ -74,6 +75,66 @@ def test_reasons_on_an_sm90_device(monkeypatch):
         monkeypatch.setattr(hopper, "cuda_capability", lambda device: capability)
         assert backend.unsupported_reasons(describe(), device) == [
             f"hopper kernels need compute capability 9.0, not {capability[0]}.{capability[1]}"]
+
+
+def test_softcap_forward_choices_are_data(monkeypatch):
+    """`variants.SOFTCAP_FORWARD` picks the forward kernel's tanh (compiled in as TANH) and the units its
+    qk_scale takes; "triton" leaves the Gluon spec alone (no GPU needed)."""
+    from flashsdpa.backends.hopper.forward_specs import LOG2E, HopperForwardSpec, forward_spec
+
+    softcap, alibi_too = variants.HopperVariants(softcap=True), variants.HopperVariants(softcap=True, alibi=True)
+    for choice in variants.SOFTCAP_FORWARDS:
+        monkeypatch.setitem(variants.SOFTCAP_FORWARD, 128, choice)
+        spec = forward_spec(128, softcap)
+        assert spec.tanh == ("hardware" if choice == "hardware" else "precise"), choice
+        assert forward_spec(128, variants.HopperVariants(bounded_above=True)).tanh == "precise"
+        assert forward_spec(64, softcap).tanh == "precise"  # (the other head dims' entries stay)
+        assert variants.softcap_forward(describe(softcap=30.0)) == choice
+        assert variants.softcap_forward(describe()) is None
+    # The factor to base-2 exponents: raw products, natural units, tanh's values (hardware tanh alone).
+    plain = forward_spec(128, variants.HopperVariants())
+    assert plain.qk_scale(0.125, 0.0) == 0.125 * LOG2E
+    assert forward_spec(128, alibi_too).qk_scale(0.125, 30.0) == LOG2E
+    hardware = HopperForwardSpec(128, softcap, block_n=128, stages=2, q_buffers=2, tanh="hardware")
+    assert hardware.qk_scale(0.125, 30.0) == 30.0 * LOG2E
+    assert HopperForwardSpec(128, alibi_too, 128, 2, 2, tanh="hardware").qk_scale(0.125, 30.0) == LOG2E
+    with pytest.raises(ValueError, match="'precise' or 'hardware'"):
+        HopperForwardSpec(128, softcap, 128, 2, 2, tanh="triton")
+    with pytest.raises(ValueError, match="only for kernels with softcap"):
+        HopperForwardSpec(128, variants.HopperVariants(), 128, 2, 2, tanh="hardware")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_softcap_forward_on_triton_is_triton_s_forward(monkeypatch, head_dim):
+    """SOFTCAP_FORWARD "triton": the hopper backend's forward is the triton backend's, bit for bit, recorded as
+    a fallback, and its out and lse are what the Gluon backward reads (the Gluon forward's layouts: one
+    allocation function; lse in natural log). Runs on the CPU (triton interpreted): the choice is made
+    before any Gluon launch."""
+    from flashsdpa.backends import triton as triton_backend
+    from flashsdpa.backends.hopper import launch_forward as hopper_launch
+    from flashsdpa.backends.triton import launch_forward as triton_launch
+
+    assert hopper_launch.allocate_outputs is triton_launch.allocate_outputs
+    monkeypatch.setitem(variants.SOFTCAP_FORWARD, head_dim, "triton")
+    gen = generator(29)
+    q, k, v = qkv((1, 2), (1, 1), 33, 47, head_dim, gen, torch.float16, "cpu")
+    desc = describe(batch_shape=(1,), heads_q=2, heads_kv=1, head_dim=head_dim, head_dim_v=head_dim,
+                    dtype=torch.float16, device_type="cpu", causal=True, softcap=5.0)
+    inputs = AttentionInputs(q, k, v)
+    dispatch.reset_stats()
+    with poisoned_outputs():
+        out, lse = hopper.HopperBackend().forward(desc, inputs)
+    assert dispatch.stats()["fallbacks"] == {
+        f"hopper: softcap's forward at head dim {head_dim} is triton's (hopper.variants.SOFTCAP_FORWARD); "
+        "ran triton": 1}
+    theirs = triton_backend.TritonBackend().forward(desc, inputs)
+    assert torch.equal(out, theirs[0]) and torch.equal(lse, theirs[1])
+    assert out.shape == (1, 2, 33, head_dim) and out.dtype == torch.float16
+    assert lse.shape == (1, 2, 33) and lse.dtype == torch.float32 and lse.is_contiguous()
+    ref_out, ref_lse = oracle_of(q, k, v, dict(causal=True, softcap=5.0), "top_left")
+    assert_forward_close("softcap forward on triton", out, ref_out, None, torch.float16, torch_ratio=False)
+    assert_lse_close(lse, ref_lse, torch.float16)  # (natural log; the Gluon backward of this forward is tested
+    # against float64 on the GPU: test_softcap_forwards_against_float64)
 
 
 # (Hq, Hkv, L, S): odd lengths cross the 128-row program tiles and the key blocks; L != S for causal alignment.
