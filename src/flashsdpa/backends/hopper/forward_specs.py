@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flashsdpa.backends.hopper.variants import SOFTCAP_FORWARD, HopperVariants
+from flashsdpa.backends.hopper import variants as hopper_variants
+from flashsdpa.backends.hopper.variants import HopperVariants
 
 HEAD_DIMS = (64, 128, 256)
 LOG2E = 1.4426950408889634
@@ -69,8 +70,8 @@ _TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 1)}
 
 
 def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
-    """The table's tiles; persistent programs for problems without a band only (a band's tiles see unequal
-    key ranges, as causal ones do).
+    """The table's tiles and softcap's tanh (`variants.SOFTCAP_FORWARD`); persistent programs for problems
+    without a band only (a band's tiles see unequal key ranges, as causal ones do).
 
     H100, bf16 (BENCHMARKS.md, issue 14): persistent programs beat one program
     per tile non-causal (d=128 L=4096 603 vs 571 TFLOP/s, d=64 455 vs 432), but
@@ -80,6 +81,7 @@ def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
     d=128 L=4096 non-causal and -1 to -3% elsewhere: off.
     """
     block_n, stages, q_buffers = _TILES[head_dim]
-    tanh = "hardware" if variants.softcap and SOFTCAP_FORWARD[head_dim] == "hardware" else "precise"
+    hardware = variants.softcap and hopper_variants.SOFTCAP_FORWARD[head_dim] == "hardware"
+    tanh = "hardware" if hardware else "precise"
     return HopperForwardSpec(head_dim=head_dim, variants=variants, block_n=block_n, stages=stages,
                              q_buffers=q_buffers, persistent=not variants.banded, tanh=tanh)
