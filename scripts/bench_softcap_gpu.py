@@ -117,8 +117,9 @@ def ran(fallbacks: dict) -> str:
     return f"fwd {forward}, bwd {backward}"
 
 
-def accuracy(device: str = "cuda") -> dict:
-    """{(head_dim, steep, choice): errors}; prints one row per problem and choice."""
+def accuracy(device: str = "cuda", seq: int = 1000, backend: str = "hopper") -> dict:
+    """{(head_dim, steep, choice): errors}; prints one row per problem and choice (`backend`: another for a dry
+    run on the CPU)."""
     print("\naccuracy against float64 (bf16, B=2, Hq=8, Hkv=2, causal L=S=1000, softcap 30): relative error of "
           "out, dq, dk, dv; max |lse error|")
     print(f"{'choice':<9} {'d':>3} {'scale':>7} {'out':>9} {'lse':>9} {'dq':>9} {'dk':>9} {'dv':>9}  ran")
@@ -126,10 +127,10 @@ def accuracy(device: str = "cuda") -> dict:
     for head_dim in (128, 64):
         for steep in (False, True):
             gen = torch.Generator(device=device).manual_seed(head_dim + steep)
-            q = torch.randn(2, 8, 1000, head_dim, device=device, generator=gen).bfloat16().requires_grad_()
-            k, v = (torch.randn(2, 2, 1000, head_dim, device=device, generator=gen).bfloat16().requires_grad_()
+            q = torch.randn(2, 8, seq, head_dim, device=device, generator=gen).bfloat16().requires_grad_()
+            k, v = (torch.randn(2, 2, seq, head_dim, device=device, generator=gen).bfloat16().requires_grad_()
                     for _ in "kv")
-            grad_out = torch.randn(2, 8, 1000, head_dim, device=device, generator=gen).bfloat16()
+            grad_out = torch.randn(2, 8, seq, head_dim, device=device, generator=gen).bfloat16()
             options = dict(causal=True, softcap=30.0, enable_gqa=True, return_lse=True,
                            scale=1.0 if steep else None)
             leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -139,7 +140,7 @@ def accuracy(device: str = "cuda") -> dict:
                 with softcap_forward(choice, head_dim):
                     flashsdpa.reset_stats()
                     with poisoned_outputs():
-                        out, lse = flashsdpa.attention(q, k, v, backend="hopper", **options)
+                        out, lse = flashsdpa.attention(q, k, v, backend=backend, **options)
                     grads = torch.autograd.grad(out, (q, k, v), grad_out)
                     fallbacks = flashsdpa.stats()["fallbacks"]
                 errors = [relative_error(out, ref_out), (lse.double() - ref_lse).abs().max().item(),
