@@ -1,7 +1,7 @@
 """The hopper backend's softcap forward, each way it can run, beside compiled Flex on an H100/H200 (issue 14).
 
 Run from the repo root on the GPU machine (under 2 minutes with Flex's compiles):
-    PYTHONPATH=src python scripts/bench_softcap_gpu.py [--no-flex] [--budget SECONDS]
+    PYTHONPATH=src python scripts/bench_softcap_gpu.py [--flex-rows N] [--budget SECONDS] [--skip-tanh]
 
 `hopper.variants.SOFTCAP_FORWARD` (per head dim) says how the hopper backend
 computes softcap's forward: "precise" (the Gluon kernel, a precise tanh: the
@@ -22,8 +22,9 @@ triton backend's forward); the backward is the Gluon one in every case.
    with the bench's score_mod (`bench.peers.flex_score_mod`), on the bench's
    softcap row (bf16 d=128 causal L=4096 B=4 H=16 softcap 30), the same
    non-causal, and d=64 causal; `err` is each forward's out error against
-   float64 on heads 0-1 of batch 0 of the timed inputs. Flex rows come last
-   and are skipped past --budget seconds.
+   float64 on heads 0-1 of batch 0 of the timed inputs. Flex rows come last:
+   the bench's row alone unless --flex-rows says more, none past --budget
+   seconds.
 
 The last table is the summary: per row, each choice's forward and backward
 TFLOP/s and the best choice's forward against Flex. Its "set" lines name the
@@ -178,7 +179,7 @@ def timing_cases():
             dataclasses.replace(softcap_row, head_dim=64)]
 
 
-def timing(flex: bool, budget: float, start: float) -> dict:
+def timing(flex_rows: int, budget: float, start: float) -> dict:
     device = torch.device("cuda")
     results = {}
     print("\ntiming (TFLOP/s; err: out's relative error against float64 on heads 0-1 of batch 0)")
@@ -197,18 +198,20 @@ def timing(flex: bool, budget: float, start: float) -> dict:
                 error = out_error(peer.prepare(case, device), x, refs[case.name])
             results[case.name, choice] = (*rates, error)
             print(f"  {case.name} {choice}: {rates[0]:.0f} / {rates[1]:.0f} err {error:.1e} {rates[2]}", flush=True)
-    if flex:
-        peer = FlexPeer("static")
-        for case in cases:
-            if time.time() - start > budget:
-                results[case.name, "flex"] = (float("nan"), float("nan"), f"skipped: past {budget:.0f} s",
-                                              float("nan"))
-                continue
-            rates = time_peer(peer, case, inputs[case.name], device)
-            with peer.context():
-                error = out_error(peer.prepare(case, device), inputs[case.name], refs[case.name])
-            results[case.name, "flex"] = (*rates, error)
-            print(f"  {case.name} flex: {rates[0]:.0f} / {rates[1]:.0f} err {error:.1e} {rates[2]}", flush=True)
+    peer = FlexPeer("static")
+    for number, case in enumerate(cases):
+        if number >= flex_rows:
+            results[case.name, "flex"] = (float("nan"), float("nan"), "not timed (--flex-rows)", float("nan"))
+            continue
+        if time.time() - start > budget:
+            results[case.name, "flex"] = (float("nan"), float("nan"), f"skipped: past {budget:.0f} s",
+                                          float("nan"))
+            continue
+        rates = time_peer(peer, case, inputs[case.name], device)
+        with peer.context():
+            error = out_error(peer.prepare(case, device), inputs[case.name], refs[case.name])
+        results[case.name, "flex"] = (*rates, error)
+        print(f"  {case.name} flex: {rates[0]:.0f} / {rates[1]:.0f} err {error:.1e} {rates[2]}", flush=True)
     return results
 
 
@@ -220,8 +223,8 @@ def keeps_bar(errors: dict, head_dim: int, choice: str) -> bool:
     return all(e <= bar for steep in (False, True) for e, bar in zip(errors[head_dim, steep][choice], BARS))
 
 
-def summary(results: dict, errors: dict, flex: bool) -> None:
-    names = [*CHOICES] + (["flex"] if flex else [])
+def summary(results: dict, errors: dict) -> None:
+    names = [*CHOICES, "flex"]
     print("\nsummary: TFLOP/s (bf16, B=4, H=16, L=4096, softcap 30; median of do_bench); best/flex = the fastest "
           "choice keeping the bar, forward, against Flex")
     header = "".join(f"{name:>9}" for name in names)
@@ -232,7 +235,7 @@ def summary(results: dict, errors: dict, flex: bool) -> None:
                  and results[case.name, choice][3] <= OUT_BAR]
         forward = {name: results[case.name, name][0] for name in names}
         best = max(keeps, key=lambda choice: forward[choice]) if keeps else "-"
-        ratio = forward[best] / forward["flex"] if flex and keeps else float("nan")
+        ratio = forward[best] / forward["flex"] if keeps else float("nan")
         best_by_dim.setdefault(case.head_dim, []).append(best)
         fwd = "".join(f"{forward[name]:9.0f}" for name in names)
         bwd = "".join(f"{results[case.name, name][1]:9.0f}" for name in names)
@@ -247,7 +250,8 @@ def summary(results: dict, errors: dict, flex: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--flex-rows", type=int, default=1,
+                        help="time Flex on the first N rows (1: the bench's row; its compiles take ~20 s a row)")
     parser.add_argument("--skip-tanh", action="store_true", help="skip the float32 sweep of the tanh forms")
     parser.add_argument("--budget", type=float, default=100.0, help="seconds after which Flex rows are skipped")
     args = parser.parse_args()
@@ -260,8 +264,8 @@ def main() -> None:
     errors = {}
     for (head_dim, steep, choice), values in accuracy_results.items():
         errors.setdefault((head_dim, steep), {})[choice] = values
-    results = timing(not args.no_flex, args.budget, start)
-    summary(results, errors, not args.no_flex)
+    results = timing(args.flex_rows, args.budget, start)
+    summary(results, errors)
     print(f"({time.time() - start:.0f} s)")
 
 
