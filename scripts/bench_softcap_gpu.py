@@ -5,8 +5,9 @@ Run from the repo root on the GPU machine (under 2 minutes with Flex's compiles)
 
 `hopper.variants.SOFTCAP_FORWARD` (per head dim) says how the hopper backend
 computes softcap's forward: "precise" (the Gluon kernel, a precise tanh: the
-default), "hardware" (the Gluon kernel, tanh.approx.f32) or "triton" (the
-triton backend's forward); the backward is the Gluon one in every case.
+default), "hardware" (the Gluon kernel, tanh.approx.f32), "hardware-fma" (and
+one consumer group's exponentials by FMA arithmetic) or "triton" (the triton
+backend's forward); the backward is the Gluon one in every case.
 
 1. tanh itself, over every finite float32 against float64: the largest
    relative error where |x| is normal, the largest absolute error anywhere
@@ -123,7 +124,7 @@ def accuracy(device: str = "cuda", seq: int = 1000, backend: str = "hopper") -> 
     run on the CPU)."""
     print("\naccuracy against float64 (bf16, B=2, Hq=8, Hkv=2, causal L=S=1000, softcap 30): relative error of "
           "out, dq, dk, dv; max |lse error|")
-    print(f"{'choice':<9} {'d':>3} {'scale':>7} {'out':>9} {'lse':>9} {'dq':>9} {'dk':>9} {'dv':>9}  ran")
+    print(f"{'choice':<12} {'d':>3} {'scale':>7} {'out':>9} {'lse':>9} {'dq':>9} {'dk':>9} {'dv':>9}  ran")
     results = {}
     for head_dim in (128, 64):
         for steep in (False, True):
@@ -148,7 +149,7 @@ def accuracy(device: str = "cuda", seq: int = 1000, backend: str = "hopper") -> 
                           *(relative_error(g, r) for g, r in zip(grads, ref_grads))]
                 results[head_dim, steep, choice] = errors
                 cells = " ".join(f"{e:8.1e}{'!' if e > bar else ' '}" for e, bar in zip(errors, BARS))
-                print(f"{choice:<9} {head_dim:>3} {'1' if steep else 'default':>7} {cells} {ran(fallbacks)}",
+                print(f"{choice:<12} {head_dim:>3} {'1' if steep else 'default':>7} {cells} {ran(fallbacks)}",
                       flush=True)
             del ref_out, ref_lse, ref_grads, leaves64
     return results
@@ -227,8 +228,8 @@ def summary(results: dict, errors: dict) -> None:
     names = [*CHOICES, "flex"]
     print("\nsummary: TFLOP/s (bf16, B=4, H=16, L=4096, softcap 30; median of do_bench); best/flex = the fastest "
           "choice keeping the bar, forward, against Flex")
-    header = "".join(f"{name:>9}" for name in names)
-    print(f"{'row':<40} fwd{header}  bwd{header}  {'best':>8} {'best/flex':>9}")
+    header = "".join(f"{name:>13}" for name in names)
+    print(f"{'row':<40} fwd{header}  bwd{header}  {'best':>12} {'best/flex':>9}")
     best_by_dim = {}
     for case in timing_cases():
         keeps = [choice for choice in CHOICES if keeps_bar(errors, case.head_dim, choice)
@@ -237,9 +238,9 @@ def summary(results: dict, errors: dict) -> None:
         best = max(keeps, key=lambda choice: forward[choice]) if keeps else "-"
         ratio = forward[best] / forward["flex"] if keeps else float("nan")
         best_by_dim.setdefault(case.head_dim, []).append(best)
-        fwd = "".join(f"{forward[name]:9.0f}" for name in names)
-        bwd = "".join(f"{results[case.name, name][1]:9.0f}" for name in names)
-        print(f"{case.name:<40}    {fwd}     {bwd}  {best:>8} {ratio:9.2f}")
+        fwd = "".join(f"{forward[name]:13.0f}" for name in names)
+        bwd = "".join(f"{results[case.name, name][1]:13.0f}" for name in names)
+        print(f"{case.name:<40}    {fwd}     {bwd}  {best:>12} {ratio:9.2f}")
     for head_dim, bests in best_by_dim.items():
         print(f"set: SOFTCAP_FORWARD[{head_dim}] = {bests[0]!r}" + (
             "" if len(set(bests)) == 1 else f"  (rows differ: {bests}; the causal row is the bench's)"))

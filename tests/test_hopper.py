@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import flashsdpa
 from flashsdpa import dispatch, gradient_precision
 from flashsdpa.backends import hopper
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.hopper import backward_specs, variants
+from flashsdpa.backends.triton.score_kernels import exp2_by_fma
 from flashsdpa.descriptor import Alignment, AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dispatch import UnsupportedError
 from flashsdpa.backends.base import poisoned_outputs
@@ -86,7 +89,8 @@ def test_softcap_forward_choices_are_data(monkeypatch):
     for choice in variants.SOFTCAP_FORWARDS:
         monkeypatch.setitem(variants.SOFTCAP_FORWARD, 128, choice)
         spec = forward_spec(128, softcap)
-        assert spec.tanh == ("hardware" if choice == "hardware" else "precise"), choice
+        assert spec.tanh == ("hardware" if choice.startswith("hardware") else "precise"), choice
+        assert spec.exp2_by_fma == (choice == "hardware-fma"), choice
         assert forward_spec(128, variants.HopperVariants(bounded_above=True)).tanh == "precise"
         assert forward_spec(64, softcap).tanh == "precise"  # (the other head dims' entries stay)
         assert variants.softcap_forward(describe(softcap=30.0)) == choice
@@ -135,6 +139,30 @@ def test_softcap_forward_on_triton_is_triton_s_forward(monkeypatch, head_dim):
     assert_forward_close("softcap forward on triton", out, ref_out, None, torch.float16, torch_ratio=False)
     assert_lse_close(lse, ref_lse, torch.float16)  # (natural log; the Gluon backward of this forward is tested
     # against float64 on the GPU: test_softcap_forwards_against_float64)
+
+
+@triton.jit
+def _exp2_by_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    tl.store(y_ptr + offsets, exp2_by_fma(tl.load(x_ptr + offsets, mask=inside)), mask=inside)
+
+
+def test_exp2_by_fma_against_float64(device):
+    """The "hardware-fma" forward's exponentials (score_kernels.exp2_by_fma, a Triton helper: interpreted on the
+    CPU) over the softmax's range: 2.3e-7 relative where 2^x is a normal float32, exactly 0 below 2^-126.5 and
+    at -inf, NaN for NaN."""
+    gen = generator(37)
+    x = torch.cat([-130 * torch.rand(60_000, generator=gen), -2 * torch.rand(20_000, generator=gen),
+                   torch.tensor([0.0, -0.0, -1e-30, -0.5, -1.5, -126.4, -126.6, -127.0, -1e4, float("-inf"),
+                                 float("nan")])]).to(device)
+    y = torch.full_like(x, 123.0)
+    _exp2_by_fma_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    truth = torch.exp2(x.double())
+    normal = truth >= torch.finfo(torch.float32).tiny
+    assert ((y.double() - truth).abs() / truth)[normal].max().item() <= 2.5e-7
+    assert (y.double() - truth)[~normal & ~x.isnan()].abs().max().item() <= 2 * torch.finfo(torch.float32).tiny
+    assert y[x <= -126.6].eq(0).all() and y[x.isnan()].isnan().all()
 
 
 # (Hq, Hkv, L, S): odd lengths cross the 128-row program tiles and the key blocks; L != S for causal alignment.

@@ -41,6 +41,9 @@ class HopperForwardSpec:
     max_registers: int = 168  # the kernel's cap before the partitions re-balance it
     num_warps: int = 4  # the default partition: consumer group 0
     tanh: str = "precise"  # softcap's tanh, compiled in as TANH: "precise" or "hardware" (variants.SOFTCAP_FORWARD)
+    # Consumer group 1's softmax exponentials by FMA arithmetic (score_kernels.exp2_by_fma), group 0's by MUFU.EX2:
+    # compiled in as EXP2_BY_FMA (variants.SOFTCAP_FORWARD "hardware-fma").
+    exp2_by_fma: bool = False
 
     def __post_init__(self):
         if self.tanh not in ("precise", "hardware"):
@@ -81,7 +84,8 @@ def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
     d=128 L=4096 non-causal and -1 to -3% elsewhere: off.
     """
     block_n, stages, q_buffers = _TILES[head_dim]
-    hardware = variants.softcap and hopper_variants.SOFTCAP_FORWARD[head_dim] == "hardware"
-    tanh = "hardware" if hardware else "precise"
+    choice = hopper_variants.SOFTCAP_FORWARD[head_dim] if variants.softcap else "precise"
     return HopperForwardSpec(head_dim=head_dim, variants=variants, block_n=block_n, stages=stages,
-                             q_buffers=q_buffers, persistent=not variants.banded, tanh=tanh)
+                             q_buffers=q_buffers, persistent=not variants.banded,
+                             tanh="hardware" if choice.startswith("hardware") else "precise",
+                             exp2_by_fma=choice == "hardware-fma")

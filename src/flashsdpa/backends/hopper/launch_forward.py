@@ -84,7 +84,7 @@ def attention_forward(
             desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles, qk_scale,
             band_arguments(desc), transform,
             VARIANTS=spec.variants, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
-            Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong, TANH=spec.tanh,
+            Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong, TANH=spec.tanh, EXP2_BY_FMA=spec.exp2_by_fma,
             CONSUMER_REGISTERS=spec.consumer_registers, PRODUCER_REGISTERS=spec.producer_registers,
             num_warps=spec.num_warps, maxnreg=spec.max_registers,
         )

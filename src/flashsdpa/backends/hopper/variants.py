@@ -31,12 +31,15 @@ BACKWARD_COMPUTED = {64: COMPUTED, 128: COMPUTED}
 #   "hardware" - the Gluon kernel, tanh by the hardware's tanh.approx.f32 (MUFU.TANH, at most 1.1e-5 relative:
 #                a score of softcap 30 moves by at most 3.3e-4, under a bf16 probability's rounding of 2^-9):
 #                2 MUFU operations a score;
+#   "hardware-fma" - as "hardware", and consumer group 1 takes its softmax's exponentials by FMA arithmetic
+#                (`score_kernels.exp2_by_fma`, 2.3e-7 relative): the groups share each SM sub-partition's MUFU
+#                unit, so 1.5 MUFU operations a score, and more FMA-pipe work in group 1;
 #   "triton"   - the triton backend's forward (its out and lse are the layouts and units the Gluon backward
 #                reads: both come from `triton.launch_forward.allocate_outputs`, lse in natural log).
 # H100, bf16 causal L=4096 d=128 softcap 30 (BENCHMARKS.md, issue 14): "precise" 127 TFLOP/s, the triton
 # forward 203, compiled Flex 178; scripts/bench_softcap_gpu.py times the three side by side.
 SOFTCAP_FORWARD = {64: "precise", 128: "precise", 256: "precise"}
-SOFTCAP_FORWARDS = ("precise", "hardware", "triton")
+SOFTCAP_FORWARDS = ("precise", "hardware", "hardware-fma", "triton")
 
 
 @dataclass(frozen=True)
