@@ -37,7 +37,7 @@ BACKWARD_COMPUTED = {64: COMPUTED, 128: COMPUTED}
 #   "triton"   - the triton backend's forward (its out and lse are the layouts and units the Gluon backward
 #                reads: both come from `triton.launch_forward.allocate_outputs`, lse in natural log).
 # H100, bf16 causal L=4096 d=128 softcap 30 (BENCHMARKS.md, issue 14): "precise" 127 TFLOP/s, the triton
-# forward 203, compiled Flex 178; scripts/bench_softcap_gpu.py times the three side by side.
+# forward 203, compiled Flex 178; scripts/bench_softcap_gpu.py times every choice beside Flex.
 SOFTCAP_FORWARD = {64: "precise", 128: "precise", 256: "precise"}
 SOFTCAP_FORWARDS = ("precise", "hardware", "hardware-fma", "triton")
 
