@@ -14,6 +14,7 @@ failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
                                     --hopper | --hopper-variants] [--match TEXT] [--dump DIR]
+                                   [--softcap-forward precise|hardware|triton]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -21,7 +22,8 @@ named by kernel and a hash of its specialization), to find what spills or to
 check that a change leaves a variant's code as it was. --hopper compiles the
 hopper backend's Gluon kernels instead (forward and backward, every dtype,
 head dim and causality they take, GQA and the variants; --hopper-variants:
-the variants alone).
+the variants alone; --softcap-forward: how the hopper forward computes softcap,
+`hopper.variants.SOFTCAP_FORWARD`, for this run).
 --paged compiles the paged decode kernel's variants (`kvcache_attention`
 on the triton backend).
 """
@@ -54,6 +56,7 @@ from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import backward_specs as hopper_backward_specs
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
+from flashsdpa.backends.hopper import variants as hopper_variants
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward, launch_paged
 from flashsdpa.descriptor import GradientPrecision
 from flashsdpa.dispatch import UnsupportedError
@@ -323,7 +326,7 @@ HOPPER_VARIANTS = [
     Problem(BF16, d, causal=c, heads=(4, 2), variant=v, backward=d in hopper_backward_specs.BACKWARD_HEAD_DIMS,
             backend="hopper")
     for d in (64, 128, 256) for c, v in ((True, "window"), (True, "window+bottom_right"),
-                                         (False, "softcap"), (False, "alibi"), (False, "sinks"),
+                                         (False, "softcap"), (True, "softcap"), (False, "alibi"), (False, "sinks"),
                                          (True, "window+softcap+alibi+sinks"))
 ]
 HOPPER += HOPPER_VARIANTS
@@ -368,6 +371,9 @@ def main() -> int:
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--hopper-variants", action="store_true", help="the hopper kernels' variants alone")
     parser.add_argument("--paged", action="store_true", help="only the paged decode kernel's problems (kvcache)")
+    parser.add_argument("--softcap-forward", choices=hopper_variants.SOFTCAP_FORWARDS,
+                        help="every head dim's entry of hopper.variants.SOFTCAP_FORWARD (how the forward computes "
+                             "softcap) for this run")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
@@ -383,6 +389,8 @@ def main() -> int:
         global dump_dir
         dump_dir = args.dump
         dump_dir.mkdir(parents=True, exist_ok=True)
+    if args.softcap_forward:
+        hopper_variants.SOFTCAP_FORWARD.update(dict.fromkeys(hopper_variants.SOFTCAP_FORWARD, args.softcap_forward))
     patch_for_sm90()
     start, launcher_errors, declined = time.time(), [], []
     for number, problem in enumerate(problems, 1):

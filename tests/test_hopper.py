@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import flashsdpa
 from flashsdpa import dispatch, gradient_precision
 from flashsdpa.backends import hopper
 from flashsdpa.backends.base import AttentionInputs
 from flashsdpa.backends.hopper import backward_specs, variants
+from flashsdpa.backends.triton.score_kernels import exp2_by_fma
 from flashsdpa.descriptor import Alignment, AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dispatch import UnsupportedError
 from flashsdpa.backends.base import poisoned_outputs
-from helpers import ON_CUDA, Case, assert_grad_close, check_backward, check_forward, generator, oracle, qkv, randn
+from helpers import (ON_CUDA, Case, assert_forward_close, assert_grad_close, assert_lse_close, check_backward,
+                     check_forward, generator, oracle, qkv, randn)
 from test_triton_variants import assert_matches_formula
 from test_variants import leaves, oracle_of, problem, run_and_grads
 
@@ -74,6 +78,91 @@ def test_reasons_on_an_sm90_device(monkeypatch):
         monkeypatch.setattr(hopper, "cuda_capability", lambda device: capability)
         assert backend.unsupported_reasons(describe(), device) == [
             f"hopper kernels need compute capability 9.0, not {capability[0]}.{capability[1]}"]
+
+
+def test_softcap_forward_choices_are_data(monkeypatch):
+    """`variants.SOFTCAP_FORWARD` picks the forward kernel's tanh (compiled in as TANH) and the units its
+    qk_scale takes; "triton" leaves the Gluon spec alone (no GPU needed)."""
+    from flashsdpa.backends.hopper.forward_specs import LOG2E, HopperForwardSpec, forward_spec
+
+    softcap, alibi_too = variants.HopperVariants(softcap=True), variants.HopperVariants(softcap=True, alibi=True)
+    for choice in variants.SOFTCAP_FORWARDS:
+        monkeypatch.setitem(variants.SOFTCAP_FORWARD, 128, choice)
+        spec = forward_spec(128, softcap)
+        assert spec.tanh == ("hardware" if choice.startswith("hardware") else "precise"), choice
+        assert spec.exp2_by_fma == (choice == "hardware-fma"), choice
+        assert forward_spec(128, variants.HopperVariants(bounded_above=True)).tanh == "precise"
+        assert forward_spec(64, softcap).tanh == "precise"  # (the other head dims' entries stay)
+        assert variants.softcap_forward(describe(softcap=30.0)) == choice
+        assert variants.softcap_forward(describe()) is None
+    # The factor to base-2 exponents: raw products, natural units, tanh's values (hardware tanh alone).
+    plain = forward_spec(128, variants.HopperVariants())
+    assert plain.qk_scale(0.125, 0.0) == 0.125 * LOG2E
+    assert forward_spec(128, alibi_too).qk_scale(0.125, 30.0) == LOG2E
+    hardware = HopperForwardSpec(128, softcap, block_n=128, stages=2, q_buffers=2, tanh="hardware")
+    assert hardware.qk_scale(0.125, 30.0) == 30.0 * LOG2E
+    assert HopperForwardSpec(128, alibi_too, 128, 2, 2, tanh="hardware").qk_scale(0.125, 30.0) == LOG2E
+    with pytest.raises(ValueError, match="'precise' or 'hardware'"):
+        HopperForwardSpec(128, softcap, 128, 2, 2, tanh="triton")
+    with pytest.raises(ValueError, match="only for kernels with softcap"):
+        HopperForwardSpec(128, variants.HopperVariants(), 128, 2, 2, tanh="hardware")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_softcap_forward_on_triton_is_triton_s_forward(monkeypatch, head_dim):
+    """SOFTCAP_FORWARD "triton": the hopper backend's forward is the triton backend's, bit for bit, recorded as
+    a fallback, and its out and lse are what the Gluon backward reads (the Gluon forward's layouts: one
+    allocation function; lse in natural log). Runs on the CPU (triton interpreted): the choice is made
+    before any Gluon launch."""
+    from flashsdpa.backends import triton as triton_backend
+    from flashsdpa.backends.hopper import launch_forward as hopper_launch
+    from flashsdpa.backends.triton import launch_forward as triton_launch
+
+    assert hopper_launch.allocate_outputs is triton_launch.allocate_outputs
+    monkeypatch.setitem(variants.SOFTCAP_FORWARD, head_dim, "triton")
+    gen = generator(29)
+    q, k, v = qkv((1, 2), (1, 1), 33, 47, head_dim, gen, torch.float16, "cpu")
+    desc = describe(batch_shape=(1,), heads_q=2, heads_kv=1, head_dim=head_dim, head_dim_v=head_dim,
+                    dtype=torch.float16, device_type="cpu", causal=True, softcap=5.0)
+    inputs = AttentionInputs(q, k, v)
+    dispatch.reset_stats()
+    with poisoned_outputs():
+        out, lse = hopper.HopperBackend().forward(desc, inputs)
+    assert dispatch.stats()["fallbacks"] == {
+        f"hopper: softcap's forward at head dim {head_dim} is triton's (hopper.variants.SOFTCAP_FORWARD); "
+        "ran triton": 1}
+    theirs = triton_backend.TritonBackend().forward(desc, inputs)
+    assert torch.equal(out, theirs[0]) and torch.equal(lse, theirs[1])
+    assert out.shape == (1, 2, 33, head_dim) and out.dtype == torch.float16
+    assert lse.shape == (1, 2, 33) and lse.dtype == torch.float32 and lse.is_contiguous()
+    ref_out, ref_lse = oracle_of(q, k, v, dict(causal=True, softcap=5.0), "top_left")
+    assert_forward_close("softcap forward on triton", out, ref_out, None, torch.float16, torch_ratio=False)
+    assert_lse_close(lse, ref_lse, torch.float16)  # (natural log; the Gluon backward of this forward is tested
+    # against float64 on the GPU: test_softcap_forwards_against_float64)
+
+
+@triton.jit
+def _exp2_by_fma_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    tl.store(y_ptr + offsets, exp2_by_fma(tl.load(x_ptr + offsets, mask=inside)), mask=inside)
+
+
+def test_exp2_by_fma_against_float64(device):
+    """The "hardware-fma" forward's exponentials (score_kernels.exp2_by_fma, a Triton helper: interpreted on the
+    CPU) over the softmax's range: 2.3e-7 relative where 2^x is a normal float32, exactly 0 below 2^-126.5 and
+    at -inf, NaN for NaN."""
+    gen = generator(37)
+    x = torch.cat([-130 * torch.rand(60_000, generator=gen), -2 * torch.rand(20_000, generator=gen),
+                   torch.tensor([0.0, -0.0, -1e-30, -0.5, -1.5, -126.4, -126.6, -127.0, -1e4, float("-inf"),
+                                 float("nan")])]).to(device)
+    y = torch.full_like(x, 123.0)
+    _exp2_by_fma_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    truth = torch.exp2(x.double())
+    normal = truth >= torch.finfo(torch.float32).tiny
+    assert ((y.double() - truth).abs() / truth)[normal].max().item() <= 2.5e-7
+    assert (y.double() - truth)[~normal & ~x.isnan()].abs().max().item() <= 2 * torch.finfo(torch.float32).tiny
+    assert y[x <= -126.6].eq(0).all() and y[x.isnan()].isnan().all()
 
 
 # (Hq, Hkv, L, S): odd lengths cross the 128-row program tiles and the key blocks; L != S for causal alignment.
@@ -256,6 +345,8 @@ HOPPER_VARIANTS = {
     "alibi": dict(alibi="batch"),
     "sinks": dict(sinks=True),
     "all": dict(causal=True, window=(100, 5), softcap=2.0, alibi="heads", sinks=True),
+    # Gemma 2's softcap with scores spread over its whole curve (scale 1: scores of sd ~ sqrt(d), up to ~4 sd).
+    "softcap_steep": dict(softcap=30.0, scale=1.0, causal=True),
 }
 VARIANT_SHAPES = (((300, 517), "top_left"), ((517, 300), "bottom_right"), ((129, 700), "bottom_right"))
 
@@ -281,6 +372,14 @@ def check_hopper_variant(name, seq_q, seq_kv, alignment, head_dim, dtype, seed=0
     return fallbacks
 
 
+def chosen_forward_reasons(name: str, head_dim: int) -> set[str]:
+    """The fallback a variant's forward records by choice (`variants.SOFTCAP_FORWARD` "triton"), else none."""
+    if "softcap" in HOPPER_VARIANTS[name] and variants.SOFTCAP_FORWARD[head_dim] == "triton":
+        return {f"hopper: softcap's forward at head dim {head_dim} is triton's (hopper.variants.SOFTCAP_FORWARD); "
+                "ran triton"}
+    return set()
+
+
 @sm90_only
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("name", list(HOPPER_VARIANTS))
@@ -289,11 +388,32 @@ def test_variants_against_float64(gluon_backward, monkeypatch, name, head_dim):
     monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
     for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES):
         fallbacks = check_hopper_variant(name, seq_q, seq_kv, alignment, head_dim, torch.bfloat16, seed=number)
+        fallbacks = set(fallbacks) - chosen_forward_reasons(name, head_dim)
         if name in ("alibi", "all") and "ALiBi" not in variants.BACKWARD_COMPUTED[head_dim]:
             assert all("does not compute" in reason for reason in fallbacks), fallbacks
         else:
-            assert fallbacks == {}, fallbacks
+            assert fallbacks == set(), fallbacks
     check_hopper_variant(name, 300, 517, "bottom_right", head_dim, torch.float16, seed=7)
+
+
+@sm90_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("choice", variants.SOFTCAP_FORWARDS)
+def test_softcap_forwards_against_float64(gluon_backward, monkeypatch, choice, head_dim):
+    """Each of `variants.SOFTCAP_FORWARD`'s choices, forward and the Gluon backward of its out and lse, with
+    softcap alone, steep, and with every other variant; the hardware tanh gives the same bits every call."""
+    monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
+    monkeypatch.setitem(variants.SOFTCAP_FORWARD, head_dim, choice)
+    for name in ("softcap", "softcap_steep", "all"):
+        for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES):
+            fallbacks = check_hopper_variant(name, seq_q, seq_kv, alignment, head_dim, torch.bfloat16, seed=number)
+            assert set(fallbacks) == chosen_forward_reasons(name, head_dim), fallbacks
+    gen = generator(31)
+    q, k, v = qkv((2, 8), (2, 2), 700, 513, head_dim, gen, torch.bfloat16, "cuda")
+    first = flashsdpa.attention(q, k, v, causal=True, softcap=30.0, enable_gqa=True, backend="hopper")
+    for _ in range(3):
+        again = flashsdpa.attention(q, k, v, causal=True, softcap=30.0, enable_gqa=True, backend="hopper")
+        assert torch.equal(again, first)
 
 
 @sm90_only

@@ -5,7 +5,9 @@ It takes the forward of bf16/fp16 problems at head dims 64, 128 and 256
 `variants.COMPUTED` (windows, either causal alignment, softcap, ALiBi,
 sinks), no mask and no dropout, on a GPU of compute capability 9.0;
 `unsupported_reasons` says why for anything else, which the automatic choice
-sends to the triton backend. Its backward runs the Gluon kernels (`backward_kernels.py`) where
+sends to the triton backend. Softcap's forward may be the triton backend's
+by choice (`variants.SOFTCAP_FORWARD`, recorded as a fallback), its backward
+still this backend's. Its backward runs the Gluon kernels (`backward_kernels.py`) where
 `gluon_backward_reasons` finds none against them, else the triton backend's
 backward (which reads this forward's out and lse as its own), with the reason
 recorded as a fallback. Gluon kernels do not run under Triton's interpreter,
@@ -107,10 +109,16 @@ class HopperBackend(Backend):
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
         launcher = _launcher()
-        if not launcher.tma_readable(inputs.query, inputs.key, inputs.value):
+        reason = None
+        if variants.softcap_forward(desc) == "triton":
+            reason = (f"hopper: softcap's forward at head dim {desc.head_dim} is triton's "
+                      "(hopper.variants.SOFTCAP_FORWARD); ran triton")
+        elif not launcher.tma_readable(inputs.query, inputs.key, inputs.value):
+            reason = "hopper: q, k or v strides or alignment are not TMA-readable; ran triton"
+        if reason is not None:
             from flashsdpa import dispatch  # (dispatch imports the backends)
 
-            dispatch.record_fallback("hopper: q, k or v strides or alignment are not TMA-readable; ran triton")
+            dispatch.record_fallback(reason)
             return self._triton.forward(desc, inputs)
         return launcher.attention_forward(desc, inputs)
 

@@ -19,7 +19,9 @@ plain, non-persistent launch). Its warps split into partitions:
 
 Scores are kept in base 2 (`qk_scale` = softmax scale * log2(e), positive:
 the launcher negates q for a negative scale; log2(e) alone where softcap or
-ALiBi transform the scores, which then are in natural units); the row
+ALiBi transform the scores, which then are in natural units; softcap *
+log2(e) where the scores are the hardware tanh's values, `TANH`; see
+`HopperForwardSpec.qk_scale`); the row
 log-sum-exp is written in natural log. The variants (`VARIANTS`, see
 variant_kernels): a tile visits the key blocks its rows see (causal, windows,
 either alignment), masks only the edge blocks, and a row that sees no key
@@ -47,9 +49,10 @@ from flashsdpa.backends.hopper.variant_kernels import (
     is_edge,
     key_blocks_seen,
     row_slope,
-    transformed_scores,
+    forward_scores,
     whole_keys,
 )
+from flashsdpa.backends.triton.score_kernels import exp2_by_fma
 
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 LOG2E: gl.constexpr = gl.constexpr(1.4426950408889634)
@@ -123,12 +126,14 @@ def _pass_turn(turns, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _softmax_block(s, m_i, l_i, j, rows, whole, seq_kv, band, transform, slope, qk_scale,
-                   VARIANTS: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+                   VARIANTS: gl.constexpr, BLOCK_N: gl.constexpr, TANH: gl.constexpr, FMA_EXP2: gl.constexpr,
+                   s_layout: gl.constexpr):
     """Online-softmax step on raw products `s` of key block j for query `rows` ([BLOCK_M]; `whole`: their
-    whole key blocks, variant_kernels): (p, new max, alpha, new row sum)."""
+    whole key blocks, variant_kernels): (p, new max, alpha, new row sum). FMA_EXP2: p's exponentials by
+    `score_kernels.exp2_by_fma` (FMA and integer pipes) instead of MUFU.EX2."""
     if VARIANTS.natural_units:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s, _ = transformed_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope, VARIANTS)
+        s = forward_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope, VARIANTS, TANH)
     edge = is_edge(j * BLOCK_N, whole, VARIANTS.bounded_below)
     if edge:
         cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -140,7 +145,10 @@ def _softmax_block(s, m_i, l_i, j, rows, whole, seq_kv, band, transform, slope, 
         if edge:  # a row that has seen no key yet: its p and alpha are 0, not exp2(-inf + inf)
             m_used = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_used)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_used, 1))
+    if FMA_EXP2:
+        p = exp2_by_fma(s * qk_scale - gl.expand_dims(m_used, 1))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_used, 1))
     l_new = l_i * alpha + gl.sum(p, 1)
     return p, m_new, alpha, l_new
 
@@ -149,7 +157,8 @@ def _softmax_block(s, m_i, l_i, j, rows, whole, seq_kv, band, transform, slope, 
 def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slopes_ptr, sinks_ptr, heads_q, gqa_group,
                         seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform,
                         GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr):
+                        STAGES: gl.constexpr, Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr,
+                        TANH: gl.constexpr, FMA_EXP2: gl.constexpr):
     """Consumer warp group GROUP: rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of every tile of this program."""
     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, turns = barriers
     HEAD_DIM: gl.constexpr = q_smem.shape[4]  # (slot, 1, 1, rows, head_dim)
@@ -206,7 +215,7 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slope
             m_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout)) + sink * LOG2E
             l_i = gl.where(m_i == float("-inf"), 0.0, 1.0)
         p, m_i, alpha, l_i = _softmax_block(s, m_i, l_i, first_block, rows, whole, seq_kv, band, transform, slope,
-                                            qk_scale, VARIANTS, BLOCK_N, s_layout)
+                                            qk_scale, VARIANTS, BLOCK_N, TANH, FMA_EXP2, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM_V], gl.float32, o_layout)
 
@@ -228,7 +237,7 @@ def _consumer_partition(q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slope
             s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, m_i, alpha, l_i = _softmax_block(s, m_i, l_i, first_block + j, rows, whole, seq_kv, band, transform,
-                                                slope, qk_scale, VARIANTS, BLOCK_N, s_layout)
+                                                slope, qk_scale, VARIANTS, BLOCK_N, TANH, FMA_EXP2, s_layout)
             acc = warpgroup_mma_wait(0, deps=[acc_token, v])[0]
             mbarrier.arrive(v_empty.index(previous), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
@@ -270,13 +279,15 @@ def hopper_attention_forward_kernel(
     heads_q, gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     Q_BUFFERS: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-    PRODUCER_REGISTERS: gl.constexpr,
+    PRODUCER_REGISTERS: gl.constexpr, TANH: gl.constexpr, EXP2_BY_FMA: gl.constexpr,
 ):
     """out and lse of `num_tiles` tiles (`2 * BLOCK_M` query rows of one batch and query head each).
 
     band: (lowest_diagonal, highest_diagonal); transform: (scale, softcap, key_offset, ALiBi slope strides of
     batch and head); slopes_ptr (ALiBi, float32) and sinks_ptr (float32, one logit a query head) are read only
-    where VARIANTS says so (variant_kernels)."""
+    where VARIANTS says so (variant_kernels); TANH: softcap's tanh, "precise" or "hardware" (`forward_scores`);
+    EXP2_BY_FMA: consumer group 1 takes its softmax's exponentials by FMA arithmetic, group 0 by MUFU.EX2 (the
+    two groups share each SM sub-partition's MUFU unit: 1.5 MUFU operations a score with the hardware tanh)."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS] + q_desc.block_type.shape, q_desc.layout)
@@ -304,10 +315,10 @@ def hopper_attention_forward_kernel(
     gl.warp_specialize([
         (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slopes_ptr, sinks_ptr, heads_q,
                                gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform, 0,
-                               VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS, PINGPONG)),
+                               VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS, PINGPONG, TANH, False)),
         (_consumer_partition, (q_smem, k_smem, v_smem, o_desc, barriers, lse_ptr, slopes_ptr, sinks_ptr, heads_q,
                                gqa_group, seq_q, seq_kv, num_m_blocks, num_tiles, qk_scale, band, transform, 1,
-                               VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS, PINGPONG)),
+                               VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS, PINGPONG, TANH, EXP2_BY_FMA)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, barriers, heads_q, gqa_group, seq_kv,
                            num_m_blocks, num_tiles, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES, Q_BUFFERS)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

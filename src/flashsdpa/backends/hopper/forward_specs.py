@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from flashsdpa.backends.hopper import variants as hopper_variants
 from flashsdpa.backends.hopper.variants import HopperVariants
 
 HEAD_DIMS = (64, 128, 256)
+LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -38,10 +40,32 @@ class HopperForwardSpec:
     producer_registers: int = 24
     max_registers: int = 168  # the kernel's cap before the partitions re-balance it
     num_warps: int = 4  # the default partition: consumer group 0
+    tanh: str = "precise"  # softcap's tanh, compiled in as TANH: "precise" or "hardware" (variants.SOFTCAP_FORWARD)
+    # Consumer group 1's softmax exponentials by FMA arithmetic (score_kernels.exp2_by_fma), group 0's by MUFU.EX2:
+    # compiled in as EXP2_BY_FMA (variants.SOFTCAP_FORWARD "hardware-fma").
+    exp2_by_fma: bool = False
+
+    def __post_init__(self):
+        if self.tanh not in ("precise", "hardware"):
+            raise ValueError(f"HopperForwardSpec.tanh must be 'precise' or 'hardware', got {self.tanh!r}")
+        if self.tanh == "hardware" and not self.variants.softcap:
+            raise ValueError("HopperForwardSpec.tanh is 'hardware' only for kernels with softcap")
 
     @property
     def rows_per_program(self) -> int:
         return self.block_m * self.consumers
+
+    @property
+    def tanh_units(self) -> bool:
+        """The kernel's scores are softcap's tanh values (hardware tanh, no ALiBi after it): qk_scale takes softcap."""
+        return self.tanh == "hardware" and not self.variants.alibi
+
+    def qk_scale(self, scale: float, softcap: float) -> float:
+        """The factor turning the kernel's scores into base-2 exponents: raw products q.k (scale * log2(e)),
+        natural units (log2(e)), or tanh's values (softcap * log2(e))."""
+        if self.tanh_units:
+            return softcap * LOG2E
+        return LOG2E if self.variants.natural_units else scale * LOG2E
 
 
 # (block_n, stages, q_buffers) per head dim.
@@ -49,8 +73,8 @@ _TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 1)}
 
 
 def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
-    """The table's tiles; persistent programs for problems without a band only (a band's tiles see unequal
-    key ranges, as causal ones do).
+    """The table's tiles and softcap's tanh (`variants.SOFTCAP_FORWARD`); persistent programs for problems
+    without a band only (a band's tiles see unequal key ranges, as causal ones do).
 
     H100, bf16 (BENCHMARKS.md, issue 14): persistent programs beat one program
     per tile non-causal (d=128 L=4096 603 vs 571 TFLOP/s, d=64 455 vs 432), but
@@ -60,5 +84,8 @@ def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
     d=128 L=4096 non-causal and -1 to -3% elsewhere: off.
     """
     block_n, stages, q_buffers = _TILES[head_dim]
+    choice = hopper_variants.SOFTCAP_FORWARD[head_dim] if variants.softcap else "precise"
     return HopperForwardSpec(head_dim=head_dim, variants=variants, block_n=block_n, stages=stages,
-                             q_buffers=q_buffers, persistent=not variants.banded)
+                             q_buffers=q_buffers, persistent=not variants.banded,
+                             tanh="hardware" if choice.startswith("hardware") else "precise",
+                             exp2_by_fma=choice == "hardware-fma")

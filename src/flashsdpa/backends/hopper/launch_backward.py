@@ -8,7 +8,8 @@ import torch
 
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.hopper.backward_specs import HopperBackwardSpec, backward_spec
-from flashsdpa.backends.hopper.launch_forward import LOG2E, tma_descriptor, tma_readable
+from flashsdpa.backends.hopper.forward_specs import LOG2E
+from flashsdpa.backends.hopper.launch_forward import tma_descriptor, tma_readable
 from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, score_arguments
 from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
 from flashsdpa.backends.triton.launch_backward import stats_row_stride

@@ -14,8 +14,6 @@ from flashsdpa.backends.triton.launch_forward import allocate_outputs, kernel_qu
 from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 
-LOG2E = 1.4426950408889634
-
 
 @functools.lru_cache(maxsize=None)
 def _gluon():
@@ -71,8 +69,7 @@ def attention_forward(
     out, lse = allocate_outputs(desc, q)
     scale = kernel_scale(desc)
     transform, (slopes, sinks) = score_arguments(desc, inputs, scale, lse)
-    # Raw products are scaled in the exponent; transformed scores are in natural units already.
-    qk_scale = LOG2E if variants.natural_units else scale * LOG2E
+    qk_scale = spec.qk_scale(scale, float(desc.softcap))
     num_m_blocks = cdiv(desc.seq_q, spec.rows_per_program)
     num_tiles = num_m_blocks * desc.batch * desc.heads_q
     if num_tiles > MAX_GRID_X:
@@ -87,7 +84,7 @@ def attention_forward(
             desc.heads_q, desc.gqa_group, desc.seq_q, desc.seq_kv, num_m_blocks, num_tiles, qk_scale,
             band_arguments(desc), transform,
             VARIANTS=spec.variants, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
-            Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong,
+            Q_BUFFERS=spec.q_buffers, PINGPONG=spec.pingpong, TANH=spec.tanh, EXP2_BY_FMA=spec.exp2_by_fma,
             CONSUMER_REGISTERS=spec.consumer_registers, PRODUCER_REGISTERS=spec.producer_registers,
             num_warps=spec.num_warps, maxnreg=spec.max_registers,
         )

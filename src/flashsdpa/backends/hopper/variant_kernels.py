@@ -3,7 +3,8 @@
 Every question is the portable kernels' own, asked through their jit helpers
 (Gluon compiles them too): `visibility_kernels.blocks_seen` for the block
 ranges and `visible` for an edge block's element mask, `score_kernels`'
-`scores_of_products` for softcap and ALiBi. `VARIANTS` is a
+`scores_of_products` for softcap and ALiBi (the forward's softcap may take the
+hardware's tanh instead: `forward_scores`). `VARIANTS` is a
 `variants.HopperVariants` (constexpr); `band` is (lowest_diagonal,
 highest_diagonal) and `transform` (scale, softcap, key_offset, the ALiBi
 slopes' batch and head strides), both run-time.
@@ -102,3 +103,30 @@ def transformed_scores(s, rows, cols, transform, slope, VARIANTS: gl.constexpr, 
     stores, 156 with the polynomial one), the others spill more with it (the forward 92 B, not 0)."""
     return scores_of_products(s, rows, cols, transform[0], transform[1], slope, transform[2], None, 0, 0, 0,
                               True, VARIANTS.softcap, VARIANTS.alibi, MASK_NONE, False, False, False, ABSOLUTE_TANH)
+
+
+@gluon.jit
+def hardware_tanh(x):
+    """tanh of float32 x by tanh.approx.f32 (MUFU.TANH, sm_75 on): at most 1.1e-5 relative error over float32
+    (scripts/bench_softcap_gpu.py measures it on the GPU); tanh(+-inf) = +-1, NaN stays NaN."""
+    return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def forward_scores(s, rows, cols, transform, slope, VARIANTS: gl.constexpr, TANH: gl.constexpr):
+    """The forward's scores of raw products `s` where softcap or ALiBi transform them, in the units its
+    qk_scale takes to base 2 (`HopperForwardSpec.qk_scale`).
+
+    TANH "precise": `transformed_scores` (natural units). "hardware": softcap's tanh is `hardware_tanh` of
+    s * (scale / softcap); without ALiBi the scores are tanh's values (qk_scale is softcap * log2(e): no
+    multiply an element for softcap), with ALiBi they go on to natural units."""
+    if TANH == "hardware":
+        capped = hardware_tanh(s * (transform[0] / transform[1]))
+        if VARIANTS.alibi:
+            scores, _ = scores_of_products(capped * transform[1], rows, cols, 1.0, 0.0, slope, transform[2], None,
+                                           0, 0, 0, True, False, True, MASK_NONE, False, False, False)
+        else:
+            scores = capped
+    else:
+        scores, _ = transformed_scores(s, rows, cols, transform, slope, VARIANTS)
+    return scores

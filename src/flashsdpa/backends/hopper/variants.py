@@ -24,6 +24,22 @@ COMPUTED = ("window", "bottom-right alignment", "softcap", "ALiBi", "sinks")
 # (compile_sm90, bf16: 44 B of spill stores non-causal, 192 causal, against 20 and 72 without it): its
 # row of scripts/bench_hopper_variants_gpu.py says whether it still beats triton's backward there.
 BACKWARD_COMPUTED = {64: COMPUTED, 128: COMPUTED}
+# How the forward computes softcap, per head dim (the backward is the Gluon one in every case, where
+# `BACKWARD_COMPUTED` has softcap):
+#   "precise"  - the Gluon kernel, softcap's tanh to ~1e-7 relative (`score_kernels.tanh`: a polynomial below
+#                0.625, else an exp and a division): 3 MUFU operations a score with the softmax's exp;
+#   "hardware" - the Gluon kernel, tanh by the hardware's tanh.approx.f32 (MUFU.TANH, at most 1.1e-5 relative:
+#                a score of softcap 30 moves by at most 3.3e-4, under a bf16 probability's rounding of 2^-9):
+#                2 MUFU operations a score;
+#   "hardware-fma" - as "hardware", and consumer group 1 takes its softmax's exponentials by FMA arithmetic
+#                (`score_kernels.exp2_by_fma`, 2.3e-7 relative): the groups share each SM sub-partition's MUFU
+#                unit, so 1.5 MUFU operations a score, and more FMA-pipe work in group 1;
+#   "triton"   - the triton backend's forward (its out and lse are the layouts and units the Gluon backward
+#                reads: both come from `triton.launch_forward.allocate_outputs`, lse in natural log).
+# H100, bf16 causal L=4096 d=128 softcap 30 (BENCHMARKS.md, issue 14): "precise" 127 TFLOP/s, the triton
+# forward 203, compiled Flex 178; scripts/bench_softcap_gpu.py times every choice beside Flex.
+SOFTCAP_FORWARD = {64: "precise", 128: "precise", 256: "precise"}
+SOFTCAP_FORWARDS = ("precise", "hardware", "hardware-fma", "triton")
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,13 @@ class HopperVariants:
     def __repr__(self) -> str:  # (the compile table prints it; every field is in it, so the cache key is whole)
         on = [name for name, value in vars(self).items() if value]
         return f"HopperVariants({', '.join(on)})"
+
+
+def softcap_forward(desc: AttentionDescriptor) -> str | None:
+    """`SOFTCAP_FORWARD`'s entry for a problem with softcap (None without softcap)."""
+    if desc.softcap == 0.0:
+        return None
+    return SOFTCAP_FORWARD[desc.head_dim]
 
 
 def band_arguments(desc: AttentionDescriptor) -> tuple[int, int]:

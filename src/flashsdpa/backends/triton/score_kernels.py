@@ -45,6 +45,27 @@ def tanh_absolute(x):
     return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # (2 log2(e): exp(2x))
 
 
+# 2^f for |f| <= 1/2: a degree-5 polynomial fitted for relative error (2.3e-7 in float32 Horner steps).
+EXP2_POLYNOMIAL = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464, 0.05550713464617729,
+                   0.009675541892647743, 0.0013276466634124517)
+_E0, _E1, _E2, _E3, _E4, _E5 = (tl.constexpr(c) for c in EXP2_POLYNOMIAL)
+# 1.5 * 2^23: x + ROUNDER holds round(x) in the low mantissa bits (|x| < 2^22); its bits are 0x4B400000 + round(x).
+ROUNDER = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def exp2_by_fma(x):
+    """2^x of float32 x <= 0 without the MUFU unit (FMA and integer pipes alone): x = j + f with j = round(x),
+    2^f by `EXP2_POLYNOMIAL` (2.3e-7 relative) and 2^j put in the exponent field. x < -126.5 (and -inf) give
+    exactly 0, NaN gives NaN; meant for the softmax's exponents, which never exceed 0 (x > 127 is wrong)."""
+    x = tl.maximum(x, -127.0, propagate_nan=tl.PropagateNan.ALL)
+    rounded = x + ROUNDER
+    f = x - (rounded - ROUNDER)
+    p = ((((_E5 * f + _E4) * f + _E3) * f + _E2) * f + _E1) * f + _E0
+    power = (rounded.to(tl.int32, bitcast=True) - (0x4B400000 - 127)) << 23  # (j + 127) << 23: 2^j, 0 at j = -127
+    return p * power.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def scores_of_products(
     qk,
