@@ -555,3 +555,72 @@ def test_triton_paged_decode_visits_key_blocks_of_the_real_lengths(triton_device
         block_n = specs[-1].block_n
         real = 2 * heads_kv * sum(math.ceil(n / block_n) for n in lengths)  # K and V
         assert len(loads) == real < 2 * heads_kv * len(lengths) * capacity // block_n // 3, causal
+
+
+# Interpreter-sized layouts of warps on key slices (launch_paged.PAGED_LAYOUTS): 2 and 4 warps of 16 keys each.
+SLICED_LAYOUTS = {
+    "2 slices": dict(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2),
+    "4 slices x2": dict(block_m=16, block_n=64, num_warps=4, num_stages=2, key_slices=4, programs_per_sm=2),
+}
+
+
+@pytest.mark.parametrize("layout", SLICED_LAYOUTS)
+@pytest.mark.parametrize("dtype, page_size, variant", [
+    (torch.bfloat16, None, dict(causal=True)),
+    (torch.float16, 3, dict(causal=False)),
+    (torch.bfloat16, 8, dict(causal=True, with_sinks=True)),
+    (torch.bfloat16, 16, dict(causal=True)),
+    (torch.float16, 64, dict(causal=False, with_sinks=True)),
+], ids=str)
+def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layout, dtype, page_size, variant):
+    """Warps on their own slices of every key block (launch_paged.PAGED_LAYOUTS, paged_kernels' doc), merged
+    after the loop: empty and 1-key sequences, lengths past a slice, a block and a page, pages smaller and
+    larger than a slice and the block, a sink joining one slice of one split (16-bit: float32's split
+    products keep the rows program)."""
+    from flashsdpa.backends.triton import launch_paged
+
+    monkeypatch.setitem(launch_paged.PAGED_LAYOUTS, "test", launch_paged.PagedTiles(**SLICED_LAYOUTS[layout]))
+    monkeypatch.setattr(launch_paged, "PAGED_DECODE_LAYOUT", "test")
+    specs, spec_of = [], launch_paged.paged_decode_spec
+
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    lengths, new, capacity = [0, 1, 17, 70, 99], 1, 100
+    call, (want_k, want_v) = cache_problem(lengths, new, 1, 8, 2, 16, capacity, page_size, dtype, seed=81)
+    sinks = randn((8,), generator(82), torch.float32) if variant.get("with_sinks") else None
+    causal = variant["causal"]
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), causal=causal, return_lse=True,
+                                               sinks=None if sinks is None else sinks.to(triton_device),
+                                               backend="triton")  # fmt: skip
+    assert specs[-1].key_slices == SLICED_LAYOUTS[layout]["key_slices"], specs[-1]
+    totals = [n + new for n in lengths]
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, causal=causal, sinks=sinks)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, causal=causal, sinks=sinks)
+    assert_forward_close("out", out, ref, stand_in, dtype)
+    assert_lse_close(lse.cpu(), ref_lse, dtype)
+
+
+def test_sliced_layouts_decline_what_spills(monkeypatch):
+    """The sliced layout serves plain, causal and sink problems up to d=128 with a GQA group in one program;
+    a window bound below, softcap, ALiBi, d=256 or more rows than a program holds get the rows program."""
+    from flashsdpa import kvcache
+    from flashsdpa.backends.triton import launch_paged
+
+    layout = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 slices"])
+    q, cache = torch.zeros(2, 1, 8, 128, dtype=torch.bfloat16), torch.zeros(2, 64, 2, 128, dtype=torch.bfloat16)
+
+    def serves(q=q, cache=cache, **variants):
+        options = dict(scale=None, causal=True, window_size=(-1, -1), softcap=None, alibi=False, sinks=False,
+                       fp32_precision="ieee")  # fmt: skip
+        desc = kvcache.cache_descriptor(q, cache, cache, 64, **{**options, **variants})
+        return launch_paged.sliced_layout_applies(desc, layout, split_products=False)
+
+    assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(-1, 4))
+    assert not serves(window_size=(8, -1)) and not serves(softcap=30.0) and not serves(alibi=True)
+    assert not serves(q=torch.zeros(2, 3, 8, 256, dtype=torch.bfloat16),
+                      cache=torch.zeros(2, 64, 2, 256, dtype=torch.bfloat16))
+    assert not serves(q=torch.zeros(2, 5, 8, 128, dtype=torch.bfloat16))  # 20 rows a kv head
