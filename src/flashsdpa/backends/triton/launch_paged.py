@@ -64,19 +64,16 @@ class PagedTiles(DecodeConfig):
 # decoding's program (paged_tiles: the tiles of forward_configs.choose_decode_config, PAGED_DECODE_WARPS
 # warps on every key block, a cross-warp row max and sum per block: 9 CTA barriers a 64-key block at d=128);
 # "slices WxN stS [xP]": W warps on their own N keys of every key block (N * W keys a block, 2 CTA barriers a
-# block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90):
-# see NOTES "Issue 14: paged decode, warps on key slices". Timing: scripts/sweep_paged_gpu.py.
+# block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
+# 3.6): the sliced layouts take 240-255 registers, 0 spills plain over pages of 16 and 256 and the contiguous
+# cache, 4-8 B causal and 20-32 B with sinks over pages of 16 (2 stages spilled 16 B there: not listed).
+# Not timed yet: scripts/sweep_paged_gpu.py times every entry against torch flash and names the best.
 PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
     "rows": None,
     "slices 4x16 st3": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=3, key_slices=4),
     "slices 4x16 st3 x2": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=3, key_slices=4,
                                      programs_per_sm=2),
-    "slices 4x16 st2 x2": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=2, key_slices=4,
-                                     programs_per_sm=2),
     "slices 8x16 st3": PagedTiles(block_m=16, block_n=128, num_warps=8, num_stages=3, key_slices=8),
-    "slices 8x16 st2": PagedTiles(block_m=16, block_n=128, num_warps=8, num_stages=2, key_slices=8),
-    "slices 8x16 st2 x2": PagedTiles(block_m=16, block_n=128, num_warps=8, num_stages=2, key_slices=8,
-                                     programs_per_sm=2),
     "slices 2x16 st3 x4": PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=3, key_slices=2,
                                      programs_per_sm=4),
 }
