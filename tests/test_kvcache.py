@@ -393,6 +393,17 @@ def cache_problem(lengths, new, seq_q, heads_q, heads_kv, dim, capacity, page_si
                 block_table=table), (want_k, want_v)  # fmt: skip
 
 
+def fill_past_lengths(call, totals, page_size, value) -> None:
+    """Sets every cache slot past each sequence's `totals[b]` keys (paged or contiguous) to `value`."""
+    table = call["block_table"]
+    for cache in (call["k_cache"], call["v_cache"]):
+        for b, n in enumerate(totals):
+            if page_size is None:
+                cache[b, n:] = value
+            for j in range(n, table.shape[1] * page_size if page_size else 0):
+                cache[table[b, j // page_size], j % page_size] = value
+
+
 def on(device, call):
     return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in call.items()}
 
@@ -458,13 +469,7 @@ def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, blocks_a_pag
         page_size = blocks_a_page * specs[-1].block_n
     call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32, seed=71)
     totals = [n + new for n in lengths]
-    table = call["block_table"]
-    for cache in (call["k_cache"], call["v_cache"]):  # every slot past a sequence's keys
-        for b, n in enumerate(totals):
-            if page_size is None:
-                cache[b, n:] = float("inf")
-            for j in range(n, table.shape[1] * page_size if page_size else 0):
-                cache[table[b, j // page_size], j % page_size] = float("inf")
+    fill_past_lengths(call, totals, page_size, float("inf"))
     with poisoned_outputs():
         out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), return_lse=True, backend="triton")
     assert specs[-1].tma_blocks, specs[-1]
@@ -575,8 +580,8 @@ SLICED_LAYOUTS = {
 def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layout, dtype, page_size, variant):
     """Warps on their own slices of every key block (launch_paged.PAGED_LAYOUTS, paged_kernels' doc), merged
     after the loop: empty and 1-key sequences, lengths past a slice, a block and a page, pages smaller and
-    larger than a slice and the block, a sink joining one slice of one split (16-bit: float32's split
-    products keep the rows program)."""
+    larger than a slice and the block, a sink joining one slice of one split, inf in every slot past a
+    length (16-bit: float32's split products keep the rows program)."""
     from flashsdpa.backends.triton import launch_paged
 
     monkeypatch.setitem(launch_paged.PAGED_LAYOUTS, "test", launch_paged.PagedTiles(**SLICED_LAYOUTS[layout]))
@@ -590,6 +595,8 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
     monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
     lengths, new, capacity = [0, 1, 17, 70, 99], 1, 100
     call, (want_k, want_v) = cache_problem(lengths, new, 1, 8, 2, 16, capacity, page_size, dtype, seed=81)
+    totals = [n + new for n in lengths]
+    fill_past_lengths(call, totals, page_size, float("inf"))  # keys past a length are never read unmasked
     sinks = randn((8,), generator(82), torch.float32) if variant.get("with_sinks") else None
     causal = variant["causal"]
     with poisoned_outputs():
@@ -597,7 +604,6 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
                                                sinks=None if sinks is None else sinks.to(triton_device),
                                                backend="triton")  # fmt: skip
     assert specs[-1].key_slices == SLICED_LAYOUTS[layout]["key_slices"], specs[-1]
-    totals = [n + new for n in lengths]
     ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, causal=causal, sinks=sinks)
     stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, causal=causal, sinks=sinks)
     assert_forward_close("out", out, ref, stand_in, dtype)

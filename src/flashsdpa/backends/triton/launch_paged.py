@@ -65,8 +65,10 @@ class PagedTiles(DecodeConfig):
 # warps on every key block, a cross-warp row max and sum per block: 9 CTA barriers a 64-key block at d=128);
 # "slices WxN stS [xP]": W warps on their own N keys of every key block (N * W keys a block, 2 CTA barriers a
 # block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
-# 3.6): the sliced layouts take 240-255 registers, 0 spills plain over pages of 16 and 256 and the contiguous
-# cache, 4-8 B causal and 20-32 B with sinks over pages of 16 (2 stages spilled 16 B there: not listed).
+# 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, sinks; pages of 16 and
+# 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages of 16: not listed. Main
+# loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a warp's 16 keys (4 x 16:
+# 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4 table loads).
 # Not timed yet: scripts/sweep_paged_gpu.py times every entry against torch flash and names the best.
 PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
     "rows": None,

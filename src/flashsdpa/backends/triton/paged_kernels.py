@@ -42,7 +42,8 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_page, PAGED: tl.constexpr,
                 FIXED_PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The page numbers of the key block at `start` (a multiple of BLOCK_N; keys start + offs_n) of one batch
-    item: one per key, or where the pages hold whole blocks (FIXED_PAGE_SIZE >= BLOCK_N) the block's one
+    item: one per key (or per run of keys in one page, offs_n holding each run's first key: a key slice of
+    the sliced program), or where the pages hold whole blocks (FIXED_PAGE_SIZE >= BLOCK_N) the block's one
     page, a scalar. With FIXED_PAGE_SIZE (the page size compiled in, a power of two) a key's table index is
     start's plus a constant; else (0: the page_size argument) it costs a division per key. 0 past key_end,
     where the table is not read, and for a contiguous cache."""
@@ -184,22 +185,28 @@ def attend_cache_blocks(
         offs_n = tl.arange(0, KEY_SLICES)[:, None] * SLICE_N + tl.arange(0, SLICE_N)[None, :]
     else:
         offs_n = tl.arange(0, BLOCK_N)
+    if SLICED and FIXED_PAGE_SIZE >= BLOCK_N // KEY_SLICES:  # a slice lies in one page: one table read a slice
+        offs_page = tl.arange(0, KEY_SLICES)[:, None] * (BLOCK_N // KEY_SLICES)
+    else:
+        offs_page = offs_n
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # The next block's page numbers are read one iteration ahead, so that a block's K/V addresses do not wait
     # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
     # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
-    page = block_pages(table_row_ptr, key_start, offs_n, key_end, page_size, stride_table_page, PAGED,
+    page = block_pages(table_row_ptr, key_start, offs_page, key_end, page_size, stride_table_page, PAGED,
                        FIXED_PAGE_SIZE, BLOCK_N)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
         k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
                                             PAGED, FIXED_PAGE_SIZE, BLOCK_N)
+        if SLICED and not EDGE:  # every key of a whole block is below key_end (blocks_seen): no row mask
+            in_range = tl.full(cols.shape, True, tl.int1)
         if TMA_BLOCKS and PAGED:  # the block's box (pages holding whole blocks)
             box_page, box_slot = page, start_n % FIXED_PAGE_SIZE
         else:
             box_page, box_slot = batch, start_n
-        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_n, key_end, page_size, stride_table_page, PAGED,
+        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_page, key_end, page_size, stride_table_page, PAGED,
                            FIXED_PAGE_SIZE, BLOCK_N)
         if TMA_BLOCKS:
             k = cache_block(k_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_D)
