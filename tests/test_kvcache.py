@@ -576,12 +576,14 @@ SLICED_LAYOUTS = {
     (torch.bfloat16, 8, dict(causal=True, with_sinks=True)),
     (torch.bfloat16, 16, dict(causal=True)),
     (torch.float16, 64, dict(causal=False, with_sinks=True)),
+    (torch.bfloat16, 16, dict(causal=True, window_size=(40, -1))),
+    (torch.float16, 8, dict(causal=False, window_size=(-1, 2), softcap=1.3, with_alibi=True, with_sinks=True)),
 ], ids=str)
 def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layout, dtype, page_size, variant):
     """Warps on their own slices of every key block (launch_paged.PAGED_LAYOUTS, paged_kernels' doc), merged
     after the loop: empty and 1-key sequences, lengths past a slice, a block and a page, pages smaller and
-    larger than a slice and the block, a sink joining one slice of one split, inf in every slot past a
-    length (16-bit: float32's split products keep the rows program)."""
+    larger than a slice and the block, a sink joining one slice of one split, a window, softcap and ALiBi,
+    inf in every slot past a length (16-bit: float32's split products keep the rows program)."""
     from flashsdpa.backends.triton import launch_paged
 
     monkeypatch.setitem(launch_paged.PAGED_LAYOUTS, "test", launch_paged.PagedTiles(**SLICED_LAYOUTS[layout]))
@@ -597,36 +599,37 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
     call, (want_k, want_v) = cache_problem(lengths, new, 1, 8, 2, 16, capacity, page_size, dtype, seed=81)
     totals = [n + new for n in lengths]
     fill_past_lengths(call, totals, page_size, float("inf"))  # keys past a length are never read unmasked
-    sinks = randn((8,), generator(82), torch.float32) if variant.get("with_sinks") else None
-    causal = variant["causal"]
+    gen = generator(82)
+    sinks = randn((8,), gen, torch.float32) if variant.get("with_sinks") else None
+    slopes = torch.rand(len(lengths), 8, generator=gen) if variant.get("with_alibi") else None
+    window, softcap = variant.get("window_size", (-1, -1)), variant.get("softcap")
+    options = dict(causal=variant["causal"], window_size=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
     with poisoned_outputs():
-        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), causal=causal, return_lse=True,
-                                               sinks=None if sinks is None else sinks.to(triton_device),
-                                               backend="triton")  # fmt: skip
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), **on(triton_device, options),
+                                               return_lse=True, backend="triton")  # fmt: skip
     assert specs[-1].key_slices == SLICED_LAYOUTS[layout]["key_slices"], specs[-1]
-    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, causal=causal, sinks=sinks)
-    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, causal=causal, sinks=sinks)
+    semantics = dict(causal=variant["causal"], window=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, **semantics)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, **semantics)
     assert_forward_close("out", out, ref, stand_in, dtype)
     assert_lse_close(lse.cpu(), ref_lse, dtype)
 
 
-def test_sliced_layouts_decline_what_spills(monkeypatch):
-    """The sliced layout serves plain, causal and sink problems up to d=128 with a GQA group in one program;
-    a window bound below, softcap, ALiBi, d=256 or more rows than a program holds get the rows program."""
+def test_sliced_layouts_serve_one_program_of_16_bit_rows_up_to_d128():
+    """The sliced layout serves a GQA group in one program at d <= 128 with 16-bit products, every score
+    variant; d=256, more rows than a program holds, or float32's split products get the rows program."""
     from flashsdpa import kvcache
     from flashsdpa.backends.triton import launch_paged
 
     layout = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 slices"])
-    q, cache = torch.zeros(2, 1, 8, 128, dtype=torch.bfloat16), torch.zeros(2, 64, 2, 128, dtype=torch.bfloat16)
 
-    def serves(q=q, cache=cache, **variants):
+    def serves(seq_q=1, dim=128, split_products=False, **variants):
+        q, cache = torch.zeros(2, seq_q, 8, dim, dtype=torch.bfloat16), torch.zeros(2, 64, 2, dim, dtype=torch.bfloat16)
         options = dict(scale=None, causal=True, window_size=(-1, -1), softcap=None, alibi=False, sinks=False,
                        fp32_precision="ieee")  # fmt: skip
         desc = kvcache.cache_descriptor(q, cache, cache, 64, **{**options, **variants})
-        return launch_paged.sliced_layout_applies(desc, layout, split_products=False)
+        return launch_paged.sliced_layout_applies(desc, layout, split_products)
 
-    assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(-1, 4))
-    assert not serves(window_size=(8, -1)) and not serves(softcap=30.0) and not serves(alibi=True)
-    assert not serves(q=torch.zeros(2, 3, 8, 256, dtype=torch.bfloat16),
-                      cache=torch.zeros(2, 64, 2, 256, dtype=torch.bfloat16))
-    assert not serves(q=torch.zeros(2, 5, 8, 128, dtype=torch.bfloat16))  # 20 rows a kv head
+    assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(8, -1))
+    assert serves(softcap=30.0, alibi=True) and serves(seq_q=4)  # 16 rows a kv head
+    assert not serves(dim=256) and not serves(seq_q=5) and not serves(split_products=True)

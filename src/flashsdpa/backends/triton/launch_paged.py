@@ -65,8 +65,9 @@ class PagedTiles(DecodeConfig):
 # warps on every key block, a cross-warp row max and sum per block: 9 CTA barriers a 64-key block at d=128);
 # "slices WxN stS [xP]": W warps on their own N keys of every key block (N * W keys a block, 2 CTA barriers a
 # block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
-# 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, sinks; pages of 16 and
-# 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages of 16: not listed. Main
+# 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, a window, softcap + ALiBi
+# + sinks; pages of 16 and 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages
+# of 16: not listed. Main
 # loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a warp's 16 keys (4 x 16:
 # 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4 table loads).
 # Not timed yet: scripts/sweep_paged_gpu.py times every entry against torch flash and names the best.
@@ -106,12 +107,10 @@ def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, blo
 
 def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles, split_products: bool) -> bool:
     """Whether `layout` (key slices) serves `desc`: a GQA group's rows in one program, head dims up to
-    PAGED_SLICED_MAX_HEAD_DIM, 16-bit products, and no window bound below, softcap or ALiBi (their scores
-    spill registers in the sliced program: compile_sm90 --paged)."""
+    PAGED_SLICED_MAX_HEAD_DIM and 16-bit products (float32's split products keep the rows program)."""
     key = desc.kernel_key
     return (desc.gqa_group * desc.seq_q <= layout.block_m and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
-            and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM and not split_products
-            and not (key.bounded_below or key.softcap or key.alibi))  # fmt: skip
+            and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM and not split_products)  # fmt: skip
 
 
 def paged_tiles(desc: AttentionDescriptor, decode: DecodeConfig, split_products: bool) -> PagedTiles:
