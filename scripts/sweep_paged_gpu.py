@@ -128,7 +128,8 @@ COPY_CEILING_TBPS = 3.0  # H100 80GB HBM3 (BENCHMARKS.md)
 def launch_switches(choice: Choice):
     """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide, and
     PAGED_TMA_BLOCKS as choice.tma, while inside."""
-    spec_of, tma, layout = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS, launch_paged.PAGED_DECODE_LAYOUT
+    spec_of, tma = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS
+    layout = launch_paged.PAGED_DECODE_LAYOUT
     if choice.divide:
         launch_paged.paged_decode_spec = lambda *a: dataclasses.replace(spec_of(*a), fixed_page_size=0)
     launch_paged.PAGED_TMA_BLOCKS = choice.tma
