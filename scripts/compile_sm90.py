@@ -297,7 +297,7 @@ PAGED = [
     for layout in launch_paged.PAGED_LAYOUTS for p in (16, 256, None) if layout != "rows"
 ] + [
     PagedProblem(dtype, d, page_size=16, heads=(8, 2), variant=v, layout=layout)
-    for layout in ("slices 4x16 st3", "slices 8x16 st3") for dtype, d, v in (
+    for layout in launch_paged.PAGED_LAYOUTS if layout != "rows" for dtype, d, v in (
         (BF16, 128, "causal"), (BF16, 128, "sinks"), (BF16, 64, "plain"), (FP16, 128, "plain"),
         (BF16, 128, "window"), (BF16, 128, "softcap+alibi+sinks"), (FP32, 128, "plain"))  # float32: rows
 ]

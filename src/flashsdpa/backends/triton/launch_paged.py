@@ -76,6 +76,7 @@ PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
     "slices 4x16 st3": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=3, key_slices=4),
     "slices 4x16 st3 x2": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=3, key_slices=4,
                                      programs_per_sm=2),
+    "slices 4x16 st4": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=4, key_slices=4),
     "slices 8x16 st3": PagedTiles(block_m=16, block_n=128, num_warps=8, num_stages=3, key_slices=8),
     "slices 2x16 st3 x4": PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=3, key_slices=2,
                                      programs_per_sm=4),
