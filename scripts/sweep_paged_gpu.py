@@ -1,30 +1,27 @@
-"""flashsdpa's paged decode over a grid of launch choices, against torch flash on the same keys unpaged.
+"""flashsdpa's paged decode layouts (launch_paged.PAGED_LAYOUTS) against torch flash on the same keys unpaged.
 
-Run from the repo root on the GPU (under 2 minutes: --budget-s 100 by default; a short table last):
-    PYTHONPATH=src python scripts/sweep_paged_gpu.py [--jobs N] [--budget-s S] [--smoke]
+Run from the repo root on the GPU (under 2 minutes with compiles; a short table last):
+    PYTHONPATH=src python scripts/sweep_paged_gpu.py [--jobs N] [--budget-s S] [--grid] [--smoke]
 
 The shapes are the bench's paged rows (flashsdpa.bench.cases.kv_layout_cases): bf16, B=16, Hq=32, Hkv=8,
-d=128, one query row, every sequence S keys long, pages of 16 or 256 keys placed in a random order
-(bench.cases.paged_copy), not causal. A launch choice is (splits, warps, key block, stages) given to
-launch_paged.paged_decode (num_splits, tiles); "default" is the launcher's own choice and "divide" the
-default with the page size not compiled in (fixed_page_size 0: a division per key, the kernel before
-FIXED_PAGE_SIZE).
-
-1. Every choice of grid() (and tma_grid() for pages of 256) at S = 16384 (the bar's shortest), both page
-   sizes, until 70% of --budget-s.
-2. The best choices of 1 by page size (geometric mean of the ratio), "default" and "divide" at S = 4096 to
-   131072, and (page 0) the launcher's default over a contiguous (B, S, Hkv, d) cache.
-Choices marked "tma" read K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS): pages of 256 keys and
-the contiguous cache only.
+d=128, one query row, every sequence S keys long (S = 4k, 16k, 32k, 128k), pages of 16 or 256 keys placed in
+a random order (bench.cases.paged_copy), and (page 0) the contiguous (B, S, Hkv, d) cache; not causal.
+Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUT), every named layout of
+launch_paged.PAGED_LAYOUTS ("rows": flash decoding's program, 8 warps on every key block; "slices ...": warps
+on their own key slices, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
+stages) of the rows program and TMA boxes (launch_paged.PAGED_TMA_BLOCKS) over pages of 256 keys.
 
 Timing (interleaved_ms): CUDA events around one call (with the merge launch where there are splits), L2
 flushed (256 MiB zeroed) before each, REPS rounds calling every choice of one (length, page size) and torch
-flash once in a rotating order, medians. TB/s counts K+V read once (2 * B * Hkv * S * d * 2 bytes); ratio =
-flashsdpa TB/s / torch flash TB/s of the same rounds (sdpa_kernel(FLASH_ATTENTION), enable_gqa, the same
-keys unpaged).
-err: relative error of the whole output against torch flash's (||out - torch|| / ||torch||; bf16 rounding
-alone gives ~3e-3). Every variant is compiled first by --jobs worker processes (Triton's disk cache), so
-the timed process only loads them. Writes $OUT/sweep_paged.json (every row) when OUT is set.
+flash once in a rotating order, medians. Bytes: K+V read once per kv head (2 * B * Hkv * S * d * 2 bytes; the
+query, the output, the block table and the split partials add < 0.3% at S >= 4k); TB/s = bytes / time;
+ratio = flashsdpa TB/s / torch flash TB/s of the same rounds (sdpa_kernel(FLASH_ATTENTION), enable_gqa);
+share = TB/s / 3.0 (the H100's copy ceiling, BENCHMARKS.md). err: ||out - ref|| / ||ref|| against float64
+attention on the same keys (torch flash's own err printed beside it is the bar). Every variant is compiled
+first by --jobs worker processes (Triton's disk cache), so the timed process only loads them. Writes
+$OUT/sweep_paged.json (every row) when OUT is set. The last lines name the best choice per (page, S) and the
+layout to put in launch_paged.PAGED_DECODE_LAYOUT (best geometric mean of the ratio over S >= 16k, both page
+sizes and the contiguous cache).
 """
 
 from __future__ import annotations
@@ -52,13 +49,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashsdpa import kvcache
 from flashsdpa.backends.triton import launch_paged
-from flashsdpa.backends.triton.forward_configs import DecodeConfig
+from flashsdpa.backends.triton.launch_paged import PAGED_LAYOUTS, PagedTiles
 from flashsdpa.bench.cases import paged_copy
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile worker processes")
 parser.add_argument("--budget-s", type=float, default=100.0, help="stop timing after this many seconds")
 parser.add_argument("--warm", default="", help=argparse.SUPPRESS)  # "i/n": worker i of n only compiles
+parser.add_argument("--grid", action="store_true", help="also the older grid of rows-program tiles and TMA")
 parser.add_argument("--smoke", action="store_true", help="check this script on the CPU (TRITON_INTERPRET=1)")
 args = parser.parse_args()
 SMOKE = args.smoke
@@ -72,29 +70,31 @@ PAGE_SIZES = (16, 256) if not SMOKE else (16, 64)
 BAR_LENGTHS = (256,) if SMOKE else (16384,)  # the shortest of the bar's lengths
 ALL_LENGTHS = (128, 256) if SMOKE else (4096, 16384, 32768, 131072)
 WARMUP, REPS = (1, 1) if SMOKE else (3, 15)
-KEEP_BEST = 5  # choices of phase 1 carried into phase 2, per page size
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    splits: int | None  # None: the launcher's own
+    splits: int | None = None  # None: the launcher's own
     warps: int | None = None  # None (with block_n, stages): the launcher's own tiles
     block_n: int | None = None
     stages: int | None = None
     divide: bool = False  # the page size not compiled in (a division per key)
     tma: bool = False  # K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS; pages holding whole blocks)
+    layout: str | None = None  # a name of launch_paged.PAGED_LAYOUTS, made the launcher's own
 
     @property
     def label(self) -> str:
+        if self.layout is not None:
+            return self.layout
         if self.warps is None:
             return "divide" if self.divide else ("default tma" if self.tma else "default")
         return f"s{self.splits} w{self.warps} n{self.block_n} st{self.stages}" + (" tma" if self.tma else "")
 
     @property
-    def tiles(self) -> DecodeConfig | None:
+    def tiles(self) -> PagedTiles | None:
         if self.warps is None:
             return None
-        return DecodeConfig(block_m=16, block_n=self.block_n, num_warps=self.warps, num_stages=self.stages)
+        return PagedTiles(block_m=16, block_n=self.block_n, num_warps=self.warps, num_stages=self.stages)
 
 
 def grid() -> list[Choice]:
@@ -117,6 +117,11 @@ def tma_grid() -> list[Choice]:
 
 BASELINES = [Choice(None), Choice(None, divide=True)]
 TMA_BASELINE = Choice(None, tma=True)
+LAYOUTS = [Choice(layout=name) for name in PAGED_LAYOUTS if not SMOKE or name == "rows"]
+if SMOKE:  # an interpreter-sized layout of warps on key slices
+    PAGED_LAYOUTS["slices 2x16"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2)
+    LAYOUTS.append(Choice(layout="slices 2x16"))
+COPY_CEILING_TBPS = 3.0  # H100 80GB HBM3 (BENCHMARKS.md)
 
 
 @contextmanager
@@ -124,13 +129,17 @@ def launch_switches(choice: Choice):
     """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide, and
     PAGED_TMA_BLOCKS as choice.tma, while inside."""
     spec_of, tma = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS
+    layout = launch_paged.PAGED_DECODE_LAYOUT
     if choice.divide:
         launch_paged.paged_decode_spec = lambda *a: dataclasses.replace(spec_of(*a), fixed_page_size=0)
     launch_paged.PAGED_TMA_BLOCKS = choice.tma
+    if choice.layout is not None:
+        launch_paged.PAGED_DECODE_LAYOUT = choice.layout
     try:
         yield
     finally:
         launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS = spec_of, tma
+        launch_paged.PAGED_DECODE_LAYOUT = layout
 
 
 @dataclasses.dataclass
@@ -142,7 +151,8 @@ class Problem:
     k: torch.Tensor  # (B, Hkv, S, d)
     v: torch.Tensor
     q_bhsd: torch.Tensor  # (B, Hq, 1, d), torch's layout
-    reference: torch.Tensor  # torch flash's output (B, Hq, 1, d)
+    reference: torch.Tensor  # float64 attention (B, Hq, 1, d)
+    torch_err: float  # torch flash's error against it
 
     @property
     def kv_bytes(self) -> int:
@@ -198,7 +208,25 @@ def make_problem(length: int, seed: int) -> Problem:
     new = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.bfloat16)  # noqa: E731
     q_bhsd = new(BATCH, HEADS_Q, 1, HEAD_DIM)
     k, v = new(BATCH, HEADS_KV, length, HEAD_DIM), new(BATCH, HEADS_KV, length, HEAD_DIM)
-    return Problem(length, q_bhsd.transpose(1, 2).contiguous(), k, v, q_bhsd, torch_flash(q_bhsd, k, v))
+    reference = float64_attention(q_bhsd, k, v)
+    return Problem(length, q_bhsd.transpose(1, 2).contiguous(), k, v, q_bhsd, reference,
+                   relative_error(torch_flash(q_bhsd, k, v), reference))
+
+
+def float64_attention(q_bhsd, k, v) -> torch.Tensor:
+    """The truth (B, Hq, 1, d) in float64, one batch item at a time (a whole 128k-key cache would not fit)."""
+    group = HEADS_Q // HEADS_KV
+    outs = []
+    for b in range(BATCH):
+        keys, values = k[b].double().repeat_interleave(group, 0), v[b].double().repeat_interleave(group, 0)
+        scores = q_bhsd[b].double() @ keys.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        outs.append(torch.softmax(scores, -1) @ values)
+        del keys, values, scores
+    return torch.stack(outs)
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.double() - reference).norm() / reference.norm())
 
 
 def paged(problem: Problem, page_size: int, seed: int):
@@ -236,8 +264,7 @@ def first_call(problem: Problem, page_size: int, cache, choice: Choice) -> tuple
     call = flashsdpa_call(problem, cache, choice)
     try:
         out = call()
-        ref = problem.reference.float()
-        row["err"] = float((out.float() - ref).norm() / ref.norm())
+        row["err"], row["torch_err"] = relative_error(out, problem.reference), problem.torch_err
     except Exception as error:  # noqa: BLE001 - a choice that does not compile or fit is a row of the table
         row["error"] = f"{type(error).__name__}: {str(error)[:120]}"
         call = None
@@ -268,6 +295,7 @@ def run_phase(lengths, choices_by_page, rows: list, seed: int, deadline_s: float
                     row["tbps"] = problem.kv_bytes / row["ms"] / 1e9
                     row["torch_tbps"] = problem.kv_bytes / row["torch_ms"] / 1e9
                     row["ratio"] = row["torch_ms"] / row["ms"]
+                    row["share"] = row["tbps"] / COPY_CEILING_TBPS
                 print(f"S={length} page {page_size}: torch flash {problem.kv_bytes / ms['torch flash'] / 1e9:.2f} "
                       f"TB/s, {len(timed)} choices timed", flush=True)  # fmt: skip
             del cache
@@ -276,11 +304,13 @@ def run_phase(lengths, choices_by_page, rows: list, seed: int, deadline_s: float
             torch.cuda.empty_cache()
 
 
-def warm_in_workers(choices: list[Choice]) -> None:
-    """Compile every variant of `choices` in --jobs processes (each its share, at the smallest length)."""
+def warm_in_workers() -> None:
+    """Compile every variant of choices_by_page() in --jobs processes (each its share, at the smallest length)."""
     if args.jobs <= 1:
         return
-    workers = [subprocess.Popen([sys.executable, __file__, f"--warm={i}/{args.jobs}"]) for i in range(args.jobs)]
+    grid_flag = ["--grid"] if args.grid else []
+    workers = [subprocess.Popen([sys.executable, __file__, f"--warm={i}/{args.jobs}", *grid_flag])
+               for i in range(args.jobs)]
     for worker in workers:
         worker.wait()
     print(f"compiled in {args.jobs} workers: {time.perf_counter() - START:.0f} s", flush=True)
@@ -291,66 +321,87 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
+def choices_by_page() -> dict[int, list[Choice]]:
+    """The choices timed over each page size (0: the contiguous cache): the launcher's default and every
+    named layout, with --grid the rows program's tiles, the page size divided per key, and TMA boxes."""
+    by_page = {page: [Choice(), *LAYOUTS] for page in (*PAGE_SIZES, 0)}
+    if args.grid:
+        for page in PAGE_SIZES:
+            by_page[page] += grid() + BASELINES[1:]
+        by_page[PAGE_SIZES[-1]] += tma_grid() + [TMA_BASELINE]  # pages holding whole blocks
+        by_page[0].append(TMA_BASELINE)
+    return by_page
+
+
+def warm_share(by_page: dict[int, list[Choice]], index: int, count: int) -> dict[int, list[Choice]]:
+    """Worker `index` of `count`'s share: one choice per compiled variant (Triton specialises a split count
+    of 1), per page size."""
+    share = {}
+    for page, page_choices in by_page.items():
+        variants = {(c.warps, c.block_n, c.stages, c.splits in (1, None), c.divide, c.tma, c.layout): c
+                    for c in page_choices}  # fmt: skip
+        share[page] = [c for i, c in enumerate(variants.values()) if i % count == index]
+    return share
+
+
+def cell(row: dict) -> str:
+    if "tbps" not in row:
+        return row.get("error", "-")[:26]
+    return f"{row['tbps']:.2f} {row['share']:.0%} {row['ratio']:.2f}x {row['err']:.0e}"
+
+
 def main() -> None:
-    choices = grid() + BASELINES
-    by_page = {page: choices for page in PAGE_SIZES}
-    by_page[PAGE_SIZES[-1]] = choices + tma_grid() + [TMA_BASELINE]  # pages holding whole blocks
+    by_page = choices_by_page()
     if args.warm:
         index, count = map(int, args.warm.split("/"))
-        # one choice per compiled variant (Triton specialises a split count of 1), per page size
-        share = {}
-        for page, page_choices in [*by_page.items(), (0, [BASELINES[0], TMA_BASELINE])]:
-            variants = {(c.warps, c.block_n, c.stages, c.splits in (1, None), c.divide, c.tma): c
-                        for c in page_choices}  # fmt: skip
-            share[page] = [c for i, c in enumerate(variants.values()) if i % count == index]
-        run_phase(ALL_LENGTHS[:1], share, [], seed=0)
+        run_phase(ALL_LENGTHS[:1], warm_share(by_page, index, count), [], seed=0)
         return
-    warm_in_workers(choices)
+    warm_in_workers()
     rows: list[dict] = []
-    run_phase(BAR_LENGTHS, by_page, rows, seed=1, deadline_s=0.7 * args.budget_s)
-    best = {}
-    print("\nphase 1 (S = " + ", ".join(map(str, BAR_LENGTHS)) + "): geometric-mean ratio, best first")
-    for page_size in PAGE_SIZES:
-        scored = []
-        for choice in by_page[page_size]:
-            mine = [r for r in rows if r["page"] == page_size and r["choice"] == choice.label and "ratio" in r]
-            if len(mine) == len(BAR_LENGTHS):
-                scored.append((geomean(r["ratio"] for r in mine), max(r["err"] for r in mine), choice))
-        scored.sort(key=lambda item: -item[0])
-        for score, err, choice in scored[:12]:
-            print(f"  page {page_size:4d}  {choice.label:18s}  {score:.3f}x  err {err:.1e}")
-        best[page_size] = [choice for _, _, choice in scored[:KEEP_BEST]]
-        best[page_size] += [c for c in BASELINES if c not in best[page_size]]
-        if page_size == PAGE_SIZES[-1] and TMA_BASELINE not in best[page_size]:
-            best[page_size].append(TMA_BASELINE)
+    run_phase(ALL_LENGTHS, by_page, rows, seed=2, deadline_s=args.budget_s)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "sweep_paged.json").write_text(json.dumps(rows, indent=1))
     failed = [r for r in rows if "error" in r and r["error"] != "over budget"]
     for r in failed[:10]:
         print(f"  failed: page {r['page']} {r['choice']} S={r['length']}: {r['error']}")
     skipped = sum(r.get("error") == "over budget" for r in rows)
     if skipped:
         print(f"  {skipped} of {len(rows)} rows not timed (over the budget of --budget-s)")
-    best[0] = [BASELINES[0], TMA_BASELINE]  # flashsdpa's contiguous cache, for comparison
-    phase2: list[dict] = []
-    run_phase(ALL_LENGTHS, best, phase2, seed=2, deadline_s=args.budget_s)
-    if os.environ.get("OUT"):
-        record = json.dumps(dict(phase1=rows, phase2=phase2), indent=1)
-        Path(os.environ["OUT"], "sweep_paged.json").write_text(record)
     card = "cpu" if SMOKE else torch.cuda.get_device_name()
     print(f"\npaged decode, bf16 B={BATCH} Hq={HEADS_Q}/{HEADS_KV} d={HEAD_DIM}, {card}, torch {torch.__version__}; "
-          f"TB/s of K+V (ratio to torch flash) [err]; {time.perf_counter() - START:.0f} s")  # fmt: skip
-    print("page choice              " + "".join(f"{'S=' + str(n):>22s}" for n in ALL_LENGTHS))
-    torch_line = {n: statistics.median([r["torch_tbps"] for r in phase2 if r["length"] == n and "torch_tbps" in r]
-                                       or [float("nan")]) for n in ALL_LENGTHS}  # fmt: skip
-    print("     torch flash (median) " + "".join(f"{torch_line[n]:>22.2f}" for n in ALL_LENGTHS))
-    for page_size, choices in best.items():
+          f"K+V TB/s, share of {COPY_CEILING_TBPS} TB/s, ratio to torch flash, err vs float64; "
+          f"{time.perf_counter() - START:.0f} s")  # fmt: skip
+    print("page choice               " + "".join(f"{'S=' + str(n):>28s}" for n in ALL_LENGTHS))
+    for page, choices in by_page.items():
+        torch_rows = {n: [r for r in rows if (r["length"], r["page"]) == (n, page) and "torch_tbps" in r]
+                      for n in ALL_LENGTHS}  # fmt: skip
+        print(f"{page:4d} torch flash          " + "".join(
+            f"{'-':>28s}" if not torch_rows[n] else
+            f"{statistics.median(r['torch_tbps'] for r in torch_rows[n]):>12.2f} "
+            f"{statistics.median(r['torch_tbps'] for r in torch_rows[n]) / COPY_CEILING_TBPS:>4.0%}       "
+            f"{torch_rows[n][0]['torch_err']:.0e}" for n in ALL_LENGTHS))  # fmt: skip
         for choice in choices:
-            cells = []
-            for n in ALL_LENGTHS:
-                r = next((r for r in phase2 if (r["length"], r["page"], r["choice"]) == (n, page_size, choice.label)),
-                         {})  # fmt: skip
-                cells.append(f"{r['tbps']:.2f} ({r['ratio']:.2f}x) [{r['err']:.0e}]" if "tbps" in r
-                             else r.get("error", "-")[:20])  # fmt: skip
-            print(f"{page_size:4d} {choice.label:20s}" + "".join(f"{c:>22s}" for c in cells))
+            cells = [next((r for r in rows if (r["length"], r["page"], r["choice"]) == (n, page, choice.label)), {})
+                     for n in ALL_LENGTHS]  # fmt: skip
+            print(f"{page:4d} {choice.label:21s}" + "".join(f"{cell(c):>28s}" for c in cells))
+    print("\nbest per (page, S):")
+    for page in by_page:
+        best = []
+        for n in ALL_LENGTHS:
+            timed = [r for r in rows if (r["length"], r["page"]) == (n, page) and "ratio" in r]
+            top = max(timed, key=lambda r: r["ratio"], default=None)
+            best.append(f"S={n}: {top['choice']} {top['ratio']:.2f}x" if top else f"S={n}: -")
+        print(f"  page {page:4d}: " + "; ".join(best))
+    long = [n for n in ALL_LENGTHS if n >= BAR_LENGTHS[0]]
+    scored = []
+    for choice in LAYOUTS:
+        mine = [r.get("ratio") for r in rows if r["choice"] == choice.label and r["length"] in long]
+        if mine and all(mine):
+            scored.append((geomean(mine), min(mine), choice.label))
+    for score, worst, label in sorted(scored, reverse=True):
+        print(f"  layout {label!r:24s} geomean {score:.3f}x, worst {worst:.2f}x (S >= {long[0]}, every page size)")
+    if scored:
+        print(f"PAGED_DECODE_LAYOUT = {max(scored)[2]!r}  # launch_paged: the best layout above")
 
 
 if __name__ == "__main__":

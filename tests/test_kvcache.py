@@ -393,6 +393,17 @@ def cache_problem(lengths, new, seq_q, heads_q, heads_kv, dim, capacity, page_si
                 block_table=table), (want_k, want_v)  # fmt: skip
 
 
+def fill_past_lengths(call, totals, page_size, value) -> None:
+    """Sets every cache slot past each sequence's `totals[b]` keys (paged or contiguous) to `value`."""
+    table = call["block_table"]
+    for cache in (call["k_cache"], call["v_cache"]):
+        for b, n in enumerate(totals):
+            if page_size is None:
+                cache[b, n:] = value
+            for j in range(n, table.shape[1] * page_size if page_size else 0):
+                cache[table[b, j // page_size], j % page_size] = value
+
+
 def on(device, call):
     return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in call.items()}
 
@@ -458,13 +469,7 @@ def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, blocks_a_pag
         page_size = blocks_a_page * specs[-1].block_n
     call, (want_k, want_v) = cache_problem(lengths, new, seq_q, 4, 2, 16, 45, page_size, torch.float32, seed=71)
     totals = [n + new for n in lengths]
-    table = call["block_table"]
-    for cache in (call["k_cache"], call["v_cache"]):  # every slot past a sequence's keys
-        for b, n in enumerate(totals):
-            if page_size is None:
-                cache[b, n:] = float("inf")
-            for j in range(n, table.shape[1] * page_size if page_size else 0):
-                cache[table[b, j // page_size], j % page_size] = float("inf")
+    fill_past_lengths(call, totals, page_size, float("inf"))
     with poisoned_outputs():
         out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), return_lse=True, backend="triton")
     assert specs[-1].tma_blocks, specs[-1]
@@ -555,3 +560,76 @@ def test_triton_paged_decode_visits_key_blocks_of_the_real_lengths(triton_device
         block_n = specs[-1].block_n
         real = 2 * heads_kv * sum(math.ceil(n / block_n) for n in lengths)  # K and V
         assert len(loads) == real < 2 * heads_kv * len(lengths) * capacity // block_n // 3, causal
+
+
+# Interpreter-sized layouts of warps on key slices (launch_paged.PAGED_LAYOUTS): 2 and 4 warps of 16 keys each.
+SLICED_LAYOUTS = {
+    "2 slices": dict(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2),
+    "4 slices x2": dict(block_m=16, block_n=64, num_warps=4, num_stages=2, key_slices=4, programs_per_sm=2),
+}
+
+
+@pytest.mark.parametrize("layout", SLICED_LAYOUTS)
+@pytest.mark.parametrize("dtype, page_size, variant", [
+    (torch.bfloat16, None, dict(causal=True)),
+    (torch.float16, 3, dict(causal=False)),
+    (torch.bfloat16, 8, dict(causal=True, with_sinks=True)),
+    (torch.bfloat16, 16, dict(causal=True)),
+    (torch.float16, 64, dict(causal=False, with_sinks=True)),
+    (torch.bfloat16, 16, dict(causal=True, window_size=(40, -1))),
+    (torch.float16, 8, dict(causal=False, window_size=(-1, 2), softcap=1.3, with_alibi=True, with_sinks=True)),
+], ids=str)
+def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layout, dtype, page_size, variant):
+    """Warps on their own slices of every key block (launch_paged.PAGED_LAYOUTS, paged_kernels' doc), merged
+    after the loop: empty and 1-key sequences, lengths past a slice, a block and a page, pages smaller and
+    larger than a slice and the block, a sink joining one slice of one split, a window, softcap and ALiBi,
+    inf in every slot past a length (16-bit: float32's split products keep the rows program)."""
+    from flashsdpa.backends.triton import launch_paged
+
+    monkeypatch.setitem(launch_paged.PAGED_LAYOUTS, "test", launch_paged.PagedTiles(**SLICED_LAYOUTS[layout]))
+    monkeypatch.setattr(launch_paged, "PAGED_DECODE_LAYOUT", "test")
+    specs, spec_of = [], launch_paged.paged_decode_spec
+
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    lengths, new, capacity = [0, 1, 17, 70, 99], 1, 100
+    call, (want_k, want_v) = cache_problem(lengths, new, 1, 8, 2, 16, capacity, page_size, dtype, seed=81)
+    totals = [n + new for n in lengths]
+    fill_past_lengths(call, totals, page_size, float("inf"))  # keys past a length are never read unmasked
+    gen = generator(82)
+    sinks = randn((8,), gen, torch.float32) if variant.get("with_sinks") else None
+    slopes = torch.rand(len(lengths), 8, generator=gen) if variant.get("with_alibi") else None
+    window, softcap = variant.get("window_size", (-1, -1)), variant.get("softcap")
+    options = dict(causal=variant["causal"], window_size=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    with poisoned_outputs():
+        out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), **on(triton_device, options),
+                                               return_lse=True, backend="triton")  # fmt: skip
+    assert specs[-1].key_slices == SLICED_LAYOUTS[layout]["key_slices"], specs[-1]
+    semantics = dict(causal=variant["causal"], window=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+    ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, **semantics)
+    stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, **semantics)
+    assert_forward_close("out", out, ref, stand_in, dtype)
+    assert_lse_close(lse.cpu(), ref_lse, dtype)
+
+
+def test_sliced_layouts_serve_one_program_of_16_bit_rows_up_to_d128():
+    """The sliced layout serves a GQA group in one program at d <= 128 with 16-bit products, every score
+    variant; d=256, more rows than a program holds, or float32's split products get the rows program."""
+    from flashsdpa import kvcache
+    from flashsdpa.backends.triton import launch_paged
+
+    layout = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 slices"])
+
+    def serves(seq_q=1, dim=128, split_products=False, **variants):
+        q, cache = torch.zeros(2, seq_q, 8, dim, dtype=torch.bfloat16), torch.zeros(2, 64, 2, dim, dtype=torch.bfloat16)
+        options = dict(scale=None, causal=True, window_size=(-1, -1), softcap=None, alibi=False, sinks=False,
+                       fp32_precision="ieee")  # fmt: skip
+        desc = kvcache.cache_descriptor(q, cache, cache, 64, **{**options, **variants})
+        return launch_paged.sliced_layout_applies(desc, layout, split_products)
+
+    assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(8, -1))
+    assert serves(softcap=30.0, alibi=True) and serves(seq_q=4)  # 16 rows a kv head
+    assert not serves(dim=256) and not serves(seq_q=5) and not serves(split_products=True)

@@ -57,7 +57,8 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
 @triton.jit
 def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
-    """(qk - row_max) * score_scale per score: the base-2 exponent of its weight.
+    """(qk - row_max) * score_scale per score: the base-2 exponent of its weight (row_max has qk's shape
+    without its last axis, the keys).
 
     16-bit inputs subtract first, so the largest weight of a row is exactly 1
     before P is rounded to 16 bits (see the module doc). float32 inputs take
@@ -67,8 +68,8 @@ def exponent_below_max(qk, row_max, score_scale, FUSED: tl.constexpr):
     own float32 error).
     """
     if FUSED:
-        return qk * score_scale - (row_max * score_scale)[:, None]
-    return (qk - row_max[:, None]) * score_scale
+        return qk * score_scale - tl.expand_dims(row_max * score_scale, -1)
+    return (qk - tl.expand_dims(row_max, -1)) * score_scale
 
 
 @triton.jit

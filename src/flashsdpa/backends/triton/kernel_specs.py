@@ -245,6 +245,8 @@ class PagedDecodeKernelSpec(DecodeTiles, KernelSpec):
     # against 2.29 / 2.42 / 2.80.
     fixed_page_size: int
     tma_blocks: bool  # K/V blocks by TMA boxes (launch_paged.tma_block_views), not per-row addresses
+    # 1, or num_warps: each warp on its own slice of every key block (paged_kernels' doc; launch_paged.PAGED_LAYOUTS)
+    key_slices: int
     softcap: bool
     alibi: bool
     sinks: bool
@@ -253,15 +255,21 @@ class PagedDecodeKernelSpec(DecodeTiles, KernelSpec):
 def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int | None,
                       tma_blocks: bool = False) -> PagedDecodeKernelSpec:  # fmt: skip
     """The spec for `desc`, which describes the cache's problem with seq_kv = its capacity and bottom-right
-    alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode`, over a
-    cache of pages of `page_size` keys (None: contiguous), its K/V blocks read by TMA if `tma_blocks`."""
+    alignment (`kvcache.cache_descriptor`), under the forward `config` with the tiles of `decode` (a
+    launch_paged.PagedTiles), over a cache of pages of `page_size` keys (None: contiguous), its K/V blocks
+    read by TMA if `tma_blocks`."""
     key = desc.kernel_key
+    slices = decode.key_slices
+    if slices > 1 and (slices != decode.num_warps or decode.block_n % slices or decode.block_n // slices < 16):
+        raise ValueError(f"paged decode tiles {decode}: key_slices must equal num_warps and split block_n into "
+                         "slices of at least 16 keys")  # fmt: skip
     return PagedDecodeKernelSpec(
         bounded_below=key.bounded_below,
         bounded_above=key.bounded_above,
         paged=page_size is not None,
         fixed_page_size=fixed_page_size(page_size),
         tma_blocks=tma_blocks,
+        key_slices=slices,
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,

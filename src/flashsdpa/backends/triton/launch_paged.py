@@ -10,7 +10,7 @@ every decode step and replays from a CUDA graph.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +48,44 @@ PAGED_DECODE_WARPS = 8
 PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
 
+
+@dataclass(frozen=True)
+class PagedTiles(DecodeConfig):
+    """A paged decode program's shape: flash decoding's tiles, plus the key slices (paged_kernels' doc: 1,
+    or num_warps warps each on its own slice of every key block, block_n // key_slices >= 16 keys) and the
+    programs per SM that the split count aims at (forward_configs.decode_split_count on that many SMs)."""
+
+    key_slices: int = 1
+    programs_per_sm: int = 1
+
+
+# The paged decode program's shapes for one query row per head (a GQA group in one 16-row program) at head
+# dims up to 128 and 16-bit products, by name; PAGED_DECODE_LAYOUT picks the launcher's. "rows" is flash
+# decoding's program (paged_tiles: the tiles of forward_configs.choose_decode_config, PAGED_DECODE_WARPS
+# warps on every key block, a cross-warp row max and sum per block: 9 CTA barriers a 64-key block at d=128);
+# "slices WxN stS [xP]": W warps on their own N keys of every key block (N * W keys a block, 2 CTA barriers a
+# block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
+# 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, a window, softcap + ALiBi
+# + sinks; pages of 16 and 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages
+# of 16: not listed. Main
+# loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a warp's 16 keys (4 x 16:
+# 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4 table loads).
+# Not timed yet: scripts/sweep_paged_gpu.py times every entry against torch flash and names the best.
+PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
+    "rows": None,
+    "slices 4x16 st3": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=3, key_slices=4),
+    "slices 4x16 st3 x2": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=3, key_slices=4,
+                                     programs_per_sm=2),
+    "slices 4x16 st4": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=4, key_slices=4),
+    "slices 8x16 st3": PagedTiles(block_m=16, block_n=128, num_warps=8, num_stages=3, key_slices=8),
+    "slices 2x16 st3 x4": PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=3, key_slices=2,
+                                     programs_per_sm=4),
+}
+PAGED_DECODE_LAYOUT = "rows"
+# The head dims (padded) up to which a PAGED_LAYOUTS entry applies: each warp holds a slice's 16 x d float32
+# output rows and 16 x d query (d / 2 + d / 4 registers a thread), with the K/V fragments on top.
+PAGED_SLICED_MAX_HEAD_DIM = 128
+
 # K/V blocks by TMA (spec field tma_blocks) where the cache allows it (a contiguous cache, or power-of-two
 # pages holding whole key blocks; TMA-readable strides; sm_90+ or the interpreter). Off: on the H100 (the
 # sweep above, default tiles, one split) TMA boxes read 1.35 / 2.24 / 2.44 / 3.06 TB/s at S = 4k / 16k /
@@ -68,12 +106,25 @@ def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, blo
     return None if None in strides else tuple(zip(views, strides))
 
 
-def paged_tiles(decode: DecodeConfig, group_rows: int, dtype: torch.dtype) -> DecodeConfig:
-    """The paged program's tiles from flash decoding's (`decode`), for `group_rows` packed rows per kv head."""
-    decode = replace(decode, num_warps=PAGED_DECODE_WARPS)
-    if group_rows > decode.block_m and dtype != torch.float32:
-        decode = replace(decode, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(decode.block_n, PAGED_MANY_ROWS_BLOCK_N))
-    return decode
+def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles, split_products: bool) -> bool:
+    """Whether `layout` (key slices) serves `desc`: a GQA group's rows in one program, head dims up to
+    PAGED_SLICED_MAX_HEAD_DIM and 16-bit products (float32's split products keep the rows program)."""
+    key = desc.kernel_key
+    return (desc.gqa_group * desc.seq_q <= layout.block_m and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
+            and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM and not split_products)  # fmt: skip
+
+
+def paged_tiles(desc: AttentionDescriptor, decode: DecodeConfig, split_products: bool) -> PagedTiles:
+    """The paged program's tiles for `desc`: PAGED_DECODE_LAYOUT's where it applies, else from flash
+    decoding's (`decode`), with 64-row programs for a group of more than 16 rows of 16-bit inputs."""
+    layout = PAGED_LAYOUTS[PAGED_DECODE_LAYOUT]
+    if layout is not None and sliced_layout_applies(desc, layout, split_products):
+        return layout
+    group_rows, dtype = desc.gqa_group * desc.seq_q, desc.dtype
+    tiles = PagedTiles(decode.block_m, decode.block_n, PAGED_DECODE_WARPS, decode.num_stages)
+    if group_rows > tiles.block_m and dtype != torch.float32:
+        tiles = replace(tiles, block_m=PAGED_MANY_ROWS_BLOCK_M, block_n=min(tiles.block_n, PAGED_MANY_ROWS_BLOCK_N))
+    return tiles
 
 
 def paged_decode(
@@ -87,13 +138,14 @@ def paged_decode(
     alibi_slopes: Tensor | None,
     sinks: Tensor | None,
     num_splits: int | None = None,
-    tiles: DecodeConfig | None = None,
+    tiles: PagedTiles | None = None,
 ) -> tuple[Tensor, Tensor]:
     """out (B, Hq, Lq, Ev) in q's dtype and lse (B, Hq, Lq) float32 of q (B, Lq, Hq, E) over each sequence's
     first cache_seqlens[b] + new_tokens keys of the caches (paged with `block_table`, else contiguous).
     `alibi_slopes` (B, Hq) (stride 0 over a broadcast batch). `num_splits` (default: from the capacity and
     the SM count) pins the split count, rounded so every split holds whole key blocks; `tiles` (default:
-    paged_tiles) pins the program's rows, key block, warps and stages (scripts/sweep_paged_gpu.py)."""
+    paged_tiles) pins the program's rows, key block, warps, stages, key slices and programs per SM
+    (scripts/sweep_paged_gpu.py)."""
     capability = device_capability(q.device)
     config = kernel_cache.get(
         ("forward", desc.kernel_key, capability, False),
@@ -105,14 +157,14 @@ def paged_decode(
     if batch * heads_q * seq_q == 0:
         return out, lse
     gqa_group = desc.gqa_group
-    decode = tiles or paged_tiles(config.decode, gqa_group * seq_q, desc.dtype)
+    decode = tiles or paged_tiles(desc, config.decode, config.split_products)
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
     if programs_per_split > MAX_GRID_X:
         raise ValueError(f"triton paged decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
     capacity = max(desc.seq_kv, 1)
     if num_splits is None:
-        num_splits = decode_split_count(programs_per_split, capacity, sm_count(q.device))
+        num_splits = decode_split_count(programs_per_split, capacity, sm_count(q.device) * decode.programs_per_sm)
     num_splits = max(1, min(num_splits, DECODE_MAX_SPLITS, MAX_GRID_YZ))
     split_len = cdiv(cdiv(capacity, num_splits), decode.block_n) * decode.block_n
     num_splits = cdiv(capacity, split_len)
@@ -131,7 +183,8 @@ def paged_decode(
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
     page_size = k_cache.shape[1] if paged else None
-    tma_views = tma_block_views(k_cache, v_cache, page_size, decode.block_n, capability)
+    tma_views = None if decode.key_slices > 1 else tma_block_views(k_cache, v_cache, page_size, decode.block_n,
+                                                                    capability)  # fmt: skip
     spec = paged_decode_spec(desc, config, decode, page_size, tma_views is not None)
     k_desc, v_desc = k_cache, v_cache  # not read unless spec.tma_blocks
     if tma_views is not None:

@@ -18,6 +18,14 @@ visits no key block), and the splits are merged in a fixed order by
 decode_kernels.merge_decode_splits_kernel. The scores are score_kernels' and
 the visible keys visibility_kernels' (a band around the diagonal
 j - i = K_b - seq_q, computed per item).
+
+KEY_SLICES > 1 gives each warp its own slice of every key block (block keys
+[w * BLOCK_N / KEY_SLICES, (w + 1) * BLOCK_N / KEY_SLICES) to warp w, as
+batched 3-D products whose batch Triton lays one per warp): each warp keeps
+its own running max, sum and output rows, so a block's row max and sum never
+cross warps (no barrier for them; with KEY_SLICES 1 the warps split a block's
+keys of one product and meet in shared memory for every row reduction), and
+the slices are merged once after the loop (merge_key_slices).
 """
 
 import triton
@@ -34,7 +42,8 @@ from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 def block_pages(table_row_ptr, start, offs_n, key_end, page_size, stride_table_page, PAGED: tl.constexpr,
                 FIXED_PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The page numbers of the key block at `start` (a multiple of BLOCK_N; keys start + offs_n) of one batch
-    item: one per key, or where the pages hold whole blocks (FIXED_PAGE_SIZE >= BLOCK_N) the block's one
+    item: one per key (or per run of keys in one page, offs_n holding each run's first key: a key slice of
+    the sliced program), or where the pages hold whole blocks (FIXED_PAGE_SIZE >= BLOCK_N) the block's one
     page, a scalar. With FIXED_PAGE_SIZE (the page size compiled in, a power of two) a key's table index is
     start's plus a constant; else (0: the page_size argument) it costs a division per key. 0 past key_end,
     where the table is not read, and for a contiguous cache."""
@@ -77,10 +86,30 @@ def key_rows(page, batch, start, offs_n, key_end, page_size, k_strides, v_stride
 
 @triton.jit
 def cache_rows(head_ptr, row_offsets, in_range, offs_d, width, stride_dim):
-    """The rows at `row_offsets` from `head_ptr`: [len(row_offsets), len(offs_d)], zero out of range or
-    past width (nothing is read there)."""
-    ptrs = head_ptr + row_offsets[:, None] + offs_d[None, :] * stride_dim
-    return tl.load(ptrs, mask=in_range[:, None] & (offs_d[None, :] < width), other=0.0)
+    """The rows at `row_offsets` ([N], or [KEY_SLICES, N] of a sliced block) from `head_ptr`: [*rows' shape,
+    len(offs_d)], zero out of range or past width (nothing is read there)."""
+    ptrs = tl.expand_dims(row_offsets, -1) + offs_d * stride_dim
+    return tl.load(head_ptr + ptrs, mask=tl.expand_dims(in_range, -1) & (offs_d < width), other=0.0)
+
+
+@triton.jit
+def cache_slices_transposed(head_ptr, row_offsets, in_range, offs_d, width, stride_dim):
+    """The rows at `row_offsets` [KEY_SLICES, N] from `head_ptr`, transposed per slice: [KEY_SLICES,
+    len(offs_d), N] (the second operand of the slices' score products, read so, not transposed in
+    registers, which would keep Triton from staging the copy in shared memory), zero where cache_rows is."""
+    ptrs = row_offsets[:, None, :] + offs_d[None, :, None] * stride_dim
+    return tl.load(head_ptr + ptrs, mask=in_range[:, None, :] & (offs_d[None, :, None] < width), other=0.0)
+
+
+@triton.jit
+def merge_key_slices(acc, row_sum, row_max, exponent_scale):
+    """The online-softmax state of KEY_SLICES warps' slices ([KEY_SLICES, M, DV], [KEY_SLICES, M] twice)
+    as one ([M, DV], [M], [M]), in a fixed order. `exponent_scale` turns a difference of row maxima into a
+    base-2 exponent (the loop's units). A row no slice has seen keeps max -inf, sum 0 and acc 0."""
+    merged_max = tl.max(row_max, 0)
+    shift = tl.where(merged_max == float("-inf"), 0.0, merged_max)
+    weight = tl.math.exp2((row_max - shift[None, :]) * exponent_scale)
+    return tl.sum(acc * weight[:, :, None], 0), tl.sum(row_sum * weight, 0), merged_max
 
 
 @triton.jit
@@ -137,59 +166,79 @@ def attend_cache_blocks(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
     SPLIT_TF32: tl.constexpr,
+    KEY_SLICES: tl.constexpr,
 ):
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
     attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
     keys some row does not see (or past key_end) and are masked element by element. The strides
     are (page or batch item, slot, head, dim); k_head_ptr and v_head_ptr point at the kv head. TMA_BLOCKS
     (a contiguous cache, or pages holding whole blocks): each block is one TMA box of k_desc / v_desc
-    (cache_block) instead of per-row addresses."""
+    (cache_block) instead of per-row addresses. KEY_SLICES > 1 (the module doc): q is [KEY_SLICES, M, D],
+    the state [KEY_SLICES, M, DV] and [KEY_SLICES, M] twice, query_rows [1, M, 1]; else q [M, D], the
+    state [M, DV], [M], [M], query_rows [M, 1]."""
     tl.static_assert(not (TMA_BLOCKS and PAGED) or FIXED_PAGE_SIZE >= BLOCK_N, "a TMA box needs a block in one page")
-    offs_n = tl.arange(0, BLOCK_N)
+    tl.static_assert(KEY_SLICES == 1 or not (TMA_BLOCKS or SPLIT_TF32), "key slices read rows, in 16-bit products")
+    SLICED: tl.constexpr = KEY_SLICES > 1
+    KEY_AXIS: tl.constexpr = 2 if SLICED else 1  # the axis of a block's keys in the scores
+    if SLICED:  # key start + offs_n[w, n] is warp w's n-th key of the block
+        SLICE_N: tl.constexpr = BLOCK_N // KEY_SLICES
+        offs_n = tl.arange(0, KEY_SLICES)[:, None] * SLICE_N + tl.arange(0, SLICE_N)[None, :]
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+    if SLICED and FIXED_PAGE_SIZE >= BLOCK_N // KEY_SLICES:  # a slice lies in one page: one table read a slice
+        offs_page = tl.arange(0, KEY_SLICES)[:, None] * (BLOCK_N // KEY_SLICES)
+    else:
+        offs_page = offs_n
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # The next block's page numbers are read one iteration ahead, so that a block's K/V addresses do not wait
     # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
     # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
-    page = block_pages(table_row_ptr, key_start, offs_n, key_end, page_size, stride_table_page, PAGED,
+    page = block_pages(table_row_ptr, key_start, offs_page, key_end, page_size, stride_table_page, PAGED,
                        FIXED_PAGE_SIZE, BLOCK_N)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
         k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
                                             PAGED, FIXED_PAGE_SIZE, BLOCK_N)
+        if SLICED and not EDGE:  # every key of a whole block is below key_end (blocks_seen): no row mask
+            in_range = tl.full(cols.shape, True, tl.int1)
         if TMA_BLOCKS and PAGED:  # the block's box (pages holding whole blocks)
             box_page, box_slot = page, start_n % FIXED_PAGE_SIZE
         else:
             box_page, box_slot = batch, start_n
-        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_n, key_end, page_size, stride_table_page, PAGED,
+        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_page, key_end, page_size, stride_table_page, PAGED,
                            FIXED_PAGE_SIZE, BLOCK_N)
         if TMA_BLOCKS:
             k = cache_block(k_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_D)
+        elif SLICED:
+            k = cache_slices_transposed(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         else:
             k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         if SPLIT_TF32:
             k_hi, k_lo = split_tf32(tl.trans(k))
             qk = matmul_split(q, q_lo, k_hi, k_lo)
+        elif SLICED:
+            qk = matmul(q, k, None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         else:
             qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         if EDGE or NATURAL_UNITS:
             softcap, slope, key_offset = transform
             scores, _ = scores_of_products(
-                qk, query_rows[:, None], cols[None, :], score_scale, softcap, slope, key_offset, qk, key_end,
-                band[0], band[1], NATURAL_UNITS, SOFTCAP, ALIBI, 0, EDGE, BOUNDED_BELOW, BOUNDED_ABOVE,
+                qk, query_rows, tl.expand_dims(cols, KEY_AXIS - 1), score_scale, softcap, slope, key_offset, qk,
+                key_end, band[0], band[1], NATURAL_UNITS, SOFTCAP, ALIBI, 0, EDGE, BOUNDED_BELOW, BOUNDED_ABOVE,
             )
         else:
             scores = qk
         # A row that has seen no visible key keeps a max of -inf and is shifted by 0 (forward_kernels' doc).
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, KEY_AXIS))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         if NATURAL_UNITS:
-            p = tl.math.exp2((scores - shift[:, None]) * LOG2E)
+            p = tl.math.exp2((scores - tl.expand_dims(shift, KEY_AXIS)) * LOG2E)
             alpha = tl.math.exp2((row_max - shift) * LOG2E)
         else:
             p = tl.math.exp2(exponent_below_max(scores, shift, score_scale, q.dtype == tl.float32))
             alpha = tl.math.exp2((row_max - shift) * score_scale)
-        row_sum = row_sum * alpha + tl.sum(p, 1)
+        row_sum = row_sum * alpha + tl.sum(p, KEY_AXIS)
         if TMA_BLOCKS:
             v = cache_block(v_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_DV)
         else:
@@ -200,7 +249,7 @@ def attend_cache_blocks(
             acc = acc * alpha[:, None] + matmul_split(p_hi, p_lo, v_hi, v_lo)
         else:
             p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
-            acc = matmul(p, v, acc * alpha[:, None], DOT_PRECISION, WIDEN_DOT_OPERANDS)
+            acc = matmul(p, v, acc * tl.expand_dims(alpha, KEY_AXIS), DOT_PRECISION, WIDEN_DOT_OPERANDS)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -268,6 +317,7 @@ def attention_paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
     SPLIT_TF32: tl.constexpr,
+    KEY_SLICES: tl.constexpr,
 ):
     """Stage 1: one key range of one (batch item, kv head) against its query rows.
 
@@ -280,7 +330,8 @@ def attention_paged_decode_kernel(
     is head kv_head * gqa_group + r // seq_q, query r % seq_q. The visible band
     is K_b - seq_q - window_left <= j - i (BOUNDED_BELOW) and
     j - i <= K_b - seq_q + window_right (BOUNDED_ABOVE; causal is right = 0).
-    Grid: (batch * heads_kv * row_chunks, num_splits). Writes partial
+    KEY_SLICES: warps on slices of every key block (the module doc; num_warps of
+    them), or 1. Grid: (batch * heads_kv * row_chunks, num_splits). Writes partial
     (rows, num_splits, head_dim_v) outputs and (rows, num_splits) lse, rows
     ordered (batch, query head, query row), or with one split out (rows,
     head_dim_v) and lse (rows,) themselves.
@@ -317,13 +368,23 @@ def attention_paged_decode_kernel(
         score_scale = softmax_scale
     else:
         score_scale = softmax_scale * LOG2E
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if SINKS:  # the sink joins the first split's softmax; the merge weighs it in once
-        row_max = tl.where(split == 0, tl.load(sinks_ptr + head).to(tl.float32), float("-inf"))
-        row_sum = tl.where(row_max == float("-inf"), 0.0, 1.0)
+    # The online-softmax state: one per key slice ([KEY_SLICES, ...], merged after the loop) or one.
+    if KEY_SLICES > 1:
+        q = tl.broadcast_to(q[None, :, :], (KEY_SLICES, BLOCK_M, BLOCK_D))
+        q_lo = q
+        rows = query_row[None, :, None]
+        acc = tl.zeros([KEY_SLICES, BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        slice_index = tl.arange(0, KEY_SLICES)[:, None]
+        row_max = tl.full([KEY_SLICES, BLOCK_M], float("-inf"), dtype=tl.float32)
     else:
-        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rows = query_row[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        slice_index = 0
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if SINKS:  # the sink joins the first split's softmax (its first slice's); the merges weigh it in once
+        first = (split == 0) & (slice_index == 0)
+        row_max = tl.where(first, tl.load(sinks_ptr + head).to(tl.float32), row_max)
+    row_sum = tl.where(row_max == float("-inf"), 0.0, 1.0)
     table_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_table_b
     k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_vh
@@ -334,12 +395,14 @@ def attention_paged_decode_kernel(
         if part != 0 or BOUNDED_BELOW:
             acc, row_sum, row_max = attend_cache_blocks(
                 acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
-                key_ranges[part], key_ranges[part + 1], query_row, key_end, head_dim, head_dim_v, page_size,
+                key_ranges[part], key_ranges[part + 1], rows, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
                 ALIBI, PAGED, FIXED_PAGE_SIZE, TMA_BLOCKS, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
-                WIDEN_DOT_OPERANDS, SPLIT_TF32,
+                WIDEN_DOT_OPERANDS, SPLIT_TF32, KEY_SLICES,
             )  # fmt: skip
+    if KEY_SLICES > 1:
+        acc, row_sum, row_max = merge_key_slices(acc, row_sum, row_max, LOG2E if NATURAL_UNITS else score_scale)
     if not NATURAL_UNITS:
         row_max = row_max * softmax_scale
     out, lse = finish_rows(acc, row_sum, row_max, 1.0)
