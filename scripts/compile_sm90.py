@@ -275,6 +275,8 @@ PACKED = [
     Problem(BF16, d, causal=c, heads=(4, 2), packed=PACKED_LENGTHS, variant=v)
     for d in (64, 128) for c, v in ((False, ""), (True, ""), (True, "window+bottom_right"), (False, "softcap"),
                                     (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
+] + [
+    Problem(BF16, d, causal=c, packed=PACKED_LENGTHS) for d in (64, 128) for c in (False, True)  # the bench's: no GQA
 ] + [Problem(BF16, 128, causal=True, dropout=0.1, packed=PACKED_LENGTHS), Problem(FP32, 64, packed=PACKED_LENGTHS),
      Problem(FP32, 128, causal=True, precision="tf32", packed=PACKED_LENGTHS)]
 # The paged decode kernel: what it compiles in (PAGED, the band's flags, the score variants) on bf16 d=64/128.

@@ -74,6 +74,11 @@ class BackwardConfig:
     # for every pending product before elementwise work otherwise). Costs the
     # registers of dP^T during the softmax.
     dkdv_early_dp: bool = False
+    # A packed batch (varlen): the dQ and dK/dV grids take the sequences in decreasing order of work (query
+    # count times key count, sorted on the device per call), so the longest sequences' programs, the longest
+    # of all, start first rather than trail at the end of the grid (the bench's lengths 1..8192 in their
+    # given order: the grid's last wave ran ~8% past an even split, in a list-scheduling model of 132 SMs).
+    packed_longest_first: bool = False
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -125,6 +130,26 @@ SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8
 # Not timed on the H100 (the plain 64x64 w4 ran at 275 / 336 TFLOP/s against the
 # tables' 333 / 354).
 SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
+# 16-bit ROUNDED packed batches (varlen) by padded head dim: (dK/dV tile, dQ tile). Candidates with no
+# spill in compile_sm90 (VARLEN, bf16, sm_90, Triton 3.6, equal heads and GQA's split group; registers causal /
+# not; the dense tables' tiles spill under VARLEN):
+#   d=128 dK/dV: 64x64 w8 s2 (241 / 208), 32x128 w8 s2 (252 / 238), 32x128 w8 s3 (254 / 240), 64x64 w8 s3
+#         (248 / 213); spilled: 64x128 w8 s2 124 / 20 B (the dense table's), 64x64 w4 284 / 36 B, 32x128 w4 1.4 KB.
+#   d=128 dQ: 128x32 w8 s3 (175), 128x64 w8 s2 (237 / 227), 64x64 w8 s3 (175 / 155), 128x32 w8 s4 (174);
+#         spilled: 128x64 w8 s3 12 B causal (the dense table's), 128x32 w4 s3 176 B, 64x64 w4 s3 12 B causal.
+#   d=64 dK/dV: 64x64 w4 s2 (224 / 186), 64x128 w8 s2 (216 / 199); spilled: 128x64 w4 (the dense table's)
+#         216 / 100 B, 32x128 w4 s3 88 / 32 B.
+#   d=64 dQ: 64x64 w4 s3 (159 / 140, the dense table's), 128x64 w8 s3 (128 / 138), 128x32 w8 s3 (122 / 112).
+# H100 (bench varlen rows, lengths 1..8192, causal, B=10, H=16, whole backward against torch's varlen_attn,
+# 2026-12 session 8, before this table): d=128 228 / 268 TFLOP/s (0.85x) with 64x64 w8 s2 and 128x32 w8 s3;
+# d=64 308 / 231 (1.33x) with 64x64 w4 s2 and 64x64 w4 s3. scripts/bench_varlen_backward_gpu.py times every
+# candidate above: put its winner here.
+SM90_16BIT_PACKED_ROUNDED = {
+    64: ((64, 64, 4, 2), (64, 64, 4, 3)),
+    128: ((64, 64, 8, 2), (128, 32, 8, 3)),
+}
+# The packed grids' sequence order (BackwardConfig.packed_longest_first) on the GPU; timed by the same script.
+SM90_PACKED_LONGEST_FIRST = True
 # 16-bit dK/dV of a packed batch with dropout at d=128: the 64x64 w8 tile above spilled 28 B causal and
 # serialised its wgmma (compile_sm90 --packed, bf16, sm_90); 64x32 w8 s2 none, 172 registers (32x64 w8:
 # SERIAL; 64x64 w8 s1: 144 B; 64x64 w4: 208 B). Not timed.
@@ -216,6 +241,7 @@ def interpreter_config(key: KernelKey, exact: bool, packed: bool = False) -> Bac
         fp16_halves=uses_split_products(key) and not packed,
         dkdv_tile_loads="host" if sixteen_bit else "pointers",
         dkdv_early_dp=sixteen_bit,
+        packed_longest_first=packed,
     )
 
 
@@ -237,10 +263,15 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     # spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none).
     if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
-    if not fp32 and packed and key.dropout and table_key in SM90_16BIT_PACKED_DROPOUT_DKDV:
-        dkdv = TileShape(*SM90_16BIT_PACKED_DROPOUT_DKDV[table_key])
-    if not fp32 and packed and table_key in SM90_16BIT_PACKED_DQ:
-        dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
+    if not fp32 and packed:
+        # The ROUNDED table's tiles were compiled without a score transform, a window or dropout.
+        plain = not (key.softcap or key.alibi or windowed(key) or key.dropout)
+        if not exact and plain and table_key in SM90_16BIT_PACKED_ROUNDED:
+            dkdv, dq = (TileShape(*tile) for tile in SM90_16BIT_PACKED_ROUNDED[table_key])
+        elif table_key in SM90_16BIT_PACKED_DQ:
+            dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
+        if key.dropout and table_key in SM90_16BIT_PACKED_DROPOUT_DKDV:
+            dkdv = TileShape(*SM90_16BIT_PACKED_DROPOUT_DKDV[table_key])
     budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
     # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
@@ -258,6 +289,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         fp16_halves=uses_split_products(key) and not packed,
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
+        packed_longest_first=packed and SM90_PACKED_LONGEST_FIRST,
     )
 
 
