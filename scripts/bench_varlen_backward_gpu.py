@@ -52,12 +52,20 @@ SMOKE = DEVICE == "cpu"
 # Before this script: the ROUNDED packed tiles by head dim, given sequence order.
 CURRENT = {128: ((64, 64, 8, 2), (128, 32, 8, 3)), 64: ((64, 64, 4, 2), (64, 64, 4, 3))}
 # (dK/dV tile, dQ tile) candidates, each with no spill in compile_sm90 (VARLEN, bf16, sm_90; see the table's
-# comment in backward_configs). Every dK/dV and dQ tile appears at least once; first ones first (--budget-s).
+# comment in backward_configs), longest first. Every dK/dV and dQ tile appears at least once; first ones first
+# (--budget-s). OPTIONS: other BackwardConfig fields for one candidate, by index.
 CANDIDATES = {
     128: [((64, 64, 8, 2), (128, 32, 8, 3)), ((32, 128, 8, 2), (128, 64, 8, 2)), ((32, 128, 8, 3), (64, 64, 8, 3)),
-          ((64, 64, 8, 3), (128, 32, 8, 4))],
+          ((64, 64, 8, 3), (128, 32, 8, 4)),
+          # dK/dV without the early dP^T product (212 / 231 registers, no spill)
+          ((64, 64, 8, 2), (128, 32, 8, 3)),
+          # the dense ROUNDED table's dK/dV tile: spills 124 B causal under VARLEN (not to adopt as it is; it
+          # says what the larger key block would be worth)
+          ((64, 128, 8, 2), (128, 32, 8, 3))],
     64: [((64, 64, 4, 2), (64, 64, 4, 3)), ((64, 128, 8, 2), (128, 64, 8, 3)), ((64, 64, 4, 2), (128, 32, 8, 3))],
 }
+OPTIONS = {(128, 4): dict(dkdv_early_dp=False)}
+SPILLING = {(128, 5)}  # candidates timed for information, never recommended
 ACCURACY_LENGTHS = (1, 37, 20, 5) if SMOKE else (1, 37, 300, 5, 130)
 ACCURACY_HEADS = 2 if SMOKE else 16
 
@@ -67,18 +75,19 @@ def tile_name(tile) -> str:
     return f"{m}x{n}w{w}s{s}"
 
 
-def use_tiles(tiles, longest_first: bool | None) -> None:
-    """Make the packed backward take `tiles` (dK/dV, dQ) and `longest_first`; None: backward_config's own."""
+def use_tiles(tiles, longest_first: bool | None, options: dict | None = None) -> None:
+    """Make the packed backward take `tiles` (dK/dV, dQ), `longest_first` and `options` (BackwardConfig
+    fields); tiles None: backward_config's own."""
     launch_backward.backward_config = ORIGINAL_CONFIG if tiles is None else (
-        lambda *args: _replaced(ORIGINAL_CONFIG(*args), tiles, longest_first, packed=args[-1]))
+        lambda *args: _replaced(ORIGINAL_CONFIG(*args), tiles, longest_first, options or {}, packed=args[-1]))
     kernel_cache.clear()
 
 
-def _replaced(config, tiles, longest_first, packed):
+def _replaced(config, tiles, longest_first, options, packed):
     if not packed:
         return config
     return dataclasses.replace(config, dkdv=TileShape(*tiles[0]), dq=TileShape(*tiles[1]),
-                               packed_longest_first=longest_first)
+                               packed_longest_first=longest_first, **options)
 
 
 ORIGINAL_CONFIG = launch_backward.backward_config
@@ -102,7 +111,7 @@ def relative_error(got, ref) -> float:
     return float((got - ref).norm() / ref.norm())
 
 
-def accuracy_task(d: int, causal: bool, name: str, tiles, longest_first) -> dict:
+def accuracy_task(d: int, causal: bool, name: str, tiles, longest_first, options) -> dict:
     """One configuration on a small packed batch (H=16, as the bench: the kernels compile as the timed ones do,
     so this also fills Triton's cache for the timing), against float64; same bits on a second call, and
     (longest first) as the given order's."""
@@ -121,7 +130,7 @@ def accuracy_task(d: int, causal: bool, name: str, tiles, longest_first) -> dict
         relative_error(g, r) for g, r in zip(torch.autograd.grad(torch_out, leaves, grad), ref)]
 
     def gradients(order):
-        use_tiles(tiles, order)
+        use_tiles(tiles, order, options)
         out = flashsdpa.varlen_attn(*leaves, cu, cu, longest, longest, causal=causal, backend="triton")
         return torch.autograd.grad(out, leaves, grad, retain_graph=True), torch.autograd.grad(out, leaves, grad)
 
@@ -206,7 +215,7 @@ def timing(head_dims, deadline: float) -> list[dict]:
         leaves, cu, longest = inputs.differentiable, inputs.cu_seqlens, case.seq_kv
         flops = case.flops("bwd")
 
-        def measure(name, forward, table=None, order=None):
+        def measure(name, forward, table=None, order=None, options=None):
             out = forward()
             run = lambda: torch.autograd.grad(out, leaves, inputs.grad_out, retain_graph=True)  # noqa: E731
             run()  # compile
@@ -217,31 +226,35 @@ def timing(head_dims, deadline: float) -> list[dict]:
             else:
                 ms = triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
             parts = kernel_times(run)
-            row = dict(d=d, config=name, ms=ms, tflops=flops / ms * 1e-9, table=table, longest_first=order, **parts)
+            row = dict(d=d, config=name, ms=ms, tflops=flops / ms * 1e-9, table=table, longest_first=order,
+                       options=options or {}, **parts)
             rows.append(row)
             print(f"time d={d} {name:<38} {ms:7.3f} ms {row['tflops']:6.1f} TFLOP/s (dq {parts['dq']:.3f}, "
                   f"dkdv {parts['dkdv']:.3f}, other {parts['other']:.3f} ms)", flush=True)
 
         if not SMOKE:
             measure("torch-varlen", lambda: torch_varlen(*leaves, cu, longest, True))
-        for name, tiles, longest_first in configurations(d):
+        for name, tiles, longest_first, options in configurations(d):
             if time.time() > deadline and name != "default":
                 print(f"time d={d} {name}: skipped (budget)", flush=True)
                 continue
-            use_tiles(tiles, longest_first)
+            use_tiles(tiles, longest_first, options)
             measure(name, lambda: flashsdpa.varlen_attn(*leaves, cu, cu, longest, longest, causal=True,
-                                                        backend="triton"), tiles, longest_first)
+                                                        backend="triton"), tiles, longest_first, options)
         use_tiles(None, None)
     return rows
 
 
 def configurations(d):
-    """(name, tiles or None for backward_config's own, longest_first) to run at head dim d."""
+    """(name, tiles or None for backward_config's own, longest_first, options) to run at head dim d."""
     current = CURRENT[d]
-    rows = [("default", None, None), (f"current {tile_name(current[0])}/{tile_name(current[1])} given", current,
-                                      False)]
-    for tiles in CANDIDATES[d]:
-        rows.append((f"{tile_name(tiles[0])}/{tile_name(tiles[1])} longest", tiles, True))
+    rows = [("default", None, None, {}),
+            (f"current {tile_name(current[0])}/{tile_name(current[1])} given", current, False, {})]
+    for index, tiles in enumerate(CANDIDATES[d]):
+        options = OPTIONS.get((d, index), {})
+        extra = "".join(f" {name}={value}" for name, value in options.items()) + (
+            " (spills)" if (d, index) in SPILLING else "")
+        rows.append((f"{tile_name(tiles[0])}/{tile_name(tiles[1])} longest{extra}", tiles, True, options))
     return rows
 
 
@@ -255,16 +268,18 @@ def summary(rows, precision) -> None:
             ratio = f"{peer / row['ms']:.2f}x" if peer else "-"
             print(f"{d:>4} {row['config']:<38} {row['ms']:7.3f} {row['tflops']:8.1f} {ratio:>8} {row['dq']:7.3f} "
                   f"{row['dkdv']:8.3f}")
-        ours = [row for row in group if row["table"] is not None]
+        ours = [row for row in group if row["table"] is not None and "(spills)" not in row["config"]]
         if ours:
             best_dq = min(ours, key=lambda row: row["dq"])
             best_dkdv = min(ours, key=lambda row: row["dkdv"])
             best = min(ours, key=lambda row: row["ms"])
-            print(f"{d:>4} best whole: {best['config']}; fastest dK/dV tile {tile_name(best_dkdv['table'][0])}, "
-                  f"dQ tile {tile_name(best_dq['table'][1])} -> SM90_16BIT_PACKED_ROUNDED[{d}] = "
-                  f"({best_dkdv['table'][0]}, {best_dq['table'][1]})")
+            print(f"{d:>4} best whole: {best['config']}; fastest dK/dV kernel in {best_dkdv['config']}, fastest dQ "
+                  f"kernel in {best_dq['config']} -> SM90_16BIT_PACKED_ROUNDED[{d}] = "
+                  f"({best_dkdv['table'][0]}, {best_dq['table'][1]})"
+                  + (f", and {best_dkdv['options']}" if best_dkdv["options"] else ""))
             given = [row for row in ours if row["longest_first"] is False]
-            same = [row for row in ours if row["longest_first"] and given and row["table"] == given[0]["table"]]
+            same = [row for row in ours if row["longest_first"] and given and row["table"] == given[0]["table"]
+                    and not row["options"]]
             if same:
                 print(f"{d:>4} longest first {same[0]['ms']:.3f} ms against the given order's {given[0]['ms']:.3f} "
                       f"-> SM90_PACKED_LONGEST_FIRST = {same[0]['ms'] < given[0]['ms']}")
