@@ -130,23 +130,27 @@ SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8
 # Not timed on the H100 (the plain 64x64 w4 ran at 275 / 336 TFLOP/s against the
 # tables' 333 / 354).
 SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
-# 16-bit ROUNDED packed batches (varlen) by padded head dim: (dK/dV tile, dQ tile). Candidates with no
-# spill in compile_sm90 (VARLEN, bf16, sm_90, Triton 3.6, equal heads and GQA's split group; registers causal /
-# not; the dense tables' tiles spill under VARLEN):
-#   d=128 dK/dV: 64x64 w8 s2 (241 / 208), 32x128 w8 s2 (252 / 238), 32x128 w8 s3 (254 / 240), 64x64 w8 s3
-#         (248 / 213); spilled: 64x128 w8 s2 124 / 20 B (the dense table's), 64x64 w4 284 / 36 B, 32x128 w4 1.4 KB.
-#   d=128 dQ: 128x32 w8 s3 (175), 128x64 w8 s2 (237 / 227), 64x64 w8 s3 (175 / 155), 128x32 w8 s4 (174);
-#         spilled: 128x64 w8 s3 12 B causal (the dense table's), 128x32 w4 s3 176 B, 64x64 w4 s3 12 B causal.
-#   d=64 dK/dV: 64x64 w4 s2 (224 / 186), 64x128 w8 s2 (216 / 199); spilled: 128x64 w4 (the dense table's)
+# 16-bit ROUNDED packed batches (varlen) by padded head dim: (dK/dV tile, dQ tile). compile_sm90 (VARLEN, bf16,
+# sm_90, Triton 3.6, equal heads and GQA's split group; registers causal / not; REPL: the product's warps cover
+# more than its tile, see compile_sm90.replicated_products):
+#   d=128 dK/dV: 32x128 w8 s2 (252 / 236, no spill), s3 (254 / 238); 64x64 w8 s2 (241 / 208, no spill, but
+#         REPL: its 64 keys are the rows of S^T = K Q^T and dP^T, which both warp groups of 8 warps compute
+#         whole, softmax included: 483 SASS instructions and 40 HGMMA a 64x64 step against 282 and 20 for
+#         32x128's step of the same area); spilled: 64x128 w8 s2 124 / 16 B (the dense table's), 64x64 w4
+#         284 / 36 B, 32x128 w4 1.4 KB. Without the early dP^T product, 32x128 w8 s2: 248 / 232.
+#   d=128 dQ: 128x64 w8 s2 (237 / 227), 128x32 w8 s3 (174), 128x32 w8 s4 (174), 64x32 w4 s3 (185 / 176);
+#         64x64 w8 s3 REPL; spilled: 128x64 w8 s3 12 B causal (the dense table's), 128x32 w4 s3 176 B,
+#         64x64 w4 s3 12 B causal.
+#   d=64 dK/dV: 64x64 w4 s2 (222 / 197), 64x128 w8 s2 (216 / 199); spilled: 128x64 w4 (the dense table's)
 #         216 / 100 B, 32x128 w4 s3 88 / 32 B.
-#   d=64 dQ: 64x64 w4 s3 (159 / 140, the dense table's), 128x64 w8 s3 (128 / 138), 128x32 w8 s3 (122 / 112).
-# H100 (bench varlen rows, lengths 1..8192, causal, B=10, H=16, whole backward against torch's varlen_attn,
-# 2026-12 session 8, before this table): d=128 228 / 268 TFLOP/s (0.85x) with 64x64 w8 s2 and 128x32 w8 s3;
-# d=64 308 / 231 (1.33x) with 64x64 w4 s2 and 64x64 w4 s3. scripts/bench_varlen_backward_gpu.py times every
-# candidate above: put its winner here.
+#   d=64 dQ: 64x64 w4 s3 (161 / 148, the dense table's), 128x64 w8 s3 (134 / 128), 128x32 w8 s3 (122 / 112).
+# H100 (bench varlen rows, lengths 1..8192, causal, B=10, H=16, whole backward against torch's varlen_attn;
+# 2026-12-05, call 1): d=128 229 / 269 TFLOP/s (0.85x) with 64x64 w8 s2 (REPL) and 128x32 w8 s3; d=64 300 / 231
+# (1.30x) with 64x64 w4 s2 and 64x64 w4 s3. d=128 now takes 32x128 w8 s2 and 128x64 w8 s2, not yet timed:
+# scripts/bench_varlen_backward_gpu.py times these and the other candidates; put its winner here.
 SM90_16BIT_PACKED_ROUNDED = {
     64: ((64, 64, 4, 2), (64, 64, 4, 3)),
-    128: ((64, 64, 8, 2), (128, 32, 8, 3)),
+    128: ((32, 128, 8, 2), (128, 64, 8, 2)),
 }
 # The packed grids' sequence order (BackwardConfig.packed_longest_first) on the GPU; timed by the same script.
 SM90_PACKED_LONGEST_FIRST = True
