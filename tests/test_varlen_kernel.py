@@ -240,3 +240,21 @@ def test_longest_first_order_changes_no_bit(device, monkeypatch):
         kernel_cache.clear()
     for name, first, given in zip("qkv", *results):
         assert torch.equal(first, given), name
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_packed_tiles_give_each_warp_its_own_rows(head_dim):
+    """The sm_90 16-bit ROUNDED packed backward's products have at least 16 rows a warp (wgmma: 64 rows a
+    warp group): the dK/dV kernel's rows are its keys (S^T, dP^T, dV, dK), the dQ kernel's its queries. With
+    fewer, Triton 3.6 has two warp groups compute the same product and its softmax (compile_sm90's REPL; the
+    64x64 8-warp dK/dV tile did so at d=128)."""
+    from flashsdpa.backends.triton.backward_configs import backward_config
+    from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision
+
+    for variant in (dict(), dict(causal=True), dict(causal=True, window_left=8), dict(softcap=2.0),
+                    dict(alibi=True), dict(sinks=True)):  # fmt: skip
+        desc = AttentionDescriptor((3,), 16, 16, 300, 300, head_dim, head_dim, torch.bfloat16, "cuda", **variant)
+        config = backward_config(desc.kernel_key, (9, 0), GradientPrecision.ROUNDED, packed=True)
+        assert config.dkdv.block_n >= 16 * config.dkdv.num_warps, (variant, config.dkdv)
+        assert config.dq.block_m >= 16 * config.dq.num_warps, (variant, config.dq)
+        assert config.packed_longest_first

@@ -268,10 +268,14 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
     if not fp32 and packed:
-        # The ROUNDED table's tiles were compiled without a score transform, a window or dropout.
-        plain = not (key.softcap or key.alibi or windowed(key) or key.dropout)
-        if not exact and plain and table_key in SM90_16BIT_PACKED_ROUNDED:
-            dkdv, dq = (TileShape(*tile) for tile in SM90_16BIT_PACKED_ROUNDED[table_key])
+        rounded = not exact and table_key in SM90_16BIT_PACKED_ROUNDED
+        # The ROUNDED table's dK/dV tile takes the score transforms and windows too (compile_sm90, d=128 32x128
+        # w8 s2 with softcap, ALiBi, a window, all four: no spill, 238-255 registers); its dQ tile was compiled
+        # for plain problems only. Dropout keeps its tile (32x128 w8 serialised its wgmma, causal).
+        if rounded and not key.dropout:
+            dkdv = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][0])
+        if rounded and not (key.softcap or key.alibi or windowed(key) or key.dropout):
+            dq = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][1])
         elif table_key in SM90_16BIT_PACKED_DQ:
             dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
         if key.dropout and table_key in SM90_16BIT_PACKED_DROPOUT_DKDV:
