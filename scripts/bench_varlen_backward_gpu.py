@@ -129,9 +129,13 @@ def accuracy_task(d: int, causal: bool, name: str, tiles, longest_first, options
     ref_out = flashsdpa.varlen_attn(*leaves64, cu.cpu(), cu.cpu(), longest, longest, causal=causal,
                                     backend="reference", **call)  # fmt: skip
     ref = torch.autograd.grad(ref_out, leaves64, grad.double().cpu())
-    torch_out = None if call else torch_varlen(*leaves, cu, longest, causal)
-    torch_err = [float("inf")] * 3 if torch_out is None else [
-        relative_error(g, r) for g, r in zip(torch.autograd.grad(torch_out, leaves, grad), ref)]
+    try:  # torch's own error on the same inputs, the bar's base (inf where its varlen_attn cannot run)
+        torch_out = None if call else torch_varlen(*leaves, cu, longest, causal)
+        torch_err = [float("inf")] * 3 if torch_out is None else [
+            relative_error(g, r) for g, r in zip(torch.autograd.grad(torch_out, leaves, grad), ref)]
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        print(f"accuracy: torch varlen_attn failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        torch_err = [float("inf")] * 3
 
     def gradients(order):
         use_tiles(tiles, order, options)
@@ -160,16 +164,23 @@ def accuracy_tasks(head_dims) -> list[tuple]:
                      dict(window_size=(64, 0), softcap=20.0)) for d in head_dims]
 
 
-def accuracy(head_dims, workers: int) -> list[dict]:
-    """The accuracy tasks in `workers` processes at once (compiles in parallel; they fill Triton's cache)."""
+def accuracy(head_dims, workers: int, timeout_s: float) -> list[dict]:
+    """The accuracy tasks in `workers` processes at once (compiles in parallel; they fill Triton's cache); a
+    worker still running after timeout_s is stopped (its rows so far are kept)."""
     tasks = accuracy_tasks(head_dims)
     workers = max(1, min(workers, len(tasks)))
     command = [sys.executable, __file__, "--d", ",".join(map(str, head_dims)), "--worker"]
     processes = [subprocess.Popen([*command, f"{i}/{workers}"], stdout=subprocess.PIPE, text=True)
                  for i in range(workers)]
     rows = []
+    deadline = time.time() + timeout_s
     for process in processes:
-        output, _ = process.communicate()
+        try:
+            output, _ = process.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            print(f"accuracy: a worker ran past {timeout_s:.0f} s and was stopped")
         for line in output.splitlines():
             if line.startswith("ACCURACY "):
                 rows.append(json.loads(line[len("ACCURACY "):]))
@@ -224,6 +235,12 @@ def timing(head_dims, deadline: float) -> list[dict]:
         flops = case.flops("bwd")
 
         def measure(name, forward, table=None, order=None, options=None):
+            try:
+                timed(name, forward, table, order, options)
+            except Exception as error:  # noqa: BLE001 - one failed configuration leaves the others' rows
+                print(f"time d={d} {name}: failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+
+        def timed(name, forward, table, order, options):
             out = forward()
             run = lambda: torch.autograd.grad(out, leaves, inputs.grad_out, retain_graph=True)  # noqa: E731
             run()  # compile
@@ -299,6 +316,7 @@ def main() -> None:
     parser.add_argument("--d", default="128,64", help="head dims, comma-separated (128, 64)")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--workers", type=int, default=18, help="accuracy processes at once (compiles in parallel)")
+    parser.add_argument("--accuracy-s", type=float, default=60.0, help="stop the accuracy processes after this")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # i/N: run the i-th share of the accuracy tasks
     args = parser.parse_args()
     start = time.time()
@@ -310,7 +328,7 @@ def main() -> None:
     probe = ORIGINAL_CONFIG(next(c for c in kv_layout_cases() if c.group == "varlen").descriptor.kernel_key,
                             None if SMOKE else torch.cuda.get_device_capability(), GradientPrecision.ROUNDED, True)
     print(f"backward_config (ROUNDED, packed, d=128): {probe}", flush=True)
-    accuracy_rows = [] if args.skip_accuracy else accuracy(head_dims, args.workers)
+    accuracy_rows = [] if args.skip_accuracy else accuracy(head_dims, args.workers, args.accuracy_s)
     print(f"({time.time() - start:.0f} s)", flush=True)
     # The precision the packed backward runs at for the bench's inputs (torch's own choice: gradient_precision).
     seen = []
