@@ -9,7 +9,9 @@ register spills or shared memory. This script drives the real launchers
 launchers would launch is compiled for sm_90 with Triton's bundled ptxas, and
 nothing runs. It prints one row per variant (registers, spills from `ptxas -v`,
 shared memory; status SERIAL where ptxas serialised the variant's wgmma
-instructions, which compiles and runs, slowly) and exits 1 if any compile
+instructions, which compiles and runs, slowly; REPL where a wgmma product's
+warps cover more than its tile, so two warp groups compute the same product
+and its elementwise work: `replicated_products`) and exits 1 if any compile
 failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
@@ -89,7 +91,8 @@ def compile_only_run(self: JITFunction, *args, grid, warmup, **kwargs):
         try:  # (a ptxas failure also prints the whole PTX to stdout: keep that out of the table)
             with contextlib.redirect_stdout(io.StringIO()):
                 kernel = triton.compile(source, target=TARGET, options=options.__dict__)
-            row.update(ptxas_usage(kernel.asm["ptx"]), shared=kernel.metadata.shared, error=None)
+            row.update(ptxas_usage(kernel.asm["ptx"]), shared=kernel.metadata.shared, error=None,
+                       replicated=replicated_products(kernel.asm["ttgir"]))
             if dump_dir is not None:
                 row["dump"] = dump_kernel(kernel, row, key)
             if kernel.metadata.shared > SM90_SHARED_LIMIT:
@@ -131,6 +134,21 @@ def ptxas_usage(ptx: str) -> dict:
     return dict(registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"),
                 wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
+
+
+def replicated_products(ttgir: str) -> list[str]:
+    """The wgmma products whose warps cover more than the product's tile, as "MxN" (from the TTGIR): each
+    warp group computes 64 rows, so 8 warps along the rows of a 64-row product compute it twice (Triton
+    3.6 replicates rather than splitting the columns), and with it the elementwise work on its result."""
+    layouts = {name: (int(rows), int(cols), int(width)) for name, rows, cols, width in re.findall(
+        r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = 3,[^}]*warpsPerCTA = \[(\d+), (\d+)\], "
+        r"instrShape = \[\d+, (\d+), \d+\]", ttgir, flags=re.MULTILINE)}
+    found = []
+    for m, n, name in re.findall(r"ttng\.warp_group_dot .*?-> tensor<(\d+)x(\d+)xf32, #(\w+)>", ttgir):
+        rows, cols, width = layouts.get(name, (0, 0, 0))
+        if rows * 16 > int(m) or cols * width > int(n):
+            found.append(f"{m}x{n}")
+    return sorted(set(found))
 
 
 def patch_for_sm90() -> None:
@@ -280,6 +298,8 @@ PACKED = [
     Problem(BF16, d, causal=c, heads=(4, 2), packed=PACKED_LENGTHS, variant=v)
     for d in (64, 128) for c, v in ((False, ""), (True, ""), (True, "window+bottom_right"), (False, "softcap"),
                                     (False, "alibi"), (False, "sinks"), (True, "window+softcap+alibi+sinks"))
+] + [
+    Problem(BF16, d, causal=c, packed=PACKED_LENGTHS) for d in (64, 128) for c in (False, True)  # the bench's: no GQA
 ] + [Problem(BF16, 128, causal=True, dropout=0.1, packed=PACKED_LENGTHS), Problem(FP32, 64, packed=PACKED_LENGTHS),
      Problem(FP32, 128, causal=True, precision="tf32", packed=PACKED_LENGTHS)]
 # The paged decode kernel: what it compiles in (PAGED, the band's flags, the score variants) on bf16 d=64/128.
@@ -347,7 +367,8 @@ def describe_row(row: dict, fixed: dict) -> str:
     launch = f"w{opts.num_warps} s{opts.num_stages}" + (f" maxnreg {opts.maxnreg}" if opts.maxnreg else "")
     flags = format_constexprs({name: v for name, v in row["constexprs"].items() if name not in fixed})
     spills = f"{row['spill_stores']}/{row['spill_loads']}" if "spill_stores" in row else ""
-    status = "FAIL" if row["error"] is not None else "SERIAL" if row.get("wgmma_serialized") else "OK"
+    status = "FAIL" if row["error"] is not None else "SERIAL" if row.get("wgmma_serialized") else (
+        "REPL" if row.get("replicated") else "OK")
     registers, shared = row.get("registers", ""), row.get("shared", "")
     dump = f"  [{row['dump']}]" if "dump" in row else ""
     return f"  {row['dtype']:<5} {launch:<17} {registers:>4} {spills:>11} {shared:>7}  {status:<4}  {flags}{dump}"
@@ -416,8 +437,10 @@ def main() -> int:
     failures = [row for row in rows if row["error"]]
     spilled = [row for row in rows if row.get("spill_stores")]
     serialized = [row for row in rows if row.get("wgmma_serialized")]
+    replicated = [row for row in rows if row.get("replicated")]
     print(f"\n{len(rows)} variants from {len(problems)} problems in {time.time() - start:.0f}s: "
           f"{len(failures)} failed, {len(spilled)} spill registers, {len(serialized)} with serialised wgmma, "
+          f"{len(replicated)} with replicated products (REPL), "
           f"{len(launcher_errors)} launcher errors, "
           f"{len(declined)} declined by triton")
     for row in failures:  # Triton's errors open with the location and end with the source line and message

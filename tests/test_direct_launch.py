@@ -193,7 +193,7 @@ def real_kernel_arguments(name: str) -> tuple[JITFunction, tuple, dict]:
             "SINKS": False, "MASK_ROWS_BROADCAST": False, "DROPOUT": False, "BLOCK_M": 128,
             "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_DV": 128, "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False,
             "FP16_HALVES": False, "TILE_LOADS": 0, "WARP_SPECIALIZE": False}
-    args = (q, k, k, q, q, out, out, *(f32,) * 11, *strides, *strides, *strides, 0, 0, 0, 0, *strides, *strides,
+    args = (q, k, k, q, q, out, out, *(f32,) * 12, *strides, *strides, *strides, 0, 0, 0, 0, *strides, *strides,
             *strides, 0, 0, 0.088, 1024, 1024, 8, 2, 1024, 0, 0, 0, 0.0, 0, 0, 0, 1.0)
     return as_jit(backward_kernels.attention_backward_dkdv_kernel), args, {
         "HEAD_DIM": 128, "HEAD_DIM_V": 128, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 128, "BLOCK_DV": 128,

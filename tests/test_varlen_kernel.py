@@ -7,6 +7,8 @@ itself checked against explicit softmax math in test_varlen.py), with the same b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -205,3 +207,54 @@ def test_work_is_the_sum_of_the_sequences_work(monkeypatch):
     assert packed_counts == tuple(map(sum, zip(*dense))), (packed_counts, dense)
     padded = [4 * n for n in dense[2]]  # four batch items of the longest sequence's problem
     assert all(3 * p < full for p, full in zip(packed_counts, padded)), (packed_counts, padded)
+
+
+def test_longest_first_order_changes_no_bit(device, monkeypatch):
+    """The packed dQ and dK/dV grids take the sequences in decreasing order of work (query count times key
+    count, ties in index order): only when each program runs changes, so every gradient is bitwise the one
+    the given order gives."""
+    from flashsdpa.backends.base import PackedSequences
+    from flashsdpa.backends.triton import launch_backward
+    from flashsdpa.cache import kernel_cache
+
+    cu_q, cu_k = offsets(LENS_Q).to(device), offsets(LENS_K).to(device)
+    order = launch_backward.longest_sequences_first(
+        PackedSequences(cu_q, cu_k, cu_k[1:] - cu_k[:-1]))  # fmt: skip
+    work = [q * k for q, k in zip(LENS_Q, LENS_K)]
+    assert order.tolist() == sorted(range(len(work)), key=lambda i: -work[i])
+    gen = generator(48)
+    q, k, v = (t.to(device).requires_grad_() for t in packed(LENS_Q, LENS_K, 2, 1, 16, gen, torch.bfloat16))
+    grad = randn((sum(LENS_Q), 2, 16), gen, torch.bfloat16, device)
+    results = []
+    build = launch_backward.backward_config
+    try:
+        for longest_first in (True, False):
+            monkeypatch.setattr(launch_backward, "backward_config", lambda *args: dataclasses.replace(
+                build(*args), packed_longest_first=longest_first))  # fmt: skip
+            kernel_cache.clear()
+            with poisoned_outputs():
+                _, _, grads = _run_offsets(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), "triton", grad,
+                                           causal=True)  # fmt: skip
+            results.append(grads)
+    finally:
+        kernel_cache.clear()
+    for name, first, given in zip("qkv", *results):
+        assert torch.equal(first, given), name
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_packed_tiles_give_each_warp_its_own_rows(head_dim):
+    """The sm_90 16-bit ROUNDED packed backward's products have at least 16 rows a warp (wgmma: 64 rows a
+    warp group): the dK/dV kernel's rows are its keys (S^T, dP^T, dV, dK), the dQ kernel's its queries. With
+    fewer, Triton 3.6 has two warp groups compute the same product and its softmax (compile_sm90's REPL; the
+    64x64 8-warp dK/dV tile did so at d=128)."""
+    from flashsdpa.backends.triton.backward_configs import backward_config
+    from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision
+
+    for variant in (dict(), dict(causal=True), dict(causal=True, window_left=8), dict(softcap=2.0),
+                    dict(alibi=True), dict(sinks=True)):  # fmt: skip
+        desc = AttentionDescriptor((3,), 16, 16, 300, 300, head_dim, head_dim, torch.bfloat16, "cuda", **variant)
+        config = backward_config(desc.kernel_key, (9, 0), GradientPrecision.ROUNDED, packed=True)
+        assert config.dkdv.block_n >= 16 * config.dkdv.num_warps, (variant, config.dkdv)
+        assert config.dq.block_m >= 16 * config.dq.num_warps, (variant, config.dq)
+        assert config.packed_longest_first

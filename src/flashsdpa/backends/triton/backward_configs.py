@@ -74,6 +74,11 @@ class BackwardConfig:
     # for every pending product before elementwise work otherwise). Costs the
     # registers of dP^T during the softmax.
     dkdv_early_dp: bool = False
+    # A packed batch (varlen): the dQ and dK/dV grids take the sequences in decreasing order of work (query
+    # count times key count, sorted on the device per call), so the longest sequences' programs, the longest
+    # of all, start first rather than trail at the end of the grid (the bench's lengths 1..8192 in their
+    # given order: the grid's last wave ran ~8% past an even split, in a list-scheduling model of 132 SMs).
+    packed_longest_first: bool = False
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -125,6 +130,30 @@ SM90_16BIT_ROUNDED_DKDV_NONCAUSAL = {**SM90_16BIT_ROUNDED_DKDV, 128: (64, 128, 8
 # Not timed on the H100 (the plain 64x64 w4 ran at 275 / 336 TFLOP/s against the
 # tables' 333 / 354).
 SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
+# 16-bit ROUNDED packed batches (varlen) by padded head dim: (dK/dV tile, dQ tile). compile_sm90 (VARLEN, bf16,
+# sm_90, Triton 3.6, equal heads and GQA's split group; registers causal / not; REPL: the product's warps cover
+# more than its tile, see compile_sm90.replicated_products):
+#   d=128 dK/dV: 32x128 w8 s2 (252 / 236, no spill), s3 (254 / 238); 64x64 w8 s2 (241 / 208, no spill, but
+#         REPL: its 64 keys are the rows of S^T = K Q^T and dP^T, which both warp groups of 8 warps compute
+#         whole, softmax included: 483 SASS instructions and 40 HGMMA a 64x64 step against 282 and 20 for
+#         32x128's step of the same area); spilled: 64x128 w8 s2 124 / 16 B (the dense table's), 64x64 w4
+#         284 / 36 B, 32x128 w4 1.4 KB. Without the early dP^T product, 32x128 w8 s2: 248 / 232.
+#   d=128 dQ: 128x64 w8 s2 (237 / 227), 128x32 w8 s3 (174), 128x32 w8 s4 (174), 64x32 w4 s3 (185 / 176);
+#         64x64 w8 s3 REPL; spilled: 128x64 w8 s3 12 B causal (the dense table's), 128x32 w4 s3 176 B,
+#         64x64 w4 s3 12 B causal.
+#   d=64 dK/dV: 64x64 w4 s2 (222 / 197), 64x128 w8 s2 (216 / 199); spilled: 128x64 w4 (the dense table's)
+#         216 / 100 B, 32x128 w4 s3 88 / 32 B.
+#   d=64 dQ: 64x64 w4 s3 (161 / 148, the dense table's), 128x64 w8 s3 (134 / 128), 128x32 w8 s3 (122 / 112).
+# H100 (bench varlen rows, lengths 1..8192, causal, B=10, H=16, whole backward against torch's varlen_attn;
+# 2026-12-05, call 1): d=128 229 / 269 TFLOP/s (0.85x) with 64x64 w8 s2 (REPL) and 128x32 w8 s3; d=64 300 / 231
+# (1.30x) with 64x64 w4 s2 and 64x64 w4 s3. d=128 now takes 32x128 w8 s2 and 128x64 w8 s2, not yet timed:
+# scripts/bench_varlen_backward_gpu.py times these and the other candidates; put its winner here.
+SM90_16BIT_PACKED_ROUNDED = {
+    64: ((64, 64, 4, 2), (64, 64, 4, 3)),
+    128: ((32, 128, 8, 2), (128, 64, 8, 2)),
+}
+# The packed grids' sequence order (BackwardConfig.packed_longest_first) on the GPU; timed by the same script.
+SM90_PACKED_LONGEST_FIRST = True
 # 16-bit dK/dV of a packed batch with dropout at d=128: the 64x64 w8 tile above spilled 28 B causal and
 # serialised its wgmma (compile_sm90 --packed, bf16, sm_90); 64x32 w8 s2 none, 172 registers (32x64 w8:
 # SERIAL; 64x64 w8 s1: 144 B; 64x64 w4: 208 B). Not timed.
@@ -216,6 +245,7 @@ def interpreter_config(key: KernelKey, exact: bool, packed: bool = False) -> Bac
         fp16_halves=uses_split_products(key) and not packed,
         dkdv_tile_loads="host" if sixteen_bit else "pointers",
         dkdv_early_dp=sixteen_bit,
+        packed_longest_first=packed,
     )
 
 
@@ -237,10 +267,19 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     # spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none).
     if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
-    if not fp32 and packed and key.dropout and table_key in SM90_16BIT_PACKED_DROPOUT_DKDV:
-        dkdv = TileShape(*SM90_16BIT_PACKED_DROPOUT_DKDV[table_key])
-    if not fp32 and packed and table_key in SM90_16BIT_PACKED_DQ:
-        dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
+    if not fp32 and packed:
+        rounded = not exact and table_key in SM90_16BIT_PACKED_ROUNDED
+        # The ROUNDED table's dK/dV tile takes the score transforms and windows too (compile_sm90, d=128 32x128
+        # w8 s2 with softcap, ALiBi, a window, all four: no spill, 238-255 registers); its dQ tile was compiled
+        # for plain problems only. Dropout keeps its tile (32x128 w8 serialised its wgmma, causal).
+        if rounded and not key.dropout:
+            dkdv = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][0])
+        if rounded and not (key.softcap or key.alibi or windowed(key) or key.dropout):
+            dq = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][1])
+        elif table_key in SM90_16BIT_PACKED_DQ:
+            dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
+        if key.dropout and table_key in SM90_16BIT_PACKED_DROPOUT_DKDV:
+            dkdv = TileShape(*SM90_16BIT_PACKED_DROPOUT_DKDV[table_key])
     budget = shared_memory_limit(capability) - BACKWARD_SHARED_MEMORY_HEADROOM
     # H100, whole backward, bf16 L=4096 (d=128 L=16384 causal): TMA loads and
     # early dP in the dK/dV kernel took ROUNDED d=128 from 372 to 385 TFLOP/s
@@ -258,6 +297,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         fp16_halves=uses_split_products(key) and not packed,
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
+        packed_longest_first=packed and SM90_PACKED_LONGEST_FIRST,
     )
 
 

@@ -53,6 +53,7 @@ from flashsdpa.backends.triton.common_kernels import (
     matmul_split,
     packed_sequence,
     round_to_bfloat16,
+    sequence_index,
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
 from flashsdpa.backends.triton.halves_kernels import row_scaled_halves
@@ -364,7 +365,7 @@ def _dkdv_query_block(
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dkdv_kernel(
     Q, K, V, MASK, DO, DK, DV, DELTA, LSE_LOG2, ROW_SCALE, ALIBI_SLOPES, CU_SEQ_Q, CU_SEQ_K, KEY_COUNTS,
-    Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE,
+    SEQUENCE_ORDER, Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -386,6 +387,7 @@ def attention_backward_dkdv_kernel(
     MASK_SEED: tl.constexpr, TILE_LOADS: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_GROUP: tl.constexpr,
     GQA: tl.constexpr,
     VARLEN: tl.constexpr = VARLEN_OFF,
+    LONGEST_FIRST: tl.constexpr = False,
 ):
     """dK and dV of BLOCK_N keys of one (batch, kv head), summed over its GQA group (GQA: gqa_group > 1).
 
@@ -402,6 +404,8 @@ def attention_backward_dkdv_kernel(
     VARLEN: B packed sequences, as in the forward kernel (seq_q, seq_kv: the
     longest; diagonals relative to each sequence's aligned position; batch
     strides 0): a program past its sequence's last key block exits.
+    LONGEST_FIRST (with VARLEN): the grid's b-th sequence is SEQUENCE_ORDER[b]
+    (`sequence_index`), else b itself.
     FP16_HALVES (float32 problems, through pointers only): Q, K, V and DO
     are float16 halves from launch_halves.split_rows_into_halves, each
     tensor's lo halves as many heads past its hi ones as it has heads, and
@@ -428,6 +432,7 @@ def attention_backward_dkdv_kernel(
         first_head = head_kv * gqa_group
         group_size = gqa_group
         out_head = head_kv
+    batch = sequence_index(SEQUENCE_ORDER, batch, LONGEST_FIRST)
     start_n = (pid % key_blocks) * BLOCK_N
     if VARLEN != VARLEN_OFF:
         q_first, k_first, seq_q, seq_kv, lowest_diagonal, highest_diagonal, key_offset = packed_sequence(
@@ -698,7 +703,7 @@ def _dq_key_block(
 @triton.jit(do_not_specialize=RUNTIME_SIZES)
 def attention_backward_dq_kernel(
     Q, K, V, MASK, DO, DQ, DMASK, DELTA, LSE_LOG2, ROW_SCALE, O, LSE, ALIBI_SLOPES, SINK_LOGITS, CU_SEQ_Q, CU_SEQ_K,
-    KEY_COUNTS, Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE,
+    KEY_COUNTS, SEQUENCE_ORDER, Q_UNSCALE, K_UNSCALE, V_UNSCALE, DO_UNSCALE,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -719,6 +724,7 @@ def attention_backward_dq_kernel(
     DOT_PRECISION: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr, SPLIT_OPERANDS: tl.constexpr,
     FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
     VARLEN: tl.constexpr = VARLEN_OFF,
+    LONGEST_FIRST: tl.constexpr = False,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -745,8 +751,8 @@ def attention_backward_dq_kernel(
     writes both for the dK/dV kernel: one launch and one pass over dO fewer
     (the launcher needs the dK/dV kernel's BLOCK_M to divide this one's, so
     these rows cover every row it reads). Otherwise O and LSE are unused.
-    VARLEN: B packed sequences, as in the dK/dV kernel; a program past its
-    sequence's last query block exits.
+    VARLEN, LONGEST_FIRST: B packed sequences, as in the dK/dV kernel; a
+    program past its sequence's last query block exits.
 
     FP16_HALVES (float32 problems; with RENORMALIZE): Q, K, V and DO are
     float16 halves and *_UNSCALE their rows' unscales, as in the dK/dV kernel.
@@ -755,8 +761,9 @@ def attention_backward_dq_kernel(
     pid = tl.program_id(0)
     query_blocks = tl.cdiv(seq_q, BLOCK_M)
     bh = (pid // query_blocks).to(tl.int64)
-    batch = bh // heads_q
     head = bh % heads_q
+    batch = sequence_index(SEQUENCE_ORDER, bh // heads_q, LONGEST_FIRST)
+    bh = batch * heads_q + head
     head_kv = head // gqa_group
     query_block = pid % query_blocks
     if BOUNDED_ABOVE and not BOUNDED_BELOW:

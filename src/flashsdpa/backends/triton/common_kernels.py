@@ -196,3 +196,13 @@ def packed_sequence(cu_seq_q_ptr, cu_seq_k_ptr, key_counts_ptr, index, lowest_di
     lowest = tl.maximum(lowest_diagonal + key_offset, -seq_q)
     highest = tl.minimum(highest_diagonal + key_offset, seq_kv)
     return q_first, k_first, seq_q, seq_kv, lowest, highest, key_offset
+
+
+@triton.jit
+def sequence_index(sequence_order_ptr, grid_index, LONGEST_FIRST: tl.constexpr):
+    """The packed sequence that the grid's `grid_index`-th sequence of programs works on: with LONGEST_FIRST,
+    sequence_order_ptr[grid_index] (the sequences sorted by decreasing work, so the grid starts with the
+    longest programs), else grid_index itself. int64."""
+    if LONGEST_FIRST:
+        return tl.load(sequence_order_ptr + grid_index).to(tl.int64)
+    return grid_index.to(tl.int64)

@@ -180,6 +180,7 @@ class BackwardCommon(ScoreVariant):
     num_warps: int
     num_stages: int
     varlen: int = 0  # common_kernels.VARLEN_*
+    longest_first: bool = False  # with varlen: BackwardConfig.packed_longest_first
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ def backward_common(desc: AttentionDescriptor, config, tile, block_widths: tuple
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
         varlen=varlen,
+        longest_first=bool(varlen) and config.packed_longest_first,
     )
 
 

@@ -152,8 +152,12 @@ def attention_backward(
     varlen = 0 if packing is None else packed_alignment(desc)
     plan = backward_launch_plan(desc, config, computed, run_dq, run_dkdv, seeds_with_mask(desc, mask, mask_strides),
                                 tile_loads, split_group, varlen)
-    # The packed batch's offsets (stand-ins, never read, without one)
+    # The packed batch's offsets (stand-ins, never read, without one), and for the dQ and dK/dV kernels the
+    # order their grids take the sequences in (LONGEST_FIRST; a stand-in without it).
     sequences = (stand_in,) * 3 if packing is None else (packing.cu_seq_q, packing.cu_seq_k, packing.key_counts)
+    sequence_order = stand_in
+    if packing is not None and config.packed_longest_first:
+        sequence_order = longest_sequences_first(packing)
     run_time = ()  # with dropout, the arguments after the strides (the seeds change per call)
     if desc.dropout_p > 0.0:
         if inputs.dropout_seed is None:
@@ -175,7 +179,7 @@ def attention_backward(
                 plan.dq_grid,
                 kernel_query, kernel_key, kernel_value, mask, kernel_grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
-                out, lse, alibi, sinks, *sequences, *unscales,
+                out, lse, alibi, sinks, *sequences, sequence_order, *unscales,
                 *input_strides, *_strides_or_zeros(dq), *out.stride(), *lse.stride(), *alibi_strides, *plan.dq_sizes,
                 *run_time,
             )  # fmt: skip
@@ -188,7 +192,7 @@ def attention_backward(
                 plan.dkdv_grid,
                 q_source, kernel_key, kernel_value, mask, do_source,
                 stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
-                delta, lse_log2, row_scale, alibi, *sequences, *unscales,
+                delta, lse_log2, row_scale, alibi, *sequences, sequence_order, *unscales,
                 *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
                 *plan.dkdv_sizes, *run_time,
             )  # fmt: skip
@@ -198,6 +202,13 @@ def attention_backward(
                         gradient.copy_(shares.unflatten(1, (heads_kv, heads_q // heads_kv)).sum(2))
 
     return dq, dk, dv, dmask
+
+
+def longest_sequences_first(packing: PackedSequences) -> torch.Tensor:
+    """The packed batch's sequence indices (int64, on its device) in decreasing order of work, query count
+    times key count, ties in index order (stable: the same order every call). No host read."""
+    work = (packing.cu_seq_q[1:] - packing.cu_seq_q[:-1]).to(torch.int64) * packing.key_counts
+    return torch.argsort(work, descending=True, stable=True)
 
 
 def _packed_gradient(like: torch.Tensor, dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
