@@ -69,12 +69,13 @@ def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS: gl.cons
 
 
 @gluon.jit
-def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                         heads_kv, gqa_group, seq_q, num_n_blocks, band,
+def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem, stats_smem,
+                         barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band,
                          VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr):
-    """Producer: K and V of the program's keys, then Q and dO of each (query head, query block) in order."""
-    kv_ready, q_ready, q_empty = barriers
+                         STAGES: gl.constexpr, STATS_IN_SHARED: gl.constexpr):
+    """Producer: K and V of the program's keys, then Q and dO (and with STATS_IN_SHARED their rows' delta and
+    lse2) of each (query head, query block) in order."""
+    kv_ready, q_ready, q_empty, _ = barriers
     batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
                                                               VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -87,7 +88,13 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem
         # An "empty" barrier completes phase 0 when both consumers first free its slot; the first pass over
         # the ring waits on the (already complete) phase before that.
         mbarrier.wait(q_empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        if STATS_IN_SHARED:
+            mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                            + stats_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(stats_desc, [0, batch * heads_kv * gqa_group + head_q, first_row],
+                                            q_ready.index(stage), stats_smem.index(stage))
+        else:
+            mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
                                         q_smem.index(stage))
         tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
@@ -119,12 +126,17 @@ def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale
 
 
 @gluon.jit
-def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr, delta_ptr,
-                             slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale,
-                             scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's."""
-    kv_ready, q_ready, q_empty = barriers
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                             delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride,
+                             qk_scale, scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's.
+
+    With PINGPONG the two groups issue each step's first products (S^T, and dP^T where no score transform
+    comes between) in strict alternation, group 0 first, so that one group's exponentials run under the
+    other's products rather than both groups waiting on the same Q slot in step."""
+    kv_ready, q_ready, q_empty, turns = barriers
     HEAD_DIM: gl.constexpr = k_smem.shape[3]  # (1, 1, keys, head_dim)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -145,6 +157,9 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
     v = v_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
     keys = group_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
     st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    # The stats ring as rows (slot * 2: delta, slot * 2 + 1: lse2); TMA wrote each slot's (2, 1, BLOCK_M) unswizzled.
+    stats_rows = stats_smem._reinterpret(gl.float32, [stats_smem.shape[0] * 2, BLOCK_M],
+                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     mbarrier.wait(kv_ready, 0)
@@ -154,21 +169,30 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
         first_row = (m_start + i % m_blocks) * BLOCK_M
         stage = i % STAGES
         rows = first_row + gl.arange(0, BLOCK_M, layout=row_layout)
-        stats = (batch * heads_q + head_q) * stats_stride + rows
-        lse2 = gl.load(lse2_ptr + stats)
-        delta = gl.load(delta_ptr + stats)
-        mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+        if STATS_IN_SHARED:
+            mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+            lse2 = stats_rows.index(2 * stage + 1).load(row_layout)
+        else:
+            stats = (batch * heads_q + head_q) * stats_stride + rows
+            lse2 = gl.load(lse2_ptr + stats)
+            delta = gl.load(delta_ptr + stats)
+            mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         q_t = q.permute((1, 0))
         do_t = do.permute((1, 0))
+        if PINGPONG:  # the other group has issued its products of the previous round (group 0's first: none)
+            mbarrier.wait(turns.index(GROUP), (i & 1) ^ (1 - GROUP))
         st_token = warpgroup_mma(k, q_t, st_zero, use_acc=False, is_async=True)
+        # With a score transform, dP^T is issued once it is done (its accumulator is not live during it): on sm_90
+        # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
+        if not VARIANTS.natural_units:
+            dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turns.index(1 - GROUP), count=1)
         if VARIANTS.natural_units:
-            # dP^T is issued once the score transform is done (its accumulator is not live during it): on sm_90
-            # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
             st = warpgroup_mma_wait(0, deps=[st_token, k, q_t])[0]
         else:
-            dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
             # Products retire in order: with one outstanding, S^T is done and dP^T may still run.
             st = warpgroup_mma_wait(1, deps=[st_token, k, q_t])[0]
         pt, derivative = _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale, band,
@@ -180,13 +204,13 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
         if VARIANTS.natural_units:
             dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
         dv_token = warpgroup_mma(pt_op, do, dv, is_async=True)
+        if STATS_IN_SHARED:  # (read where it is used: no registers held across the products)
+            delta = stats_rows.index(2 * stage).load(row_layout)
         dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]
         dst = pt * (dpt - gl.expand_dims(delta, 0))
         dst_op = gl.convert_layout(dst.to(dtype), op_layout)
         dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
-        retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
-        dv = retired[0]
-        dk = retired[1]
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])[:2]
         mbarrier.arrive(q_empty.index(stage), count=1)
 
     # The group's K and V rows are read by its own products alone, all retired: they take dK and dV.
@@ -202,10 +226,11 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
 
 @gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, slopes_ptr,
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
     gl.static_assert(BLOCK_N == 64, "a consumer warp group owns 64 keys (one wgmma row block)")
@@ -214,26 +239,32 @@ def hopper_attention_backward_dkdv_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES if STATS_IN_SHARED else 1] + stats_desc.block_type.shape,
+                                           stats_desc.layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
 
-    barriers = (kv_ready, q_ready, q_empty)
+    barriers = (kv_ready, q_ready, q_empty, turns)
     gl.warp_specialize([
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                                    delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, dk_desc, dv_desc, barriers,
+                                    lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES)),
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                                    delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+                                    STAGES, STATS_IN_SHARED, PINGPONG)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, dk_desc, dv_desc, barriers,
+                                    lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES)),
-        (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                                heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
+                                    STAGES, STATS_IN_SHARED, PINGPONG)),
+        (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem,
+                                stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS,
+                                BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
 
