@@ -13,7 +13,7 @@ instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
-                                    --hopper | --hopper-variants] [--match TEXT] [--dump DIR]
+                                    --hopper | --hopper-variants | --hopper-candidates] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -21,7 +21,8 @@ named by kernel and a hash of its specialization), to find what spills or to
 check that a change leaves a variant's code as it was. --hopper compiles the
 hopper backend's Gluon kernels instead (forward and backward, every dtype,
 head dim and causality they take, GQA and the variants; --hopper-variants:
-the variants alone).
+the variants alone; --hopper-candidates: the backward's candidate specs, on
+the plain and causal problems).
 --paged compiles the paged decode kernel's variants (`kvcache_attention`
 on the triton backend).
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import re
 import subprocess
@@ -53,6 +55,7 @@ from flashsdpa import gradient_precision, kvcache, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import backward_specs as hopper_backward_specs
+from flashsdpa.backends.hopper import launch_backward as hopper_launch_backward
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward, launch_paged
 from flashsdpa.descriptor import GradientPrecision
@@ -173,6 +176,8 @@ class Problem:
     # Sequence lengths of a packed batch (flashsdpa.varlen_attn, the same lengths for queries and keys)
     # instead of the dense (batch, L, S) problem.
     packed: tuple[int, ...] = ()
+    # The hopper backward with a candidate's spec changes (backward_specs.CANDIDATES) instead of SPECS'.
+    candidate: str | None = None
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
@@ -185,6 +190,8 @@ class Problem:
                 "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv),
                 "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
         gradient_precision.pinned = GradientPrecision(self.gradients)
+        hopper_launch_backward.backward_spec = functools.partial(hopper_backward_specs.backward_spec,
+                                                                 candidate=self.candidate)
         names = set(filter(None, self.variant.split("+")))
         variants = dict(
             window=(256, 0) if "window" in names else None,
@@ -327,6 +334,12 @@ HOPPER_VARIANTS = [
                                          (True, "window+softcap+alibi+sinks"))
 ]
 HOPPER += HOPPER_VARIANTS
+# The hopper backward's candidate specs (backward_specs.CANDIDATES) on the problems the GPU script times and checks.
+HOPPER_CANDIDATES = [
+    Problem(BF16, d, causal=c, heads=heads, backend="hopper", candidate=candidate)
+    for candidate in hopper_backward_specs.CANDIDATES for d in hopper_backward_specs.BACKWARD_HEAD_DIMS
+    for c in (False, True) for heads in ((2, 2), (4, 2))
+]
 
 
 def describe_row(row: dict, fixed: dict) -> str:
@@ -367,11 +380,13 @@ def main() -> int:
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--hopper-variants", action="store_true", help="the hopper kernels' variants alone")
+    parser.add_argument("--hopper-candidates", action="store_true",
+                        help="the hopper backward's candidate specs (backward_specs.CANDIDATES)")
     parser.add_argument("--paged", action="store_true", help="only the paged decode kernel's problems (kvcache)")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS,
+    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper_candidates": HOPPER_CANDIDATES, "hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS,
               "packed": PACKED, "paged": PAGED}
     chosen = next((problems for name, problems in groups.items() if getattr(args, name)), FULL)
     problems = list(dict.fromkeys(chosen))
