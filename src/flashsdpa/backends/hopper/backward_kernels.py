@@ -273,7 +273,7 @@ def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, 
                        heads_q, gqa_group, seq_kv, num_m_blocks, band,
                        VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Producer: Q and dO of the program's rows, then K and V of each key block."""
-    q_ready, kv_ready, kv_empty = barriers
+    q_ready, kv_ready, kv_empty, _ = barriers
     batch, head_q, head_kv, first_row, first_block, end_block = tile_coords(
         gl.program_id(0), heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(q_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -294,9 +294,10 @@ def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, 
 def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr,
                            heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
                            GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr):
-    """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's."""
-    q_ready, kv_ready, kv_empty = barriers
+                           STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's (with
+    PINGPONG, each step's S and dP issued in strict alternation with the other group's, group 0 first)."""
+    q_ready, kv_ready, kv_empty, turns = barriers
     HEAD_DIM: gl.constexpr = q_smem.shape[3]  # (1, 1, rows, head_dim)
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -329,8 +330,12 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
         k = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_t = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         k_t = k.permute((1, 0))
+        if PINGPONG:
+            mbarrier.wait(turns.index(GROUP), (i & 1) ^ (1 - GROUP))
         s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
         dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turns.index(1 - GROUP), count=1)
         s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
         derivative = 1.0
         if VARIANTS.natural_units:
@@ -363,7 +368,7 @@ def hopper_attention_backward_dq_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
@@ -375,19 +380,22 @@ def hopper_attention_backward_dq_kernel(
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer group
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
 
-    barriers = (q_ready, kv_ready, kv_empty)
+    barriers = (q_ready, kv_ready, kv_empty, turns)
     gl.warp_specialize([
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
+                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
+                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
         (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                               heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -50,6 +50,7 @@ class HopperBackwardSpec:
     # dK/dV: the consumer groups issue each step's first products in strict alternation (FA3's ping-pong), so that
     # one group's exponentials overlap the other's products
     dkdv_pingpong: bool = False
+    dq_pingpong: bool = False  # dQ: the same for each step's S and dP
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -72,11 +73,12 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     "stats": {64: dict(dkdv_stats_in_shared=True), 128: dict(dkdv_stats_in_shared=True)},
     "stats+pingpong": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True),
                        128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True)},
+    "stats+pingpong2": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
+                        128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True)},
     "stats+dq128": {64: dict(dkdv_stats_in_shared=True),  # (d=64's dQ kernel streams 128 keys already)
                     128: dict(dkdv_stats_in_shared=True, dq_block_n=128)},
     "stats+stages": {64: dict(dkdv_stats_in_shared=True, dkdv_stages=4),
                      128: dict(dkdv_stats_in_shared=True, dkdv_stages=3)},
-    "pingpong": {64: dict(dkdv_pingpong=True), 128: dict(dkdv_pingpong=True)},
 }
 
 
