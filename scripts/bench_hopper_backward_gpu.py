@@ -262,7 +262,7 @@ def main() -> int:
           flush=True)
     unknown = [name for name in spec_names if name not in backward_specs.CANDIDATES]
     if unknown:
-        raise SystemExit(f"unknown candidates {unknown}; backward_specs.CANDIDATES has {list(backward_specs.CANDIDATES)}")
+        raise SystemExit(f"unknown candidates {unknown}; backward_specs.CANDIDATES: {list(backward_specs.CANDIDATES)}")
     passed, results, notes = run_check([SHIPPED, *spec_names], args.rows, args.budget_s - TIMING_S)
     check_lines = ["check (errors dq/dk/dv against float64 | bars: 1.5x the formula's in bf16):"]
     for r in results:

@@ -386,8 +386,8 @@ def main() -> int:
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
     args = parser.parse_args()
-    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper_candidates": HOPPER_CANDIDATES, "hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS,
-              "packed": PACKED, "paged": PAGED}
+    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper_candidates": HOPPER_CANDIDATES, "hopper": HOPPER,
+              "d512": D512, "quick": QUICK, "variants": VARIANTS, "packed": PACKED, "paged": PAGED}
     chosen = next((problems for name, problems in groups.items() if getattr(args, name)), FULL)
     problems = list(dict.fromkeys(chosen))
     if args.masks or args.no_masks:

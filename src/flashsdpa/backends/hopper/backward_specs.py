@@ -64,11 +64,11 @@ SPECS = {  # what runs, by head dim
 
 # Changes to SPECS timed against it on the H100 (scripts/bench_hopper_backward_gpu.py; each checked against
 # float64 and for the same bits every call there). What they answer, from an ncu profile of the bf16 d=64 L=4096
-# backward (H100, BENCHMARKS.md, issue 14): the dK/dV kernel took 2.51 of 3.8 ms at 45% tensor-pipe use, the dQ
-# kernel 1.28 ms at 67%; in dK/dV's loop, 19% of the consumer warps' stall samples sat on the first use of each
-# step's lse2, whose global load is issued at the step's start and waited for before S^T is issued, and both
-# groups start every step together on the same Q slot, so their exponentials leave the tensor cores idle at once.
-# sm_90 compile figures (compile_sm90.py --hopper-candidates) are in NOTES.md, issue 14.
+# backward (H100; NOTES.md, "the Gluon backward toward cuDNN"): the dK/dV kernel took 2.51 of 3.8 ms at 45%
+# tensor-pipe use, the dQ kernel 1.28 ms at 67%; in dK/dV's loop, 19% of the consumer warps' stall samples sat on
+# the first use of each step's lse2, whose global load is issued at the step's start and waited for before S^T is
+# issued, and both groups start every step together on the same Q slot, so their exponentials leave the tensor
+# cores idle at once. sm_90 compile figures: compile_sm90.py --hopper-candidates (and NOTES.md).
 CANDIDATES: dict[str, dict[int, dict]] = {
     "stats": {64: dict(dkdv_stats_in_shared=True), 128: dict(dkdv_stats_in_shared=True)},
     "stats+pingpong": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True),
@@ -79,6 +79,8 @@ CANDIDATES: dict[str, dict[int, dict]] = {
                     128: dict(dkdv_stats_in_shared=True, dq_block_n=128)},
     "stats+stages": {64: dict(dkdv_stats_in_shared=True, dkdv_stages=4),
                      128: dict(dkdv_stats_in_shared=True, dkdv_stages=3)},
+    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
+            128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True, dq_block_n=128)},
 }
 
 
