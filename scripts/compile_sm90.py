@@ -13,7 +13,7 @@ instructions, which compiles and runs, slowly) and exits 1 if any compile
 failed or overflowed shared memory.
 
     python scripts/compile_sm90.py [--quick | --variants | --d512 | --packed | --paged | --masks | --no-masks |
-                                    --hopper | --hopper-variants | --hopper-candidates] [--match TEXT] [--dump DIR]
+                                    --hopper | --hopper-variants] [--match TEXT] [--dump DIR]
 
 --masks compiles only the problems with an attention mask (--no-masks the
 others); --dump writes each variant's TTGIR, PTX and SASS into DIR (files
@@ -21,10 +21,11 @@ named by kernel and a hash of its specialization), to find what spills or to
 check that a change leaves a variant's code as it was. --hopper compiles the
 hopper backend's Gluon kernels instead (forward and backward, every dtype,
 head dim and causality they take, GQA and the variants; --hopper-variants:
-the variants alone; --hopper-candidates: the backward's candidate specs, on
-the plain and causal problems).
+the variants alone).
 --paged compiles the paged decode kernel's variants (`kvcache_attention`
 on the triton backend).
+--hopper-candidates compiles the hopper backward's candidate specs
+(`backward_specs.CANDIDATES`) on its plain and causal problems, with and without GQA.
 """
 
 from __future__ import annotations
@@ -380,11 +381,11 @@ def main() -> int:
     parser.add_argument("--no-masks", action="store_true", help="only the problems without a mask")
     parser.add_argument("--hopper", action="store_true", help="the hopper backend's Gluon kernels instead")
     parser.add_argument("--hopper-variants", action="store_true", help="the hopper kernels' variants alone")
-    parser.add_argument("--hopper-candidates", action="store_true",
-                        help="the hopper backward's candidate specs (backward_specs.CANDIDATES)")
     parser.add_argument("--paged", action="store_true", help="only the paged decode kernel's problems (kvcache)")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
+    parser.add_argument("--hopper-candidates", action="store_true",
+                        help="the hopper backward's candidate specs (backward_specs.CANDIDATES)")
     args = parser.parse_args()
     groups = {"hopper_variants": HOPPER_VARIANTS, "hopper_candidates": HOPPER_CANDIDATES, "hopper": HOPPER,
               "d512": D512, "quick": QUICK, "variants": VARIANTS, "packed": PACKED, "paged": PAGED}
