@@ -142,6 +142,7 @@ def check(spec_name: str, rows: list[str]) -> None:
                               same_bits=same, digest=digest(runs[0]), fallbacks=fallbacks,
                               elapsed_s=round(time.time() - STARTED, 1))), flush=True)
         del q, k, v, grad_out, out, runs, truth, bf16
+        torch.cuda.empty_cache()  # (one child a spec runs at once: each gives back its float64 references)
     for row in rows:  # one backward of each timed problem (compiles its kernels; a hang shows here)
         head_dim, length, causal = parse_row(row)
         q, k, v, grad_out = inputs(head_dim, WIDTH // head_dim, WIDTH // head_dim, length, length,
