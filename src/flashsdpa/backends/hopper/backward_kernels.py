@@ -27,7 +27,10 @@ with softcap or ALiBi, S becomes the transformed scores (natural units,
 here: lse holds them (their gradient is `ops.sink_gradient`'s). The
 lse2 and delta rows are read unmasked from the preprocess's scratch, whose row
 stride is a multiple of 128 (rows past the sequence: lse2 = +inf, delta = 0,
-so their P is 0). Rows and keys past the sequence ends load as zeros through
+so their P is 0); with STATS_IN_SHARED the dK/dV producer brings each query
+block's rows by TMA into its ring slot beside Q and dO, and the consumers read
+them there where they are used. PINGPONG (either kernel) makes the two
+consumer groups issue each step's first products in turn. Rows and keys past the sequence ends load as zeros through
 the TMA descriptors' bounds and are never stored.
 """
 
