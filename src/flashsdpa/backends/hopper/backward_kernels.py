@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -129,11 +130,11 @@ def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale
 
 
 @gluon.jit
-def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers, lse2_ptr,
                              delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride,
                              qk_scale, scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr):
+                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr):
     """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's.
 
     With PINGPONG the two groups issue each step's first products (S^T, and dP^T where no score transform
@@ -166,6 +167,15 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, dk_des
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     mbarrier.wait(kv_ready, 0)
+    if DEFER_DK:  # dK's product reads dS^T from this group's shared tile and runs on into the next step
+        ds = ds_smem.index(GROUP)
+        # dK starts as a product too (0 times this group's K rows): ptxas serialises every wgmma of the kernel when
+        # the accumulator a product keeps in flight across the loop's back edge was first written by other
+        # instructions (zeros).
+        gl.static_assert(BLOCK_M == BLOCK_N, "the first dK product reads this group's K rows as its B operand")
+        ds.store(gl.zeros([BLOCK_N, BLOCK_M], dtype, st_layout))
+        fence_async_shared()
+        dk = warpgroup_mma(ds, k, dk, use_acc=False, is_async=True)
 
     for i in range(gqa_group * m_blocks):
         head_q = head_kv * gqa_group + i // m_blocks
@@ -193,7 +203,13 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, dk_des
             dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turns.index(1 - GROUP), count=1)
-        if VARIANTS.natural_units:
+        if DEFER_DK:  # (the previous step's dK product, issued before S^T, retires with it: its slot is free)
+            if VARIANTS.natural_units:
+                st, dk = warpgroup_mma_wait(0, deps=[st_token, dk, k, q_t, ds])[:2]
+            else:
+                st, dk = warpgroup_mma_wait(1, deps=[st_token, dk, k, q_t, ds])[:2]
+            mbarrier.arrive(q_empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        elif VARIANTS.natural_units:
             st = warpgroup_mma_wait(0, deps=[st_token, k, q_t])[0]
         else:
             # Products retire in order: with one outstanding, S^T is done and dP^T may still run.
@@ -211,10 +227,18 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, dk_des
             delta = stats_rows.index(2 * stage).load(row_layout)
         dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]
         dst = pt * (dpt - gl.expand_dims(delta, 0))
-        dst_op = gl.convert_layout(dst.to(dtype), op_layout)
-        dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])[:2]
-        mbarrier.arrive(q_empty.index(stage), count=1)
+        if DEFER_DK:
+            ds.store(dst.to(dtype))
+            fence_async_shared()
+            dk = warpgroup_mma(ds, q, dk, is_async=True)
+            dv = warpgroup_mma_wait(1, deps=[dv_token, do])[0]  # (dK, issued last, still runs)
+        else:
+            dst_op = gl.convert_layout(dst.to(dtype), op_layout)
+            dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])[:2]
+            mbarrier.arrive(q_empty.index(stage), count=1)
+    if DEFER_DK:
+        dk = warpgroup_mma_wait(0, deps=[dk, ds])[0]
 
     # The group's K and V rows are read by its own products alone, all retired: they take dK and dV.
     k.store((dk * scale).to(dtype))
@@ -232,8 +256,8 @@ def hopper_attention_backward_dkdv_kernel(
     q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-    PRODUCER_REGISTERS: gl.constexpr,
+    STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
     gl.static_assert(BLOCK_N == 64, "a consumer warp group owns 64 keys (one wgmma row block)")
@@ -248,6 +272,8 @@ def hopper_attention_backward_dkdv_kernel(
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
+    ds_smem = gl.allocate_shared_memory(dtype, [2 if DEFER_DK else 1, BLOCK_N, BLOCK_M],  # (DEFER_DK)
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
@@ -257,14 +283,14 @@ def hopper_attention_backward_dkdv_kernel(
 
     barriers = (kv_ready, q_ready, q_empty, turns)
     gl.warp_specialize([
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, dk_desc, dv_desc, barriers,
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
                                     lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES, STATS_IN_SHARED, PINGPONG)),
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, dk_desc, dv_desc, barriers,
+                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
                                     lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES, STATS_IN_SHARED, PINGPONG)),
+                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK)),
         (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem,
                                 stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS,
                                 BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)),

@@ -51,6 +51,9 @@ class HopperBackwardSpec:
     # one group's exponentials overlap the other's products
     dkdv_pingpong: bool = False
     dq_pingpong: bool = False  # dQ: the same for each step's S and dP
+    # dK/dV: dS^T goes through shared memory and dK's product is waited for once the next step's S^T is issued, so
+    # the tensor cores keep this group's work across the step's end (its register operand could not cross it)
+    dkdv_defer_dk: bool = False
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -71,6 +74,8 @@ SPECS = {  # what runs, by head dim
 # cores idle at once. sm_90 compile figures: compile_sm90.py --hopper-candidates (and NOTES.md).
 CANDIDATES: dict[str, dict[int, dict]] = {
     "stats": {64: dict(dkdv_stats_in_shared=True), 128: dict(dkdv_stats_in_shared=True)},
+    "stats+deferdk": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True),
+                      128: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True)},
     "stats+pingpong": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True),
                        128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True)},
     "stats+pingpong2": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
@@ -79,7 +84,8 @@ CANDIDATES: dict[str, dict[int, dict]] = {
                     128: dict(dkdv_stats_in_shared=True, dq_block_n=128)},
     "stats+stages": {64: dict(dkdv_stats_in_shared=True, dkdv_stages=4),
                      128: dict(dkdv_stats_in_shared=True, dkdv_stages=3)},
-    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
+    # (deferred dK at d=64 only: at d=128 it spills 24-52 B)
+    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dkdv_pingpong=True, dq_pingpong=True),
             128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True, dq_block_n=128)},
 }
 

@@ -107,7 +107,7 @@ def attention_backward(
             stats_descriptor(stats, spec.dkdv_block_m), lse2, delta, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv,
             num_n_blocks, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
             BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, STATS_IN_SHARED=spec.dkdv_stats_in_shared,
-            PINGPONG=spec.dkdv_pingpong, **common,
+            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, **common,
         )
         kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
             tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
