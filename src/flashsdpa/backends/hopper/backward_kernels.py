@@ -320,12 +320,14 @@ def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, 
 
 
 @gluon.jit
-def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr,
+def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                           slopes_ptr,
                            heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
                            GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                           STAGES: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr):
     """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's (with
-    PINGPONG, each step's S and dP issued in strict alternation with the other group's, group 0 first)."""
+    PINGPONG, each step's S and dP issued in strict alternation with the other group's, group 0 first; with
+    DEFER_DQ, dS goes through shared memory and a step's dQ product is waited for with the next step's S)."""
     q_ready, kv_ready, kv_empty, turns = barriers
     HEAD_DIM: gl.constexpr = q_smem.shape[3]  # (1, 1, rows, head_dim)
     dtype: gl.constexpr = q_smem.dtype
@@ -351,6 +353,12 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
     q = q_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
     do = do_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
     mbarrier.wait(q_ready, 0)
+    if DEFER_DQ:  # (as the dK/dV kernel's DEFER_DK: dQ starts as a product, a zero tile times the first K block)
+        ds_tile = ds_smem.index(GROUP)
+        ds_tile.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, s_layout))
+        fence_async_shared()
+        mbarrier.wait(kv_ready.index(0), 0)  # (every tile visits a key block at least)
+        dq = warpgroup_mma(ds_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]), dq, use_acc=False, is_async=True)
 
     for i in range(end_block - first_block):
         j = first_block + i
@@ -365,7 +373,11 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
         dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turns.index(1 - GROUP), count=1)
-        s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
+        if DEFER_DQ:  # (the previous step's dQ product, issued before S, retires with it: its slot is free)
+            s, dq = warpgroup_mma_wait(1, deps=[s_token, dq, q, k_t, ds_tile])[:2]
+            mbarrier.arrive(kv_empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        else:
+            s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
         derivative = 1.0
         if VARIANTS.natural_units:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -379,10 +391,17 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
             p = hide_unseen(p, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), seq_kv, band, VARIANTS, True, 0.0)
         dp = warpgroup_mma_wait(0, deps=[dp_token, do, v_t])[0]
         ds = p * (dp - delta)
-        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-        dq_token = warpgroup_mma(ds_op, k, dq, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=[dq_token, k])[0]
-        mbarrier.arrive(kv_empty.index(stage), count=1)
+        if DEFER_DQ:
+            ds_tile.store(ds.to(dtype))
+            fence_async_shared()
+            dq = warpgroup_mma(ds_tile, k, dq, is_async=True)
+        else:
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            dq_token = warpgroup_mma(ds_op, k, dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=[dq_token, k])[0]
+            mbarrier.arrive(kv_empty.index(stage), count=1)
+    if DEFER_DQ:
+        dq = warpgroup_mma_wait(0, deps=[dq, ds_tile])[0]
 
     # The group's Q rows are read by its own products alone, all retired: they take dQ.
     q.store((dq * scale).to(dtype))
@@ -397,7 +416,8 @@ def hopper_attention_backward_dq_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    PINGPONG: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
@@ -410,6 +430,8 @@ def hopper_attention_backward_dq_kernel(
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
+    ds_smem = gl.allocate_shared_memory(dtype, [2 if DEFER_DQ else 1, BLOCK_M, BLOCK_N],  # (DEFER_DQ)
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(i), count=1)
@@ -419,12 +441,12 @@ def hopper_attention_backward_dq_kernel(
 
     barriers = (q_ready, kv_ready, kv_empty, turns)
     gl.warp_specialize([
-        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
-        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ)),
+        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG)),
+                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ)),
         (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                               heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

@@ -54,6 +54,7 @@ class HopperBackwardSpec:
     # dK/dV: dS^T goes through shared memory and dK's product is waited for once the next step's S^T is issued, so
     # the tensor cores keep this group's work across the step's end (its register operand could not cross it)
     dkdv_defer_dk: bool = False
+    dq_defer_dq: bool = False  # dQ: the same for dS and dQ's product
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -74,8 +75,8 @@ SPECS = {  # what runs, by head dim
 # cores idle at once. sm_90 compile figures: compile_sm90.py --hopper-candidates (and NOTES.md).
 CANDIDATES: dict[str, dict[int, dict]] = {
     "stats": {64: dict(dkdv_stats_in_shared=True), 128: dict(dkdv_stats_in_shared=True)},
-    "stats+deferdk": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True),
-                      128: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True)},
+    "stats+defer": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True),
+                    128: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True)},
     "stats+pingpong": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True),
                        128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True)},
     "stats+pingpong2": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
@@ -84,9 +85,10 @@ CANDIDATES: dict[str, dict[int, dict]] = {
                     128: dict(dkdv_stats_in_shared=True, dq_block_n=128)},
     "stats+stages": {64: dict(dkdv_stats_in_shared=True, dkdv_stages=4),
                      128: dict(dkdv_stats_in_shared=True, dkdv_stages=3)},
-    # (deferred dK at d=64 only: at d=128 it spills 24-52 B)
-    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dkdv_pingpong=True, dq_pingpong=True),
-            128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True, dq_block_n=128)},
+    # (deferred dK at d=64 only: at d=128 it spills 24-52 B; deferred dQ with 128-key steps would need 229 KB)
+    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True, dkdv_pingpong=True,
+                     dq_pingpong=True),
+            128: dict(dkdv_stats_in_shared=True, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
 }
 
 

@@ -115,6 +115,6 @@ def attention_backward(
             tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
             heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
             BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
-            PINGPONG=spec.dq_pingpong, **common,
+            PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, **common,
         )
     return dq, dk, dv
