@@ -28,6 +28,8 @@ the variants alone; --softcap-forward: how the hopper forward computes softcap,
 `hopper.variants.SOFTCAP_FORWARD`, for this run).
 --paged compiles the paged decode kernel's variants (`kvcache_attention`
 on the triton backend).
+--hopper-candidates compiles the hopper backward's candidate specs
+(`backward_specs.CANDIDATES`) on its plain and causal problems, with and without GQA.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import re
 import subprocess
@@ -57,6 +60,7 @@ from flashsdpa import gradient_precision, kvcache, validation
 from flashsdpa.backends import hopper
 from flashsdpa.backends.hopper import HopperBackend
 from flashsdpa.backends.hopper import backward_specs as hopper_backward_specs
+from flashsdpa.backends.hopper import launch_backward as hopper_launch_backward
 from flashsdpa.backends.hopper import launch_forward as hopper_launch
 from flashsdpa.backends.hopper import variants as hopper_variants
 from flashsdpa.backends.triton import TritonBackend, launch_backward, launch_forward, launch_paged
@@ -194,6 +198,8 @@ class Problem:
     # Sequence lengths of a packed batch (flashsdpa.varlen_attn, the same lengths for queries and keys)
     # instead of the dense (batch, L, S) problem.
     packed: tuple[int, ...] = ()
+    # The hopper backward with a candidate's spec changes (backward_specs.CANDIDATES) instead of SPECS'.
+    candidate: str | None = None
 
     def run(self) -> None:
         (hq, hkv), (seq_q, seq_kv), batch = self.heads, self.seq, 2
@@ -206,6 +212,8 @@ class Problem:
                 "bool": torch.rand(batch, hq, seq_q, seq_kv) > 0.2, "float": new(batch, hq, seq_q, seq_kv),
                 "bias": torch.randn(1, hq, seq_q, seq_kv, dtype=self.dtype)}[self.mask]
         gradient_precision.pinned = GradientPrecision(self.gradients)
+        hopper_launch_backward.backward_spec = functools.partial(hopper_backward_specs.backward_spec,
+                                                                 candidate=self.candidate)
         names = set(filter(None, self.variant.split("+")))
         variants = dict(
             window=(256, 0) if "window" in names else None,
@@ -360,6 +368,12 @@ HOPPER_VARIANTS = [
                                          (True, "window+softcap+alibi+sinks"))
 ]
 HOPPER += HOPPER_VARIANTS
+# The hopper backward's candidate specs (backward_specs.CANDIDATES) on the problems the GPU script times and checks.
+HOPPER_CANDIDATES = [
+    Problem(BF16, d, causal=c, heads=heads, backend="hopper", candidate=candidate)
+    for candidate in hopper_backward_specs.CANDIDATES for d in hopper_backward_specs.BACKWARD_HEAD_DIMS
+    for c in (False, True) for heads in ((2, 2), (4, 2))
+]
 
 
 def describe_row(row: dict, fixed: dict) -> str:
@@ -407,9 +421,11 @@ def main() -> int:
                              "softcap) for this run")
     parser.add_argument("--match", help="only the problems whose repr contains this text, e.g. \"seq=(512, 512)\"")
     parser.add_argument("--dump", type=Path, help="write each variant's TTGIR, PTX and SASS into this folder")
+    parser.add_argument("--hopper-candidates", action="store_true",
+                        help="the hopper backward's candidate specs (backward_specs.CANDIDATES)")
     args = parser.parse_args()
-    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper": HOPPER, "d512": D512, "quick": QUICK, "variants": VARIANTS,
-              "packed": PACKED, "paged": PAGED}
+    groups = {"hopper_variants": HOPPER_VARIANTS, "hopper_candidates": HOPPER_CANDIDATES, "hopper": HOPPER,
+              "d512": D512, "quick": QUICK, "variants": VARIANTS, "packed": PACKED, "paged": PAGED}
     chosen = next((problems for name, problems in groups.items() if getattr(args, name)), FULL)
     problems = list(dict.fromkeys(chosen))
     if args.masks or args.no_masks:

@@ -7,6 +7,8 @@ H100/H200, where the suite runs with CUDA.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import triton
@@ -16,7 +18,7 @@ import flashsdpa
 from flashsdpa import dispatch, gradient_precision
 from flashsdpa.backends import hopper
 from flashsdpa.backends.base import AttentionInputs
-from flashsdpa.backends.hopper import backward_specs, variants
+from flashsdpa.backends.hopper import backward_specs, launch_backward, variants
 from flashsdpa.backends.triton.score_kernels import exp2_by_fma
 from flashsdpa.descriptor import Alignment, AttentionDescriptor, GradientPrecision, MaskKind
 from flashsdpa.dispatch import UnsupportedError
@@ -427,3 +429,33 @@ def test_variants_forward_at_head_dim_256(name):
     for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES):
         check_hopper_variant(name, seq_q, seq_kv, alignment, 256, torch.bfloat16, seed=number)
 
+
+def test_backward_specs_and_candidates_are_whole_specs():
+    """Every candidate names fields of the spec (a misspelt field fails here, not on the GPU) and changes
+    something at a head dim the kernels take; the shipped table covers those head dims."""
+    assert set(backward_specs.SPECS) == set(backward_specs.BACKWARD_HEAD_DIMS)
+    for name, changes in backward_specs.CANDIDATES.items():
+        assert set(changes) <= set(backward_specs.BACKWARD_HEAD_DIMS), name
+        assert any(backward_specs.backward_spec(d, name) != backward_specs.SPECS[d] for d in changes), name
+
+
+@pytest.fixture(params=list(backward_specs.CANDIDATES))
+def backward_candidate(request, monkeypatch, gluon_backward):
+    """The Gluon backward built with one of the candidate specs (scripts/bench_hopper_backward_gpu.py times them)."""
+    monkeypatch.setattr(launch_backward, "backward_spec",
+                        functools.partial(backward_specs.backward_spec, candidate=request.param))
+    return request.param
+
+
+@sm90_only
+@pytest.mark.parametrize("head_dim", backward_specs.BACKWARD_HEAD_DIMS)
+def test_backward_candidates_against_float64(backward_candidate, monkeypatch, head_dim):
+    """Each candidate spec: causal GQA with partial blocks at the 1.5x-torch rule, and every variant together
+    against the float64 formula (both alignments), as the shipped spec is tested above."""
+    gen = generator(hash((head_dim, backward_candidate)) % 2**31)
+    q, k, v = qkv((2, 4), (2, 2), 257, 513, head_dim, gen, torch.bfloat16, "cuda")
+    check_gluon_backward(monkeypatch, Case(q, k, v, causal=True, enable_gqa=True),
+                         f"{backward_candidate} d={head_dim}", gen)
+    monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
+    for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES[:2]):
+        assert check_hopper_variant("all", seq_q, seq_kv, alignment, head_dim, torch.bfloat16, seed=number) == {}

@@ -27,7 +27,10 @@ with softcap or ALiBi, S becomes the transformed scores (natural units,
 here: lse holds them (their gradient is `ops.sink_gradient`'s). The
 lse2 and delta rows are read unmasked from the preprocess's scratch, whose row
 stride is a multiple of 128 (rows past the sequence: lse2 = +inf, delta = 0,
-so their P is 0). Rows and keys past the sequence ends load as zeros through
+so their P is 0); with STATS_IN_SHARED the dK/dV producer brings each query
+block's rows by TMA into its ring slot beside Q and dO, and the consumers read
+them there where they are used. PINGPONG (either kernel) makes the two
+consumer groups issue each step's first products in turn. Rows and keys past the sequence ends load as zeros through
 the TMA descriptors' bounds and are never stored.
 """
 
@@ -40,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -69,12 +73,13 @@ def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS: gl.cons
 
 
 @gluon.jit
-def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                         heads_kv, gqa_group, seq_q, num_n_blocks, band,
+def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem, stats_smem,
+                         barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band,
                          VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr):
-    """Producer: K and V of the program's keys, then Q and dO of each (query head, query block) in order."""
-    kv_ready, q_ready, q_empty = barriers
+                         STAGES: gl.constexpr, STATS_IN_SHARED: gl.constexpr):
+    """Producer: K and V of the program's keys, then Q and dO (and with STATS_IN_SHARED their rows' delta and
+    lse2) of each (query head, query block) in order."""
+    kv_ready, q_ready, q_empty, _ = barriers
     batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
                                                               VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -87,7 +92,13 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem
         # An "empty" barrier completes phase 0 when both consumers first free its slot; the first pass over
         # the ring waits on the (already complete) phase before that.
         mbarrier.wait(q_empty.index(stage), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        if STATS_IN_SHARED:
+            mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                            + stats_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(stats_desc, [0, batch * heads_kv * gqa_group + head_q, first_row],
+                                            q_ready.index(stage), stats_smem.index(stage))
+        else:
+            mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
                                         q_smem.index(stage))
         tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
@@ -119,12 +130,17 @@ def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale
 
 
 @gluon.jit
-def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr, delta_ptr,
-                             slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale,
-                             scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's."""
-    kv_ready, q_ready, q_empty = barriers
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                             delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride,
+                             qk_scale, scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr):
+    """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's.
+
+    With PINGPONG the two groups issue each step's first products (S^T, and dP^T where no score transform
+    comes between) in strict alternation, group 0 first, so that one group's exponentials run under the
+    other's products rather than both groups waiting on the same Q slot in step."""
+    kv_ready, q_ready, q_empty, turns = barriers
     HEAD_DIM: gl.constexpr = k_smem.shape[3]  # (1, 1, keys, head_dim)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -145,30 +161,57 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
     v = v_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
     keys = group_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
     st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+    # The stats ring as rows (slot * 2: delta, slot * 2 + 1: lse2); TMA wrote each slot's (2, 1, BLOCK_M) unswizzled.
+    stats_rows = stats_smem._reinterpret(gl.float32, [stats_smem.shape[0] * 2, BLOCK_M],
+                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     mbarrier.wait(kv_ready, 0)
+    if DEFER_DK:  # dK's product reads dS^T from this group's shared tile and runs on into the next step
+        ds = ds_smem.index(GROUP)
+        # dK starts as a product too (0 times this group's K rows): ptxas serialises every wgmma of the kernel when
+        # the accumulator a product keeps in flight across the loop's back edge was first written by other
+        # instructions (zeros).
+        gl.static_assert(BLOCK_M == BLOCK_N, "the first dK product reads this group's K rows as its B operand")
+        ds.store(gl.zeros([BLOCK_N, BLOCK_M], dtype, st_layout))
+        fence_async_shared()
+        dk = warpgroup_mma(ds, k, dk, use_acc=False, is_async=True)
 
     for i in range(gqa_group * m_blocks):
         head_q = head_kv * gqa_group + i // m_blocks
         first_row = (m_start + i % m_blocks) * BLOCK_M
         stage = i % STAGES
         rows = first_row + gl.arange(0, BLOCK_M, layout=row_layout)
-        stats = (batch * heads_q + head_q) * stats_stride + rows
-        lse2 = gl.load(lse2_ptr + stats)
-        delta = gl.load(delta_ptr + stats)
-        mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+        if STATS_IN_SHARED:
+            mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+            lse2 = stats_rows.index(2 * stage + 1).load(row_layout)
+        else:
+            stats = (batch * heads_q + head_q) * stats_stride + rows
+            lse2 = gl.load(lse2_ptr + stats)
+            delta = gl.load(delta_ptr + stats)
+            mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         q_t = q.permute((1, 0))
         do_t = do.permute((1, 0))
+        if PINGPONG:  # the other group has issued its products of the previous round (group 0's first: none)
+            mbarrier.wait(turns.index(GROUP), (i & 1) ^ (1 - GROUP))
         st_token = warpgroup_mma(k, q_t, st_zero, use_acc=False, is_async=True)
-        if VARIANTS.natural_units:
-            # dP^T is issued once the score transform is done (its accumulator is not live during it): on sm_90
-            # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
+        # With a score transform, dP^T is issued once it is done (its accumulator is not live during it): on sm_90
+        # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
+        if not VARIANTS.natural_units:
+            dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turns.index(1 - GROUP), count=1)
+        if DEFER_DK:  # (the previous step's dK product, issued before S^T, retires with it: its slot is free)
+            if VARIANTS.natural_units:
+                st, dk = warpgroup_mma_wait(0, deps=[st_token, dk, k, q_t, ds])[:2]
+            else:
+                st, dk = warpgroup_mma_wait(1, deps=[st_token, dk, k, q_t, ds])[:2]
+            mbarrier.arrive(q_empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        elif VARIANTS.natural_units:
             st = warpgroup_mma_wait(0, deps=[st_token, k, q_t])[0]
         else:
-            dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
             # Products retire in order: with one outstanding, S^T is done and dP^T may still run.
             st = warpgroup_mma_wait(1, deps=[st_token, k, q_t])[0]
         pt, derivative = _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale, band,
@@ -180,14 +223,22 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
         if VARIANTS.natural_units:
             dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
         dv_token = warpgroup_mma(pt_op, do, dv, is_async=True)
+        if STATS_IN_SHARED:  # (read where it is used: no registers held across the products)
+            delta = stats_rows.index(2 * stage).load(row_layout)
         dpt = warpgroup_mma_wait(1, deps=[dpt_token, v, do_t])[0]
         dst = pt * (dpt - gl.expand_dims(delta, 0))
-        dst_op = gl.convert_layout(dst.to(dtype), op_layout)
-        dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
-        retired = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])
-        dv = retired[0]
-        dk = retired[1]
-        mbarrier.arrive(q_empty.index(stage), count=1)
+        if DEFER_DK:
+            ds.store(dst.to(dtype))
+            fence_async_shared()
+            dk = warpgroup_mma(ds, q, dk, is_async=True)
+            dv = warpgroup_mma_wait(1, deps=[dv_token, do])[0]  # (dK, issued last, still runs)
+        else:
+            dst_op = gl.convert_layout(dst.to(dtype), op_layout)
+            dk_token = warpgroup_mma(dst_op, q, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_token, dk_token, q, do])[:2]
+            mbarrier.arrive(q_empty.index(stage), count=1)
+    if DEFER_DK:
+        dk = warpgroup_mma_wait(0, deps=[dk, ds])[0]
 
     # The group's K and V rows are read by its own products alone, all retired: they take dK and dV.
     k.store((dk * scale).to(dtype))
@@ -202,9 +253,10 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, 
 
 @gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dkdv_kernel(
-    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, slopes_ptr,
+    q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr,
     CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
@@ -214,26 +266,34 @@ def hopper_attention_backward_dkdv_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES if STATS_IN_SHARED else 1] + stats_desc.block_type.shape,
+                                           stats_desc.layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
+    ds_smem = gl.allocate_shared_memory(dtype, [2 if DEFER_DK else 1, BLOCK_N, BLOCK_M],  # (DEFER_DK)
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
 
-    barriers = (kv_ready, q_ready, q_empty)
+    barriers = (kv_ready, q_ready, q_empty, turns)
     gl.warp_specialize([
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                                    delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
+                                    lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES)),
-        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                                    delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK)),
+        (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
+                                    lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES)),
-        (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                                heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
+                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK)),
+        (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem,
+                                stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS,
+                                BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
 
@@ -242,7 +302,7 @@ def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, 
                        heads_q, gqa_group, seq_kv, num_m_blocks, band,
                        VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Producer: Q and dO of the program's rows, then K and V of each key block."""
-    q_ready, kv_ready, kv_empty = barriers
+    q_ready, kv_ready, kv_empty, _ = barriers
     batch, head_q, head_kv, first_row, first_block, end_block = tile_coords(
         gl.program_id(0), heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
     mbarrier.expect(q_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -260,12 +320,15 @@ def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, 
 
 
 @gluon.jit
-def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr,
+def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                           slopes_ptr,
                            heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
                            GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr):
-    """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's."""
-    q_ready, kv_ready, kv_empty = barriers
+                           STAGES: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr):
+    """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's (with
+    PINGPONG, each step's S and dP issued in strict alternation with the other group's, group 0 first; with
+    DEFER_DQ, dS goes through shared memory and a step's dQ product is waited for with the next step's S)."""
+    q_ready, kv_ready, kv_empty, turns = barriers
     HEAD_DIM: gl.constexpr = q_smem.shape[3]  # (1, 1, rows, head_dim)
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -290,6 +353,12 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
     q = q_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
     do = do_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
     mbarrier.wait(q_ready, 0)
+    if DEFER_DQ:  # (as the dK/dV kernel's DEFER_DK: dQ starts as a product, a zero tile times the first K block)
+        ds_tile = ds_smem.index(GROUP)
+        ds_tile.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, s_layout))
+        fence_async_shared()
+        mbarrier.wait(kv_ready.index(0), 0)  # (every tile visits a key block at least)
+        dq = warpgroup_mma(ds_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]), dq, use_acc=False, is_async=True)
 
     for i in range(end_block - first_block):
         j = first_block + i
@@ -298,9 +367,17 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
         k = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_t = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         k_t = k.permute((1, 0))
+        if PINGPONG:
+            mbarrier.wait(turns.index(GROUP), (i & 1) ^ (1 - GROUP))
         s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
         dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
+        if PINGPONG:
+            mbarrier.arrive(turns.index(1 - GROUP), count=1)
+        if DEFER_DQ:  # (the previous step's dQ product, issued before S, retires with it: its slot is free)
+            s, dq = warpgroup_mma_wait(1, deps=[s_token, dq, q, k_t, ds_tile])[:2]
+            mbarrier.arrive(kv_empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        else:
+            s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
         derivative = 1.0
         if VARIANTS.natural_units:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -314,10 +391,17 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, l
             p = hide_unseen(p, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), seq_kv, band, VARIANTS, True, 0.0)
         dp = warpgroup_mma_wait(0, deps=[dp_token, do, v_t])[0]
         ds = p * (dp - delta)
-        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-        dq_token = warpgroup_mma(ds_op, k, dq, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=[dq_token, k])[0]
-        mbarrier.arrive(kv_empty.index(stage), count=1)
+        if DEFER_DQ:
+            ds_tile.store(ds.to(dtype))
+            fence_async_shared()
+            dq = warpgroup_mma(ds_tile, k, dq, is_async=True)
+        else:
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            dq_token = warpgroup_mma(ds_op, k, dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=[dq_token, k])[0]
+            mbarrier.arrive(kv_empty.index(stage), count=1)
+    if DEFER_DQ:
+        dq = warpgroup_mma_wait(0, deps=[dq, ds_tile])[0]
 
     # The group's Q rows are read by its own products alone, all retired: they take dQ.
     q.store((dq * scale).to(dtype))
@@ -332,7 +416,8 @@ def hopper_attention_backward_dq_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
@@ -344,19 +429,24 @@ def hopper_attention_backward_dq_kernel(
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
+    ds_smem = gl.allocate_shared_memory(dtype, [2 if DEFER_DQ else 1, BLOCK_M, BLOCK_N],  # (DEFER_DQ)
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer group
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
 
-    barriers = (q_ready, kv_ready, kv_empty)
+    barriers = (q_ready, kv_ready, kv_empty, turns)
     gl.warp_specialize([
-        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
-        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ)),
+        (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
+                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ)),
         (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                               heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

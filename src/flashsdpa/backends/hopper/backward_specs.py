@@ -22,7 +22,7 @@ thread: not taken (triton's backward runs it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BACKWARD_HEAD_DIMS = (64, 128)  # what the kernels take
 # Where the backend runs them: the head dims where they measured at or above triton's backward on the H100
@@ -34,7 +34,8 @@ GLUON_BACKWARD_HEAD_DIMS: tuple[int, ...] = (64, 128)
 
 @dataclass(frozen=True)
 class HopperBackwardSpec:
-    """Tiles and register split of the two backward kernels for one head dim (the dtype comes with the tensors)."""
+    """Tiles, schedule and register split of the two backward kernels for one head dim (the dtype comes with the
+    tensors)."""
 
     head_dim: int
     dkdv_block_n: int  # keys a consumer warp group owns (the program: twice this)
@@ -43,17 +44,57 @@ class HopperBackwardSpec:
     dq_block_n: int  # keys streamed a step
     dq_stages: int  # K/V ring depth
     dq_block_m: int = 64  # query rows a consumer warp group owns (one wgmma row block)
+    # dK/dV: each query block's delta and lse2 rows come by TMA with its Q and dO into the ring and are read from
+    # shared memory where used (off: loaded from global memory at each step's start and held in registers)
+    dkdv_stats_in_shared: bool = False
+    # dK/dV: the consumer groups issue each step's first products in strict alternation (FA3's ping-pong), so that
+    # one group's exponentials overlap the other's products
+    dkdv_pingpong: bool = False
+    dq_pingpong: bool = False  # dQ: the same for each step's S and dP
+    # dK/dV: dS^T goes through shared memory and dK's product is waited for once the next step's S^T is issued, so
+    # the tensor cores keep this group's work across the step's end (its register operand could not cross it)
+    dkdv_defer_dk: bool = False
+    dq_defer_dq: bool = False  # dQ: the same for dS and dQ's product
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
     num_warps: int = 4  # the default partition: consumer group 0
 
 
-_TILES = {  # head dim: (dkdv_block_n, dkdv_block_m, dkdv_stages, dq_block_n, dq_stages)
-    64: (64, 64, 3, 128, 2),
-    128: (64, 64, 2, 64, 2),
+SPECS = {  # what runs, by head dim
+    64: HopperBackwardSpec(64, dkdv_block_n=64, dkdv_block_m=64, dkdv_stages=3, dq_block_n=128, dq_stages=2),
+    128: HopperBackwardSpec(128, dkdv_block_n=64, dkdv_block_m=64, dkdv_stages=2, dq_block_n=64, dq_stages=2),
+}
+
+# Changes to SPECS timed against it on the H100 (scripts/bench_hopper_backward_gpu.py; each checked against
+# float64 and for the same bits every call there). What they answer, from an ncu profile of the bf16 d=64 L=4096
+# backward (H100; NOTES.md, "the Gluon backward toward cuDNN"): the dK/dV kernel took 2.51 of 3.8 ms at 45%
+# tensor-pipe use, the dQ kernel 1.28 ms at 67%; in dK/dV's loop, 19% of the consumer warps' stall samples sat on
+# the first use of each step's lse2, whose global load is issued at the step's start and waited for before S^T is
+# issued, and both groups start every step together on the same Q slot, so their exponentials leave the tensor
+# cores idle at once. sm_90 compile figures: compile_sm90.py --hopper-candidates (and NOTES.md).
+CANDIDATES: dict[str, dict[int, dict]] = {
+    "stats": {64: dict(dkdv_stats_in_shared=True), 128: dict(dkdv_stats_in_shared=True)},
+    "stats+defer": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True),
+                    128: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True)},
+    "stats+pingpong": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True),
+                       128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True)},
+    "stats+pingpong2": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
+                        128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True)},
+    "stats+dq128": {64: dict(dkdv_stats_in_shared=True),  # (d=64's dQ kernel streams 128 keys already)
+                    128: dict(dkdv_stats_in_shared=True, dq_block_n=128)},
+    "stats+stages": {64: dict(dkdv_stats_in_shared=True, dkdv_stages=4),
+                     128: dict(dkdv_stats_in_shared=True, dkdv_stages=3)},
+    # (deferred dK at d=64 only: at d=128 it spills 24-52 B; deferred dQ with 128-key steps would need 229 KB)
+    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True, dkdv_pingpong=True,
+                     dq_pingpong=True),
+            128: dict(dkdv_stats_in_shared=True, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
 }
 
 
-def backward_spec(head_dim: int) -> HopperBackwardSpec:
-    return HopperBackwardSpec(head_dim, *_TILES[head_dim])
+def backward_spec(head_dim: int, candidate: str | None = None) -> HopperBackwardSpec:
+    """SPECS' entry, or with a candidate's changes (none where the candidate names no change at this head dim)."""
+    spec = SPECS[head_dim]
+    if candidate is None:
+        return spec
+    return replace(spec, **CANDIDATES[candidate].get(head_dim, {}))

@@ -14,6 +14,7 @@ from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, s
 from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
 from flashsdpa.backends.triton.launch_backward import stats_row_stride
 from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device
+from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 
 PREPROCESS_BLOCK_M = 128  # (stats_row_stride is a multiple of it)
@@ -30,6 +31,30 @@ def _kernels():
 def backward_readable(inputs: AttentionInputs, out: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """Whether the kernels' TMA descriptors can read q, k, v and dO (out is read by pointers)."""
     return tma_readable(inputs.query, inputs.key, inputs.value, grad_out)
+
+
+# Validated descriptor fields (all but the base) of the row statistics, by shape and block rows (as
+# launch_forward's for q, k, v: building a Gluon TensorDescriptor costs tens of microseconds). Bounded.
+_stats_descriptor_fields = RecentValues()
+
+
+def stats_descriptor(stats: torch.Tensor, rows: int):
+    """A TMA descriptor of the (2, rows of every (batch, query head), stats stride) float32 row statistics
+    (delta, lse2), with blocks of (2, 1, rows): one query block's delta and lse2 together, unswizzled."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    key = (stats.shape, rows)
+    fields = _stats_descriptor_fields.get(key)
+    if fields is None:
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+        descriptor = TensorDescriptor(stats, list(stats.shape), list(stats.stride()), [2, 1, rows], layout)
+        fields = _stats_descriptor_fields.keep(key, {name: value for name, value in vars(descriptor).items()
+                                                     if name != "base"})
+    descriptor = TensorDescriptor.__new__(TensorDescriptor)
+    descriptor.__dict__.update(fields)
+    descriptor.base = stats
+    return descriptor
 
 
 def attention_backward(
@@ -52,8 +77,8 @@ def attention_backward(
     # Row statistics (scratch, every row written): delta = rowsum(dO * O) and lse in base 2, rows padded to
     # stats_stride (past seq_q: lse2 +inf, delta 0) so that the kernels read whole blocks unmasked.
     stats_stride = stats_row_stride(seq_q)
-    stats = torch.empty((2, batch * heads_q * stats_stride), dtype=torch.float32, device=device)
-    delta, lse2 = stats.unbind(0)
+    stats = torch.empty((2, batch * heads_q, stats_stride), dtype=torch.float32, device=device)
+    delta, lse2 = stats.flatten(1).unbind(0)
 
     num_n_blocks = cdiv(seq_kv, 2 * spec.dkdv_block_n)
     num_m_blocks = cdiv(seq_q, 2 * spec.dq_block_m)
@@ -79,15 +104,18 @@ def attention_backward(
         kernels.hopper_attention_backward_dkdv_kernel[(dkdv_programs,)](
             tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
             tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
-            tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n), lse2, delta,
-            slopes, heads_kv, desc.gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band,
-            transform, BLOCK_M=spec.dkdv_block_m, BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, **common,
+            tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n),
+            stats_descriptor(stats, spec.dkdv_block_m), lse2, delta, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv,
+            num_n_blocks, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
+            BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, STATS_IN_SHARED=spec.dkdv_stats_in_shared,
+            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, **common,
         )
         kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
             tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
             tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
             tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
             heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
-            BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages, **common,
+            BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
+            PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, **common,
         )
     return dq, dk, dv
