@@ -7,6 +7,8 @@ prints them (hazard mode, as on the H100 for the hopper kernels; analysis mode).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,14 +25,20 @@ WINDOW = 0x400  # where the kernel's shared memory starts in racecheck's address
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """(Triton cache dir holding the reference's sm_90 cubin, its dispatch accesses)."""
+    """(Triton cache dir holding the reference's sm_90 cubin, its dispatch accesses).
+
+    Compiled in a child process: Triton's interpreter, which other tests run in this one, patches
+    `triton.language` for its device-function calls and does not undo it, and a Gluon compile after that fails."""
     cache = tmp_path_factory.mktemp("triton_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_CACHE_DIR", str(cache))
-        kernel = dispatch.compile_reference_sm90()
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    child = subprocess.run(
+        [sys.executable, "-c", "import warp_specialize_dispatch as d; print(d.compile_reference_sm90().metadata.num_warps)"],
+        cwd=scripts, env={**os.environ, "TRITON_CACHE_DIR": str(cache)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
     found = dispatch.cached_dispatch(KERNEL, str(cache))
     assert len(found) == 1, f"{KERNEL}.cubin not in the cache: {list(cache.rglob('*'))}"
-    assert kernel.metadata.num_warps == 12  # 4 default + 4 + 1 workers, rounded up to warp groups
+    assert child.stdout.split()[-1] == "12"  # num_warps: 4 default + 4 + 1 workers, rounded up to warp groups
     return cache, found[0]
 
 
