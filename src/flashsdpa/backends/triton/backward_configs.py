@@ -146,11 +146,13 @@ SM90_16BIT_VARIANT_DKDV = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)}
 #   d=64 dQ: 64x64 w4 s3 (161 / 148, the dense table's), 128x64 w8 s3 (134 / 128), 128x32 w8 s3 (122 / 112).
 # H100 (bench varlen rows, lengths 1..8192, causal, B=10, H=16, whole backward against torch's varlen_attn;
 # 2026-12-05, call 1): d=128 229 / 269 TFLOP/s (0.85x) with 64x64 w8 s2 (REPL) and 128x32 w8 s3; d=64 300 / 231
-# (1.30x) with 64x64 w4 s2 and 64x64 w4 s3. d=128 now takes 32x128 w8 s2 and 128x64 w8 s2, not yet timed:
-# scripts/bench_varlen_backward_gpu.py times these and the other candidates; put its winner here.
+# (1.30x) with 64x64 w4 s2 and 64x64 w4 s3. The candidates (scripts/bench_varlen_backward_gpu.py, the same
+# rows, longest sequences first; call 4): d=128 32x128 w8 s3 / 128x32 w8 s3 328 TFLOP/s (1.24x torch's 264),
+# 32x128 w8 s2 / 128x64 w8 s2 307 (1.16x), 32x128 w8 s2 / 128x32 w8 s4 309, 64x64 w8 s2 / 128x32 w8 s3 229
+# (0.87x); d=64 64x64 w4 s2 / 64x64 w4 s3 310-314 (1.32-1.34x torch's 235).
 SM90_16BIT_PACKED_ROUNDED = {
     64: ((64, 64, 4, 2), (64, 64, 4, 3)),
-    128: ((32, 128, 8, 2), (128, 64, 8, 2)),
+    128: ((32, 128, 8, 3), (128, 32, 8, 3)),
 }
 # The packed grids' sequence order (BackwardConfig.packed_longest_first) on the GPU; timed by the same script.
 SM90_PACKED_LONGEST_FIRST = True
