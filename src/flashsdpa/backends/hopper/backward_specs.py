@@ -73,29 +73,25 @@ SPECS = {
                             dkdv_stats_in_shared=True),
 }
 
-# Changes to SPECS (as they were before the figures above) timed against it on the H100 (scripts/bench_hopper_backward_gpu.py; each checked against
+# Changes to SPECS timed against it on the H100 (scripts/bench_hopper_backward_gpu.py; each checked against
 # float64 and for the same bits every call there). What they answer, from an ncu profile of the bf16 d=64 L=4096
-# backward (H100; NOTES.md, "the Gluon backward toward cuDNN"): the dK/dV kernel took 2.51 of 3.8 ms at 45%
-# tensor-pipe use, the dQ kernel 1.28 ms at 67%; in dK/dV's loop, 19% of the consumer warps' stall samples sat on
-# the first use of each step's lse2, whose global load is issued at the step's start and waited for before S^T is
-# issued, and both groups start every step together on the same Q slot, so their exponentials leave the tensor
-# cores idle at once. sm_90 compile figures: compile_sm90.py --hopper-candidates (and NOTES.md).
+# backward before the statistics moved to shared memory (H100; NOTES.md, "the Gluon backward toward cuDNN"): the
+# dK/dV kernel took 2.51 of 3.8 ms at 45% tensor-pipe use, the dQ kernel 1.28 ms at 67%; in dK/dV's loop, 19% of
+# the consumer warps' stall samples sat on the first use of each step's lse2 (now in shared memory), and both
+# groups start every step together on the same Q slot, so their exponentials leave the tensor cores idle at once
+# (the ping-pong). "before" is the spec the figures above started from. sm_90 compile figures:
+# compile_sm90.py --hopper-candidates (and NOTES.md).
 CANDIDATES: dict[str, dict[int, dict]] = {
-    "stats": {64: dict(dkdv_stats_in_shared=True), 128: dict(dkdv_stats_in_shared=True)},
-    "stats+defer": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True),
-                    128: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True)},
-    "stats+pingpong": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True),
-                       128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True)},
-    "stats+pingpong2": {64: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True),
-                        128: dict(dkdv_stats_in_shared=True, dkdv_pingpong=True, dq_pingpong=True)},
-    "stats+dq128": {64: dict(dkdv_stats_in_shared=True),  # (d=64's dQ kernel streams 128 keys already)
-                    128: dict(dkdv_stats_in_shared=True, dq_block_n=128)},
-    "stats+stages": {64: dict(dkdv_stats_in_shared=True, dkdv_stages=4),
-                     128: dict(dkdv_stats_in_shared=True, dkdv_stages=3)},
+    "before": {64: dict(dkdv_stats_in_shared=False, dkdv_pingpong=False),
+               128: dict(dkdv_stats_in_shared=False, dq_block_n=64)},
+    "pingpong": {128: dict(dkdv_pingpong=True)},  # d=128: each alone 442 (ping-pong) / 447 (128-key dQ) at L=4096
+    "pingpong2": {64: dict(dq_pingpong=True), 128: dict(dkdv_pingpong=True, dq_pingpong=True)},
+    "defer": {64: dict(dkdv_defer_dk=True, dq_defer_dq=True), 128: dict(dq_block_n=64, dkdv_defer_dk=True,
+                                                                          dq_defer_dq=True)},
+    "stages": {64: dict(dkdv_stages=4), 128: dict(dkdv_stages=3)},
     # (deferred dK at d=64 only: at d=128 it spills 24-52 B; deferred dQ with 128-key steps would need 229 KB)
-    "all": {64: dict(dkdv_stats_in_shared=True, dkdv_defer_dk=True, dq_defer_dq=True, dkdv_pingpong=True,
-                     dq_pingpong=True),
-            128: dict(dkdv_stats_in_shared=True, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
+    "all": {64: dict(dkdv_defer_dk=True, dq_defer_dq=True, dq_pingpong=True),
+            128: dict(dq_block_n=64, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
 }
 
 
