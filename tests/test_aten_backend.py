@@ -188,8 +188,8 @@ def test_16bit_gradients_are_as_precise_as_torchs_own(where, monkeypatch):
 
     monkeypatch.setattr(TiledBackend, "backward", lambda *args: pytest.fail("the tiled backward ran"))
     kernel_dtypes = []
-    forward_kernel, backward_kernel = aten._KERNELS
-    monkeypatch.setattr(aten, "_KERNELS", (forward_kernel, lambda *a, **k: kernel_dtypes.append(a[1].dtype) or
+    forward_kernel, backward_kernel = aten.KERNELS
+    monkeypatch.setattr(aten, "KERNELS", (forward_kernel, lambda *a, **k: kernel_dtypes.append(a[1].dtype) or
                                            backward_kernel(*a, **k)))  # fmt: skip
     gen = generator(1690)
     lead = (4,) if where.startswith("3-D") else (2, 4)

@@ -9,6 +9,8 @@ kernel) on a CPU, the triton backend on a GPU.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,3 +334,55 @@ def test_plans_are_bounded(device, monkeypatch):
     for scale in range(1, 30):
         flashsdpa.attention(q, k, v, scale=float(scale))
         assert 1 <= len(call_plans._plans) <= 8
+
+
+# The plain CPU call: straight to the aten kernel, before any plan (call_plans.plain_cpu_call).
+PLAIN_SHAPES = ((2, 3, 17, 29, 16), (1, 2, 33, 33, 64), (1, 1, 40, 7, 8))  # (B, H, L, S, E); L > S causal too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_plain_cpu_calls_go_to_the_kernel_with_the_general_paths_bits(monkeypatch, dtype, causal):
+    gen = torch.Generator().manual_seed(3)
+    for b, h, l, s, e in PLAIN_SHAPES:
+        q = torch.randn(b, h, l, e, generator=gen).to(dtype)
+        k, v = (torch.randn(b, h, s, e, generator=gen).to(dtype) for _ in range(2))
+        # the general path: an explicit scale equal to the default is not plain
+        general = flashsdpa.attention(q, k, v, causal=causal, scale=1.0 / math.sqrt(e))
+        dispatch.reset_stats()
+        with monkeypatch.context() as patch:
+            patch.setattr(call_plans, "lookup", lambda *a, **kw: pytest.fail("a plain call built a signature"))
+            with poisoned_outputs():
+                out = flashsdpa.attention(q, k, v, causal=causal)
+                dropin = flashsdpa.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert torch.equal(out, general) and torch.equal(dropin, general), (dtype, causal, (b, h, l, s, e))
+        assert out.dtype == dtype and out.shape == (b, h, l, e)
+        assert dispatch.stats() == {"calls": {"aten": 2}, "fallbacks": {}}
+
+
+def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=gen) for _ in range(3))
+    plain = call_plans.plain_cpu_call
+    assert plain(q, k, v, False) is not None
+    not_plain = {
+        "requires grad": (q.clone().requires_grad_(), k, v, False),
+        "3-D": (q[0], k[0], v[0], False),
+        "GQA head counts": (q, k[:, :1], v[:, :1], False),
+        "value head dim": (q, k, torch.randn(1, 2, 9, 4), False),
+        "strided last dim": (q.transpose(2, 3).contiguous().transpose(2, 3), k, v, False),
+        "no keys": (q, k[:, :, :0], v[:, :, :0], False),
+        "no queries": (q[:, :, :0], k, v, False),
+        "mixed dtypes": (q, k.double(), v, False),
+        "integer dtype": (q.long(), k.long(), v.long(), False),
+        "causal given as an int": (q, k, v, 1),
+        "a subclass": (torch.nn.Parameter(q, requires_grad=False), k, v, False),
+    }
+    for why, args in not_plain.items():
+        assert plain(*args) is None, why
+    with torch.no_grad():
+        assert plain(q.clone().requires_grad_(), k, v, False) is not None  # no graph to record
+    with flashsdpa.use_backend("tiled"):
+        assert plain(q, k, v, False) is None
+    monkeypatch.setitem(dispatch.AUTOMATIC_ORDER, "cpu", ("tiled",))
+    assert plain(q, k, v, False) is None

@@ -21,6 +21,11 @@ differently), for tensor subclasses and layouts without strides, and for scalars
 tensor scale can change in place). A call that fails validation or has no backend makes no plan, so it
 raises the same error every time; so do edge calls that run no kernel (`dropout_p=1`, non-finite scales).
 Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
+
+Before any plan, `plain_cpu_call` takes the plainest CPU call straight to torch's fused CPU kernel (the aten
+backend's one kernel call). A plan's signature reads about 45 values; right after a kernel has streamed MBs
+through the caches that costs 70-230 us a call on the 2-core CPU, against 10-20 us for the checks that decide a
+plain call (BENCHMARKS.md, issue 16, session 9).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import NamedTuple
 import torch
 from torch.autograd import forward_ad
 
-from flashsdpa import api, dispatch, gradient_precision  # (api imports this module: api.PreparedCall is read at calls)
+from flashsdpa import api, dispatch, gradient_precision, ops  # (api imports this module: api.PreparedCall is read at calls)
+from flashsdpa.backends import aten as aten_backend
 from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.validation import Canonical, CallOptions, Variants, canonicalize, check_variants
@@ -60,6 +66,34 @@ class CallPlan(NamedTuple):
 
 
 _plans = RecentValues(limit=512)
+
+
+def plain_cpu_call(q, k, v, causal) -> Tensor | None:
+    """The output of `attention(q, k, v, causal=causal)` with every other argument at its default, computed by
+    the aten backend's kernel call itself, where the call is plain; None where it is not (the caller takes the
+    general path, which gives the same bits where both run). Plain: three CPU tensors of one floating dtype the
+    kernel takes, (B, H, L, E) queries and (B, H, S, E) keys and values with every size > 0 and a unit last
+    stride, no autograd graph to record, the automatic backend order starting with aten and no `use_backend`
+    pin, nothing that could tell the op's call apart (`ops._plain_eager`). Such a call is, in
+    `AtenBackend.forward`, one kernel call with the default scale (top-left causal leaves every row a key)."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or type(causal) is not bool:
+        return None
+    shape, key_shape = q.shape, k.shape
+    if (
+        len(shape) != 4 or v.shape != key_shape or key_shape[:2] != shape[:2] or key_shape[3] != shape[3]
+        or 0 in shape or key_shape[2] == 0
+        or q.device.type != "cpu" or k.device != q.device or v.device != q.device
+        or q.dtype not in aten_backend.KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
+        or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
+        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        or dispatch.pinned_backend() is not None
+        or dispatch.AUTOMATIC_ORDER.get("cpu", ())[:1] != ("aten",)
+        or aten_backend.KERNELS is None
+        or not ops._plain_eager((q, k, v))
+    ):  # fmt: skip
+        return None
+    dispatch.record_call("aten")
+    return aten_backend.KERNELS[0](q, k, v, 0.0, causal, attn_mask=None, scale=1.0 / math.sqrt(shape[3]))[0]
 
 
 def clear() -> None:

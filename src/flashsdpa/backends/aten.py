@@ -79,7 +79,7 @@ from flashsdpa.backends.tiled import TiledBackend
 from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision, MaskKind, statistics_dtype
 from flashsdpa.visibility import Visibility
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # Queries per kernel call on the blocked path (`Band`): a window's block sees window + block keys, a causal
 # one the whole diagonal block, computed whole (the kernel skips no masked pairs); fewer, larger calls
@@ -97,7 +97,7 @@ def _find_kernels():
         return None
 
 
-_KERNELS = _find_kernels()
+KERNELS = _find_kernels()  # (forward, backward), or None
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -242,10 +242,10 @@ class AtenBackend(Backend):
         reasons = []
         if device.type != "cpu":
             reasons.append(f"torch's fused flash kernel used here is the CPU one; tensors are on {device.type}")
-        if _KERNELS is None:
+        if KERNELS is None:
             reasons.append("this torch build has no aten::_scaled_dot_product_flash_attention_for_cpu")
-        if desc.dtype not in _DTYPES:
-            reasons.append(f"dtype {desc.dtype} is not one of the kernel's {[str(d) for d in _DTYPES]}")
+        if desc.dtype not in KERNEL_DTYPES:
+            reasons.append(f"dtype {desc.dtype} is not one of the kernel's {[str(d) for d in KERNEL_DTYPES]}")
         if desc.dropout_p > 0.0:
             reasons.append("dropout: flashsdpa's keep-mask is its own counter hash, torch's kernel draws another")
         if desc.head_dim != desc.head_dim_v:
@@ -264,7 +264,7 @@ class AtenBackend(Backend):
         return reasons
 
     def forward(self, desc: AttentionDescriptor, inputs: AttentionInputs):
-        forward_kernel, _ = _KERNELS
+        forward_kernel, _ = KERNELS
         q, k, v = inputs.query, inputs.key, inputs.value
         if desc.sinks and desc.dtype in _SIXTEEN_BIT:
             # float32 copies: the sinks rescale the kernel's output, which is then rounded once, not twice
@@ -298,7 +298,7 @@ class AtenBackend(Backend):
     def backward(self, desc, inputs, out, lse, grad_out, needed: GradientsNeeded):
         if needed.mask:  # the kernel computes no score gradient
             return TiledBackend().backward(desc, inputs, out, lse, grad_out, needed)
-        _, backward_kernel = _KERNELS
+        _, backward_kernel = KERNELS
         tensors = (grad_out, inputs.query, inputs.key, inputs.value, out)
         causal = kernel_causal(desc)
         blocked = causal is None
