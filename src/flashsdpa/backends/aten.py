@@ -89,10 +89,12 @@ QUERY_BLOCK = 512
 
 
 def _find_kernels():
-    """(forward, backward) ops, or None where this torch build has no CPU flash kernel."""
+    """(forward, backward) ops, or None where this torch build has no CPU flash kernel. Their one overload each
+    (`.default`): a call of the packet resolves the overload every time."""
     ops = torch.ops.aten
     try:
-        return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+        return (ops._scaled_dot_product_flash_attention_for_cpu.default,
+                ops._scaled_dot_product_flash_attention_for_cpu_backward.default)
     except (AttributeError, RuntimeError):  # pragma: no cover - torch builds before 2.3
         return None
 
