@@ -130,9 +130,9 @@ def attention(
     zeros, with or without a sink. The returned lse includes the sink:
     log(exp(sink) + sum_j exp(s_j)); -inf for an empty row without a sink.
     """
-    if (attn_mask is None and type(dropout_p) is float and dropout_p == 0.0 and scale is None and enable_gqa is False and return_lse is False
-            and backend is None and fp32_precision == "ieee" and window is None and causal_alignment == "top_left"
-            and softcap is None and alibi_slopes is None and sinks is None):  # fmt: skip
+    if (attn_mask is None and type(dropout_p) is float and dropout_p == 0.0 and scale is None and enable_gqa is False
+            and return_lse is False and backend is None and fp32_precision == "ieee" and window is None
+            and causal_alignment == "top_left" and softcap is None and alibi_slopes is None and sinks is None):  # fmt: skip
         out = call_plans.plain_cpu_call(q, k, v, causal)
         if out is not None:
             return out
