@@ -67,9 +67,9 @@ class PagedTiles(DecodeConfig):
 # block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
 # 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, a window, softcap + ALiBi
 # + sinks; pages of 16 and 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages
-# of 16: not listed. Main
-# loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a warp's 16 keys (4 x 16:
-# 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4 table loads).
+# of 16: not listed. Main loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a
+# warp's 16 keys (4 x 16: 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4
+# table loads).
 # H100 (scripts/sweep_paged_gpu.py, bf16 d=128 B=16 Hq/Hkv 32/8, interleaved with torch flash on the same keys
 # unpaged; 2026-12-05), TB/s at S = 16k / 32k / 128k and the ratio to torch flash: pages of 16, rows 0.96 /
 # 0.96 / 0.94x (bench), "slices 4x16 st3" 0.99 / 0.98 / 0.99x; pages of 256 rows 1.00 / 0.98 / 0.97x, slices
