@@ -267,7 +267,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     dq = TileShape(*dq_table[table_key])
     # Softcap, ALiBi, a window's edge, or a packed batch (compile_sm90 --packed, bf16: the tables' tiles
     # spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none).
-    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
+    transformed_or_windowed = key.softcap or key.alibi or windowed(key)
+    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (transformed_or_windowed or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
     if not fp32 and packed:
         rounded = not exact and table_key in SM90_16BIT_PACKED_ROUNDED
@@ -276,7 +277,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         # for plain problems only. Dropout keeps its tile (32x128 w8 serialised its wgmma, causal).
         if rounded and not key.dropout:
             dkdv = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][0])
-        if rounded and not (key.softcap or key.alibi or windowed(key) or key.dropout):
+        if rounded and not (transformed_or_windowed or key.dropout):
             dq = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][1])
         elif table_key in SM90_16BIT_PACKED_DQ:
             dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])
