@@ -8,6 +8,7 @@ H100/H200, where the suite runs with CUDA.
 from __future__ import annotations
 
 import functools
+import zlib
 
 import pytest
 import torch
@@ -298,7 +299,7 @@ def check_gluon_backward(monkeypatch, case: Case, what: str, gen) -> None:
 @pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gluon_backward_against_float64(gluon_backward, monkeypatch, head_dim, dtype, causal, shape):
     heads_q, heads_kv, seq_q, seq_kv = shape
-    gen = generator(hash((head_dim, causal, shape, "backward")) % 2**31)
+    gen = generator(zlib.crc32(repr((head_dim, causal, shape, "backward")).encode()))
     q, k, v = qkv((2, heads_q), (2, heads_kv), seq_q, seq_kv, head_dim, gen, dtype, "cuda")
     check_gluon_backward(monkeypatch, Case(q, k, v, causal=causal, enable_gqa=heads_q != heads_kv),
                          f"d={head_dim} {dtype} causal={causal} {shape}", gen)
@@ -452,7 +453,7 @@ def backward_candidate(request, monkeypatch, gluon_backward):
 def test_backward_candidates_against_float64(backward_candidate, monkeypatch, head_dim):
     """Each candidate spec: causal GQA with partial blocks at the 1.5x-torch rule, and every variant together
     against the float64 formula (both alignments), as the shipped spec is tested above."""
-    gen = generator(hash((head_dim, backward_candidate)) % 2**31)
+    gen = generator(zlib.crc32(repr((head_dim, backward_candidate)).encode()))  # (hash(str) varies by process)
     q, k, v = qkv((2, 4), (2, 2), 257, 513, head_dim, gen, torch.bfloat16, "cuda")
     check_gluon_backward(monkeypatch, Case(q, k, v, causal=True, enable_gqa=True),
                          f"{backward_candidate} d={head_dim}", gen)
