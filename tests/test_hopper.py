@@ -86,7 +86,9 @@ def test_reasons_on_an_sm90_device(monkeypatch):
 def test_softcap_forward_choices_are_data(monkeypatch):
     """`variants.SOFTCAP_FORWARD` picks the forward kernel's tanh (compiled in as TANH) and the units its
     qk_scale takes; "triton" leaves the Gluon spec alone (no GPU needed)."""
-    from flashsdpa.backends.hopper.forward_specs import LOG2E, HopperForwardSpec, forward_spec
+    from flashsdpa.backends.hopper.forward_specs import LOG2E, SOFTCAP_KERNELS, HopperForwardSpec, forward_spec
+
+    assert set(SOFTCAP_KERNELS) == set(variants.SOFTCAP_FORWARDS)
 
     softcap, alibi_too = variants.HopperVariants(softcap=True), variants.HopperVariants(softcap=True, alibi=True)
     monkeypatch.setitem(variants.SOFTCAP_FORWARD, 64, "precise")
