@@ -156,13 +156,14 @@ SM90_16BIT_PACKED_ROUNDED = {
 }
 # The packed grids' sequence order (BackwardConfig.packed_longest_first) on the GPU; timed by the same script.
 SM90_PACKED_LONGEST_FIRST = True
-# 16-bit dK/dV of a packed batch with dropout at d=128: the 64x64 w8 tile above spilled 28 B causal and
+# 16-bit dK/dV of a packed batch with dropout at d=128: SM90_16BIT_VARIANT_DKDV's 64x64 w8 tile spilled 28 B causal and
 # serialised its wgmma (compile_sm90 --packed, bf16, sm_90); 64x32 w8 s2 none, 172 registers (32x64 w8:
 # SERIAL; 64x64 w8 s1: 144 B; 64x64 w4: 208 B). Not timed.
 SM90_16BIT_PACKED_DROPOUT_DKDV = {128: (64, 32, 8, 2)}
 # 16-bit dQ of a packed batch (varlen) at d=128: the table's 128x64 w8 tile spilled 12 B causal (compile_sm90
 # --packed, bf16, sm_90, Triton 3.6); 128x32 w8 s3 none at 175-241 registers (64x64 w4 spilled 12-104 B,
-# 64x64 w8 and 64x32 w4 none at up to 255 / 226). Not timed.
+# 64x64 w8 and 64x32 w4 none at up to 255 / 226). Where it runs (EXACT, and ROUNDED with softcap, ALiBi, a
+# window or dropout) not timed; the same tile is SM90_16BIT_PACKED_ROUNDED's d=128 dQ, timed there.
 SM90_16BIT_PACKED_DQ = {128: (128, 32, 8, 3)}
 SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
