@@ -8,6 +8,7 @@ H100/H200, where the suite runs with CUDA.
 from __future__ import annotations
 
 import functools
+import zlib
 
 import pytest
 import torch
@@ -85,7 +86,9 @@ def test_reasons_on_an_sm90_device(monkeypatch):
 def test_softcap_forward_choices_are_data(monkeypatch):
     """`variants.SOFTCAP_FORWARD` picks the forward kernel's tanh (compiled in as TANH) and the units its
     qk_scale takes; "triton" leaves the Gluon spec alone (no GPU needed)."""
-    from flashsdpa.backends.hopper.forward_specs import LOG2E, HopperForwardSpec, forward_spec
+    from flashsdpa.backends.hopper.forward_specs import LOG2E, SOFTCAP_KERNELS, HopperForwardSpec, forward_spec
+
+    assert set(SOFTCAP_KERNELS) == set(variants.SOFTCAP_FORWARDS)
 
     softcap, alibi_too = variants.HopperVariants(softcap=True), variants.HopperVariants(softcap=True, alibi=True)
     monkeypatch.setitem(variants.SOFTCAP_FORWARD, 64, "precise")
@@ -131,9 +134,8 @@ def test_softcap_forward_on_triton_is_triton_s_forward(monkeypatch, device, head
     dispatch.reset_stats()
     with poisoned_outputs():
         out, lse = hopper.HopperBackend().forward(desc, inputs)
-    assert dispatch.stats()["fallbacks"] == {
-        f"hopper: softcap's forward at head dim {head_dim} is triton's (hopper.variants.SOFTCAP_FORWARD); "
-        "ran triton": 1}
+    expected = chosen_forward_reasons("softcap", head_dim)
+    assert len(expected) == 1 and dispatch.stats()["fallbacks"] == dict.fromkeys(expected, 1)
     theirs = triton_backend.TritonBackend().forward(desc, inputs)
     assert torch.equal(out, theirs[0]) and torch.equal(lse, theirs[1])
     assert out.shape == (1, 2, 33, head_dim) and out.dtype == torch.float16
@@ -298,7 +300,7 @@ def check_gluon_backward(monkeypatch, case: Case, what: str, gen) -> None:
 @pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gluon_backward_against_float64(gluon_backward, monkeypatch, head_dim, dtype, causal, shape):
     heads_q, heads_kv, seq_q, seq_kv = shape
-    gen = generator(hash((head_dim, causal, shape, "backward")) % 2**31)
+    gen = generator(zlib.crc32(repr((head_dim, causal, shape, "backward")).encode()))
     q, k, v = qkv((2, heads_q), (2, heads_kv), seq_q, seq_kv, head_dim, gen, dtype, "cuda")
     check_gluon_backward(monkeypatch, Case(q, k, v, causal=causal, enable_gqa=heads_q != heads_kv),
                          f"d={head_dim} {dtype} causal={causal} {shape}", gen)
@@ -452,7 +454,7 @@ def backward_candidate(request, monkeypatch, gluon_backward):
 def test_backward_candidates_against_float64(backward_candidate, monkeypatch, head_dim):
     """Each candidate spec: causal GQA with partial blocks at the 1.5x-torch rule, and every variant together
     against the float64 formula (both alignments), as the shipped spec is tested above."""
-    gen = generator(hash((head_dim, backward_candidate)) % 2**31)
+    gen = generator(zlib.crc32(repr((head_dim, backward_candidate)).encode()))  # (hash(str) varies by process)
     q, k, v = qkv((2, 4), (2, 2), 257, 513, head_dim, gen, torch.bfloat16, "cuda")
     check_gluon_backward(monkeypatch, Case(q, k, v, causal=True, enable_gqa=True),
                          f"{backward_candidate} d={head_dim}", gen)

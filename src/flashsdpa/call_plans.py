@@ -25,7 +25,7 @@ Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
 Before any plan, `plain_cpu_call` takes the plainest CPU call straight to torch's fused CPU kernel (the aten
 backend's one kernel call). A plan's signature reads about 45 values; right after a kernel has streamed MBs
 through the caches that costs 70-230 us a call on the 2-core CPU, against 10-20 us for the checks that decide a
-plain call (BENCHMARKS.md, issue 16, session 9).
+plain call (BENCHMARKS.md, "Issue 16: the bar run, session 9").
 """
 
 from __future__ import annotations

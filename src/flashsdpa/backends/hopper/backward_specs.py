@@ -63,9 +63,9 @@ class HopperBackwardSpec:
 
 # What runs, by head dim: the fastest of CANDIDATES on the H100 (scripts/bench_hopper_backward_gpu.py; bf16,
 # backward alone, TFLOP/s, B*H*L = 16384*2048/d; every candidate checked against float64 and giving the same
-# bits as the spec before them). d=64 L=4096: before 320, "stats" 381, "stats+pingpong" 386 (cuDNN 419).
-# d=128 L=4096 / L=16384 causal / L=1024: before 407 / 433 / 305, "stats+dq128" 447 / 490 / 349, "stats+pingpong"
-# 442 / 481 / 350 (cuDNN 489 / 501 / 378).
+# bits as the spec before them). d=64 L=4096: "before" 320, with dkdv_stats_in_shared 381, and dkdv_pingpong too
+# 386 (cuDNN 419). d=128 L=4096 / L=16384 causal / L=1024: "before" 407 / 433 / 305, dkdv_stats_in_shared with
+# dq_block_n 128 447 / 490 / 349, dkdv_stats_in_shared with dkdv_pingpong 442 / 481 / 350 (cuDNN 489 / 501 / 378).
 SPECS = {
     64: HopperBackwardSpec(64, dkdv_block_n=64, dkdv_block_m=64, dkdv_stages=3, dq_block_n=128, dq_stages=2,
                            dkdv_stats_in_shared=True, dkdv_pingpong=True),
@@ -75,12 +75,12 @@ SPECS = {
 
 # Changes to SPECS timed against it on the H100 (scripts/bench_hopper_backward_gpu.py; each checked against
 # float64 and for the same bits every call there). What they answer, from an ncu profile of the bf16 d=64 L=4096
-# backward before the statistics moved to shared memory (H100; NOTES.md, "the Gluon backward toward cuDNN"): the
+# backward with the statistics in registers ("before"; H100; NOTES.md, "the Gluon backward toward cuDNN"): the
 # dK/dV kernel took 2.51 of 3.8 ms at 45% tensor-pipe use, the dQ kernel 1.28 ms at 67%; in dK/dV's loop, 19% of
-# the consumer warps' stall samples sat on the first use of each step's lse2 (now in shared memory), and both
-# groups start every step together on the same Q slot, so their exponentials leave the tensor cores idle at once
-# (the ping-pong). "before" is the spec the figures above started from. sm_90 compile figures:
-# compile_sm90.py --hopper-candidates (and NOTES.md).
+# the consumer warps' stall samples sat on the first use of each step's lse2 (what `dkdv_stats_in_shared`
+# answers), and both groups start every step together on the same Q slot, so their exponentials leave the tensor
+# cores idle at once (the ping-pong). "before" is the spec the figures above started from. sm_90 compile
+# figures: compile_sm90.py --hopper-candidates (and NOTES.md).
 CANDIDATES: dict[str, dict[int, dict]] = {
     "before": {64: dict(dkdv_stats_in_shared=False, dkdv_pingpong=False),
                128: dict(dkdv_stats_in_shared=False, dq_block_n=64)},

@@ -68,6 +68,11 @@ class HopperForwardSpec:
         return LOG2E if self.variants.natural_units else scale * LOG2E
 
 
+# The Gluon kernel of each `variants.SOFTCAP_FORWARD` choice: (tanh, exp2_by_fma). "triton" runs the triton
+# backend's forward, so its entry is the plain kernel's.
+SOFTCAP_KERNELS = {"precise": ("precise", False), "hardware": ("hardware", False), "hardware-fma": ("hardware", True),
+                   "triton": ("precise", False)}
+
 # (block_n, stages, q_buffers) per head dim.
 _TILES = {64: (128, 3, 2), 128: (128, 2, 2), 256: (64, 2, 1)}
 
@@ -84,8 +89,6 @@ def forward_spec(head_dim: int, variants: HopperVariants) -> HopperForwardSpec:
     d=128 L=4096 non-causal and -1 to -3% elsewhere: off.
     """
     block_n, stages, q_buffers = _TILES[head_dim]
-    choice = hopper_variants.SOFTCAP_FORWARD[head_dim] if variants.softcap else "precise"
+    tanh, exp2_by_fma = SOFTCAP_KERNELS[hopper_variants.SOFTCAP_FORWARD[head_dim] if variants.softcap else "precise"]
     return HopperForwardSpec(head_dim=head_dim, variants=variants, block_n=block_n, stages=stages,
-                             q_buffers=q_buffers, persistent=not variants.banded,
-                             tanh="hardware" if choice.startswith("hardware") else "precise",
-                             exp2_by_fma=choice == "hardware-fma")
+                             q_buffers=q_buffers, persistent=not variants.banded, tanh=tanh, exp2_by_fma=exp2_by_fma)

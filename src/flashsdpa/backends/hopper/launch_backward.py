@@ -9,12 +9,11 @@ import torch
 from flashsdpa.backends.base import AttentionInputs, new_output
 from flashsdpa.backends.hopper.backward_specs import HopperBackwardSpec, backward_spec
 from flashsdpa.backends.hopper.forward_specs import LOG2E
-from flashsdpa.backends.hopper.launch_forward import tma_descriptor, tma_readable
+from flashsdpa.backends.hopper.launch_forward import cached_descriptor, tma_descriptor, tma_readable
 from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, score_arguments
 from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
 from flashsdpa.backends.triton.launch_backward import stats_row_stride
 from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device
-from flashsdpa.cache import RecentValues
 from flashsdpa.descriptor import AttentionDescriptor
 
 PREPROCESS_BLOCK_M = 128  # (stats_row_stride is a multiple of it)
@@ -33,28 +32,18 @@ def backward_readable(inputs: AttentionInputs, out: torch.Tensor, grad_out: torc
     return tma_readable(inputs.query, inputs.key, inputs.value, grad_out)
 
 
-# Validated descriptor fields (all but the base) of the row statistics, by shape and block rows (as
-# launch_forward's for q, k, v: building a Gluon TensorDescriptor costs tens of microseconds). Bounded.
-_stats_descriptor_fields = RecentValues()
-
-
 def stats_descriptor(stats: torch.Tensor, rows: int):
     """A TMA descriptor of the (2, rows of every (batch, query head), stats stride) float32 row statistics
     (delta, lse2), with blocks of (2, 1, rows): one query block's delta and lse2 together, unswizzled."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    key = (stats.shape, rows)
-    fields = _stats_descriptor_fields.get(key)
-    if fields is None:
+    def build():
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-        descriptor = TensorDescriptor(stats, list(stats.shape), list(stats.stride()), [2, 1, rows], layout)
-        fields = _stats_descriptor_fields.keep(key, {name: value for name, value in vars(descriptor).items()
-                                                     if name != "base"})
-    descriptor = TensorDescriptor.__new__(TensorDescriptor)
-    descriptor.__dict__.update(fields)
-    descriptor.base = stats
-    return descriptor
+        return TensorDescriptor(stats, list(stats.shape), list(stats.stride()), [2, 1, rows], layout)
+
+    return cached_descriptor(("stats", stats.shape, rows), stats, build)
 
 
 def attention_backward(

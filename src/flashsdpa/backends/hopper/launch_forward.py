@@ -31,28 +31,36 @@ def tma_readable(*tensors: torch.Tensor) -> bool:
     return all(host_descriptor_strides(t) is not None for t in tensors)
 
 
-# Validated descriptor fields (all but the base) by tensor shape, strides, dtype and block rows: building
-# and validating a Gluon TensorDescriptor and its layout costs ~35 us on this CPU, four a call. Bounded.
+# Validated descriptor fields (all but the base) by what shapes the descriptor: building and validating a
+# Gluon TensorDescriptor and its layout costs ~35 us on this CPU, four a call. Bounded.
 _descriptor_fields = RecentValues()
 
 
-def tma_descriptor(tensor: torch.Tensor, rows: int):
-    """A TMA descriptor of a 4-D tensor that passed `tma_readable`, with blocks of (1, 1, rows, head_dim)."""
-    key = (tensor.shape, tensor.stride(), tensor.dtype, rows)
+def cached_descriptor(key, tensor: torch.Tensor, build):
+    """A TMA descriptor of `tensor`: `build()`'s (a TensorDescriptor of `tensor`) validated fields, kept under
+    `key` (everything the descriptor depends on but the tensor's address), with `tensor` as its base."""
     fields = _descriptor_fields.get(key)
     if fields is None:
-        _, gl, TensorDescriptor = _gluon()
-        element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[tensor.dtype]
-        block = [1, 1, rows, tensor.shape[3]]
-        layout = gl.NVMMASharedLayout.get_default_for(block, element)
-        descriptor = TensorDescriptor(tensor, list(tensor.shape), host_descriptor_strides(tensor), block, layout)
-        fields = _descriptor_fields.keep(key, {name: value for name, value in vars(descriptor).items()
+        fields = _descriptor_fields.keep(key, {name: value for name, value in vars(build()).items()
                                                if name != "base"})  # (a kept base would keep a tensor alive)
     _, _, TensorDescriptor = _gluon()
     descriptor = TensorDescriptor.__new__(TensorDescriptor)  # the fields were validated for this key
     descriptor.__dict__.update(fields)
     descriptor.base = tensor
     return descriptor
+
+
+def tma_descriptor(tensor: torch.Tensor, rows: int):
+    """A TMA descriptor of a 4-D tensor that passed `tma_readable`, with blocks of (1, 1, rows, head_dim)."""
+
+    def build():
+        _, gl, TensorDescriptor = _gluon()
+        element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[tensor.dtype]
+        block = [1, 1, rows, tensor.shape[3]]
+        layout = gl.NVMMASharedLayout.get_default_for(block, element)
+        return TensorDescriptor(tensor, list(tensor.shape), host_descriptor_strides(tensor), block, layout)
+
+    return cached_descriptor(("tile", tensor.shape, tensor.stride(), tensor.dtype, rows), tensor, build)
 
 
 def attention_forward(

@@ -156,13 +156,14 @@ SM90_16BIT_PACKED_ROUNDED = {
 }
 # The packed grids' sequence order (BackwardConfig.packed_longest_first) on the GPU; timed by the same script.
 SM90_PACKED_LONGEST_FIRST = True
-# 16-bit dK/dV of a packed batch with dropout at d=128: the 64x64 w8 tile above spilled 28 B causal and
+# 16-bit dK/dV of a packed batch with dropout at d=128: SM90_16BIT_VARIANT_DKDV's 64x64 w8 tile spilled 28 B causal and
 # serialised its wgmma (compile_sm90 --packed, bf16, sm_90); 64x32 w8 s2 none, 172 registers (32x64 w8:
 # SERIAL; 64x64 w8 s1: 144 B; 64x64 w4: 208 B). Not timed.
 SM90_16BIT_PACKED_DROPOUT_DKDV = {128: (64, 32, 8, 2)}
 # 16-bit dQ of a packed batch (varlen) at d=128: the table's 128x64 w8 tile spilled 12 B causal (compile_sm90
 # --packed, bf16, sm_90, Triton 3.6); 128x32 w8 s3 none at 175-241 registers (64x64 w4 spilled 12-104 B,
-# 64x64 w8 and 64x32 w4 none at up to 255 / 226). Not timed.
+# 64x64 w8 and 64x32 w4 none at up to 255 / 226). Where it runs (EXACT, and ROUNDED with softcap, ALiBi, a
+# window or dropout) not timed; the same tile is SM90_16BIT_PACKED_ROUNDED's d=128 dQ, timed there.
 SM90_16BIT_PACKED_DQ = {128: (128, 32, 8, 3)}
 SM90_16BIT_ROUNDED_DQ = {
     64: (64, 64, 4, 3),  # 320 (128x64 w8: 319, 128x32 w8 s3: 312, 128x128 w8 s3: 303)
@@ -267,7 +268,8 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     dq = TileShape(*dq_table[table_key])
     # Softcap, ALiBi, a window's edge, or a packed batch (compile_sm90 --packed, bf16: the tables' tiles
     # spilled 16 B at d=128 and 100 B at d=64, plain; 64x64 none).
-    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (key.softcap or key.alibi or windowed(key) or packed):
+    transformed_or_windowed = key.softcap or key.alibi or windowed(key)
+    if not fp32 and table_key in SM90_16BIT_VARIANT_DKDV and (transformed_or_windowed or packed):
         dkdv = TileShape(*SM90_16BIT_VARIANT_DKDV[table_key])
     if not fp32 and packed:
         rounded = not exact and table_key in SM90_16BIT_PACKED_ROUNDED
@@ -276,7 +278,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         # for plain problems only. Dropout keeps its tile (32x128 w8 serialised its wgmma, causal).
         if rounded and not key.dropout:
             dkdv = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][0])
-        if rounded and not (key.softcap or key.alibi or windowed(key) or key.dropout):
+        if rounded and not (transformed_or_windowed or key.dropout):
             dq = TileShape(*SM90_16BIT_PACKED_ROUNDED[table_key][1])
         elif table_key in SM90_16BIT_PACKED_DQ:
             dq = TileShape(*SM90_16BIT_PACKED_DQ[table_key])

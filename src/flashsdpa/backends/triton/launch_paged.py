@@ -28,7 +28,8 @@ from flashsdpa.descriptor import AttentionDescriptor
 from flashsdpa.visibility import Visibility
 
 Tensor = torch.Tensor
-# Warps per program: flash decoding's tiles (forward_configs.choose_decode_config) with 8 warps, not 4. With
+# Warps per program of the "rows" layout (PAGED_LAYOUTS): flash decoding's tiles
+# (forward_configs.choose_decode_config) with 8 warps, not 4. With
 # 4, the per-key row addresses of a paged cache cost registers: compile_sm90 --paged (bf16, sm_90, Triton
 # 3.6, pages of 16 keys, page numbers read a block ahead) takes 146-196 registers and spills 4 bytes with
 # softcap+ALiBi+sinks at d=128; with 8, 98-141 at d=128 and no spills.
@@ -44,7 +45,8 @@ PAGED_DECODE_WARPS = 8
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
 # a program reads its keys once for 64 rows rather than 16, in blocks of at most 64 keys. compile_sm90
 # --paged (bf16, sm_90, 8 warps): 154-176 registers at d=128, no spills; d=64 with 128-key blocks took
-# 255 registers, float32 (split tf32 products) spilled 436 bytes.
+# 255 registers. float32 keeps 16 rows: 64 spilled 436 bytes with split tf32 products, which the paged
+# program does not take (`kernel_specs.decode_tiles`); 64 rows of float32 products are not compiled.
 PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
 
@@ -67,9 +69,9 @@ class PagedTiles(DecodeConfig):
 # block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
 # 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, a window, softcap + ALiBi
 # + sinks; pages of 16 and 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages
-# of 16: not listed. Main
-# loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a warp's 16 keys (4 x 16:
-# 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4 table loads).
+# of 16: not listed. Main loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a
+# warp's 16 keys (4 x 16: 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4
+# table loads).
 # H100 (scripts/sweep_paged_gpu.py, bf16 d=128 B=16 Hq/Hkv 32/8, interleaved with torch flash on the same keys
 # unpaged; 2026-12-05), TB/s at S = 16k / 32k / 128k and the ratio to torch flash: pages of 16, rows 0.96 /
 # 0.96 / 0.94x (bench), "slices 4x16 st3" 0.99 / 0.98 / 0.99x; pages of 256 rows 1.00 / 0.98 / 0.97x, slices
@@ -92,9 +94,9 @@ PAGED_SLICED_MAX_HEAD_DIM = 128
 
 # K/V blocks by TMA (spec field tma_blocks) where the cache allows it (a contiguous cache, or power-of-two
 # pages holding whole key blocks; TMA-readable strides; sm_90+ or the interpreter). Off: on the H100 (the
-# sweep above, default tiles, one split) TMA boxes read 1.35 / 2.24 / 2.44 / 3.06 TB/s at S = 4k / 16k /
-# 32k / 128k over pages of 256 keys against 2.53 / 2.64 / 2.74 / 3.03 for the per-row cp.async copies
-# (contiguous cache: 1.34 / 2.30 / 2.50 / 3.11 against 2.55 / 2.83 / 2.87 / 3.11).
+# sweep of PAGED_DECODE_WARPS' comment, the "rows" tiles, one split) TMA boxes read 1.35 / 2.24 / 2.44 / 3.06
+# TB/s at S = 4k / 16k / 32k / 128k over pages of 256 keys against 2.53 / 2.64 / 2.74 / 3.03 for the per-row
+# cp.async copies (contiguous cache: 1.34 / 2.30 / 2.50 / 3.11 against 2.55 / 2.83 / 2.87 / 3.11).
 PAGED_TMA_BLOCKS = False
 
 
@@ -112,7 +114,8 @@ def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, blo
 
 def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles, split_products: bool) -> bool:
     """Whether `layout` (key slices) serves `desc`: a GQA group's rows in one program, head dims up to
-    PAGED_SLICED_MAX_HEAD_DIM and 16-bit products (float32's split products keep the rows program)."""
+    PAGED_SLICED_MAX_HEAD_DIM, and a forward `config` without split products (full-precision float32 keeps the
+    rows program; float32 at tf32 precision takes the layout)."""
     key = desc.kernel_key
     return (desc.gqa_group * desc.seq_q <= layout.block_m and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
             and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM and not split_products)  # fmt: skip
