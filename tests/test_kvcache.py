@@ -616,20 +616,22 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
 
 
 def test_sliced_layouts_serve_one_program_of_16_bit_rows_up_to_d128():
-    """The sliced layout serves a GQA group in one program at d <= 128 with 16-bit products, every score
-    variant; d=256, more rows than a program holds, or float32's split products get the rows program."""
+    """The sliced layout serves a GQA group in one program at d <= 128 with 16-bit inputs, every score
+    variant; d=256, more rows than a program holds, or float32 (either precision) get the rows program."""
     from flashsdpa import kvcache
     from flashsdpa.backends.triton import launch_paged
 
     layout = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 slices"])
 
-    def serves(seq_q=1, dim=128, split_products=False, **variants):
-        q, cache = torch.zeros(2, seq_q, 8, dim, dtype=torch.bfloat16), torch.zeros(2, 64, 2, dim, dtype=torch.bfloat16)
+    def serves(seq_q=1, dim=128, dtype=torch.bfloat16, **variants):
+        q, cache = torch.zeros(2, seq_q, 8, dim, dtype=dtype), torch.zeros(2, 64, 2, dim, dtype=dtype)
         options = dict(scale=None, causal=True, window_size=(-1, -1), softcap=None, alibi=False, sinks=False,
                        fp32_precision="ieee")  # fmt: skip
         desc = kvcache.cache_descriptor(q, cache, cache, 64, **{**options, **variants})
-        return launch_paged.sliced_layout_applies(desc, layout, split_products)
+        return launch_paged.sliced_layout_applies(desc, layout)
 
     assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(8, -1))
     assert serves(softcap=30.0, alibi=True) and serves(seq_q=4)  # 16 rows a kv head
-    assert not serves(dim=256) and not serves(seq_q=5) and not serves(split_products=True)
+    assert serves(dtype=torch.float16)
+    assert not serves(dim=256) and not serves(seq_q=5) and not serves(dtype=torch.float32)
+    assert not serves(dtype=torch.float32, fp32_precision="tf32")

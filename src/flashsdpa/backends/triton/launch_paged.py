@@ -112,20 +112,20 @@ def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, blo
     return None if None in strides else tuple(zip(views, strides))
 
 
-def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles, split_products: bool) -> bool:
-    """Whether `layout` (key slices) serves `desc`: a GQA group's rows in one program, head dims up to
-    PAGED_SLICED_MAX_HEAD_DIM, and a forward `config` without split products (full-precision float32 keeps the
-    rows program; float32 at tf32 precision takes the layout)."""
+def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles) -> bool:
+    """Whether `layout` (key slices) serves `desc`: 16-bit inputs (the layouts were compiled and timed for them;
+    float32 keeps the rows program), a GQA group's rows in one program, head dims up to PAGED_SLICED_MAX_HEAD_DIM."""
     key = desc.kernel_key
-    return (desc.gqa_group * desc.seq_q <= layout.block_m and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
-            and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM and not split_products)  # fmt: skip
+    return (desc.dtype in (torch.float16, torch.bfloat16) and desc.gqa_group * desc.seq_q <= layout.block_m
+            and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
+            and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM)  # fmt: skip
 
 
-def paged_tiles(desc: AttentionDescriptor, decode: DecodeConfig, split_products: bool) -> PagedTiles:
+def paged_tiles(desc: AttentionDescriptor, decode: DecodeConfig) -> PagedTiles:
     """The paged program's tiles for `desc`: PAGED_DECODE_LAYOUT's where it applies, else from flash
     decoding's (`decode`), with 64-row programs for a group of more than 16 rows of 16-bit inputs."""
     layout = PAGED_LAYOUTS[PAGED_DECODE_LAYOUT]
-    if layout is not None and sliced_layout_applies(desc, layout, split_products):
+    if layout is not None and sliced_layout_applies(desc, layout):
         return layout
     group_rows, dtype = desc.gqa_group * desc.seq_q, desc.dtype
     tiles = PagedTiles(decode.block_m, decode.block_n, PAGED_DECODE_WARPS, decode.num_stages)
@@ -164,7 +164,7 @@ def paged_decode(
     if batch * heads_q * seq_q == 0:
         return out, lse
     gqa_group = desc.gqa_group
-    decode = tiles or paged_tiles(desc, config.decode, config.split_products)
+    decode = tiles or paged_tiles(desc, config.decode)
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
     programs_per_split = batch * heads_kv * row_chunks
     if programs_per_split > MAX_GRID_X:
