@@ -368,6 +368,7 @@ def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
     not_plain = {
         "requires grad": (q.clone().requires_grad_(), k, v, False),
         "3-D": (q[0], k[0], v[0], False),
+        "3-D keys and values": (q, k[:, :, 0], v[:, :, 0], False),  # (1, 2, 8): leading sizes as the query's
         "GQA head counts": (q, k[:, :1], v[:, :1], False),
         "value head dim": (q, k, torch.randn(1, 2, 9, 4), False),
         "strided last dim": (q.transpose(2, 3).contiguous().transpose(2, 3), k, v, False),
@@ -380,6 +381,9 @@ def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
     }
     for why, args in not_plain.items():
         assert plain(*args) is None, why
+    # (3-D keys broadcast against a 4-D query, as in torch: the general path computes it)
+    torch.testing.assert_close(flashsdpa.attention(q, k[:, :, 0], v[:, :, 0]),
+                               F.scaled_dot_product_attention(q, k[:, :, 0], v[:, :, 0]))
     with torch.no_grad():
         assert plain(q.clone().requires_grad_(), k, v, False) is not None  # no graph to record
     with flashsdpa.use_backend("tiled"):

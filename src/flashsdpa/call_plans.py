@@ -25,7 +25,7 @@ Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
 Before any plan, `plain_cpu_call` takes the plainest CPU call straight to torch's fused CPU kernel (the aten
 backend's one kernel call). A plan's signature reads about 45 values; right after a kernel has streamed MBs
 through the caches that costs 70-230 us a call on the 2-core CPU, against 10-20 us for the checks that decide a
-plain call (BENCHMARKS.md, "Issue 16: the bar run, session 9").
+plain call (BENCHMARKS.md, issue 16: where the L=1024 rows' gap is).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
         return None
     shape, key_shape = q.shape, k.shape
     if (
-        len(shape) != 4 or v.shape != key_shape or key_shape[:2] != shape[:2] or key_shape[3] != shape[3]
+        len(shape) != 4 or len(key_shape) != 4 or v.shape != key_shape or key_shape[:2] != shape[:2]
+        or key_shape[3] != shape[3]
         or 0 in shape or key_shape[2] == 0
         or q.device.type != "cpu" or k.device != q.device or v.device != q.device
         or q.dtype not in aten_backend.KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
