@@ -36,8 +36,8 @@ BACKWARD_COMPUTED = {64: COMPUTED, 128: COMPUTED}
 #                unit, so 1.5 MUFU operations a score, and more FMA-pipe work in group 1;
 #   "triton"   - the triton backend's forward (its out and lse are the layouts and units the Gluon backward
 #                reads: both come from `triton.launch_forward.allocate_outputs`, lse in natural log).
-# H100, bf16 L=4096 B=4 H=16 softcap 30, forward TFLOP/s (scripts/bench_softcap_gpu.py; BENCHMARKS.md, "Issue 14:
-# the H100, session 9", call 3): d=128 causal precise 127, hardware 467, hardware-fma 383, triton 205, compiled
+# H100, bf16 L=4096 B=4 H=16 softcap 30, forward TFLOP/s (scripts/bench_softcap_gpu.py; BENCHMARKS.md, issue 14,
+# the softcap forward's choices): d=128 causal precise 127, hardware 467, hardware-fma 383, triton 205, compiled
 # Flex 175; d=128 non-causal 174 / 525 / 428 / 231; d=64 causal 62 / 290 / 229 / 126. Out and gradient errors
 # against float64 are the same for all four (bf16); lse moves by up to 2.2e-4 with "hardware" at scale 1 (6.4e-6
 # precise).
