@@ -366,7 +366,6 @@ def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
     plain = call_plans.plain_cpu_call
     assert plain(q, k, v, False) is not None
     not_plain = {
-        "requires grad": (q.clone().requires_grad_(), k, v, False),
         "3-D": (q[0], k[0], v[0], False),
         "3-D keys and values": (q, k[:, :, 0], v[:, :, 0], False),  # (1, 2, 8): leading sizes as the query's
         "GQA head counts": (q, k[:, :1], v[:, :1], False),
@@ -384,9 +383,51 @@ def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
     # (3-D keys broadcast against a 4-D query, as in torch: the general path computes it)
     torch.testing.assert_close(flashsdpa.attention(q, k[:, :, 0], v[:, :, 0]),
                                F.scaled_dot_product_attention(q, k[:, :, 0], v[:, :, 0]))
-    with torch.no_grad():
-        assert plain(q.clone().requires_grad_(), k, v, False) is not None  # no graph to record
+    # a graph to record: the kernel's autograd where its gradients are flashsdpa's (the test below), not where
+    # 16-bit gradients are to be computed exactly
+    assert plain(q.clone().requires_grad_(), k, v, False) is not None
+    q16, k16, v16 = q.bfloat16().requires_grad_(), k.bfloat16(), v.bfloat16()
+    assert plain(q16, k16, v16, False) is not None  # torch's flash kernel takes it: ROUNDED
+    monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.EXACT)
+    assert plain(q16, k16, v16, False) is None
+    monkeypatch.setattr(gradient_precision, "pinned", None)
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        assert plain(q16, k16, v16, False) is None  # torch's math path: EXACT
+        with torch.no_grad():
+            assert plain(q16, k16, v16, False) is not None  # no graph to record
     with flashsdpa.use_backend("tiled"):
         assert plain(q, k, v, False) is None
     monkeypatch.setitem(dispatch.AUTOMATIC_ORDER, "cpu", ("tiled",))
     assert plain(q, k, v, False) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_plain_cpu_calls_that_record_a_graph_give_the_general_paths_gradients(dtype, causal):
+    """The kernel's own autograd node, where the lane takes a graph-recording call: its output and gradients
+    are the general path's bits, for a random, an expanded (from .sum()) and a transposed output gradient; it
+    refuses double backward as flashsdpa's backward does."""
+    gen = torch.Generator().manual_seed(5)
+    for (b, h, l, s, e), grad_kind in zip(PLAIN_SHAPES, ("random", "sum", "transposed")):
+        q = torch.randn(b, h, l, e, generator=gen).to(dtype).requires_grad_()
+        k, v = (torch.randn(b, h, s, e, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+        general = flashsdpa.attention(q, k, v, causal=causal, scale=1.0 / math.sqrt(e))
+        dispatch.reset_stats()
+        with poisoned_outputs():
+            out = flashsdpa.attention(q, k, v, causal=causal)
+        assert dispatch.stats() == {"calls": {"aten": 1}, "fallbacks": {}}
+        assert type(out.grad_fn) is not type(general.grad_fn)  # the lane ran, not the general path
+        if grad_kind == "random":
+            grad = torch.randn(out.shape, generator=gen).to(dtype)
+        elif grad_kind == "sum":
+            grad = torch.ones((), dtype=dtype).expand(out.shape)
+        else:
+            grad = torch.randn(b, h, e, l, generator=gen).to(dtype).transpose(-1, -2)
+        expected = torch.autograd.grad(general, (q, k, v), grad)
+        with poisoned_outputs():
+            got = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+        assert torch.equal(out, general), (dtype, causal, (b, h, l, s, e))
+        for name, g, ref in zip("qkv", got, expected):
+            assert torch.equal(g, ref), (name, dtype, causal, (b, h, l, s, e), grad_kind)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(out, (q, k, v), grad, create_graph=True)

@@ -39,7 +39,7 @@ from torch.autograd import forward_ad
 from flashsdpa import api, dispatch, gradient_precision, ops  # (api imports this module: api.PreparedCall is read at calls)
 from flashsdpa.backends import aten as aten_backend
 from flashsdpa.cache import RecentValues
-from flashsdpa.descriptor import AttentionDescriptor
+from flashsdpa.descriptor import AttentionDescriptor, GradientPrecision
 from flashsdpa.validation import Canonical, CallOptions, Variants, canonicalize, check_variants
 
 # Entry points, part of the signature: the drop-in layer's checks are not `attention`'s.
@@ -49,6 +49,7 @@ SDPA = "sdpa"
 Tensor = torch.Tensor
 _SCALAR_TYPES = frozenset((bool, int, float, str, type(None)))  # the scalar option types plans take
 _NO_EXPANSION = (None, None, None, None)
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 class CallPlan(NamedTuple):
@@ -73,9 +74,14 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
     the aten backend's kernel call itself, where the call is plain; None where it is not (the caller takes the
     general path, which gives the same bits where both run). Plain: three CPU tensors of one floating dtype the
     kernel takes, (B, H, L, E) queries and (B, H, S, E) keys and values with every size > 0 and a unit last
-    stride, no autograd graph to record, the automatic backend order starting with aten and no `use_backend`
-    pin, nothing that could tell the op's call apart (`ops._plain_eager`). Such a call is, in
-    `AtenBackend.forward`, one kernel call with the default scale (top-left causal leaves every row a key)."""
+    stride, the automatic backend order starting with aten and no `use_backend` pin, nothing that could tell
+    the op's call apart (`ops._plain_eager`). Such a call is, in `AtenBackend.forward`, one kernel call with the
+    default scale (top-left causal leaves every row a key).
+
+    Where the call records an autograd graph, the kernel's own autograd records it (torch's derivative of the
+    op is its backward kernel on the same tensors and arguments, which is `AtenBackend.backward`'s call for
+    ROUNDED 16-bit gradients and for float32/float64), so only where `gradient_precision.at_forward` says
+    ROUNDED for 16-bit inputs; the node gets flashsdpa's double-backward error (`_no_double_backward`)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or type(causal) is not bool:
         return None
     shape, key_shape = q.shape, k.shape
@@ -86,15 +92,29 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
         or q.device.type != "cpu" or k.device != q.device or v.device != q.device
         or q.dtype not in aten_backend.KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
         or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
-        or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         or dispatch.pinned_backend() is not None
         or dispatch.AUTOMATIC_ORDER.get("cpu", ())[:1] != ("aten",)
         or aten_backend.KERNELS is None
         or not ops._plain_eager((q, k, v))
     ):  # fmt: skip
         return None
+    records_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (
+        records_graph
+        and q.dtype in _SIXTEEN_BIT
+        and gradient_precision.at_forward(q, k, v, None, 0.0, causal, False) is not GradientPrecision.ROUNDED
+    ):
+        return None
     dispatch.record_call("aten")
-    return aten_backend.KERNELS[0](q, k, v, 0.0, causal, attn_mask=None, scale=1.0 / math.sqrt(shape[3]))[0]
+    out = aten_backend.KERNELS[0](q, k, v, 0.0, causal, attn_mask=None, scale=1.0 / math.sqrt(shape[3]))[0]
+    if out.grad_fn is not None:
+        out.grad_fn.register_prehook(_no_double_backward)
+    return out
+
+
+def _no_double_backward(grad_outputs):
+    """The kernel's autograd node's pre-hook: the error flashsdpa's own backward gives under create_graph."""
+    ops.refuse_double_backward()
 
 
 def clear() -> None:
