@@ -86,10 +86,10 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
         return None
     shape, key_shape = q.shape, k.shape
     if (
-        len(shape) != 4 or len(key_shape) != 4 or v.shape != key_shape or key_shape[:2] != shape[:2]
-        or key_shape[3] != shape[3]
+        not (q.is_cpu and k.is_cpu and v.is_cpu)  # (one CPU device)
+        or len(shape) != 4 or len(key_shape) != 4 or v.shape != key_shape
+        or key_shape[0] != shape[0] or key_shape[1] != shape[1] or key_shape[3] != shape[3]
         or 0 in shape or key_shape[2] == 0
-        or q.device.type != "cpu" or k.device != q.device or v.device != q.device
         or q.dtype not in aten_backend.KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
         or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
         or dispatch.pinned_backend() is not None
