@@ -337,7 +337,7 @@ def test_plans_are_bounded(device, monkeypatch):
 
 
 # The plain CPU call: straight to the aten kernel, before any plan (call_plans.plain_cpu_call).
-PLAIN_SHAPES = ((2, 3, 17, 29, 16), (1, 2, 33, 33, 64), (1, 1, 40, 7, 8))  # (B, H, L, S, E); L > S causal too
+PLAIN_SHAPES = ((2, 3, 17, 29, 40), (1, 2, 33, 33, 64), (1, 1, 40, 7, 96), (1, 2, 5, 9, 7))  # (B, H, L, S, E); L > S causal too
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

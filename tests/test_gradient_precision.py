@@ -268,3 +268,21 @@ def test_choice_agrees_with_torchs_own_dispatch():
             assert precision is (ROUNDED if fused else EXACT), (name, contexts, choice)
             seen.add(fused)
     assert seen == {True, False}, "both precisions should occur among these problems"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_plain_cpu_rule_is_torchs_answer(dtype):
+    """`of_plain_cpu_call` reads only torch's flash flag for the calls `call_plans.plain_cpu_call` takes: it must
+    be what `at_forward` (which asks torch's own CPU dispatch) says for them, with flash enabled and not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(9)
+    shapes = ((2, 3, 17, 29, 40), (1, 2, 33, 33, 64), (1, 1, 40, 7, 96), (1, 4, 1, 300, 256))  # (B, H, L, S, E)
+    for backends in ([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], [SDPBackend.MATH]):
+        with sdpa_kernel(backends):
+            for b, h, l, s, e in shapes:
+                q = torch.randn(b, h, l, e, generator=gen).to(dtype).requires_grad_()
+                k, v = (torch.randn(b, h, s, e, generator=gen).to(dtype) for _ in range(2))
+                for causal in (False, True):
+                    expected = gradient_precision.at_forward(q, k, v, None, 0.0, causal, False)
+                    assert gradient_precision.of_plain_cpu_call() is expected, (backends, (b, h, l, s, e), causal)

@@ -80,8 +80,8 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
 
     Where the call records an autograd graph, the kernel's own autograd records it (torch's derivative of the
     op is its backward kernel on the same tensors and arguments, which is `AtenBackend.backward`'s call for
-    ROUNDED 16-bit gradients and for float32/float64), so only where `gradient_precision.at_forward` says
-    ROUNDED for 16-bit inputs; the node gets flashsdpa's double-backward error (`_no_double_backward`)."""
+    ROUNDED 16-bit gradients and for float32/float64), so only where `gradient_precision` says
+    ROUNDED for 16-bit inputs (`gradient_precision.of_plain_cpu_call`); the node gets flashsdpa's double-backward error (`_no_double_backward`)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or type(causal) is not bool:
         return None
     shape, key_shape = q.shape, k.shape
@@ -102,11 +102,11 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
     if (
         records_graph
         and q.dtype in _SIXTEEN_BIT
-        and gradient_precision.at_forward(q, k, v, None, 0.0, causal, False) is not GradientPrecision.ROUNDED
+        and gradient_precision.of_plain_cpu_call() is not GradientPrecision.ROUNDED
     ):
         return None
     dispatch.record_call("aten")
-    out = aten_backend.KERNELS[0](q, k, v, 0.0, causal, attn_mask=None, scale=1.0 / math.sqrt(shape[3]))[0]
+    out = aten_backend.KERNELS[0](q, k, v, 0.0, causal)[0]  # the default scale, 1 / sqrt(E) in double as in Python
     if out.grad_fn is not None:
         out.grad_fn.register_prehook(_no_double_backward)
     return out

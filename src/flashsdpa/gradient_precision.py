@@ -74,6 +74,19 @@ def at_forward(query, key, value, attn_mask, dropout_p: float, causal: bool, ena
     return GradientPrecision.ROUNDED if fused else GradientPrecision.EXACT
 
 
+def of_plain_cpu_call() -> GradientPrecision:
+    """`at_forward` of a 16-bit CPU call that records a graph and that `call_plans.plain_cpu_call` takes: 4-D
+    tensors of one batch size and head count, no mask, no dropout, unit last strides, every size > 0, no
+    tracing. torch's CPU dispatch checks exactly those for its flash kernel (besides the dtype), so what is
+    left to read is whether flash is enabled (`sdpa_kernel`); tests hold this to torch's own answer."""
+    if pinned is not None:
+        return pinned
+    return GradientPrecision.ROUNDED if _flash_enabled() else GradientPrecision.EXACT
+
+
+_flash_enabled = torch.backends.cuda.flash_sdp_enabled  # (torch's flag for its CPU flash kernel too)
+
+
 def at_backward(desc: AttentionDescriptor, inputs: AttentionInputs) -> GradientPrecision:
     """`desc.gradients`, with AUTO resolved: what torch's flags in force now choose for `desc`'s shapes."""
     if desc.gradients is not GradientPrecision.AUTO:

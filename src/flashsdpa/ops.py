@@ -276,27 +276,36 @@ attention_forward.register_autograd(_op_backward, setup_context=_setup_context)
 # same context and backward), and everything else goes through the ops.
 
 
+# What `_plain_eager` asks, bound once: every eager call asks it, and after a kernel has streamed MBs through
+# the caches each attribute lookup of `torch._C._functorch.*` costs a cache miss.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_profiler_enabled = torch._C._autograd._profiler_enabled
+_tracing_state = torch._C._get_tracing_state
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
 def _plain_eager(tensors) -> bool:
     """Whether nothing could tell a direct call of the implementations from a call of the custom ops."""
-    return not (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()  # dispatch modes: fake tensors, make_fx, FlopCounterMode
-        or torch._C._is_torch_function_mode_enabled()  # function modes see the op as one call
-        or torch._C._functorch.peek_interpreter_stack() is not None  # vmap, grad, functionalize
-        or torch._C._autograd._profiler_enabled()  # the profiler records the op by name
+    if (
+        _is_compiling()
+        or _dispatch_stack_len()  # dispatch modes: fake tensors, make_fx, FlopCounterMode
+        or _function_mode_enabled()  # function modes see the op as one call
+        or _interpreter_stack() is not None  # vmap, grad, functionalize
+        or _profiler_enabled()  # the profiler records the op by name
         or forward_ad._current_level >= 0  # forward-mode AD
-        or torch._C._get_tracing_state() is not None  # torch.jit.trace records the op
-    ) and all(
-        t is None
-        or (
-            # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation
-            type(t) is Tensor and not t.is_meta
-            # batched gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad)
-            # run under torch's legacy vmap, which has no interpreter on the stack
-            and not torch._C._functorch.is_legacy_batchedtensor(t)
-        )
-        for t in tensors
-    )
+        or _tracing_state() is not None  # torch.jit.trace records the op
+    ):  # fmt: skip
+        return False
+    for t in tensors:
+        # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation; batched
+        # gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad) run under
+        # torch's legacy vmap, which has no interpreter on the stack
+        if t is not None and (type(t) is not Tensor or t.is_meta or _is_legacy_batched(t)):
+            return False
+    return True
 
 
 class _EagerAttention(torch.autograd.Function):
