@@ -30,7 +30,8 @@ stride is a multiple of 128 (rows past the sequence: lse2 = +inf, delta = 0,
 so their P is 0); with STATS_IN_SHARED the dK/dV producer brings each query
 block's rows by TMA into its ring slot beside Q and dO, and the consumers read
 them there where they are used. PINGPONG (either kernel) makes the two
-consumer groups issue each step's first products in turn. Rows and keys past the sequence ends load as zeros through
+consumer groups issue each step's first products in turn; FMA_QUARTERS takes that
+many quarters of each tile's exponentials by FMA arithmetic (`exponentials`). Rows and keys past the sequence ends load as zeros through
 the TMA descriptors' bounds and are never stored.
 """
 
@@ -48,6 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashsdpa.backends.hopper.forward_kernels import tile_coords  # (the dQ kernel's tiles are the forward's)
+from flashsdpa.backends.triton.score_kernels import exp2_by_fma
 from flashsdpa.backends.hopper.variant_kernels import (
     hide_unseen,
     is_edge,
@@ -106,14 +108,54 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_
 
 
 @gluon.jit
+def _halves(x):
+    """A [rows, cols] tile in a wgmma accumulator layout (4 warps) as its two [rows, cols / 2] halves of
+    columns (first, last) in that layout: each thread keeps its own elements (a column's top bit is a register
+    index), so no data moves."""
+    ROWS: gl.constexpr = x.shape[0]
+    COLS: gl.constexpr = x.shape[1]
+    half_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, COLS // 2, 16])
+    first, last = x.reshape([ROWS, 2, COLS // 2]).permute((0, 2, 1)).split()
+    return gl.convert_layout(first, half_layout), gl.convert_layout(last, half_layout)
+
+
+@gluon.jit
+def _joined(first, last):
+    """`_halves`' inverse: the [rows, cols] tile (wgmma accumulator layout) whose halves of columns these are."""
+    ROWS: gl.constexpr = first.shape[0]
+    COLS: gl.constexpr = 2 * first.shape[1]
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, COLS, 16])
+    return gl.convert_layout(gl.join(first, last).permute((0, 2, 1)).reshape([ROWS, COLS]), layout)
+
+
+@gluon.jit
+def exponentials(x, FMA_QUARTERS: gl.constexpr):
+    """2^x of a [rows, cols] tile of exponents <= 0 (the probabilities' own), its last FMA_QUARTERS quarters of
+    columns (0, 1 or 2) by `score_kernels.exp2_by_fma` (FMA and integer pipes) and the rest by MUFU.EX2, so that
+    a warp's exponentials run on both pipes at once rather than queueing on the MUFU unit (FA3's trick for
+    MUFU-bound loops). Rows of lse2 = +inf (past the sequence) give 0 either way."""
+    gl.static_assert(FMA_QUARTERS == 0 or FMA_QUARTERS == 1 or FMA_QUARTERS == 2, "0, 1 or 2 quarters by FMA")
+    if FMA_QUARTERS == 0:
+        return gl.exp2(x)
+    first, last = _halves(x)
+    if FMA_QUARTERS == 2:
+        last = exp2_by_fma(last)
+    else:
+        third, fourth = _halves(last)
+        last = _joined(gl.exp2(third), exp2_by_fma(fourth))
+    return _joined(gl.exp2(first), last)
+
+
+@gluon.jit
 def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale, band, transform, slope,
-                        VARIANTS: gl.constexpr):
+                        VARIANTS: gl.constexpr, FMA_QUARTERS: gl.constexpr):
     """(P^T, d scores / d (scale q.k)) of raw S^T = K Q^T for query `rows` (starting at first_row) and `keys`."""
     derivative = 1.0
     if VARIANTS.natural_units:
         st, derivative = transformed_scores(st, gl.expand_dims(rows, 0), gl.expand_dims(keys, 1), transform, slope,
                                             VARIANTS, True)
-    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+    pt = exponentials(st * qk_scale - gl.expand_dims(lse2, 0), FMA_QUARTERS)
     if VARIANTS.banded:
         # (The mirrored band: its lower side is the band's upper one; rows past seq_q need no mask.)
         if is_edge(first_row, whole, VARIANTS.bounded_above, VARIANTS.bounded_below):
@@ -134,7 +176,8 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
                              delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride,
                              qk_scale, scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr):
+                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr,
+                             FMA_QUARTERS: gl.constexpr):
     """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's.
 
     With PINGPONG the two groups issue each step's first products (S^T, and dP^T where no score transform
@@ -216,7 +259,7 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
             st = warpgroup_mma_wait(1, deps=[st_token, k, q_t])[0]
         pt, derivative = _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale, band,
                                              transform, row_slope(slopes_ptr, transform, batch, head_q, VARIANTS),
-                                             VARIANTS)
+                                             VARIANTS, FMA_QUARTERS)
         pt_op = gl.convert_layout(pt.to(dtype), op_layout)
         if VARIANTS.softcap:  # dS^T = P^T softcap' (dP^T - delta), P^T itself now in pt_op: one tile fewer live
             pt = pt * derivative
@@ -256,7 +299,7 @@ def hopper_attention_backward_dkdv_kernel(
     q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr,
+    STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr, FMA_QUARTERS: gl.constexpr,
     CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
@@ -286,11 +329,11 @@ def hopper_attention_backward_dkdv_kernel(
         (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
                                     lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK)),
+                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS)),
         (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
                                     lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
                                     stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK)),
+                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS)),
         (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem,
                                 stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS,
                                 BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)),
@@ -324,7 +367,8 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
                            slopes_ptr,
                            heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
                            GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr):
+                           STAGES: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr,
+                           FMA_QUARTERS: gl.constexpr):
     """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's (with
     PINGPONG, each step's S and dP issued in strict alternation with the other group's, group 0 first; with
     DEFER_DQ, dS goes through shared memory and a step's dQ product is waited for with the next step's S)."""
@@ -383,7 +427,7 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s, derivative = transformed_scores(s, gl.expand_dims(rows, 1), gl.expand_dims(cols, 0), transform, slope,
                                                VARIANTS)
-        p = gl.exp2(s * qk_scale - lse2)
+        p = exponentials(s * qk_scale - lse2, FMA_QUARTERS)
         if VARIANTS.softcap:  # dS = P softcap' (dP - delta): one tile fewer live while dP completes
             p = p * derivative  # (inf * 0 = NaN only where lse is -inf, a row every edge mask hides whole)
         if is_edge(j * BLOCK_N, whole, VARIANTS.bounded_below):
@@ -416,7 +460,7 @@ def hopper_attention_backward_dq_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
     heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
+    PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr, FMA_QUARTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
     PRODUCER_REGISTERS: gl.constexpr,
 ):
     """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
@@ -443,10 +487,12 @@ def hopper_attention_backward_dq_kernel(
     gl.warp_specialize([
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ)),
+                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ,
+                                  FMA_QUARTERS)),
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
                                   slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ)),
+                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ,
+                                  FMA_QUARTERS)),
         (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
                               heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

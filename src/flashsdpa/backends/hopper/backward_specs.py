@@ -55,6 +55,13 @@ class HopperBackwardSpec:
     # the tensor cores keep this group's work across the step's end (its register operand could not cross it)
     dkdv_defer_dk: bool = False
     dq_defer_dq: bool = False  # dQ: the same for dS and dQ's product
+    # dK/dV: quarters of each P^T tile's exponentials (0, 1 or 2) by FMA arithmetic (`score_kernels.exp2_by_fma`),
+    # the rest by MUFU.EX2, which a warp otherwise queues 32 of a step on (a 64-key group at BLOCK_M 64)
+    dkdv_exp2_by_fma: int = 0
+    dq_exp2_by_fma: int = 0  # dQ: the same for each P tile
+    # The dQ kernel on a second stream beside the dK/dV kernel (the two write different tensors): its programs
+    # fill the SMs that the dK/dV kernel's last wave leaves idle, rather than starting after it
+    dq_concurrent: bool = False
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -92,6 +99,17 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     # (deferred dK at d=64 only: at d=128 it spills 24-52 B; deferred dQ with 128-key steps would need 229 KB)
     "all": {64: dict(dkdv_defer_dk=True, dq_defer_dq=True, dq_pingpong=True),
             128: dict(dq_block_n=64, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
+    # A quarter of each tile's exponentials by FMA arithmetic (MUFU.EX2 a step and warp: dK/dV 32 -> 24, dQ 64 -> 48;
+    # the MUFU unit takes a warp's EX2 in 8 cycles, so a group's 32 queue for 256 while its FMA pipe idles). sm_90 bf16
+    # spills (B): d=64 0/0; d=128 dK/dV 4/4 (0/0 before), causal 16/20 and GQA 24/28 (4/4, 12/12); dQ 0/0.
+    "fma": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1), 128: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1)},
+    # d=64's dQ kernel, where the exponentials weigh most (64 a thread a step against 3 products of 64x128x64): half
+    "fma2": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=2)},
+    # The dQ kernel beside the dK/dV kernel on a second stream (ms of the two apart: no change to either kernel)
+    "concurrent": {64: dict(dq_concurrent=True), 128: dict(dq_concurrent=True)},
+    "pingpong+fma+concurrent": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dq_concurrent=True),
+                                128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1,
+                                          dq_concurrent=True)},
 }
 
 

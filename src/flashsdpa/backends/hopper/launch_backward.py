@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,6 +26,22 @@ def _kernels():
     from flashsdpa.backends.hopper import backward_kernels
 
     return backward_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    """The stream the dQ kernel runs on beside the dK/dV kernel (`HopperBackwardSpec.dq_concurrent`), one a device."""
+    return torch.cuda.Stream(torch.device("cuda", device_index))
+
+
+def _forked_stream(spec: HopperBackwardSpec, device: torch.device) -> torch.cuda.Stream | None:
+    """With `dq_concurrent`, the side stream for the dQ kernel, made to wait for the current stream's work so far
+    (the row statistics); else None (the dQ kernel follows the dK/dV kernel on the current stream)."""
+    if not spec.dq_concurrent or device.type != "cuda":
+        return None
+    side = _side_stream(device.index if device.index is not None else torch.cuda.current_device())
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
 
 
 def backward_readable(inputs: AttentionInputs, out: torch.Tensor, grad_out: torch.Tensor) -> bool:
@@ -90,6 +107,9 @@ def attention_backward(
             seq_q, heads_q, stats_stride,
             HEAD_DIM_V=desc.head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=desc.head_dim_v, COMPUTE_DELTA=True,
         )
+        # With dq_concurrent the dQ kernel runs on a side stream forked here, its programs queued behind the dK/dV
+        # kernel's and filling the SMs that kernel's last wave leaves idle; the current stream joins it at the end.
+        side = _forked_stream(spec, device)
         kernels.hopper_attention_backward_dkdv_kernel[(dkdv_programs,)](
             tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
             tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
@@ -97,14 +117,17 @@ def attention_backward(
             stats_descriptor(stats, spec.dkdv_block_m), lse2, delta, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv,
             num_n_blocks, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
             BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, STATS_IN_SHARED=spec.dkdv_stats_in_shared,
-            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, **common,
+            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, FMA_QUARTERS=spec.dkdv_exp2_by_fma, **common,
         )
-        kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
-            tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
-            tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
-            tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
-            heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
-            BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
-            PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, **common,
-        )
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
+                tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
+                tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
+                tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
+                heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
+                BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
+                PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, FMA_QUARTERS=spec.dq_exp2_by_fma, **common,
+            )
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
     return dq, dk, dv
