@@ -62,38 +62,44 @@ from flashsdpa.backends.hopper.variant_kernels import (
 
 
 @gluon.jit
-def _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
+def _dkdv_tile(tile, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
                BLOCK_N: gl.constexpr):
-    """(batch, key head, first key, first query block, query blocks a head) of this program; the key blocks
-    of one head are adjacent, first keys first (with causal masks, the longest programs start first)."""
-    pid = gl.program_id(0)
-    n_block = pid % num_n_blocks
-    batch_head = pid // num_n_blocks
+    """(batch, key head, first key, first query block, query blocks a head) of `tile`; the key blocks of one
+    head are adjacent, first keys first (with causal masks, the longest tiles start first)."""
+    n_block = tile % num_n_blocks
+    batch_head = tile // num_n_blocks
     first_key = n_block * (2 * BLOCK_N)
     m_start, m_blocks = query_blocks_seen(first_key, first_key + 2 * BLOCK_N - 1, seq_q, band, VARIANTS, BLOCK_M)
     return batch_head // heads_kv, batch_head % heads_kv, first_key, m_start, m_blocks
 
 
 @gluon.jit
-def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem, stats_smem,
-                         barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band,
-                         VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr, STATS_IN_SHARED: gl.constexpr):
-    """Producer: K and V of the program's keys, then Q and dO (and with STATS_IN_SHARED their rows' delta and
-    lse2) of each (query head, query block) in order."""
-    kv_ready, q_ready, q_empty, _ = barriers
-    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
+def _dkdv_load_tile(tile, count, step, q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem,
+                    stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band,
+                    VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, STATS_IN_SHARED: gl.constexpr):
+    """Producer, the program's `count`-th tile (`step`: the Q/dO blocks loaded before it): K and V of its keys
+    into K/V buffer count % buffers, then Q and dO (and with STATS_IN_SHARED their rows' delta and lse2) of each
+    (query head, query block) in order. Returns the blocks loaded so far."""
+    kv_ready, kv_empty, q_ready, q_empty, _ = barriers
+    KV_BUFFERS: gl.constexpr = k_smem.shape[0]
+    buffer = count % KV_BUFFERS
+    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(tile, heads_kv, gqa_group, seq_q, num_n_blocks, band,
                                                               VARIANTS, BLOCK_M, BLOCK_N)
-    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [batch, head_kv, first_key, 0], kv_ready, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [batch, head_kv, first_key, 0], kv_ready, v_smem)
+    # (The buffer's first use waits on the already complete phase before its first release, as the ring's.)
+    mbarrier.wait(kv_empty.index(buffer), ((count // KV_BUFFERS) & 1) ^ 1)
+    mbarrier.expect(kv_ready.index(buffer), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [batch, head_kv, first_key, 0], kv_ready.index(buffer),
+                                    k_smem.index(buffer))
+    tma.async_copy_global_to_shared(v_desc, [batch, head_kv, first_key, 0], kv_ready.index(buffer),
+                                    v_smem.index(buffer))
     for i in range(gqa_group * m_blocks):
         head_q = head_kv * gqa_group + i // m_blocks
         first_row = (m_start + i % m_blocks) * BLOCK_M
-        stage = i % STAGES
+        stage = (step + i) % STAGES
         # An "empty" barrier completes phase 0 when both consumers first free its slot; the first pass over
         # the ring waits on the (already complete) phase before that.
-        mbarrier.wait(q_empty.index(stage), ((i // STAGES) & 1) ^ 1)
+        mbarrier.wait(q_empty.index(stage), (((step + i) // STAGES) & 1) ^ 1)
         if STATS_IN_SHARED:
             mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes
                             + stats_desc.block_type.nbytes)
@@ -105,6 +111,27 @@ def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_
                                         q_smem.index(stage))
         tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready.index(stage),
                                         do_smem.index(stage))
+    return step + gqa_group * m_blocks
+
+
+@gluon.jit
+def _dkdv_load_partition(q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem, stats_smem,
+                         barriers, heads_kv, gqa_group, seq_q, num_n_blocks, num_tiles, band,
+                         VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         STAGES: gl.constexpr, STATS_IN_SHARED: gl.constexpr, PERSISTENT: gl.constexpr):
+    """Producer: the program's tile (PERSISTENT: every num_programs-th tile from its id), one after another."""
+    if PERSISTENT:
+        step = 0
+        count = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            step = _dkdv_load_tile(tile, count, step, q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem,
+                                   v_smem, do_smem, stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks,
+                                   band, VARIANTS, BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)
+            count += 1
+    else:
+        _dkdv_load_tile(gl.program_id(0), 0, 0, q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem,
+                        do_smem, stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS,
+                        BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)
 
 
 @gluon.jit
@@ -172,19 +199,22 @@ def _dkdv_probabilities(st, lse2, rows, keys, first_row, whole, seq_kv, qk_scale
 
 
 @gluon.jit
-def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers, lse2_ptr,
-                             delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride,
-                             qk_scale, scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
-                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                             STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr,
-                             FMA_QUARTERS: gl.constexpr):
-    """Consumer warp group GROUP: dK and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the program's.
+def _dkdv_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc,
+                        barriers, lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
+                        stats_stride, qk_scale, scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr,
+                        FMA_QUARTERS: gl.constexpr):
+    """Consumer warp group GROUP, the program's `count`-th tile (`step`: the Q/dO blocks consumed before it): dK
+    and dV of keys [GROUP * BLOCK_N, (GROUP + 1) * BLOCK_N) of the tile's. Returns the blocks consumed so far.
 
     With PINGPONG the two groups issue each step's first products (S^T, and dP^T where no score transform
     comes between) in strict alternation, group 0 first, so that one group's exponentials run under the
     other's products rather than both groups waiting on the same Q slot in step."""
-    kv_ready, q_ready, q_empty, turns = barriers
-    HEAD_DIM: gl.constexpr = k_smem.shape[3]  # (1, 1, keys, head_dim)
+    kv_ready, kv_empty, q_ready, q_empty, turns = barriers
+    KV_BUFFERS: gl.constexpr = k_smem.shape[0]
+    buffer = count % KV_BUFFERS
+    HEAD_DIM: gl.constexpr = k_smem.shape[4]  # (buffers, 1, 1, keys, head_dim)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -193,15 +223,17 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
 
-    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(heads_kv, gqa_group, seq_q, num_n_blocks, band,
+    batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(tile, heads_kv, gqa_group, seq_q, num_n_blocks, band,
                                                               VARIANTS, BLOCK_M, BLOCK_N)
     group_key = first_key + GROUP * BLOCK_N
     heads_q = heads_kv * gqa_group
     # Query blocks outside `whole` need the element mask (the band's edges; keys past seq_kv are not stored).
     whole = whole_queries(group_key, group_key + BLOCK_N - 1, seq_q, band, VARIANTS, BLOCK_M)
     # This group's keys of the K and V tiles: 2-D for the products, 4-D for the gradients' TMA stores.
-    k = k_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
-    v = v_smem.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
+    k_tile = k_smem.index(buffer)
+    v_tile = v_smem.index(buffer)
+    k = k_tile.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
+    v = v_tile.reshape([2 * BLOCK_N, HEAD_DIM]).slice(GROUP * BLOCK_N, BLOCK_N)
     keys = group_key + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
     st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
     # The stats ring as rows (slot * 2: delta, slot * 2 + 1: lse2); TMA wrote each slot's (2, 1, BLOCK_M) unswizzled.
@@ -209,7 +241,7 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
                                          gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, acc_layout)
-    mbarrier.wait(kv_ready, 0)
+    mbarrier.wait(kv_ready.index(buffer), (count // KV_BUFFERS) & 1)
     if DEFER_DK:  # dK's product reads dS^T from this group's shared tile and runs on into the next step
         ds = ds_smem.index(GROUP)
         # dK starts as a product too (0 times this group's K rows): ptxas serialises every wgmma of the kernel when
@@ -223,22 +255,23 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
     for i in range(gqa_group * m_blocks):
         head_q = head_kv * gqa_group + i // m_blocks
         first_row = (m_start + i % m_blocks) * BLOCK_M
-        stage = i % STAGES
+        n = step + i  # (the ring's and the turns' position)
+        stage = n % STAGES
         rows = first_row + gl.arange(0, BLOCK_M, layout=row_layout)
         if STATS_IN_SHARED:
-            mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+            mbarrier.wait(q_ready.index(stage), (n // STAGES) & 1)
             lse2 = stats_rows.index(2 * stage + 1).load(row_layout)
         else:
             stats = (batch * heads_q + head_q) * stats_stride + rows
             lse2 = gl.load(lse2_ptr + stats)
             delta = gl.load(delta_ptr + stats)
-            mbarrier.wait(q_ready.index(stage), (i // STAGES) & 1)
+            mbarrier.wait(q_ready.index(stage), (n // STAGES) & 1)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         q_t = q.permute((1, 0))
         do_t = do.permute((1, 0))
         if PINGPONG:  # the other group has issued its products of the previous round (group 0's first: none)
-            mbarrier.wait(turns.index(GROUP), (i & 1) ^ (1 - GROUP))
+            mbarrier.wait(turns.index(GROUP), (n & 1) ^ (1 - GROUP))
         st_token = warpgroup_mma(k, q_t, st_zero, use_acc=False, is_async=True)
         # With a score transform, dP^T is issued once it is done (its accumulator is not live during it): on sm_90
         # the bf16 d=128 kernel spills 40 B so with causal softcap (196 issued first), 44 with ALiBi (248).
@@ -251,7 +284,7 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
                 st, dk = warpgroup_mma_wait(0, deps=[st_token, dk, k, q_t, ds])[:2]
             else:
                 st, dk = warpgroup_mma_wait(1, deps=[st_token, dk, k, q_t, ds])[:2]
-            mbarrier.arrive(q_empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+            mbarrier.arrive(q_empty.index((n + STAGES - 1) % STAGES), count=1, pred=i > 0)
         elif VARIANTS.natural_units:
             st = warpgroup_mma_wait(0, deps=[st_token, k, q_t])[0]
         else:
@@ -288,55 +321,91 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
     v.store(dv.to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(dk_desc, [batch, head_kv, group_key, 0],
-                                    k_smem.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
+                                    k_tile.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
     tma.async_copy_shared_to_global(dv_desc, [batch, head_kv, group_key, 0],
-                                    v_smem.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
+                                    v_tile.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
     tma.store_wait(0)
+    if KV_BUFFERS > 1:  # (the stores have read the buffer: the producer may load a later tile's K and V there)
+        mbarrier.arrive(kv_empty.index(buffer), count=1)
+    return step + gqa_group * m_blocks
+
+
+@gluon.jit
+def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers, lse2_ptr,
+                             delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, num_tiles,
+                             stats_stride, qk_scale, scale, band, transform, GROUP: gl.constexpr,
+                             VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             STAGES: gl.constexpr, STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr,
+                             DEFER_DK: gl.constexpr, FMA_QUARTERS: gl.constexpr, PERSISTENT: gl.constexpr):
+    """Consumer warp group GROUP: the program's tile (PERSISTENT: every num_programs-th tile from its id)."""
+    if PERSISTENT:
+        step = 0
+        count = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            step = _dkdv_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem,
+                                       dk_desc, dv_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr, heads_kv,
+                                       gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band,
+                                       transform, GROUP, VARIANTS, BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED,
+                                       PINGPONG, DEFER_DK, FMA_QUARTERS)
+            count += 1
+    else:
+        _dkdv_consumer_tile(gl.program_id(0), 0, 0, q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc,
+                            dv_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv,
+                            num_n_blocks, stats_stride, qk_scale, scale, band, transform, GROUP, VARIANTS, BLOCK_M,
+                            BLOCK_N, STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS)
 
 
 @gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dkdv_kernel(
     q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_desc, lse2_ptr, delta_ptr, slopes_ptr,
-    heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, stats_stride, qk_scale, scale, band, transform,
+    heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks, num_tiles, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     STATS_IN_SHARED: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DK: gl.constexpr, FMA_QUARTERS: gl.constexpr,
-    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
+    PERSISTENT: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
-    """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a program."""
+    """dK and dV of `2 * BLOCK_N` keys of one (batch, key head) a tile: one tile a program, or with PERSISTENT
+    (a grid of at most one program an SM) every num_programs-th tile from the program's id, the next tile's K and V
+    loaded into a second buffer while the current one's run."""
     gl.static_assert(BLOCK_N == 64, "a consumer warp group owns 64 keys (one wgmma row block)")
+    # (a deferred dK product leaves its last Q slot held at the tile's end)
+    gl.static_assert(not (PERSISTENT and DEFER_DK), "DEFER_DK takes one tile a program")
+    KV_BUFFERS: gl.constexpr = 2 if PERSISTENT else 1
     dtype: gl.constexpr = k_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [KV_BUFFERS] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [KV_BUFFERS] + v_desc.block_type.shape, v_desc.layout)
     stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES if STATS_IN_SHARED else 1] + stats_desc.block_type.shape,
                                            stats_desc.layout)
-    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
     ds_smem = gl.allocate_shared_memory(dtype, [2 if DEFER_DK else 1, BLOCK_N, BLOCK_M],  # (DEFER_DK)
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(KV_BUFFERS):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer group
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
 
-    barriers = (kv_ready, q_ready, q_empty, turns)
+    barriers = (kv_ready, kv_empty, q_ready, q_empty, turns)
     gl.warp_specialize([
         (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
                                     lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
-                                    stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS)),
+                                    num_tiles, stats_stride, qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M,
+                                    BLOCK_N, STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS, PERSISTENT)),
         (_dkdv_consumer_partition, (q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc, dv_desc, barriers,
                                     lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv, num_n_blocks,
-                                    stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N,
-                                    STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS)),
+                                    num_tiles, stats_stride, qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M,
+                                    BLOCK_N, STAGES, STATS_IN_SHARED, PINGPONG, DEFER_DK, FMA_QUARTERS, PERSISTENT)),
         (_dkdv_load_partition, (q_desc, k_desc, v_desc, do_desc, stats_desc, q_smem, k_smem, v_smem, do_smem,
-                                stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, band, VARIANTS,
-                                BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED)),
+                                stats_smem, barriers, heads_kv, gqa_group, seq_q, num_n_blocks, num_tiles, band,
+                                VARIANTS, BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED, PERSISTENT)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
 

@@ -62,6 +62,11 @@ class HopperBackwardSpec:
     # The dQ kernel on a second stream beside the dK/dV kernel (the two write different tensors): its programs
     # fill the SMs that the dK/dV kernel's last wave leaves idle, rather than starting after it
     dq_concurrent: bool = False
+    # dK/dV: a grid of one program an SM, each taking every num_programs-th tile, the next tile's K and V loaded into
+    # a second buffer (+64 KB shared memory at d=128) while the current one's run, so that a tile's start (K, V and
+    # the first Q/dO blocks) and end (the gradients' stores) overlap its neighbours' work; causal and windowed
+    # problems keep one program a tile (longest first)
+    dkdv_persistent: bool = False
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -105,11 +110,18 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     "fma": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1), 128: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1)},
     # d=64's dQ kernel, where the exponentials weigh most (64 a thread a step against 3 products of 64x128x64): half
     "fma2": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=2)},
-    # The dQ kernel beside the dK/dV kernel on a second stream (ms of the two apart: no change to either kernel)
+    # The dQ kernel beside the dK/dV kernel on a second stream (the dK/dV kernel's last wave leaves SMs idle: at
+    # d=128 L=4096 B=4 H=16, 2048 programs over 132 SMs, 15.5 waves)
     "concurrent": {64: dict(dq_concurrent=True), 128: dict(dq_concurrent=True)},
-    "pingpong+fma+concurrent": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dq_concurrent=True),
-                                128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1,
-                                          dq_concurrent=True)},
+    # Persistent dK/dV (not causal): a tile's start and end overlap the neighbouring tiles' products. sm_90 bf16: d=64
+    # 0/0 B spilled, 117 KB shared memory; d=128 76/100 B (per tile, outside the query loop), 198 KB.
+    "persistent": {64: dict(dkdv_persistent=True), 128: dict(dkdv_persistent=True)},
+    "persistent+concurrent": {64: dict(dkdv_persistent=True, dq_concurrent=True),
+                              128: dict(dkdv_persistent=True, dq_concurrent=True)},
+    # Everything above at once (and at d=128 the dK/dV ping-pong, which d=64 ships).
+    "combined": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True, dq_concurrent=True),
+                 128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True,
+                           dq_concurrent=True)},
 }
 
 

@@ -14,7 +14,7 @@ from flashsdpa.backends.hopper.launch_forward import cached_descriptor, tma_desc
 from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, score_arguments
 from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
 from flashsdpa.backends.triton.launch_backward import stats_row_stride
-from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device, sm_count
 from flashsdpa.descriptor import AttentionDescriptor
 
 PREPROCESS_BLOCK_M = 128  # (stats_row_stride is a multiple of it)
@@ -98,6 +98,10 @@ def attention_backward(
     band = band_arguments(desc)
     # Raw products are scaled in the exponent; transformed scores are in natural units already.
     qk_scale = LOG2E if variants.natural_units else scale * LOG2E
+    # Persistent only where every tile takes as long (a band's tiles do not: one program a tile serves them longest
+    # first, as the forward does).
+    dkdv_persistent = spec.dkdv_persistent and not variants.banded
+    dkdv_grid = min(dkdv_programs, sm_count(device)) if dkdv_persistent else dkdv_programs
     common = dict(VARIANTS=variants, CONSUMER_REGISTERS=spec.consumer_registers,
                   PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
     with on_device(device):
@@ -110,14 +114,15 @@ def attention_backward(
         # With dq_concurrent the dQ kernel runs on a side stream forked here, its programs queued behind the dK/dV
         # kernel's and filling the SMs that kernel's last wave leaves idle; the current stream joins it at the end.
         side = _forked_stream(spec, device)
-        kernels.hopper_attention_backward_dkdv_kernel[(dkdv_programs,)](
+        kernels.hopper_attention_backward_dkdv_kernel[(dkdv_grid,)](
             tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
             tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
             tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n),
             stats_descriptor(stats, spec.dkdv_block_m), lse2, delta, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv,
-            num_n_blocks, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
+            num_n_blocks, dkdv_programs, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
             BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, STATS_IN_SHARED=spec.dkdv_stats_in_shared,
-            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, FMA_QUARTERS=spec.dkdv_exp2_by_fma, **common,
+            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, FMA_QUARTERS=spec.dkdv_exp2_by_fma,
+            PERSISTENT=dkdv_persistent, **common,
         )
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
