@@ -86,8 +86,8 @@ def _dkdv_load_tile(tile, count, step, q_desc, k_desc, v_desc, do_desc, stats_de
     buffer = count % KV_BUFFERS
     batch, head_kv, first_key, m_start, m_blocks = _dkdv_tile(tile, heads_kv, gqa_group, seq_q, num_n_blocks, band,
                                                               VARIANTS, BLOCK_M, BLOCK_N)
-    # (The buffer's first use waits on the already complete phase before its first release, as the ring's.)
-    mbarrier.wait(kv_empty.index(buffer), ((count // KV_BUFFERS) & 1) ^ 1)
+    if KV_BUFFERS > 1:  # (a buffer's first use waits on the already complete phase before its first release)
+        mbarrier.wait(kv_empty.index(buffer), ((count // KV_BUFFERS) & 1) ^ 1)
     mbarrier.expect(kv_ready.index(buffer), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [batch, head_kv, first_key, 0], kv_ready.index(buffer),
                                     k_smem.index(buffer))
@@ -410,39 +410,69 @@ def hopper_attention_backward_dkdv_kernel(
 
 
 @gluon.jit
-def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                       heads_q, gqa_group, seq_kv, num_m_blocks, band,
-                       VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Producer: Q and dO of the program's rows, then K and V of each key block."""
-    q_ready, kv_ready, kv_empty, _ = barriers
+def _dq_load_tile(tile, count, step, q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
+                  heads_q, gqa_group, seq_kv, num_m_blocks, band,
+                  VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Producer, the program's `count`-th tile (`step`: the K/V blocks loaded before it): Q and dO of its rows into
+    Q/dO buffer count % buffers, then K and V of each key block. Returns the blocks loaded so far."""
+    q_ready, q_empty, kv_ready, kv_empty, _ = barriers
+    Q_BUFFERS: gl.constexpr = q_smem.shape[0]
+    buffer = count % Q_BUFFERS
     batch, head_q, head_kv, first_row, first_block, end_block = tile_coords(
-        gl.program_id(0), heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
-    mbarrier.expect(q_ready, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready, do_smem)
+        tile, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
+    if Q_BUFFERS > 1:  # (a buffer's first use waits on the already complete phase before its first release)
+        mbarrier.wait(q_empty.index(buffer), ((count // Q_BUFFERS) & 1) ^ 1)
+    mbarrier.expect(q_ready.index(buffer), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [batch, head_q, first_row, 0], q_ready.index(buffer),
+                                    q_smem.index(buffer))
+    tma.async_copy_global_to_shared(do_desc, [batch, head_q, first_row, 0], q_ready.index(buffer),
+                                    do_smem.index(buffer))
     for i in range(end_block - first_block):
-        stage = i % STAGES
+        stage = (step + i) % STAGES
         key = (first_block + i) * BLOCK_N
-        mbarrier.wait(kv_empty.index(stage), ((i // STAGES) & 1) ^ 1)
+        mbarrier.wait(kv_empty.index(stage), (((step + i) // STAGES) & 1) ^ 1)
         mbarrier.expect(kv_ready.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [batch, head_kv, key, 0], kv_ready.index(stage),
                                         k_smem.index(stage))
         tma.async_copy_global_to_shared(v_desc, [batch, head_kv, key, 0], kv_ready.index(stage),
                                         v_smem.index(stage))
+    return step + end_block - first_block
 
 
 @gluon.jit
-def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
-                           slopes_ptr,
-                           heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
-                           GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           STAGES: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr,
-                           FMA_QUARTERS: gl.constexpr):
-    """Consumer warp group GROUP: dQ of rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the program's (with
-    PINGPONG, each step's S and dP issued in strict alternation with the other group's, group 0 first; with
-    DEFER_DQ, dS goes through shared memory and a step's dQ product is waited for with the next step's S)."""
-    q_ready, kv_ready, kv_empty, turns = barriers
-    HEAD_DIM: gl.constexpr = q_smem.shape[3]  # (1, 1, rows, head_dim)
+def _dq_load_partition(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
+                       heads_q, gqa_group, seq_kv, num_m_blocks, num_tiles, band,
+                       VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       PERSISTENT: gl.constexpr):
+    """Producer: the program's tile (PERSISTENT: every num_programs-th tile from its id), one after another."""
+    if PERSISTENT:
+        step = 0
+        count = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            step = _dq_load_tile(tile, count, step, q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem,
+                                 barriers, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N,
+                                 STAGES)
+            count += 1
+    else:
+        _dq_load_tile(gl.program_id(0), 0, 0, q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem,
+                      barriers, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _dq_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr,
+                      delta_ptr, slopes_ptr,
+                      heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
+                      GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr,
+                      FMA_QUARTERS: gl.constexpr):
+    """Consumer warp group GROUP, the program's `count`-th tile (`step`: the K/V blocks consumed before it): dQ of
+    rows [GROUP * BLOCK_M, (GROUP + 1) * BLOCK_M) of the tile's (with PINGPONG, each step's S and dP issued in
+    strict alternation with the other group's, group 0 first; with DEFER_DQ, dS goes through shared memory and a
+    step's dQ product is waited for with the next step's S). Returns the blocks consumed so far."""
+    q_ready, q_empty, kv_ready, kv_empty, turns = barriers
+    Q_BUFFERS: gl.constexpr = q_smem.shape[0]
+    buffer = count % Q_BUFFERS
+    HEAD_DIM: gl.constexpr = q_smem.shape[4]  # (buffers, 1, 1, rows, head_dim)
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -451,7 +481,7 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
 
     batch, head_q, head_kv, tile_row, first_block, end_block = tile_coords(
-        gl.program_id(0), heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
+        tile, heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N)
     first_row = tile_row + GROUP * BLOCK_M
     # Key blocks outside `whole` need the element mask (the sequence end, the band's edges).
     whole = whole_keys(first_row, first_row + BLOCK_M - 1, seq_kv, band, VARIANTS, BLOCK_N)
@@ -463,9 +493,10 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, acc_layout)
     # This group's rows of the Q and dO tiles: 2-D for the products, 4-D for dQ's TMA store.
-    q = q_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
-    do = do_smem.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
-    mbarrier.wait(q_ready, 0)
+    q_tile = q_smem.index(buffer)
+    q = q_tile.reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
+    do = do_smem.index(buffer).reshape([2 * BLOCK_M, HEAD_DIM]).slice(GROUP * BLOCK_M, BLOCK_M)
+    mbarrier.wait(q_ready.index(buffer), (count // Q_BUFFERS) & 1)
     if DEFER_DQ:  # (as the dK/dV kernel's DEFER_DK: dQ starts as a product, a zero tile times the first K block)
         ds_tile = ds_smem.index(GROUP)
         ds_tile.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, s_layout))
@@ -475,20 +506,21 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
 
     for i in range(end_block - first_block):
         j = first_block + i
-        stage = i % STAGES
-        mbarrier.wait(kv_ready.index(stage), (i // STAGES) & 1)
+        n = step + i  # (the ring's and the turns' position)
+        stage = n % STAGES
+        mbarrier.wait(kv_ready.index(stage), (n // STAGES) & 1)
         k = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
         v_t = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         k_t = k.permute((1, 0))
         if PINGPONG:
-            mbarrier.wait(turns.index(GROUP), (i & 1) ^ (1 - GROUP))
+            mbarrier.wait(turns.index(GROUP), (n & 1) ^ (1 - GROUP))
         s_token = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
         dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turns.index(1 - GROUP), count=1)
         if DEFER_DQ:  # (the previous step's dQ product, issued before S, retires with it: its slot is free)
             s, dq = warpgroup_mma_wait(1, deps=[s_token, dq, q, k_t, ds_tile])[:2]
-            mbarrier.arrive(kv_empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+            mbarrier.arrive(kv_empty.index((n + STAGES - 1) % STAGES), count=1, pred=i > 0)
         else:
             s = warpgroup_mma_wait(1, deps=[s_token, q, k_t])[0]
         derivative = 1.0
@@ -520,48 +552,83 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
     q.store((dq * scale).to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(dq_desc, [batch, head_q, first_row, 0],
-                                    q_smem.slice(GROUP * BLOCK_M, BLOCK_M, dim=2))
+                                    q_tile.slice(GROUP * BLOCK_M, BLOCK_M, dim=2))
     tma.store_wait(0)
+    if Q_BUFFERS > 1:  # (the store has read the buffer: the producer may load a later tile's Q and dO there)
+        mbarrier.arrive(q_empty.index(buffer), count=1)
+    return step + end_block - first_block
+
+
+@gluon.jit
+def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
+                           slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, num_tiles, stats_stride, qk_scale,
+                           scale, band, transform, GROUP: gl.constexpr, VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                           DEFER_DQ: gl.constexpr, FMA_QUARTERS: gl.constexpr, PERSISTENT: gl.constexpr):
+    """Consumer warp group GROUP: the program's tile (PERSISTENT: every num_programs-th tile from its id)."""
+    if PERSISTENT:
+        step = 0
+        count = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            step = _dq_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers,
+                                     lse2_ptr, delta_ptr, slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks,
+                                     stats_stride, qk_scale, scale, band, transform, GROUP, VARIANTS, BLOCK_M,
+                                     BLOCK_N, STAGES, PINGPONG, DEFER_DQ, FMA_QUARTERS)
+            count += 1
+    else:
+        _dq_consumer_tile(gl.program_id(0), 0, 0, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers,
+                          lse2_ptr, delta_ptr, slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride,
+                          qk_scale, scale, band, transform, GROUP, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
+                          DEFER_DQ, FMA_QUARTERS)
 
 
 @gluon.jit(do_not_specialize=["band", "transform"])  # (run-time values: one compile for all)
 def hopper_attention_backward_dq_kernel(
     q_desc, k_desc, v_desc, do_desc, dq_desc, lse2_ptr, delta_ptr, slopes_ptr,
-    heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
+    heads_q, gqa_group, seq_kv, num_m_blocks, num_tiles, stats_stride, qk_scale, scale, band, transform,
     VARIANTS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr, FMA_QUARTERS: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-    PRODUCER_REGISTERS: gl.constexpr,
+    PINGPONG: gl.constexpr, DEFER_DQ: gl.constexpr, FMA_QUARTERS: gl.constexpr, PERSISTENT: gl.constexpr,
+    CONSUMER_REGISTERS: gl.constexpr, PRODUCER_REGISTERS: gl.constexpr,
 ):
-    """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a program."""
+    """dQ of `2 * BLOCK_M` query rows of one (batch, query head) a tile: one tile a program, or with PERSISTENT
+    (a grid of at most one program an SM) every num_programs-th tile from the program's id, the next tile's Q and
+    dO loaded into a second buffer while the current one's run."""
     gl.static_assert(BLOCK_M == 64, "a consumer warp group owns 64 rows (one wgmma row block)")
+    # (a deferred dQ product leaves its last K/V slot held at the tile's end)
+    gl.static_assert(not (PERSISTENT and DEFER_DQ), "DEFER_DQ takes one tile a program")
+    Q_BUFFERS: gl.constexpr = 2 if PERSISTENT else 1
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS] + do_desc.block_type.shape, do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS, 1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # (PINGPONG)
     ds_smem = gl.allocate_shared_memory(dtype, [2 if DEFER_DQ else 1, BLOCK_M, BLOCK_N],  # (DEFER_DQ)
                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
-    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(Q_BUFFERS):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer group
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer group
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
 
-    barriers = (q_ready, kv_ready, kv_empty, turns)
+    barriers = (q_ready, q_empty, kv_ready, kv_empty, turns)
     gl.warp_specialize([
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
-                                  slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ,
-                                  FMA_QUARTERS)),
+                                  slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, num_tiles, stats_stride,
+                                  qk_scale, scale, band, transform, 0, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
+                                  DEFER_DQ, FMA_QUARTERS, PERSISTENT)),
         (_dq_consumer_partition, (q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers, lse2_ptr, delta_ptr,
-                                  slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale,
-                                  band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG, DEFER_DQ,
-                                  FMA_QUARTERS)),
+                                  slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, num_tiles, stats_stride,
+                                  qk_scale, scale, band, transform, 1, VARIANTS, BLOCK_M, BLOCK_N, STAGES, PINGPONG,
+                                  DEFER_DQ, FMA_QUARTERS, PERSISTENT)),
         (_dq_load_partition, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, barriers,
-                              heads_q, gqa_group, seq_kv, num_m_blocks, band, VARIANTS, BLOCK_M, BLOCK_N, STAGES)),
+                              heads_q, gqa_group, seq_kv, num_m_blocks, num_tiles, band, VARIANTS, BLOCK_M, BLOCK_N,
+                              STAGES, PERSISTENT)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])

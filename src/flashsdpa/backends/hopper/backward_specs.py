@@ -67,6 +67,8 @@ class HopperBackwardSpec:
     # the first Q/dO blocks) and end (the gradients' stores) overlap its neighbours' work; causal and windowed
     # problems keep one program a tile (longest first)
     dkdv_persistent: bool = False
+    # dQ: the same, the next tile's Q and dO in a second buffer (+64 KB at d=128: 128-key steps would not fit)
+    dq_persistent: bool = False
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -116,12 +118,19 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     # Persistent dK/dV (not causal): a tile's start and end overlap the neighbouring tiles' products. sm_90 bf16: d=64
     # 0/0 B spilled, 117 KB shared memory; d=128 76/100 B (per tile, outside the query loop), 198 KB.
     "persistent": {64: dict(dkdv_persistent=True), 128: dict(dkdv_persistent=True)},
+    # Both kernels persistent (at d=128 the dQ kernel's 64-key steps: two Q/dO buffers and 128-key steps need 256 KB)
+    "persistent2": {64: dict(dkdv_persistent=True, dq_persistent=True),
+                    128: dict(dkdv_persistent=True, dq_persistent=True, dq_block_n=64)},
     "persistent+concurrent": {64: dict(dkdv_persistent=True, dq_concurrent=True),
                               128: dict(dkdv_persistent=True, dq_concurrent=True)},
-    # Everything above at once (and at d=128 the dK/dV ping-pong, which d=64 ships).
+    # Everything above at once (and at d=128 the dK/dV ping-pong, which d=64 ships), with and without the
+    # persistent dQ kernel.
     "combined": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True, dq_concurrent=True),
                  128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True,
                            dq_concurrent=True)},
+    "combined2": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True, dq_persistent=True),
+                  128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True,
+                            dq_persistent=True, dq_block_n=64)},
 }
 
 

@@ -98,10 +98,12 @@ def attention_backward(
     band = band_arguments(desc)
     # Raw products are scaled in the exponent; transformed scores are in natural units already.
     qk_scale = LOG2E if variants.natural_units else scale * LOG2E
-    # Persistent only where every tile takes as long (a band's tiles do not: one program a tile serves them longest
+    # Persistent kernels only where every tile takes as long (a band's tiles do not: one program a tile serves them longest
     # first, as the forward does).
     dkdv_persistent = spec.dkdv_persistent and not variants.banded
     dkdv_grid = min(dkdv_programs, sm_count(device)) if dkdv_persistent else dkdv_programs
+    dq_persistent = spec.dq_persistent and not variants.banded
+    dq_grid = min(dq_programs, sm_count(device)) if dq_persistent else dq_programs
     common = dict(VARIANTS=variants, CONSUMER_REGISTERS=spec.consumer_registers,
                   PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
     with on_device(device):
@@ -125,13 +127,14 @@ def attention_backward(
             PERSISTENT=dkdv_persistent, **common,
         )
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
+            kernels.hopper_attention_backward_dq_kernel[(dq_grid,)](
                 tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
                 tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
                 tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
-                heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
-                BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
-                PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, FMA_QUARTERS=spec.dq_exp2_by_fma, **common,
+                heads_q, desc.gqa_group, seq_kv, num_m_blocks, dq_programs, stats_stride, qk_scale, scale, band,
+                transform, BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
+                PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, FMA_QUARTERS=spec.dq_exp2_by_fma,
+                PERSISTENT=dq_persistent, **common,
             )
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
