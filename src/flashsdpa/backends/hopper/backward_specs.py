@@ -107,11 +107,10 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     "all": {64: dict(dkdv_defer_dk=True, dq_defer_dq=True, dq_pingpong=True),
             128: dict(dq_block_n=64, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
     # A quarter of each tile's exponentials by FMA arithmetic (MUFU.EX2 a step and warp: dK/dV 32 -> 24, dQ 64 -> 48;
-    # the MUFU unit takes a warp's EX2 in 8 cycles, so a group's 32 queue for 256 while its FMA pipe idles). sm_90 bf16
-    # spills (B): d=64 0/0; d=128 dK/dV 4/4 (0/0 before), causal 16/20 and GQA 24/28 (4/4, 12/12); dQ 0/0.
+    # an SM sub-partition's MUFU unit takes a warp's EX2 in 8 cycles, so a warp's 32 queue for 256 while its FMA pipe
+    # idles). sm_90 bf16 spills (B): d=64 0/0; d=128 dK/dV 4/4 (0/0 before), causal 16/20 and GQA 24/28 (4/4, 12/12);
+    # dQ 0/0.
     "fma": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1), 128: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1)},
-    # d=64's dQ kernel, where the exponentials weigh most (64 a thread a step against 3 products of 64x128x64): half
-    "fma2": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=2)},
     # The dQ kernel beside the dK/dV kernel on a second stream (the dK/dV kernel's last wave leaves SMs idle: at
     # d=128 L=4096 B=4 H=16, 2048 programs over 132 SMs, 15.5 waves)
     "concurrent": {64: dict(dq_concurrent=True), 128: dict(dq_concurrent=True)},
@@ -121,10 +120,8 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     # Both kernels persistent (at d=128 the dQ kernel's 64-key steps: two Q/dO buffers and 128-key steps need 256 KB)
     "persistent2": {64: dict(dkdv_persistent=True, dq_persistent=True),
                     128: dict(dkdv_persistent=True, dq_persistent=True, dq_block_n=64)},
-    "persistent+concurrent": {64: dict(dkdv_persistent=True, dq_concurrent=True),
-                              128: dict(dkdv_persistent=True, dq_concurrent=True)},
-    # Everything above at once (and at d=128 the dK/dV ping-pong, which d=64 ships), with and without the
-    # persistent dQ kernel.
+    # The above together (and at d=128 the dK/dV ping-pong, which d=64 ships): with the dQ kernel concurrent, or
+    # persistent (its programs' tiles are dealt out in advance: it does not start behind another kernel).
     "combined": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True, dq_concurrent=True),
                  128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True,
                            dq_concurrent=True)},
