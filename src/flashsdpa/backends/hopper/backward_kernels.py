@@ -31,8 +31,16 @@ so their P is 0); with STATS_IN_SHARED the dK/dV producer brings each query
 block's rows by TMA into its ring slot beside Q and dO, and the consumers read
 them there where they are used. PINGPONG (either kernel) makes the two
 consumer groups issue each step's first products in turn; FMA_QUARTERS takes that
-many quarters of each tile's exponentials by FMA arithmetic (`exponentials`). Rows and keys past the sequence ends load as zeros through
-the TMA descriptors' bounds and are never stored.
+many quarters of each tile's exponentials by FMA arithmetic (`exponentials`).
+Rows and keys past the sequence ends load as zeros through the TMA descriptors'
+bounds and are never stored.
+
+Each kernel runs one tile (the keys or rows above) a program, or with
+PERSISTENT every num_programs-th tile from the program's id on a grid of at
+most one program an SM: the producer loads the next tile's stationary operands
+(K and V; Q and dO) into a second buffer, freed when both groups' gradient
+stores of the tile before have read it, and the streamed ring and the ping-pong
+turns count on across tiles.
 """
 
 from __future__ import annotations

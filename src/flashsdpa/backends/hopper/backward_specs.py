@@ -9,8 +9,10 @@ streaming tiles by TMA, two consumer warp groups of `BLOCK` rows each):
 - dQ, query-stationary: a program owns `2 * dq_block_m` query rows of one
   (batch, query head) and walks its key blocks (`dq_block_n` keys a step).
 
-Neither adds into memory another program writes, so the gradients are the
-same bits every call. Both compute S and dP: 7 products a tile pair, against
+With `dkdv_persistent` / `dq_persistent` a kernel runs on at most one program
+an SM, each taking every num_programs-th of those tiles (not for banded
+problems, whose tiles differ in length). Neither adds into memory another
+program writes, so the gradients are the same bits every call. Both compute S and dP: 7 products a tile pair, against
 5 with dQ inside the dK/dV kernel, which measured slower on the H100 (NOTES,
 "Issue 14: the fused-dQ variant removed"). Shared memory (d=128, two
 stages): dK/dV 64 KB of K and V plus 2 x 32 KB of Q and dO; dQ 64 KB of Q
