@@ -58,7 +58,8 @@ class HopperBackwardSpec:
     dkdv_defer_dk: bool = False
     dq_defer_dq: bool = False  # dQ: the same for dS and dQ's product
     # dK/dV: quarters of each P^T tile's exponentials (0, 1 or 2) by FMA arithmetic (`score_kernels.exp2_by_fma`),
-    # the rest by MUFU.EX2, which a warp otherwise queues 32 of a step on (a 64-key group at BLOCK_M 64)
+    # the rest by MUFU.EX2, which a warp otherwise queues 32 of a step on (a 64-key group at BLOCK_M 64); scores
+    # without a transform (softcap, ALiBi) only (the launcher: with one the kernels spill)
     dkdv_exp2_by_fma: int = 0
     dq_exp2_by_fma: int = 0  # dQ: the same for each P tile
     # The dQ kernel on a second stream beside the dK/dV kernel (the two write different tensors): its programs
@@ -67,7 +68,7 @@ class HopperBackwardSpec:
     # dK/dV: a grid of one program an SM, each taking every num_programs-th tile, the next tile's K and V loaded into
     # a second buffer (+64 KB shared memory at d=128) while the current one's run, so that a tile's start (K, V and
     # the first Q/dO blocks) and end (the gradients' stores) overlap its neighbours' work; causal and windowed
-    # problems keep one program a tile (longest first)
+    # problems (one program a tile, longest first) and score transforms (spills) keep the one-tile kernels
     dkdv_persistent: bool = False
     # dQ: the same, the next tile's Q and dO in a second buffer (+64 KB at d=128: 128-key steps would not fit)
     dq_persistent: bool = False

@@ -98,12 +98,15 @@ def attention_backward(
     band = band_arguments(desc)
     # Raw products are scaled in the exponent; transformed scores are in natural units already.
     qk_scale = LOG2E if variants.natural_units else scale * LOG2E
-    # Persistent kernels only where every tile takes as long (a band's tiles do not: one program a tile serves them longest
-    # first, as the forward does).
-    dkdv_persistent = spec.dkdv_persistent and not variants.banded
+    # Persistent kernels only where every tile takes as long (a band's tiles do not: one program a tile serves them
+    # longest first, as the forward does), and, as the exponentials by FMA, only on plain scores: with a score
+    # transform they spill more (sm_90 bf16 d=128, softcap: persistent dK/dV 144/200 B with loads in the query loop;
+    # softcap, ALiBi and sinks with FMA exponentials: dQ 1268/1296 B, against 52/68 with neither).
+    plain = not variants.banded and not variants.natural_units
+    dkdv_persistent, dq_persistent = spec.dkdv_persistent and plain, spec.dq_persistent and plain
     dkdv_grid = min(dkdv_programs, sm_count(device)) if dkdv_persistent else dkdv_programs
-    dq_persistent = spec.dq_persistent and not variants.banded
     dq_grid = min(dq_programs, sm_count(device)) if dq_persistent else dq_programs
+    dkdv_fma, dq_fma = (spec.dkdv_exp2_by_fma, spec.dq_exp2_by_fma) if not variants.natural_units else (0, 0)
     common = dict(VARIANTS=variants, CONSUMER_REGISTERS=spec.consumer_registers,
                   PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
     with on_device(device):
@@ -123,7 +126,7 @@ def attention_backward(
             stats_descriptor(stats, spec.dkdv_block_m), lse2, delta, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv,
             num_n_blocks, dkdv_programs, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
             BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, STATS_IN_SHARED=spec.dkdv_stats_in_shared,
-            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, FMA_QUARTERS=spec.dkdv_exp2_by_fma,
+            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, FMA_QUARTERS=dkdv_fma,
             PERSISTENT=dkdv_persistent, **common,
         )
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -133,7 +136,7 @@ def attention_backward(
                 tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
                 heads_q, desc.gqa_group, seq_kv, num_m_blocks, dq_programs, stats_stride, qk_scale, scale, band,
                 transform, BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
-                PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, FMA_QUARTERS=spec.dq_exp2_by_fma,
+                PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, FMA_QUARTERS=dq_fma,
                 PERSISTENT=dq_persistent, **common,
             )
         if side is not None:
