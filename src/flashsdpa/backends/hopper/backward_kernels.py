@@ -39,7 +39,8 @@ Each kernel runs one tile (the keys or rows above) a program, or with
 PERSISTENT every num_programs-th tile from the program's id on a grid of at
 most one program an SM: the producer loads the next tile's stationary operands
 (K and V; Q and dO) into a second buffer, freed when both groups' gradient
-stores of the tile before have read it, and the streamed ring and the ping-pong
+stores of the tile before have read it (each group waits for its stores after
+issuing the next tile's first products), and the streamed ring and the ping-pong
 turns count on across tiles.
 """
 
@@ -287,6 +288,10 @@ def _dkdv_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, stat
             dpt_token = warpgroup_mma(v, do_t, st_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turns.index(1 - GROUP), count=1)
+        if KV_BUFFERS > 1:
+            if i == 0:  # the previous tile's gradient stores ran under these products: free their buffer
+                tma.store_wait(0)
+                mbarrier.arrive(kv_empty.index(1 - buffer), count=1, pred=count > 0)
         if DEFER_DK:  # (the previous step's dK product, issued before S^T, retires with it: its slot is free)
             if VARIANTS.natural_units:
                 st, dk = warpgroup_mma_wait(0, deps=[st_token, dk, k, q_t, ds])[:2]
@@ -332,9 +337,8 @@ def _dkdv_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, stat
                                     k_tile.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
     tma.async_copy_shared_to_global(dv_desc, [batch, head_kv, group_key, 0],
                                     v_tile.slice(GROUP * BLOCK_N, BLOCK_N, dim=2))
-    tma.store_wait(0)
-    if KV_BUFFERS > 1:  # (the stores have read the buffer: the producer may load a later tile's K and V there)
-        mbarrier.arrive(kv_empty.index(buffer), count=1)
+    if KV_BUFFERS == 1:  # (persistent: the next tile's first step waits for the stores, the partition's end too)
+        tma.store_wait(0)
     return step + gqa_group * m_blocks
 
 
@@ -356,6 +360,7 @@ def _dkdv_consumer_partition(q_smem, k_smem, v_smem, do_smem, stats_smem, ds_sme
                                        transform, GROUP, VARIANTS, BLOCK_M, BLOCK_N, STAGES, STATS_IN_SHARED,
                                        PINGPONG, DEFER_DK, FMA_QUARTERS)
             count += 1
+        tma.store_wait(0)
     else:
         _dkdv_consumer_tile(gl.program_id(0), 0, 0, q_smem, k_smem, v_smem, do_smem, stats_smem, ds_smem, dk_desc,
                             dv_desc, barriers, lse2_ptr, delta_ptr, slopes_ptr, heads_kv, gqa_group, seq_q, seq_kv,
@@ -526,6 +531,10 @@ def _dq_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, ds_sme
         dp_token = warpgroup_mma(do, v_t, s_zero, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turns.index(1 - GROUP), count=1)
+        if Q_BUFFERS > 1:
+            if i == 0:  # the previous tile's dQ store ran under these products: free its buffer
+                tma.store_wait(0)
+                mbarrier.arrive(q_empty.index(1 - buffer), count=1, pred=count > 0)
         if DEFER_DQ:  # (the previous step's dQ product, issued before S, retires with it: its slot is free)
             s, dq = warpgroup_mma_wait(1, deps=[s_token, dq, q, k_t, ds_tile])[:2]
             mbarrier.arrive(kv_empty.index((n + STAGES - 1) % STAGES), count=1, pred=i > 0)
@@ -561,9 +570,8 @@ def _dq_consumer_tile(tile, count, step, q_smem, k_smem, v_smem, do_smem, ds_sme
     fence_async_shared()
     tma.async_copy_shared_to_global(dq_desc, [batch, head_q, first_row, 0],
                                     q_tile.slice(GROUP * BLOCK_M, BLOCK_M, dim=2))
-    tma.store_wait(0)
-    if Q_BUFFERS > 1:  # (the store has read the buffer: the producer may load a later tile's Q and dO there)
-        mbarrier.arrive(q_empty.index(buffer), count=1)
+    if Q_BUFFERS == 1:  # (persistent: the next tile's first step waits for the store, the partition's end too)
+        tma.store_wait(0)
     return step + end_block - first_block
 
 
@@ -583,6 +591,7 @@ def _dq_consumer_partition(q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, ba
                                      stats_stride, qk_scale, scale, band, transform, GROUP, VARIANTS, BLOCK_M,
                                      BLOCK_N, STAGES, PINGPONG, DEFER_DQ, FMA_QUARTERS)
             count += 1
+        tma.store_wait(0)
     else:
         _dq_consumer_tile(gl.program_id(0), 0, 0, q_smem, k_smem, v_smem, do_smem, ds_smem, dq_desc, barriers,
                           lse2_ptr, delta_ptr, slopes_ptr, heads_q, gqa_group, seq_kv, num_m_blocks, stats_stride,

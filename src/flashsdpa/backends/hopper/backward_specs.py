@@ -118,7 +118,7 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     # d=128 L=4096 B=4 H=16, 2048 programs over 132 SMs, 15.5 waves)
     "concurrent": {64: dict(dq_concurrent=True), 128: dict(dq_concurrent=True)},
     # Persistent dK/dV (not causal): a tile's start and end overlap the neighbouring tiles' products. sm_90 bf16: d=64
-    # 0/0 B spilled, 117 KB shared memory; d=128 76/100 B (per tile, outside the query loop), 198 KB.
+    # 0/0 B spilled, 117 KB shared memory; d=128 84/120 B (per tile, outside the query loop), 198 KB.
     "persistent": {64: dict(dkdv_persistent=True), 128: dict(dkdv_persistent=True)},
     # Both kernels persistent (at d=128 the dQ kernel's 64-key steps: two Q/dO buffers and 128-key steps need 256 KB)
     "persistent2": {64: dict(dkdv_persistent=True, dq_persistent=True),
