@@ -166,7 +166,7 @@ def patch_for_sm90() -> None:
     hopper.cuda_capability = lambda device: (9, 0)
     hopper_accepts = HopperBackend.unsupported_reasons
     HopperBackend.unsupported_reasons = lambda self, desc, device: hopper_accepts(self, desc, torch.device("cuda", 0))
-    launch_forward.sm_count = hopper_launch.sm_count = lambda device: 132
+    launch_forward.sm_count = hopper_launch.sm_count = hopper_launch_backward.sm_count = lambda device: 132
     launch_paged.device_capability = lambda device: (9, 0)
     launch_paged.sm_count = lambda device: 132
     cache_descriptor = kvcache.cache_descriptor

@@ -452,12 +452,17 @@ def backward_candidate(request, monkeypatch, gluon_backward):
 @sm90_only
 @pytest.mark.parametrize("head_dim", backward_specs.BACKWARD_HEAD_DIMS)
 def test_backward_candidates_against_float64(backward_candidate, monkeypatch, head_dim):
-    """Each candidate spec: causal GQA with partial blocks at the 1.5x-torch rule, and every variant together
-    against the float64 formula (both alignments), as the shipped spec is tested above."""
+    """Each candidate spec: causal GQA with partial blocks at the 1.5x-torch rule, the same not causal with several
+    tiles a persistent program, and every variant together against the float64 formula (both alignments), as the
+    shipped spec is tested above."""
     gen = generator(zlib.crc32(repr((head_dim, backward_candidate)).encode()))  # (hash(str) varies by process)
     q, k, v = qkv((2, 4), (2, 2), 257, 513, head_dim, gen, torch.bfloat16, "cuda")
     check_gluon_backward(monkeypatch, Case(q, k, v, causal=True, enable_gqa=True),
                          f"{backward_candidate} d={head_dim}", gen)
+    # Not causal, as if the GPU had 3 SMs: a persistent kernel's programs take 8 tiles each (24 of each kernel).
+    monkeypatch.setattr(launch_backward, "sm_count", lambda device: 3)
+    q, k, v = qkv((2, 4), (2, 2), 300, 700, head_dim, gen, torch.bfloat16, "cuda")
+    check_gluon_backward(monkeypatch, Case(q, k, v, enable_gqa=True), f"{backward_candidate} d={head_dim} 3 SMs", gen)
     monkeypatch.setattr(gradient_precision, "pinned", GradientPrecision.ROUNDED)
     for number, ((seq_q, seq_kv), alignment) in enumerate(VARIANT_SHAPES[:2]):
         assert check_hopper_variant("all", seq_q, seq_kv, alignment, head_dim, torch.bfloat16, seed=number) == {}

@@ -9,8 +9,10 @@ streaming tiles by TMA, two consumer warp groups of `BLOCK` rows each):
 - dQ, query-stationary: a program owns `2 * dq_block_m` query rows of one
   (batch, query head) and walks its key blocks (`dq_block_n` keys a step).
 
-Neither adds into memory another program writes, so the gradients are the
-same bits every call. Both compute S and dP: 7 products a tile pair, against
+With `dkdv_persistent` / `dq_persistent` a kernel runs on at most one program
+an SM, each taking every num_programs-th of those tiles (not for banded
+problems, whose tiles differ in length). Neither adds into memory another
+program writes, so the gradients are the same bits every call. Both compute S and dP: 7 products a tile pair, against
 5 with dQ inside the dK/dV kernel, which measured slower on the H100 (NOTES,
 "Issue 14: the fused-dQ variant removed"). Shared memory (d=128, two
 stages): dK/dV 64 KB of K and V plus 2 x 32 KB of Q and dO; dQ 64 KB of Q
@@ -55,6 +57,21 @@ class HopperBackwardSpec:
     # the tensor cores keep this group's work across the step's end (its register operand could not cross it)
     dkdv_defer_dk: bool = False
     dq_defer_dq: bool = False  # dQ: the same for dS and dQ's product
+    # dK/dV: quarters of each P^T tile's exponentials (0, 1 or 2) by FMA arithmetic (`score_kernels.exp2_by_fma`),
+    # the rest by MUFU.EX2, which a warp otherwise queues 32 of a step on (a 64-key group at BLOCK_M 64); scores
+    # without a transform (softcap, ALiBi) only (the launcher: with one the kernels spill)
+    dkdv_exp2_by_fma: int = 0
+    dq_exp2_by_fma: int = 0  # dQ: the same for each P tile
+    # The dQ kernel on a second stream beside the dK/dV kernel (the two write different tensors): its programs
+    # fill the SMs that the dK/dV kernel's last wave leaves idle, rather than starting after it
+    dq_concurrent: bool = False
+    # dK/dV: a grid of one program an SM, each taking every num_programs-th tile, the next tile's K and V loaded into
+    # a second buffer (+64 KB shared memory at d=128) while the current one's run, so that a tile's start (K, V and
+    # the first Q/dO blocks) and end (the gradients' stores) overlap its neighbours' work; causal and windowed
+    # problems (one program a tile, longest first) and score transforms (spills) keep the one-tile kernels
+    dkdv_persistent: bool = False
+    # dQ: the same, the next tile's Q and dO in a second buffer (+64 KB at d=128: 128-key steps would not fit)
+    dq_persistent: bool = False
     consumer_registers: int = 240
     producer_registers: int = 24
     max_registers: int = 168
@@ -92,6 +109,28 @@ CANDIDATES: dict[str, dict[int, dict]] = {
     # (deferred dK at d=64 only: at d=128 it spills 24-52 B; deferred dQ with 128-key steps would need 229 KB)
     "all": {64: dict(dkdv_defer_dk=True, dq_defer_dq=True, dq_pingpong=True),
             128: dict(dq_block_n=64, dq_defer_dq=True, dkdv_pingpong=True, dq_pingpong=True)},
+    # A quarter of each tile's exponentials by FMA arithmetic (MUFU.EX2 a step and warp: dK/dV 32 -> 24, dQ 64 -> 48;
+    # an SM sub-partition's MUFU unit takes a warp's EX2 in 8 cycles, so a warp's 32 queue for 256 while its FMA pipe
+    # idles). sm_90 bf16 spills (B): d=64 0/0; d=128 dK/dV 4/4 (0/0 before), causal 16/20 and GQA 24/28 (4/4, 12/12);
+    # dQ 0/0.
+    "fma": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1), 128: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1)},
+    # The dQ kernel beside the dK/dV kernel on a second stream (the dK/dV kernel's last wave leaves SMs idle: at
+    # d=128 L=4096 B=4 H=16, 2048 programs over 132 SMs, 15.5 waves)
+    "concurrent": {64: dict(dq_concurrent=True), 128: dict(dq_concurrent=True)},
+    # Persistent dK/dV (not causal): a tile's start and end overlap the neighbouring tiles' products. sm_90 bf16: d=64
+    # 0/0 B spilled, 117 KB shared memory; d=128 84/120 B (per tile, outside the query loop), 198 KB.
+    "persistent": {64: dict(dkdv_persistent=True), 128: dict(dkdv_persistent=True)},
+    # Both kernels persistent (at d=128 the dQ kernel's 64-key steps: two Q/dO buffers and 128-key steps need 256 KB)
+    "persistent2": {64: dict(dkdv_persistent=True, dq_persistent=True),
+                    128: dict(dkdv_persistent=True, dq_persistent=True, dq_block_n=64)},
+    # The above together (and at d=128 the dK/dV ping-pong, which d=64 ships): with the dQ kernel concurrent, or
+    # persistent (its programs' tiles are dealt out in advance: it does not start behind another kernel).
+    "combined": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True, dq_concurrent=True),
+                 128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True,
+                           dq_concurrent=True)},
+    "combined2": {64: dict(dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True, dq_persistent=True),
+                  128: dict(dkdv_pingpong=True, dkdv_exp2_by_fma=1, dq_exp2_by_fma=1, dkdv_persistent=True,
+                            dq_persistent=True, dq_block_n=64)},
 }
 
 

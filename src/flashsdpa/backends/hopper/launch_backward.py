@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -13,7 +14,7 @@ from flashsdpa.backends.hopper.launch_forward import cached_descriptor, tma_desc
 from flashsdpa.backends.hopper.variants import HopperVariants, band_arguments, score_arguments
 from flashsdpa.backends.triton.backward_kernels import attention_backward_preprocess_kernel
 from flashsdpa.backends.triton.launch_backward import stats_row_stride
-from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device
+from flashsdpa.backends.triton.launch_common import MAX_GRID_X, cdiv, on_device, sm_count
 from flashsdpa.descriptor import AttentionDescriptor
 
 PREPROCESS_BLOCK_M = 128  # (stats_row_stride is a multiple of it)
@@ -25,6 +26,22 @@ def _kernels():
     from flashsdpa.backends.hopper import backward_kernels
 
     return backward_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    """The stream the dQ kernel runs on beside the dK/dV kernel (`HopperBackwardSpec.dq_concurrent`), one a device."""
+    return torch.cuda.Stream(torch.device("cuda", device_index))
+
+
+def _forked_stream(spec: HopperBackwardSpec, device: torch.device) -> torch.cuda.Stream | None:
+    """With `dq_concurrent`, the side stream for the dQ kernel, made to wait for the current stream's work so far
+    (the row statistics); else None (the dQ kernel follows the dK/dV kernel on the current stream)."""
+    if not spec.dq_concurrent or device.type != "cuda":
+        return None
+    side = _side_stream(device.index if device.index is not None else torch.cuda.current_device())
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
 
 
 def backward_readable(inputs: AttentionInputs, out: torch.Tensor, grad_out: torch.Tensor) -> bool:
@@ -81,6 +98,15 @@ def attention_backward(
     band = band_arguments(desc)
     # Raw products are scaled in the exponent; transformed scores are in natural units already.
     qk_scale = LOG2E if variants.natural_units else scale * LOG2E
+    # Persistent kernels only where every tile takes as long (a band's tiles do not: one program a tile serves them
+    # longest first, as the forward does), and, as the exponentials by FMA, only on plain scores: with a score
+    # transform they spill more (sm_90 bf16 d=128, softcap: persistent dK/dV 144/200 B with loads in the query loop;
+    # softcap, ALiBi and sinks with FMA exponentials: dQ 1268/1296 B, against 52/68 with neither).
+    plain = not variants.banded and not variants.natural_units
+    dkdv_persistent, dq_persistent = spec.dkdv_persistent and plain, spec.dq_persistent and plain
+    dkdv_grid = min(dkdv_programs, sm_count(device)) if dkdv_persistent else dkdv_programs
+    dq_grid = min(dq_programs, sm_count(device)) if dq_persistent else dq_programs
+    dkdv_fma, dq_fma = (spec.dkdv_exp2_by_fma, spec.dq_exp2_by_fma) if not variants.natural_units else (0, 0)
     common = dict(VARIANTS=variants, CONSUMER_REGISTERS=spec.consumer_registers,
                   PRODUCER_REGISTERS=spec.producer_registers, num_warps=spec.num_warps, maxnreg=spec.max_registers)
     with on_device(device):
@@ -90,21 +116,29 @@ def attention_backward(
             seq_q, heads_q, stats_stride,
             HEAD_DIM_V=desc.head_dim_v, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=desc.head_dim_v, COMPUTE_DELTA=True,
         )
-        kernels.hopper_attention_backward_dkdv_kernel[(dkdv_programs,)](
+        # With dq_concurrent the dQ kernel runs on a side stream forked here, its programs queued behind the dK/dV
+        # kernel's and filling the SMs that kernel's last wave leaves idle; the current stream joins it at the end.
+        side = _forked_stream(spec, device)
+        kernels.hopper_attention_backward_dkdv_kernel[(dkdv_grid,)](
             tma_descriptor(q, spec.dkdv_block_m), tma_descriptor(k, 2 * spec.dkdv_block_n),
             tma_descriptor(v, 2 * spec.dkdv_block_n), tma_descriptor(grad_out, spec.dkdv_block_m),
             tma_descriptor(dk, spec.dkdv_block_n), tma_descriptor(dv, spec.dkdv_block_n),
             stats_descriptor(stats, spec.dkdv_block_m), lse2, delta, slopes, heads_kv, desc.gqa_group, seq_q, seq_kv,
-            num_n_blocks, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
+            num_n_blocks, dkdv_programs, stats_stride, qk_scale, scale, band, transform, BLOCK_M=spec.dkdv_block_m,
             BLOCK_N=spec.dkdv_block_n, STAGES=spec.dkdv_stages, STATS_IN_SHARED=spec.dkdv_stats_in_shared,
-            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, **common,
+            PINGPONG=spec.dkdv_pingpong, DEFER_DK=spec.dkdv_defer_dk, FMA_QUARTERS=dkdv_fma,
+            PERSISTENT=dkdv_persistent, **common,
         )
-        kernels.hopper_attention_backward_dq_kernel[(dq_programs,)](
-            tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
-            tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
-            tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
-            heads_q, desc.gqa_group, seq_kv, num_m_blocks, stats_stride, qk_scale, scale, band, transform,
-            BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
-            PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, **common,
-        )
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            kernels.hopper_attention_backward_dq_kernel[(dq_grid,)](
+                tma_descriptor(q, 2 * spec.dq_block_m), tma_descriptor(k, spec.dq_block_n),
+                tma_descriptor(v, spec.dq_block_n), tma_descriptor(grad_out, 2 * spec.dq_block_m),
+                tma_descriptor(dq, spec.dq_block_m), lse2, delta, slopes,
+                heads_q, desc.gqa_group, seq_kv, num_m_blocks, dq_programs, stats_stride, qk_scale, scale, band,
+                transform, BLOCK_M=spec.dq_block_m, BLOCK_N=spec.dq_block_n, STAGES=spec.dq_stages,
+                PINGPONG=spec.dq_pingpong, DEFER_DQ=spec.dq_defer_dq, FMA_QUARTERS=dq_fma,
+                PERSISTENT=dq_persistent, **common,
+            )
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
     return dq, dk, dv
