@@ -119,7 +119,6 @@ class DecodeTiles:
     block_dv: int
     dot_precision: str | None
     widen_dot_operands: bool
-    split_tf32: bool
     num_warps: int
     num_stages: int
 
@@ -138,7 +137,6 @@ def decode_tiles(desc: AttentionDescriptor, config, decode) -> DecodeTiles:
         block_dv=key.block_head_dim_v,
         dot_precision="ieee" if config.split_products else config.dot_precision,
         widen_dot_operands=config.widen_dot_operands,
-        split_tf32=False,
         num_warps=decode.num_warps,
         num_stages=decode.num_stages,
     )

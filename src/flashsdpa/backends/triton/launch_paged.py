@@ -45,8 +45,7 @@ PAGED_DECODE_WARPS = 8
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
 # a program reads its keys once for 64 rows rather than 16, in blocks of at most 64 keys. compile_sm90
 # --paged (bf16, sm_90, 8 warps): 154-176 registers at d=128, no spills; d=64 with 128-key blocks took
-# 255 registers. float32 keeps 16 rows: 64 spilled 436 bytes with split tf32 products, which the paged
-# program does not take (`kernel_specs.decode_tiles`); 64 rows of float32 products are not compiled.
+# 255 registers. float32 keeps 16 rows (its FMA products, `kernel_specs.decode_tiles`, are not compiled for 64).
 PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
 

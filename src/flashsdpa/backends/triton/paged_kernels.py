@@ -31,7 +31,7 @@ the slices are merged once after the loop (merge_key_slices).
 import triton
 import triton.language as tl
 
-from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, matmul_split, split_tf32, to_dtype
+from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, to_dtype
 from flashsdpa.backends.triton.decode_kernels import group_rows, store_split
 from flashsdpa.backends.triton.forward_kernels import exponent_below_max, finish_rows
 from flashsdpa.backends.triton.score_kernels import scores_of_products
@@ -130,7 +130,6 @@ def attend_cache_blocks(
     row_sum,
     row_max,
     q,
-    q_lo,
     k_head_ptr,
     v_head_ptr,
     k_desc,
@@ -165,7 +164,6 @@ def attend_cache_blocks(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
     KEY_SLICES: tl.constexpr,
 ):
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
@@ -177,7 +175,7 @@ def attend_cache_blocks(
     the state [KEY_SLICES, M, DV] and [KEY_SLICES, M] twice, query_rows [1, M, 1]; else q [M, D], the
     state [M, DV], [M], [M], query_rows [M, 1]."""
     tl.static_assert(not (TMA_BLOCKS and PAGED) or FIXED_PAGE_SIZE >= BLOCK_N, "a TMA box needs a block in one page")
-    tl.static_assert(KEY_SLICES == 1 or not (TMA_BLOCKS or SPLIT_TF32), "key slices read rows, in 16-bit products")
+    tl.static_assert(KEY_SLICES == 1 or not TMA_BLOCKS, "key slices read rows")
     SLICED: tl.constexpr = KEY_SLICES > 1
     KEY_AXIS: tl.constexpr = 2 if SLICED else 1  # the axis of a block's keys in the scores
     if SLICED:  # key start + offs_n[w, n] is warp w's n-th key of the block
@@ -214,10 +212,7 @@ def attend_cache_blocks(
             k = cache_slices_transposed(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         else:
             k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
-        if SPLIT_TF32:
-            k_hi, k_lo = split_tf32(tl.trans(k))
-            qk = matmul_split(q, q_lo, k_hi, k_lo)
-        elif SLICED:
+        if SLICED:
             qk = matmul(q, k, None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         else:
             qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
@@ -243,13 +238,8 @@ def attend_cache_blocks(
             v = cache_block(v_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_DV)
         else:
             v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
-        if SPLIT_TF32:
-            p_hi, p_lo = split_tf32(p)
-            v_hi, v_lo = split_tf32(v)
-            acc = acc * alpha[:, None] + matmul_split(p_hi, p_lo, v_hi, v_lo)
-        else:
-            p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
-            acc = matmul(p, v, acc * tl.expand_dims(alpha, KEY_AXIS), DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
+        acc = matmul(p, v, acc * tl.expand_dims(alpha, KEY_AXIS), DOT_PRECISION, WIDEN_DOT_OPERANDS)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -316,7 +306,6 @@ def attention_paged_decode_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
     KEY_SLICES: tl.constexpr,
 ):
     """Stage 1: one key range of one (batch item, kv head) against its query rows.
@@ -357,9 +346,6 @@ def attention_paged_decode_kernel(
         q_ptr + batch.to(tl.int64) * stride_qb + query_row.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
     )
     q = tl.load(q_row_ptrs[:, None] + offs_d[None, :] * stride_qk, mask=offs_d[None, :] < head_dim, other=0.0)
-    q_lo = q
-    if SPLIT_TF32:
-        q, q_lo = split_tf32(q)
     slope = 0.0
     if ALIBI:  # one slope per row: the rows span a GQA group's heads
         slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)[:, None]
@@ -371,7 +357,6 @@ def attention_paged_decode_kernel(
     # The online-softmax state: one per key slice ([KEY_SLICES, ...], merged after the loop) or one.
     if KEY_SLICES > 1:
         q = tl.broadcast_to(q[None, :, :], (KEY_SLICES, BLOCK_M, BLOCK_D))
-        q_lo = q
         rows = query_row[None, :, None]
         acc = tl.zeros([KEY_SLICES, BLOCK_M, BLOCK_DV], dtype=tl.float32)
         slice_index = tl.arange(0, KEY_SLICES)[:, None]
@@ -394,12 +379,12 @@ def attention_paged_decode_kernel(
     for part in tl.static_range(3):
         if part != 0 or BOUNDED_BELOW:
             acc, row_sum, row_max = attend_cache_blocks(
-                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
+                acc, row_sum, row_max, q, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
                 key_ranges[part], key_ranges[part + 1], rows, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
                 ALIBI, PAGED, FIXED_PAGE_SIZE, TMA_BLOCKS, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
-                WIDEN_DOT_OPERANDS, SPLIT_TF32, KEY_SLICES,
+                WIDEN_DOT_OPERANDS, KEY_SLICES,
             )  # fmt: skip
     if KEY_SLICES > 1:
         acc, row_sum, row_max = merge_key_slices(acc, row_sum, row_max, LOG2E if NATURAL_UNITS else score_scale)
