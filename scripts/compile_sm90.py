@@ -260,11 +260,11 @@ class PagedProblem:
     # "causal" (the default), "plain" (not causal), "window", "softcap", "alibi", "sinks", joined by "+"
     variant: str = "causal"
     tma: bool = False  # launch_paged.PAGED_TMA_BLOCKS (K/V blocks as TMA boxes where the cache allows)
-    layout: str = "rows"  # launch_paged.PAGED_DECODE_LAYOUT (a name of launch_paged.PAGED_LAYOUTS)
+    layout: str = "rows"  # for every cache class (launch_paged.PAGED_DECODE_LAYOUTS; a PAGED_LAYOUTS name)
 
     def run(self) -> None:
         launch_paged.PAGED_TMA_BLOCKS = self.tma
-        launch_paged.PAGED_DECODE_LAYOUT = self.layout
+        launch_paged.PAGED_DECODE_LAYOUTS = dict.fromkeys(launch_paged.PAGE_CLASSES, self.layout)
         (hq, hkv), batch, capacity = self.heads, 4, 4096
         names = set(self.variant.split("+"))
         pages = capacity if self.page_size is None else -(-capacity // self.page_size)

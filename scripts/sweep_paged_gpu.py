@@ -6,7 +6,7 @@ Run from the repo root on the GPU (under 2 minutes with compiles; a short table 
 The shapes are the bench's paged rows (flashsdpa.bench.cases.kv_layout_cases): bf16, B=16, Hq=32, Hkv=8,
 d=128, one query row, every sequence S keys long (S = 4k, 16k, 32k, 128k), pages of 16 or 256 keys placed in
 a random order (bench.cases.paged_copy), and (page 0) the contiguous (B, S, Hkv, d) cache; not causal.
-Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUT), every named layout of
+Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUTS), every named layout of
 launch_paged.PAGED_LAYOUTS ("rows": flash decoding's program, 8 warps on every key block; "slices ...": warps
 on their own key slices, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
 stages) of the rows program and TMA boxes (launch_paged.PAGED_TMA_BLOCKS) over pages of 256 keys.
@@ -19,9 +19,10 @@ ratio = flashsdpa TB/s / torch flash TB/s of the same rounds (sdpa_kernel(FLASH_
 share = TB/s / 3.0 (the H100's copy ceiling, BENCHMARKS.md). err: ||out - ref|| / ||ref|| against float64
 attention on the same keys (torch flash's own err printed beside it is the bar). Every variant is compiled
 first by --jobs worker processes (Triton's disk cache), so the timed process only loads them. Writes
-$OUT/sweep_paged.json (every row) when OUT is set. The last lines name the best choice per (page, S) and the
-layout to put in launch_paged.PAGED_DECODE_LAYOUT (best geometric mean of the ratio over S >= 16k, both page
-sizes and the contiguous cache).
+$OUT/sweep_paged.json (every row) when OUT is set. The last lines name the best choice per (page, S), each
+layout's geometric mean of the ratio over S >= 16k (both page sizes and the contiguous cache), and the layouts
+to put in launch_paged.PAGED_DECODE_LAYOUTS: per class of cache (launch_paged.page_class: pages of 16 are
+"small pages", of 256 "large pages"), the best geometric mean over S >= 16k.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Choice:
     stages: int | None = None
     divide: bool = False  # the page size not compiled in (a division per key)
     tma: bool = False  # K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS; pages holding whole blocks)
-    layout: str | None = None  # a name of launch_paged.PAGED_LAYOUTS, made the launcher's own
+    layout: str | None = None  # a name of launch_paged.PAGED_LAYOUTS, made the launcher's own for every cache
 
     @property
     def label(self) -> str:
@@ -120,26 +121,28 @@ TMA_BASELINE = Choice(None, tma=True)
 LAYOUTS = [Choice(layout=name) for name in PAGED_LAYOUTS if not SMOKE or name == "rows"]
 if SMOKE:  # an interpreter-sized layout of warps on key slices
     PAGED_LAYOUTS["slices 2x16"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2)
-    LAYOUTS.append(Choice(layout="slices 2x16"))
+    PAGED_LAYOUTS["slices 2x16 ahead0"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=4, key_slices=2,
+                                                     page_lookahead=0)
+    LAYOUTS += [Choice(layout="slices 2x16"), Choice(layout="slices 2x16 ahead0")]
 COPY_CEILING_TBPS = 3.0  # H100 80GB HBM3 (BENCHMARKS.md)
 
 
 @contextmanager
 def launch_switches(choice: Choice):
-    """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide, and
-    PAGED_TMA_BLOCKS as choice.tma, while inside."""
+    """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide,
+    PAGED_TMA_BLOCKS as choice.tma, and choice.layout the layout of every cache class, while inside."""
     spec_of, tma = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS
-    layout = launch_paged.PAGED_DECODE_LAYOUT
+    layouts = launch_paged.PAGED_DECODE_LAYOUTS
     if choice.divide:
         launch_paged.paged_decode_spec = lambda *a: dataclasses.replace(spec_of(*a), fixed_page_size=0)
     launch_paged.PAGED_TMA_BLOCKS = choice.tma
     if choice.layout is not None:
-        launch_paged.PAGED_DECODE_LAYOUT = choice.layout
+        launch_paged.PAGED_DECODE_LAYOUTS = dict.fromkeys(launch_paged.PAGE_CLASSES, choice.layout)
     try:
         yield
     finally:
         launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS = spec_of, tma
-        launch_paged.PAGED_DECODE_LAYOUT = layout
+        launch_paged.PAGED_DECODE_LAYOUTS = layouts
 
 
 @dataclasses.dataclass
@@ -400,8 +403,20 @@ def main() -> None:
             scored.append((geomean(mine), min(mine), choice.label))
     for score, worst, label in sorted(scored, reverse=True):
         print(f"  layout {label!r:24s} geomean {score:.3f}x, worst {worst:.2f}x (S >= {long[0]}, every page size)")
-    if scored:
-        print(f"PAGED_DECODE_LAYOUT = {max(scored)[2]!r}  # launch_paged: the best layout above")
+    by_class = {}
+    for page in by_page:
+        page_class = launch_paged.page_class(page or None)
+        for choice in LAYOUTS:
+            mine = [r.get("ratio") for r in rows
+                    if (r["choice"], r["page"]) == (choice.label, page) and r["length"] in long]  # fmt: skip
+            if mine and all(mine):
+                by_class.setdefault(page_class, []).append((geomean(mine), min(mine), choice.label, page))
+    for page_class, scores in by_class.items():
+        score, worst, label, page = max(scores)
+        print(f"  {page_class} (page {page}): {label!r} geomean {score:.3f}x, worst {worst:.2f}x (S >= {long[0]})")
+    if by_class:
+        best = {page_class: max(scores)[2] for page_class, scores in by_class.items()}
+        print(f"PAGED_DECODE_LAYOUTS = {best!r}  # launch_paged: the best layout per class of cache above")
 
 
 if __name__ == "__main__":

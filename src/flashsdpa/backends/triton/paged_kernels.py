@@ -165,6 +165,7 @@ def attend_cache_blocks(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
     KEY_SLICES: tl.constexpr,
+    PAGE_LOOKAHEAD: tl.constexpr,
 ):
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
     attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
@@ -173,9 +174,11 @@ def attend_cache_blocks(
     (a contiguous cache, or pages holding whole blocks): each block is one TMA box of k_desc / v_desc
     (cache_block) instead of per-row addresses. KEY_SLICES > 1 (the module doc): q is [KEY_SLICES, M, D],
     the state [KEY_SLICES, M, DV] and [KEY_SLICES, M] twice, query_rows [1, M, 1]; else q [M, D], the
-    state [M, DV], [M], [M], query_rows [M, 1]."""
+    state [M, DV], [M], [M], query_rows [M, 1]. PAGE_LOOKAHEAD: a block's page numbers are read in the
+    iteration before its own (1) or in its own (0), as the comment at the loop says."""
     tl.static_assert(not (TMA_BLOCKS and PAGED) or FIXED_PAGE_SIZE >= BLOCK_N, "a TMA box needs a block in one page")
     tl.static_assert(KEY_SLICES == 1 or not TMA_BLOCKS, "key slices read rows")
+    tl.static_assert(PAGE_LOOKAHEAD == 0 or PAGE_LOOKAHEAD == 1, "page numbers are read 0 or 1 iterations ahead")
     SLICED: tl.constexpr = KEY_SLICES > 1
     KEY_AXIS: tl.constexpr = 2 if SLICED else 1  # the axis of a block's keys in the scores
     if SLICED:  # key start + offs_n[w, n] is warp w's n-th key of the block
@@ -189,13 +192,21 @@ def attend_cache_blocks(
         offs_page = offs_n
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    # The next block's page numbers are read one iteration ahead, so that a block's K/V addresses do not wait
-    # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
-    # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
-    page = block_pages(table_row_ptr, key_start, offs_page, key_end, page_size, stride_table_page, PAGED,
-                       FIXED_PAGE_SIZE, BLOCK_N)
+    # PAGE_LOOKAHEAD 1: the next block's page numbers are read one iteration ahead (a loop-carried value), so
+    # that a block's K/V addresses do not wait on a table load of the same iteration; Triton's pipeliner then
+    # stages the K/V copies as it does a contiguous cache's (two blocks in flight), and the table is read by
+    # plain loads one block ahead of the copies (compile_sm90 --dump, sm_90, 3 stages). PAGE_LOOKAHEAD 0: each
+    # block reads its own page numbers; the pipeliner then copies the table entries into shared memory
+    # asynchronously too (cp.async, waited on with the K/V copies), one block ahead of the K/V copies, and takes
+    # stages for them: 5 stages give two K/V blocks in flight (3 stages, one).
+    if PAGE_LOOKAHEAD == 1:
+        page = block_pages(table_row_ptr, key_start, offs_page, key_end, page_size, stride_table_page, PAGED,
+                           FIXED_PAGE_SIZE, BLOCK_N)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
+        if PAGE_LOOKAHEAD == 0:
+            page = block_pages(table_row_ptr, start_n, offs_page, key_end, page_size, stride_table_page, PAGED,
+                               FIXED_PAGE_SIZE, BLOCK_N)  # fmt: skip
         k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
                                             PAGED, FIXED_PAGE_SIZE, BLOCK_N)
         if SLICED and not EDGE:  # every key of a whole block is below key_end (blocks_seen): no row mask
@@ -204,8 +215,9 @@ def attend_cache_blocks(
             box_page, box_slot = page, start_n % FIXED_PAGE_SIZE
         else:
             box_page, box_slot = batch, start_n
-        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_page, key_end, page_size, stride_table_page, PAGED,
-                           FIXED_PAGE_SIZE, BLOCK_N)
+        if PAGE_LOOKAHEAD == 1:
+            page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_page, key_end, page_size, stride_table_page,
+                               PAGED, FIXED_PAGE_SIZE, BLOCK_N)  # fmt: skip
         if TMA_BLOCKS:
             k = cache_block(k_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_D)
         elif SLICED:
@@ -307,6 +319,7 @@ def attention_paged_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
     KEY_SLICES: tl.constexpr,
+    PAGE_LOOKAHEAD: tl.constexpr,
 ):
     """Stage 1: one key range of one (batch item, kv head) against its query rows.
 
@@ -320,10 +333,11 @@ def attention_paged_decode_kernel(
     is K_b - seq_q - window_left <= j - i (BOUNDED_BELOW) and
     j - i <= K_b - seq_q + window_right (BOUNDED_ABOVE; causal is right = 0).
     KEY_SLICES: warps on slices of every key block (the module doc; num_warps of
-    them), or 1. Grid: (batch * heads_kv * row_chunks, num_splits). Writes partial
-    (rows, num_splits, head_dim_v) outputs and (rows, num_splits) lse, rows
-    ordered (batch, query head, query row), or with one split out (rows,
-    head_dim_v) and lse (rows,) themselves.
+    them), or 1. PAGE_LOOKAHEAD: a block's page numbers are read an iteration
+    ahead (1) or in its own (0; attend_cache_blocks). Grid: (batch * heads_kv *
+    row_chunks, num_splits). Writes partial (rows, num_splits, head_dim_v)
+    outputs and (rows, num_splits) lse, rows ordered (batch, query head, query
+    row), or with one split out (rows, head_dim_v) and lse (rows,) themselves.
     """
     split = tl.program_id(1)
     batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks, heads_q // gqa_group,
@@ -384,7 +398,7 @@ def attention_paged_decode_kernel(
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
                 ALIBI, PAGED, FIXED_PAGE_SIZE, TMA_BLOCKS, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
-                WIDEN_DOT_OPERANDS, KEY_SLICES,
+                WIDEN_DOT_OPERANDS, KEY_SLICES, PAGE_LOOKAHEAD,
             )  # fmt: skip
     if KEY_SLICES > 1:
         acc, row_sum, row_max = merge_key_slices(acc, row_sum, row_max, LOG2E if NATURAL_UNITS else score_scale)
