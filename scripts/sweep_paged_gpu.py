@@ -6,6 +6,8 @@ Run from the repo root on the GPU (under 2 minutes with compiles; a short table 
 The shapes are the bench's paged rows (flashsdpa.bench.cases.kv_layout_cases): bf16, B=16, Hq=32, Hkv=8,
 d=128, one query row, every sequence S keys long (S = 4k, 16k, 32k, 128k), pages of 16 or 256 keys placed in
 a random order (bench.cases.paged_copy), and (page 0) the contiguous (B, S, Hkv, d) cache; not causal.
+Page -16 (a diagnostic, in no layout score): pages of 16 keys in table order (page j of item b in slot
+b * P + j), the same kernels and table reads as pages of 16 without the random placement.
 Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUTS), every named layout of
 launch_paged.PAGED_LAYOUTS ("rows": flash decoding's program, 8 warps on every key block; "slices ...": warps
 on their own key slices, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
@@ -68,6 +70,7 @@ START = time.perf_counter()
 
 BATCH, HEADS_Q, HEADS_KV, HEAD_DIM = (2, 4, 2, 16) if SMOKE else (16, 32, 8, 128)
 PAGE_SIZES = (16, 256) if not SMOKE else (16, 64)
+IN_ORDER = -16  # pages of 16 keys in table order (paged())
 BAR_LENGTHS = (256,) if SMOKE else (16384,)  # the shortest of the bar's lengths
 ALL_LENGTHS = (128, 256) if SMOKE else (4096, 16384, 32768, 131072)
 WARMUP, REPS = (1, 1) if SMOKE else (3, 15)
@@ -233,14 +236,20 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def paged(problem: Problem, page_size: int, seed: int):
-    """(K cache, V cache, block_table, cache_seqlens): pages of page_size keys, or (page_size 0) the
-    contiguous (B, S, Hkv, d) cache kvcache_attention takes without a table."""
+    """(K cache, V cache, block_table, cache_seqlens): pages of page_size keys in a random order, of -page_size
+    keys in table order (a negative page_size), or (page_size 0) the contiguous (B, S, Hkv, d) cache
+    kvcache_attention takes without a table."""
     seqlens = torch.full((BATCH,), problem.length, dtype=torch.int32, device=DEVICE)
     if page_size == 0:
         return problem.k.transpose(1, 2).contiguous(), problem.v.transpose(1, 2).contiguous(), None, seqlens
     gen = torch.Generator(device=DEVICE)
     gen.manual_seed(seed)
-    k_pages, table = paged_copy(problem.k, page_size, gen)
+    table = None
+    if page_size < 0:
+        page_size = -page_size
+        table = torch.arange(BATCH * -(-problem.length // page_size), dtype=torch.int32, device=DEVICE)
+        table = table.view(BATCH, -1)
+    k_pages, table = paged_copy(problem.k, page_size, gen, table)
     v_pages, _ = paged_copy(problem.v, page_size, gen, table)
     return k_pages, v_pages, table, seqlens
 
@@ -327,7 +336,7 @@ def geomean(values) -> float:
 def choices_by_page() -> dict[int, list[Choice]]:
     """The choices timed over each page size (0: the contiguous cache): the launcher's default and every
     named layout, with --grid the rows program's tiles, the page size divided per key, and TMA boxes."""
-    by_page = {page: [Choice(), *LAYOUTS] for page in (*PAGE_SIZES, 0)}
+    by_page = {page: [Choice(), *LAYOUTS] for page in (*PAGE_SIZES, 0, IN_ORDER)}
     if args.grid:
         for page in PAGE_SIZES:
             by_page[page] += grid() + BASELINES[1:]
@@ -398,13 +407,14 @@ def main() -> None:
     long = [n for n in ALL_LENGTHS if n >= BAR_LENGTHS[0]]
     scored = []
     for choice in LAYOUTS:
-        mine = [r.get("ratio") for r in rows if r["choice"] == choice.label and r["length"] in long]
+        mine = [r.get("ratio") for r in rows
+                if r["choice"] == choice.label and r["length"] in long and r["page"] != IN_ORDER]  # fmt: skip
         if mine and all(mine):
             scored.append((geomean(mine), min(mine), choice.label))
     for score, worst, label in sorted(scored, reverse=True):
         print(f"  layout {label!r:24s} geomean {score:.3f}x, worst {worst:.2f}x (S >= {long[0]}, every page size)")
     by_class = {}
-    for page in by_page:
+    for page in (page for page in by_page if page != IN_ORDER):
         page_class = launch_paged.page_class(page or None)
         for choice in LAYOUTS:
             mine = [r.get("ratio") for r in rows
