@@ -10,7 +10,7 @@ Page -16 (a diagnostic, in no layout score): pages of 16 keys in table order (pa
 b * P + j), the same kernels and table reads as pages of 16 without the random placement.
 Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUTS), every named layout of
 launch_paged.PAGED_LAYOUTS ("rows": flash decoding's program, 8 warps on every key block; "slices ...": warps
-on their own key slices, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
+on their own key slices, "heads ...": warps on their own kv heads, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
 stages) of the rows program and TMA boxes (launch_paged.PAGED_TMA_BLOCKS) over pages of 256 keys.
 
 Timing (interleaved_ms): CUDA events around one call (with the merge launch where there are splits), L2
@@ -126,7 +126,8 @@ if SMOKE:  # an interpreter-sized layout of warps on key slices
     PAGED_LAYOUTS["slices 2x16"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2)
     PAGED_LAYOUTS["slices 2x16 ahead0"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=4, key_slices=2,
                                                      page_lookahead=0)
-    LAYOUTS += [Choice(layout="slices 2x16"), Choice(layout="slices 2x16 ahead0")]
+    PAGED_LAYOUTS["heads 2x16"] = PagedTiles(block_m=16, block_n=16, num_warps=2, num_stages=2, head_slices=2)
+    LAYOUTS += [Choice(layout=name) for name in ("slices 2x16", "slices 2x16 ahead0", "heads 2x16")]
 COPY_CEILING_TBPS = 3.0  # H100 80GB HBM3 (BENCHMARKS.md)
 
 

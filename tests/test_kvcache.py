@@ -565,6 +565,7 @@ SLICED_LAYOUTS = {
     "4 slices x2": dict(block_m=16, block_n=64, num_warps=4, num_stages=2, key_slices=4, programs_per_sm=2),
     "2 slices, pages read in their block's iteration": dict(block_m=16, block_n=32, num_warps=2, num_stages=4,
                                                              key_slices=2, page_lookahead=0),
+    "2 heads": dict(block_m=16, block_n=16, num_warps=2, num_stages=2, head_slices=2),
 }
 
 
@@ -600,7 +601,8 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
     with poisoned_outputs():
         out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), **on(triton_device, options),
                                                return_lse=True, backend="triton")  # fmt: skip
-    assert specs[-1].key_slices == SLICED_LAYOUTS[layout]["key_slices"], specs[-1]
+    assert specs[-1].key_slices == SLICED_LAYOUTS[layout].get("key_slices", 1), specs[-1]
+    assert specs[-1].head_slices == SLICED_LAYOUTS[layout].get("head_slices", 1), specs[-1]
     assert specs[-1].page_lookahead == (SLICED_LAYOUTS[layout].get("page_lookahead", 1) if page_size else 1)
     semantics = dict(causal=variant["causal"], window=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
     ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, **semantics)
@@ -634,21 +636,25 @@ def test_each_class_of_cache_takes_its_own_layout(triton_device, monkeypatch):
 
 def test_sliced_layouts_serve_one_program_of_16_bit_rows_up_to_d128():
     """The sliced layout serves a GQA group in one program at d <= 128 with 16-bit inputs, every score
-    variant; d=256, more rows than a program holds, or float32 (either precision) get the rows program."""
+    variant; d=256, more rows than a program holds, or float32 (either precision) get the rows program; head
+    slices serve kv heads they divide."""
     from flashsdpa import kvcache
     from flashsdpa.backends.triton import launch_paged
 
     layout = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 slices"])
 
-    def serves(seq_q=1, dim=128, dtype=torch.bfloat16, **variants):
-        q, cache = torch.zeros(2, seq_q, 8, dim, dtype=dtype), torch.zeros(2, 64, 2, dim, dtype=dtype)
+    def serves(seq_q=1, dim=128, dtype=torch.bfloat16, heads_kv=2, tiles=layout, **variants):
+        q = torch.zeros(2, seq_q, 4 * heads_kv, dim, dtype=dtype)
+        cache = torch.zeros(2, 64, heads_kv, dim, dtype=dtype)
         options = dict(scale=None, causal=True, window_size=(-1, -1), softcap=None, alibi=False, sinks=False,
                        fp32_precision="ieee")  # fmt: skip
         desc = kvcache.cache_descriptor(q, cache, cache, 64, **{**options, **variants})
-        return launch_paged.sliced_layout_applies(desc, layout)
+        return launch_paged.sliced_layout_applies(desc, tiles)
 
     assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(8, -1))
     assert serves(softcap=30.0, alibi=True) and serves(seq_q=4)  # 16 rows a kv head
     assert serves(dtype=torch.float16)
     assert not serves(dim=256) and not serves(seq_q=5) and not serves(dtype=torch.float32)
     assert not serves(dtype=torch.float32, fp32_precision="tf32")
+    heads = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 heads"])  # 2 kv heads a program: the cache's 2, not 3
+    assert serves(tiles=heads) and serves(heads_kv=4, tiles=heads) and not serves(heads_kv=3, tiles=heads)

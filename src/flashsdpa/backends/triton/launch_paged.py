@@ -53,11 +53,13 @@ PAGED_MANY_ROWS_BLOCK_N = 64
 @dataclass(frozen=True)
 class PagedTiles(DecodeConfig):
     """A paged decode program's shape: flash decoding's tiles, plus the key slices (paged_kernels' doc: 1,
-    or num_warps warps each on its own slice of every key block, block_n // key_slices >= 16 keys), the
-    programs per SM that the split count aims at (forward_configs.decode_split_count on that many SMs) and
-    how many key blocks ahead page numbers are read (1 or 2, PagedDecodeKernelSpec.page_lookahead)."""
+    or num_warps warps each on its own slice of every key block, block_n // key_slices >= 16 keys), the head
+    slices (1, or num_warps warps each on its own kv head of that many), the programs per SM that the split
+    count aims at (forward_configs.decode_split_count on that many SMs) and whether a block's page numbers
+    are read an iteration ahead (1) or in its own (0: PagedDecodeKernelSpec.page_lookahead)."""
 
     key_slices: int = 1
+    head_slices: int = 1
     programs_per_sm: int = 1
     page_lookahead: int = 1
 
@@ -75,7 +77,12 @@ class PagedTiles(DecodeConfig):
 # spilled 8-100 B (pages of 16: 68-380 B) and 2 stages 16 B over pages of 16: not listed. The loop over whole
 # blocks ("slices 4x16 st3", plain): 298 SASS instructions a thread over pages of 16 (2 table loads), 350 over
 # pages of 256 (1), 354 contiguous, each with 32 HMMA, 16 LDGSTS and 2 BAR.SYNC ("ahead0" over pages of 16:
-# 305, the table by 2 LDGSTS); the edge blocks' loop 392 / 435 / 421.
+# 305, the table by 2 LDGSTS); the edge blocks' loop 392 / 435 / 421. "heads WxN stS": W warps each on its own
+# kv head of W adjacent ones (a program per W kv heads: more splits fill the SMs), N keys a block; at W = 8 a
+# block of 16 keys reads a page of 16 whole (16 x 8 kv heads x d, 32 KB at d=128, contiguous) with one table
+# read where key slices read it in 8 programs. compile_sm90 --paged: 168-226 registers, no spills, 80 KB (4
+# warps) and 160 KB (8) of shared memory; whole-block loop 359 instructions a thread a 16-key block of W heads
+# (16 LDGSTS, 2 BAR.SYNC, 1 table load); 4 warps x 32 keys spilled 176-504 B: not listed.
 # H100 (scripts/sweep_paged_gpu.py, bf16 d=128 B=16 Hq/Hkv 32/8, interleaved with torch flash on the same keys
 # unpaged; 2026-12-05), TB/s at S = 16k / 32k / 128k and the ratio to torch flash: pages of 16, rows 0.96 /
 # 0.96 / 0.94x (bench), "slices 4x16 st3" 0.99 / 0.98 / 0.99x; pages of 256 rows 1.00 / 0.98 / 0.97x, slices
@@ -92,6 +99,8 @@ PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
                                      programs_per_sm=4),
     "slices 4x16 st5 ahead0": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=5, key_slices=4,
                                          page_lookahead=0),
+    "heads 4x16 st3": PagedTiles(block_m=16, block_n=16, num_warps=4, num_stages=3, head_slices=4),
+    "heads 8x16 st3": PagedTiles(block_m=16, block_n=16, num_warps=8, num_stages=3, head_slices=8),
 }
 # A cache's class for the layout choice: "contiguous", "small pages" (fewer keys than SMALL_PAGE_KEYS: a page
 # smaller than the sliced layouts' 64-key block, so one block reads several pages' table entries) or "large
@@ -128,10 +137,12 @@ def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, blo
 
 
 def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles) -> bool:
-    """Whether `layout` (key slices) serves `desc`: 16-bit inputs (the layouts were compiled and timed for them;
-    float32 keeps the rows program), a GQA group's rows in one program, head dims up to PAGED_SLICED_MAX_HEAD_DIM."""
+    """Whether `layout` (key or head slices) serves `desc`: 16-bit inputs (the layouts were compiled and timed for
+    them; float32 keeps the rows program), a GQA group's rows in one program, kv heads that the head slices
+    divide, head dims up to PAGED_SLICED_MAX_HEAD_DIM."""
     key = desc.kernel_key
     return (desc.dtype in (torch.float16, torch.bfloat16) and desc.gqa_group * desc.seq_q <= layout.block_m
+            and desc.heads_kv % layout.head_slices == 0
             and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
             and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM)  # fmt: skip
 
@@ -191,7 +202,7 @@ def paged_decode(
     page_size = k_cache.shape[1] if paged else None
     decode = tiles or paged_tiles(desc, config.decode, page_size)
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
-    programs_per_split = batch * heads_kv * row_chunks
+    programs_per_split = batch * heads_kv // decode.head_slices * row_chunks
     if programs_per_split > MAX_GRID_X:
         raise ValueError(f"triton paged decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
     capacity = max(desc.seq_kv, 1)
@@ -213,8 +224,8 @@ def paged_decode(
         partial_lse = torch.empty(rows * num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
-    tma_views = None if decode.key_slices > 1 else tma_block_views(k_cache, v_cache, page_size, decode.block_n,
-                                                                    capability)  # fmt: skip
+    sliced = decode.key_slices > 1 or decode.head_slices > 1
+    tma_views = None if sliced else tma_block_views(k_cache, v_cache, page_size, decode.block_n, capability)
     spec = paged_decode_spec(desc, config, decode, page_size, tma_views is not None)
     k_desc, v_desc = k_cache, v_cache  # not read unless spec.tma_blocks
     if tma_views is not None:
