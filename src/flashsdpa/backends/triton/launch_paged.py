@@ -100,6 +100,8 @@ PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
     "slices 4x16 st5 ahead0": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=5, key_slices=4,
                                          page_lookahead=0),
     "heads 4x16 st3": PagedTiles(block_m=16, block_n=16, num_warps=4, num_stages=3, head_slices=4),
+    "heads 4x16 st3 x2": PagedTiles(block_m=16, block_n=16, num_warps=4, num_stages=3, head_slices=4,
+                                    programs_per_sm=2),
     "heads 8x16 st3": PagedTiles(block_m=16, block_n=16, num_warps=8, num_stages=3, head_slices=8),
 }
 # A cache's class for the layout choice: "contiguous", "small pages" (fewer keys than SMALL_PAGE_KEYS: a page
