@@ -260,11 +260,11 @@ class PagedProblem:
     # "causal" (the default), "plain" (not causal), "window", "softcap", "alibi", "sinks", joined by "+"
     variant: str = "causal"
     tma: bool = False  # launch_paged.PAGED_TMA_BLOCKS (K/V blocks as TMA boxes where the cache allows)
-    layout: str = "rows"  # launch_paged.PAGED_DECODE_LAYOUT (a name of launch_paged.PAGED_LAYOUTS)
+    layout: str = "rows"  # for every cache class (launch_paged.PAGED_DECODE_LAYOUTS; a PAGED_LAYOUTS name)
 
     def run(self) -> None:
         launch_paged.PAGED_TMA_BLOCKS = self.tma
-        launch_paged.PAGED_DECODE_LAYOUT = self.layout
+        launch_paged.PAGED_DECODE_LAYOUTS = dict.fromkeys(launch_paged.PAGE_CLASSES, self.layout)
         (hq, hkv), batch, capacity = self.heads, 4, 4096
         names = set(self.variant.split("+"))
         pages = capacity if self.page_size is None else -(-capacity // self.page_size)
@@ -324,10 +324,10 @@ PAGED = [
     for dtype, d, v in ((BF16, 64, "causal"), (BF16, 128, "causal"), (BF16, 128, "window+softcap+alibi+sinks"),
                         (BF16, 256, "causal"), (FP32, 128, "causal"))
 ] + [
-    PagedProblem(BF16, 128, page_size=p, heads=(8, 2), variant="plain", layout=layout)  # warps on key slices
+    PagedProblem(BF16, 128, page_size=p, heads=(32, 8), variant="plain", layout=layout)  # warps on slices
     for layout in launch_paged.PAGED_LAYOUTS for p in (16, 256, None) if layout != "rows"
 ] + [
-    PagedProblem(dtype, d, page_size=16, heads=(8, 2), variant=v, layout=layout)
+    PagedProblem(dtype, d, page_size=16, heads=(32, 8), variant=v, layout=layout)
     for layout in launch_paged.PAGED_LAYOUTS if layout != "rows" for dtype, d, v in (
         (BF16, 128, "causal"), (BF16, 128, "sinks"), (BF16, 64, "plain"), (FP16, 128, "plain"),
         (BF16, 128, "window"), (BF16, 128, "softcap+alibi+sinks"), (FP32, 128, "plain"))  # float32: rows

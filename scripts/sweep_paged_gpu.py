@@ -6,9 +6,11 @@ Run from the repo root on the GPU (under 2 minutes with compiles; a short table 
 The shapes are the bench's paged rows (flashsdpa.bench.cases.kv_layout_cases): bf16, B=16, Hq=32, Hkv=8,
 d=128, one query row, every sequence S keys long (S = 4k, 16k, 32k, 128k), pages of 16 or 256 keys placed in
 a random order (bench.cases.paged_copy), and (page 0) the contiguous (B, S, Hkv, d) cache; not causal.
-Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUT), every named layout of
+Page -16 (a diagnostic, in no layout score): pages of 16 keys in table order (page j of item b in slot
+b * P + j), the same kernels and table reads as pages of 16 without the random placement.
+Choices: "default" (the launcher's own: launch_paged.PAGED_DECODE_LAYOUTS), every named layout of
 launch_paged.PAGED_LAYOUTS ("rows": flash decoding's program, 8 warps on every key block; "slices ...": warps
-on their own key slices, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
+on their own key slices, "heads ...": warps on their own kv heads, paged_kernels' doc), and with --grid the older grid of (splits, warps, key block,
 stages) of the rows program and TMA boxes (launch_paged.PAGED_TMA_BLOCKS) over pages of 256 keys.
 
 Timing (interleaved_ms): CUDA events around one call (with the merge launch where there are splits), L2
@@ -19,9 +21,10 @@ ratio = flashsdpa TB/s / torch flash TB/s of the same rounds (sdpa_kernel(FLASH_
 share = TB/s / 3.0 (the H100's copy ceiling, BENCHMARKS.md). err: ||out - ref|| / ||ref|| against float64
 attention on the same keys (torch flash's own err printed beside it is the bar). Every variant is compiled
 first by --jobs worker processes (Triton's disk cache), so the timed process only loads them. Writes
-$OUT/sweep_paged.json (every row) when OUT is set. The last lines name the best choice per (page, S) and the
-layout to put in launch_paged.PAGED_DECODE_LAYOUT (best geometric mean of the ratio over S >= 16k, both page
-sizes and the contiguous cache).
+$OUT/sweep_paged.json (every row) when OUT is set. The last lines name the best choice per (page, S), each
+layout's geometric mean of the ratio over S >= 16k (both page sizes and the contiguous cache), and the layouts
+to put in launch_paged.PAGED_DECODE_LAYOUTS: per class of cache (launch_paged.page_class: pages of 16 are
+"small pages", of 256 "large pages"), the best geometric mean over S >= 16k.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ START = time.perf_counter()
 
 BATCH, HEADS_Q, HEADS_KV, HEAD_DIM = (2, 4, 2, 16) if SMOKE else (16, 32, 8, 128)
 PAGE_SIZES = (16, 256) if not SMOKE else (16, 64)
+IN_ORDER = -16  # pages of 16 keys in table order (paged())
 BAR_LENGTHS = (256,) if SMOKE else (16384,)  # the shortest of the bar's lengths
 ALL_LENGTHS = (128, 256) if SMOKE else (4096, 16384, 32768, 131072)
 WARMUP, REPS = (1, 1) if SMOKE else (3, 15)
@@ -80,7 +84,7 @@ class Choice:
     stages: int | None = None
     divide: bool = False  # the page size not compiled in (a division per key)
     tma: bool = False  # K/V blocks as TMA boxes (launch_paged.PAGED_TMA_BLOCKS; pages holding whole blocks)
-    layout: str | None = None  # a name of launch_paged.PAGED_LAYOUTS, made the launcher's own
+    layout: str | None = None  # a name of launch_paged.PAGED_LAYOUTS, made the launcher's own for every cache
 
     @property
     def label(self) -> str:
@@ -120,26 +124,29 @@ TMA_BASELINE = Choice(None, tma=True)
 LAYOUTS = [Choice(layout=name) for name in PAGED_LAYOUTS if not SMOKE or name == "rows"]
 if SMOKE:  # an interpreter-sized layout of warps on key slices
     PAGED_LAYOUTS["slices 2x16"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2)
-    LAYOUTS.append(Choice(layout="slices 2x16"))
+    PAGED_LAYOUTS["slices 2x16 ahead0"] = PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=4, key_slices=2,
+                                                     page_lookahead=0)
+    PAGED_LAYOUTS["heads 2x16"] = PagedTiles(block_m=16, block_n=16, num_warps=2, num_stages=2, head_slices=2)
+    LAYOUTS += [Choice(layout=name) for name in ("slices 2x16", "slices 2x16 ahead0", "heads 2x16")]
 COPY_CEILING_TBPS = 3.0  # H100 80GB HBM3 (BENCHMARKS.md)
 
 
 @contextmanager
 def launch_switches(choice: Choice):
-    """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide, and
-    PAGED_TMA_BLOCKS as choice.tma, while inside."""
+    """The launcher's spec with fixed_page_size 0 (the page size divided per key) for choice.divide,
+    PAGED_TMA_BLOCKS as choice.tma, and choice.layout the layout of every cache class, while inside."""
     spec_of, tma = launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS
-    layout = launch_paged.PAGED_DECODE_LAYOUT
+    layouts = launch_paged.PAGED_DECODE_LAYOUTS
     if choice.divide:
         launch_paged.paged_decode_spec = lambda *a: dataclasses.replace(spec_of(*a), fixed_page_size=0)
     launch_paged.PAGED_TMA_BLOCKS = choice.tma
     if choice.layout is not None:
-        launch_paged.PAGED_DECODE_LAYOUT = choice.layout
+        launch_paged.PAGED_DECODE_LAYOUTS = dict.fromkeys(launch_paged.PAGE_CLASSES, choice.layout)
     try:
         yield
     finally:
         launch_paged.paged_decode_spec, launch_paged.PAGED_TMA_BLOCKS = spec_of, tma
-        launch_paged.PAGED_DECODE_LAYOUT = layout
+        launch_paged.PAGED_DECODE_LAYOUTS = layouts
 
 
 @dataclasses.dataclass
@@ -230,14 +237,20 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def paged(problem: Problem, page_size: int, seed: int):
-    """(K cache, V cache, block_table, cache_seqlens): pages of page_size keys, or (page_size 0) the
-    contiguous (B, S, Hkv, d) cache kvcache_attention takes without a table."""
+    """(K cache, V cache, block_table, cache_seqlens): pages of page_size keys in a random order, of -page_size
+    keys in table order (a negative page_size), or (page_size 0) the contiguous (B, S, Hkv, d) cache
+    kvcache_attention takes without a table."""
     seqlens = torch.full((BATCH,), problem.length, dtype=torch.int32, device=DEVICE)
     if page_size == 0:
         return problem.k.transpose(1, 2).contiguous(), problem.v.transpose(1, 2).contiguous(), None, seqlens
     gen = torch.Generator(device=DEVICE)
     gen.manual_seed(seed)
-    k_pages, table = paged_copy(problem.k, page_size, gen)
+    table = None
+    if page_size < 0:
+        page_size = -page_size
+        table = torch.arange(BATCH * -(-problem.length // page_size), dtype=torch.int32, device=DEVICE)
+        table = table.view(BATCH, -1)
+    k_pages, table = paged_copy(problem.k, page_size, gen, table)
     v_pages, _ = paged_copy(problem.v, page_size, gen, table)
     return k_pages, v_pages, table, seqlens
 
@@ -324,7 +337,7 @@ def geomean(values) -> float:
 def choices_by_page() -> dict[int, list[Choice]]:
     """The choices timed over each page size (0: the contiguous cache): the launcher's default and every
     named layout, with --grid the rows program's tiles, the page size divided per key, and TMA boxes."""
-    by_page = {page: [Choice(), *LAYOUTS] for page in (*PAGE_SIZES, 0)}
+    by_page = {page: [Choice(), *LAYOUTS] for page in (*PAGE_SIZES, 0, IN_ORDER)}
     if args.grid:
         for page in PAGE_SIZES:
             by_page[page] += grid() + BASELINES[1:]
@@ -395,13 +408,26 @@ def main() -> None:
     long = [n for n in ALL_LENGTHS if n >= BAR_LENGTHS[0]]
     scored = []
     for choice in LAYOUTS:
-        mine = [r.get("ratio") for r in rows if r["choice"] == choice.label and r["length"] in long]
+        mine = [r.get("ratio") for r in rows
+                if r["choice"] == choice.label and r["length"] in long and r["page"] != IN_ORDER]  # fmt: skip
         if mine and all(mine):
             scored.append((geomean(mine), min(mine), choice.label))
     for score, worst, label in sorted(scored, reverse=True):
         print(f"  layout {label!r:24s} geomean {score:.3f}x, worst {worst:.2f}x (S >= {long[0]}, every page size)")
-    if scored:
-        print(f"PAGED_DECODE_LAYOUT = {max(scored)[2]!r}  # launch_paged: the best layout above")
+    by_class = {}
+    for page in (page for page in by_page if page != IN_ORDER):
+        page_class = launch_paged.page_class(page or None)
+        for choice in LAYOUTS:
+            mine = [r.get("ratio") for r in rows
+                    if (r["choice"], r["page"]) == (choice.label, page) and r["length"] in long]  # fmt: skip
+            if mine and all(mine):
+                by_class.setdefault(page_class, []).append((geomean(mine), min(mine), choice.label, page))
+    for page_class, scores in by_class.items():
+        score, worst, label, page = max(scores)
+        print(f"  {page_class} (page {page}): {label!r} geomean {score:.3f}x, worst {worst:.2f}x (S >= {long[0]})")
+    if by_class:
+        best = {page_class: max(scores)[2] for page_class, scores in by_class.items()}
+        print(f"PAGED_DECODE_LAYOUTS = {best!r}  # launch_paged: the best layout per class of cache above")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def real_kernel_arguments(name: str) -> tuple[JITFunction, tuple, dict]:
         return as_jit(decode_kernels.attention_decode_split_kernel), args, {
             "BOUNDED_BELOW": False, "BOUNDED_ABOVE": False, "MASK_KIND": 0, "SOFTCAP": False, "ALIBI": False,
             "SINKS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_DV": 128,
-            "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False, "SPLIT_TF32": False}
+            "DOT_PRECISION": None, "WIDEN_DOT_OPERANDS": False}
     if name == "forward":
         args = (q, k, k, q, out, f32, f32, f32, f32, f32, f32, f32, f32, f32, *strides, *strides, *strides, 0, 0, 0, 0, *strides,
                 0, 0, 16, 1, 1024, 1024, 128, 128, 8, 0, 0, 0, 0.088, 0.0, 0, 0, 0, 1.0)

@@ -393,6 +393,21 @@ def cache_problem(lengths, new, seq_q, heads_q, heads_kv, dim, capacity, page_si
                 block_table=table), (want_k, want_v)  # fmt: skip
 
 
+def recorded_paged_specs(monkeypatch) -> list:
+    """The list that every paged decode launch's spec (launch_paged.paged_decode_spec) is appended to, while
+    `monkeypatch` lasts."""
+    from flashsdpa.backends.triton import launch_paged
+
+    specs, spec_of = [], launch_paged.paged_decode_spec
+
+    def recording(*args):
+        specs.append(spec_of(*args))
+        return specs[-1]
+
+    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    return specs
+
+
 def fill_past_lengths(call, totals, page_size, value) -> None:
     """Sets every cache slot past each sequence's `totals[b]` keys (paged or contiguous) to `value`."""
     table = call["block_table"]
@@ -431,15 +446,7 @@ def test_triton_paged_decode_compiles_in_power_of_two_page_sizes(triton_device, 
     """The kernel compiles in a power-of-two page size (FIXED_PAGE_SIZE; one table read per key block where
     the pages hold whole blocks); any other page size is divided per key (0): the float32 d=16 problems
     above, pages smaller and larger than the key block (16 keys interpreted, 64 on sm_90)."""
-    from flashsdpa.backends.triton import launch_paged
-
-    specs, spec_of = [], launch_paged.paged_decode_spec
-
-    def recording(*args):
-        specs.append(spec_of(*args))
-        return specs[-1]
-
-    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    specs = recorded_paged_specs(monkeypatch)
     for page_size, fixed in ((None, 0), (3, 0), (1, 1), (8, 8), (16, 16), (32, 32)):
         call, _ = cache_problem([5, 44], 1, 1, 4, 2, 16, 45, page_size, torch.float32, seed=61)
         flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
@@ -454,13 +461,7 @@ def test_triton_paged_decode_tma_blocks(triton_device, monkeypatch, blocks_a_pag
     from flashsdpa.backends.triton import launch_paged
 
     monkeypatch.setattr(launch_paged, "PAGED_TMA_BLOCKS", True)
-    specs, spec_of = [], launch_paged.paged_decode_spec
-
-    def recording(*args):
-        specs.append(spec_of(*args))
-        return specs[-1]
-
-    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    specs = recorded_paged_specs(monkeypatch)
     lengths, new, seq_q = [5, 0, 17, 43], 1, 2
     page_size = None
     if blocks_a_page is not None:  # the key block the launcher picks for this problem, from a contiguous call
@@ -536,22 +537,17 @@ def test_triton_paged_decode_visits_key_blocks_of_the_real_lengths(triton_device
     and of V per (sequence, kv head) and no more (the kernel's row loader counted, interpreted)."""
     if triton_device != "cpu":
         pytest.skip("counts the interpreted kernel's loads")
-    from flashsdpa.backends.triton import launch_paged, paged_kernels
+    from flashsdpa.backends.triton import paged_kernels
 
     force_splits(monkeypatch, 8)  # most splits lie past the lengths
-    loads, specs = [], []
-    counted, spec_of = paged_kernels.cache_rows, launch_paged.paged_decode_spec
+    loads, counted = [], paged_kernels.cache_rows
+    specs = recorded_paged_specs(monkeypatch)
 
     def counting(*args):
         loads.append(1)
         return counted.fn(*args)
 
-    def recording(*args):
-        specs.append(spec_of(*args))
-        return specs[-1]
-
     monkeypatch.setattr(paged_kernels, "cache_rows", counting)
-    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
     lengths, capacity, heads_kv = [0, 1, 40, 130], 256, 2
     call, _ = cache_problem(lengths, 0, 1, 4, heads_kv, 16, capacity, 16, torch.float32, seed=51)
     for causal in (True, False):
@@ -562,10 +558,14 @@ def test_triton_paged_decode_visits_key_blocks_of_the_real_lengths(triton_device
         assert len(loads) == real < 2 * heads_kv * len(lengths) * capacity // block_n // 3, causal
 
 
-# Interpreter-sized layouts of warps on key slices (launch_paged.PAGED_LAYOUTS): 2 and 4 warps of 16 keys each.
+# Interpreter-sized layouts of warps on key slices (launch_paged.PAGED_LAYOUTS): 2 and 4 warps of 16 keys each,
+# page numbers read a block ahead or in the block's own iteration (page_lookahead 0).
 SLICED_LAYOUTS = {
     "2 slices": dict(block_m=16, block_n=32, num_warps=2, num_stages=2, key_slices=2),
     "4 slices x2": dict(block_m=16, block_n=64, num_warps=4, num_stages=2, key_slices=4, programs_per_sm=2),
+    "2 slices, pages read in their block's iteration": dict(block_m=16, block_n=32, num_warps=2, num_stages=4,
+                                                             key_slices=2, page_lookahead=0),
+    "2 heads": dict(block_m=16, block_n=16, num_warps=2, num_stages=2, head_slices=2),
 }
 
 
@@ -587,14 +587,8 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
     from flashsdpa.backends.triton import launch_paged
 
     monkeypatch.setitem(launch_paged.PAGED_LAYOUTS, "test", launch_paged.PagedTiles(**SLICED_LAYOUTS[layout]))
-    monkeypatch.setattr(launch_paged, "PAGED_DECODE_LAYOUT", "test")
-    specs, spec_of = [], launch_paged.paged_decode_spec
-
-    def recording(*args):
-        specs.append(spec_of(*args))
-        return specs[-1]
-
-    monkeypatch.setattr(launch_paged, "paged_decode_spec", recording)
+    monkeypatch.setattr(launch_paged, "PAGED_DECODE_LAYOUTS", dict.fromkeys(launch_paged.PAGE_CLASSES, "test"))
+    specs = recorded_paged_specs(monkeypatch)
     lengths, new, capacity = [0, 1, 17, 70, 99], 1, 100
     call, (want_k, want_v) = cache_problem(lengths, new, 1, 8, 2, 16, capacity, page_size, dtype, seed=81)
     totals = [n + new for n in lengths]
@@ -607,7 +601,9 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
     with poisoned_outputs():
         out, lse = flashsdpa.kvcache_attention(**on(triton_device, call), **on(triton_device, options),
                                                return_lse=True, backend="triton")  # fmt: skip
-    assert specs[-1].key_slices == SLICED_LAYOUTS[layout]["key_slices"], specs[-1]
+    assert specs[-1].key_slices == SLICED_LAYOUTS[layout].get("key_slices", 1), specs[-1]
+    assert specs[-1].head_slices == SLICED_LAYOUTS[layout].get("head_slices", 1), specs[-1]
+    assert specs[-1].page_lookahead == (SLICED_LAYOUTS[layout].get("page_lookahead", 1) if page_size else 1)
     semantics = dict(causal=variant["causal"], window=window, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
     ref, ref_lse = per_sequence(call["q"], want_k, want_v, totals, **semantics)
     stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, dtype, **semantics)
@@ -615,23 +611,50 @@ def test_triton_paged_decode_key_slices(triton_device, splits, monkeypatch, layo
     assert_lse_close(lse.cpu(), ref_lse, dtype)
 
 
+def test_each_class_of_cache_takes_its_own_layout(triton_device, monkeypatch):
+    """launch_paged.PAGED_DECODE_LAYOUTS by page_class: pages smaller than SMALL_PAGE_KEYS, larger ones and a
+    contiguous cache each launch their class's layout (recorded specs), and give the float64 answer."""
+    from flashsdpa.backends.triton import launch_paged
+
+    layouts = {"small pages": "2 slices, pages read in their block's iteration", "large pages": "rows",
+               "contiguous": "2 slices"}  # fmt: skip
+    for name in set(layouts.values()) - {"rows"}:
+        monkeypatch.setitem(launch_paged.PAGED_LAYOUTS, name, launch_paged.PagedTiles(**SLICED_LAYOUTS[name]))
+    monkeypatch.setattr(launch_paged, "PAGED_DECODE_LAYOUTS", layouts)
+    specs = recorded_paged_specs(monkeypatch)
+    lengths, new = [3, 0, 60], 1
+    totals = [n + new for n in lengths]
+    for page_size, tiles in ((8, (2, 0)), (launch_paged.SMALL_PAGE_KEYS, (1, 1)), (None, (2, 1))):
+        call, (want_k, want_v) = cache_problem(lengths, new, 1, 8, 2, 16, 64, page_size, torch.bfloat16, seed=91)
+        with poisoned_outputs():
+            out = flashsdpa.kvcache_attention(**on(triton_device, call), backend="triton")
+        assert (specs[-1].key_slices, specs[-1].page_lookahead) == tiles, (page_size, specs[-1])
+        ref, _ = per_sequence(call["q"], want_k, want_v, totals, causal=True)
+        stand_in, _ = per_sequence(call["q"], want_k, want_v, totals, torch.bfloat16, causal=True)
+        assert_forward_close("out", out, ref, stand_in, torch.bfloat16)
+
+
 def test_sliced_layouts_serve_one_program_of_16_bit_rows_up_to_d128():
     """The sliced layout serves a GQA group in one program at d <= 128 with 16-bit inputs, every score
-    variant; d=256, more rows than a program holds, or float32 (either precision) get the rows program."""
+    variant; d=256, more rows than a program holds, or float32 (either precision) get the rows program; head
+    slices serve kv heads they divide."""
     from flashsdpa import kvcache
     from flashsdpa.backends.triton import launch_paged
 
     layout = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 slices"])
 
-    def serves(seq_q=1, dim=128, dtype=torch.bfloat16, **variants):
-        q, cache = torch.zeros(2, seq_q, 8, dim, dtype=dtype), torch.zeros(2, 64, 2, dim, dtype=dtype)
+    def serves(seq_q=1, dim=128, dtype=torch.bfloat16, heads_kv=2, tiles=layout, **variants):
+        q = torch.zeros(2, seq_q, 4 * heads_kv, dim, dtype=dtype)
+        cache = torch.zeros(2, 64, heads_kv, dim, dtype=dtype)
         options = dict(scale=None, causal=True, window_size=(-1, -1), softcap=None, alibi=False, sinks=False,
                        fp32_precision="ieee")  # fmt: skip
         desc = kvcache.cache_descriptor(q, cache, cache, 64, **{**options, **variants})
-        return launch_paged.sliced_layout_applies(desc, layout)
+        return launch_paged.sliced_layout_applies(desc, tiles)
 
     assert serves() and serves(causal=False) and serves(sinks=True) and serves(window_size=(8, -1))
     assert serves(softcap=30.0, alibi=True) and serves(seq_q=4)  # 16 rows a kv head
     assert serves(dtype=torch.float16)
     assert not serves(dim=256) and not serves(seq_q=5) and not serves(dtype=torch.float32)
     assert not serves(dtype=torch.float32, fp32_precision="tf32")
+    heads = launch_paged.PagedTiles(**SLICED_LAYOUTS["2 heads"])  # 2 kv heads a program: the cache's 2, not 3
+    assert serves(tiles=heads) and serves(heads_kv=4, tiles=heads) and not serves(heads_kv=3, tiles=heads)

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 # MASK_KIND values (the launcher maps descriptor.MaskKind onto them).
 MASK_NONE = tl.constexpr(0)
@@ -113,41 +112,16 @@ def to_dtype(x, dtype: tl.constexpr, WIDEN_DOT_OPERANDS: tl.constexpr):
 
 
 @triton.jit
-def split_tf32(x):
-    """(hi, lo) with hi = x rounded to tf32 (10 mantissa bits, kept in float32) and lo = x - hi, exact.
-
-    hi is an exact tf32 MMA operand; lo is read by the tensor cores to tf32
-    precision, which leaves an error of at most 2**-21 |x|. A finite x that
-    rounding would carry past the largest float32 (|x| > ~3.4012e38) is
-    truncated instead, so hi stays finite; an infinite x gives hi = x and a
-    NaN lo, which matmul_split_tf32 drops; a NaN x keeps hi = x (rounding its
-    bits could make an infinity of a NaN).
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    hi = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    overflowed = (tl.abs(hi) > FLOAT32_MAX) & (tl.abs(x) <= FLOAT32_MAX)
-    hi = tl.where(overflowed, (bits & 0xFFFFE000).to(tl.float32, bitcast=True), hi)
-    hi = tl.where(x != x, x, hi)
-    return hi, x - hi
-
-
-@triton.jit
 def matmul_split(a_hi, a_lo, b_hi, b_lo):
     """a @ b to about float32 accuracy from three tensor-core products of split operands.
 
-    The halves are tf32 (float32 tensors, see split_tf32) or float16 (see
-    halves_kernels). a_lo @ b_lo (under 2**-22 of the product) is dropped;
-    the small terms are accumulated first. As in Triton's tf32x3, non-finite
-    small terms are dropped: they come from an infinite operand (its lo part
-    is NaN, or 0 with a float16 hi; a lo times an inf is +-inf or NaN, of
-    either sign), and the main product alone then gives IEEE's inf (or NaN,
-    where the inputs make one).
+    The halves are float16 (see halves_kernels). a_lo @ b_lo (under 2**-22 of
+    the product) is dropped; the small terms are accumulated first. As in
+    Triton's tf32x3, non-finite small terms are dropped: they come from an
+    infinite operand (its lo part is 0 with a float16 hi; a lo times an inf
+    is +-inf or NaN, of either sign), and the main product alone then gives
+    IEEE's inf (or NaN, where the inputs make one).
     """
-    if a_hi.dtype == tl.float32:
-        small = tl.dot(a_lo, b_hi, input_precision="tf32")
-        small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
-        small = tl.where(tl.abs(small) < float("inf"), small, 0.0)
-        return tl.dot(a_hi, b_hi, small, input_precision="tf32")
     small = tl.dot(a_lo, b_hi)
     small = tl.dot(a_hi, b_lo, small)
     small = tl.where(tl.abs(small) < float("inf"), small, 0.0)

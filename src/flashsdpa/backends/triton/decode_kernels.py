@@ -10,7 +10,7 @@ main kernel's (`attend_keys`, `finish_rows`).
 import triton
 import triton.language as tl
 
-from flashsdpa.backends.triton.common_kernels import LOAD_POINTERS, MASK_NONE, split_tf32, to_dtype
+from flashsdpa.backends.triton.common_kernels import LOAD_POINTERS, MASK_NONE, to_dtype
 from flashsdpa.backends.triton.forward_kernels import attend_keys, finish_rows
 from flashsdpa.backends.triton.visibility_kernels import blocks_seen
 
@@ -76,7 +76,6 @@ def attention_decode_split_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
 ):
     """Flash decoding, stage 1: one key range of one (batch, kv head) against its query rows.
 
@@ -115,9 +114,6 @@ def attention_decode_split_kernel(
         tl.min(query_row, 0), tl.max(query_row, 0), split_start, tl.minimum(split_start + split_len, seq_kv),
         lowest_diagonal, highest_diagonal, BOUNDED_BELOW, BOUNDED_ABOVE, BLOCK_N,
     )
-    q_lo = q
-    if SPLIT_TF32:
-        q, q_lo = split_tf32(q)  # 16 rows: small enough for registers
     slope = 0.0
     if ALIBI:  # one slope per row: the rows span a GQA group's heads
         slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)[:, None]
@@ -125,13 +121,13 @@ def attention_decode_split_kernel(
     if SINKS:  # the sink joins one split's softmax (the first); the merge weighs it in once
         row_sink = tl.where(split == 0, tl.load(sinks_ptr + head), float("-inf"))
     acc, row_sum, row_max = attend_keys(
-        q, q_lo, None, None, batch, kv_head, k_head_ptr, v_head_ptr, None, mask_row_ptrs,
+        q, q, None, None, batch, kv_head, k_head_ptr, v_head_ptr, None, mask_row_ptrs,
         key_ranges, query_row, seq_kv, head_dim, head_dim_v,
         stride_kn, stride_kk, stride_vn, stride_vk, stride_mn,
         softmax_scale, 0, 0, (lowest_diagonal, highest_diagonal), (softcap, slope, key_offset), row_sink,
         BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, SOFTCAP, ALIBI, SINKS, False, False, BLOCK_M, BLOCK_N, BLOCK_D,
         BLOCK_DV,
-        DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, False, LOAD_POINTERS, False, False,
+        DOT_PRECISION, WIDEN_DOT_OPERANDS, False, LOAD_POINTERS, False, False,
     )
     out, lse = finish_rows(acc, row_sum, row_max, 1.0)
     row = (batch * heads_q + head).to(tl.int64) * seq_q + query_row

@@ -68,9 +68,9 @@ class ForwardConfig:
     dot_precision: str | None
     # float32 in IEEE precision: each product as three tensor-core products
     # of explicitly split operands, float16 halves the launcher splits for
-    # the main kernel (halves_kernels), tf32 halves for flash decoding
-    # (forward_kernels.split_tf32); Triton's tf32x3 rounds in code that
-    # spills registers on sm90. See SM90_FP32_HALVES_BLOCKS.
+    # the main kernel (halves_kernels; flash decoding multiplies in FMAs
+    # instead, kernel_specs.decode_tiles); Triton's tf32x3 rounds in code
+    # that spills registers on sm90. See SM90_FP32_HALVES_BLOCKS.
     split_products: bool
     # Multiply dot operands as float32: only for bfloat16 under the Triton
     # interpreter, which cannot multiply bfloat16 (triton#11584).

@@ -47,7 +47,6 @@ from flashsdpa.backends.triton.common_kernels import (
     matmul,
     matmul_split,
     packed_sequence,
-    split_tf32,
     to_dtype,
 )
 from flashsdpa.backends.triton.dropout_hash import dropout_keep, dropout_stream
@@ -131,7 +130,6 @@ def attend_key_blocks(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
     FP16_HALVES: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
@@ -145,8 +143,7 @@ def attend_key_blocks(
     for unmasked whole blocks) also drops what masking needs from the softmax.
     `mask_row_ptrs` points at each row's mask
     entries for key 0 ([BLOCK_M] pointers), or at the one shared row when
-    MASK_ROWS_BROADCAST. SPLIT_TF32: float32 products as three tf32 products
-    (q_lo holds the rest of q). FP16_HALVES: float32 products as three float16
+    MASK_ROWS_BROADCAST. FP16_HALVES: float32 products as three float16
     products of halves the launcher split (see halves_kernels): q and q_lo,
     the k/v tiles, and the tuple `halves` = (lo_kv_heads, k_lo_head_ptr,
     v_lo_head_ptr, q_unscale [BLOCK_M], k_unscale_head_ptr,
@@ -167,16 +164,13 @@ def attend_key_blocks(
             k_desc, desc_batch, desc_kv_head, k_head_ptr, start_n, offs_n, offs_d, seq_kv, head_dim,
             stride_kn, stride_kk, BOUNDARY, TILE_LOADS,
         )
-        if MASK_SEED and not FAST_SOFTMAX and not SPLIT_TF32 and not FP16_HALVES:
+        if MASK_SEED and not FAST_SOFTMAX and not FP16_HALVES:
             # The mask enters the product's accumulator for the layout's sake (see mask_seed).
             mask_tile = load_mask_tile(mask_row_ptrs, start_n, offs_n, seq_kv, stride_mn, MASK_ROWS_BROADCAST, BOUNDARY)
             qk = matmul(q, tl.trans(k), mask_seed(mask_tile, MASK_KIND == MASK_BOOL, q.shape[0], BLOCK_N),
                         DOT_PRECISION, WIDEN_DOT_OPERANDS)
         else:
-            if SPLIT_TF32:
-                k_hi, k_lo = split_tf32(tl.trans(k))
-                qk = matmul_split(q, q_lo, k_hi, k_lo)
-            elif FP16_HALVES:
+            if FP16_HALVES:
                 lo_kv_heads, k_lo_head_ptr, _, q_unscale, k_unscale_head_ptr, _ = halves
                 k_lo = load_rows(
                     k_desc, desc_batch, desc_kv_head + lo_kv_heads, k_lo_head_ptr, start_n, offs_n, offs_d, seq_kv,
@@ -228,12 +222,7 @@ def attend_key_blocks(
             v_desc, desc_batch, desc_kv_head, v_head_ptr, start_n, offs_n, offs_dv, seq_kv, head_dim_v,
             stride_vn, stride_vk, BOUNDARY, TILE_LOADS,
         )
-        if SPLIT_TF32:
-            # A fresh accumulator per block, added to acc by IEEE adds (see matmul).
-            p_hi, p_lo = split_tf32(p)
-            v_hi, v_lo = split_tf32(v)
-            acc = acc * alpha[:, None] + matmul_split(p_hi, p_lo, v_hi, v_lo)
-        elif FP16_HALVES:
+        if FP16_HALVES:
             lo_kv_heads, _, v_lo_head_ptr, _, _, v_unscale_head_ptr = halves
             v_lo = load_rows(
                 v_desc, desc_batch, desc_kv_head + lo_kv_heads, v_lo_head_ptr, start_n, offs_n, offs_dv, seq_kv,
@@ -297,7 +286,6 @@ def attend_keys(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
     FP16_HALVES: tl.constexpr,
     TILE_LOADS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
@@ -341,7 +329,7 @@ def attend_keys(
                 score_scale, dropout_key, dropout_threshold, band, transform,
                 part != 1, part == 1 and MASK_KIND == MASK_NONE and not NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE,
                 MASK_KIND, NATURAL_UNITS, SOFTCAP, ALIBI, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_N, BLOCK_D, BLOCK_DV,
-                DOT_PRECISION, WIDEN_DOT_OPERANDS, SPLIT_TF32, FP16_HALVES, TILE_LOADS, part == 1 and WARP_SPECIALIZE,
+                DOT_PRECISION, WIDEN_DOT_OPERANDS, FP16_HALVES, TILE_LOADS, part == 1 and WARP_SPECIALIZE,
                 MASK_SEED,
             )  # fmt: skip
     if not NATURAL_UNITS:
@@ -584,7 +572,7 @@ def attention_forward_kernel(
         softmax_scale, dropout_key, dropout_threshold, (lowest_diagonal, highest_diagonal),
         (softcap, slope, key_offset), row_sink,
         BOUNDED_BELOW, BOUNDED_ABOVE, MASK_KIND, SOFTCAP, ALIBI, SINKS, MASK_ROWS_BROADCAST, DROPOUT, BLOCK_M, BLOCK_N,
-        BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, False, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE,
+        BLOCK_D, BLOCK_DV, DOT_PRECISION, WIDEN_DOT_OPERANDS, FP16_HALVES, TILE_LOADS, WARP_SPECIALIZE,
         MASK_SEED,
     )
     out, lse = finish_rows(acc, row_sum, row_max, dropout_output_scale)

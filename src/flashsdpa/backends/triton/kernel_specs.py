@@ -119,7 +119,6 @@ class DecodeTiles:
     block_dv: int
     dot_precision: str | None
     widen_dot_operands: bool
-    split_tf32: bool
     num_warps: int
     num_stages: int
 
@@ -138,7 +137,6 @@ def decode_tiles(desc: AttentionDescriptor, config, decode) -> DecodeTiles:
         block_dv=key.block_head_dim_v,
         dot_precision="ieee" if config.split_products else config.dot_precision,
         widen_dot_operands=config.widen_dot_operands,
-        split_tf32=False,
         num_warps=decode.num_warps,
         num_stages=decode.num_stages,
     )
@@ -249,6 +247,11 @@ class PagedDecodeKernelSpec(DecodeTiles, KernelSpec):
     tma_blocks: bool  # K/V blocks by TMA boxes (launch_paged.tma_block_views), not per-row addresses
     # 1, or num_warps: each warp on its own slice of every key block (paged_kernels' doc; launch_paged.PAGED_LAYOUTS)
     key_slices: int
+    # 1, or num_warps: each warp on its own kv head of that many adjacent ones (paged_kernels' doc)
+    head_slices: int
+    # Paged: how many key blocks ahead of the one in hand its page numbers are read (1 or 2; paged_kernels'
+    # attend_cache_blocks); 1 for a contiguous cache, which reads no table.
+    page_lookahead: int
     softcap: bool
     alibi: bool
     sinks: bool
@@ -265,6 +268,12 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int 
     if slices > 1 and (slices != decode.num_warps or decode.block_n % slices or decode.block_n // slices < 16):
         raise ValueError(f"paged decode tiles {decode}: key_slices must equal num_warps and split block_n into "
                          "slices of at least 16 keys")  # fmt: skip
+    heads = decode.head_slices
+    if heads > 1 and (heads != decode.num_warps or slices > 1 or desc.heads_kv % heads or decode.block_n < 16):
+        raise ValueError(f"paged decode tiles {decode}: head_slices must equal num_warps, divide the kv heads "
+                         f"({desc.heads_kv}) and go without key slices, over key blocks of at least 16")  # fmt: skip
+    if decode.page_lookahead not in (0, 1):
+        raise ValueError(f"paged decode tiles {decode}: page_lookahead must be 0 or 1")
     return PagedDecodeKernelSpec(
         bounded_below=key.bounded_below,
         bounded_above=key.bounded_above,
@@ -272,6 +281,8 @@ def paged_decode_spec(desc: AttentionDescriptor, config, decode, page_size: int 
         fixed_page_size=fixed_page_size(page_size),
         tma_blocks=tma_blocks,
         key_slices=slices,
+        head_slices=heads,
+        page_lookahead=decode.page_lookahead if page_size is not None else 1,
         softcap=key.softcap,
         alibi=key.alibi,
         sinks=key.sinks,

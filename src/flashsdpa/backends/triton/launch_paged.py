@@ -45,8 +45,7 @@ PAGED_DECODE_WARPS = 8
 # inputs this many where a kv head's group has more rows (chunked prefill, speculative decoding), so that
 # a program reads its keys once for 64 rows rather than 16, in blocks of at most 64 keys. compile_sm90
 # --paged (bf16, sm_90, 8 warps): 154-176 registers at d=128, no spills; d=64 with 128-key blocks took
-# 255 registers. float32 keeps 16 rows: 64 spilled 436 bytes with split tf32 products, which the paged
-# program does not take (`kernel_specs.decode_tiles`); 64 rows of float32 products are not compiled.
+# 255 registers. float32 keeps 16 rows (its FMA products, `kernel_specs.decode_tiles`, are not compiled for 64).
 PAGED_MANY_ROWS_BLOCK_M = 64
 PAGED_MANY_ROWS_BLOCK_N = 64
 
@@ -54,24 +53,36 @@ PAGED_MANY_ROWS_BLOCK_N = 64
 @dataclass(frozen=True)
 class PagedTiles(DecodeConfig):
     """A paged decode program's shape: flash decoding's tiles, plus the key slices (paged_kernels' doc: 1,
-    or num_warps warps each on its own slice of every key block, block_n // key_slices >= 16 keys) and the
-    programs per SM that the split count aims at (forward_configs.decode_split_count on that many SMs)."""
+    or num_warps warps each on its own slice of every key block, block_n // key_slices >= 16 keys), the head
+    slices (1, or num_warps warps each on its own kv head of that many), the programs per SM that the split
+    count aims at (forward_configs.decode_split_count on that many SMs) and whether a block's page numbers
+    are read an iteration ahead (1) or in its own (0: PagedDecodeKernelSpec.page_lookahead)."""
 
     key_slices: int = 1
+    head_slices: int = 1
     programs_per_sm: int = 1
+    page_lookahead: int = 1
 
 
 # The paged decode program's shapes for one query row per head (a GQA group in one 16-row program) at head
-# dims up to 128 and 16-bit products, by name; PAGED_DECODE_LAYOUT picks the launcher's. "rows" is flash
-# decoding's program (paged_tiles: the tiles of forward_configs.choose_decode_config, PAGED_DECODE_WARPS
-# warps on every key block, a cross-warp row max and sum per block: 9 CTA barriers a 64-key block at d=128);
-# "slices WxN stS [xP]": W warps on their own N keys of every key block (N * W keys a block, 2 CTA barriers a
-# block, the copy's), S stages, P programs per SM (splits). compile_sm90 --paged (bf16 d=128, sm_90, Triton
-# 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, a window, softcap + ALiBi
-# + sinks; pages of 16 and 256, contiguous); 4 warps x 32 keys spilled 8-100 B and 2 stages 16 B over pages
-# of 16: not listed. Main loop over pages of 16: 391 SASS instructions a thread, 2 BAR.SYNC, 2 table loads a
-# warp's 16 keys (4 x 16: 1564 warp-instructions a 64-key block against the rows program's 2304, 9 BAR.SYNC, 4
-# table loads).
+# dims up to 128 and 16-bit products, by name; PAGED_DECODE_LAYOUTS picks the launcher's for each class of
+# cache. "rows" is flash decoding's program (paged_tiles: the tiles of forward_configs.choose_decode_config,
+# PAGED_DECODE_WARPS warps on every key block, a cross-warp row max and sum per block: 9 CTA barriers a 64-key
+# block at d=128); "slices WxN stS [xP] [ahead0]": W warps on their own N keys of every key block (N * W keys
+# a block, 2 CTA barriers a block, the copy's), S stages, P programs per SM (splits), "ahead0": page numbers
+# read in their block's iteration (PagedTiles.page_lookahead 0: the pipeliner copies them by cp.async; 5
+# stages keep two K/V blocks in flight, as 3 do with lookahead 1). compile_sm90 --paged (bf16 d=128, sm_90,
+# Triton 3.6): the sliced layouts take 227-255 registers and spill nothing (plain, causal, a window, softcap
+# + ALiBi + sinks; pages of 16 and 256, contiguous) but "ahead0" with a window (4 B); 4 warps x 32 keys
+# spilled 8-100 B (pages of 16: 68-380 B) and 2 stages 16 B over pages of 16: not listed. The loop over whole
+# blocks ("slices 4x16 st3", plain): 298 SASS instructions a thread over pages of 16 (2 table loads), 350 over
+# pages of 256 (1), 354 contiguous, each with 32 HMMA, 16 LDGSTS and 2 BAR.SYNC ("ahead0" over pages of 16:
+# 305, the table by 2 LDGSTS); the edge blocks' loop 392 / 435 / 421. "heads WxN stS": W warps each on its own
+# kv head of W adjacent ones (a program per W kv heads: more splits fill the SMs), N keys a block; at W = 8 a
+# block of 16 keys reads a page of 16 whole (16 x 8 kv heads x d, 32 KB at d=128, contiguous) with one table
+# read where key slices read it in 8 programs. compile_sm90 --paged: 168-226 registers, no spills, 80 KB (4
+# warps) and 160 KB (8) of shared memory; whole-block loop 359 instructions a thread a 16-key block of W heads
+# (16 LDGSTS, 2 BAR.SYNC, 1 table load); 4 warps x 32 keys spilled 176-504 B: not listed.
 # H100 (scripts/sweep_paged_gpu.py, bf16 d=128 B=16 Hq/Hkv 32/8, interleaved with torch flash on the same keys
 # unpaged; 2026-12-05), TB/s at S = 16k / 32k / 128k and the ratio to torch flash: pages of 16, rows 0.96 /
 # 0.96 / 0.94x (bench), "slices 4x16 st3" 0.99 / 0.98 / 0.99x; pages of 256 rows 1.00 / 0.98 / 0.97x, slices
@@ -86,8 +97,23 @@ PAGED_LAYOUTS: dict[str, PagedTiles | None] = {
     "slices 8x16 st3": PagedTiles(block_m=16, block_n=128, num_warps=8, num_stages=3, key_slices=8),
     "slices 2x16 st3 x4": PagedTiles(block_m=16, block_n=32, num_warps=2, num_stages=3, key_slices=2,
                                      programs_per_sm=4),
+    "slices 4x16 st5 ahead0": PagedTiles(block_m=16, block_n=64, num_warps=4, num_stages=5, key_slices=4,
+                                         page_lookahead=0),
+    "heads 4x16 st3": PagedTiles(block_m=16, block_n=16, num_warps=4, num_stages=3, head_slices=4),
+    "heads 4x16 st3 x2": PagedTiles(block_m=16, block_n=16, num_warps=4, num_stages=3, head_slices=4,
+                                    programs_per_sm=2),
+    "heads 8x16 st3": PagedTiles(block_m=16, block_n=16, num_warps=8, num_stages=3, head_slices=8),
 }
-PAGED_DECODE_LAYOUT = "slices 4x16 st3"
+# A cache's class for the layout choice: "contiguous", "small pages" (fewer keys than SMALL_PAGE_KEYS: a page
+# smaller than the sliced layouts' 64-key block, so one block reads several pages' table entries) or "large
+# pages". PAGED_DECODE_LAYOUTS names the launcher's layout (a PAGED_LAYOUTS name) for each class.
+PAGE_CLASSES = ("small pages", "large pages", "contiguous")
+SMALL_PAGE_KEYS = 64
+PAGED_DECODE_LAYOUTS = {
+    "small pages": "slices 4x16 st3",
+    "large pages": "slices 4x16 st3",
+    "contiguous": "slices 4x16 st3",
+}
 # The head dims (padded) up to which a PAGED_LAYOUTS entry applies: each warp holds a slice's 16 x d float32
 # output rows and 16 x d query (d / 2 + d / 4 registers a thread), with the K/V fragments on top.
 PAGED_SLICED_MAX_HEAD_DIM = 128
@@ -113,18 +139,28 @@ def tma_block_views(k_cache: Tensor, v_cache: Tensor, page_size: int | None, blo
 
 
 def sliced_layout_applies(desc: AttentionDescriptor, layout: PagedTiles) -> bool:
-    """Whether `layout` (key slices) serves `desc`: 16-bit inputs (the layouts were compiled and timed for them;
-    float32 keeps the rows program), a GQA group's rows in one program, head dims up to PAGED_SLICED_MAX_HEAD_DIM."""
+    """Whether `layout` (key or head slices) serves `desc`: 16-bit inputs (the layouts were compiled and timed for
+    them; float32 keeps the rows program), a GQA group's rows in one program, kv heads that the head slices
+    divide, head dims up to PAGED_SLICED_MAX_HEAD_DIM."""
     key = desc.kernel_key
     return (desc.dtype in (torch.float16, torch.bfloat16) and desc.gqa_group * desc.seq_q <= layout.block_m
+            and desc.heads_kv % layout.head_slices == 0
             and key.block_head_dim <= PAGED_SLICED_MAX_HEAD_DIM
             and key.block_head_dim_v <= PAGED_SLICED_MAX_HEAD_DIM)  # fmt: skip
 
 
-def paged_tiles(desc: AttentionDescriptor, decode: DecodeConfig) -> PagedTiles:
-    """The paged program's tiles for `desc`: PAGED_DECODE_LAYOUT's where it applies, else from flash
-    decoding's (`decode`), with 64-row programs for a group of more than 16 rows of 16-bit inputs."""
-    layout = PAGED_LAYOUTS[PAGED_DECODE_LAYOUT]
+def page_class(page_size: int | None) -> str:
+    """The PAGE_CLASSES entry of a cache of pages of `page_size` keys (None: contiguous)."""
+    if page_size is None:
+        return "contiguous"
+    return "small pages" if page_size < SMALL_PAGE_KEYS else "large pages"
+
+
+def paged_tiles(desc: AttentionDescriptor, decode: DecodeConfig, page_size: int | None) -> PagedTiles:
+    """The paged program's tiles for `desc` over pages of `page_size` keys (None: a contiguous cache):
+    PAGED_DECODE_LAYOUTS' layout for the cache's class where it applies, else from flash decoding's
+    (`decode`), with 64-row programs for a group of more than 16 rows of 16-bit inputs."""
+    layout = PAGED_LAYOUTS[PAGED_DECODE_LAYOUTS[page_class(page_size)]]
     if layout is not None and sliced_layout_applies(desc, layout):
         return layout
     group_rows, dtype = desc.gqa_group * desc.seq_q, desc.dtype
@@ -164,9 +200,11 @@ def paged_decode(
     if batch * heads_q * seq_q == 0:
         return out, lse
     gqa_group = desc.gqa_group
-    decode = tiles or paged_tiles(desc, config.decode)
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else None
+    decode = tiles or paged_tiles(desc, config.decode, page_size)
     row_chunks = cdiv(gqa_group * seq_q, decode.block_m)
-    programs_per_split = batch * heads_kv * row_chunks
+    programs_per_split = batch * heads_kv // decode.head_slices * row_chunks
     if programs_per_split > MAX_GRID_X:
         raise ValueError(f"triton paged decode: {programs_per_split} programs exceed the grid limit of {MAX_GRID_X}")
     capacity = max(desc.seq_kv, 1)
@@ -180,7 +218,6 @@ def paged_decode(
     query = kernel_query(desc, inputs)
     alibi, sink_logits, alibi_strides = score_arguments(desc, inputs, lse)
     band = Visibility.of(desc)
-    paged = block_table is not None
     table = block_table if paged else cache_seqlens  # never read unless paged
     table_strides = tuple(block_table.stride()) if paged else (0, 0)
     rows = batch * heads_q * seq_q
@@ -189,9 +226,8 @@ def paged_decode(
         partial_lse = torch.empty(rows * num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = lse  # not written: the kernel writes out and lse itself
-    page_size = k_cache.shape[1] if paged else None
-    tma_views = None if decode.key_slices > 1 else tma_block_views(k_cache, v_cache, page_size, decode.block_n,
-                                                                    capability)  # fmt: skip
+    sliced = decode.key_slices > 1 or decode.head_slices > 1
+    tma_views = None if sliced else tma_block_views(k_cache, v_cache, page_size, decode.block_n, capability)
     spec = paged_decode_spec(desc, config, decode, page_size, tma_views is not None)
     k_desc, v_desc = k_cache, v_cache  # not read unless spec.tma_blocks
     if tma_views is not None:

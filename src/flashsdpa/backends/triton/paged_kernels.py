@@ -26,12 +26,19 @@ its own running max, sum and output rows, so a block's row max and sum never
 cross warps (no barrier for them; with KEY_SLICES 1 the warps split a block's
 keys of one product and meet in shared memory for every row reduction), and
 the slices are merged once after the loop (merge_key_slices).
+
+HEAD_SLICES > 1 gives each warp its own kv head of HEAD_SLICES adjacent ones
+(a program per group of them), in the same batched 3-D products: every warp
+reads every key block of its head (16 x d query rows of its GQA group, its own
+running max, sum and output rows, stored as they are: no merge). The heads of
+one key sit side by side in the cache (HEAD_SLICES * d * 2 bytes of bf16 for
+one key row), and a page's table entry is read once for all of them.
 """
 
 import triton
 import triton.language as tl
 
-from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, matmul_split, split_tf32, to_dtype
+from flashsdpa.backends.triton.common_kernels import LOG2E, matmul, to_dtype
 from flashsdpa.backends.triton.decode_kernels import group_rows, store_split
 from flashsdpa.backends.triton.forward_kernels import exponent_below_max, finish_rows
 from flashsdpa.backends.triton.score_kernels import scores_of_products
@@ -130,7 +137,6 @@ def attend_cache_blocks(
     row_sum,
     row_max,
     q,
-    q_lo,
     k_head_ptr,
     v_head_ptr,
     k_desc,
@@ -165,8 +171,9 @@ def attend_cache_blocks(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
     KEY_SLICES: tl.constexpr,
+    HEAD_SLICES: tl.constexpr,
+    PAGE_LOOKAHEAD: tl.constexpr,
 ):
     """Fold key blocks [key_start, key_stop) into the online softmax of `query_rows` (forward_kernels'
     attend_key_blocks with the cache's row addressing, no mask tensor and no dropout). EDGE blocks hold
@@ -175,29 +182,43 @@ def attend_cache_blocks(
     (a contiguous cache, or pages holding whole blocks): each block is one TMA box of k_desc / v_desc
     (cache_block) instead of per-row addresses. KEY_SLICES > 1 (the module doc): q is [KEY_SLICES, M, D],
     the state [KEY_SLICES, M, DV] and [KEY_SLICES, M] twice, query_rows [1, M, 1]; else q [M, D], the
-    state [M, DV], [M], [M], query_rows [M, 1]."""
+    state [M, DV], [M], [M], query_rows [M, 1]. HEAD_SLICES > 1 (the module doc): q, the state and query_rows
+    as with key slices, one slice per kv head, whose heads' offsets k_head_ptr and v_head_ptr hold ([HEAD_SLICES,
+    1, 1] pointers); every slice reads the block's keys. PAGE_LOOKAHEAD: a block's page numbers are read in the
+    iteration before its own (1) or in its own (0), as the comment at the loop says."""
     tl.static_assert(not (TMA_BLOCKS and PAGED) or FIXED_PAGE_SIZE >= BLOCK_N, "a TMA box needs a block in one page")
-    tl.static_assert(KEY_SLICES == 1 or not (TMA_BLOCKS or SPLIT_TF32), "key slices read rows, in 16-bit products")
-    SLICED: tl.constexpr = KEY_SLICES > 1
+    tl.static_assert(KEY_SLICES == 1 or not TMA_BLOCKS, "key slices read rows")
+    tl.static_assert(PAGE_LOOKAHEAD == 0 or PAGE_LOOKAHEAD == 1, "page numbers are read 0 or 1 iterations ahead")
+    SLICED: tl.constexpr = KEY_SLICES > 1 or HEAD_SLICES > 1  # 3-D products, one slice per warp
     KEY_AXIS: tl.constexpr = 2 if SLICED else 1  # the axis of a block's keys in the scores
-    if SLICED:  # key start + offs_n[w, n] is warp w's n-th key of the block
+    if KEY_SLICES > 1:  # key start + offs_n[w, n] is warp w's n-th key of the block
         SLICE_N: tl.constexpr = BLOCK_N // KEY_SLICES
         offs_n = tl.arange(0, KEY_SLICES)[:, None] * SLICE_N + tl.arange(0, SLICE_N)[None, :]
+    elif HEAD_SLICES > 1:  # every slice (warp) reads the block's keys of its own kv head
+        offs_n = tl.arange(0, BLOCK_N)[None, :]
     else:
         offs_n = tl.arange(0, BLOCK_N)
-    if SLICED and FIXED_PAGE_SIZE >= BLOCK_N // KEY_SLICES:  # a slice lies in one page: one table read a slice
+    if KEY_SLICES > 1 and FIXED_PAGE_SIZE >= BLOCK_N // KEY_SLICES:  # a slice in one page: one table read a slice
         offs_page = tl.arange(0, KEY_SLICES)[:, None] * (BLOCK_N // KEY_SLICES)
     else:
         offs_page = offs_n
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    # The next block's page numbers are read one iteration ahead, so that a block's K/V addresses do not wait
-    # on a table load of the same iteration: Triton's pipeliner then stages the K/V copies as it does a
-    # contiguous cache's (two blocks in flight, not one block loaded after the previous one's products).
-    page = block_pages(table_row_ptr, key_start, offs_page, key_end, page_size, stride_table_page, PAGED,
-                       FIXED_PAGE_SIZE, BLOCK_N)
+    # PAGE_LOOKAHEAD 1: the next block's page numbers are read one iteration ahead (a loop-carried value), so
+    # that a block's K/V addresses do not wait on a table load of the same iteration; Triton's pipeliner then
+    # stages the K/V copies as it does a contiguous cache's (two blocks in flight), and the table is read by
+    # plain loads one block ahead of the copies (compile_sm90 --dump, sm_90, 3 stages). PAGE_LOOKAHEAD 0: each
+    # block reads its own page numbers; the pipeliner then copies the table entries into shared memory
+    # asynchronously too (cp.async, waited on with the K/V copies), one block ahead of the K/V copies, and takes
+    # stages for them: 5 stages give two K/V blocks in flight (3 stages, one).
+    if PAGE_LOOKAHEAD == 1:
+        page = block_pages(table_row_ptr, key_start, offs_page, key_end, page_size, stride_table_page, PAGED,
+                           FIXED_PAGE_SIZE, BLOCK_N)
     for start_n in range(key_start, key_stop, BLOCK_N):
         cols = start_n + offs_n
+        if PAGE_LOOKAHEAD == 0:
+            page = block_pages(table_row_ptr, start_n, offs_page, key_end, page_size, stride_table_page, PAGED,
+                               FIXED_PAGE_SIZE, BLOCK_N)  # fmt: skip
         k_rows, v_rows, in_range = key_rows(page, batch, start_n, offs_n, key_end, page_size, k_strides, v_strides,
                                             PAGED, FIXED_PAGE_SIZE, BLOCK_N)
         if SLICED and not EDGE:  # every key of a whole block is below key_end (blocks_seen): no row mask
@@ -206,18 +227,16 @@ def attend_cache_blocks(
             box_page, box_slot = page, start_n % FIXED_PAGE_SIZE
         else:
             box_page, box_slot = batch, start_n
-        page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_page, key_end, page_size, stride_table_page, PAGED,
-                           FIXED_PAGE_SIZE, BLOCK_N)
+        if PAGE_LOOKAHEAD == 1:
+            page = block_pages(table_row_ptr, start_n + BLOCK_N, offs_page, key_end, page_size, stride_table_page,
+                               PAGED, FIXED_PAGE_SIZE, BLOCK_N)  # fmt: skip
         if TMA_BLOCKS:
             k = cache_block(k_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_D)
         elif SLICED:
             k = cache_slices_transposed(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
         else:
             k = cache_rows(k_head_ptr, k_rows, in_range, offs_d, head_dim, k_strides[3])
-        if SPLIT_TF32:
-            k_hi, k_lo = split_tf32(tl.trans(k))
-            qk = matmul_split(q, q_lo, k_hi, k_lo)
-        elif SLICED:
+        if SLICED:
             qk = matmul(q, k, None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
         else:
             qk = matmul(q, tl.trans(k), None, DOT_PRECISION, WIDEN_DOT_OPERANDS)
@@ -243,13 +262,8 @@ def attend_cache_blocks(
             v = cache_block(v_desc, box_page, kv_head, box_slot, in_range, EDGE, BLOCK_N, BLOCK_DV)
         else:
             v = cache_rows(v_head_ptr, v_rows, in_range, offs_dv, head_dim_v, v_strides[3])
-        if SPLIT_TF32:
-            p_hi, p_lo = split_tf32(p)
-            v_hi, v_lo = split_tf32(v)
-            acc = acc * alpha[:, None] + matmul_split(p_hi, p_lo, v_hi, v_lo)
-        else:
-            p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
-            acc = matmul(p, v, acc * tl.expand_dims(alpha, KEY_AXIS), DOT_PRECISION, WIDEN_DOT_OPERANDS)
+        p = to_dtype(p, v.dtype, WIDEN_DOT_OPERANDS)
+        acc = matmul(p, v, acc * tl.expand_dims(alpha, KEY_AXIS), DOT_PRECISION, WIDEN_DOT_OPERANDS)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -316,8 +330,9 @@ def attention_paged_decode_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WIDEN_DOT_OPERANDS: tl.constexpr,
-    SPLIT_TF32: tl.constexpr,
     KEY_SLICES: tl.constexpr,
+    HEAD_SLICES: tl.constexpr,
+    PAGE_LOOKAHEAD: tl.constexpr,
 ):
     """Stage 1: one key range of one (batch item, kv head) against its query rows.
 
@@ -331,14 +346,23 @@ def attention_paged_decode_kernel(
     is K_b - seq_q - window_left <= j - i (BOUNDED_BELOW) and
     j - i <= K_b - seq_q + window_right (BOUNDED_ABOVE; causal is right = 0).
     KEY_SLICES: warps on slices of every key block (the module doc; num_warps of
-    them), or 1. Grid: (batch * heads_kv * row_chunks, num_splits). Writes partial
-    (rows, num_splits, head_dim_v) outputs and (rows, num_splits) lse, rows
-    ordered (batch, query head, query row), or with one split out (rows,
-    head_dim_v) and lse (rows,) themselves.
+    them), or 1. HEAD_SLICES: warps each on its own kv head of HEAD_SLICES
+    adjacent ones (the module doc; num_warps of them), or 1. PAGE_LOOKAHEAD: a
+    block's page numbers are read an iteration ahead (1) or in its own (0;
+    attend_cache_blocks). Grid: (batch * heads_kv // HEAD_SLICES * row_chunks,
+    num_splits). Writes partial (rows, num_splits, head_dim_v) outputs and
+    (rows, num_splits) lse, rows ordered (batch, query head, query row), or with
+    one split out (rows, head_dim_v) and lse (rows,) themselves.
     """
     split = tl.program_id(1)
-    batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks, heads_q // gqa_group,
-                                                            gqa_group, seq_q, BLOCK_M)  # fmt: skip
+    batch, kv_head, head, query_row, row_valid = group_rows(tl.program_id(0), row_chunks,
+                                                            heads_q // gqa_group // HEAD_SLICES, gqa_group, seq_q,
+                                                            BLOCK_M)  # fmt: skip
+    if HEAD_SLICES > 1:  # kv_head is the program's group of HEAD_SLICES kv heads: kv head [S, 1], head [S, M]
+        kv_group = kv_head
+        kv_head = kv_group * HEAD_SLICES + tl.arange(0, HEAD_SLICES)[:, None]
+        head = kv_head * gqa_group + (head - kv_group * gqa_group)[None, :]
+        row_valid = tl.broadcast_to(row_valid[None, :], (HEAD_SLICES, BLOCK_M))
     offs_d = tl.arange(0, BLOCK_D)
 
     key_end = tl.load(cache_seqlens_ptr + batch).to(tl.int32) + new_tokens
@@ -356,26 +380,33 @@ def attention_paged_decode_kernel(
     q_row_ptrs = (
         q_ptr + batch.to(tl.int64) * stride_qb + query_row.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
     )
-    q = tl.load(q_row_ptrs[:, None] + offs_d[None, :] * stride_qk, mask=offs_d[None, :] < head_dim, other=0.0)
-    q_lo = q
-    if SPLIT_TF32:
-        q, q_lo = split_tf32(q)
+    if HEAD_SLICES > 1:  # [S, M, D]
+        q = tl.load(q_row_ptrs[:, :, None] + offs_d[None, None, :] * stride_qk, mask=offs_d[None, None, :] < head_dim,
+                    other=0.0)  # fmt: skip
+    else:
+        q = tl.load(q_row_ptrs[:, None] + offs_d[None, :] * stride_qk, mask=offs_d[None, :] < head_dim, other=0.0)
     slope = 0.0
     if ALIBI:  # one slope per row: the rows span a GQA group's heads
-        slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)[:, None]
+        slope = tl.load(alibi_ptr + batch.to(tl.int64) * stride_alibi_b + head.to(tl.int64) * stride_alibi_h)
+        slope = tl.expand_dims(slope, -1)  # [(S,) M, 1]
     NATURAL_UNITS: tl.constexpr = SOFTCAP or ALIBI or SINKS
     if NATURAL_UNITS:
         score_scale = softmax_scale
     else:
         score_scale = softmax_scale * LOG2E
-    # The online-softmax state: one per key slice ([KEY_SLICES, ...], merged after the loop) or one.
+    # The online-softmax state: one per key slice ([KEY_SLICES, ...], merged after the loop), one per kv head
+    # ([HEAD_SLICES, ...]) or one.
     if KEY_SLICES > 1:
         q = tl.broadcast_to(q[None, :, :], (KEY_SLICES, BLOCK_M, BLOCK_D))
-        q_lo = q
         rows = query_row[None, :, None]
         acc = tl.zeros([KEY_SLICES, BLOCK_M, BLOCK_DV], dtype=tl.float32)
         slice_index = tl.arange(0, KEY_SLICES)[:, None]
         row_max = tl.full([KEY_SLICES, BLOCK_M], float("-inf"), dtype=tl.float32)
+    elif HEAD_SLICES > 1:
+        rows = query_row[None, :, None]
+        acc = tl.zeros([HEAD_SLICES, BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        slice_index = 0  # every slice is its own heads' softmax
+        row_max = tl.full([HEAD_SLICES, BLOCK_M], float("-inf"), dtype=tl.float32)
     else:
         rows = query_row[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -388,21 +419,31 @@ def attention_paged_decode_kernel(
     table_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_table_b
     k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_vh
+    if HEAD_SLICES > 1:  # [S, 1, 1]: each slice's rows from its own kv head
+        k_head_ptr = tl.expand_dims(k_head_ptr, -1)
+        v_head_ptr = tl.expand_dims(v_head_ptr, -1)
     k_strides = (stride_k_page, stride_k_slot, stride_kh, stride_kk)
     v_strides = (stride_v_page, stride_v_slot, stride_vh, stride_vk)
     # Lower edge blocks, blocks every row sees whole, upper edge blocks (visibility_kernels).
     for part in tl.static_range(3):
         if part != 0 or BOUNDED_BELOW:
             acc, row_sum, row_max = attend_cache_blocks(
-                acc, row_sum, row_max, q, q_lo, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
+                acc, row_sum, row_max, q, k_head_ptr, v_head_ptr, k_desc, v_desc, table_row_ptr, batch, kv_head,
                 key_ranges[part], key_ranges[part + 1], rows, key_end, head_dim, head_dim_v, page_size,
                 k_strides, v_strides, stride_table_page, score_scale, (lowest_diagonal, highest_diagonal),
                 (softcap, slope, key_offset), part != 1, NATURAL_UNITS, BOUNDED_BELOW, BOUNDED_ABOVE, SOFTCAP,
                 ALIBI, PAGED, FIXED_PAGE_SIZE, TMA_BLOCKS, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PRECISION,
-                WIDEN_DOT_OPERANDS, SPLIT_TF32, KEY_SLICES,
+                WIDEN_DOT_OPERANDS, KEY_SLICES, HEAD_SLICES, PAGE_LOOKAHEAD,
             )  # fmt: skip
     if KEY_SLICES > 1:
         acc, row_sum, row_max = merge_key_slices(acc, row_sum, row_max, LOG2E if NATURAL_UNITS else score_scale)
+    if HEAD_SLICES > 1:  # the slices' rows as one list of S * M
+        ROWS: tl.constexpr = HEAD_SLICES * BLOCK_M
+        acc = tl.reshape(acc, (ROWS, BLOCK_DV))
+        row_sum, row_max = tl.reshape(row_sum, (ROWS,)), tl.reshape(row_max, (ROWS,))
+        row_valid = tl.reshape(row_valid, (ROWS,))
+        head = tl.reshape(head, (ROWS,))
+        query_row = tl.reshape(tl.broadcast_to(query_row[None, :], (HEAD_SLICES, BLOCK_M)), (ROWS,))
     if not NATURAL_UNITS:
         row_max = row_max * softmax_scale
     out, lse = finish_rows(acc, row_sum, row_max, 1.0)
