@@ -81,7 +81,10 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
     Where the call records an autograd graph, the kernel's own autograd records it (torch's derivative of the
     op is its backward kernel on the same tensors and arguments, which is `AtenBackend.backward`'s call for
     ROUNDED 16-bit gradients and for float32/float64), so only where `gradient_precision` says
-    ROUNDED for 16-bit inputs (`gradient_precision.of_plain_cpu_call`); the node gets flashsdpa's double-backward error (`_no_double_backward`)."""
+    ROUNDED for 16-bit inputs (`gradient_precision.of_plain_cpu_call`). Its gradients are then torch's own nodes:
+    a second derivative through them raises torch's error where it is taken (as after torch's CPU SDPA), not at
+    `create_graph=True` as flashsdpa's own backward does (a pre-hook on the node raising there costs 15-30 us
+    a call after a kernel, more than the rest of this lane's checks)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or type(causal) is not bool:
         return None
     shape, key_shape = q.shape, k.shape
@@ -106,15 +109,7 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
     ):
         return None
     dispatch.record_call("aten")
-    out = aten_backend.KERNELS[0](q, k, v, 0.0, causal)[0]  # the default scale, 1 / sqrt(E) in double as in Python
-    if out.grad_fn is not None:
-        out.grad_fn.register_prehook(_no_double_backward)
-    return out
-
-
-def _no_double_backward(grad_outputs):
-    """The kernel's autograd node's pre-hook: the error flashsdpa's own backward gives under create_graph."""
-    ops.refuse_double_backward()
+    return aten_backend.KERNELS[0](q, k, v, 0.0, causal)[0]  # the default scale, 1 / sqrt(E) in double as in Python
 
 
 def clear() -> None:

@@ -208,18 +208,13 @@ def _save(ctx, tensors, output):
     ctx.set_materialize_grads(False)
 
 
-def refuse_double_backward() -> None:
-    """Raise where a backward of attention records a graph (create_graph=True): its gradients have none."""
+def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+    """(dq, dk, dv, dmask, d alibi_slopes (None), dsinks), for either autograd (the op's, `_EagerAttention`)."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "flashsdpa does not support double backward (create_graph=True through attention); "
             "use torch's scaled_dot_product_attention for higher-order gradients"
         )
-
-
-def _backward(ctx, grad_out, _grad_lse, _grad_seed):
-    """(dq, dk, dv, dmask, d alibi_slopes (None), dsinks), for either autograd (the op's, `_EagerAttention`)."""
-    refuse_double_backward()
     query, key, value, mask, alibi_slopes, sinks, dropout_seed, out, lse = ctx.saved_tensors
     if grad_out is None:  # not materialized (see _save); never seen, as out is the only differentiable output
         grad_out = torch.zeros_like(out)
