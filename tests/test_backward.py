@@ -512,3 +512,33 @@ def test_float32_gradients_of_faint_keys_and_spread_rows(options, device):
         torch_row_err = ((torch_grad.double() - truth).norm(dim=-1) / truth.norm(dim=-1))[rows].amax().item()
         bar = min(GRAD_TOL[torch.float32], max(FP32_FLOOR_GRAD, SPLIT_PRODUCTS_TORCH_FACTOR * torch_row_err))
         assert row_err <= bar, f"{options} {name}: worst row {row_err:.3g} over {bar:.3g} (torch {torch_row_err:.3g})"
+
+
+@pytest.mark.parametrize("dv_apart", [True, False], ids=["dv apart", "one launch"])
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"enable_gqa": True}], ids=["plain", "causal", "gqa"])
+def test_float32_dk_and_dv_in_one_launch_or_two(dv_apart, options, device, monkeypatch):
+    """The triton float32 backward's dK/dV kernel as one launch computing both, or two (BackwardConfig.dv: dK
+    alone on the dK/dV tile, then dV alone on a tile of other sizes, so that its grid is its own): each gives
+    the float64 gradients, and the launch plan holds the dV launch exactly when the config asks for it."""
+    import dataclasses
+
+    from flashsdpa.backends.triton import launch_backward
+    from flashsdpa.backends.triton.backward_configs import TileShape
+
+    cache, plans = launch_backward.kernel_cache, []
+    dv_tile = TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1) if dv_apart else None
+
+    class Pinned:
+        def get(self, key, build):
+            config = cache.get(key, build)
+            return dataclasses.replace(config, dv=dv_tile) if key[0] == "backward" else config
+
+    plan_of = launch_backward.backward_launch_plan
+    monkeypatch.setattr(launch_backward, "kernel_cache", Pinned())
+    monkeypatch.setattr(launch_backward, "backward_launch_plan", lambda *a: plans.append(plan_of(*a)) or plans[-1])
+    gen = generator(76)
+    gqa = options.get("enable_gqa", False)
+    q, k, v = qkv((2, 4), (2, 2 if gqa else 4), seq(19), seq(37), 24, gen, torch.float32, device)
+    case = Case(q, k, v, causal=options.get("causal", False), enable_gqa=gqa)
+    check_backward("triton", case, f"dv apart={dv_apart}", gen=gen)
+    assert [(plan.dkdv is not None, plan.dv is not None) for plan in plans] == [(True, dv_apart)], plans
