@@ -83,6 +83,10 @@ class BackwardConfig:
     # alone; None: one launch computes both. Each launch holds one float32 accumulator rather than two (dV
     # needs only P, dK needs dS as well), so its tile can be larger; the cost is S^T = K Q^T computed twice.
     dv: TileShape | None = None
+    # With renormalize_rows: the dQ kernel's row pass in a launch of its own with this tile (block_m queries,
+    # block_n keys a step), the dQ launch then reading its row scales and delta; None: the dQ launch makes
+    # the pass itself. Alone, the pass holds no dQ accumulator, so its tile can be wider.
+    rows: TileShape | None = None
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -213,6 +217,9 @@ SM90_FP32_HALVES_DQ = {
 # REPL), and no fused tile of 128 keys or of 64 keys at 4 warps fits (16x128 w8: 676 B of spills, 32x64 w4:
 # 884 B); apart, dK alone at 32x128 w8 s2 takes 216 registers and dV alone 207, neither spilling or REPL.
 SM90_FP32_HALVES_DV: dict[int, tuple[int, int, int, int]] = {}
+# The dQ kernel's row pass in its own launch (BackwardConfig.rows) for float32 at full precision, by padded
+# head dim: without the dQ accumulator beside it, its step can take more keys than the dQ tile's.
+SM90_FP32_HALVES_ROWS: dict[int, tuple[int, int, int, int]] = {}
 
 # Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
 BACKWARD_SHARED_MEMORY_HEADROOM = 16 * 1024
@@ -252,8 +259,9 @@ def interpreter_config(key: KernelKey, exact: bool, packed: bool = False) -> Bac
         preprocess_block_m=16,
         dkdv=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1),
         dq=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1),
-        # float32: dV in its own launch, on a tile of its own (as SM90_FP32_HALVES_DV gives d=128)
+        # float32: dV and the row pass in launches of their own, on tiles of their own (as the sm90 tables do)
         dv=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1) if halves else None,
+        rows=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1) if halves else None,
         dot_precision=dot_precision(key),
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=exact,
@@ -269,11 +277,13 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
     fp32 = key.dtype == torch.float32
     table_key = max(64, padded_head_dim(key))
     halves = fp32 and uses_split_products(key) and not packed
-    dv = None
+    dv = rows = None
     if halves:
         dkdv_table, dq_table = SM90_FP32_HALVES_DKDV, SM90_FP32_HALVES_DQ
         if table_key in SM90_FP32_HALVES_DV:
             dv = TileShape(*SM90_FP32_HALVES_DV[table_key])
+        if table_key in SM90_FP32_HALVES_ROWS:
+            rows = TileShape(*SM90_FP32_HALVES_ROWS[table_key])
     elif fp32:
         dkdv_table, dq_table = SM90_FP32_DKDV, SM90_FP32_DQ
     elif exact:
@@ -320,6 +330,7 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         dkdv_early_dp=wide_16bit,
         packed_longest_first=packed and SM90_PACKED_LONGEST_FIRST,
         dv=None if dv is None else fit_backward_tile(dv, lambda tile: dkdv_shared_memory(key, tile), budget),
+        rows=None if rows is None else fit_backward_tile(rows, lambda tile: dq_shared_memory(key, tile), budget),
     )
 
 

@@ -175,9 +175,12 @@ def attention_backward(
 
         input_strides = (*kernel_query.stride(), *kernel_key.stride(), *kernel_value.stride(), *mask_strides,
                          *kernel_grad_out.stride())
-        if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
-            plan.dq(
-                plan.dq_grid,
+        # Before the dK/dV kernel: the row pass writes the row scales that kernel reads.
+        for launch, grid in ((plan.rows, plan.rows_grid), (plan.dq, plan.dq_grid)):
+            if launch is None:
+                continue
+            launch(
+                grid,
                 kernel_query, kernel_key, kernel_value, mask, kernel_grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
                 out, lse, alibi, sinks, *sequences, sequence_order, *unscales,
@@ -261,6 +264,10 @@ class BackwardLaunchPlan:
 
     preprocess_grid: tuple[int]
     preprocess: BoundLaunch | None  # the lengths bound; None where the dQ kernel computes the row statistics
+    rows_grid: tuple[int]
+    # With BackwardConfig.rows: the dQ kernel's row pass alone, before `dq` (the dQ launch, if dq or dmask is
+    # needed, then reads what it wrote).
+    rows: BoundLaunch | None
     dq_grid: tuple[int]
     # With dropout, the dQ kernel's scale, lengths and head counts (the seeds follow, per call);
     # without, () and the kernel holds every argument after the strides.
@@ -339,15 +346,22 @@ def _new_backward_launch_plan(
                            compute_dk=compute_dk, compute_dv=compute_dv, tile_loads=int(tile_loads),
                            early_dp=config.dkdv_early_dp, split_group=split_group, gqa=gqa_group > 1)
 
+    def dq_kernel(tile: TileShape, compute_dq: bool, write_dmask: bool, row_pass_done: bool) -> BoundLaunch:
+        return main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, tile, dq_sizes, compute_dq=compute_dq,
+                           write_dmask=write_dmask, row_stats=dq_row_stats, sinks=desc.kernel_key.sinks,
+                           row_pass_done=row_pass_done)
+
     apart = config.dv is not None  # dV in its own launch
+    rows_apart = run_dq and config.renormalize_rows and config.rows is not None  # the row pass in its own
     return BackwardLaunchPlan(
         preprocess_grid=(cdiv(stats_stride, config.preprocess_block_m) * batch * heads_q,),
         preprocess=preprocess,
+        rows_grid=(cdiv(seq_q, config.rows.block_m) * batch * heads_q,) if rows_apart else (0,),
+        rows=dq_kernel(config.rows, False, False, False) if rows_apart else None,
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
-        dq=main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, config.dq, dq_sizes,
-                       compute_dq=computed.query, write_dmask=computed.mask, row_stats=dq_row_stats,
-                       sinks=desc.kernel_key.sinks) if run_dq else None,
+        dq=dq_kernel(config.dq, computed.query, computed.mask, rows_apart)
+        if run_dq and (computed.query or computed.mask or not rows_apart) else None,
         dkdv_grid=dkdv_grid(config.dkdv),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
         dkdv=dkdv_kernel(config.dkdv, computed.key, computed.value and not apart, tile_loads) if run_dkdv else None,
