@@ -46,18 +46,23 @@ CANDIDATES = {
     128: {
         "default": {},
         "dv apart": dict(dkdv="32x128x8x2", dv="32x128x8x2"),
-        "dv apart, dv 64x128": dict(dkdv="32x128x8x2", dv="64x128x8x2"),
-        "dv apart, dq s3": dict(dkdv="32x128x8x2", dv="32x128x8x2", dq="128x32x8x3"),
         "dv+rows apart 128x64s1": dict(dkdv="32x128x8x2", dv="32x128x8x2", rows="128x64x8x1"),
         "dv+rows apart 64x64w4": dict(dkdv="32x128x8x2", dv="32x128x8x2", rows="64x64x4x2"),
+        # 4 warps on under 113 KB of shared memory: two programs an SM, one's elementwise work beside the other's
+        # products
+        "dv apart w4": dict(dkdv="16x64x4x2", dv="32x64x4x2"),
+        "dv+rows apart w4": dict(dkdv="16x64x4x2", dv="32x64x4x2", rows="64x32x4x1", dq="64x16x4x2"),
+        "dv+rows apart w4, dq 128x32": dict(dkdv="16x64x4x2", dv="32x64x4x2", rows="64x32x4x1"),
     },
     64: {
         "default": {},
         "fused 64x128": dict(dkdv="64x128x8x2", dv="none"),
         "dv apart 64x128": dict(dkdv="64x128x8x2", dv="64x128x8x2"),
         "rows apart 128x128": dict(rows="128x128x8x2"),
-        "fused 64x128, rows 128x128": dict(dkdv="64x128x8x2", rows="128x128x8x2"),
         "dq 64x64w4": dict(dq="64x64x4x2"),
+        # 4 warps on under 113 KB of shared memory: two programs an SM
+        "w4: fused 64x64, dq 64x64": dict(dkdv="64x64x4x2", dq="64x64x4x2"),
+        "w4: fused 64x64, rows+dq 64x64": dict(dkdv="64x64x4x2", rows="64x64x4x2", dq="64x64x4x2"),
     },
 }
 
@@ -156,7 +161,7 @@ def warm(options: dict) -> None:
     """Compile every candidate's kernels (one small backward each) in parallel processes first."""
     jobs = [(d, causal, name) for d, causal in cases(options) for name in chosen(d, options)]
     env = dict(os.environ)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(12, os.cpu_count() or 4)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as pool:
         results = list(pool.map(lambda job: subprocess.run(
             [sys.executable, __file__, "warm-one", str(job[0]), str(int(job[1])), job[2], options.get("L", "4096")],
             env=env, capture_output=True, text=True), jobs))
