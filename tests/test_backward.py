@@ -512,3 +512,45 @@ def test_float32_gradients_of_faint_keys_and_spread_rows(options, device):
         torch_row_err = ((torch_grad.double() - truth).norm(dim=-1) / truth.norm(dim=-1))[rows].amax().item()
         bar = min(GRAD_TOL[torch.float32], max(FP32_FLOOR_GRAD, SPLIT_PRODUCTS_TORCH_FACTOR * torch_row_err))
         assert row_err <= bar, f"{options} {name}: worst row {row_err:.3g} over {bar:.3g} (torch {torch_row_err:.3g})"
+
+
+@pytest.mark.parametrize(
+    "apart, options",
+    [*(((dv, rows), options) for dv, rows in ((True, True), (False, False))
+       for options in ({}, {"causal": True}, {"enable_gqa": True})),
+     ((True, False), {}), ((False, True), {})],
+    ids=lambda value: ("dv apart" if value[0] else "dv with dk") + (", rows apart" if value[1] else ", rows in dq")
+    if isinstance(value, tuple) else "gqa" if "enable_gqa" in value else "causal" if value else "plain",
+)
+def test_float32_launches_of_the_backward_structures(apart, options, device, monkeypatch):
+    """The triton float32 backward in each structure: dK and dV from one launch of the dK/dV kernel, or two
+    (BackwardConfig.dv: dK alone on the dK/dV tile, then dV alone), and the dQ kernel's row pass in the dQ
+    launch or in one of its own (BackwardConfig.rows); the launches' tiles differ in sizes, so that each grid
+    is its own. Each gives the float64 gradients, and the launch plan holds exactly the launches the config
+    asks for."""
+    import dataclasses
+
+    from flashsdpa.backends.triton import launch_backward
+    from flashsdpa.backends.triton.backward_configs import TileShape
+
+    cache, plans = launch_backward.kernel_cache, []
+    dv_apart, rows_apart = apart
+    tiles = dict(dv=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1) if dv_apart else None,
+                 rows=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1) if rows_apart else None)
+
+    class Pinned:
+        def get(self, key, build):
+            config = cache.get(key, build)
+            return dataclasses.replace(config, **tiles) if key[0] == "backward" else config
+
+    plan_of = launch_backward.backward_launch_plan
+    monkeypatch.setattr(launch_backward, "kernel_cache", Pinned())
+    monkeypatch.setattr(launch_backward, "backward_launch_plan", lambda *a: plans.append(plan_of(*a)) or plans[-1])
+    gen = generator(76)
+    gqa = options.get("enable_gqa", False)
+    q, k, v = qkv((2, 4), (2, 2 if gqa else 4), seq(19), seq(37), 24, gen, torch.float32, device)
+    case = Case(q, k, v, causal=options.get("causal", False), enable_gqa=gqa)
+    check_backward("triton", case, f"apart={apart}", gen=gen)
+    launched = [(plan.rows is not None, plan.dq is not None, plan.dkdv is not None, plan.dv is not None)
+                for plan in plans]
+    assert launched == [(rows_apart, True, True, dv_apart)], plans

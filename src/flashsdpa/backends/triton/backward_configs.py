@@ -79,6 +79,14 @@ class BackwardConfig:
     # of all, start first rather than trail at the end of the grid (the bench's lengths 1..8192 in their
     # given order: the grid's last wave ran ~8% past an even split, in a list-scheduling model of 132 SMs).
     packed_longest_first: bool = False
+    # dV from its own launch of the dK/dV kernel (COMPUTE_DK off) with this tile, `dkdv` then computing dK
+    # alone; None: one launch computes both. Each launch holds one float32 accumulator rather than two (dV
+    # needs only P, dK needs dS as well), so its tile can be larger; the cost is S^T = K Q^T computed twice.
+    dv: TileShape | None = None
+    # With renormalize_rows: the dQ kernel's row pass in a launch of its own with this tile (block_m queries,
+    # block_n keys a step), the dQ launch then reading its row scales and delta; None: the dQ launch makes
+    # the pass itself. Alone, the pass holds no dQ accumulator, so its tile can be wider.
+    rows: TileShape | None = None
 
 
 # (block_m, block_n, num_warps, num_stages) by padded head dim (the larger of
@@ -203,6 +211,15 @@ SM90_FP32_HALVES_DQ = {
     64: (128, 64, 8, 2),  # 132 KB; no spill, wgmma (64x64 w4 / w8 and 128x32 w8: no spill either)
     128: (128, 32, 8, 2),  # 197 KB; no spill, wgmma (64x32 w4: 96 B, 64x64 w8: 244-264 B, 128x64 w8: 332-428 B)
 }
+# dV in its own launch (BackwardConfig.dv) for float32 at full precision, by padded head dim; the dK/dV
+# table's tile then computes dK alone. Offline sm_90 compiles (Triton 3.6, d=128, plain / causal; registers,
+# spill bytes): the fused 16x64 w8 tile computes each 64-key product in both warp groups (compile_sm90's
+# REPL), and no fused tile of 128 keys or of 64 keys at 4 warps fits (16x128 w8: 676 B of spills, 32x64 w4:
+# 884 B); apart, dK alone at 32x128 w8 s2 takes 216 registers and dV alone 207, neither spilling or REPL.
+SM90_FP32_HALVES_DV: dict[int, tuple[int, int, int, int]] = {}
+# The dQ kernel's row pass in its own launch (BackwardConfig.rows) for float32 at full precision, by padded
+# head dim: without the dQ accumulator beside it, its step can take more keys than the dQ tile's.
+SM90_FP32_HALVES_ROWS: dict[int, tuple[int, int, int, int]] = {}
 
 # Shared memory Triton needs beyond the operand tiles (layout conversions, reductions).
 BACKWARD_SHARED_MEMORY_HEADROOM = 16 * 1024
@@ -237,15 +254,19 @@ def interpreter_config(key: KernelKey, exact: bool, packed: bool = False) -> Bac
     # 16-bit problems take the dK/dV kernel's TMA loads and early dP (the H100's
     # d=128 path), float32 the plain ones, so the tests run both.
     sixteen_bit = key.dtype != torch.float32
+    halves = uses_split_products(key) and not packed
     return BackwardConfig(
         preprocess_block_m=16,
         dkdv=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1),
         dq=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1),
+        # float32: dV and the row pass in launches of their own, on tiles of their own (as the sm90 tables do)
+        dv=TileShape(block_m=32, block_n=16, num_warps=4, num_stages=1) if halves else None,
+        rows=TileShape(block_m=16, block_n=32, num_warps=4, num_stages=1) if halves else None,
         dot_precision=dot_precision(key),
         widen_dot_operands=key.dtype == torch.bfloat16,
         renormalize_rows=exact,
         split_operands=exact and sixteen_bit,
-        fp16_halves=uses_split_products(key) and not packed,
+        fp16_halves=halves,
         dkdv_tile_loads="host" if sixteen_bit else "pointers",
         dkdv_early_dp=sixteen_bit,
         packed_longest_first=packed,
@@ -255,8 +276,14 @@ def interpreter_config(key: KernelKey, exact: bool, packed: bool = False) -> Bac
 def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed: bool = False) -> BackwardConfig:
     fp32 = key.dtype == torch.float32
     table_key = max(64, padded_head_dim(key))
-    if fp32 and uses_split_products(key) and not packed:
+    halves = fp32 and uses_split_products(key) and not packed
+    dv = rows = None
+    if halves:
         dkdv_table, dq_table = SM90_FP32_HALVES_DKDV, SM90_FP32_HALVES_DQ
+        if table_key in SM90_FP32_HALVES_DV:
+            dv = TileShape(*SM90_FP32_HALVES_DV[table_key])
+        if table_key in SM90_FP32_HALVES_ROWS:
+            rows = TileShape(*SM90_FP32_HALVES_ROWS[table_key])
     elif fp32:
         dkdv_table, dq_table = SM90_FP32_DKDV, SM90_FP32_DQ
     elif exact:
@@ -298,10 +325,12 @@ def cuda_config(key: KernelKey, capability: tuple[int, int], exact: bool, packed
         widen_dot_operands=False,
         renormalize_rows=exact,
         split_operands=exact and not fp32,
-        fp16_halves=uses_split_products(key) and not packed,
+        fp16_halves=halves,
         dkdv_tile_loads="host" if wide_16bit and not exact and capability >= (9, 0) else "pointers",
         dkdv_early_dp=wide_16bit,
         packed_longest_first=packed and SM90_PACKED_LONGEST_FIRST,
+        dv=None if dv is None else fit_backward_tile(dv, lambda tile: dkdv_shared_memory(key, tile), budget),
+        rows=None if rows is None else fit_backward_tile(rows, lambda tile: dq_shared_memory(key, tile), budget),
     )
 
 

@@ -725,6 +725,7 @@ def attention_backward_dq_kernel(
     FP16_HALVES: tl.constexpr, MASK_SEED: tl.constexpr, ROW_STATS: tl.constexpr, SINKS: tl.constexpr,
     VARLEN: tl.constexpr = VARLEN_OFF,
     LONGEST_FIRST: tl.constexpr = False,
+    ROW_PASS_DONE: tl.constexpr = False,
 ):
     """dQ of BLOCK_M queries of one (batch, query head); with WRITE_DMASK also dS into DMASK.
 
@@ -744,7 +745,8 @@ def attention_backward_dq_kernel(
     16-bit O its rounding; with P and delta from the same arithmetic, the
     gradients' error drops to about torch's own (float32: it was up to 17x
     it). The pass costs two more GEMMs (Q K^T, dO V^T) per tile. With only RENORMALIZE set (no dQ,
-    no dmask), that first pass is all.
+    no dmask), that first pass is all; ROW_PASS_DONE (with RENORMALIZE): an earlier launch of this
+    kernel made that pass alone (on a tile of its own), and this one reads ROW_SCALE and DELTA.
 
     ROW_STATS (without RENORMALIZE): this kernel, not the preprocess kernel,
     turns LSE into LSE_LOG2 and computes DELTA = rowsum(dO * O) from O, and
@@ -826,7 +828,10 @@ def attention_backward_dq_kernel(
     dropout_key = 0
     if DROPOUT:
         dropout_key = dropout_stream(seed_lo, seed_hi, bh)
-    if RENORMALIZE:
+    if RENORMALIZE and ROW_PASS_DONE:
+        row_scale = tl.load(ROW_SCALE + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=0.0)
+        delta = tl.load(DELTA + bh * stats_stride + offs_m, mask=offs_m < seq_q, other=0.0)
+    elif RENORMALIZE:
         if SINKS:  # the sink's share of each row: its P sums to 1 with the keys'
             row_sums = tl.math.exp2(tl.load(SINK_LOGITS + head) * LOG2E - lse_log2)
         else:

@@ -189,6 +189,7 @@ class BackwardDqKernelSpec(BackwardCommon, KernelSpec):
     write_dmask: bool = False
     row_stats: bool = False
     sinks: bool = False
+    row_pass_done: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from flashsdpa import gradient_precision
 from flashsdpa.backends.base import AttentionInputs, GradientsNeeded, PackedSequences, new_output
 from flashsdpa.backends.triton.backward_configs import (
     BackwardConfig,
+    TileShape,
     backward_config,
     block_widths,
 )
@@ -174,9 +175,12 @@ def attention_backward(
 
         input_strides = (*kernel_query.stride(), *kernel_key.stride(), *kernel_value.stride(), *mask_strides,
                          *kernel_grad_out.stride())
-        if run_dq:  # before the dK/dV kernel: it writes the row scales that kernel reads
-            plan.dq(
-                plan.dq_grid,
+        # Before the dK/dV kernel: the row pass writes the row scales that kernel reads.
+        for launch, grid in ((plan.rows, plan.rows_grid), (plan.dq, plan.dq_grid)):
+            if launch is None:
+                continue
+            launch(
+                grid,
                 kernel_query, kernel_key, kernel_value, mask, kernel_grad_out,
                 stand_in if dq is None else dq, stand_in if dmask is None else dmask, delta, lse_log2, row_scale,
                 out, lse, alibi, sinks, *sequences, sequence_order, *unscales,
@@ -188,14 +192,20 @@ def attention_backward(
             # SPLIT_GROUP: each query head's float32 share, summed over its group below
             dk_out = _group_shares(dk, heads_q, packing) if split_group else dk
             dv_out = _group_shares(dv, heads_q, packing) if split_group else dv
-            plan.dkdv(
-                plan.dkdv_grid,
-                q_source, kernel_key, kernel_value, mask, do_source,
-                stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
-                delta, lse_log2, row_scale, alibi, *sequences, sequence_order, *unscales,
-                *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
-                *plan.dkdv_sizes, *run_time,
-            )  # fmt: skip
+            # The dK/dV launch, and with config.dv the dV launch (through pointers: the descriptors' boxes
+            # are the dK/dV tile's).
+            for launch, grid, streamed in ((plan.dkdv, plan.dkdv_grid, (q_source, do_source)),
+                                           (plan.dv, plan.dv_grid, (kernel_query, kernel_grad_out))):
+                if launch is None:
+                    continue
+                launch(
+                    grid,
+                    streamed[0], kernel_key, kernel_value, mask, streamed[1],
+                    stand_in if dk_out is None else dk_out, stand_in if dv_out is None else dv_out,
+                    delta, lse_log2, row_scale, alibi, *sequences, sequence_order, *unscales,
+                    *input_strides, *_strides_or_zeros(dk_out), *_strides_or_zeros(dv_out), *alibi_strides,
+                    *plan.dkdv_sizes, *run_time,
+                )  # fmt: skip
             if split_group:
                 for gradient, shares in ((dk, dk_out), (dv, dv_out)):
                     if gradient is not None:  # a fixed-order sum: results stay bitwise reproducible
@@ -230,7 +240,7 @@ def splits_gqa_group(desc: AttentionDescriptor, config: BackwardConfig, device: 
     """
     if desc.heads_q == desc.heads_kv:
         return False
-    programs = cdiv(desc.seq_kv, config.dkdv.block_n) * desc.batch * desc.heads_kv
+    programs = cdiv(desc.seq_kv, max(tile.block_n for tile in dkdv_tiles(config))) * desc.batch * desc.heads_kv
     return programs < 2 * sm_count(device)
 
 
@@ -254,14 +264,20 @@ class BackwardLaunchPlan:
 
     preprocess_grid: tuple[int]
     preprocess: BoundLaunch | None  # the lengths bound; None where the dQ kernel computes the row statistics
+    rows_grid: tuple[int]
+    # With BackwardConfig.rows: the dQ kernel's row pass alone, before `dq` (the dQ launch, if dq or dmask is
+    # needed, then reads what it wrote).
+    rows: BoundLaunch | None
     dq_grid: tuple[int]
     # With dropout, the dQ kernel's scale, lengths and head counts (the seeds follow, per call);
     # without, () and the kernel holds every argument after the strides.
     dq_sizes: tuple
     dq: BoundLaunch | None  # None where the dQ kernel does not run
     dkdv_grid: tuple[int]
-    dkdv_sizes: tuple
-    dkdv: BoundLaunch | None
+    dkdv_sizes: tuple  # (the dV launch's too)
+    dkdv: BoundLaunch | None  # dK and dV, or dK alone where `dv` runs
+    dv_grid: tuple[int]
+    dv: BoundLaunch | None  # with BackwardConfig.dv and dV needed: dV alone, in its own launch
 
 
 # Plans of recent backward launches; they follow from their key's fields. Bounded.
@@ -298,7 +314,8 @@ def _new_backward_launch_plan(
     stats_stride = stats_row_stride(seq_q)
     # Without the row pass, the dQ kernel computes lse in base 2 and delta itself where its row blocks
     # cover the dK/dV kernel's (block sizes are powers of two): no preprocess launch.
-    dq_row_stats = run_dq and not config.renormalize_rows and config.dkdv.block_m <= config.dq.block_m
+    dq_row_stats = run_dq and not config.renormalize_rows and all(
+        tile.block_m <= config.dq.block_m for tile in dkdv_tiles(config))
     preprocess = None if dq_row_stats else launcher(
         attention_backward_preprocess_kernel,
         HEAD_DIM_V=desc.head_dim_v, BLOCK_M=config.preprocess_block_m, BLOCK_DV=kernel_key.block_head_dim_v,
@@ -319,21 +336,43 @@ def _new_backward_launch_plan(
         spec = spec_type(**backward_common(desc, config, tile, (block_d, block_dv), mask_seed, varlen), **flags)
         return launcher(kernel, **spec.launch_arguments()).bind(*bound)
 
+    def dkdv_grid(tile: TileShape) -> tuple[int]:
+        return (cdiv(seq_kv, tile.block_n) * batch * (heads_q if split_group else heads_kv),)
+
+    def dkdv_kernel(tile: TileShape, compute_dk: bool, compute_dv: bool, tile_loads: int) -> BoundLaunch | None:
+        if not (compute_dk or compute_dv):
+            return None
+        return main_kernel(attention_backward_dkdv_kernel, BackwardDkdvKernelSpec, tile, dkdv_sizes,
+                           compute_dk=compute_dk, compute_dv=compute_dv, tile_loads=int(tile_loads),
+                           early_dp=config.dkdv_early_dp, split_group=split_group, gqa=gqa_group > 1)
+
+    def dq_kernel(tile: TileShape, compute_dq: bool, write_dmask: bool, row_pass_done: bool) -> BoundLaunch:
+        return main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, tile, dq_sizes, compute_dq=compute_dq,
+                           write_dmask=write_dmask, row_stats=dq_row_stats, sinks=desc.kernel_key.sinks,
+                           row_pass_done=row_pass_done)
+
+    apart = config.dv is not None  # dV in its own launch
+    rows_apart = run_dq and config.renormalize_rows and config.rows is not None  # the row pass in its own
     return BackwardLaunchPlan(
         preprocess_grid=(cdiv(stats_stride, config.preprocess_block_m) * batch * heads_q,),
         preprocess=preprocess,
+        rows_grid=(cdiv(seq_q, config.rows.block_m) * batch * heads_q,) if rows_apart else (0,),
+        rows=dq_kernel(config.rows, False, False, False) if rows_apart else None,
         dq_grid=(cdiv(seq_q, config.dq.block_m) * batch * heads_q,),
         dq_sizes=dq_sizes if sizes_per_call else (),
-        dq=main_kernel(attention_backward_dq_kernel, BackwardDqKernelSpec, config.dq, dq_sizes,
-                       compute_dq=computed.query, write_dmask=computed.mask, row_stats=dq_row_stats,
-                       sinks=desc.kernel_key.sinks) if run_dq else None,
-        dkdv_grid=(cdiv(seq_kv, config.dkdv.block_n) * batch * (heads_q if split_group else heads_kv),),
+        dq=dq_kernel(config.dq, computed.query, computed.mask, rows_apart)
+        if run_dq and (computed.query or computed.mask or not rows_apart) else None,
+        dkdv_grid=dkdv_grid(config.dkdv),
         dkdv_sizes=dkdv_sizes if sizes_per_call else (),
-        dkdv=main_kernel(attention_backward_dkdv_kernel, BackwardDkdvKernelSpec, config.dkdv, dkdv_sizes,
-                         compute_dk=computed.key, compute_dv=computed.value, tile_loads=int(tile_loads),
-                         early_dp=config.dkdv_early_dp, split_group=split_group,
-                         gqa=gqa_group > 1) if run_dkdv else None,
+        dkdv=dkdv_kernel(config.dkdv, computed.key, computed.value and not apart, tile_loads) if run_dkdv else None,
+        dv_grid=dkdv_grid(config.dv) if apart else (0,),
+        dv=dkdv_kernel(config.dv, False, computed.value, LOAD_POINTERS) if apart and run_dkdv else None,
     )
+
+
+def dkdv_tiles(config: BackwardConfig) -> tuple[TileShape, ...]:
+    """The tiles of the dK/dV kernel's launches: `config.dkdv`, and `config.dv` where dV has its own."""
+    return (config.dkdv,) if config.dv is None else (config.dkdv, config.dv)
 
 
 def _streamed_tiles(config: BackwardConfig, desc: AttentionDescriptor, query: torch.Tensor,
