@@ -22,10 +22,10 @@ tensor scale can change in place). A call that fails validation or has no backen
 raises the same error every time; so do edge calls that run no kernel (`dropout_p=1`, non-finite scales).
 Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
 
-Before any plan, `plain_cpu_call` takes the plainest CPU call straight to torch's fused CPU kernel (the aten
-backend's one kernel call). A plan's signature reads about 45 values; right after a kernel has streamed MBs
-through the caches that costs 70-230 us a call on the 2-core CPU, against 10-20 us for the checks that decide a
-plain call (BENCHMARKS.md, issue 16: where the L=1024 rows' gap is).
+Before any plan, `plain_cpu_call` takes the plainest CPU call, with or without an autograd graph, straight to
+torch's fused CPU kernel (the aten backend's one kernel call). A plan's signature reads about 45 values; right
+after a kernel has streamed MBs through the caches that costs 70-230 us a call on the 2-core CPU, against 20-35
+us for the checks that decide a plain call (BENCHMARKS.md, issue 16's bar runs).
 """
 
 from __future__ import annotations
