@@ -14,6 +14,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import flashsdpa
 from flashsdpa import api, call_plans, dispatch, gradient_precision
@@ -360,6 +363,11 @@ def test_plain_cpu_calls_go_to_the_kernel_with_the_general_paths_bits(monkeypatc
         assert dispatch.stats() == {"calls": {"aten": 2}, "fallbacks": {}}
 
 
+class _PassingFunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 9, 8, generator=gen) for _ in range(3))
@@ -380,6 +388,19 @@ def test_calls_that_are_not_plain_take_the_general_path(monkeypatch):
     }
     for why, args in not_plain.items():
         assert plain(*args) is None, why
+    # where something could see the op, it is called (ops._plain_eager's questions)
+    observers = {
+        "the profiler": torch.profiler.profile,
+        "a dispatch mode": lambda: FlopCounterMode(display=False),
+        "a function mode": _PassingFunctionMode,
+        "forward-mode AD": forward_ad.dual_level,
+    }
+    for why, observer in observers.items():
+        with observer():
+            assert plain(q, k, v, False) is None, why
+    under_vmap = []
+    torch.vmap(lambda x: under_vmap.append(plain(x, x, x, False)) or x)(q.expand(3, -1, -1, -1, -1))
+    assert under_vmap == [None], "a functorch transform"
     # (3-D keys broadcast against a 4-D query, as in torch: the general path computes it)
     torch.testing.assert_close(flashsdpa.attention(q, k[:, :, 0], v[:, :, 0]),
                                F.scaled_dot_product_attention(q, k[:, :, 0], v[:, :, 0]))

@@ -24,8 +24,9 @@ Plans are bounded (cleared when full, `RecentValues`); `clear()` empties them.
 
 Before any plan, `plain_cpu_call` takes the plainest CPU call, with or without an autograd graph, straight to
 torch's fused CPU kernel (the aten backend's one kernel call). A plan's signature reads about 45 values; right
-after a kernel has streamed MBs through the caches that costs 70-230 us a call on the 2-core CPU, against 20-35
-us for the checks that decide a plain call (BENCHMARKS.md, issue 16's bar runs).
+after a kernel has streamed MBs through the caches that costs 70-230 us a call on the 2-core CPU, where the
+checks that decide a plain call cost 14-17 us over torch's own SDPA call (24 MB streamed through the caches
+before each call; BENCHMARKS.md, issue 16's bar runs).
 """
 
 from __future__ import annotations
@@ -87,29 +88,41 @@ def plain_cpu_call(q, k, v, causal) -> Tensor | None:
     a call after a kernel, more than the rest of this lane's checks)."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or type(causal) is not bool:
         return None
-    shape, key_shape = q.shape, k.shape
+    shape, key_shape, dtype = q.shape, k.shape, q.dtype
     if (
-        not (q.is_cpu and k.is_cpu and v.is_cpu)  # (one CPU device)
+        not (q.is_cpu and k.is_cpu and v.is_cpu)  # (one CPU device; so no meta tensors)
         or len(shape) != 4 or len(key_shape) != 4 or v.shape != key_shape
         or key_shape[0] != shape[0] or key_shape[1] != shape[1] or key_shape[3] != shape[3]
         or 0 in shape or key_shape[2] == 0
-        or q.dtype not in aten_backend.KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype
+        or dtype not in _KERNEL_DTYPES or k.dtype != dtype or v.dtype != dtype
         or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
-        or dispatch.pinned_backend() is not None
-        or dispatch.AUTOMATIC_ORDER.get("cpu", ())[:1] != ("aten",)
-        or aten_backend.KERNELS is None
-        or not ops._plain_eager((q, k, v))
+        or _pinned_backend() is not None
+        or _AUTOMATIC_ORDER.get("cpu", ())[:1] != ("aten",)
+        or _KERNELS is None
+        or _op_observed()  # (ops._plain_eager: its tensor checks are the ones above and these three)
+        or _is_legacy_batched(q) or _is_legacy_batched(k) or _is_legacy_batched(v)
     ):  # fmt: skip
         return None
-    records_graph = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if (
-        records_graph
-        and q.dtype in _SIXTEEN_BIT
+        dtype in _SIXTEEN_BIT
+        and _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)  # records a graph
         and gradient_precision.of_plain_cpu_call() is not GradientPrecision.ROUNDED
-    ):
+    ):  # fmt: skip
         return None
-    dispatch.record_call("aten")
-    return aten_backend.KERNELS[0](q, k, v, 0.0, causal)[0]  # the default scale, 1 / sqrt(E) in double as in Python
+    next(dispatch.plain_aten_calls)  # (stats: an "aten" call)
+    return _KERNELS[0](q, k, v, 0.0, causal)[0]  # the default scale, 1 / sqrt(E) in double as in Python
+
+
+# What `plain_cpu_call` reads on every call, bound once: right after a kernel has streamed MBs through the caches
+# each module attribute lookup is a cache miss (with 24 MB streamed before each call, the lane cost 22-24 us a
+# call over torch's SDPA with them looked up through their modules, 14-17 us bound; torch's own call 40-46 us).
+_KERNELS = aten_backend.KERNELS
+_KERNEL_DTYPES = aten_backend.KERNEL_DTYPES
+_AUTOMATIC_ORDER = dispatch.AUTOMATIC_ORDER
+_pinned_backend = dispatch.pinned_backend
+_op_observed = ops._op_observed
+_is_legacy_batched = ops.is_legacy_batched
+_grad_enabled = torch.is_grad_enabled
 
 
 def clear() -> None:

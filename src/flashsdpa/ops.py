@@ -279,26 +279,33 @@ _function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack
 _profiler_enabled = torch._C._autograd._profiler_enabled
 _tracing_state = torch._C._get_tracing_state
-_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def _plain_eager(tensors) -> bool:
-    """Whether nothing could tell a direct call of the implementations from a call of the custom ops."""
-    if (
+def _op_observed() -> bool:
+    """Whether a tracer, mode, transform or profiler in force now could tell a direct call of the
+    implementations from a call of the custom ops (the tensors aside: `_plain_eager`)."""
+    return (
         _is_compiling()
-        or _dispatch_stack_len()  # dispatch modes: fake tensors, make_fx, FlopCounterMode
+        or _dispatch_stack_len() > 0  # dispatch modes: fake tensors, make_fx, FlopCounterMode
         or _function_mode_enabled()  # function modes see the op as one call
         or _interpreter_stack() is not None  # vmap, grad, functionalize
         or _profiler_enabled()  # the profiler records the op by name
         or forward_ad._current_level >= 0  # forward-mode AD
         or _tracing_state() is not None  # torch.jit.trace records the op
-    ):  # fmt: skip
+    )  # fmt: skip
+
+
+def _plain_eager(tensors) -> bool:
+    """Whether nothing could tell a direct call of the implementations from a call of the custom ops."""
+    if _op_observed():
         return False
     for t in tensors:
         # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation; batched
         # gradients (`autograd.grad(is_grads_batched=True)`, gradcheck's check_batched_grad) run under
-        # torch's legacy vmap, which has no interpreter on the stack
-        if t is not None and (type(t) is not Tensor or t.is_meta or _is_legacy_batched(t)):
+        # torch's legacy vmap, which has no interpreter on the stack (`is_legacy_batched`: the lane of
+        # `call_plans.plain_cpu_call` asks it too)
+        if t is not None and (type(t) is not Tensor or t.is_meta or is_legacy_batched(t)):
             return False
     return True
 
