@@ -5,9 +5,12 @@ that rotates every round, on inputs that require grad (the bench's forward rows)
 are printed as microseconds over torch's. The stand-in is the least Python that can call the kernel (four
 checks), so flashsdpa's distance from it is flashsdpa's own Python after a kernel has cooled the caches.
 `--math-first-rounds N` adds a call of torch's math path in each of the first N rounds, as the bench's slow
-peer does. Run it on a quiet machine: another process on either core moves every figure.
+peer does. `--fixed-threshold` runs every call under the allocator setting of the bench's CPU runs (each
+allocation over 128 KiB mapped alone: `bench.memory.fix_allocation_threshold`). Run it on a quiet machine:
+another process on either core moves every figure.
 
     PYTHONPATH=src python scripts/cpu_alternation.py [--rounds 150] [--no-grad] [--math-first-rounds 0]
+                                                     [--fixed-threshold]
 """
 
 import argparse
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 import flashsdpa
 from flashsdpa.backends import aten
+from flashsdpa.bench.memory import fix_allocation_threshold
 
 CASES = (  # (dtype, causal, L, E)
     (torch.bfloat16, True, 1024, 64), (torch.bfloat16, False, 1024, 128),
@@ -32,7 +36,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--no-grad", action="store_true")
     parser.add_argument("--math-first-rounds", type=int, default=0)
+    parser.add_argument("--fixed-threshold", action="store_true")
     args = parser.parse_args()
+    if args.fixed_threshold and not fix_allocation_threshold():
+        parser.error("--fixed-threshold: this C library has no mallopt")
     kernel = aten.KERNELS[0]
 
     def stand_in(q, k, v, causal):
