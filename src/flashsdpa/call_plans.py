@@ -120,7 +120,7 @@ _KERNELS = aten_backend.KERNELS
 _KERNEL_DTYPES = aten_backend.KERNEL_DTYPES
 _AUTOMATIC_ORDER = dispatch.AUTOMATIC_ORDER
 _pinned_backend = dispatch.pinned_backend
-_op_observed = ops._op_observed
+_op_observed = ops.op_observed
 _is_legacy_batched = ops.is_legacy_batched
 _grad_enabled = torch.is_grad_enabled
 

@@ -282,7 +282,7 @@ _tracing_state = torch._C._get_tracing_state
 is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
-def _op_observed() -> bool:
+def op_observed() -> bool:
     """Whether a tracer, mode, transform or profiler in force now could tell a direct call of the
     implementations from a call of the custom ops (the tensors aside: `_plain_eager`)."""
     return (
@@ -298,7 +298,7 @@ def _op_observed() -> bool:
 
 def _plain_eager(tensors) -> bool:
     """Whether nothing could tell a direct call of the implementations from a call of the custom ops."""
-    if _op_observed():
+    if op_observed():
         return False
     for t in tensors:
         # subclasses (FakeTensor, DTensor, ...); meta tensors get the op's fake implementation; batched
